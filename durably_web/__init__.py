@@ -1,0 +1,50 @@
+"""durably-web: durable, step-oriented jobs that survive crashes and page reloads.
+
+The same job code runs under CPython (SQLite file) and in a browser tab
+(Pyodide in a Web Worker, SQLite in OPFS).
+"""
+
+from .durably import Durably, TriggerItem
+from .errors import (
+    CancelledError,
+    ConflictError,
+    DurablyError,
+    LeaseLostError,
+    NonDeterministicReplayError,
+    NotFoundError,
+    SchemaVersionError,
+    StepError,
+    StorageError,
+    ValidationError,
+    WaitTimeoutError,
+)
+from .job import JobDefinition, define_job
+from .models import ErrorInfo, Event, LogEntry, Progress, Run, Step
+from .step import StepContext
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CancelledError",
+    "ConflictError",
+    "Durably",
+    "DurablyError",
+    "ErrorInfo",
+    "Event",
+    "JobDefinition",
+    "LeaseLostError",
+    "LogEntry",
+    "NonDeterministicReplayError",
+    "NotFoundError",
+    "Progress",
+    "Run",
+    "SchemaVersionError",
+    "Step",
+    "StepContext",
+    "StepError",
+    "StorageError",
+    "TriggerItem",
+    "ValidationError",
+    "WaitTimeoutError",
+    "define_job",
+]

@@ -1,0 +1,573 @@
+"""``Durably``: the application object — job registry, configuration, public API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Literal
+
+from . import ids
+from .engine import Worker
+from .errors import (
+    ConflictError,
+    DurablyError,
+    NotFoundError,
+    ValidationError,
+    WaitTimeoutError,
+)
+from .events import TERMINAL_EVENT_TYPES, EventBus, RunSubscription
+from .job import JobDefinition
+from .models import (
+    RUN_STATUSES,
+    TERMINAL_STATUSES,
+    ErrorInfo,
+    Event,
+    LogEntry,
+    Progress,
+    Run,
+    Step,
+    from_ms,
+)
+from .storage import NewRun, RunFilter, RunRecord, Store, open_store
+
+logger = logging.getLogger("durably_web")
+
+Seconds = float | int | timedelta
+LABEL_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
+MAX_LABELS = 32
+MAX_LABEL_VALUE = 512
+MAX_KEY_LENGTH = 255
+_STATUS_EVENT = {"completed": "run:complete", "failed": "run:fail", "cancelled": "run:cancel"}
+
+
+@dataclass(frozen=True, slots=True)
+class TriggerItem:
+    """One entry of ``batch_trigger`` with its own options."""
+
+    input: Any
+    idempotency_key: str | None = None
+    concurrency_key: str | None = None
+    coalesce: Literal["skip"] | None = None
+    labels: Mapping[str, str] | None = None
+
+
+def _seconds(name: str, value: Seconds | None, *, allow_none: bool = False, minimum: float = 0.0) -> float | None:
+    if value is None:
+        if allow_none:
+            return None
+        raise ValidationError(f"{name} is required")
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+        raise ValidationError(f"{name} must be a number of seconds or a timedelta, not {value!r}")
+    if value < minimum:
+        raise ValidationError(f"{name} must be at least {minimum} seconds, not {value}")
+    return float(value)
+
+
+def _in_pyodide() -> bool:
+    return "_pyodide_core" in sys.modules
+
+
+class Durably:
+    """Runs durable jobs on one database.
+
+    ``async with Durably("sqlite:///app.db", jobs=[...]) as durably:`` migrates
+    the schema, starts the worker, and stops it (releasing its leases) on exit.
+    Pass ``worker=False`` for a client that only triggers and queries.
+    """
+
+    def __init__(
+        self,
+        database: str | Store = "sqlite://:memory:",
+        *,
+        jobs: Iterable[JobDefinition[Any, Any]] = (),
+        polling_interval: Seconds = 1.0,
+        lease_duration: Seconds = 30.0,
+        lease_renew_interval: Seconds = 5.0,
+        max_concurrent_runs: int = 4,
+        retain_runs: Seconds | None = None,
+        preserve_steps: bool = True,
+        shutdown_timeout: Seconds = 10.0,
+        worker: bool = True,
+        run_sync_in_thread: bool | None = None,
+        max_payload_bytes: int = 10 * 1024 * 1024,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.polling_interval: float = _seconds("polling_interval", polling_interval, minimum=0.001)  # type: ignore[assignment]
+        self.lease_duration: float = _seconds("lease_duration", lease_duration, minimum=0.05)  # type: ignore[assignment]
+        self.lease_renew_interval: float = _seconds(
+            "lease_renew_interval", lease_renew_interval, minimum=0.01
+        )  # type: ignore[assignment]
+        if self.lease_renew_interval >= self.lease_duration:
+            raise ValidationError(
+                f"lease_renew_interval ({self.lease_renew_interval}s) must be shorter than "
+                f"lease_duration ({self.lease_duration}s) or leases would expire while renewed"
+            )
+        if isinstance(max_concurrent_runs, bool) or not isinstance(max_concurrent_runs, int) or max_concurrent_runs < 1:
+            raise ValidationError(f"max_concurrent_runs must be a positive int, not {max_concurrent_runs!r}")
+        self.max_concurrent_runs = max_concurrent_runs
+        self.retain_runs = _seconds("retain_runs", retain_runs, allow_none=True)
+        self.preserve_steps = bool(preserve_steps)
+        self.shutdown_timeout: float = _seconds("shutdown_timeout", shutdown_timeout)  # type: ignore[assignment]
+        self.run_sync_in_thread = (not _in_pyodide()) if run_sync_in_thread is None else run_sync_in_thread
+        self.max_payload_bytes = max_payload_bytes
+        self.clock = clock
+        self._database = database
+        self._start_worker = worker
+        self.bus = EventBus()
+        self._store: Store | None = None
+        self._worker: Worker | None = None
+        self.jobs: dict[str, JobDefinition[Any, Any]] = {}
+        for job in jobs:
+            self.register(job)
+
+    # --- lifecycle ----------------------------------------------------------------
+    async def init(self) -> Durably:
+        """Open the database, apply migrations and start the worker. Idempotent."""
+        if self._store is not None:
+            return self
+        store = open_store(self._database) if isinstance(self._database, str) else self._database
+        try:
+            store.migrate()
+        except BaseException:
+            store.close()
+            raise
+        self._store = store
+        if self._start_worker:
+            self._worker = Worker(self)
+            self._worker.start()
+        return self
+
+    async def stop(self) -> None:
+        """Stop the worker (handlers stop at their next step, leases are released) and close."""
+        if self._store is None:
+            return
+        if self._worker is not None:
+            await self._worker.stop(self.shutdown_timeout)
+            self._worker = None
+        store, self._store = self._store, None
+        store.close()
+
+    async def __aenter__(self) -> Durably:
+        return await self.init()
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            raise DurablyError(
+                "Durably is not started: use 'async with Durably(...)' or 'await durably.init()'"
+            )
+        return self._store
+
+    def register(self, job: JobDefinition[Any, Any]) -> JobDefinition[Any, Any]:
+        if not isinstance(job, JobDefinition):
+            raise ValidationError(f"not a job (use @define_job): {job!r}")
+        existing = self.jobs.get(job.name)
+        if existing is not None and existing is not job:
+            raise ConflictError(f"another job is already registered as {job.name!r}")
+        self.jobs[job.name] = job
+        if self._worker is not None:
+            self._worker.wake()
+        return job
+
+    def now_ms(self) -> int:
+        return int(self.clock() * 1000)
+
+    # --- events ----------------------------------------------------------------------
+    def on(self, event_type: str, listener: Callable[[Event], Any]) -> Callable[[], None]:
+        """Call ``listener(event)`` for each event of ``event_type`` ('*' for all); returns unsubscribe."""
+        return self.bus.on(event_type, listener)
+
+    def subscribe(self, run_id: str) -> RunSubscription:
+        """Async iterator of one run's events, ending with its terminal event."""
+        record = self.store.get_run(run_id)
+        if record is None:
+            raise NotFoundError(f"run {run_id!r} not found")
+
+        def poll() -> Event | None:
+            current = self.store.get_run(run_id)
+            if current is None:
+                return self._event("run:delete", run_id, record.job_name, {})
+            if current.status in TERMINAL_STATUSES:
+                return self._terminal_event(current)
+            return None
+
+        subscription = RunSubscription(self.bus, run_id, poll, self.polling_interval)
+        if record.status in TERMINAL_STATUSES:
+            subscription._offer(self._terminal_event(record))
+        return subscription
+
+    def emit(self, event_type: str, run_id: str | None, job_name: str | None, data: dict[str, Any]) -> None:
+        if self.bus.wants(event_type):
+            self.bus.emit(self._event(event_type, run_id, job_name, data))
+
+    def _event(self, event_type: str, run_id: str | None, job_name: str | None, data: dict[str, Any]) -> Event:
+        return Event(event_type, run_id, job_name, from_ms(self.now_ms()), data)  # type: ignore[arg-type]
+
+    def _terminal_event(self, record: RunRecord) -> Event:
+        run = self._to_run(record)
+        data: dict[str, Any] = {"output": run.output} if run.status == "completed" else {"error": run.error}
+        return self._event(_STATUS_EVENT[record.status], record.id, record.job_name, data)
+
+    def report_worker_error(self, exc: BaseException, *, run_id: str | None = None, job_name: str | None = None) -> None:
+        logger.warning("durably-web worker error (run %s): %s", run_id, exc)
+        self.emit("worker:error", run_id, job_name, {"error": ErrorInfo.from_exception(exc), "source": "worker"})
+
+    # --- triggering ----------------------------------------------------------------------
+    def _job(self, job: str | JobDefinition[Any, Any]) -> JobDefinition[Any, Any]:
+        if isinstance(job, JobDefinition):
+            if job.name not in self.jobs:
+                self.register(job)
+            return self.jobs[job.name]
+        if isinstance(job, str):
+            found = self.jobs.get(job)
+            if found is None:
+                raise NotFoundError(f"unknown job {job!r}; registered jobs: {sorted(self.jobs)}")
+            return found
+        raise ValidationError(f"job must be a job name or a job definition, not {type(job).__name__}")
+
+    def _new_run(
+        self,
+        job: JobDefinition[Any, Any],
+        input: Any,
+        idempotency_key: str | None,
+        concurrency_key: str | None,
+        coalesce: str | None,
+        labels: Mapping[str, str] | None,
+    ) -> NewRun:
+        _, input_json = job.validate_input(input)
+        if len(input_json.encode()) > self.max_payload_bytes:
+            raise ValidationError(
+                f"input for job {job.name!r} is {len(input_json.encode())} bytes as JSON; "
+                f"the limit is max_payload_bytes={self.max_payload_bytes}"
+            )
+        for name, key in (("idempotency_key", idempotency_key), ("concurrency_key", concurrency_key)):
+            if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or "\x00" in key):
+                raise ValidationError(f"{name} must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
+        if coalesce not in (None, "skip"):
+            raise ValidationError(f"coalesce must be None or 'skip', not {coalesce!r}")
+        return NewRun(
+            id=ids.new_id(self.now_ms()),
+            job_name=job.name,
+            input_json=input_json,
+            labels=_validate_labels(labels),
+            idempotency_key=idempotency_key,
+            concurrency_key=concurrency_key,
+            coalesce=coalesce == "skip",
+            created_at=self.now_ms(),
+        )
+
+    def _created(self, results: list[tuple[RunRecord, str]]) -> list[Run]:
+        runs = []
+        for record, disposition in results:
+            run = self._to_run(record, disposition=disposition)
+            if disposition == "created":
+                self.emit("run:trigger", run.id, run.job_name, {"input": run.input, "labels": run.labels})
+            elif disposition == "coalesced":
+                self.emit("run:coalesced", run.id, run.job_name, {"concurrency_key": run.concurrency_key})
+            runs.append(run)
+        if self._worker is not None and any(d == "created" for _, d in results):
+            self._worker.wake()
+        return runs
+
+    async def trigger(
+        self,
+        job: str | JobDefinition[Any, Any],
+        input: Any = None,
+        *,
+        idempotency_key: str | None = None,
+        concurrency_key: str | None = None,
+        coalesce: Literal["skip"] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Run:
+        """Validate ``input`` and create a pending run (or return the existing one).
+
+        ``disposition`` tells which: "created", "idempotent" (same idempotency
+        key) or "coalesced" (a pending run with the same concurrency key and
+        ``coalesce="skip"``). Without ``coalesce``, a pending run for the same
+        concurrency key raises ``ConflictError``.
+        """
+        definition = self._job(job)
+        new = self._new_run(definition, input, idempotency_key, concurrency_key, coalesce, labels)
+        return self._created(self.store.create_runs([new]))[0]
+
+    async def batch_trigger(
+        self,
+        job: str | JobDefinition[Any, Any],
+        inputs: Sequence[Any],
+        *,
+        labels: Mapping[str, str] | None = None,
+    ) -> list[Run]:
+        """Trigger many runs in one transaction: all are created or none is.
+
+        Items are inputs, or ``TriggerItem`` values carrying their own options.
+        """
+        definition = self._job(job)
+        if isinstance(inputs, str | bytes) or not isinstance(inputs, Sequence):
+            raise ValidationError("inputs must be a list")
+        news = []
+        for position, item in enumerate(inputs):
+            try:
+                if isinstance(item, TriggerItem):
+                    item_labels = {**(labels or {}), **(item.labels or {})}
+                    news.append(
+                        self._new_run(
+                            definition, item.input, item.idempotency_key, item.concurrency_key,
+                            item.coalesce, item_labels,
+                        )
+                    )
+                else:
+                    news.append(self._new_run(definition, item, None, None, None, labels))
+            except ValidationError as exc:
+                raise ValidationError(f"batch item {position}: {exc}", exc.errors) from None
+        return self._created(self.store.create_runs(news)) if news else []
+
+    async def trigger_and_wait(
+        self,
+        job: str | JobDefinition[Any, Any],
+        input: Any = None,
+        *,
+        timeout: Seconds | None = None,
+        idempotency_key: str | None = None,
+        concurrency_key: str | None = None,
+        coalesce: Literal["skip"] | None = None,
+        labels: Mapping[str, str] | None = None,
+    ) -> Run:
+        """Trigger, then wait until the run ends; returns the final run (check ``status``)."""
+        run = await self.trigger(
+            job, input, idempotency_key=idempotency_key, concurrency_key=concurrency_key,
+            coalesce=coalesce, labels=labels,
+        )
+        return await self.wait_for_run(run.id, timeout=timeout)
+
+    async def wait_for_run(self, run_id: str, *, timeout: Seconds | None = None) -> Run:
+        """Wait until the run is completed, failed or cancelled; ``WaitTimeoutError`` on timeout."""
+        limit = _seconds("timeout", timeout, allow_none=True)
+        finished = asyncio.Event()
+
+        def on_event(event: Event) -> None:
+            if event.run_id == run_id and event.type in TERMINAL_EVENT_TYPES:
+                finished.set()
+
+        unsubscribe = self.bus.on("*", on_event)
+        loop = asyncio.get_running_loop()
+        deadline = None if limit is None else loop.time() + limit
+        try:
+            while True:
+                record = self.store.get_run(run_id)
+                if record is None:
+                    raise NotFoundError(f"run {run_id!r} not found")
+                if record.status in TERMINAL_STATUSES:
+                    return self._to_run(record)
+                wait = self.polling_interval
+                if deadline is not None:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise WaitTimeoutError(
+                            f"run {run_id} is still {record.status} after {limit}s"
+                        )
+                    wait = min(wait, remaining)
+                try:
+                    await asyncio.wait_for(finished.wait(), wait)
+                except TimeoutError:
+                    pass
+        finally:
+            unsubscribe()
+
+    # --- queries ------------------------------------------------------------------------------
+    async def get_run(self, run_id: str) -> Run:
+        record = self.store.get_run(_run_id(run_id))
+        if record is None:
+            raise NotFoundError(f"run {run_id!r} not found")
+        return self._to_run(record)
+
+    async def get_runs(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        job_name: str | Sequence[str] | None = None,
+        labels: Mapping[str, str] | None = None,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[Run]:
+        """Runs, newest first, filtered by status(es), job name(s) and exact labels."""
+        statuses = _one_or_many("status", status)
+        if statuses is not None:
+            unknown = set(statuses) - RUN_STATUSES
+            if unknown:
+                raise ValidationError(f"unknown status(es) {sorted(unknown)}; expected {sorted(RUN_STATUSES)}")
+        for name, value in (("limit", limit), ("offset", offset)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValidationError(f"{name} must be a non-negative int, not {value!r}")
+        records = self.store.list_runs(
+            RunFilter(
+                statuses=statuses,
+                job_names=_one_or_many("job_name", job_name),
+                labels=_validate_labels(labels, filtering=True),
+                limit=min(limit, 10_000),
+                offset=offset,
+            )
+        )
+        return [self._to_run(record) for record in records]
+
+    async def get_steps(self, run_id: str) -> list[Step]:
+        """The run's recorded steps in execution order (completed, and the failed one if any)."""
+        self._require(run_id)
+        return [
+            Step(
+                run_id=s.run_id, index=s.index, name=s.name, status=s.status,  # type: ignore[arg-type]
+                output=None if s.output_json is None else json.loads(s.output_json),
+                error=_error_info(s.error_json),
+                started_at=from_ms(s.started_at),  # type: ignore[arg-type]
+                completed_at=from_ms(s.completed_at),  # type: ignore[arg-type]
+            )
+            for s in self.store.list_steps(run_id)
+        ]
+
+    async def get_logs(self, run_id: str) -> list[LogEntry]:
+        self._require(run_id)
+        return [
+            LogEntry(
+                run_id=log.run_id, step_name=log.step_name, level=log.level,  # type: ignore[arg-type]
+                message=log.message,
+                data=None if log.data_json is None else json.loads(log.data_json),
+                created_at=from_ms(log.created_at),  # type: ignore[arg-type]
+            )
+            for log in self.store.list_logs(run_id)
+        ]
+
+    # --- management --------------------------------------------------------------------------------
+    async def cancel(self, run_id: str) -> Run:
+        """Cancel a pending or running run; a running handler is stopped within one
+        lease-renew interval (at once when it runs in this process)."""
+        before = self._require(run_id)
+        record = self.store.cancel_run(run_id, self.now_ms())
+        if before.status != "cancelled":
+            if self._worker is not None and run_id in self._worker.active:
+                self._worker.active[run_id].stop("cancelled")
+            self.emit("run:cancel", run_id, record.job_name, {})
+        return self._to_run(record)
+
+    async def retrigger(self, run_id: str) -> Run:
+        """A new run of the same job with the same input and labels (input re-validated)."""
+        record = self._require(run_id)
+        job = self._job(record.job_name)
+        new = self._new_run(
+            job, json.loads(record.input_json), None, record.concurrency_key, None, record.labels
+        )
+        return self._created(self.store.create_runs([new]))[0]
+
+    async def delete_run(self, run_id: str) -> None:
+        """Delete a run that is not leased, with its steps and logs."""
+        record = self.store.delete_run(_run_id(run_id))
+        self.emit("run:delete", record.id, record.job_name, {})
+
+    async def purge_runs(self, *, older_than: Seconds, limit: int | None = None) -> int:
+        """Delete completed/failed/cancelled runs that ended more than ``older_than`` ago."""
+        age = _seconds("older_than", older_than)
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValidationError(f"limit must be a non-negative int, not {limit!r}")
+        return self.store.purge_runs(self.now_ms() - int(age * 1000), limit)  # type: ignore[operator]
+
+    def _require(self, run_id: str) -> RunRecord:
+        record = self.store.get_run(_run_id(run_id))
+        if record is None:
+            raise NotFoundError(f"run {run_id!r} not found")
+        return record
+
+    def _to_run(self, record: RunRecord, *, disposition: str | None = None) -> Run:
+        job = self.jobs.get(record.job_name)
+        progress = None
+        if record.progress_current is not None:
+            progress = Progress(record.progress_current, record.progress_total, record.progress_message)
+        return Run(
+            id=record.id,
+            job_name=record.job_name,
+            status=record.status,  # type: ignore[arg-type]
+            input=_decode(record.input_json, job.decode_input if job else None),
+            output=_decode(record.output_json, job.decode_output if job else None),
+            error=_error_info(record.error_json),
+            labels=record.labels,
+            progress=progress,
+            attempt=record.attempt,
+            idempotency_key=record.idempotency_key,
+            concurrency_key=record.concurrency_key,
+            created_at=from_ms(record.created_at),
+            started_at=from_ms(record.started_at),
+            completed_at=from_ms(record.completed_at),
+            updated_at=from_ms(record.updated_at),
+            disposition=disposition,  # type: ignore[arg-type]
+        )
+
+
+def _decode(text: str | None, decoder: Callable[[str], Any] | None) -> Any:
+    if text is None:
+        return None
+    if decoder is not None:
+        try:
+            return decoder(text)
+        except Exception:  # stored by an older model version: show the raw value
+            pass
+    return json.loads(text)
+
+
+def _error_info(text: str | None) -> ErrorInfo | None:
+    if text is None:
+        return None
+    data = json.loads(text)
+    return ErrorInfo(data.get("type", "Error"), data.get("message", ""), data.get("traceback", ""))
+
+
+def _run_id(run_id: Any) -> str:
+    if not isinstance(run_id, str):
+        raise ValidationError(f"run id must be a string, not {type(run_id).__name__}")
+    return run_id
+
+
+def _one_or_many(name: str, value: str | Sequence[str] | None) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise ValidationError(f"{name} must be a string or a list of strings")
+
+
+def _validate_labels(labels: Mapping[str, str] | None, *, filtering: bool = False) -> dict[str, str]:
+    if labels is None:
+        return {}
+    if not isinstance(labels, Mapping):
+        raise ValidationError("labels must be a mapping of strings to strings")
+    if len(labels) > MAX_LABELS:
+        raise ValidationError(f"at most {MAX_LABELS} labels are allowed")
+    clean = {}
+    for key, value in labels.items():
+        if not isinstance(key, str) or not LABEL_KEY.match(key):
+            raise ValidationError(
+                f"invalid label key {key!r}: use 1-64 letters, digits and _ . : / -"
+            )
+        if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE or "\x00" in value:
+            raise ValidationError(
+                f"label {key!r} must have a string value of at most {MAX_LABEL_VALUE} characters"
+            )
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValidationError(f"label {key!r} is not valid UTF-8 text") from None
+        clean[key] = value
+    return clean

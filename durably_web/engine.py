@@ -1,0 +1,296 @@
+"""The worker: claims runs, keeps their leases alive, executes handlers with replay.
+
+Fencing: every write for a run carries the lease generation it was claimed
+with; once another worker re-leases the run (or it is cancelled), the store
+refuses those writes and the handler is stopped with ``LeaseLostError`` /
+``CancelledError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from typing import TYPE_CHECKING, Any
+
+from . import ids
+from .errors import CancelledError, LeaseLostError, StorageError
+from .job import JobDefinition
+from .models import ErrorInfo, Progress
+from .step import StepContext, _error_json
+from .storage.base import LogRecord, RunRecord, StepRecord
+
+if TYPE_CHECKING:
+    from .durably import Durably
+
+
+class _ShutdownSignal(BaseException):
+    """Raised at a step boundary when the worker is stopping; the run is released, not failed.
+
+    A BaseException so that handlers catching ``Exception`` do not swallow it.
+    """
+
+
+class RunExecution:
+    """One leased run being executed by this worker."""
+
+    def __init__(self, worker: Worker, record: RunRecord, job: JobDefinition[Any, Any]) -> None:
+        self._worker = worker
+        self._durably = worker.durably
+        self.record = record
+        self.job = job
+        self.run_id = record.id
+        self.job_name = record.job_name
+        self.attempt = record.attempt
+        self.generation = record.lease_generation
+        self.offload_sync = worker.durably.run_sync_in_thread
+        self.stop_reason: str | None = None  # "cancelled" | "lease-lost" | "shutdown"
+        self.failed_step: StepRecord | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def now_ms(self) -> int:
+        return self._durably.now_ms()
+
+    def emit(self, event_type: str, data: dict[str, Any]) -> None:
+        self._durably.emit(event_type, self.run_id, self.job_name, data)
+
+    def stop(self, reason: str) -> None:
+        if self.stop_reason in (None, "shutdown"):
+            self.stop_reason = reason
+        if reason != "shutdown" and self.task is not None:
+            self.task.cancel()
+
+    # --- called by StepContext ------------------------------------------------------
+    def check_can_start_step(self, name: str) -> None:
+        if self.stop_reason == "cancelled":
+            raise CancelledError(f"run {self.run_id} was cancelled before step {name!r}")
+        if self.stop_reason == "lease-lost":
+            raise LeaseLostError(f"run {self.run_id}: lease lost before step {name!r}")
+        if self.stop_reason == "shutdown":
+            raise _ShutdownSignal
+
+    def step_failed(self, step: StepRecord, exc: BaseException) -> None:
+        self.failed_step = step
+        self.emit(
+            "step:fail",
+            {"step_name": step.name, "step_index": step.index, "error": ErrorInfo.from_exception(exc)},
+        )
+
+    def record_step(self, step: StepRecord) -> None:
+        if not self._durably.store.record_step(step, self.generation):
+            raise self.fence_error(f"step {step.name!r}")
+        if self._durably.bus.wants("step:complete"):
+            self.emit(
+                "step:complete",
+                {
+                    "step_name": step.name,
+                    "step_index": step.index,
+                    "output": json.loads(step.output_json) if step.output_json else None,
+                    "duration_ms": step.completed_at - step.started_at,
+                },
+            )
+
+    def set_progress(self, current: int, total: int | None, message: str | None) -> None:
+        store = self._durably.store
+        if not store.set_progress(self.run_id, self.generation, current, total, message, self.now_ms()):
+            raise self.fence_error("progress")
+        self.emit("run:progress", {"progress": Progress(current, total, message)})
+
+    def write_log(self, log: LogRecord, data: Any) -> None:
+        self._durably.store.append_log(log)
+        self.emit(
+            "log:write",
+            {"level": log.level, "message": log.message, "data": data, "step_name": log.step_name},
+        )
+
+    def fence_error(self, what: str) -> Exception:
+        current = self._durably.store.get_run(self.run_id)
+        if current is None or current.status == "cancelled":
+            self.stop_reason = "cancelled"
+            return CancelledError(f"run {self.run_id} was cancelled or deleted; {what} not recorded")
+        self.stop_reason = "lease-lost"
+        return LeaseLostError(
+            f"run {self.run_id}: this worker's lease (generation {self.generation}) was taken over; "
+            f"{what} not recorded"
+        )
+
+    # --- the run itself ------------------------------------------------------------------
+    async def execute(self) -> None:
+        durably = self._durably
+        store = durably.store
+        try:
+            recorded = {step.index: step for step in store.list_steps(self.run_id, completed_only=True)}
+            self.emit("run:leased", {"attempt": self.attempt, "replayed_steps": len(recorded)})
+            step = StepContext(self, recorded)
+            payload = self.job.decode_input(self.record.input_json)
+            result = await self.job.handler(step, payload)
+            output_json = self.job.encode_output(result)
+            self._finish("completed", output_json=output_json, error=None)
+        except asyncio.CancelledError:
+            if self.stop_reason in (None, "shutdown"):
+                self._release()
+        except _ShutdownSignal:
+            self._release()
+        except (CancelledError, LeaseLostError) as exc:
+            if isinstance(exc, LeaseLostError):
+                durably.report_worker_error(exc, run_id=self.run_id, job_name=self.job_name)
+        except StorageError as exc:
+            # The database failed, not the job: leave the run to be retried.
+            durably.report_worker_error(exc, run_id=self.run_id, job_name=self.job_name)
+            self._release()
+        except Exception as exc:
+            if self.stop_reason in ("cancelled", "lease-lost"):
+                return  # the handler turned our stop into its own error
+            self._finish("failed", output_json=None, error=exc)
+
+    def _finish(self, status: str, *, output_json: str | None, error: BaseException | None) -> None:
+        durably = self._durably
+        failed_step = self.failed_step if error is not None else None
+        try:
+            ok = durably.store.finish_run(
+                self.run_id, self.generation, status=status, output_json=output_json,
+                error_json=None if error is None else _error_json(error),
+                failed_step=failed_step, drop_step_outputs=not durably.preserve_steps,
+                now=self.now_ms(),
+            )
+        except StorageError as exc:
+            durably.report_worker_error(exc, run_id=self.run_id, job_name=self.job_name)
+            self._release()
+            return
+        if not ok:
+            fence = self.fence_error(f"{status} outcome")
+            if isinstance(fence, LeaseLostError):
+                durably.report_worker_error(fence, run_id=self.run_id, job_name=self.job_name)
+            return
+        if status == "completed":
+            output = self.job.decode_output(output_json) if durably.bus.wants("run:complete") else None
+            self.emit("run:complete", {"output": output})
+        else:
+            assert error is not None
+            data: dict[str, Any] = {"error": ErrorInfo.from_exception(error)}
+            if failed_step is not None:
+                data["step_name"] = failed_step.name
+            self.emit("run:fail", data)
+
+    def _release(self) -> None:
+        try:
+            self._durably.store.release_run(self.run_id, self.generation, self.now_ms())
+        except StorageError as exc:
+            self._durably.report_worker_error(exc, run_id=self.run_id, job_name=self.job_name)
+
+
+class Worker:
+    """Claims and executes runs of the jobs registered on one ``Durably``."""
+
+    def __init__(self, durably: Durably) -> None:
+        self.durably = durably
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{ids.new_id()[-8:]}"
+        self.active: dict[str, RunExecution] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._loop_task: asyncio.Task[None] | None = None
+        self._renew_task: asyncio.Task[None] | None = None
+        self._last_purge = 0.0
+
+    def start(self) -> None:
+        self._loop_task = asyncio.create_task(self._claim_loop(), name="durably-worker")
+        self._renew_task = asyncio.create_task(self._renew_loop(), name="durably-lease-renewal")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _claim_loop(self) -> None:
+        durably = self.durably
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                self._claim_available()
+                self._purge_if_due()
+            except Exception as exc:
+                durably.report_worker_error(exc)
+            try:
+                await asyncio.wait_for(self._wake.wait(), durably.polling_interval)
+            except TimeoutError:
+                pass
+
+    def _claim_available(self) -> None:
+        durably = self.durably
+        job_names = list(durably.jobs)
+        if not job_names:
+            return
+        while not self._stopping and len(self.active) < durably.max_concurrent_runs:
+            now = durably.now_ms()
+            record = durably.store.claim_run(
+                worker_id=self.worker_id,
+                job_names=job_names,
+                now=now,
+                lease_until=now + int(durably.lease_duration * 1000),
+            )
+            if record is None:
+                return
+            execution = RunExecution(self, record, durably.jobs[record.job_name])
+            self.active[record.id] = execution
+            execution.task = asyncio.create_task(self._run(execution), name=f"durably-run-{record.id}")
+
+    async def _run(self, execution: RunExecution) -> None:
+        try:
+            await execution.execute()
+        finally:
+            self.active.pop(execution.run_id, None)
+            self._wake.set()
+
+    def _purge_if_due(self) -> None:
+        durably = self.durably
+        if durably.retain_runs is None:
+            return
+        now = durably.clock()
+        if now - self._last_purge < min(60.0, durably.retain_runs):
+            return
+        self._last_purge = now
+        durably.store.purge_runs(durably.now_ms() - int(durably.retain_runs * 1000), limit=1000)
+
+    async def _renew_loop(self) -> None:
+        durably = self.durably
+        while not self._stopping:
+            await asyncio.sleep(durably.lease_renew_interval)
+            if not self.active:
+                continue
+            try:
+                now = durably.now_ms()
+                leases = [(run_id, ex.generation) for run_id, ex in self.active.items()]
+                lost = durably.store.renew_leases(
+                    leases, now, now + int(durably.lease_duration * 1000)
+                )
+            except Exception as exc:
+                durably.report_worker_error(exc)
+                continue
+            for run_id in lost:
+                execution = self.active.get(run_id)
+                if execution is not None:
+                    fence = execution.fence_error("lease renewal")
+                    execution.stop("cancelled" if isinstance(fence, CancelledError) else "lease-lost")
+
+    async def stop(self, timeout: float) -> None:
+        """Stop claiming; let handlers stop at their next step boundary, then release leases."""
+        self._stopping = True
+        self._wake.set()
+        for task in (self._loop_task, self._renew_task):
+            if task is not None:
+                task.cancel()
+        executions = list(self.active.values())
+        for execution in executions:
+            execution.stop("shutdown")
+        tasks = [ex.task for ex in executions if ex.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        for task in (self._loop_task, self._renew_task):
+            if task is not None:
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass

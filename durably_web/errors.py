@@ -1,0 +1,68 @@
+"""Every error the public API raises derives from :class:`DurablyError`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class DurablyError(Exception):
+    """Root of all durably-web errors."""
+
+
+class NotFoundError(DurablyError):
+    """A run, job or step that was asked for does not exist."""
+
+
+class ValidationError(DurablyError, ValueError):
+    """Input, output, labels or an option failed validation; nothing was written.
+
+    ``errors`` carries pydantic's error details (a list of dicts) when pydantic
+    did the validating, otherwise a single entry describing the problem.
+    """
+
+    def __init__(self, message: str, errors: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(message)
+        self.errors: list[dict[str, Any]] = errors if errors is not None else [{"msg": message}]
+
+
+class ConflictError(DurablyError):
+    """The operation is not allowed in the run's current state.
+
+    Examples: cancelling a completed run, deleting a leased run, triggering a
+    second pending run for one concurrency key.
+    """
+
+
+class CancelledError(DurablyError):
+    """The run was cancelled; its handler must not continue."""
+
+
+class LeaseLostError(DurablyError):
+    """This worker no longer holds the run's lease (another worker took it over).
+
+    Raised inside the handler when it tries to record a step, progress or the
+    outcome; nothing further is written for that run by this worker.
+    """
+
+
+class StepError(DurablyError):
+    """A step was used wrongly: a repeated name, or a result that cannot be persisted."""
+
+
+class NonDeterministicReplayError(DurablyError):
+    """A resumed handler called steps in a different order than the recorded run."""
+
+
+class SchemaVersionError(DurablyError):
+    """The database was written by a newer durably-web schema than this one understands."""
+
+
+class StorageError(DurablyError):
+    """The storage backend failed (disk full, read-only file, locked database, …).
+
+    ``__cause__`` holds the driver's original exception.
+    """
+
+
+class WaitTimeoutError(DurablyError, TimeoutError):
+    """``wait_for_run`` / ``trigger_and_wait`` gave up before the run ended."""

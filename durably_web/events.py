@@ -1,0 +1,152 @@
+"""In-process event delivery: listeners by type, and per-run subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from .errors import ValidationError
+from .models import Event
+
+logger = logging.getLogger("durably_web")
+
+EVENT_TYPES: frozenset[str] = frozenset(
+    {
+        "run:trigger", "run:coalesced", "run:leased", "run:complete", "run:fail",
+        "run:cancel", "run:delete", "run:progress", "step:start", "step:complete",
+        "step:fail", "log:write", "worker:error",
+    }
+)
+TERMINAL_EVENT_TYPES: frozenset[str] = frozenset(
+    {"run:complete", "run:fail", "run:cancel", "run:delete"}
+)
+ALL = "*"
+
+Listener = Callable[[Event], Any]
+
+
+class EventBus:
+    """Calls listeners synchronously, in registration order.
+
+    A listener that raises (or an async listener whose task fails) is logged and
+    reported as a ``worker:error`` event; it never breaks the emitter.
+    """
+
+    def __init__(self) -> None:
+        self._listeners: dict[str, list[Listener]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def on(self, event_type: str, listener: Listener) -> Callable[[], None]:
+        if event_type != ALL and event_type not in EVENT_TYPES:
+            raise ValidationError(
+                f"unknown event type {event_type!r}; expected one of {sorted(EVENT_TYPES)} or '*'"
+            )
+        if not callable(listener):
+            raise ValidationError("listener must be callable")
+        listeners = self._listeners.setdefault(event_type, [])
+        listeners.append(listener)
+
+        def unsubscribe() -> None:
+            if listener in listeners:
+                listeners.remove(listener)
+
+        return unsubscribe
+
+    def wants(self, event_type: str) -> bool:
+        return bool(self._listeners.get(event_type) or self._listeners.get(ALL))
+
+    def emit(self, event: Event) -> None:
+        for listener in (*self._listeners.get(event.type, ()), *self._listeners.get(ALL, ())):
+            try:
+                result = listener(event)
+                if inspect.isawaitable(result):
+                    task = asyncio.ensure_future(result)
+                    self._tasks.add(task)
+                    task.add_done_callback(self._async_listener_done)
+            except Exception as exc:
+                self._listener_failed(event, exc)
+
+    def _async_listener_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            self._listener_failed(None, task.exception())  # type: ignore[arg-type]
+
+    def _listener_failed(self, event: Event | None, exc: BaseException) -> None:
+        logger.exception("durably-web event listener failed", exc_info=exc)
+        if event is not None and event.type == "worker:error":
+            return  # never recurse
+        from .models import ErrorInfo
+
+        now = event.timestamp if event is not None else _utcnow()
+        self.emit(
+            Event(
+                "worker:error",
+                event.run_id if event else None,
+                event.job_name if event else None,
+                now,
+                {"error": ErrorInfo.from_exception(exc), "source": "listener"},
+            )
+        )
+
+
+def _utcnow() -> Any:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
+
+
+class RunSubscription:
+    """Async iterator over one run's events; ends after the run's terminal event.
+
+    Registered on creation, so no event is missed between trigger and iteration.
+    Runs executed by another process are noticed by polling the store, in which
+    case a terminal event is synthesised from the stored state.
+    """
+
+    def __init__(
+        self,
+        bus: EventBus,
+        run_id: str,
+        poll: Callable[[], Event | None],
+        poll_interval: float,
+    ) -> None:
+        self._run_id = run_id
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._poll = poll
+        self._poll_interval = poll_interval
+        self._done = False
+        self._unsubscribe = bus.on(ALL, self._offer)
+
+    def _offer(self, event: Event) -> None:
+        if event.run_id == self._run_id:
+            self._queue.put_nowait(event)
+
+    def __aiter__(self) -> RunSubscription:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self._done:
+            raise StopAsyncIteration
+        while True:
+            try:
+                event = await asyncio.wait_for(self._queue.get(), self._poll_interval)
+            except TimeoutError:
+                if not self._queue.empty():
+                    continue
+                synthesised = self._poll()
+                if synthesised is None:
+                    continue
+                event = synthesised
+            if event.type in TERMINAL_EVENT_TYPES:
+                self.close()
+            return event
+
+    def close(self) -> None:
+        self._done = True
+        self._unsubscribe()
+
+    async def aclose(self) -> None:
+        self.close()

@@ -1,0 +1,103 @@
+"""Job definitions: a name, an input model, an output model and an async handler."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from pydantic import TypeAdapter
+from pydantic import ValidationError as PydanticValidationError
+
+from .errors import ValidationError
+from .serialization import adapter_for
+
+if TYPE_CHECKING:
+    from .step import StepContext
+
+InputT = TypeVar("InputT")
+OutputT = TypeVar("OutputT")
+Handler = Callable[["StepContext", InputT], Awaitable[OutputT]]
+
+JOB_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:\-/]{0,127}$")
+
+
+@dataclass(frozen=True, eq=False)
+class JobDefinition(Generic[InputT, OutputT]):
+    """A registered job. Calling it is not how it runs: trigger it through ``Durably``."""
+
+    name: str
+    handler: Handler[InputT, OutputT]
+    input_type: Any
+    output_type: Any
+
+    @property
+    def input_adapter(self) -> TypeAdapter[Any]:
+        return adapter_for(self.input_type)
+
+    @property
+    def output_adapter(self) -> TypeAdapter[Any]:
+        return adapter_for(self.output_type)
+
+    def validate_input(self, value: Any) -> tuple[InputT, str]:
+        """Validate ``value`` (a model instance or plain data); return it and its JSON text."""
+        adapter = self.input_adapter
+        try:
+            model = adapter.validate_python(value)
+            return model, adapter.dump_json(model).decode()
+        except PydanticValidationError as exc:
+            raise ValidationError(
+                f"invalid input for job {self.name!r}: {exc}", _error_details(exc)
+            ) from None
+        except (TypeError, ValueError) as exc:  # unserialisable values slipping past lax validation
+            raise ValidationError(f"invalid input for job {self.name!r}: {exc}") from None
+
+    def encode_output(self, value: Any) -> str:
+        adapter = self.output_adapter
+        try:
+            return adapter.dump_json(adapter.validate_python(value)).decode()
+        except PydanticValidationError as exc:
+            raise ValidationError(
+                f"job {self.name!r} returned an invalid output: {exc}", _error_details(exc)
+            ) from None
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"job {self.name!r} returned an unstorable output: {exc}") from None
+
+    def decode_input(self, text: str) -> InputT:
+        return self.input_adapter.validate_json(text)  # type: ignore[no-any-return]
+
+    def decode_output(self, text: str | None) -> OutputT | None:
+        return None if text is None else self.output_adapter.validate_json(text)
+
+
+def _error_details(exc: PydanticValidationError) -> list[dict[str, Any]]:
+    return exc.errors(include_url=False, include_context=False, include_input=False)  # type: ignore[return-value]
+
+
+def define_job(
+    name: str, *, input: Any = None, output: Any = None
+) -> Callable[[Handler[Any, Any]], JobDefinition[Any, Any]]:
+    """Decorator turning ``async def handler(step, payload)`` into a job.
+
+    ``input``/``output`` are pydantic models (or any type pydantic's TypeAdapter
+    handles); ``None`` means "any JSON value" for input and "nothing" for output.
+    """
+    if not isinstance(name, str) or not JOB_NAME_PATTERN.match(name):
+        raise ValidationError(
+            f"invalid job name {name!r}: use 1-128 letters, digits and _ . : - / "
+            "starting with a letter or digit"
+        )
+
+    def decorate(handler: Handler[Any, Any]) -> JobDefinition[Any, Any]:
+        if not inspect.iscoroutinefunction(handler):
+            raise TypeError(f"job {name!r}: the handler must be an 'async def' function")
+        return JobDefinition(
+            name=name,
+            handler=handler,
+            input_type=Any if input is None else input,
+            output_type=Any if output is None else output,
+        )
+
+    return decorate

@@ -1,0 +1,180 @@
+"""The values the public API hands out: runs, steps, log lines, progress, events."""
+
+from __future__ import annotations
+
+import traceback as tb
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal
+
+RunStatus = Literal["pending", "leased", "completed", "failed", "cancelled"]
+Disposition = Literal["created", "idempotent", "coalesced"]
+TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
+RUN_STATUSES: frozenset[str] = frozenset({"pending", "leased", *TERMINAL_STATUSES})
+
+
+def from_ms(value: int | None) -> datetime | None:
+    return None if value is None else datetime.fromtimestamp(value / 1000, tz=timezone.utc)
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """What went wrong: the exception's type name, message and formatted traceback."""
+
+    type: str
+    message: str
+    traceback: str = ""
+
+    @classmethod
+    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+        return cls(
+            type=type(exc).__qualname__,
+            message=str(exc),
+            traceback="".join(tb.format_exception(exc)),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.type}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    current: int
+    total: int | None = None
+    message: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Run:
+    """One execution request of a job and everything known about it.
+
+    ``input`` and ``output`` are decoded with the job's models when this
+    ``Durably`` instance knows the job, otherwise they are plain JSON values.
+    ``disposition`` is set only on the value ``trigger`` returns.
+    """
+
+    id: str
+    job_name: str
+    status: RunStatus
+    input: Any
+    output: Any = None
+    error: ErrorInfo | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    progress: Progress | None = None
+    attempt: int = 0
+    idempotency_key: str | None = None
+    concurrency_key: str | None = None
+    created_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    updated_at: datetime | None = None
+    disposition: Disposition | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in TERMINAL_STATUSES
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (models dumped, datetimes as ISO 8601 UTC)."""
+        return {
+            "id": self.id,
+            "job_name": self.job_name,
+            "status": self.status,
+            "input": to_jsonable(self.input),
+            "output": to_jsonable(self.output),
+            "error": None if self.error is None else asdict(self.error),
+            "labels": dict(self.labels),
+            "progress": None if self.progress is None else asdict(self.progress),
+            "attempt": self.attempt,
+            "idempotency_key": self.idempotency_key,
+            "concurrency_key": self.concurrency_key,
+            "created_at": iso(self.created_at),
+            "started_at": iso(self.started_at),
+            "completed_at": iso(self.completed_at),
+            "updated_at": iso(self.updated_at),
+            "disposition": self.disposition,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """A recorded step. ``output`` is the stored JSON value (the typed value is what ``step.run`` returns)."""
+
+    run_id: str
+    index: int
+    name: str
+    status: Literal["completed", "failed"]
+    output: Any
+    error: ErrorInfo | None
+    started_at: datetime
+    completed_at: datetime
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.completed_at - self.started_at).total_seconds() * 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "index": self.index,
+            "name": self.name,
+            "status": self.status,
+            "output": self.output,
+            "error": None if self.error is None else asdict(self.error),
+            "started_at": iso(self.started_at),
+            "completed_at": iso(self.completed_at),
+            "duration_ms": self.duration_ms,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    run_id: str
+    step_name: str | None
+    level: Literal["debug", "info", "warning", "error"]
+    message: str
+    data: Any
+    created_at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "step_name": self.step_name,
+            "level": self.level,
+            "message": self.message,
+            "data": self.data,
+            "created_at": iso(self.created_at),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    """Something that happened; ``data`` depends on ``type`` (see README, "Events")."""
+
+    type: str
+    run_id: str | None
+    job_name: str | None
+    timestamp: datetime
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "type": self.type,
+            "run_id": self.run_id,
+            "job_name": self.job_name,
+            "timestamp": iso(self.timestamp),
+            **{k: to_jsonable(v) for k, v in self.data.items()},
+        }
+
+
+def to_jsonable(value: Any) -> Any:
+    """Dump models, dataclasses and datetimes to JSON-compatible values."""
+    if value is None or isinstance(value, str | int | float | bool):
+        return value
+    from pydantic_core import to_jsonable_python
+
+    return to_jsonable_python(value)

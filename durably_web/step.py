@@ -1,0 +1,183 @@
+"""The handler's view of a run: checkpointed steps, progress and logs, with replay."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import json
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, overload
+
+from .errors import NonDeterministicReplayError, StepError
+from .models import ErrorInfo
+from .serialization import _NO_TYPE, decode, encode, return_type_of
+from .storage.base import LogRecord, StepRecord
+
+if TYPE_CHECKING:
+    from .engine import RunExecution
+
+T = TypeVar("T")
+
+
+class StepContext:
+    """Passed to every job handler as ``step``.
+
+    ``await step.run(name, fn, *args, **kwargs)`` runs ``fn`` once per run: its
+    result is committed before ``run`` returns, and when the run resumes after
+    a crash the stored result is returned instead of calling ``fn`` again.
+    """
+
+    def __init__(self, execution: RunExecution, recorded: dict[int, StepRecord]) -> None:
+        self._execution = execution
+        # Keyed by position: a failed step that the handler caught leaves a gap.
+        self._recorded = recorded
+        self._last_recorded = max(recorded, default=-1)
+        self._recorded_names = {step.name: step.index for step in recorded.values()}
+        self._next_index = 0
+        self._names: set[str] = set()
+        self._current_step: str | None = None
+        self.log = StepLogger(self)
+
+    @property
+    def run_id(self) -> str:
+        return self._execution.run_id
+
+    @property
+    def job_name(self) -> str:
+        return self._execution.job_name
+
+    @property
+    def attempt(self) -> int:
+        return self._execution.attempt
+
+    @property
+    def is_replaying(self) -> bool:
+        """True while the handler is still returning recorded results."""
+        return self._next_index <= self._last_recorded
+
+    @overload
+    async def run(self, name: str, fn: Callable[..., Any], *args: Any, type: type[T], **kwargs: Any) -> T: ...
+    @overload
+    async def run(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
+
+    async def run(
+        self, name: str, fn: Callable[..., Any], *args: Any, type: Any = _NO_TYPE, **kwargs: Any
+    ) -> Any:
+        """Run ``fn(*args, **kwargs)`` as the step ``name`` (sync or async callable).
+
+        The result type is ``type`` if given, else ``fn``'s return annotation;
+        without either only plain JSON values are accepted.
+        """
+        if not isinstance(name, str) or not name:
+            raise StepError(f"step name must be a non-empty string, not {name!r}")
+        if name in self._names:
+            raise StepError(
+                f"step name {name!r} is used twice in run {self.run_id}; step names must be "
+                f"unique within a run (in loops use names like f'item-{{i}}')"
+            )
+        if not callable(fn):
+            raise StepError(f"step {name!r}: {fn!r} is not callable")
+        self._names.add(name)
+        index = self._next_index
+        self._next_index += 1
+        tp = type if type is not _NO_TYPE else return_type_of(fn)
+
+        recorded = self._recorded.get(index)
+        if recorded is not None:
+            if recorded.name != name:
+                raise NonDeterministicReplayError(
+                    f"non-deterministic replay in run {self.run_id}: step #{index} was recorded "
+                    f"as {recorded.name!r} but the handler now calls {name!r}; the handler must "
+                    "call the same steps in the same order on every execution"
+                )
+            return decode(recorded.output_json, tp)
+        if name in self._recorded_names:
+            raise NonDeterministicReplayError(
+                f"non-deterministic replay in run {self.run_id}: step {name!r} was recorded at "
+                f"position #{self._recorded_names[name]} but the handler now calls it at #{index}"
+            )
+
+        execution = self._execution
+        execution.check_can_start_step(name)
+        started_at = execution.now_ms()
+        execution.emit("step:start", {"step_name": name, "step_index": index})
+        self._current_step = name
+        try:
+            value = await self._call(fn, args, kwargs)
+            output_json, value = encode(value, tp, what=f"step {name!r}")
+        except Exception as exc:
+            execution.step_failed(
+                StepRecord(
+                    run_id=self.run_id, index=index, name=name, status="failed",
+                    output_json=None, error_json=_error_json(exc), started_at=started_at,
+                    completed_at=execution.now_ms(),
+                ),
+                exc,
+            )
+            raise
+        finally:
+            self._current_step = None
+        execution.record_step(
+            StepRecord(
+                run_id=self.run_id, index=index, name=name, status="completed",
+                output_json=output_json, error_json=None, started_at=started_at,
+                completed_at=execution.now_ms(),
+            )
+        )
+        return value
+
+    async def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args, **kwargs)
+        if self._execution.offload_sync:
+            # A blocking callable must not starve the event loop (lease renewal, cancel).
+            result = await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(fn, *args, **kwargs)
+            )
+        else:
+            result = fn(*args, **kwargs)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    def progress(self, current: int, total: int | None = None, message: str | None = None) -> None:
+        """Record progress (persisted and emitted as ``run:progress``)."""
+        self._execution.set_progress(current, total, message)
+
+    def _write_log(self, level: str, message: str, data: Any) -> None:
+        execution = self._execution
+        data_json = None if data is None else json.dumps(data, default=str)
+        execution.write_log(
+            LogRecord(
+                run_id=self.run_id, step_name=self._current_step, level=level,
+                message=str(message), data_json=data_json, created_at=execution.now_ms(),
+            ),
+            data,
+        )
+
+
+class StepLogger:
+    """``step.log.info("message", {"any": "json"})`` — persisted and emitted as ``log:write``."""
+
+    def __init__(self, step: StepContext) -> None:
+        self._step = step
+
+    def debug(self, message: str, data: Any = None) -> None:
+        self._step._write_log("debug", message, data)
+
+    def info(self, message: str, data: Any = None) -> None:
+        self._step._write_log("info", message, data)
+
+    def warning(self, message: str, data: Any = None) -> None:
+        self._step._write_log("warning", message, data)
+
+    warn = warning
+
+    def error(self, message: str, data: Any = None) -> None:
+        self._step._write_log("error", message, data)
+
+
+def _error_json(exc: BaseException) -> str:
+    info = ErrorInfo.from_exception(exc)
+    return json.dumps({"type": info.type, "message": info.message, "traceback": info.traceback})

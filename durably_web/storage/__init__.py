@@ -1,0 +1,66 @@
+"""Storage backends, chosen from a URL and imported lazily.
+
+``sqlite:///relative.db``, ``sqlite:////absolute/path.db`` and
+``sqlite://:memory:``; SQLite options go in the query string:
+``?synchronous=full&busy_timeout=10000``.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+from ..errors import ValidationError
+from .base import LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store
+
+__all__ = ["LogRecord", "NewRun", "RunFilter", "RunRecord", "StepRecord", "Store", "open_store"]
+
+_SQLITE_OPTIONS = {"synchronous", "busy_timeout", "journal_mode"}
+
+
+def open_store(url: str) -> Store:
+    """Open (but do not migrate) the store a URL names."""
+    if not isinstance(url, str):
+        raise ValidationError(f"database URL must be a string, not {type(url).__name__}")
+    scheme, _, rest = url.partition("://")
+    if scheme == "sqlite":
+        return _open_sqlite(url, rest)
+    raise ValidationError(
+        f"unsupported database URL {url!r}: expected sqlite:///path.db or sqlite://:memory:"
+    )
+
+
+def _open_sqlite(url: str, rest: str) -> Store:
+    from .sqlite import SQLiteStore, StdlibSqlConnection, apply_connection_policy
+
+    path_part, _, query = rest.partition("?")
+    if path_part in (":memory:", "/:memory:"):
+        path = ":memory:"
+    elif path_part.startswith("/") and len(path_part) > 1:
+        path = path_part[1:]  # sqlite:///rel.db -> rel.db ; sqlite:////abs.db -> /abs.db
+    else:
+        raise ValidationError(
+            f"invalid SQLite URL {url!r}: use sqlite:///relative.db, sqlite:////absolute.db "
+            "or sqlite://:memory:"
+        )
+    options = {key: values[-1] for key, values in parse_qs(query).items()}
+    unknown = set(options) - _SQLITE_OPTIONS
+    if unknown:
+        raise ValidationError(f"unknown SQLite option(s) in {url!r}: {sorted(unknown)}")
+    try:
+        busy_timeout_ms = int(options.get("busy_timeout", "5000"))
+    except ValueError:
+        raise ValidationError(f"busy_timeout must be milliseconds in {url!r}") from None
+    synchronous = options.get("synchronous", "normal")
+    if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+        raise ValidationError(f"synchronous must be off, normal, full or extra in {url!r}")
+    journal_mode = options.get("journal_mode", "wal")
+    if journal_mode.upper() not in {"WAL", "DELETE", "TRUNCATE", "PERSIST", "MEMORY"}:
+        raise ValidationError(f"unsupported journal_mode in {url!r}")
+    conn = StdlibSqlConnection(path, busy_timeout_ms=busy_timeout_ms)
+    apply_connection_policy(
+        conn,
+        journal_mode=None if path == ":memory:" else journal_mode,
+        synchronous=synchronous,
+        busy_timeout_ms=busy_timeout_ms,
+    )
+    return SQLiteStore(conn)

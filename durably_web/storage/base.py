@@ -1,0 +1,175 @@
+"""The storage interface the engine talks to, and the records it exchanges.
+
+Storage sees opaque JSON text for inputs, outputs, errors and step results:
+serialization stays in the core. Times are integer milliseconds since the
+epoch (UTC). Operations marked *fenced* only take effect while the run is
+leased under the given lease generation, and return ``False`` otherwise, so a
+worker whose lease was taken over cannot write anything more for that run.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class NewRun:
+    id: str
+    job_name: str
+    input_json: str
+    labels: dict[str, str]
+    idempotency_key: str | None
+    concurrency_key: str | None
+    coalesce: bool
+    created_at: int
+
+
+@dataclass(slots=True)
+class RunRecord:
+    id: str
+    job_name: str
+    status: str
+    input_json: str
+    output_json: str | None
+    error_json: str | None
+    labels: dict[str, str]
+    progress_current: int | None
+    progress_total: int | None
+    progress_message: str | None
+    attempt: int
+    idempotency_key: str | None
+    concurrency_key: str | None
+    lease_owner: str | None
+    lease_generation: int
+    lease_expires_at: int | None
+    available_at: int
+    created_at: int
+    started_at: int | None
+    completed_at: int | None
+    updated_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class StepRecord:
+    run_id: str
+    index: int
+    name: str
+    status: str  # "completed" | "failed"
+    output_json: str | None
+    error_json: str | None
+    started_at: int
+    completed_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogRecord:
+    run_id: str
+    step_name: str | None
+    level: str
+    message: str
+    data_json: str | None
+    created_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class RunFilter:
+    statuses: Sequence[str] | None = None
+    job_names: Sequence[str] | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    limit: int = 100
+    offset: int = 0
+
+
+class Store(ABC):
+    """One backend's implementation of durable run storage."""
+
+    @abstractmethod
+    def migrate(self) -> None:
+        """Create or upgrade the schema; raise ``SchemaVersionError`` if the database is newer."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    # --- runs -----------------------------------------------------------------
+    @abstractmethod
+    def create_runs(self, runs: Sequence[NewRun]) -> list[tuple[RunRecord, str]]:
+        """Insert runs in one transaction; return each run with its disposition.
+
+        An existing run with the same (job, idempotency key) is returned as
+        "idempotent". A pending run with the same concurrency key is returned as
+        "coalesced" when ``coalesce`` is set, otherwise ``ConflictError`` is raised
+        and nothing is written.
+        """
+
+    @abstractmethod
+    def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    @abstractmethod
+    def list_runs(self, run_filter: RunFilter) -> list[RunRecord]:
+        """Newest first."""
+
+    @abstractmethod
+    def cancel_run(self, run_id: str, now: int) -> RunRecord:
+        """Pending or leased → cancelled; already cancelled is returned as is.
+
+        Raise ``NotFoundError`` / ``ConflictError`` (completed or failed).
+        """
+
+    @abstractmethod
+    def delete_run(self, run_id: str) -> RunRecord:
+        """Delete a run with its steps and logs; ``ConflictError`` while it is leased."""
+
+    @abstractmethod
+    def purge_runs(self, completed_before: int, limit: int | None) -> int:
+        """Delete terminal runs that ended before the given time; return how many."""
+
+    # --- worker ----------------------------------------------------------------
+    @abstractmethod
+    def claim_run(
+        self, *, worker_id: str, job_names: Sequence[str], now: int, lease_until: int
+    ) -> RunRecord | None:
+        """Lease the oldest runnable run: pending and available, or leased with an expired
+        lease; never one whose concurrency key has another run under a live lease.
+        Increments the lease generation and the attempt count."""
+
+    @abstractmethod
+    def renew_leases(
+        self, leases: Sequence[tuple[str, int]], now: int, lease_until: int
+    ) -> list[str]:
+        """Extend (run id, generation) leases; return the ids whose lease is no longer ours."""
+
+    @abstractmethod
+    def release_run(self, run_id: str, generation: int, now: int) -> None:
+        """Give a lease up so any worker may resume the run at once (fenced)."""
+
+    @abstractmethod
+    def record_step(self, step: StepRecord, generation: int) -> bool:
+        """Persist a completed step (fenced)."""
+
+    @abstractmethod
+    def set_progress(
+        self, run_id: str, generation: int, current: int, total: int | None,
+        message: str | None, now: int,
+    ) -> bool:
+        """Fenced."""
+
+    @abstractmethod
+    def finish_run(
+        self, run_id: str, generation: int, *, status: str, output_json: str | None,
+        error_json: str | None, failed_step: StepRecord | None, drop_step_outputs: bool,
+        now: int,
+    ) -> bool:
+        """Move a leased run to completed/failed, with its failed step, in one transaction (fenced)."""
+
+    # --- steps and logs ----------------------------------------------------------
+    @abstractmethod
+    def list_steps(self, run_id: str, *, completed_only: bool = False) -> list[StepRecord]:
+        """In execution order."""
+
+    @abstractmethod
+    def append_log(self, log: LogRecord) -> None: ...
+
+    @abstractmethod
+    def list_logs(self, run_id: str) -> list[LogRecord]: ...

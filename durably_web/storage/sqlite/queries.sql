@@ -1,0 +1,139 @@
+-- Every statement the SQLite store runs, one per "-- name:" header.
+-- Parameters are named; lists and label sets are passed as JSON text and
+-- unpacked with json_each, so every statement here is static text.
+
+-- name: create_migrations_table
+-- The schema version record; each applied migration adds its number.
+CREATE TABLE IF NOT EXISTS durably_migrations (
+    version    INTEGER PRIMARY KEY,
+    applied_at INTEGER NOT NULL
+)
+
+-- name: schema_version
+SELECT COALESCE(MAX(version), 0) AS version FROM durably_migrations
+
+-- name: find_idempotent_run
+SELECT * FROM durably_runs WHERE job_name = :job_name AND idempotency_key = :idempotency_key
+
+-- name: find_pending_by_concurrency_key
+SELECT * FROM durably_runs WHERE concurrency_key = :concurrency_key AND status = 'pending'
+
+-- name: insert_run
+INSERT INTO durably_runs (
+    id, job_name, status, input, labels, idempotency_key, concurrency_key,
+    available_at, created_at, updated_at
+) VALUES (
+    :id, :job_name, 'pending', :input, :labels, :idempotency_key, :concurrency_key,
+    :created_at, :created_at, :created_at
+)
+
+-- name: insert_labels
+INSERT INTO durably_run_labels (run_id, key, value)
+SELECT :run_id, key, value FROM json_each(:labels)
+
+-- name: get_run
+SELECT * FROM durably_runs WHERE id = :id
+
+-- name: list_runs
+-- Newest first; a NULL filter matches everything. Labels: every wanted
+-- (key, value) pair must exist for the run.
+SELECT * FROM durably_runs AS r
+WHERE (:statuses IS NULL OR r.status IN (SELECT value FROM json_each(:statuses)))
+  AND (:job_names IS NULL OR r.job_name IN (SELECT value FROM json_each(:job_names)))
+  AND NOT EXISTS (
+        SELECT 1 FROM json_each(:labels) AS wanted
+        WHERE NOT EXISTS (
+            SELECT 1 FROM durably_run_labels AS l
+            WHERE l.run_id = r.id AND l.key = wanted.key AND l.value = wanted.value))
+ORDER BY r.id DESC
+LIMIT :limit OFFSET :offset
+
+-- name: cancel_run
+UPDATE durably_runs
+SET status = 'cancelled', completed_at = :now, updated_at = :now,
+    lease_owner = NULL, lease_expires_at = NULL
+WHERE id = :id AND status IN ('pending', 'leased')
+
+-- name: delete_run
+DELETE FROM durably_runs WHERE id = :id
+
+-- name: purge_runs
+DELETE FROM durably_runs WHERE id IN (
+    SELECT id FROM durably_runs
+    WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < :before
+    ORDER BY completed_at
+    LIMIT :limit)
+
+-- name: find_claimable_run
+-- Oldest first. A concurrency key blocks while another run holds a live lease on it.
+SELECT r.id FROM durably_runs AS r
+WHERE ((r.status = 'pending' AND r.available_at <= :now)
+       OR (r.status = 'leased' AND r.lease_expires_at <= :now))
+  AND r.job_name IN (SELECT value FROM json_each(:job_names))
+  AND (r.concurrency_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM durably_runs AS other
+        WHERE other.concurrency_key = r.concurrency_key
+          AND other.status = 'leased' AND other.lease_expires_at > :now
+          AND other.id <> r.id))
+ORDER BY r.id
+LIMIT 1
+
+-- name: lease_run
+UPDATE durably_runs
+SET status = 'leased', lease_owner = :worker_id, lease_generation = lease_generation + 1,
+    lease_expires_at = :lease_until, attempt = attempt + 1,
+    started_at = COALESCE(started_at, :now), updated_at = :now
+WHERE id = :id
+RETURNING *
+
+-- name: renew_lease
+UPDATE durably_runs SET lease_expires_at = :lease_until
+WHERE id = :id AND status = 'leased' AND lease_generation = :generation
+
+-- name: release_run
+-- Expire the lease now instead of going back to 'pending', which could break
+-- the one-pending-run-per-concurrency-key rule.
+UPDATE durably_runs SET lease_expires_at = :now, lease_owner = NULL, updated_at = :now
+WHERE id = :id AND status = 'leased' AND lease_generation = :generation
+
+-- name: record_step
+-- One statement, so it is its own committed transaction on the hot path.
+INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at)
+SELECT :run_id, :seq, :name, :status, :output, :error, :started_at, :completed_at
+WHERE EXISTS (
+    SELECT 1 FROM durably_runs
+    WHERE id = :run_id AND status = 'leased' AND lease_generation = :generation)
+
+-- name: record_failed_step
+INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at)
+VALUES (:run_id, :seq, :name, 'failed', NULL, :error, :started_at, :completed_at)
+ON CONFLICT (run_id, seq) DO UPDATE
+SET status = 'failed', error = excluded.error, completed_at = excluded.completed_at
+
+-- name: set_progress
+UPDATE durably_runs
+SET progress_current = :current, progress_total = :total, progress_message = :message,
+    updated_at = :now
+WHERE id = :id AND status = 'leased' AND lease_generation = :generation
+
+-- name: finish_run
+UPDATE durably_runs
+SET status = :status, output = :output, error = :error, completed_at = :now, updated_at = :now,
+    lease_owner = NULL, lease_expires_at = NULL
+WHERE id = :id AND status = 'leased' AND lease_generation = :generation
+
+-- name: drop_step_outputs
+UPDATE durably_steps SET output = NULL WHERE run_id = :run_id
+
+-- name: list_steps
+SELECT * FROM durably_steps WHERE run_id = :run_id ORDER BY seq
+
+-- name: list_completed_steps
+SELECT * FROM durably_steps WHERE run_id = :run_id AND status = 'completed' ORDER BY seq
+
+-- name: append_log
+INSERT INTO durably_logs (run_id, step_name, level, message, data, created_at)
+VALUES (:run_id, :step_name, :level, :message, :data, :created_at)
+
+-- name: list_logs
+SELECT * FROM durably_logs WHERE run_id = :run_id ORDER BY id

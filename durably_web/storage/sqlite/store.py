@@ -1,0 +1,357 @@
+"""The SQLite store: all SQL for CPython and the browser, over a :class:`SqlConnection`."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Sequence
+from importlib import resources
+
+
+from ...errors import ConflictError, NotFoundError, SchemaVersionError, StorageError
+from ..base import LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store
+from .connection import Row, SqlConnection
+
+_NAME_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def _load_queries() -> dict[str, str]:
+    text = resources.files(__package__).joinpath("queries.sql").read_text(encoding="utf-8")
+    parts = _NAME_HEADER.split(text)[1:]
+    return {name: body.strip() for name, body in zip(parts[::2], parts[1::2], strict=True)}
+
+
+def _load_migrations() -> list[tuple[int, str]]:
+    folder = resources.files(__package__).joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        if entry.name.endswith(".sql"):
+            found.append((int(entry.name.split("_", 1)[0]), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+Q = _load_queries()
+MIGRATIONS = _load_migrations()
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def apply_connection_policy(
+    conn: SqlConnection, *, journal_mode: str | None, synchronous: str, busy_timeout_ms: int
+) -> None:
+    """The one place that decides how every SQLite connection behaves.
+
+    WAL lets readers run beside the writer and makes a commit one sequential
+    append; ``synchronous=NORMAL`` in WAL keeps every commit across a process
+    kill (``FULL`` adds power-loss safety at the cost of an fsync per commit).
+    """
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    if journal_mode:
+        conn.fetch_one(f"PRAGMA journal_mode = {journal_mode}")
+    if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
+        raise ValueError(f"unknown synchronous level {synchronous!r}")
+    conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+    conn.execute("PRAGMA foreign_keys = ON")
+
+
+class SQLiteStore(Store):
+    def __init__(self, conn: SqlConnection) -> None:
+        self._conn = conn
+
+    @property
+    def connection(self) -> SqlConnection:
+        return self._conn
+
+    # --- schema -------------------------------------------------------------------
+    def migrate(self) -> None:
+        conn = self._conn
+        conn.execute(Q["create_migrations_table"])
+        current = self._schema_version()
+        if current > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"this database has schema version {current}, but this durably-web "
+                f"understands up to {SCHEMA_VERSION}; upgrade durably-web to open it"
+            )
+        for version, script in MIGRATIONS:
+            if version <= current:
+                continue
+            now = int(time.time() * 1000)
+            try:
+                conn.execute_script(
+                    f"BEGIN IMMEDIATE;\n{script}\n;"
+                    f"INSERT INTO durably_migrations (version, applied_at) VALUES ({version}, {now});"
+                    "\nCOMMIT;"
+                )
+            except StorageError:
+                # Another process may have applied it first; only that is acceptable.
+                if self._schema_version() < version:
+                    raise
+
+    def _schema_version(self) -> int:
+        row = self._conn.fetch_one(Q["schema_version"])
+        return int(row["version"]) if row else 0
+
+    def close(self) -> None:
+        self._conn.close()
+
+    # --- runs ------------------------------------------------------------------------
+    def create_runs(self, runs: Sequence[NewRun]) -> list[tuple[RunRecord, str]]:
+        conn = self._conn
+        results: list[tuple[RunRecord, str]] = []
+        with conn.transaction():
+            for new in runs:
+                if new.idempotency_key is not None:
+                    row = conn.fetch_one(
+                        Q["find_idempotent_run"],
+                        {"job_name": new.job_name, "idempotency_key": new.idempotency_key},
+                    )
+                    if row is not None:
+                        results.append((_run(row), "idempotent"))
+                        continue
+                if new.concurrency_key is not None:
+                    row = conn.fetch_one(
+                        Q["find_pending_by_concurrency_key"],
+                        {"concurrency_key": new.concurrency_key},
+                    )
+                    if row is not None:
+                        if not new.coalesce:
+                            raise ConflictError(
+                                f"run {row['id']} is already pending for concurrency key "
+                                f"{new.concurrency_key!r} (pass coalesce='skip' to reuse it)"
+                            )
+                        results.append((_run(row), "coalesced"))
+                        continue
+                labels_json = json.dumps(new.labels, separators=(",", ":"))
+                conn.execute(
+                    Q["insert_run"],
+                    {
+                        "id": new.id,
+                        "job_name": new.job_name,
+                        "input": new.input_json,
+                        "labels": labels_json,
+                        "idempotency_key": new.idempotency_key,
+                        "concurrency_key": new.concurrency_key,
+                        "created_at": new.created_at,
+                    },
+                )
+                if new.labels:
+                    conn.execute(Q["insert_labels"], {"run_id": new.id, "labels": labels_json})
+                results.append((_new_run_record(new), "created"))
+        return results
+
+    def get_run(self, run_id: str) -> RunRecord | None:
+        row = self._conn.fetch_one(Q["get_run"], {"id": run_id})
+        return None if row is None else _run(row)
+
+    def list_runs(self, run_filter: RunFilter) -> list[RunRecord]:
+        rows = self._conn.fetch_all(
+            Q["list_runs"],
+            {
+                "statuses": _json_list(run_filter.statuses),
+                "job_names": _json_list(run_filter.job_names),
+                "labels": json.dumps(run_filter.labels),
+                "limit": run_filter.limit,
+                "offset": run_filter.offset,
+            },
+        )
+        return [_run(row) for row in rows]
+
+    def cancel_run(self, run_id: str, now: int) -> RunRecord:
+        with self._conn.transaction():
+            record = self._require(run_id)
+            if record.status in ("completed", "failed"):
+                raise ConflictError(f"run {run_id} is already {record.status}; it cannot be cancelled")
+            if record.status != "cancelled":
+                self._conn.execute(Q["cancel_run"], {"id": run_id, "now": now})
+                record = self._require(run_id)
+        return record
+
+    def delete_run(self, run_id: str) -> RunRecord:
+        with self._conn.transaction():
+            record = self._require(run_id)
+            if record.status == "leased":
+                raise ConflictError(
+                    f"run {run_id} is running (leased); cancel it before deleting it"
+                )
+            self._conn.execute(Q["delete_run"], {"id": run_id})
+        return record
+
+    def purge_runs(self, completed_before: int, limit: int | None) -> int:
+        return self._conn.execute(
+            Q["purge_runs"], {"before": completed_before, "limit": -1 if limit is None else limit}
+        )
+
+    def _require(self, run_id: str) -> RunRecord:
+        record = self.get_run(run_id)
+        if record is None:
+            raise NotFoundError(f"run {run_id!r} not found")
+        return record
+
+    # --- worker ------------------------------------------------------------------------
+    def claim_run(
+        self, *, worker_id: str, job_names: Sequence[str], now: int, lease_until: int
+    ) -> RunRecord | None:
+        conn = self._conn
+        params = {"now": now, "job_names": json.dumps(list(job_names))}
+        # Peek without the write lock first: an idle worker must not serialise everyone.
+        if conn.fetch_one(Q["find_claimable_run"], params) is None:
+            return None
+        with conn.transaction():
+            found = conn.fetch_one(Q["find_claimable_run"], params)
+            if found is None:
+                return None
+            row = conn.fetch_one(
+                Q["lease_run"],
+                {"id": found["id"], "worker_id": worker_id, "now": now, "lease_until": lease_until},
+            )
+        return None if row is None else _run(row)
+
+    def renew_leases(
+        self, leases: Sequence[tuple[str, int]], now: int, lease_until: int
+    ) -> list[str]:
+        lost = []
+        with self._conn.transaction():
+            for run_id, generation in leases:
+                changed = self._conn.execute(
+                    Q["renew_lease"],
+                    {"id": run_id, "generation": generation, "lease_until": lease_until},
+                )
+                if changed == 0:
+                    lost.append(run_id)
+        return lost
+
+    def release_run(self, run_id: str, generation: int, now: int) -> None:
+        self._conn.execute(Q["release_run"], {"id": run_id, "generation": generation, "now": now})
+
+    def record_step(self, step: StepRecord, generation: int) -> bool:
+        return (
+            self._conn.execute(
+                Q["record_step"],
+                {
+                    "run_id": step.run_id,
+                    "seq": step.index,
+                    "name": step.name,
+                    "status": step.status,
+                    "output": step.output_json,
+                    "error": step.error_json,
+                    "started_at": step.started_at,
+                    "completed_at": step.completed_at,
+                    "generation": generation,
+                },
+            )
+            == 1
+        )
+
+    def set_progress(
+        self, run_id: str, generation: int, current: int, total: int | None,
+        message: str | None, now: int,
+    ) -> bool:
+        params = {
+            "id": run_id, "generation": generation, "current": current, "total": total,
+            "message": message, "now": now,
+        }
+        return self._conn.execute(Q["set_progress"], params) == 1
+
+    def finish_run(
+        self, run_id: str, generation: int, *, status: str, output_json: str | None,
+        error_json: str | None, failed_step: StepRecord | None, drop_step_outputs: bool,
+        now: int,
+    ) -> bool:
+        conn = self._conn
+        with conn.transaction():
+            changed = conn.execute(
+                Q["finish_run"],
+                {
+                    "id": run_id, "generation": generation, "status": status,
+                    "output": output_json, "error": error_json, "now": now,
+                },
+            )
+            if changed == 0:
+                return False
+            if failed_step is not None:
+                conn.execute(
+                    Q["record_failed_step"],
+                    {
+                        "run_id": run_id, "seq": failed_step.index, "name": failed_step.name,
+                        "error": failed_step.error_json, "started_at": failed_step.started_at,
+                        "completed_at": failed_step.completed_at,
+                    },
+                )
+            if drop_step_outputs:
+                conn.execute(Q["drop_step_outputs"], {"run_id": run_id})
+        return True
+
+    # --- steps and logs --------------------------------------------------------------------
+    def list_steps(self, run_id: str, *, completed_only: bool = False) -> list[StepRecord]:
+        query = Q["list_completed_steps"] if completed_only else Q["list_steps"]
+        return [_step(row) for row in self._conn.fetch_all(query, {"run_id": run_id})]
+
+    def append_log(self, log: LogRecord) -> None:
+        self._conn.execute(
+            Q["append_log"],
+            {
+                "run_id": log.run_id, "step_name": log.step_name, "level": log.level,
+                "message": log.message, "data": log.data_json, "created_at": log.created_at,
+            },
+        )
+
+    def list_logs(self, run_id: str) -> list[LogRecord]:
+        return [
+            LogRecord(
+                run_id=row["run_id"], step_name=row["step_name"], level=row["level"],
+                message=row["message"], data_json=row["data"], created_at=row["created_at"],
+            )
+            for row in self._conn.fetch_all(Q["list_logs"], {"run_id": run_id})
+        ]
+
+
+def _json_list(values: Sequence[str] | None) -> str | None:
+    return None if values is None else json.dumps(list(values))
+
+
+def _run(row: Row) -> RunRecord:
+    return RunRecord(
+        id=row["id"],
+        job_name=row["job_name"],
+        status=row["status"],
+        input_json=row["input"],
+        output_json=row["output"],
+        error_json=row["error"],
+        labels=json.loads(row["labels"]),
+        progress_current=row["progress_current"],
+        progress_total=row["progress_total"],
+        progress_message=row["progress_message"],
+        attempt=row["attempt"],
+        idempotency_key=row["idempotency_key"],
+        concurrency_key=row["concurrency_key"],
+        lease_owner=row["lease_owner"],
+        lease_generation=row["lease_generation"],
+        lease_expires_at=row["lease_expires_at"],
+        available_at=row["available_at"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def _new_run_record(new: NewRun) -> RunRecord:
+    return RunRecord(
+        id=new.id, job_name=new.job_name, status="pending", input_json=new.input_json,
+        output_json=None, error_json=None, labels=dict(new.labels), progress_current=None,
+        progress_total=None, progress_message=None, attempt=0,
+        idempotency_key=new.idempotency_key, concurrency_key=new.concurrency_key,
+        lease_owner=None, lease_generation=0, lease_expires_at=None,
+        available_at=new.created_at, created_at=new.created_at, started_at=None,
+        completed_at=None, updated_at=new.created_at,
+    )
+
+
+def _step(row: Row) -> StepRecord:
+    return StepRecord(
+        run_id=row["run_id"], index=row["seq"], name=row["name"], status=row["status"],
+        output_json=row["output"], error_json=row["error"], started_at=row["started_at"],
+        completed_at=row["completed_at"],
+    )
+
+

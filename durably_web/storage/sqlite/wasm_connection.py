@@ -1,0 +1,271 @@
+""":class:`SqlConnection` over sqlite-wasm, for durably-web running in Pyodide.
+
+The SQLite engine lives in JavaScript (``static/sqlite_bridge.js``, loaded in
+the same Web Worker as Pyodide). That file's header documents the bridge
+protocol; in short, the bridge is a synchronous JS object with
+``run(kind, sql, params_json)``, ``lastError()``, ``inTransaction()``,
+``info()`` and ``close()``.
+
+Each call is one FFI crossing: parameters go over as one JSON string, rows come
+back as one JSON string (``{"c": columns, "r": rows, "x": 0|1}``), and the
+statement is prepared once and cached on the JS side. Values JSON cannot carry
+exactly (BLOBs, REALs with an integral value, integers beyond 2**53) travel as
+``{"$b": base64}``, ``{"$f": x}`` and ``{"$i": "digits"}``.
+
+Errors become :class:`WasmSqliteError` (a :class:`~durably_web.errors.StorageError`)
+carrying SQLite's extended result code; constraint failures are
+:class:`WasmSqliteIntegrityError` and UNIQUE / PRIMARY KEY violations
+:class:`WasmSqliteUniqueError`.
+
+Nothing here imports ``js`` or ``pyodide`` at module level, so the module
+imports (and its encoding helpers can be tested) under CPython.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ...errors import StorageError
+from .connection import Params, Row
+
+__all__ = [
+    "WasmSqlConnection",
+    "WasmSqliteError",
+    "WasmSqliteIntegrityError",
+    "WasmSqliteUniqueError",
+]
+
+_EXECUTE, _ONE, _ALL, _SCRIPT = 0, 1, 2, 3
+_MAX_SAFE_INT = 2**53 - 1
+
+SQLITE_CONSTRAINT = 19
+SQLITE_CONSTRAINT_PRIMARYKEY = 1555
+SQLITE_CONSTRAINT_UNIQUE = 2067
+
+
+class WasmSqliteError(StorageError):
+    """An error reported by sqlite-wasm (or by the bridge for misuse).
+
+    ``code`` is SQLite's extended result code, ``primary_code`` its low byte,
+    ``name`` e.g. ``"SQLITE_CONSTRAINT_UNIQUE"``. ``sqlite_errorcode`` and
+    ``sqlite_errorname`` mirror CPython's ``sqlite3.Error`` attributes.
+    """
+
+    def __init__(self, message: str, code: int = 1, name: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.primary_code = code & 0xFF
+        self.name = name or "SQLITE_ERROR"
+        self.sqlite_errorcode = code
+        self.sqlite_errorname = self.name
+
+    @property
+    def is_unique_violation(self) -> bool:
+        return self.code in (SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_PRIMARYKEY)
+
+
+class WasmSqliteIntegrityError(WasmSqliteError):
+    """A constraint failed (SQLITE_CONSTRAINT_*)."""
+
+
+class WasmSqliteUniqueError(WasmSqliteIntegrityError):
+    """A UNIQUE or PRIMARY KEY constraint failed."""
+
+
+def _error_from_info(info: dict[str, Any] | None, fallback: str) -> WasmSqliteError:
+    if not info:
+        return WasmSqliteError(fallback)
+    code = int(info.get("code") or 1)
+    name = info.get("name")
+    message = str(info.get("message") or fallback)
+    if code in (SQLITE_CONSTRAINT_UNIQUE, SQLITE_CONSTRAINT_PRIMARYKEY):
+        cls: type[WasmSqliteError] = WasmSqliteUniqueError
+    elif code & 0xFF == SQLITE_CONSTRAINT:
+        cls = WasmSqliteIntegrityError
+    else:
+        cls = WasmSqliteError
+    return cls(message, code, name)
+
+
+# -- value encoding (see the "Value encoding" section of sqlite_bridge.js) ----
+
+
+def _encode_value(value: Any) -> Any:
+    if value is None or isinstance(value, str | bool):
+        return value
+    if isinstance(value, int):
+        return value if -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT else {"$i": str(value)}
+    if isinstance(value, float):
+        if math.isnan(value):
+            return {"$f": "nan"}
+        if math.isinf(value):
+            return {"$f": "inf" if value > 0 else "-inf"}
+        return {"$f": value} if value.is_integer() else value
+    if isinstance(value, bytes | bytearray | memoryview):
+        return {"$b": base64.b64encode(bytes(value)).decode("ascii")}
+    raise WasmSqliteError(
+        f"unsupported parameter type {type(value).__name__}", 21, "SQLITE_MISUSE"
+    )
+
+
+def encode_params(params: Params | None) -> str | None:
+    """Parameters as the bridge's JSON text (``None`` when there are none)."""
+    if not params:
+        return None
+    return json.dumps(
+        {key: _encode_value(value) for key, value in params.items()},
+        ensure_ascii=False,
+        separators=(",", ":"),
+        allow_nan=False,
+    )
+
+
+def _decode_value(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "$f" in value:
+            return float(value["$f"])  # also "inf", "-inf", "nan"
+        if "$i" in value:
+            return int(value["$i"])
+        if "$b" in value:
+            return base64.b64decode(value["$b"])
+    return value
+
+
+def decode_rows(text: str) -> list[Row]:
+    """Rows from the bridge's result JSON."""
+    result = json.loads(text)
+    columns = result["c"]
+    if result["x"]:
+        return [
+            {c: _decode_value(v) for c, v in zip(columns, row, strict=True)}
+            for row in result["r"]
+        ]
+    return [dict(zip(columns, row, strict=True)) for row in result["r"]]
+
+
+class WasmSqlConnection:
+    """:class:`~durably_web.storage.sqlite.connection.SqlConnection` over the JS bridge.
+
+    ``bridge`` is the object ``openSqliteBridge()`` resolved to, passed into
+    Python as a JsProxy (e.g. ``from js import durablyBridge``). Use
+    :meth:`open` to create one from Python inside the worker.
+    """
+
+    def __init__(self, bridge: Any) -> None:
+        self._bridge = bridge
+        self._run = bridge.run  # bound once: saves an attribute lookup per call
+        self._closed = False
+
+    @classmethod
+    async def open(
+        cls,
+        filename: str = "/durably.db",
+        *,
+        storage: str = "opfs",
+        journal_mode: str | None = None,
+        locking_mode: str | None = None,
+        synchronous: str | None = None,
+        directory: str | None = None,
+        on_wait: Any = None,
+    ) -> WasmSqlConnection:
+        """Open a database through ``globalThis.openSqliteBridge`` (set by the worker).
+
+        ``storage`` is ``"opfs"`` (opfs-sahpool, persistent) or ``"memory"``.
+        ``on_wait`` is called with a dict while the OPFS pool waits for a
+        previous page to release its files.
+        """
+        import js  # type: ignore[import-not-found]
+        from pyodide.ffi import create_proxy, to_js  # type: ignore[import-not-found]
+
+        options: dict[str, Any] = {"storage": storage, "filename": filename}
+        for key, value in (
+            ("journalMode", journal_mode),
+            ("lockingMode", locking_mode),
+            ("synchronous", synchronous),
+            ("directory", directory),
+        ):
+            if value is not None:
+                options[key] = value
+        proxy = None
+        if on_wait is not None:
+            proxy = create_proxy(lambda info: on_wait(info.to_py()))
+            options["onWait"] = proxy
+        try:
+            js_options = to_js(options, dict_converter=js.Object.fromEntries)
+            bridge = await js.openSqliteBridge(js_options)
+        except Exception as exc:
+            raise WasmSqliteError(f"cannot open SQLite database {filename!r}: {exc}") from exc
+        finally:
+            if proxy is not None:
+                proxy.destroy()
+        return cls(bridge)
+
+    # -- SqlConnection ----------------------------------------------------------
+
+    def _call(self, kind: int, sql: str, params: Params | None) -> Any:
+        if self._closed:
+            raise WasmSqliteError("the database connection is closed", 21, "SQLITE_MISUSE")
+        params_json = encode_params(params)
+        try:
+            return self._run(kind, sql, params_json)
+        except Exception as exc:
+            raise self._translate(exc) from exc
+
+    def _translate(self, exc: Exception) -> WasmSqliteError:
+        try:
+            info = json.loads(self._bridge.lastError())
+        except Exception:
+            info = None
+        return _error_from_info(info, str(exc))
+
+    def execute(self, sql: str, params: Params | None = None) -> int:
+        return int(self._call(_EXECUTE, sql, params))
+
+    def fetch_one(self, sql: str, params: Params | None = None) -> Row | None:
+        text = self._call(_ONE, sql, params)
+        if text is None:
+            return None
+        rows = decode_rows(text)
+        return rows[0] if rows else None
+
+    def fetch_all(self, sql: str, params: Params | None = None) -> list[Row]:
+        return decode_rows(self._call(_ALL, sql, params))
+
+    def execute_script(self, sql: str) -> None:
+        try:
+            self._call(_SCRIPT, sql, None)
+        except WasmSqliteError:
+            if self.in_transaction:
+                self._run(_EXECUTE, "ROLLBACK", None)
+            raise
+
+    @property
+    def in_transaction(self) -> bool:
+        return bool(self._bridge.inTransaction())
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        self.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if self.in_transaction:
+                self.execute("ROLLBACK")
+            raise
+        self.execute("COMMIT")
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._bridge.close()
+
+    def info(self) -> dict[str, Any]:
+        """What the bridge opened: storage, vfs, filename, journal mode, SQLite version…"""
+        result: dict[str, Any] = json.loads(self._bridge.info())
+        return result
