@@ -1,0 +1,133 @@
+"""Core engine benchmark (CPython, SQLite file): ``python benchmarks/bench_core.py``.
+
+Prints, in one run:
+  floor      one committed INSERT per iteration with raw sqlite3, same settings
+             as the store (WAL, synchronous=NORMAL, autocommit), same file system;
+  per-step   overhead of a job with N no-op async steps (and sync steps, which
+             hop to a thread), i.e. wall time of the run divided by N;
+  runs/s     N single-step runs, triggered one by one, until all are complete;
+and the ratio per-step / floor. Each figure is the median of --repeat runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sqlite3
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from durably_web import Durably, StepContext, define_job
+
+
+async def noop() -> None:
+    return None
+
+
+def noop_sync() -> None:
+    return None
+
+
+def make_jobs(steps: int):
+    @define_job("many-steps")
+    async def many_steps(step: StepContext, payload: dict) -> None:
+        for i in range(steps):
+            await step.run(f"s{i}", noop)
+
+    @define_job("many-sync-steps")
+    async def many_sync_steps(step: StepContext, payload: dict) -> None:
+        for i in range(steps):
+            await step.run(f"s{i}", noop_sync)
+
+    @define_job("one-step")
+    async def one_step(step: StepContext, payload: dict) -> None:
+        await step.run("only", noop)
+
+    return many_steps, many_sync_steps, one_step
+
+
+def floor_us(folder: Path, n: int) -> float:
+    conn = sqlite3.connect(folder / "floor.db", isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.execute(
+        "CREATE TABLE steps (run_id TEXT, seq INTEGER, name TEXT, output TEXT, "
+        "started_at INTEGER, completed_at INTEGER, PRIMARY KEY (run_id, seq))"
+    )
+    start = time.perf_counter()
+    for i in range(n):
+        conn.execute(
+            "INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?)", ("run", i, f"s{i}", "null", i, i)
+        )
+    elapsed = time.perf_counter() - start
+    conn.close()
+    return elapsed / n * 1e6
+
+
+async def per_step_us(folder: Path, job, n: int, tag: str) -> float:
+    async with Durably(f"sqlite:////{(folder / f'{tag}.db').as_posix().lstrip('/')}", jobs=[job]) as durably:
+        run = await durably.trigger(job, {})
+        started: list[float] = []
+        durably.on("run:leased", lambda e: started.append(time.perf_counter()))
+        done = await durably.wait_for_run(run.id, timeout=600)
+        finished = time.perf_counter()
+        assert done.status == "completed", done.error
+        return (finished - started[0]) / n * 1e6
+
+
+async def runs_per_second(folder: Path, job, n: int) -> float:
+    async with Durably(
+        f"sqlite:////{(folder / 'runs.db').as_posix().lstrip('/')}", jobs=[job], max_concurrent_runs=8
+    ) as durably:
+        remaining = n
+        all_done = asyncio.Event()
+
+        def on_complete(_event: object) -> None:
+            nonlocal remaining
+            remaining -= 1
+            if remaining == 0:
+                all_done.set()
+
+        durably.on("run:complete", on_complete)
+        start = time.perf_counter()
+        for _ in range(n):
+            await durably.trigger(job, {})
+        await asyncio.wait_for(all_done.wait(), 600)
+        return n / (time.perf_counter() - start)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--runs", type=int, default=1000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    many_steps, many_sync_steps, one_step = make_jobs(args.steps)
+
+    floors, steps_async, steps_sync, rates = [], [], [], []
+    for attempt in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="durably-bench-") as tmp:
+            folder = Path(tmp)
+            floors.append(floor_us(folder, args.steps))
+            steps_async.append(await per_step_us(folder, many_steps, args.steps, f"async{attempt}"))
+            steps_sync.append(await per_step_us(folder, many_sync_steps, args.steps, f"sync{attempt}"))
+            rates.append(await runs_per_second(folder, one_step, args.runs))
+
+    floor = statistics.median(floors)
+    step_async = statistics.median(steps_async)
+    step_sync = statistics.median(steps_sync)
+    print(f"durably-web core benchmark  (Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, "
+          f"median of {args.repeat})")
+    print(f"  floor: raw sqlite3 committed INSERT (WAL, synchronous=NORMAL)   {floor:8.1f} us")
+    print(f"  per-step overhead, {args.steps} no-op async steps                 {step_async:8.1f} us"
+          f"   ratio {step_async / floor:4.2f}x floor")
+    print(f"  per-step overhead, {args.steps} no-op sync steps (thread hop)     {step_sync:8.1f} us"
+          f"   ratio {step_sync / floor:4.2f}x floor")
+    print(f"  single-step runs, {args.runs} triggered one by one              {statistics.median(rates):8.0f} runs/s")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
