@@ -363,7 +363,8 @@ class Durably:
             if event.run_id == run_id and event.type in TERMINAL_EVENT_TYPES:
                 finished.set()
 
-        unsubscribe = self.bus.on("*", on_event)
+        # Only terminal types: a '*' listener would make every step build events.
+        unsubscribers = [self.bus.on(kind, on_event) for kind in TERMINAL_EVENT_TYPES]
         loop = asyncio.get_running_loop()
         deadline = None if limit is None else loop.time() + limit
         try:
@@ -386,7 +387,8 @@ class Durably:
                 except TimeoutError:
                     pass
         finally:
-            unsubscribe()
+            for unsubscribe in unsubscribers:
+                unsubscribe()
 
     # --- queries ------------------------------------------------------------------------------
     async def get_run(self, run_id: str) -> Run:
