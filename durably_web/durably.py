@@ -100,6 +100,7 @@ class Durably:
         worker: bool = True,
         run_sync_in_thread: bool | None = None,
         max_payload_bytes: int = 10 * 1024 * 1024,
+        sole_worker: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.polling_interval: float = _seconds("polling_interval", polling_interval, minimum=0.001)  # type: ignore[assignment]
@@ -120,6 +121,7 @@ class Durably:
         self.shutdown_timeout: float = _seconds("shutdown_timeout", shutdown_timeout)  # type: ignore[assignment]
         self.run_sync_in_thread = (not _in_pyodide()) if run_sync_in_thread is None else run_sync_in_thread
         self.max_payload_bytes = max_payload_bytes
+        self.sole_worker = bool(sole_worker)
         self.clock = clock
         self._database = database
         self._start_worker = worker
@@ -142,6 +144,9 @@ class Durably:
             store.close()
             raise
         self._store = store
+        if self.sole_worker and self._start_worker:
+            # Nothing else can be running these runs: resume them now, not after lease expiry.
+            store.expire_leases(self.now_ms())
         if self._start_worker:
             self._worker = Worker(self)
             self._worker.start()

@@ -145,6 +145,12 @@ class Store(ABC):
         """Give a lease up so any worker may resume the run at once (fenced)."""
 
     @abstractmethod
+    def expire_leases(self, now: int) -> int:
+        """Expire every live lease, so leased runs can be claimed at once; return how many.
+
+        Only for a caller that knows no other worker is alive (the browser's leader lock)."""
+
+    @abstractmethod
     def record_step(self, step: StepRecord, generation: int) -> bool:
         """Persist a completed step (fenced)."""
 

@@ -96,6 +96,10 @@ WHERE id = :id AND status = 'leased' AND lease_generation = :generation
 UPDATE durably_runs SET lease_expires_at = :now, lease_owner = NULL, updated_at = :now
 WHERE id = :id AND status = 'leased' AND lease_generation = :generation
 
+-- name: expire_leases
+UPDATE durably_runs SET lease_expires_at = :now, lease_owner = NULL, updated_at = :now
+WHERE status = 'leased' AND lease_expires_at > :now
+
 -- name: record_step
 -- One statement, so it is its own committed transaction on the hot path.
 INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at)

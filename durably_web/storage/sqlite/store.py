@@ -223,6 +223,9 @@ class SQLiteStore(Store):
     def release_run(self, run_id: str, generation: int, now: int) -> None:
         self._conn.execute(Q["release_run"], {"id": run_id, "generation": generation, "now": now})
 
+    def expire_leases(self, now: int) -> int:
+        return self._conn.execute(Q["expire_leases"], {"now": now})
+
     def record_step(self, step: StepRecord, generation: int) -> bool:
         return (
             self._conn.execute(

@@ -229,7 +229,7 @@ class WasmSqlConnection:
 
     def fetch_one(self, sql: str, params: Params | None = None) -> Row | None:
         text = self._call(_ONE, sql, params)
-        if text is None:
+        if not isinstance(text, str):  # undefined (None) when there is no row
             return None
         rows = decode_rows(text)
         return rows[0] if rows else None
