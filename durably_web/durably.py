@@ -133,11 +133,17 @@ class Durably:
             self.register(job)
 
     # --- lifecycle ----------------------------------------------------------------
-    async def init(self) -> Durably:
-        """Open the database, apply migrations and start the worker. Idempotent."""
+    async def init(self, *, worker: bool | None = None) -> Durably:
+        """Open the database, apply migrations and start the worker. Idempotent.
+
+        ``worker=False`` opens without a worker (overriding the constructor), for
+        tools that only trigger, query and manage runs.
+        """
         if self._store is not None:
             return self
-        store = open_store(self._database) if isinstance(self._database, str) else self._database
+        if worker is not None:
+            self._start_worker = worker
+        store = self._database if isinstance(self._database, Store) else open_store(self._database)
         try:
             store.migrate()
         except BaseException:
@@ -261,8 +267,11 @@ class Durably:
                 f"the limit is max_payload_bytes={self.max_payload_bytes}"
             )
         for name, key in (("idempotency_key", idempotency_key), ("concurrency_key", concurrency_key)):
-            if key is not None and (not isinstance(key, str) or not key or len(key) > MAX_KEY_LENGTH or "\x00" in key):
-                raise ValidationError(f"{name} must be a non-empty string of at most {MAX_KEY_LENGTH} characters")
+            if key is not None and not _is_storable_text(key, MAX_KEY_LENGTH):
+                raise ValidationError(
+                    f"{name} must be a non-empty string of at most {MAX_KEY_LENGTH} characters "
+                    "(valid UTF-8, no NUL)"
+                )
         if coalesce not in (None, "skip"):
             raise ValidationError(f"coalesce must be None or 'skip', not {coalesce!r}")
         return NewRun(
@@ -418,7 +427,7 @@ class Durably:
             if unknown:
                 raise ValidationError(f"unknown status(es) {sorted(unknown)}; expected {sorted(RUN_STATUSES)}")
         for name, value in (("limit", limit), ("offset", offset)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
                 raise ValidationError(f"{name} must be a non-negative int, not {value!r}")
         records = self.store.list_runs(
             RunFilter(
@@ -481,12 +490,12 @@ class Durably:
     async def delete_run(self, run_id: str) -> None:
         """Delete a run that is not leased, with its steps and logs."""
         record = self.store.delete_run(_run_id(run_id))
-        self.emit("run:delete", record.id, record.job_name, {})
+        self.emit("run:delete", record.id, record.job_name, {"labels": record.labels})
 
     async def purge_runs(self, *, older_than: Seconds, limit: int | None = None) -> int:
         """Delete completed/failed/cancelled runs that ended more than ``older_than`` ago."""
         age = _seconds("older_than", older_than)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 2**62):
             raise ValidationError(f"limit must be a non-negative int, not {limit!r}")
         return self.store.purge_runs(self.now_ms() - int(age * 1000), limit)  # type: ignore[operator]
 
@@ -553,6 +562,16 @@ def _one_or_many(name: str, value: str | Sequence[str] | None) -> list[str] | No
     if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
         return list(value)
     raise ValidationError(f"{name} must be a string or a list of strings")
+
+
+def _is_storable_text(value: Any, max_length: int) -> bool:
+    if not isinstance(value, str) or not value or len(value) > max_length or "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates
+        return False
+    return True
 
 
 def _validate_labels(labels: Mapping[str, str] | None, *, filtering: bool = False) -> dict[str, str]:

@@ -1,0 +1,1034 @@
+"""HTTP API for one ``Durably`` instance: JSON routes, Server-Sent Events, OpenAPI, dashboard.
+
+``create_app(durably)`` returns a Starlette application that can be served on its
+own (``uvicorn``) or mounted under any prefix of a larger ASGI app. Starlette is
+imported only here, so the core package keeps pydantic as its only dependency
+(install ``durably-web[server]`` for this module).
+
+Design notes:
+
+* Every request body is parsed strictly (no NaN, no lone surrogates, no unknown
+  fields, no type coercion) so bad input is always a 400 and never reaches the
+  engine in a shape it was not written for.
+* Authorization is a set of optional hooks on one object (see ``DurablyAuth``)
+  applied to *every* route that exposes run data, the SSE streams included:
+  a multi-tenant app implements ``authenticate`` + ``on_run_access`` +
+  ``scope_runs`` and no route leaks another tenant's runs.
+* Streams never miss events: the event listener is registered before the
+  current state is read, so an event that happens in between is delivered
+  (step events already covered by the replay are dropped by index).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import re
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import anyio
+import pydantic_core
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ValidationError as PydanticValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import Receive, Scope, Send
+
+from . import __version__
+from .durably import Durably
+from .errors import (
+    ConflictError,
+    DurablyError,
+    NotFoundError,
+    SchemaVersionError,
+    StorageError,
+    ValidationError,
+)
+from .events import TERMINAL_EVENT_TYPES
+from .models import RUN_STATUSES, Event, Run, iso
+
+__all__ = [
+    "DurablyAuth",
+    "HTTPException",
+    "ProgressThrottle",
+    "RunOperation",
+    "RunsFilter",
+    "TriggerRequest",
+    "create_app",
+    "openapi_document",
+]
+
+RunOperation = Literal["read", "subscribe", "steps", "cancel", "retrigger", "delete"]
+
+#: Event types the run-list stream (``GET /events``) carries: one line per run change.
+RUN_LEVEL_EVENT_TYPES: tuple[str, ...] = (
+    "run:trigger", "run:coalesced", "run:leased", "run:progress",
+    "run:complete", "run:fail", "run:cancel", "run:delete",
+)
+#: A comment line this often keeps proxies from closing an idle stream.
+KEEPALIVE_SECONDS = 15.0
+MAX_LIMIT = 1000
+MAX_OFFSET = 1_000_000_000  # SQLite integers are 64-bit; keep far below overflow
+_META_CACHE_SIZE = 10_000
+_LABEL_PARAM = re.compile(r"^label\.(.+)$")
+
+
+# --- request and filter models --------------------------------------------------------------
+
+
+class TriggerRequest(BaseModel):
+    """Body of ``POST /trigger``. Strict: unknown fields and coerced types are rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    job: str = Field(min_length=1, max_length=128, description="name of a registered job")
+    input: Any = Field(None, description="the job's input; validated by the job's input model")
+    idempotency_key: str | None = None
+    concurrency_key: str | None = None
+    coalesce: Literal["skip"] | None = None
+    labels: dict[str, str] | None = None
+
+
+class _EmptyBody(BaseModel):
+    """Body of the action routes (cancel, retrigger): nothing, or ``{}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+@dataclass(frozen=True)
+class RunsFilter:
+    """Which runs a listing or the run-list stream covers; ``scope_runs`` may narrow it.
+
+    ``job`` and ``labels`` apply to the list and to ``GET /events``; ``status``,
+    ``limit`` and ``offset`` only to the list (a live stream follows runs through
+    every status). To restrict a tenant, add a label:
+    ``dataclasses.replace(f, labels={**f.labels, "tenant": ctx.tenant})``.
+    """
+
+    job: tuple[str, ...] | None = None
+    status: tuple[str, ...] | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    limit: int = 100
+    offset: int = 0
+
+    def matches(self, job_name: str | None, labels: Mapping[str, str]) -> bool:
+        """Whether a run with this job name and these labels is inside the filter (status aside)."""
+        if self.job is not None and job_name not in self.job:
+            return False
+        return all(labels.get(key) == value for key, value in self.labels.items())
+
+
+# --- auth hooks ----------------------------------------------------------------------------------
+
+
+class DurablyAuth(Protocol):
+    """The auth hooks ``create_app(auth=...)`` accepts. Every method is optional, sync or async.
+
+    * ``authenticate(request) -> ctx`` runs first on every API route (not on
+      ``/health``, ``/openapi.json`` or the static files). Raise
+      ``HTTPException(401)`` (or 403) to reject; the return value is the ``ctx``
+      handed to the other hooks. EventSource cannot send headers, so for the SSE
+      routes read a cookie or a query parameter (unknown query parameters are
+      ignored by the routes and left to this hook).
+    * ``on_trigger(ctx, trigger)`` may reject a trigger (raise) or return a
+      replacement ``TriggerRequest`` (e.g. with a tenant label stamped on).
+    * ``on_run_access(ctx, run, operation)`` guards one run: ``read`` (the run
+      and its logs), ``steps``, ``subscribe``, ``cancel``, ``retrigger``, ``delete``.
+    * ``scope_runs(ctx, filter) -> filter`` narrows ``GET /runs`` and ``GET /events``.
+
+    ``PermissionError`` raised by a hook is answered with 403.
+    """
+
+    def authenticate(self, request: Request) -> Any: ...
+
+    def on_trigger(self, ctx: Any, trigger: TriggerRequest) -> TriggerRequest | None: ...
+
+    def on_run_access(self, ctx: Any, run: Run, operation: RunOperation) -> None: ...
+
+    def scope_runs(self, ctx: Any, runs_filter: RunsFilter) -> RunsFilter: ...
+
+
+async def _call_hook(hook: Callable[..., Any], *args: Any) -> Any:
+    result = hook(*args)
+    if inspect.isawaitable(result):
+        result = await result
+    return result
+
+
+# --- progress throttling ---------------------------------------------------------------------------
+
+
+class ProgressThrottle:
+    """Per-run rate limit for ``run:progress`` events on one stream.
+
+    A progress event is sent at once if the run's previous one went out at least
+    ``interval`` seconds ago; otherwise it is held (replacing an older held one)
+    until its slot comes, so the *latest* progress is always delivered. Any other
+    event of the run first releases the held progress, which keeps the order of
+    a run's events intact and guarantees the last progress precedes the
+    terminal event.
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = max(0.0, float(interval))
+        self._clock = clock
+        self._last_sent: dict[str | None, float] = {}
+        self._held: dict[str | None, Event] = {}
+
+    def offer(self, event: Event) -> list[Event]:
+        """The events to send now (in order) because ``event`` arrived."""
+        run_id = event.run_id
+        if event.type != "run:progress":
+            held = self._held.pop(run_id, None)
+            if event.type in TERMINAL_EVENT_TYPES:
+                self._last_sent.pop(run_id, None)
+            return [held, event] if held is not None else [event]
+        now = self._clock()
+        last = self._last_sent.get(run_id)
+        if last is None or now - last >= self.interval:
+            self._held.pop(run_id, None)
+            self._last_sent[run_id] = now
+            return [event]
+        self._held[run_id] = event
+        return []
+
+    def due(self) -> list[Event]:
+        """Held progress events whose slot has come."""
+        now = self._clock()
+        ready = [run_id for run_id in self._held if now - self._last_sent[run_id] >= self.interval]
+        for run_id in ready:
+            self._last_sent[run_id] = now
+        return [self._held.pop(run_id) for run_id in ready]
+
+    def seconds_until_due(self) -> float | None:
+        if not self._held:
+            return None
+        now = self._clock()
+        return max(0.0, min(self._last_sent[r] + self.interval - now for r in self._held))
+
+
+# --- responses --------------------------------------------------------------------------------------
+
+
+def _json_bytes(content: Any) -> bytes:
+    # pydantic_core dumps dataclasses, models and datetimes, and writes NaN/inf as
+    # null: stored data (log payloads) may hold them and must not turn into a 500.
+    return pydantic_core.to_json(content, inf_nan_mode="null", serialize_unknown=True)
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return _json_bytes(content)
+
+
+def _error(status: int, kind: str, message: str, details: Any = None) -> JSONResponse:
+    body: dict[str, Any] = {"error": kind, "message": message}
+    if details is not None:
+        body["details"] = details
+    return JSONResponse(body, status_code=status)
+
+
+def _sse(event_type: str, data: Mapping[str, Any]) -> bytes:
+    return b"event: " + event_type.encode() + b"\ndata: " + _json_bytes(data) + b"\n\n"
+
+
+class _EventStream(StreamingResponse):
+    """A ``text/event-stream`` response that stops as soon as the client goes away.
+
+    Starlette only watches for the disconnect on ASGI servers older than spec
+    2.4; racing it here on every server frees the event listeners of a closed
+    stream at once instead of at the next keep-alive write.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes]) -> None:
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async with anyio.create_task_group() as group:
+
+            async def stream() -> None:
+                try:
+                    await self.stream_response(send)
+                except OSError:
+                    pass  # the client is gone
+                group.cancel_scope.cancel()
+
+            group.start_soon(stream)
+            await self.listen_for_disconnect(receive)
+            group.cancel_scope.cancel()
+
+
+# --- request parsing ------------------------------------------------------------------------------
+
+
+class _BadRequest(Exception):
+    def __init__(self, message: str, details: Any = None, status: int = 400) -> None:
+        super().__init__(message)
+        self.details = details
+        self.status = status
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _pydantic_details(exc: PydanticValidationError) -> list[dict[str, Any]]:
+    return exc.errors(include_url=False, include_context=False, include_input=False)  # type: ignore[return-value]
+
+
+_NO_BODY: Any = object()
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """The request body as strict JSON (``_NO_BODY`` when empty); ``_BadRequest`` otherwise."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _BadRequest(f"request body is larger than {limit} bytes", status=413)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    if not raw.strip():
+        return _NO_BODY
+    try:
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        # A lone surrogate (from "\ud800") cannot be stored as UTF-8 text.
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except (UnicodeError, ValueError, RecursionError) as exc:
+        raise _BadRequest(f"malformed JSON body: {exc}") from None
+    return value
+
+
+def _parse_model(model: type[BaseModel], value: Any) -> Any:
+    try:
+        return model.model_validate({} if value is _NO_BODY else value)
+    except PydanticValidationError as exc:
+        message = f"invalid request body: {exc.error_count()} error(s)"
+        raise _BadRequest(message, _pydantic_details(exc)) from None
+
+
+def _split_values(values: Sequence[str]) -> tuple[str, ...] | None:
+    items = tuple(part.strip() for value in values for part in value.split(",") if part.strip())
+    return items or None
+
+
+def _int_param(request: Request, name: str, default: int, maximum: int) -> int:
+    values = request.query_params.getlist(name)
+    if not values:
+        return default
+    if len(values) > 1:
+        raise _BadRequest(f"query parameter {name!r} is given more than once")
+    text = values[0].strip()
+    if not re.fullmatch(r"\d{1,12}", text):
+        raise _BadRequest(f"query parameter {name!r} must be a non-negative integer, not {values[0]!r}")
+    number = int(text)
+    if number > maximum:
+        raise _BadRequest(f"query parameter {name!r} must be at most {maximum}")
+    return number
+
+
+def _filter_from_query(request: Request) -> RunsFilter:
+    """``job`` and ``status`` (repeated or comma-separated), ``label.<key>=value``, ``limit``, ``offset``.
+
+    Unknown parameters are ignored: they may belong to the auth hook (an access
+    token for EventSource, which cannot send headers).
+    """
+    params = request.query_params
+    statuses = _split_values(params.getlist("status"))
+    if statuses is not None:
+        unknown = sorted(set(statuses) - RUN_STATUSES)
+        if unknown:
+            raise _BadRequest(f"unknown status(es) {unknown}; expected some of {sorted(RUN_STATUSES)}")
+    labels: dict[str, str] = {}
+    for key, value in params.multi_items():
+        match = _LABEL_PARAM.match(key)
+        if match is None:
+            continue
+        if match.group(1) in labels:
+            raise _BadRequest(f"label {match.group(1)!r} is given more than once")
+        labels[match.group(1)] = value
+    return RunsFilter(
+        job=_split_values(params.getlist("job")),
+        status=statuses,
+        labels=labels,
+        limit=_int_param(request, "limit", 100, MAX_LIMIT),
+        offset=_int_param(request, "offset", 0, MAX_OFFSET),
+    )
+
+
+# --- the application ----------------------------------------------------------------------------
+
+
+def _default_static_dir() -> Path | None:
+    """``durably_web/static`` when packaged inside the wheel, else the checkout's ``static/``."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package / "static", package.parent / "static"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+class _Api:
+    """The route handlers, sharing the ``Durably`` instance, the auth hooks and a run cache."""
+
+    def __init__(self, durably: Durably, auth: Any, sse_throttle: float) -> None:
+        self.durably = durably
+        self.auth = auth
+        self.sse_throttle = sse_throttle
+        # job name and labels of runs seen lately: a run-list stream needs them to
+        # decide who may see a run's deletion, when the row itself is already gone.
+        self._meta: OrderedDict[str, tuple[str, dict[str, str]]] = OrderedDict()
+        durably.on("run:trigger", self._remember_triggered)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _hook(self, name: str) -> Callable[..., Any] | None:
+        return getattr(self.auth, name, None) if self.auth is not None else None
+
+    def _remember(self, run_id: str, job_name: str, labels: Mapping[str, str]) -> None:
+        self._meta[run_id] = (job_name, dict(labels))
+        self._meta.move_to_end(run_id)
+        while len(self._meta) > _META_CACHE_SIZE:
+            self._meta.popitem(last=False)
+
+    def _remember_triggered(self, event: Event) -> None:
+        if event.run_id is not None and event.job_name is not None:
+            self._remember(event.run_id, event.job_name, event.data.get("labels") or {})
+
+    async def _authenticate(self, request: Request) -> Any:
+        hook = self._hook("authenticate")
+        return None if hook is None else await _call_hook(hook, request)
+
+    async def _scope(self, ctx: Any, runs_filter: RunsFilter) -> RunsFilter:
+        hook = self._hook("scope_runs")
+        if hook is None:
+            return runs_filter
+        scoped = await _call_hook(hook, ctx, runs_filter)
+        if not isinstance(scoped, RunsFilter):
+            raise TypeError(f"scope_runs must return a RunsFilter, not {type(scoped).__name__}")
+        return scoped
+
+    async def _check_access(self, ctx: Any, run: Run, operation: RunOperation) -> None:
+        hook = self._hook("on_run_access")
+        if hook is not None:
+            await _call_hook(hook, ctx, run, operation)
+
+    async def _run_for(self, request: Request, operation: RunOperation) -> tuple[Any, Run]:
+        """Authenticate, load the path's run and check the operation on it (401/403/404 otherwise)."""
+        ctx = await self._authenticate(request)
+        run = await self.durably.get_run(request.path_params["run_id"])
+        self._remember(run.id, run.job_name, run.labels)
+        await self._check_access(ctx, run, operation)
+        return ctx, run
+
+    async def _empty_body(self, request: Request) -> None:
+        _parse_model(_EmptyBody, await _read_json(request, 64 * 1024))
+
+    def _run_response(self, run: Run, status_code: int = 200) -> JSONResponse:
+        return JSONResponse(run.to_dict(), status_code=status_code)
+
+    async def _created_response(self, ctx: Any, run: Run) -> JSONResponse:
+        """Answer a trigger/retrigger; an existing run is only shown to who may read it."""
+        self._remember(run.id, run.job_name, run.labels)
+        if run.disposition not in (None, "created"):
+            # An idempotency or concurrency key may name another tenant's run: do not
+            # hand it out (nor confirm its existence through a 403) to who cannot read it.
+            try:
+                await self._check_access(ctx, run, "read")
+            except (HTTPException, PermissionError):
+                return _error(409, "ConflictError", "the key is in use by a run you cannot access")
+        status_code = 201 if run.disposition == "created" else 200
+        return JSONResponse(
+            {"id": run.id, "disposition": run.disposition, "run": run.to_dict()}, status_code=status_code
+        )
+
+    # -- JSON routes -------------------------------------------------------------------------------
+    async def health(self, request: Request) -> Response:
+        try:
+            await self.durably.get_runs(limit=1)
+        except DurablyError as exc:
+            return JSONResponse({"status": "unavailable", "message": str(exc)}, status_code=503)
+        return JSONResponse({"status": "ok", "version": __version__, "jobs": sorted(self.durably.jobs)})
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi_document(request.scope.get("root_path", "")))
+
+    async def jobs(self, request: Request) -> Response:
+        await self._authenticate(request)
+        jobs = []
+        for name, job in sorted(self.durably.jobs.items()):
+            try:
+                schema = job.input_adapter.json_schema()
+            except Exception:  # a type pydantic cannot describe; the job still works
+                schema = None
+            jobs.append({"name": name, "input_schema": schema})
+        return JSONResponse({"jobs": jobs})
+
+    async def trigger(self, request: Request) -> Response:
+        ctx = await self._authenticate(request)
+        body = _parse_model(TriggerRequest, await _read_json(request, self.durably.max_payload_bytes + 65536))
+        hook = self._hook("on_trigger")
+        if hook is not None:
+            replacement = await _call_hook(hook, ctx, body)
+            if replacement is not None:
+                if not isinstance(replacement, TriggerRequest):
+                    raise TypeError("on_trigger must return None or a TriggerRequest")
+                body = replacement
+        try:
+            run = await self.durably.trigger(
+                body.job, body.input, idempotency_key=body.idempotency_key,
+                concurrency_key=body.concurrency_key, coalesce=body.coalesce, labels=body.labels,
+            )
+        except ConflictError as exc:
+            if self.auth is None:
+                raise
+            # The engine's message names the pending run, which may be another tenant's.
+            raise ConflictError("a run is already pending for this concurrency key") from exc
+        return await self._created_response(ctx, run)
+
+    async def list_runs(self, request: Request) -> Response:
+        ctx = await self._authenticate(request)
+        runs_filter = await self._scope(ctx, _filter_from_query(request))
+        runs = await self.durably.get_runs(
+            status=None if runs_filter.status is None else list(runs_filter.status),
+            job_name=None if runs_filter.job is None else list(runs_filter.job),
+            labels=runs_filter.labels, limit=runs_filter.limit, offset=runs_filter.offset,
+        )
+        return JSONResponse({
+            "runs": [run.to_dict() for run in runs],
+            "limit": runs_filter.limit,
+            "offset": runs_filter.offset,
+        })
+
+    async def get_run(self, request: Request) -> Response:
+        _, run = await self._run_for(request, "read")
+        return self._run_response(run)
+
+    async def get_steps(self, request: Request) -> Response:
+        _, run = await self._run_for(request, "steps")
+        return JSONResponse({"steps": [step.to_dict() for step in await self.durably.get_steps(run.id)]})
+
+    async def get_logs(self, request: Request) -> Response:
+        _, run = await self._run_for(request, "read")
+        return JSONResponse({"logs": [log.to_dict() for log in await self.durably.get_logs(run.id)]})
+
+    async def cancel(self, request: Request) -> Response:
+        _, run = await self._run_for(request, "cancel")
+        await self._empty_body(request)
+        return self._run_response(await self.durably.cancel(run.id))
+
+    async def retrigger(self, request: Request) -> Response:
+        ctx, run = await self._run_for(request, "retrigger")
+        await self._empty_body(request)
+        return await self._created_response(ctx, await self.durably.retrigger(run.id))
+
+    async def delete(self, request: Request) -> Response:
+        _, run = await self._run_for(request, "delete")
+        await self.durably.delete_run(run.id)
+        return JSONResponse({"id": run.id, "deleted": True})
+
+    # -- event streams --------------------------------------------------------------------------------
+    async def run_events(self, request: Request) -> Response:
+        _, run = await self._run_for(request, "subscribe")
+        return _EventStream(self._run_stream(run.id))
+
+    async def list_events(self, request: Request) -> Response:
+        ctx = await self._authenticate(request)
+        runs_filter = await self._scope(ctx, _filter_from_query(request))
+        return _EventStream(self._list_stream(runs_filter))
+
+    async def _paced(
+        self, next_event: Callable[[], Awaitable[Event | None]], throttle: ProgressThrottle
+    ) -> AsyncIterator[Event | None]:
+        """Events from ``next_event`` (``None`` ends) through ``throttle``; ``None`` = keep-alive due.
+
+        The pending ``next_event`` task is never cancelled while the stream runs, so a
+        timeout (for a held progress event or a keep-alive) cannot drop an event.
+        """
+        pending: asyncio.Task[Event | None] | None = None
+        quiet_since = time.monotonic()
+        try:
+            while True:
+                if pending is None:
+                    pending = asyncio.ensure_future(next_event())
+                wait = KEEPALIVE_SECONDS - (time.monotonic() - quiet_since)
+                held = throttle.seconds_until_due()
+                if held is not None:
+                    wait = min(wait, held)
+                done, _ = await asyncio.wait({pending}, timeout=max(0.0, wait))
+                for event in throttle.due():
+                    quiet_since = time.monotonic()
+                    yield event
+                if not done:
+                    if time.monotonic() - quiet_since >= KEEPALIVE_SECONDS:
+                        quiet_since = time.monotonic()
+                        yield None
+                    continue
+                incoming = pending.result()
+                pending = None
+                if incoming is None:
+                    return
+                for ready in throttle.offer(incoming):
+                    quiet_since = time.monotonic()
+                    yield ready
+        finally:
+            if pending is not None:
+                pending.cancel()
+
+    async def _run_stream(self, run_id: str) -> AsyncIterator[bytes]:
+        """One run: its current state (``run:snapshot``, recorded steps, progress), then live events.
+
+        Ends after the run's terminal event (complete, fail, cancel or delete).
+        """
+        durably = self.durably
+        try:
+            subscription = durably.subscribe(run_id)
+        except NotFoundError:
+            yield _sse("run:delete", {"type": "run:delete", "run_id": run_id})
+            return
+        try:
+            try:
+                run = await durably.get_run(run_id)
+                steps = await durably.get_steps(run_id)
+            except NotFoundError:
+                yield _sse("run:delete", {"type": "run:delete", "run_id": run_id})
+                return
+            envelope = {"run_id": run.id, "job_name": run.job_name, "timestamp": iso(run.updated_at)}
+            yield _sse("run:snapshot", {"type": "run:snapshot", **envelope, "run": run.to_dict()})
+            for step in steps:
+                kind = "step:complete" if step.status == "completed" else "step:fail"
+                yield _sse(kind, {
+                    "type": kind, **envelope, "step_name": step.name, "step_index": step.index,
+                    "output": step.output, "error": step.error, "duration_ms": step.duration_ms,
+                    "replayed": True,
+                })
+            if run.progress is not None:
+                yield _sse("run:progress", {
+                    "type": "run:progress", **envelope, "progress": run.progress, "replayed": True,
+                })
+            replayed_steps = max((step.index for step in steps), default=-1)
+
+            async def next_event() -> Event | None:
+                try:
+                    return await subscription.__anext__()
+                except StopAsyncIteration:
+                    return None
+
+            async for event in self._paced(next_event, ProgressThrottle(self.sse_throttle)):
+                if event is None:
+                    yield b": keep-alive\n\n"
+                    continue
+                if event.type.startswith("step:") and event.data.get("step_index", -1) <= replayed_steps:
+                    continue  # already in the replay
+                yield _sse(event.type, event.to_dict())
+                if event.type in TERMINAL_EVENT_TYPES:
+                    return
+        finally:
+            subscription.close()
+
+    async def _list_stream(self, runs_filter: RunsFilter) -> AsyncIterator[bytes]:
+        """Run-level events of every run inside ``runs_filter``, each with the run's current state."""
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+        unsubscribers = [self.durably.on(kind, queue.put_nowait) for kind in RUN_LEVEL_EVENT_TYPES]
+        visible: dict[str, bool] = {}
+
+        def is_visible(event: Event) -> bool:
+            run_id = event.run_id
+            if run_id is None:
+                return False
+            if run_id not in visible:
+                if event.type == "run:trigger":
+                    labels = event.data.get("labels") or {}
+                    visible[run_id] = runs_filter.matches(event.job_name, labels)
+                else:
+                    record = self.durably.store.get_run(run_id)
+                    if record is not None:
+                        self._remember(run_id, record.job_name, record.labels)
+                    meta = self._meta.get(run_id)
+                    # A deleted run nobody here has seen cannot be attributed: stay silent.
+                    visible[run_id] = meta is not None and runs_filter.matches(meta[0], meta[1])
+            return visible[run_id]
+
+        async def next_event() -> Event | None:
+            while True:
+                event = await queue.get()
+                if is_visible(event):
+                    return event
+
+        try:
+            yield b": ready\n\n"
+            async for event in self._paced(next_event, ProgressThrottle(self.sse_throttle)):
+                if event is None:
+                    yield b": keep-alive\n\n"
+                    continue
+                data = event.to_dict()
+                if event.type != "run:delete" and event.run_id is not None:
+                    try:
+                        data["run"] = (await self.durably.get_run(event.run_id)).to_dict()
+                    except NotFoundError:
+                        data["run"] = None
+                if event.type in TERMINAL_EVENT_TYPES and event.run_id is not None:
+                    visible.pop(event.run_id, None)
+                yield _sse(event.type, data)
+        finally:
+            for unsubscribe in unsubscribers:
+                unsubscribe()
+
+
+# --- static files ------------------------------------------------------------------------------------
+
+
+class _StaticDir:
+    """Files of a directory that may not exist yet: 404 with a clear message instead of a 500."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.directory = directory
+        self._files: StaticFiles | None = None
+
+    def missing(self) -> Response | None:
+        if self.directory is None or not self.directory.is_dir():
+            where = self.directory or "no static/ folder next to the package"
+            return _error(404, "NotFound", f"the dashboard's static files are not installed ({where})")
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = self.missing()
+        if response is not None:
+            await response(scope, receive, send)
+            return
+        if self._files is None:
+            self._files = StaticFiles(directory=self.directory, check_dir=False)
+        await self._files(scope, receive, send)
+
+    async def page(self, request: Request) -> Response:
+        """The dashboard page: ``dashboard.html`` (or ``index.html``) of the directory."""
+        response = self.missing()
+        if response is not None:
+            return response
+        assert self.directory is not None
+        for name in ("dashboard.html", "index.html"):
+            candidate = self.directory / name
+            if candidate.is_file():
+                return FileResponse(candidate, media_type="text/html")
+        return _error(404, "NotFound", f"no dashboard.html or index.html in {self.directory}")
+
+
+async def _to_dashboard_dir(request: Request) -> Response:
+    # Relative, so it works under any mount prefix; the trailing slash makes the
+    # page's relative URLs (its scripts, "../runs") resolve inside the prefix.
+    return RedirectResponse("dashboard/", status_code=307)
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+
+async def _handle_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    message = exc.detail if isinstance(exc.detail, str) else "request rejected"
+    response = _error(exc.status_code, "HTTPError", message)
+    if exc.headers:
+        response.headers.update(exc.headers)
+    return response
+
+
+async def _handle_bad_request(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, _BadRequest)
+    return _error(exc.status, "BadRequest" if exc.status == 400 else "PayloadTooLarge", str(exc), exc.details)
+
+
+async def _handle_permission(request: Request, exc: Exception) -> Response:
+    return _error(403, "Forbidden", str(exc) or "forbidden")
+
+
+async def _handle_durably(request: Request, exc: Exception) -> Response:
+    kind = type(exc).__name__
+    if isinstance(exc, ValidationError):
+        return _error(400, kind, str(exc), exc.errors)
+    if isinstance(exc, NotFoundError):
+        return _error(404, kind, str(exc))
+    if isinstance(exc, ConflictError):
+        return _error(409, kind, str(exc))
+    if isinstance(exc, StorageError | SchemaVersionError):
+        return _error(503, kind, str(exc))
+    return _error(500, kind, str(exc))
+
+
+# --- factory ---------------------------------------------------------------------------------------
+
+
+def create_app(
+    durably: Durably,
+    *,
+    auth: DurablyAuth | Any | None = None,
+    sse_throttle: float = 0.1,
+    static_dir: str | Path | None = None,
+) -> Starlette:
+    """An ASGI app serving ``durably``'s HTTP API, SSE streams, OpenAPI and dashboard.
+
+    ``durably`` must be started (``await durably.init()``) before requests arrive;
+    the app neither starts nor stops it, so it can be mounted in an app that owns
+    the lifecycle. ``auth`` is an object with the hooks of ``DurablyAuth``.
+    ``sse_throttle`` is the minimum gap between two progress events of one run on
+    one stream. ``static_dir`` overrides where the dashboard's files are found.
+    """
+    if isinstance(sse_throttle, bool) or not isinstance(sse_throttle, int | float) or not sse_throttle >= 0:
+        raise ValidationError(f"sse_throttle must be a non-negative number of seconds, not {sse_throttle!r}")
+    api = _Api(durably, auth, float(sse_throttle))
+    static = _StaticDir(Path(static_dir) if static_dir is not None else _default_static_dir())
+    routes: list[BaseRoute] = [
+        Route("/health", api.health, methods=["GET"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
+        Route("/jobs", api.jobs, methods=["GET"]),
+        Route("/trigger", api.trigger, methods=["POST"]),
+        Route("/runs", api.list_runs, methods=["GET"]),
+        Route("/runs/{run_id}", api.get_run, methods=["GET"]),
+        Route("/runs/{run_id}", api.delete, methods=["DELETE"]),
+        Route("/runs/{run_id}/steps", api.get_steps, methods=["GET"]),
+        Route("/runs/{run_id}/logs", api.get_logs, methods=["GET"]),
+        Route("/runs/{run_id}/cancel", api.cancel, methods=["POST"]),
+        Route("/runs/{run_id}/retrigger", api.retrigger, methods=["POST"]),
+        Route("/runs/{run_id}/events", api.run_events, methods=["GET"]),
+        Route("/events", api.list_events, methods=["GET"]),
+        Route("/dashboard", _to_dashboard_dir, methods=["GET"]),
+        Route("/dashboard/", static.page, methods=["GET"]),
+        Mount("/dashboard", app=static),
+        Mount("/static", app=static),
+    ]
+    return Starlette(
+        routes=routes,
+        exception_handlers={
+            HTTPException: _handle_http,
+            _BadRequest: _handle_bad_request,
+            PermissionError: _handle_permission,
+            DurablyError: _handle_durably,
+        },
+    )
+
+
+# --- OpenAPI -------------------------------------------------------------------------------------------
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+_ERROR_RESPONSES = {
+    "400": {"description": "malformed request or invalid input", "content": _json_content(_ref("Error"))},
+    "401": {"description": "rejected by the authenticate hook", "content": _json_content(_ref("Error"))},
+    "403": {"description": "rejected by an auth hook", "content": _json_content(_ref("Error"))},
+}
+_NOT_FOUND = {"404": {"description": "no such run", "content": _json_content(_ref("Error"))}}
+_CONFLICT = {
+    "409": {"description": "not allowed in the run's current state", "content": _json_content(_ref("Error"))}
+}
+_RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
+_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+
+
+def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"summary": summary, "responses": responses, **extra}
+
+
+def openapi_document(server_url: str = "") -> dict[str, Any]:
+    """The OpenAPI 3.1 description of ``create_app``'s routes (hand-written; a test keeps it true)."""
+    run_schema = {
+        "type": "object",
+        "required": ["id", "job_name", "status"],
+        "properties": {
+            "id": {"type": "string"},
+            "job_name": {"type": "string"},
+            "status": {"enum": sorted(RUN_STATUSES)},
+            "input": {},
+            "output": {},
+            "error": {"oneOf": [{"type": "null"}, _ref("ErrorInfo")]},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "progress": {
+                "oneOf": [
+                    {"type": "null"},
+                    {
+                        "type": "object",
+                        "properties": {
+                            "current": {"type": "integer"},
+                            "total": {"type": ["integer", "null"]},
+                            "message": {"type": ["string", "null"]},
+                        },
+                    },
+                ]
+            },
+            "attempt": {"type": "integer"},
+            "idempotency_key": {"type": ["string", "null"]},
+            "concurrency_key": {"type": ["string", "null"]},
+            "created_at": {"type": ["string", "null"], "format": "date-time"},
+            "started_at": {"type": ["string", "null"], "format": "date-time"},
+            "completed_at": {"type": ["string", "null"], "format": "date-time"},
+            "updated_at": {"type": ["string", "null"], "format": "date-time"},
+            "disposition": {"enum": ["created", "idempotent", "coalesced", None]},
+        },
+    }
+    list_filters = [
+        {"name": "job", "in": "query", "schema": {"type": "array", "items": {"type": "string"}},
+         "description": "job name(s); repeat or comma-separate"},
+        {"name": "label.{key}", "in": "query", "schema": {"type": "string"},
+         "description": "exact label match, e.g. label.tenant=acme (not a literal parameter name)"},
+    ]
+    created = {"description": "the run", "content": _json_content(_ref("TriggerResult"))}
+    paths: dict[str, Any] = {
+        "/health": {"get": _op(
+            "Liveness and database check (no authentication)",
+            {"200": {"description": "ok", "content": _json_content({"type": "object"})},
+             "503": {"description": "database unavailable", "content": _json_content({"type": "object"})}},
+        )},
+        "/openapi.json": {"get": _op("This document", {"200": {"description": "OpenAPI 3.1"}})},
+        "/jobs": {"get": _op(
+            "Registered jobs with their input JSON Schema",
+            {"200": {"description": "jobs", "content": _json_content({"type": "object"})},
+             **_ERROR_RESPONSES},
+        )},
+        "/trigger": {"post": _op(
+            "Trigger a job (201 when created, 200 for an idempotent or coalesced run)",
+            {"200": created, "201": created, **_ERROR_RESPONSES, **_NOT_FOUND, **_CONFLICT,
+             "413": {"description": "body too large", "content": _json_content(_ref("Error"))}},
+            requestBody={"required": True, "content": _json_content(_ref("TriggerRequest"))},
+        )},
+        "/runs": {"get": _op(
+            "List runs, newest first",
+            {"200": {"description": "runs", "content": _json_content({
+                "type": "object",
+                "properties": {"runs": {"type": "array", "items": _ref("Run")},
+                               "limit": {"type": "integer"}, "offset": {"type": "integer"}},
+            })}, **_ERROR_RESPONSES},
+            parameters=[
+                *list_filters,
+                {"name": "status", "in": "query",
+                 "schema": {"type": "array", "items": {"enum": sorted(RUN_STATUSES)}},
+                 "description": "status(es); repeat or comma-separate"},
+                {"name": "limit", "in": "query",
+                 "schema": {"type": "integer", "minimum": 0, "maximum": MAX_LIMIT, "default": 100}},
+                {"name": "offset", "in": "query",
+                 "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}},
+            ],
+        )},
+        "/runs/{run_id}": {
+            "get": _op("One run", {"200": {"description": "the run", "content": _json_content(_ref("Run"))},
+                                   **_ERROR_RESPONSES, **_NOT_FOUND}, parameters=[_RUN_ID]),
+            "delete": _op(
+                "Delete a run that is not running, with its steps and logs",
+                {"200": {"description": "deleted", "content": _json_content({"type": "object"})},
+                 **_ERROR_RESPONSES, **_NOT_FOUND, **_CONFLICT},
+                parameters=[_RUN_ID],
+            ),
+        },
+        "/runs/{run_id}/steps": {"get": _op(
+            "The run's recorded steps",
+            {"200": {"description": "steps", "content": _json_content({
+                "type": "object", "properties": {"steps": {"type": "array", "items": _ref("Step")}}})},
+             **_ERROR_RESPONSES, **_NOT_FOUND},
+            parameters=[_RUN_ID],
+        )},
+        "/runs/{run_id}/logs": {"get": _op(
+            "The run's log lines",
+            {"200": {"description": "logs", "content": _json_content({
+                "type": "object", "properties": {"logs": {"type": "array", "items": _ref("LogEntry")}}})},
+             **_ERROR_RESPONSES, **_NOT_FOUND},
+            parameters=[_RUN_ID],
+        )},
+        "/runs/{run_id}/cancel": {"post": _op(
+            "Cancel a pending or running run (body: none or {})",
+            {"200": {"description": "the cancelled run", "content": _json_content(_ref("Run"))},
+             **_ERROR_RESPONSES, **_NOT_FOUND, **_CONFLICT},
+            parameters=[_RUN_ID],
+        )},
+        "/runs/{run_id}/retrigger": {"post": _op(
+            "A new run of the same job with the same input and labels (body: none or {})",
+            {"201": created, **_ERROR_RESPONSES, **_NOT_FOUND, **_CONFLICT},
+            parameters=[_RUN_ID],
+        )},
+        "/runs/{run_id}/events": {"get": _op(
+            "Server-Sent Events for one run: run:snapshot, the recorded steps (replayed: true) and "
+            "run:progress first, then live events; the stream ends after the terminal event "
+            "(run:complete, run:fail, run:cancel or run:delete) — close the EventSource then, "
+            "or it reconnects. run:progress is throttled per run; the last one is always sent.",
+            {"200": {"description": "event stream", "content": _SSE}, **_ERROR_RESPONSES, **_NOT_FOUND},
+            parameters=[_RUN_ID],
+        )},
+        "/events": {"get": _op(
+            "Server-Sent Events for the run list: " + ", ".join(RUN_LEVEL_EVENT_TYPES)
+            + " of the runs inside the (scoped) filter, each with the run's current state in `run`.",
+            {"200": {"description": "event stream", "content": _SSE}, **_ERROR_RESPONSES},
+            parameters=list_filters,
+        )},
+        "/dashboard": {"get": _op("Redirect to /dashboard/", {"307": {"description": "redirect"}})},
+        "/dashboard/": {"get": _op(
+            "The dashboard page",
+            {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
+             **_NOT_FOUND},
+        )},
+        "/dashboard/{path}": {"get": _op(
+            "The dashboard's static files",
+            {"200": {"description": "a file"}, **_NOT_FOUND},
+            parameters=[{"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}],
+        )},
+        "/static/{path}": {"get": _op(
+            "The same static files (durably.js for pages elsewhere)",
+            {"200": {"description": "a file"}, **_NOT_FOUND},
+            parameters=[{"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}],
+        )},
+    }
+    schemas = {
+        "TriggerRequest": TriggerRequest.model_json_schema(),
+        "TriggerResult": {
+            "type": "object",
+            "required": ["id", "disposition", "run"],
+            "properties": {
+                "id": {"type": "string"},
+                "disposition": {"enum": ["created", "idempotent", "coalesced"]},
+                "run": _ref("Run"),
+            },
+        },
+        "Run": run_schema,
+        "ErrorInfo": {"type": "object", "properties": {
+            "type": {"type": "string"}, "message": {"type": "string"}, "traceback": {"type": "string"}}},
+        "Step": {"type": "object", "properties": {
+            "run_id": {"type": "string"}, "index": {"type": "integer"}, "name": {"type": "string"},
+            "status": {"enum": ["completed", "failed"]}, "output": {},
+            "error": {"oneOf": [{"type": "null"}, _ref("ErrorInfo")]},
+            "started_at": {"type": "string", "format": "date-time"},
+            "completed_at": {"type": "string", "format": "date-time"},
+            "duration_ms": {"type": "number"}}},
+        "LogEntry": {"type": "object", "properties": {
+            "run_id": {"type": "string"}, "step_name": {"type": ["string", "null"]},
+            "level": {"enum": ["debug", "info", "warning", "error"]}, "message": {"type": "string"},
+            "data": {}, "created_at": {"type": "string", "format": "date-time"}}},
+        "Error": {"type": "object", "required": ["error", "message"], "properties": {
+            "error": {"type": "string"}, "message": {"type": "string"},
+            "details": {"type": "array", "items": {"type": "object"}}}},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "durably-web", "version": __version__,
+                 "description": "Trigger, watch and manage durable job runs."},
+        "servers": [{"url": server_url or "/"}],
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }
+

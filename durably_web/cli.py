@@ -1,0 +1,630 @@
+"""The ``durably-web`` command (also ``python -m durably_web``).
+
+APP is either ``module:attribute`` naming a ``Durably`` instance (or a function
+returning one), imported with the current directory on ``sys.path``, or a
+database URL such as ``sqlite:///app.db``. A URL gives management commands only:
+without the job module there is nothing to execute and no input model to
+validate a trigger against.
+
+Exit codes: 0 success, 1 the operation failed (unknown run, conflict,
+unreachable database, a watched run that did not complete), 2 bad arguments
+(including an APP that cannot be imported and input a job rejects).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import importlib
+import json
+import logging
+import os
+import re
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NamedTuple, TextIO
+
+from .durably import Durably
+from .errors import (
+    ConflictError,
+    DurablyError,
+    NotFoundError,
+    ValidationError,
+    WaitTimeoutError,
+)
+from .models import Run, to_jsonable
+
+PROG = "durably-web"
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+class CliError(Exception):
+    """A failure to report as one line on stderr with an exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _say(message: str) -> None:
+    """A status line on stderr, so stdout stays clean for ids and tables."""
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _log_line(message: str) -> None:
+    print(f"{datetime.now().strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+# --- APP resolution ---------------------------------------------------------------------------------
+
+
+def _is_url(app: str) -> bool:
+    return "://" in app
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file a ``sqlite:///`` URL names (``None`` for ``:memory:`` or other schemes)."""
+    scheme, _, rest = url.partition("://")
+    path = rest.partition("?")[0]
+    if scheme != "sqlite" or path in (":memory:", "/:memory:") or not path.startswith("/"):
+        return None
+    return Path(path[1:])
+
+
+def _import_object(spec: str, what: str) -> Any:
+    module_name, sep, attribute = spec.partition(":")
+    if not sep or not module_name or not attribute:
+        raise CliError(f"{what} must be module:attribute, not {spec!r}", EXIT_USAGE)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise CliError(f"cannot import {module_name!r} for {what} {spec!r}: {exc}", EXIT_USAGE) from None
+    except Exception:
+        traceback.print_exc()
+        raise CliError(f"importing {module_name!r} failed (traceback above)", EXIT_USAGE) from None
+    try:
+        return functools.reduce(getattr, attribute.split("."), module)
+    except AttributeError:
+        raise CliError(f"module {module_name!r} has no attribute {attribute!r}", EXIT_USAGE) from None
+
+
+def load_durably(app: str) -> Durably:
+    """The ``Durably`` an APP argument names, not started yet.
+
+    A URL gives a client that never executes runs (it has no jobs).
+    """
+    if _is_url(app):
+        path = _sqlite_file(app)
+        if path is not None and not path.is_file():
+            raise CliError(f"database file not found: {path}")
+        try:
+            return Durably(app, worker=False)
+        except ValidationError as exc:
+            raise CliError(str(exc), EXIT_USAGE) from None
+    found = _import_object(app, "APP")
+    if callable(found) and not isinstance(found, Durably):
+        found = found()
+    if not isinstance(found, Durably):
+        raise CliError(f"{app} is a {type(found).__name__}, not a Durably instance", EXIT_USAGE)
+    return found
+
+
+def _require_jobs(app: str, command: str) -> None:
+    if _is_url(app):
+        raise CliError(
+            f"'{command}' needs the job definitions: point APP at module:attribute, not a database URL",
+            EXIT_USAGE,
+        )
+
+
+@contextlib.asynccontextmanager
+async def opened(durably: Durably, *, worker: bool) -> AsyncIterator[Durably]:
+    """Start ``durably`` (with or without its worker: management commands never claim work),
+    turning an unreachable or incompatible database into ``CliError``."""
+    try:
+        await durably.init(worker=worker)
+    except ValidationError as exc:  # a malformed database URL
+        raise CliError(str(exc), EXIT_USAGE) from None
+    except DurablyError as exc:
+        raise CliError(f"cannot open the database: {exc}") from None
+    try:
+        yield durably
+    finally:
+        await durably.stop()
+
+
+# --- argument helpers --------------------------------------------------------------------------------
+
+
+class Duration(NamedTuple):
+    """A duration argument as typed (for messages) and in seconds."""
+
+    text: str
+    seconds: float
+
+    @classmethod
+    def parse(cls, text: str) -> Duration:
+        """``30d``, ``12h``, ``15m``, ``90s`` or plain seconds."""
+        match = _DURATION.match(text)
+        if match is None:
+            raise argparse.ArgumentTypeError(
+                f"invalid duration {text!r}: use a number with s, m, h or d (e.g. 30d)"
+            )
+        return cls(text.strip(), float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"invalid label {text!r}: use key=value")
+    return key, value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _labels(pairs: Sequence[tuple[str, str]] | None) -> dict[str, str] | None:
+    if not pairs:
+        return None
+    labels: dict[str, str] = {}
+    for key, value in pairs:
+        if key in labels:
+            raise CliError(f"label {key!r} given twice", EXIT_USAGE)
+        labels[key] = value
+    return labels
+
+
+# --- rendering -----------------------------------------------------------------------------------------
+
+
+def _when(value: datetime | None) -> str:
+    return "-" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _duration(ms: float) -> str:
+    if ms < 1000:
+        return f"{ms:.0f} ms"
+    if ms < 60_000:
+        return f"{ms / 1000:.1f} s"
+    return f"{ms / 60_000:.1f} min"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(to_jsonable(value), indent=2, ensure_ascii=False, default=str)
+
+
+def _progress_text(run: Run) -> str:
+    progress = run.progress
+    if progress is None:
+        return "-"
+    return f"{progress.current}/{progress.total}" if progress.total else str(progress.current)
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell; the last column is left ragged."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+    lines = []
+    for row in (headers, *rows):
+        cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def progress_bar(current: int, total: int | None, message: str | None, width: int = 30) -> str:
+    if total:
+        filled = max(0, min(width, round(width * current / total)))
+        text = f"[{'#' * filled}{'.' * (width - filled)}] {current}/{total} {100 * current / total:3.0f}%"
+    else:
+        text = f"[{current}]"
+    return f"{text} {message}" if message else text
+
+
+def _print_run(run: Run, out: TextIO) -> None:
+    fields = [
+        ("id", run.id), ("job", run.job_name), ("status", run.status), ("attempt", str(run.attempt)),
+        ("created", _when(run.created_at)), ("started", _when(run.started_at)),
+        ("completed", _when(run.completed_at)),
+    ]
+    if run.progress is not None:
+        progress = run.progress
+        fields.append(("progress", progress_bar(progress.current, progress.total, progress.message)))
+    if run.labels:
+        fields.append(("labels", ", ".join(f"{k}={v}" for k, v in sorted(run.labels.items()))))
+    for name, key in (("idempotency key", run.idempotency_key), ("concurrency key", run.concurrency_key)):
+        if key is not None:
+            fields.append((name, key))
+    width = max(len(name) for name, _ in fields)
+    for name, value in fields:
+        print(f"{name.ljust(width)}  {value}", file=out)
+
+
+# --- commands ----------------------------------------------------------------------------------------------
+
+
+async def cmd_trigger(args: argparse.Namespace) -> int:
+    _require_jobs(args.app, "trigger")
+    try:
+        payload = json.loads(args.input)
+    except ValueError as exc:
+        raise CliError(f"--input is not valid JSON: {exc}", EXIT_USAGE) from None
+    labels = _labels(args.label)
+    async with opened(load_durably(args.app), worker=False) as durably:
+        run = await durably.trigger(
+            args.job, payload, idempotency_key=args.idempotency_key,
+            concurrency_key=args.concurrency_key, coalesce="skip" if args.coalesce else None, labels=labels,
+        )
+        _say(f"run {run.id} of {run.job_name}: {run.disposition}")
+        if not args.wait:
+            print(_json(run.to_dict()) if args.json else run.id)
+            return 0
+        _say("waiting for a worker to finish it (Ctrl-C stops waiting, not the run)")
+        try:
+            final = await durably.wait_for_run(run.id, timeout=args.timeout)
+        except WaitTimeoutError as exc:
+            raise CliError(str(exc)) from None
+        if args.json:
+            print(_json(final.to_dict()))
+        else:
+            print(final.id)
+            _print_outcome(final)
+        return 0 if final.status == "completed" else EXIT_FAILURE
+
+
+def _print_outcome(run: Run) -> None:
+    if run.status == "completed":
+        print(f"completed; output:\n{_json(run.output)}")
+    elif run.error is not None:
+        print(f"{run.status}: {run.error}")
+        if run.error.traceback:
+            print(run.error.traceback.rstrip())
+    else:
+        print(run.status)
+
+
+async def cmd_runs(args: argparse.Namespace) -> int:
+    statuses = [part for value in args.status or () for part in value.split(",") if part] or None
+    async with opened(load_durably(args.app), worker=False) as durably:
+        runs = await durably.get_runs(
+            status=statuses, job_name=args.job or None, labels=_labels(args.label), limit=args.limit
+        )
+    if args.json:
+        print(_json([run.to_dict() for run in runs]))
+        return 0
+    if not runs:
+        _say("no runs match")
+        return 0
+    rows = [
+        [run.id, run.job_name, run.status, _progress_text(run), _when(run.created_at),
+         ",".join(f"{k}={v}" for k, v in sorted(run.labels.items()))]
+        for run in runs
+    ]
+    print(format_table(["ID", "JOB", "STATUS", "PROGRESS", "CREATED", "LABELS"], rows))
+    return 0
+
+
+async def cmd_show(args: argparse.Namespace) -> int:
+    async with opened(load_durably(args.app), worker=False) as durably:
+        run = await durably.get_run(args.run_id)
+        steps = await durably.get_steps(run.id)
+        logs = await durably.get_logs(run.id)
+    if args.json:
+        print(_json({
+            "run": run.to_dict(),
+            "steps": [step.to_dict() for step in steps],
+            "logs": [log.to_dict() for log in logs],
+        }))
+        return 0
+    out = sys.stdout
+    _print_run(run, out)
+    print(f"\ninput:\n{_json(run.input)}", file=out)
+    print(f"\nsteps ({len(steps)}):", file=out)
+    if steps:
+        rows = [[str(s.index), s.name, s.status, _duration(s.duration_ms)] for s in steps]
+        print(format_table(["#", "STEP", "STATUS", "DURATION"], rows), file=out)
+    if logs:
+        print(f"\nlogs ({len(logs)}):", file=out)
+        for log in logs:
+            data = "" if log.data is None else " " + json.dumps(to_jsonable(log.data), default=str)
+            print(f"{_when(log.created_at)} {log.level.upper():7} {log.message}{data}", file=out)
+    if run.status == "completed":
+        print(f"\noutput:\n{_json(run.output)}", file=out)
+    if run.error is not None:
+        print(f"\nerror: {run.error}", file=out)
+        if run.error.traceback:
+            print(run.error.traceback.rstrip(), file=out)
+    return 0
+
+
+async def cmd_cancel(args: argparse.Namespace) -> int:
+    async with opened(load_durably(args.app), worker=False) as durably:
+        run = await durably.cancel(args.run_id)
+    print(f"run {run.id}: {run.status}")
+    return 0
+
+
+async def cmd_retrigger(args: argparse.Namespace) -> int:
+    _require_jobs(args.app, "retrigger")
+    async with opened(load_durably(args.app), worker=False) as durably:
+        run = await durably.retrigger(args.run_id)
+    _say(f"run {run.id} of {run.job_name}: {run.disposition} (retrigger of {args.run_id})")
+    print(run.id)
+    return 0
+
+
+async def cmd_delete(args: argparse.Namespace) -> int:
+    async with opened(load_durably(args.app), worker=False) as durably:
+        await durably.delete_run(args.run_id)
+    print(f"run {args.run_id}: deleted")
+    return 0
+
+
+async def cmd_purge(args: argparse.Namespace) -> int:
+    async with opened(load_durably(args.app), worker=False) as durably:
+        count = await durably.purge_runs(older_than=args.older_than.seconds)
+    print(f"purged {count} run(s) that ended more than {args.older_than.text} ago")
+    return 0
+
+
+async def cmd_watch(args: argparse.Namespace) -> int:
+    """Poll the database, so runs executed by any process (a worker elsewhere) are followed."""
+    tty = sys.stdout.isatty()
+    async with opened(load_durably(args.app), worker=False) as durably:
+        run = await durably.get_run(args.run_id)
+        print(f"watching run {run.id} of {run.job_name} ({run.status})", flush=True)
+        printed_logs = 0
+        last_line = ""
+        while True:
+            logs = await durably.get_logs(run.id)
+            for log in logs[printed_logs:]:
+                if tty and last_line:
+                    print("\r\033[K", end="")
+                print(f"{log.level.upper():7} {log.message}", flush=True)
+                if tty and last_line:
+                    print(last_line, end="", flush=True)
+            printed_logs = len(logs)
+            progress = run.progress
+            line = f"{run.status:9} " + (
+                progress_bar(progress.current, progress.total, progress.message) if progress else "-"
+            )
+            if line != last_line:
+                if tty:
+                    print(f"\r\033[K{line}", end="", flush=True)
+                else:
+                    print(line, flush=True)
+                last_line = line
+            if run.is_terminal:
+                break
+            await asyncio.sleep(args.interval)
+            try:
+                run = await durably.get_run(run.id)
+            except NotFoundError:
+                print("\nthe run was deleted" if tty else "the run was deleted", flush=True)
+                return EXIT_FAILURE
+        if tty:
+            print()
+        _print_outcome(run)
+        return 0 if run.status == "completed" else EXIT_FAILURE
+
+
+def _install_stop_handlers(on_stop: Callable[[], None]) -> None:
+    """First Ctrl-C / SIGTERM: graceful stop. Second: exit at once."""
+    loop = asyncio.get_running_loop()
+    asked = False
+
+    def handle(signame: str) -> None:
+        nonlocal asked
+        if asked:
+            _say(f"{signame} again: exiting without waiting")
+            os._exit(130)
+        asked = True
+        _log_line(f"{signame}: stopping gracefully (running handlers stop at their next step; "
+                  "Ctrl-C again to exit at once)")
+        on_stop()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, handle, sig.name)
+
+
+def _report_run_events(durably: Durably) -> None:
+    """One log line per run milestone, so an operator sees the worker doing something."""
+    messages = {
+        "run:leased": "started", "run:complete": "completed", "run:fail": "failed", "run:cancel": "cancelled",
+    }
+    for kind, text in messages.items():
+        def report(event: Any, text: str = text) -> None:
+            error = event.data.get("error")
+            _log_line(f"run {event.run_id} ({event.job_name}) {text}" + (f": {error}" if error else ""))
+
+        durably.on(kind, report)
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    _require_jobs(args.app, "worker")
+    durably = load_durably(args.app)
+    stop = asyncio.Event()
+    async with opened(durably, worker=True):
+        _install_stop_handlers(stop.set)
+        _report_run_events(durably)
+        jobs = ", ".join(sorted(durably.jobs)) or "none"
+        _log_line(f"worker started for {args.app} (jobs: {jobs}); Ctrl-C to stop")
+        await stop.wait()
+    _log_line("worker stopped")
+    return 0
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise CliError(f"cannot listen on {host}:{port}: {exc}") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+async def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.routing import Mount
+
+        from .asgi import create_app
+    except ImportError as exc:
+        raise CliError(f"serve needs the server extra (pip install 'durably-web[server]'): {exc}") from None
+
+    class Server(uvicorn.Server):
+        """uvicorn without its own signal handling: ours stops the worker gracefully too."""
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            yield
+
+    read_only = _is_url(args.app)
+    durably = load_durably(args.app)
+    auth = _import_object(args.auth, "--auth") if args.auth else None
+    host = args.host or ("0.0.0.0" if auth is not None else "127.0.0.1")
+    prefix = "/" + args.prefix.strip("/") if args.prefix.strip("/") else ""
+    sock = _bind(host, args.port)
+    async with opened(durably, worker=not read_only):
+        app: Any = create_app(durably, auth=auth)
+        if prefix:
+            app = Starlette(routes=[Mount(prefix, app=app)])
+        server = Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3))
+        _install_stop_handlers(lambda: setattr(server, "should_exit", True))
+        if not read_only:
+            _report_run_events(durably)
+        bound_host, bound_port = sock.getsockname()[:2]
+        shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+        base = f"http://{shown}:{bound_port}{prefix}"
+        if auth is None:
+            note = ("no auth hook, so anyone who can reach it can manage runs"
+                    + ("; bound to 127.0.0.1 only (pass --auth module:attribute to expose it)"
+                       if args.host is None else f"; bound to {host} as asked"))
+        else:
+            note = f"auth hook {args.auth}"
+        serving = asyncio.create_task(server.serve(sockets=[sock]))
+        while not (server.started or serving.done()):  # noqa: ASYNC110 - uvicorn only offers a flag
+            await asyncio.sleep(0.02)
+        if server.started:  # only now does a client get an answer
+            _log_line(
+                f"serving {args.app} at {base}/ (dashboard {base}/dashboard/, OpenAPI {base}/openapi.json); "
+                f"{'no worker (database URL)' if read_only else 'worker running'}; {note}"
+            )
+        await serving
+        _log_line("server stopped; stopping the worker")
+    _log_line("stopped")
+    return 0
+
+
+# --- parser and entry point ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Run, serve and manage durably-web jobs. APP is module:attribute naming a Durably "
+        "instance, or a database URL (sqlite:///app.db) for management commands.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[argparse.Namespace], Awaitable[int]], help: str) -> Any:
+        sub = commands.add_parser(name, help=help, description=help)
+        sub.add_argument("app", metavar="APP", help="module:attribute or a database URL")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("worker", cmd_worker, "run the worker until Ctrl-C or SIGTERM (graceful stop)")
+
+    serve = command("serve", cmd_serve, "worker + HTTP API + dashboard")
+    serve.add_argument("--host", help="interface to bind (default 127.0.0.1; 0.0.0.0 with --auth)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--prefix", default="", help="URL prefix to mount the API under, e.g. /api/durably")
+    serve.add_argument(
+        "--auth", metavar="MODULE:ATTR", help="an object with the auth hooks (see durably_web.asgi)"
+    )
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+
+    trigger = command("trigger", cmd_trigger, "trigger a job; prints the run id")
+    trigger.add_argument("job", metavar="JOB")
+    trigger.add_argument("--input", default="null", help="the job input as JSON (default null)")
+    trigger.add_argument("--idempotency-key")
+    trigger.add_argument("--concurrency-key")
+    trigger.add_argument(
+        "--coalesce", action="store_true", help="reuse a pending run with the same concurrency key"
+    )
+    trigger.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE")
+    trigger.add_argument("--wait", action="store_true", help="wait until a worker finishes the run")
+    trigger.add_argument("--timeout", type=_positive_float, help="seconds to --wait at most")
+    trigger.add_argument("--json", action="store_true", help="print the run as JSON")
+
+    runs = command("runs", cmd_runs, "list runs, newest first")
+    runs.add_argument("--status", action="append", help="status(es), repeat or comma-separate")
+    runs.add_argument("--job", action="append")
+    runs.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE")
+    runs.add_argument("--limit", type=int, default=50)
+    runs.add_argument("--json", action="store_true")
+
+    show = command("show", cmd_show, "a run with its steps, logs, output and error")
+    show.add_argument("run_id", metavar="RUN_ID")
+    show.add_argument("--json", action="store_true")
+
+    for name, handler, text in (
+        ("cancel", cmd_cancel, "cancel a pending or running run"),
+        ("retrigger", cmd_retrigger, "trigger a new run with the same input and labels"),
+        ("delete", cmd_delete, "delete a run that is not running"),
+    ):
+        command(name, handler, text).add_argument("run_id", metavar="RUN_ID")
+
+    purge = command("purge", cmd_purge, "delete finished runs older than a duration")
+    purge.add_argument(
+        "--older-than", required=True, type=Duration.parse, metavar="DURATION", help="e.g. 30d, 12h, 15m, 90s"
+    )
+
+    watch = command("watch", cmd_watch, "follow a run's progress and logs until it ends")
+    watch.add_argument("run_id", metavar="RUN_ID")
+    watch.add_argument("--interval", type=_positive_float, default=0.5, help="seconds between polls")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(args.handler(args))
+    except CliError as exc:
+        _say(f"error: {exc}")
+        return exc.code
+    except ValidationError as exc:
+        _say(f"error: {exc}")
+        return EXIT_USAGE
+    except (NotFoundError, ConflictError, DurablyError) as exc:
+        _say(f"error: {exc}")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+

@@ -1,0 +1,417 @@
+"""The command line, run as ``python -m durably_web`` subprocesses on a real SQLite file.
+
+A jobs module is written into the test's directory, which is the subprocesses'
+working directory: that is how ``module:attribute`` APPs are found in real use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+JOBS_MODULE = '''
+import asyncio
+
+from pydantic import BaseModel
+
+from durably_web import Durably, define_job
+
+
+class Greet(BaseModel):
+    name: str
+
+
+class Count(BaseModel):
+    n: int
+
+
+@define_job("greet", input=Greet)
+async def greet(step, payload: Greet) -> dict:
+    hello = await step.run("hello", lambda: f"hello {payload.name}", type=str)
+    step.progress(1, 2, "said hello")
+    step.log.info("greeted", {"name": payload.name})
+    await step.run("pause", asyncio.sleep, 0.02)
+    step.progress(2, 2, "done")
+    return {"greeting": hello}
+
+
+@define_job("boom")
+async def boom(step, payload) -> None:
+    await step.run("ok", lambda: 1, type=int)
+    raise RuntimeError("boom went the job")
+
+
+@define_job("steady", input=Count)
+async def steady(step, payload: Count) -> int:
+    for i in range(payload.n):
+        await step.run(f"tick-{i}", asyncio.sleep, 0.15)
+        step.progress(i + 1, payload.n, f"tick {i}")
+        step.log.info(f"tick {i} done")
+    return payload.n
+
+
+OPTIONS = dict(polling_interval=0.05, lease_duration=5.0, lease_renew_interval=0.2, shutdown_timeout=5.0)
+durably = Durably("sqlite:///app.db", jobs=[greet, boom, steady], **OPTIONS)
+
+
+def make_durably():
+    return durably
+
+
+not_durably = 42
+unreachable = Durably("sqlite:////nonexistent-dir/deeper/app.db", jobs=[greet])
+'''
+
+TENANCY_MODULE = '''
+from durably_web.asgi import HTTPException
+
+
+class HeaderAuth:
+    def authenticate(self, request):
+        if request.headers.get("x-token") != "let-me-in":
+            raise HTTPException(401, "token required")
+        return "ok"
+
+
+auth = HeaderAuth()
+'''
+
+APP = "clijobs:durably"
+DB = "sqlite:///app.db"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "clijobs.py").write_text(JOBS_MODULE)
+    (tmp_path / "tenancy.py").write_text(TENANCY_MODULE)
+    return tmp_path
+
+
+def _command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "durably_web", *args]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+
+
+@pytest.fixture
+def cli(workdir: Path) -> Callable[..., subprocess.CompletedProcess[str]]:
+    def run(*args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            _command(*args), cwd=workdir, capture_output=True, text=True, timeout=timeout, env=_env()
+        )
+
+    return run
+
+
+class Background:
+    """A CLI process whose combined output goes to a file the test can poll."""
+
+    def __init__(self, workdir: Path, name: str, *args: str) -> None:
+        self.log = workdir / f"{name}.log"
+        self._handle = self.log.open("w")
+        self.process = subprocess.Popen(
+            _command(*args), cwd=workdir, stdout=self._handle, stderr=subprocess.STDOUT, env=_env()
+        )
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            match = re.search(pattern, self.output())
+            if match:
+                return match
+            if self.process.poll() is not None:
+                raise AssertionError(f"process exited ({self.process.returncode}):\n{self.output()}")
+            time.sleep(0.05)
+        raise AssertionError(f"{pattern!r} not seen within {timeout}s:\n{self.output()}")
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
+        self.process.send_signal(sig)
+        return self.process.wait(timeout=timeout)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(timeout=30)
+        self._handle.close()
+
+
+@pytest.fixture
+def background(workdir: Path) -> Iterator[Callable[..., Background]]:
+    started: list[Background] = []
+
+    def start(name: str, *args: str) -> Background:
+        process = Background(workdir, name, *args)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.close()
+
+
+# --- argument and environment errors -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["frobnicate", APP],
+        ["runs"],
+        ["runs", "no-colon-here"],
+        ["runs", "missing_module:durably"],
+        ["runs", "clijobs:nothing_here"],
+        ["runs", "clijobs:not_durably"],
+        ["runs", "sqlite://not-a-valid-url"],
+        ["runs", APP, "--limit", "many"],
+        ["trigger", APP, "greet", "--input", "{not json"],
+        ["trigger", APP, "greet", "--input", '{"name": 5}'],
+        ["trigger", APP, "greet", "--label", "no-equals-sign"],
+        ["trigger", DB, "greet", "--input", '{"name": "x"}'],
+        ["retrigger", DB, "01ANY"],
+        ["worker", DB],
+        ["purge", APP],
+        ["purge", APP, "--older-than", "30 fortnights"],
+        ["watch", APP, "01ANY", "--interval", "0"],
+    ],
+)
+def test_bad_arguments_exit_2(cli: Callable[..., subprocess.CompletedProcess[str]], args: list[str]) -> None:
+    result = cli(*args)
+    assert result.returncode == 2, result
+    assert "error" in result.stderr
+    assert result.stdout == ""
+
+
+def test_valid_trigger_after_rejected_input_created_nothing(
+    cli: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    assert cli("trigger", APP, "greet", "--input", '{"name": 5}').returncode == 2
+    listed = cli("runs", APP, "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
+
+
+def test_unreachable_database_exits_1(
+    cli: Callable[..., subprocess.CompletedProcess[str]], workdir: Path
+) -> None:
+    missing = cli("runs", "sqlite:///missing.db")
+    assert missing.returncode == 1 and "database file not found" in missing.stderr
+    assert not (workdir / "missing.db").exists()
+
+    no_directory = cli("runs", "clijobs:unreachable")
+    assert no_directory.returncode == 1 and "cannot open the database" in no_directory.stderr
+
+    (workdir / "junk.db").write_bytes(b"this is not a SQLite database, just bytes" * 100)
+    junk = cli("runs", "sqlite:///junk.db")
+    assert junk.returncode == 1 and "cannot open the database" in junk.stderr
+
+
+# --- management commands (no worker anywhere) ----------------------------------------------------------
+
+
+def test_trigger_list_show_cancel_retrigger_delete_purge(
+    cli: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    first = cli("trigger", APP, "greet", "--input", '{"name": "ada"}', "--label", "team=red",
+                "--idempotency-key", "k1")
+    assert first.returncode == 0, first.stderr
+    run_id = first.stdout.strip()
+    assert re.fullmatch(r"[0-9A-Z]{26}", run_id) and "created" in first.stderr
+
+    same = cli("trigger", APP, "greet", "--input", '{"name": "ada"}', "--idempotency-key", "k1")
+    assert same.stdout.strip() == run_id and "idempotent" in same.stderr
+
+    keyed = cli("trigger", APP, "greet", "--input", '{"name": "bo"}', "--concurrency-key", "c", "--json")
+    assert keyed.returncode == 0
+    keyed_run = json.loads(keyed.stdout)
+    assert keyed_run["status"] == "pending" and keyed_run["concurrency_key"] == "c"
+    clash = cli("trigger", APP, "greet", "--input", '{"name": "bo"}', "--concurrency-key", "c")
+    assert clash.returncode == 1 and "already pending" in clash.stderr
+    coalesced = cli("trigger", APP, "greet", "--input", '{"name": "bo"}', "--concurrency-key", "c",
+                    "--coalesce")
+    assert coalesced.returncode == 0 and coalesced.stdout.strip() == keyed_run["id"]
+    assert "coalesced" in coalesced.stderr
+
+    table = cli("runs", DB)
+    assert table.returncode == 0
+    lines = table.stdout.splitlines()
+    header = lines[0]
+    assert header.split() == ["ID", "JOB", "STATUS", "PROGRESS", "CREATED", "LABELS"]
+    assert [line.split()[0] for line in lines[1:]] == [keyed_run["id"], run_id]
+    for line in lines[1:]:
+        assert line[header.index("STATUS"):].startswith("pending")
+        assert line[header.index("JOB"):].startswith("greet")
+    assert "team=red" in lines[2]
+
+    by_label = cli("runs", DB, "--label", "team=red")
+    assert [line.split()[0] for line in by_label.stdout.splitlines()[1:]] == [run_id]
+    none = cli("runs", DB, "--status", "completed,failed")
+    assert none.returncode == 0 and none.stdout == "" and "no runs match" in none.stderr
+    by_job = cli("runs", APP, "--job", "greet", "--limit", "1", "--json")
+    assert [run["id"] for run in json.loads(by_job.stdout)] == [keyed_run["id"]]
+
+    shown = cli("show", DB, run_id)
+    assert shown.returncode == 0
+    assert re.search(r"^status\s+pending$", shown.stdout, re.MULTILINE)
+    assert '"name": "ada"' in shown.stdout and "team=red" in shown.stdout and "k1" in shown.stdout
+    assert json.loads(cli("show", DB, run_id, "--json").stdout)["run"]["id"] == run_id
+
+    cancelled = cli("cancel", DB, run_id)
+    assert cancelled.returncode == 0 and "cancelled" in cancelled.stdout
+    assert cli("cancel", DB, run_id).returncode == 0  # cancelling twice is harmless
+    assert re.search(r"^status\s+cancelled$", cli("show", DB, run_id).stdout, re.MULTILINE)
+
+    again = cli("retrigger", APP, run_id)
+    assert again.returncode == 0
+    new_id = again.stdout.strip()
+    assert new_id != run_id
+    new_run = json.loads(cli("show", DB, new_id, "--json").stdout)["run"]
+    assert new_run["input"] == {"name": "ada"} and new_run["labels"] == {"team": "red"}
+
+    deleted = cli("delete", DB, new_id)
+    assert deleted.returncode == 0 and "deleted" in deleted.stdout
+    for command in ("show", "cancel", "delete"):
+        gone = cli(command, DB, new_id)
+        assert gone.returncode == 1 and "not found" in gone.stderr
+    assert cli("retrigger", APP, new_id).returncode == 1
+
+    kept = cli("purge", DB, "--older-than", "30d")
+    assert kept.returncode == 0 and "purged 0 run(s)" in kept.stdout
+    purged = cli("purge", DB, "--older-than", "0s")
+    assert purged.returncode == 0 and "purged 1 run(s)" in purged.stdout
+    remaining = json.loads(cli("runs", DB, "--json").stdout)
+    assert [run["id"] for run in remaining] == [keyed_run["id"]]
+
+
+# --- worker, watch, serve --------------------------------------------------------------------------------
+
+
+def test_worker_executes_runs_triggered_elsewhere_and_stops_on_sigint(
+    cli: Callable[..., subprocess.CompletedProcess[str]], background: Callable[..., Background]
+) -> None:
+    worker = background("worker", "worker", APP)
+    worker.wait_for(r"worker started")
+
+    done = cli("trigger", APP, "greet", "--input", '{"name": "ada"}', "--wait", "--timeout", "60")
+    assert done.returncode == 0, done.stderr
+    run_id = done.stdout.splitlines()[0]
+    assert "completed" in done.stdout and '"greeting": "hello ada"' in done.stdout
+
+    shown = cli("show", APP, run_id)
+    assert re.search(r"^status\s+completed$", shown.stdout, re.MULTILINE)
+    assert re.search(r"^0\s+hello\s+completed\s+\d+(\.\d+)? (ms|s)$", shown.stdout, re.MULTILINE)
+    assert re.search(r"^1\s+pause\s+completed\s+\d+(\.\d+)? (ms|s)$", shown.stdout, re.MULTILINE)
+    assert "INFO    greeted" in shown.stdout and '"greeting": "hello ada"' in shown.stdout
+
+    failed = cli("trigger", APP, "boom", "--wait", "--timeout", "60")
+    assert failed.returncode == 1
+    assert "failed: RuntimeError: boom went the job" in failed.stdout and "Traceback" in failed.stdout
+    failed_id = failed.stdout.splitlines()[0]
+    failed_show = cli("show", DB, failed_id)
+    assert "error: RuntimeError: boom went the job" in failed_show.stdout
+    assert "Traceback (most recent call last)" in failed_show.stdout
+    assert re.search(r"^0\s+ok\s+completed", failed_show.stdout, re.MULTILINE)
+    watched_failure = cli("watch", DB, failed_id)
+    assert watched_failure.returncode == 1 and "failed" in watched_failure.stdout
+
+    worker.wait_for(rf"run {run_id} \(greet\) completed")
+    assert worker.stop(signal.SIGINT) == 0
+    assert "stopping gracefully" in worker.output() and "worker stopped" in worker.output()
+
+
+def test_watch_follows_a_run_executed_by_another_process(
+    cli: Callable[..., subprocess.CompletedProcess[str]], background: Callable[..., Background]
+) -> None:
+    run_id = cli("trigger", APP, "steady", "--input", '{"n": 4}').stdout.strip()
+    watcher = background("watch", "watch", DB, run_id, "--interval", "0.05")
+    watcher.wait_for(rf"watching run {run_id} of steady \(pending\)")
+    worker = background("worker", "worker", APP)
+    assert watcher.process.wait(timeout=90) == 0
+    output = watcher.output()
+    assert re.search(r"\[#+\.*\] 1/4 +25% tick 0", output)
+    assert "[" + "#" * 30 + "] 4/4 100% tick 3" in output
+    assert [line.split()[-2] for line in output.splitlines() if line.startswith("INFO")] == [
+        "0", "1", "2", "3",
+    ]
+    assert "completed; output:\n4" in output
+    assert worker.stop(signal.SIGTERM) == 0
+
+    finished = cli("watch", DB, run_id)
+    assert finished.returncode == 0 and "completed" in finished.stdout
+    assert cli("watch", DB, "01NOSUCHRUN").returncode == 1
+
+
+def _served_url(process: Background) -> str:
+    return process.wait_for(r"serving \S+ at (http://\S+)/ \(dashboard").group(1)
+
+
+def test_serve_binds_loopback_without_auth_and_runs_jobs(background: Callable[..., Background]) -> None:
+    server = background("serve", "serve", APP, "--port", "0")
+    url = _served_url(server)
+    assert url.startswith("http://127.0.0.1:")
+    assert "no auth hook" in server.output() and "bound to 127.0.0.1 only" in server.output()
+    with httpx.Client(base_url=url, timeout=20) as http:
+        assert http.get("/health").json()["jobs"] == ["boom", "greet", "steady"]
+        created = http.post("/trigger", json={"job": "greet", "input": {"name": "web"}})
+        assert created.status_code == 201
+        run_id = created.json()["id"]
+        deadline = time.monotonic() + 60
+        while http.get(f"/runs/{run_id}").json()["status"] != "completed":
+            assert time.monotonic() < deadline, "run did not complete"
+            time.sleep(0.05)
+        assert http.get(f"/runs/{run_id}").json()["output"] == {"greeting": "hello web"}
+        assert http.get("/openapi.json").status_code == 200
+    assert server.stop(signal.SIGINT) == 0
+    assert "stopped" in server.output()
+
+
+def test_serve_with_an_auth_hook_and_a_prefix(background: Callable[..., Background]) -> None:
+    server = background("serve", "serve", APP, "--auth", "tenancy:auth", "--prefix", "/api/durably",
+                        "--port", "0")
+    url = _served_url(server)
+    assert url.startswith("http://0.0.0.0:") and url.endswith("/api/durably")
+    assert "auth hook tenancy:auth" in server.output()
+    port = url.split(":")[2].split("/")[0]
+    base = f"http://127.0.0.1:{port}/api/durably"
+    with httpx.Client(base_url=base, timeout=20) as http:
+        assert http.get("/runs").status_code == 401
+        allowed = http.get("/runs", headers={"x-token": "let-me-in"})
+        assert allowed.status_code == 200 and allowed.json()["runs"] == []
+        assert http.get("/health").status_code == 200
+    assert server.stop(signal.SIGTERM) == 0
+
+
+def test_serve_reports_a_busy_port(background: Callable[..., Background]) -> None:
+    first = background("serve-1", "serve", APP, "--port", "0")
+    port = _served_url(first).rsplit(":", 1)[1]
+    second = background("serve-2", "serve", DB, "--port", port)
+    assert second.process.wait(timeout=60) == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in second.output()
+    assert first.stop(signal.SIGINT) == 0
+
+
+def test_serve_a_database_url_without_a_worker(
+    cli: Callable[..., subprocess.CompletedProcess[str]], background: Callable[..., Background]
+) -> None:
+    run_id = cli("trigger", APP, "greet", "--input", '{"name": "x"}').stdout.strip()
+    server = background("serve", "serve", DB, "--port", "0")
+    url = _served_url(server)
+    assert "no worker (database URL)" in server.output()
+    with httpx.Client(base_url=url, timeout=20) as http:
+        assert http.get(f"/runs/{run_id}").json()["status"] == "pending"
+        assert http.post(f"/runs/{run_id}/cancel").json()["status"] == "cancelled"
+    assert server.stop(signal.SIGINT) == 0
