@@ -59,9 +59,7 @@ def floor_us(folder: Path, n: int) -> float:
     )
     start = time.perf_counter()
     for i in range(n):
-        conn.execute(
-            "INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?)", ("run", i, f"s{i}", "null", i, i)
-        )
+        conn.execute("INSERT INTO steps VALUES (?, ?, ?, ?, ?, ?)", ("run", i, f"s{i}", "null", i, i))
     elapsed = time.perf_counter() - start
     conn.close()
     return elapsed / n * 1e6
@@ -119,14 +117,22 @@ async def main() -> None:
     floor = statistics.median(floors)
     step_async = statistics.median(steps_async)
     step_sync = statistics.median(steps_sync)
-    print(f"durably-web core benchmark  (Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, "
-          f"median of {args.repeat})")
+    print(
+        f"durably-web core benchmark  (Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, "
+        f"median of {args.repeat})"
+    )
     print(f"  floor: raw sqlite3 committed INSERT (WAL, synchronous=NORMAL)   {floor:8.1f} us")
-    print(f"  per-step overhead, {args.steps} no-op async steps                 {step_async:8.1f} us"
-          f"   ratio {step_async / floor:4.2f}x floor")
-    print(f"  per-step overhead, {args.steps} no-op sync steps (thread hop)     {step_sync:8.1f} us"
-          f"   ratio {step_sync / floor:4.2f}x floor")
-    print(f"  single-step runs, {args.runs} triggered one by one              {statistics.median(rates):8.0f} runs/s")
+    print(
+        f"  per-step overhead, {args.steps} no-op async steps                 {step_async:8.1f} us"
+        f"   ratio {step_async / floor:4.2f}x floor"
+    )
+    print(
+        f"  per-step overhead, {args.steps} no-op sync steps (thread hop)     {step_sync:8.1f} us"
+        f"   ratio {step_sync / floor:4.2f}x floor"
+    )
+    print(
+        f"  single-step runs, {args.runs} triggered one by one              {statistics.median(rates):8.0f} runs/s"
+    )
 
 
 if __name__ == "__main__":

@@ -72,8 +72,14 @@ RunOperation = Literal["read", "subscribe", "steps", "cancel", "retrigger", "del
 
 #: Event types the run-list stream (``GET /events``) carries: one line per run change.
 RUN_LEVEL_EVENT_TYPES: tuple[str, ...] = (
-    "run:trigger", "run:coalesced", "run:leased", "run:progress",
-    "run:complete", "run:fail", "run:cancel", "run:delete",
+    "run:trigger",
+    "run:coalesced",
+    "run:leased",
+    "run:progress",
+    "run:complete",
+    "run:fail",
+    "run:cancel",
+    "run:delete",
 )
 #: A comment line this often keeps proxies from closing an idle stream.
 KEEPALIVE_SECONDS = 15.0
@@ -492,8 +498,12 @@ class _Api:
                 body = replacement
         try:
             run = await self.durably.trigger(
-                body.job, body.input, idempotency_key=body.idempotency_key,
-                concurrency_key=body.concurrency_key, coalesce=body.coalesce, labels=body.labels,
+                body.job,
+                body.input,
+                idempotency_key=body.idempotency_key,
+                concurrency_key=body.concurrency_key,
+                coalesce=body.coalesce,
+                labels=body.labels,
             )
         except ConflictError as exc:
             if self.auth is None:
@@ -508,13 +518,17 @@ class _Api:
         runs = await self.durably.get_runs(
             status=None if runs_filter.status is None else list(runs_filter.status),
             job_name=None if runs_filter.job is None else list(runs_filter.job),
-            labels=runs_filter.labels, limit=runs_filter.limit, offset=runs_filter.offset,
+            labels=runs_filter.labels,
+            limit=runs_filter.limit,
+            offset=runs_filter.offset,
         )
-        return JSONResponse({
-            "runs": [run.to_dict() for run in runs],
-            "limit": runs_filter.limit,
-            "offset": runs_filter.offset,
-        })
+        return JSONResponse(
+            {
+                "runs": [run.to_dict() for run in runs],
+                "limit": runs_filter.limit,
+                "offset": runs_filter.offset,
+            }
+        )
 
     async def get_run(self, request: Request) -> Response:
         _, run = await self._run_for(request, "read")
@@ -613,15 +627,29 @@ class _Api:
             yield _sse("run:snapshot", {"type": "run:snapshot", **envelope, "run": run.to_dict()})
             for step in steps:
                 kind = "step:complete" if step.status == "completed" else "step:fail"
-                yield _sse(kind, {
-                    "type": kind, **envelope, "step_name": step.name, "step_index": step.index,
-                    "output": step.output, "error": step.error, "duration_ms": step.duration_ms,
-                    "replayed": True,
-                })
+                yield _sse(
+                    kind,
+                    {
+                        "type": kind,
+                        **envelope,
+                        "step_name": step.name,
+                        "step_index": step.index,
+                        "output": step.output,
+                        "error": step.error,
+                        "duration_ms": step.duration_ms,
+                        "replayed": True,
+                    },
+                )
             if run.progress is not None:
-                yield _sse("run:progress", {
-                    "type": "run:progress", **envelope, "progress": run.progress, "replayed": True,
-                })
+                yield _sse(
+                    "run:progress",
+                    {
+                        "type": "run:progress",
+                        **envelope,
+                        "progress": run.progress,
+                        "replayed": True,
+                    },
+                )
             replayed_steps = max((step.index for step in steps), default=-1)
 
             async def next_event() -> Event | None:
@@ -886,113 +914,218 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
         },
     }
     list_filters = [
-        {"name": "job", "in": "query", "schema": {"type": "array", "items": {"type": "string"}},
-         "description": "job name(s); repeat or comma-separate"},
-        {"name": "label.{key}", "in": "query", "schema": {"type": "string"},
-         "description": "exact label match, e.g. label.tenant=acme (not a literal parameter name)"},
+        {
+            "name": "job",
+            "in": "query",
+            "schema": {"type": "array", "items": {"type": "string"}},
+            "description": "job name(s); repeat or comma-separate",
+        },
+        {
+            "name": "label.{key}",
+            "in": "query",
+            "schema": {"type": "string"},
+            "description": "exact label match, e.g. label.tenant=acme (not a literal parameter name)",
+        },
     ]
     created = {"description": "the run", "content": _json_content(_ref("TriggerResult"))}
     paths: dict[str, Any] = {
-        "/health": {"get": _op(
-            "Liveness and database check (no authentication)",
-            {"200": {"description": "ok", "content": _json_content({"type": "object"})},
-             "503": {"description": "database unavailable", "content": _json_content({"type": "object"})}},
-        )},
+        "/health": {
+            "get": _op(
+                "Liveness and database check (no authentication)",
+                {
+                    "200": {"description": "ok", "content": _json_content({"type": "object"})},
+                    "503": {
+                        "description": "database unavailable",
+                        "content": _json_content({"type": "object"}),
+                    },
+                },
+            )
+        },
         "/openapi.json": {"get": _op("This document", {"200": {"description": "OpenAPI 3.1"}})},
-        "/jobs": {"get": _op(
-            "Registered jobs with their input JSON Schema",
-            {"200": {"description": "jobs", "content": _json_content({"type": "object"})},
-             **_ERROR_RESPONSES},
-        )},
-        "/trigger": {"post": _op(
-            "Trigger a job (201 when created, 200 for an idempotent or coalesced run)",
-            {"200": created, "201": created, **_ERROR_RESPONSES, **_NOT_FOUND, **_CONFLICT,
-             "413": {"description": "body too large", "content": _json_content(_ref("Error"))}},
-            requestBody={"required": True, "content": _json_content(_ref("TriggerRequest"))},
-        )},
-        "/runs": {"get": _op(
-            "List runs, newest first",
-            {"200": {"description": "runs", "content": _json_content({
-                "type": "object",
-                "properties": {"runs": {"type": "array", "items": _ref("Run")},
-                               "limit": {"type": "integer"}, "offset": {"type": "integer"}},
-            })}, **_ERROR_RESPONSES},
-            parameters=[
-                *list_filters,
-                {"name": "status", "in": "query",
-                 "schema": {"type": "array", "items": {"enum": sorted(RUN_STATUSES)}},
-                 "description": "status(es); repeat or comma-separate"},
-                {"name": "limit", "in": "query",
-                 "schema": {"type": "integer", "minimum": 0, "maximum": MAX_LIMIT, "default": 100}},
-                {"name": "offset", "in": "query",
-                 "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}},
-            ],
-        )},
+        "/jobs": {
+            "get": _op(
+                "Registered jobs with their input JSON Schema",
+                {
+                    "200": {"description": "jobs", "content": _json_content({"type": "object"})},
+                    **_ERROR_RESPONSES,
+                },
+            )
+        },
+        "/trigger": {
+            "post": _op(
+                "Trigger a job (201 when created, 200 for an idempotent or coalesced run)",
+                {
+                    "200": created,
+                    "201": created,
+                    **_ERROR_RESPONSES,
+                    **_NOT_FOUND,
+                    **_CONFLICT,
+                    "413": {"description": "body too large", "content": _json_content(_ref("Error"))},
+                },
+                requestBody={"required": True, "content": _json_content(_ref("TriggerRequest"))},
+            )
+        },
+        "/runs": {
+            "get": _op(
+                "List runs, newest first",
+                {
+                    "200": {
+                        "description": "runs",
+                        "content": _json_content(
+                            {
+                                "type": "object",
+                                "properties": {
+                                    "runs": {"type": "array", "items": _ref("Run")},
+                                    "limit": {"type": "integer"},
+                                    "offset": {"type": "integer"},
+                                },
+                            }
+                        ),
+                    },
+                    **_ERROR_RESPONSES,
+                },
+                parameters=[
+                    *list_filters,
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"type": "array", "items": {"enum": sorted(RUN_STATUSES)}},
+                        "description": "status(es); repeat or comma-separate",
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_LIMIT, "default": 100},
+                    },
+                    {
+                        "name": "offset",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
+                    },
+                ],
+            )
+        },
         "/runs/{run_id}": {
-            "get": _op("One run", {"200": {"description": "the run", "content": _json_content(_ref("Run"))},
-                                   **_ERROR_RESPONSES, **_NOT_FOUND}, parameters=[_RUN_ID]),
+            "get": _op(
+                "One run",
+                {
+                    "200": {"description": "the run", "content": _json_content(_ref("Run"))},
+                    **_ERROR_RESPONSES,
+                    **_NOT_FOUND,
+                },
+                parameters=[_RUN_ID],
+            ),
             "delete": _op(
                 "Delete a run that is not running, with its steps and logs",
-                {"200": {"description": "deleted", "content": _json_content({"type": "object"})},
-                 **_ERROR_RESPONSES, **_NOT_FOUND, **_CONFLICT},
+                {
+                    "200": {"description": "deleted", "content": _json_content({"type": "object"})},
+                    **_ERROR_RESPONSES,
+                    **_NOT_FOUND,
+                    **_CONFLICT,
+                },
                 parameters=[_RUN_ID],
             ),
         },
-        "/runs/{run_id}/steps": {"get": _op(
-            "The run's recorded steps",
-            {"200": {"description": "steps", "content": _json_content({
-                "type": "object", "properties": {"steps": {"type": "array", "items": _ref("Step")}}})},
-             **_ERROR_RESPONSES, **_NOT_FOUND},
-            parameters=[_RUN_ID],
-        )},
-        "/runs/{run_id}/logs": {"get": _op(
-            "The run's log lines",
-            {"200": {"description": "logs", "content": _json_content({
-                "type": "object", "properties": {"logs": {"type": "array", "items": _ref("LogEntry")}}})},
-             **_ERROR_RESPONSES, **_NOT_FOUND},
-            parameters=[_RUN_ID],
-        )},
-        "/runs/{run_id}/cancel": {"post": _op(
-            "Cancel a pending or running run (body: none or {})",
-            {"200": {"description": "the cancelled run", "content": _json_content(_ref("Run"))},
-             **_ERROR_RESPONSES, **_NOT_FOUND, **_CONFLICT},
-            parameters=[_RUN_ID],
-        )},
-        "/runs/{run_id}/retrigger": {"post": _op(
-            "A new run of the same job with the same input and labels (body: none or {})",
-            {"201": created, **_ERROR_RESPONSES, **_NOT_FOUND, **_CONFLICT},
-            parameters=[_RUN_ID],
-        )},
-        "/runs/{run_id}/events": {"get": _op(
-            "Server-Sent Events for one run: run:snapshot, the recorded steps (replayed: true) and "
-            "run:progress first, then live events; the stream ends after the terminal event "
-            "(run:complete, run:fail, run:cancel or run:delete) — close the EventSource then, "
-            "or it reconnects. run:progress is throttled per run; the last one is always sent.",
-            {"200": {"description": "event stream", "content": _SSE}, **_ERROR_RESPONSES, **_NOT_FOUND},
-            parameters=[_RUN_ID],
-        )},
-        "/events": {"get": _op(
-            "Server-Sent Events for the run list: " + ", ".join(RUN_LEVEL_EVENT_TYPES)
-            + " of the runs inside the (scoped) filter, each with the run's current state in `run`.",
-            {"200": {"description": "event stream", "content": _SSE}, **_ERROR_RESPONSES},
-            parameters=list_filters,
-        )},
+        "/runs/{run_id}/steps": {
+            "get": _op(
+                "The run's recorded steps",
+                {
+                    "200": {
+                        "description": "steps",
+                        "content": _json_content(
+                            {
+                                "type": "object",
+                                "properties": {"steps": {"type": "array", "items": _ref("Step")}},
+                            }
+                        ),
+                    },
+                    **_ERROR_RESPONSES,
+                    **_NOT_FOUND,
+                },
+                parameters=[_RUN_ID],
+            )
+        },
+        "/runs/{run_id}/logs": {
+            "get": _op(
+                "The run's log lines",
+                {
+                    "200": {
+                        "description": "logs",
+                        "content": _json_content(
+                            {
+                                "type": "object",
+                                "properties": {"logs": {"type": "array", "items": _ref("LogEntry")}},
+                            }
+                        ),
+                    },
+                    **_ERROR_RESPONSES,
+                    **_NOT_FOUND,
+                },
+                parameters=[_RUN_ID],
+            )
+        },
+        "/runs/{run_id}/cancel": {
+            "post": _op(
+                "Cancel a pending or running run (body: none or {})",
+                {
+                    "200": {"description": "the cancelled run", "content": _json_content(_ref("Run"))},
+                    **_ERROR_RESPONSES,
+                    **_NOT_FOUND,
+                    **_CONFLICT,
+                },
+                parameters=[_RUN_ID],
+            )
+        },
+        "/runs/{run_id}/retrigger": {
+            "post": _op(
+                "A new run of the same job with the same input and labels (body: none or {})",
+                {"201": created, **_ERROR_RESPONSES, **_NOT_FOUND, **_CONFLICT},
+                parameters=[_RUN_ID],
+            )
+        },
+        "/runs/{run_id}/events": {
+            "get": _op(
+                "Server-Sent Events for one run: run:snapshot, the recorded steps (replayed: true) and "
+                "run:progress first, then live events; the stream ends after the terminal event "
+                "(run:complete, run:fail, run:cancel or run:delete) — close the EventSource then, "
+                "or it reconnects. run:progress is throttled per run; the last one is always sent.",
+                {"200": {"description": "event stream", "content": _SSE}, **_ERROR_RESPONSES, **_NOT_FOUND},
+                parameters=[_RUN_ID],
+            )
+        },
+        "/events": {
+            "get": _op(
+                "Server-Sent Events for the run list: "
+                + ", ".join(RUN_LEVEL_EVENT_TYPES)
+                + " of the runs inside the (scoped) filter, each with the run's current state in `run`.",
+                {"200": {"description": "event stream", "content": _SSE}, **_ERROR_RESPONSES},
+                parameters=list_filters,
+            )
+        },
         "/dashboard": {"get": _op("Redirect to /dashboard/", {"307": {"description": "redirect"}})},
-        "/dashboard/": {"get": _op(
-            "The dashboard page",
-            {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
-             **_NOT_FOUND},
-        )},
-        "/dashboard/{path}": {"get": _op(
-            "The dashboard's static files",
-            {"200": {"description": "a file"}, **_NOT_FOUND},
-            parameters=[{"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}],
-        )},
-        "/static/{path}": {"get": _op(
-            "The same static files (durably.js for pages elsewhere)",
-            {"200": {"description": "a file"}, **_NOT_FOUND},
-            parameters=[{"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}],
-        )},
+        "/dashboard/": {
+            "get": _op(
+                "The dashboard page",
+                {
+                    "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
+                    **_NOT_FOUND,
+                },
+            )
+        },
+        "/dashboard/{path}": {
+            "get": _op(
+                "The dashboard's static files",
+                {"200": {"description": "a file"}, **_NOT_FOUND},
+                parameters=[{"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}],
+            )
+        },
+        "/static/{path}": {
+            "get": _op(
+                "The same static files (durably.js for pages elsewhere)",
+                {"200": {"description": "a file"}, **_NOT_FOUND},
+                parameters=[{"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}],
+            )
+        },
     }
     schemas = {
         "TriggerRequest": TriggerRequest.model_json_schema(),
@@ -1006,29 +1139,57 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             },
         },
         "Run": run_schema,
-        "ErrorInfo": {"type": "object", "properties": {
-            "type": {"type": "string"}, "message": {"type": "string"}, "traceback": {"type": "string"}}},
-        "Step": {"type": "object", "properties": {
-            "run_id": {"type": "string"}, "index": {"type": "integer"}, "name": {"type": "string"},
-            "status": {"enum": ["completed", "failed"]}, "output": {},
-            "error": {"oneOf": [{"type": "null"}, _ref("ErrorInfo")]},
-            "started_at": {"type": "string", "format": "date-time"},
-            "completed_at": {"type": "string", "format": "date-time"},
-            "duration_ms": {"type": "number"}}},
-        "LogEntry": {"type": "object", "properties": {
-            "run_id": {"type": "string"}, "step_name": {"type": ["string", "null"]},
-            "level": {"enum": ["debug", "info", "warning", "error"]}, "message": {"type": "string"},
-            "data": {}, "created_at": {"type": "string", "format": "date-time"}}},
-        "Error": {"type": "object", "required": ["error", "message"], "properties": {
-            "error": {"type": "string"}, "message": {"type": "string"},
-            "details": {"type": "array", "items": {"type": "object"}}}},
+        "ErrorInfo": {
+            "type": "object",
+            "properties": {
+                "type": {"type": "string"},
+                "message": {"type": "string"},
+                "traceback": {"type": "string"},
+            },
+        },
+        "Step": {
+            "type": "object",
+            "properties": {
+                "run_id": {"type": "string"},
+                "index": {"type": "integer"},
+                "name": {"type": "string"},
+                "status": {"enum": ["completed", "failed"]},
+                "output": {},
+                "error": {"oneOf": [{"type": "null"}, _ref("ErrorInfo")]},
+                "started_at": {"type": "string", "format": "date-time"},
+                "completed_at": {"type": "string", "format": "date-time"},
+                "duration_ms": {"type": "number"},
+            },
+        },
+        "LogEntry": {
+            "type": "object",
+            "properties": {
+                "run_id": {"type": "string"},
+                "step_name": {"type": ["string", "null"]},
+                "level": {"enum": ["debug", "info", "warning", "error"]},
+                "message": {"type": "string"},
+                "data": {},
+                "created_at": {"type": "string", "format": "date-time"},
+            },
+        },
+        "Error": {
+            "type": "object",
+            "required": ["error", "message"],
+            "properties": {
+                "error": {"type": "string"},
+                "message": {"type": "string"},
+                "details": {"type": "array", "items": {"type": "object"}},
+            },
+        },
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "durably-web", "version": __version__,
-                 "description": "Trigger, watch and manage durable job runs."},
+        "info": {
+            "title": "durably-web",
+            "version": __version__,
+            "description": "Trigger, watch and manage durable job runs.",
+        },
         "servers": [{"url": server_url or "/"}],
         "paths": paths,
         "components": {"schemas": schemas},
     }
-

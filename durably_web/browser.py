@@ -52,9 +52,11 @@ def load_job_modules(paths: Iterable[str]) -> list[JobDefinition[Any, Any]]:
         sys.modules[name] = module
         spec.loader.exec_module(module)
         declared = getattr(module, "JOBS", None)
-        found = list(declared) if declared is not None else [
-            value for value in vars(module).values() if isinstance(value, JobDefinition)
-        ]
+        found = (
+            list(declared)
+            if declared is not None
+            else [value for value in vars(module).values() if isinstance(value, JobDefinition)]
+        )
         if not found:
             raise ValidationError(f"job module {path!r} defines no jobs (use @define_job)")
         jobs.extend(job for job in found if job not in jobs)

@@ -240,8 +240,12 @@ def progress_bar(current: int, total: int | None, message: str | None, width: in
 
 def _print_run(run: Run, out: TextIO) -> None:
     fields = [
-        ("id", run.id), ("job", run.job_name), ("status", run.status), ("attempt", str(run.attempt)),
-        ("created", _when(run.created_at)), ("started", _when(run.started_at)),
+        ("id", run.id),
+        ("job", run.job_name),
+        ("status", run.status),
+        ("attempt", str(run.attempt)),
+        ("created", _when(run.created_at)),
+        ("started", _when(run.started_at)),
         ("completed", _when(run.completed_at)),
     ]
     if run.progress is not None:
@@ -269,8 +273,12 @@ async def cmd_trigger(args: argparse.Namespace) -> int:
     labels = _labels(args.label)
     async with opened(load_durably(args.app), worker=False) as durably:
         run = await durably.trigger(
-            args.job, payload, idempotency_key=args.idempotency_key,
-            concurrency_key=args.concurrency_key, coalesce="skip" if args.coalesce else None, labels=labels,
+            args.job,
+            payload,
+            idempotency_key=args.idempotency_key,
+            concurrency_key=args.concurrency_key,
+            coalesce="skip" if args.coalesce else None,
+            labels=labels,
         )
         _say(f"run {run.id} of {run.job_name}: {run.disposition}")
         if not args.wait:
@@ -313,8 +321,14 @@ async def cmd_runs(args: argparse.Namespace) -> int:
         _say("no runs match")
         return 0
     rows = [
-        [run.id, run.job_name, run.status, _progress_text(run), _when(run.created_at),
-         ",".join(f"{k}={v}" for k, v in sorted(run.labels.items()))]
+        [
+            run.id,
+            run.job_name,
+            run.status,
+            _progress_text(run),
+            _when(run.created_at),
+            ",".join(f"{k}={v}" for k, v in sorted(run.labels.items())),
+        ]
         for run in runs
     ]
     print(format_table(["ID", "JOB", "STATUS", "PROGRESS", "CREATED", "LABELS"], rows))
@@ -327,11 +341,15 @@ async def cmd_show(args: argparse.Namespace) -> int:
         steps = await durably.get_steps(run.id)
         logs = await durably.get_logs(run.id)
     if args.json:
-        print(_json({
-            "run": run.to_dict(),
-            "steps": [step.to_dict() for step in steps],
-            "logs": [log.to_dict() for log in logs],
-        }))
+        print(
+            _json(
+                {
+                    "run": run.to_dict(),
+                    "steps": [step.to_dict() for step in steps],
+                    "logs": [log.to_dict() for log in logs],
+                }
+            )
+        )
         return 0
     out = sys.stdout
     _print_run(run, out)
@@ -436,8 +454,10 @@ def _install_stop_handlers(on_stop: Callable[[], None]) -> None:
             _say(f"{signame} again: exiting without waiting")
             os._exit(130)
         asked = True
-        _log_line(f"{signame}: stopping gracefully (running handlers stop at their next step; "
-                  "Ctrl-C again to exit at once)")
+        _log_line(
+            f"{signame}: stopping gracefully (running handlers stop at their next step; "
+            "Ctrl-C again to exit at once)"
+        )
         on_stop()
 
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -447,9 +467,13 @@ def _install_stop_handlers(on_stop: Callable[[], None]) -> None:
 def _report_run_events(durably: Durably) -> None:
     """One log line per run milestone, so an operator sees the worker doing something."""
     messages = {
-        "run:leased": "started", "run:complete": "completed", "run:fail": "failed", "run:cancel": "cancelled",
+        "run:leased": "started",
+        "run:complete": "completed",
+        "run:fail": "failed",
+        "run:cancel": "cancelled",
     }
     for kind, text in messages.items():
+
         def report(event: Any, text: str = text) -> None:
             error = event.data.get("error")
             _log_line(f"run {event.run_id} ({event.job_name}) {text}" + (f": {error}" if error else ""))
@@ -518,9 +542,11 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         base = f"http://{shown}:{bound_port}{prefix}"
         if auth is None:
-            note = ("no auth hook, so anyone who can reach it can manage runs"
-                    + ("; bound to 127.0.0.1 only (pass --auth module:attribute to expose it)"
-                       if args.host is None else f"; bound to {host} as asked"))
+            note = "no auth hook, so anyone who can reach it can manage runs" + (
+                "; bound to 127.0.0.1 only (pass --auth module:attribute to expose it)"
+                if args.host is None
+                else f"; bound to {host} as asked"
+            )
         else:
             note = f"auth hook {args.auth}"
         serving = asyncio.create_task(server.serve(sockets=[sock]))
@@ -627,4 +653,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         _say("interrupted")
         return 130
-

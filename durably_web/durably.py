@@ -59,7 +59,9 @@ class TriggerItem:
     labels: Mapping[str, str] | None = None
 
 
-def _seconds(name: str, value: Seconds | None, *, allow_none: bool = False, minimum: float = 0.0) -> float | None:
+def _seconds(
+    name: str, value: Seconds | None, *, allow_none: bool = False, minimum: float = 0.0
+) -> float | None:
     if value is None:
         if allow_none:
             return None
@@ -113,7 +115,11 @@ class Durably:
                 f"lease_renew_interval ({self.lease_renew_interval}s) must be shorter than "
                 f"lease_duration ({self.lease_duration}s) or leases would expire while renewed"
             )
-        if isinstance(max_concurrent_runs, bool) or not isinstance(max_concurrent_runs, int) or max_concurrent_runs < 1:
+        if (
+            isinstance(max_concurrent_runs, bool)
+            or not isinstance(max_concurrent_runs, int)
+            or max_concurrent_runs < 1
+        ):
             raise ValidationError(f"max_concurrent_runs must be a positive int, not {max_concurrent_runs!r}")
         self.max_concurrent_runs = max_concurrent_runs
         self.retain_runs = _seconds("retain_runs", retain_runs, allow_none=True)
@@ -226,7 +232,9 @@ class Durably:
         if self.bus.wants(event_type):
             self.bus.emit(self._event(event_type, run_id, job_name, data))
 
-    def _event(self, event_type: str, run_id: str | None, job_name: str | None, data: dict[str, Any]) -> Event:
+    def _event(
+        self, event_type: str, run_id: str | None, job_name: str | None, data: dict[str, Any]
+    ) -> Event:
         return Event(event_type, run_id, job_name, from_ms(self.now_ms()), data)  # type: ignore[arg-type]
 
     def _terminal_event(self, record: RunRecord) -> Event:
@@ -234,9 +242,13 @@ class Durably:
         data: dict[str, Any] = {"output": run.output} if run.status == "completed" else {"error": run.error}
         return self._event(_STATUS_EVENT[record.status], record.id, record.job_name, data)
 
-    def report_worker_error(self, exc: BaseException, *, run_id: str | None = None, job_name: str | None = None) -> None:
+    def report_worker_error(
+        self, exc: BaseException, *, run_id: str | None = None, job_name: str | None = None
+    ) -> None:
         logger.warning("durably-web worker error (run %s): %s", run_id, exc)
-        self.emit("worker:error", run_id, job_name, {"error": ErrorInfo.from_exception(exc), "source": "worker"})
+        self.emit(
+            "worker:error", run_id, job_name, {"error": ErrorInfo.from_exception(exc), "source": "worker"}
+        )
 
     # --- triggering ----------------------------------------------------------------------
     def _job(self, job: str | JobDefinition[Any, Any]) -> JobDefinition[Any, Any]:
@@ -340,8 +352,12 @@ class Durably:
                     item_labels = {**(labels or {}), **(item.labels or {})}
                     news.append(
                         self._new_run(
-                            definition, item.input, item.idempotency_key, item.concurrency_key,
-                            item.coalesce, item_labels,
+                            definition,
+                            item.input,
+                            item.idempotency_key,
+                            item.concurrency_key,
+                            item.coalesce,
+                            item_labels,
                         )
                     )
                 else:
@@ -363,8 +379,12 @@ class Durably:
     ) -> Run:
         """Trigger, then wait until the run ends; returns the final run (check ``status``)."""
         run = await self.trigger(
-            job, input, idempotency_key=idempotency_key, concurrency_key=concurrency_key,
-            coalesce=coalesce, labels=labels,
+            job,
+            input,
+            idempotency_key=idempotency_key,
+            concurrency_key=concurrency_key,
+            coalesce=coalesce,
+            labels=labels,
         )
         return await self.wait_for_run(run.id, timeout=timeout)
 
@@ -392,9 +412,7 @@ class Durably:
                 if deadline is not None:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
-                        raise WaitTimeoutError(
-                            f"run {run_id} is still {record.status} after {limit}s"
-                        )
+                        raise WaitTimeoutError(f"run {run_id} is still {record.status} after {limit}s")
                     wait = min(wait, remaining)
                 try:
                     await asyncio.wait_for(finished.wait(), wait)
@@ -425,7 +443,9 @@ class Durably:
         if statuses is not None:
             unknown = set(statuses) - RUN_STATUSES
             if unknown:
-                raise ValidationError(f"unknown status(es) {sorted(unknown)}; expected {sorted(RUN_STATUSES)}")
+                raise ValidationError(
+                    f"unknown status(es) {sorted(unknown)}; expected {sorted(RUN_STATUSES)}"
+                )
         for name, value in (("limit", limit), ("offset", offset)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
                 raise ValidationError(f"{name} must be a non-negative int, not {value!r}")
@@ -445,7 +465,10 @@ class Durably:
         self._require(run_id)
         return [
             Step(
-                run_id=s.run_id, index=s.index, name=s.name, status=s.status,  # type: ignore[arg-type]
+                run_id=s.run_id,
+                index=s.index,
+                name=s.name,
+                status=s.status,  # type: ignore[arg-type]
                 output=None if s.output_json is None else json.loads(s.output_json),
                 error=_error_info(s.error_json),
                 started_at=from_ms(s.started_at),  # type: ignore[arg-type]
@@ -458,7 +481,9 @@ class Durably:
         self._require(run_id)
         return [
             LogEntry(
-                run_id=log.run_id, step_name=log.step_name, level=log.level,  # type: ignore[arg-type]
+                run_id=log.run_id,
+                step_name=log.step_name,
+                level=log.level,  # type: ignore[arg-type]
                 message=log.message,
                 data=None if log.data_json is None else json.loads(log.data_json),
                 created_at=from_ms(log.created_at),  # type: ignore[arg-type]
@@ -495,7 +520,9 @@ class Durably:
     async def purge_runs(self, *, older_than: Seconds, limit: int | None = None) -> int:
         """Delete completed/failed/cancelled runs that ended more than ``older_than`` ago."""
         age = _seconds("older_than", older_than)
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 2**62):
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 2**62
+        ):
             raise ValidationError(f"limit must be a non-negative int, not {limit!r}")
         return self.store.purge_runs(self.now_ms() - int(age * 1000), limit)  # type: ignore[operator]
 
@@ -584,9 +611,7 @@ def _validate_labels(labels: Mapping[str, str] | None, *, filtering: bool = Fals
     clean = {}
     for key, value in labels.items():
         if not isinstance(key, str) or not LABEL_KEY.match(key):
-            raise ValidationError(
-                f"invalid label key {key!r}: use 1-64 letters, digits and _ . : / -"
-            )
+            raise ValidationError(f"invalid label key {key!r}: use 1-64 letters, digits and _ . : / -")
         if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE or "\x00" in value:
             raise ValidationError(
                 f"label {key!r} must have a string value of at most {MAX_LABEL_VALUE} characters"

@@ -149,9 +149,13 @@ class RunExecution:
         failed_step = self.failed_step if error is not None else None
         try:
             ok = durably.store.finish_run(
-                self.run_id, self.generation, status=status, output_json=output_json,
+                self.run_id,
+                self.generation,
+                status=status,
+                output_json=output_json,
                 error_json=None if error is None else _error_json(error),
-                failed_step=failed_step, drop_step_outputs=not durably.preserve_steps,
+                failed_step=failed_step,
+                drop_step_outputs=not durably.preserve_steps,
                 now=self.now_ms(),
             )
         except StorageError as exc:
@@ -259,9 +263,7 @@ class Worker:
             try:
                 now = durably.now_ms()
                 leases = [(run_id, ex.generation) for run_id, ex in self.active.items()]
-                lost = durably.store.renew_leases(
-                    leases, now, now + int(durably.lease_duration * 1000)
-                )
+                lost = durably.store.renew_leases(leases, now, now + int(durably.lease_duration * 1000))
             except Exception as exc:
                 durably.report_worker_error(exc)
                 continue

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Callable
+from datetime import UTC
 from typing import Any
 
 from .errors import ValidationError
@@ -15,14 +16,22 @@ logger = logging.getLogger("durably_web")
 
 EVENT_TYPES: frozenset[str] = frozenset(
     {
-        "run:trigger", "run:coalesced", "run:leased", "run:complete", "run:fail",
-        "run:cancel", "run:delete", "run:progress", "step:start", "step:complete",
-        "step:fail", "log:write", "worker:error",
+        "run:trigger",
+        "run:coalesced",
+        "run:leased",
+        "run:complete",
+        "run:fail",
+        "run:cancel",
+        "run:delete",
+        "run:progress",
+        "step:start",
+        "step:complete",
+        "step:fail",
+        "log:write",
+        "worker:error",
     }
 )
-TERMINAL_EVENT_TYPES: frozenset[str] = frozenset(
-    {"run:complete", "run:fail", "run:cancel", "run:delete"}
-)
+TERMINAL_EVENT_TYPES: frozenset[str] = frozenset({"run:complete", "run:fail", "run:cancel", "run:delete"})
 ALL = "*"
 
 Listener = Callable[[Event], Any]
@@ -93,9 +102,9 @@ class EventBus:
 
 
 def _utcnow() -> Any:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 class RunSubscription:

@@ -45,7 +45,9 @@ async def request(
 
 
 async def get_json(url: str, *, headers: Mapping[str, str] | None = None, timeout: float = 30.0) -> Any:
-    _, text = await request("GET", url, headers={"Accept": "application/json", **(headers or {})}, timeout=timeout)
+    _, text = await request(
+        "GET", url, headers={"Accept": "application/json", **(headers or {})}, timeout=timeout
+    )
     return json.loads(text)
 
 
@@ -53,7 +55,10 @@ async def post_json(
     url: str, payload: Any, *, headers: Mapping[str, str] | None = None, timeout: float = 30.0
 ) -> Any:
     _, text = await request(
-        "POST", url, body=json.dumps(payload).encode(), timeout=timeout,
+        "POST",
+        url,
+        body=json.dumps(payload).encode(),
+        timeout=timeout,
         headers={"Content-Type": "application/json", "Accept": "application/json", **(headers or {})},
     )
     return json.loads(text) if text.strip() else None
@@ -65,7 +70,7 @@ async def _stdlib_transport(
     def send() -> tuple[int, str]:
         req = urllib.request.Request(url, data=body, headers=headers, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as response:  # noqa: S310 - caller's URL
+            with urllib.request.urlopen(req, timeout=timeout) as response:
                 return response.status, response.read().decode("utf-8", "replace")
         except urllib.error.HTTPError as exc:
             return exc.code, exc.read().decode("utf-8", "replace")
@@ -81,9 +86,7 @@ async def _pyodide_transport(
     from pyodide.http import pyfetch  # type: ignore[import-not-found]
 
     try:
-        response = await asyncio.wait_for(
-            pyfetch(url, method=method, headers=headers, body=body), timeout
-        )
+        response = await asyncio.wait_for(pyfetch(url, method=method, headers=headers, body=body), timeout)
         return response.status, await response.string()
     except TimeoutError:
         raise HttpError(f"{method} {url} timed out after {timeout}s") from None

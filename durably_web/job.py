@@ -66,7 +66,7 @@ class JobDefinition(Generic[InputT, OutputT]):
             raise ValidationError(f"job {self.name!r} returned an unstorable output: {exc}") from None
 
     def decode_input(self, text: str) -> InputT:
-        return self.input_adapter.validate_json(text)  # type: ignore[no-any-return]
+        return self.input_adapter.validate_json(text)
 
     def decode_output(self, text: str | None) -> OutputT | None:
         return None if text is None else self.output_adapter.validate_json(text)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import traceback as tb
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 RunStatus = Literal["pending", "leased", "completed", "failed", "cancelled"]
@@ -14,7 +14,7 @@ RUN_STATUSES: frozenset[str] = frozenset({"pending", "leased", *TERMINAL_STATUSE
 
 
 def from_ms(value: int | None) -> datetime | None:
-    return None if value is None else datetime.fromtimestamp(value / 1000, tz=timezone.utc)
+    return None if value is None else datetime.fromtimestamp(value / 1000, tz=UTC)
 
 
 def iso(value: datetime | None) -> str | None:

@@ -51,8 +51,19 @@ class Dispatcher:
         self._methods: dict[str, Callable[..., Awaitable[Any]]] = {
             name: getattr(self, f"_{name}")
             for name in (
-                "trigger", "triggerAndWait", "batchTrigger", "waitForRun", "getRun", "getRuns",
-                "getSteps", "getLogs", "cancel", "retrigger", "deleteRun", "purgeRuns", "jobs",
+                "trigger",
+                "triggerAndWait",
+                "batchTrigger",
+                "waitForRun",
+                "getRun",
+                "getRuns",
+                "getSteps",
+                "getLogs",
+                "cancel",
+                "retrigger",
+                "deleteRun",
+                "purgeRuns",
+                "jobs",
             )
         }
 
@@ -90,7 +101,9 @@ class Dispatcher:
     async def _trigger(self, job: str, input: Any = None, options: dict[str, Any] | None = None) -> Any:
         return (await self.durably.trigger(job, input, **self._trigger_kwargs(options))).to_dict()
 
-    async def _triggerAndWait(self, job: str, input: Any = None, options: dict[str, Any] | None = None) -> Any:
+    async def _triggerAndWait(
+        self, job: str, input: Any = None, options: dict[str, Any] | None = None
+    ) -> Any:
         opts = dict(options or {})
         timeout = _seconds(opts.pop("timeout", None), "timeout")
         run = await self.durably.trigger_and_wait(job, input, timeout=timeout, **self._trigger_kwargs(opts))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import inspect
 import json
@@ -38,6 +39,7 @@ class StepContext:
         self._names: set[str] = set()
         self._current_step: str | None = None
         self.log = StepLogger(self)
+        self._loop = asyncio.get_running_loop()
 
     @property
     def run_id(self) -> str:
@@ -109,8 +111,13 @@ class StepContext:
         except Exception as exc:
             execution.step_failed(
                 StepRecord(
-                    run_id=self.run_id, index=index, name=name, status="failed",
-                    output_json=None, error_json=_error_json(exc), started_at=started_at,
+                    run_id=self.run_id,
+                    index=index,
+                    name=name,
+                    status="failed",
+                    output_json=None,
+                    error_json=_error_json(exc),
+                    started_at=started_at,
                     completed_at=execution.now_ms(),
                 ),
                 exc,
@@ -120,8 +127,13 @@ class StepContext:
             self._current_step = None
         execution.record_step(
             StepRecord(
-                run_id=self.run_id, index=index, name=name, status="completed",
-                output_json=output_json, error_json=None, started_at=started_at,
+                run_id=self.run_id,
+                index=index,
+                name=name,
+                status="completed",
+                output_json=output_json,
+                error_json=None,
+                started_at=started_at,
                 completed_at=execution.now_ms(),
             )
         )
@@ -143,15 +155,42 @@ class StepContext:
 
     def progress(self, current: int, total: int | None = None, message: str | None = None) -> None:
         """Record progress (persisted and emitted as ``run:progress``)."""
-        self._execution.set_progress(current, total, message)
+        self._on_loop(self._execution.set_progress, current, total, message)
+
+    def _on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Call ``fn`` on the run's event loop: a sync step runs in a worker thread, and the
+        store connection and event listeners belong to the loop's thread."""
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            return fn(*args)
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+        def call() -> None:
+            try:
+                future.set_result(fn(*args))
+            except BaseException as exc:
+                future.set_exception(exc)
+
+        self._loop.call_soon_threadsafe(call)
+        return future.result()
 
     def _write_log(self, level: str, message: str, data: Any) -> None:
+        self._on_loop(self._write_log_now, level, message, data)
+
+    def _write_log_now(self, level: str, message: str, data: Any) -> None:
         execution = self._execution
         data_json = None if data is None else json.dumps(data, default=str)
         execution.write_log(
             LogRecord(
-                run_id=self.run_id, step_name=self._current_step, level=level,
-                message=str(message), data_json=data_json, created_at=execution.now_ms(),
+                run_id=self.run_id,
+                step_name=self._current_step,
+                level=level,
+                message=str(message),
+                data_json=data_json,
+                created_at=execution.now_ms(),
             ),
             data,
         )

@@ -43,18 +43,24 @@ async def main(argv: list[str] | None = None) -> int:
             run = unfinished[-1]
             print(f"Resuming unfinished run {run.id} (attempt {run.attempt + 1}).")
             if run.status == "leased":
-                print(f"  Its previous worker died holding the lease; it is reclaimed within {LEASE_SECONDS:.0f}s.")
+                print(
+                    f"  Its previous worker died holding the lease; it is reclaimed within {LEASE_SECONDS:.0f}s."
+                )
         else:
             run = await durably.trigger(
                 weather_report, ReportRequest(city=args.city, days=args.days, step_delay=args.delay)
             )
             print(f"Started run {run.id}: a {args.days}-day weather report for {args.city}.")
-        print(f"Process {os.getpid()}. Kill it mid-way (Ctrl-C or kill -9 {os.getpid()}), then run me again.\n")
+        print(
+            f"Process {os.getpid()}. Kill it mid-way (Ctrl-C or kill -9 {os.getpid()}), then run me again.\n"
+        )
 
         def show(event: Event) -> None:
             data = event.data
             if event.type == "run:leased" and data["replayed_steps"]:
-                print(f"  (replaying {data['replayed_steps']} completed step(s) from the database: not run again)")
+                print(
+                    f"  (replaying {data['replayed_steps']} completed step(s) from the database: not run again)"
+                )
             elif event.type == "step:start":
                 print(f"  running  {data['step_name']} ...", flush=True)
             elif event.type == "run:progress":

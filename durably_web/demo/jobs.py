@@ -62,9 +62,7 @@ async def weather_report(step: StepContext, request: ReportRequest) -> Report:
     total = request.days + 1
     readings = []
     for day in range(1, request.days + 1):
-        reading = await step.run(
-            f"fetch-day-{day}", fetch_reading, request.city, day, request.step_delay
-        )
+        reading = await step.run(f"fetch-day-{day}", fetch_reading, request.city, day, request.step_delay)
         readings.append(reading)
         step.progress(day, total, f"fetched day {day} of {request.days}")
         if not step.is_replaying:

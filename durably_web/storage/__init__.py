@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs
 
 from ..errors import ValidationError
 from .base import LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store

@@ -135,9 +135,7 @@ class Store(ABC):
         Increments the lease generation and the attempt count."""
 
     @abstractmethod
-    def renew_leases(
-        self, leases: Sequence[tuple[str, int]], now: int, lease_until: int
-    ) -> list[str]:
+    def renew_leases(self, leases: Sequence[tuple[str, int]], now: int, lease_until: int) -> list[str]:
         """Extend (run id, generation) leases; return the ids whose lease is no longer ours."""
 
     @abstractmethod
@@ -156,15 +154,27 @@ class Store(ABC):
 
     @abstractmethod
     def set_progress(
-        self, run_id: str, generation: int, current: int, total: int | None,
-        message: str | None, now: int,
+        self,
+        run_id: str,
+        generation: int,
+        current: int,
+        total: int | None,
+        message: str | None,
+        now: int,
     ) -> bool:
         """Fenced."""
 
     @abstractmethod
     def finish_run(
-        self, run_id: str, generation: int, *, status: str, output_json: str | None,
-        error_json: str | None, failed_step: StepRecord | None, drop_step_outputs: bool,
+        self,
+        run_id: str,
+        generation: int,
+        *,
+        status: str,
+        output_json: str | None,
+        error_json: str | None,
+        failed_step: StepRecord | None,
+        drop_step_outputs: bool,
         now: int,
     ) -> bool:
         """Move a leased run to completed/failed, with its failed step, in one transaction (fenced)."""

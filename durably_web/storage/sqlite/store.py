@@ -8,7 +8,6 @@ import time
 from collections.abc import Sequence
 from importlib import resources
 
-
 from ...errors import ConflictError, NotFoundError, SchemaVersionError, StorageError
 from ..base import LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store
 from .connection import Row, SqlConnection
@@ -170,9 +169,7 @@ class SQLiteStore(Store):
         with self._conn.transaction():
             record = self._require(run_id)
             if record.status == "leased":
-                raise ConflictError(
-                    f"run {run_id} is running (leased); cancel it before deleting it"
-                )
+                raise ConflictError(f"run {run_id} is running (leased); cancel it before deleting it")
             self._conn.execute(Q["delete_run"], {"id": run_id})
         return record
 
@@ -206,9 +203,7 @@ class SQLiteStore(Store):
             )
         return None if row is None else _run(row)
 
-    def renew_leases(
-        self, leases: Sequence[tuple[str, int]], now: int, lease_until: int
-    ) -> list[str]:
+    def renew_leases(self, leases: Sequence[tuple[str, int]], now: int, lease_until: int) -> list[str]:
         lost = []
         with self._conn.transaction():
             for run_id, generation in leases:
@@ -246,18 +241,34 @@ class SQLiteStore(Store):
         )
 
     def set_progress(
-        self, run_id: str, generation: int, current: int, total: int | None,
-        message: str | None, now: int,
+        self,
+        run_id: str,
+        generation: int,
+        current: int,
+        total: int | None,
+        message: str | None,
+        now: int,
     ) -> bool:
         params = {
-            "id": run_id, "generation": generation, "current": current, "total": total,
-            "message": message, "now": now,
+            "id": run_id,
+            "generation": generation,
+            "current": current,
+            "total": total,
+            "message": message,
+            "now": now,
         }
         return self._conn.execute(Q["set_progress"], params) == 1
 
     def finish_run(
-        self, run_id: str, generation: int, *, status: str, output_json: str | None,
-        error_json: str | None, failed_step: StepRecord | None, drop_step_outputs: bool,
+        self,
+        run_id: str,
+        generation: int,
+        *,
+        status: str,
+        output_json: str | None,
+        error_json: str | None,
+        failed_step: StepRecord | None,
+        drop_step_outputs: bool,
         now: int,
     ) -> bool:
         conn = self._conn
@@ -265,8 +276,12 @@ class SQLiteStore(Store):
             changed = conn.execute(
                 Q["finish_run"],
                 {
-                    "id": run_id, "generation": generation, "status": status,
-                    "output": output_json, "error": error_json, "now": now,
+                    "id": run_id,
+                    "generation": generation,
+                    "status": status,
+                    "output": output_json,
+                    "error": error_json,
+                    "now": now,
                 },
             )
             if changed == 0:
@@ -275,8 +290,11 @@ class SQLiteStore(Store):
                 conn.execute(
                     Q["record_failed_step"],
                     {
-                        "run_id": run_id, "seq": failed_step.index, "name": failed_step.name,
-                        "error": failed_step.error_json, "started_at": failed_step.started_at,
+                        "run_id": run_id,
+                        "seq": failed_step.index,
+                        "name": failed_step.name,
+                        "error": failed_step.error_json,
+                        "started_at": failed_step.started_at,
                         "completed_at": failed_step.completed_at,
                     },
                 )
@@ -293,16 +311,24 @@ class SQLiteStore(Store):
         self._conn.execute(
             Q["append_log"],
             {
-                "run_id": log.run_id, "step_name": log.step_name, "level": log.level,
-                "message": log.message, "data": log.data_json, "created_at": log.created_at,
+                "run_id": log.run_id,
+                "step_name": log.step_name,
+                "level": log.level,
+                "message": log.message,
+                "data": log.data_json,
+                "created_at": log.created_at,
             },
         )
 
     def list_logs(self, run_id: str) -> list[LogRecord]:
         return [
             LogRecord(
-                run_id=row["run_id"], step_name=row["step_name"], level=row["level"],
-                message=row["message"], data_json=row["data"], created_at=row["created_at"],
+                run_id=row["run_id"],
+                step_name=row["step_name"],
+                level=row["level"],
+                message=row["message"],
+                data_json=row["data"],
+                created_at=row["created_at"],
             )
             for row in self._conn.fetch_all(Q["list_logs"], {"run_id": run_id})
         ]
@@ -340,21 +366,38 @@ def _run(row: Row) -> RunRecord:
 
 def _new_run_record(new: NewRun) -> RunRecord:
     return RunRecord(
-        id=new.id, job_name=new.job_name, status="pending", input_json=new.input_json,
-        output_json=None, error_json=None, labels=dict(new.labels), progress_current=None,
-        progress_total=None, progress_message=None, attempt=0,
-        idempotency_key=new.idempotency_key, concurrency_key=new.concurrency_key,
-        lease_owner=None, lease_generation=0, lease_expires_at=None,
-        available_at=new.created_at, created_at=new.created_at, started_at=None,
-        completed_at=None, updated_at=new.created_at,
+        id=new.id,
+        job_name=new.job_name,
+        status="pending",
+        input_json=new.input_json,
+        output_json=None,
+        error_json=None,
+        labels=dict(new.labels),
+        progress_current=None,
+        progress_total=None,
+        progress_message=None,
+        attempt=0,
+        idempotency_key=new.idempotency_key,
+        concurrency_key=new.concurrency_key,
+        lease_owner=None,
+        lease_generation=0,
+        lease_expires_at=None,
+        available_at=new.created_at,
+        created_at=new.created_at,
+        started_at=None,
+        completed_at=None,
+        updated_at=new.created_at,
     )
 
 
 def _step(row: Row) -> StepRecord:
     return StepRecord(
-        run_id=row["run_id"], index=row["seq"], name=row["name"], status=row["status"],
-        output_json=row["output"], error_json=row["error"], started_at=row["started_at"],
+        run_id=row["run_id"],
+        index=row["seq"],
+        name=row["name"],
+        status=row["status"],
+        output_json=row["output"],
+        error_json=row["error"],
+        started_at=row["started_at"],
         completed_at=row["completed_at"],
     )
-
-
