@@ -1,0 +1,57 @@
+"""Shared fixtures: a real SQLite file per test, and started ``Durably`` instances that always stop."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import FAST
+
+from durably_web import Durably
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "test.db"
+
+
+@pytest.fixture
+def db_url(db_path: Path) -> str:
+    # db_path is absolute, so this is sqlite:////abs/path/test.db
+    return f"sqlite:///{db_path}"
+
+
+MakeDurably = Callable[..., Awaitable[Durably]]
+
+
+@pytest.fixture
+async def make_durably(db_url: str) -> AsyncIterator[MakeDurably]:
+    """``await make_durably(job, ..., url=None, **options)`` -> a started ``Durably``, stopped at teardown."""
+    started: list[Durably] = []
+
+    async def make(*jobs: Any, url: str | None = None, **options: Any) -> Durably:
+        durably = Durably(url or db_url, jobs=list(jobs), **{**FAST, **options})
+        await durably.init()
+        started.append(durably)
+        return durably
+
+    yield make
+    for durably in reversed(started):
+        await durably.stop()
+
+
+@pytest.fixture
+def sql(db_path: Path) -> Callable[..., list[tuple[Any, ...]]]:
+    """Run one statement on the test database through an independent sqlite3 connection."""
+
+    def run(statement: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        conn = sqlite3.connect(db_path, timeout=10, isolation_level=None)
+        try:
+            return conn.execute(statement, params).fetchall()
+        finally:
+            conn.close()
+
+    return run

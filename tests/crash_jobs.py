@@ -1,0 +1,128 @@
+"""Jobs and a worker entry point for tests that run durably-web in real subprocesses.
+
+Every step appends one line "<step name> <pid>" to a side-effect file *before*
+doing its work, so a test can count how many times each step really ran.
+
+    python crash_jobs.py steps <db_url> <side_effect_file> [--delay S] [--lease S]
+        Trigger the multi-step job (idempotency key "crash": a second process
+        gets the same run), work until it ends, print the run as JSON.
+
+    python crash_jobs.py serve <db_url> <expected_runs>
+        Work on "record" runs until <expected_runs> runs exist and all have ended.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+
+from pydantic import BaseModel
+
+from durably_web import Durably, StepContext, define_job
+
+STEP_COUNT = 6
+
+
+class CrashIn(BaseModel):
+    side_effects: str
+    delay: float = 0.2
+
+
+class CrashOut(BaseModel):
+    total: int
+
+
+def append_line(path: str, line: str) -> None:
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+
+
+def do_step(path: str, name: str, delay: float, value: int) -> int:
+    append_line(path, f"{name} {os.getpid()}")
+    time.sleep(delay)  # a blocking step: runs in a thread while leases are renewed
+    return value
+
+
+def step_value(index: int) -> int:
+    return (index + 1) * 10
+
+
+@define_job("crash-steps", input=CrashIn, output=CrashOut)
+async def crash_steps(step: StepContext, payload: CrashIn) -> CrashOut:
+    total = 0
+    for i in range(STEP_COUNT):
+        total += await step.run(
+            f"step-{i}", do_step, payload.side_effects, f"step-{i}", payload.delay, step_value(i)
+        )
+    return CrashOut(total=total)
+
+
+EXPECTED_TOTAL = sum(step_value(i) for i in range(STEP_COUNT))
+
+
+class RecordIn(BaseModel):
+    side_effects: str
+    n: int
+
+
+def record(path: str, run_id: str) -> int:
+    append_line(path, f"{run_id} {os.getpid()}")
+    time.sleep(0.005)
+    return os.getpid()
+
+
+@define_job("record", input=RecordIn)
+async def record_job(step: StepContext, payload: RecordIn) -> int:
+    return await step.run("record", record, payload.side_effects, step.run_id)
+
+
+def worker_options(lease: float) -> dict[str, float]:
+    return {"polling_interval": 0.02, "lease_duration": lease, "lease_renew_interval": lease / 5}
+
+
+async def run_steps(args: argparse.Namespace) -> None:
+    async with Durably(args.db_url, jobs=[crash_steps], **worker_options(args.lease)) as durably:
+        run = await durably.trigger(
+            crash_steps, CrashIn(side_effects=args.side_effects, delay=args.delay), idempotency_key="crash"
+        )
+        done = await durably.wait_for_run(run.id, timeout=60)
+        print(json.dumps({**done.to_dict(), "pid": os.getpid(), "disposition": run.disposition}), flush=True)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    async with Durably(
+        args.db_url, jobs=[record_job], max_concurrent_runs=2, **worker_options(2.0)
+    ) as durably:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            runs = await durably.get_runs(limit=10_000)
+            if len(runs) >= args.expected_runs and all(run.is_terminal for run in runs):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            sys.exit("timed out waiting for the runs to finish")
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="mode", required=True)
+    steps = sub.add_parser("steps")
+    steps.add_argument("db_url")
+    steps.add_argument("side_effects")
+    steps.add_argument("--delay", type=float, default=0.2)
+    steps.add_argument("--lease", type=float, default=1.0)
+    serve_parser = sub.add_parser("serve")
+    serve_parser.add_argument("db_url")
+    serve_parser.add_argument("expected_runs", type=int)
+    args = parser.parse_args()
+    asyncio.run(run_steps(args) if args.mode == "steps" else serve(args))
+
+
+if __name__ == "__main__":
+    main()

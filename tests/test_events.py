@@ -1,0 +1,245 @@
+"""Events: listeners by type, unsubscribe, failing listeners, per-run subscriptions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import datetime
+from typing import Any
+
+import pytest
+from helpers import wait_event, wait_until
+from pydantic import BaseModel
+
+from durably_web import ErrorInfo, Event, NotFoundError, Progress, StepContext, ValidationError, define_job
+from durably_web.events import EVENT_TYPES
+
+
+class Out(BaseModel):
+    value: int
+
+
+@define_job("chatty", output=Out)
+async def chatty(step: StepContext, payload: Any) -> Out:
+    value = await step.run("compute", lambda: 41)
+    step.progress(1, 1, "half")
+    step.log.info("computed", {"value": value})
+    return Out(value=value + 1)
+
+
+@define_job("fails")
+async def fails(step: StepContext, payload: Any) -> None:
+    def broken() -> None:
+        raise RuntimeError("broken step")
+
+    await step.run("broken", broken)
+
+
+def gated(gate: asyncio.Event, started: asyncio.Event):
+    @define_job("gated")
+    async def job(step: StepContext, payload: Any) -> None:
+        async def wait() -> None:
+            started.set()
+            await gate.wait()
+
+        await step.run("wait", wait)
+
+    return job
+
+
+async def test_every_event_type_is_emitted_with_its_data(make_durably):
+    gate, started = asyncio.Event(), asyncio.Event()
+    gated_job = gated(gate, started)
+    durably = await make_durably(chatty, fails, gated_job)
+    events: list[Event] = []
+    durably.on("*", events.append)
+
+    def bad_listener(event: Event) -> None:
+        raise RuntimeError("listener bug")
+
+    durably.on("run:trigger", bad_listener)  # produces worker:error events
+
+    done = await durably.trigger_and_wait(chatty, None, labels={"k": "v"}, timeout=30)
+    failed = await durably.trigger_and_wait(fails, None, timeout=30)
+    running = await durably.trigger(gated_job, None, concurrency_key="key")
+    await wait_event(started)
+    queued = await durably.trigger(gated_job, None, concurrency_key="key")
+    coalesced = await durably.trigger(gated_job, None, concurrency_key="key", coalesce="skip")
+    assert coalesced.id == queued.id
+    await durably.cancel(queued.id)
+    await durably.delete_run(queued.id)
+    gate.set()
+    await durably.wait_for_run(running.id, timeout=30)
+
+    assert {event.type for event in events} == EVENT_TYPES
+    by_run = lambda run_id: [e for e in events if e.run_id == run_id and e.type != "worker:error"]  # noqa: E731
+    assert [e.type for e in by_run(done.id)] == [
+        "run:trigger",
+        "run:leased",
+        "step:start",
+        "step:complete",
+        "run:progress",
+        "log:write",
+        "run:complete",
+    ]
+    trigger, leased, start, complete, progress, log, finished = by_run(done.id)
+    assert trigger.data == {"input": None, "labels": {"k": "v"}}
+    assert leased.data["attempt"] == 1
+    assert start.data == {"step_name": "compute", "step_index": 0}
+    assert complete.data["step_name"] == "compute" and complete.data["output"] == 41
+    assert complete.data["duration_ms"] >= 0
+    assert progress.data == {"progress": Progress(1, 1, "half")}
+    assert log.data == {"level": "info", "message": "computed", "data": {"value": 41}, "step_name": None}
+    assert finished.data == {"output": Out(value=42)}
+    assert all(e.job_name == "chatty" and isinstance(e.timestamp, datetime) for e in by_run(done.id))
+
+    fail = [e for e in by_run(failed.id) if e.type in ("step:fail", "run:fail")]
+    assert [e.type for e in fail] == ["step:fail", "run:fail"]
+    assert fail[0].data["step_name"] == "broken"
+    assert fail[1].data["error"] == ErrorInfo("RuntimeError", "broken step", fail[1].data["error"].traceback)
+    assert fail[1].data["step_name"] == "broken"
+
+    assert [e.type for e in by_run(queued.id)] == ["run:trigger", "run:coalesced", "run:cancel", "run:delete"]
+    assert [e.data for e in by_run(queued.id)][1] == {"concurrency_key": "key"}
+
+    worker_errors = [e for e in events if e.type == "worker:error"]
+    assert len(worker_errors) == 4  # one per run:trigger
+    assert all(
+        e.data["source"] == "listener" and e.data["error"].message == "listener bug" for e in worker_errors
+    )
+    # Every event can be turned into JSON.
+    for event in events:
+        json.dumps(event.to_dict())
+
+
+async def test_listeners_get_only_their_type_and_unsubscribe_stops_delivery(make_durably):
+    durably = await make_durably(chatty)
+    completes: list[Event] = []
+    starts: list[Event] = []
+    unsubscribe = durably.on("run:complete", completes.append)
+    durably.on("step:start", starts.append)
+    first = await durably.trigger_and_wait(chatty, None, timeout=30)
+    assert [e.type for e in completes] == ["run:complete"]
+    assert [e.run_id for e in completes] == [first.id]
+    unsubscribe()
+    unsubscribe()  # harmless twice
+    second = await durably.trigger_and_wait(chatty, None, timeout=30)
+    assert [e.run_id for e in completes] == [first.id]
+    assert [e.run_id for e in starts] == [first.id, second.id]
+
+
+async def test_on_rejects_unknown_types_and_non_callables(make_durably):
+    durably = await make_durably()
+    with pytest.raises(ValidationError, match="unknown event type"):
+        durably.on("run:exploded", print)
+    with pytest.raises(ValidationError):
+        durably.on("run:complete", "not callable")  # type: ignore[arg-type]
+
+
+async def test_a_raising_listener_does_not_break_the_worker(make_durably):
+    durably = await make_durably(chatty)
+    errors: list[Event] = []
+    later_listener: list[str] = []
+
+    def raising(event: Event) -> None:
+        raise ValueError(f"listener failed on {event.type}")
+
+    async def raising_async(event: Event) -> None:
+        raise KeyError("async listener failed")
+
+    for event_type in (
+        "run:leased",
+        "step:start",
+        "step:complete",
+        "run:progress",
+        "log:write",
+        "run:complete",
+    ):
+        durably.on(event_type, raising)
+    durably.on("run:complete", raising_async)
+    durably.on("run:complete", lambda event: later_listener.append(event.run_id))  # after the raising one
+    durably.on("worker:error", errors.append)
+    durably.on("worker:error", raising)  # must not recurse
+
+    done = await durably.trigger_and_wait(chatty, None, timeout=30)
+    assert done.status == "completed"
+    assert done.output == Out(value=42)
+    assert later_listener == [done.id]
+    await wait_until(lambda: any(e.data["error"].type == "KeyError" for e in errors))
+    sync_errors = [e for e in errors if e.data["error"].type == "ValueError"]
+    assert len(sync_errors) == 6
+    assert all(e.data["source"] == "listener" for e in errors)
+    # The worker is still healthy afterwards.
+    assert (await durably.trigger_and_wait(chatty, None, timeout=30)).status == "completed"
+
+
+# --- subscribe -----------------------------------------------------------------
+
+
+async def test_subscribe_yields_the_runs_events_and_ends_at_the_terminal_event(make_durably):
+    durably = await make_durably(chatty)
+    run = await durably.trigger(chatty, None)
+    subscription = durably.subscribe(run.id)  # before the worker gets to run it
+    other = await durably.trigger(chatty, None)
+    received = [event async for event in subscription]
+    assert [e.type for e in received] == [
+        "run:leased",
+        "step:start",
+        "step:complete",
+        "run:progress",
+        "log:write",
+        "run:complete",
+    ]
+    assert {e.run_id for e in received} == {run.id}
+    assert received[-1].data["output"] == Out(value=42)
+    assert (await durably.wait_for_run(other.id, timeout=30)).status == "completed"
+    # An ended subscription stays ended.
+    with pytest.raises(StopAsyncIteration):
+        await subscription.__anext__()
+
+
+async def test_subscribe_ends_on_failure(make_durably):
+    durably = await make_durably(fails)
+    run = await durably.trigger(fails, None)
+    received = [event.type async for event in durably.subscribe(run.id)]
+    assert received[-1] == "run:fail"
+    assert "step:fail" in received
+
+
+async def test_subscribe_to_a_finished_run_yields_its_terminal_event(make_durably):
+    durably = await make_durably(chatty, fails)
+    done = await durably.trigger_and_wait(chatty, None, timeout=30)
+    failed = await durably.trigger_and_wait(fails, None, timeout=30)
+    received = [event async for event in durably.subscribe(done.id)]
+    assert [(e.type, e.run_id) for e in received] == [("run:complete", done.id)]
+    assert received[0].data == {"output": Out(value=42)}
+    received = [event async for event in durably.subscribe(failed.id)]
+    assert [e.type for e in received] == ["run:fail"]
+    assert received[0].data["error"].message == "broken step"
+
+
+async def test_subscribe_to_a_cancelled_or_deleted_run(make_durably):
+    durably = await make_durably(worker=False)
+    durably.register(chatty)
+    run = await durably.trigger(chatty, None)
+    subscription = durably.subscribe(run.id)
+    await durably.cancel(run.id)
+    assert [e.type async for e in subscription] == ["run:cancel"]
+
+    second = await durably.trigger(chatty, None)
+    subscription = durably.subscribe(second.id)
+    await durably.delete_run(second.id)
+    assert [e.type async for e in subscription] == ["run:delete"]
+    with pytest.raises(NotFoundError):
+        durably.subscribe(second.id)
+
+
+async def test_subscribe_notices_a_run_finished_by_another_instance(make_durably):
+    client = await make_durably(worker=False)
+    client.register(chatty)
+    run = await client.trigger(chatty, None)
+    subscription = client.subscribe(run.id)
+    await make_durably(chatty)  # a worker elsewhere (its own event bus)
+    received = [event async for event in subscription]
+    assert [e.type for e in received] == ["run:complete"]
+    assert received[0].data == {"output": Out(value=42)}
