@@ -297,6 +297,15 @@ class Durably:
             created_at=self.now_ms(),
         )
 
+    async def _create(self, news: list[NewRun]) -> list[Run]:
+        results = self.store.create_runs(news)
+        await self._wait_durable()
+        return self._created(results)
+
+    async def _wait_durable(self) -> None:
+        if self.store.deferred_durability:
+            await self.store.wait_durable()
+
     def _created(self, results: list[tuple[RunRecord, str]]) -> list[Run]:
         runs = []
         for record, disposition in results:
@@ -329,7 +338,7 @@ class Durably:
         """
         definition = self._job(job)
         new = self._new_run(definition, input, idempotency_key, concurrency_key, coalesce, labels)
-        return self._created(self.store.create_runs([new]))[0]
+        return (await self._create([new]))[0]
 
     async def batch_trigger(
         self,
@@ -364,7 +373,7 @@ class Durably:
                     news.append(self._new_run(definition, item, None, None, None, labels))
             except ValidationError as exc:
                 raise ValidationError(f"batch item {position}: {exc}", exc.errors) from None
-        return self._created(self.store.create_runs(news)) if news else []
+        return await self._create(news) if news else []
 
     async def trigger_and_wait(
         self,
@@ -497,6 +506,7 @@ class Durably:
         lease-renew interval (at once when it runs in this process)."""
         before = self._require(run_id)
         record = self.store.cancel_run(run_id, self.now_ms())
+        await self._wait_durable()
         if before.status != "cancelled":
             if self._worker is not None and run_id in self._worker.active:
                 self._worker.active[run_id].stop("cancelled")
@@ -510,11 +520,12 @@ class Durably:
         new = self._new_run(
             job, json.loads(record.input_json), None, record.concurrency_key, None, record.labels
         )
-        return self._created(self.store.create_runs([new]))[0]
+        return (await self._create([new]))[0]
 
     async def delete_run(self, run_id: str) -> None:
         """Delete a run that is not leased, with its steps and logs."""
         record = self.store.delete_run(_run_id(run_id))
+        await self._wait_durable()
         self.emit("run:delete", record.id, record.job_name, {"labels": record.labels})
 
     async def purge_runs(self, *, older_than: Seconds, limit: int | None = None) -> int:

@@ -45,6 +45,7 @@ class RunExecution:
         self.attempt = record.attempt
         self.generation = record.lease_generation
         self.offload_sync = worker.durably.run_sync_in_thread
+        self.deferred_durability = worker.durably.store.deferred_durability
         self.stop_reason: str | None = None  # "cancelled" | "lease-lost" | "shutdown"
         self.failed_step: StepRecord | None = None
         self.task: asyncio.Task[None] | None = None
@@ -76,6 +77,9 @@ class RunExecution:
             "step:fail",
             {"step_name": step.name, "step_index": step.index, "error": ErrorInfo.from_exception(exc)},
         )
+
+    async def wait_durable(self) -> None:
+        await self._durably.store.wait_durable()
 
     def record_step(self, step: StepRecord) -> None:
         if not self._durably.store.record_step(step, self.generation):
@@ -126,7 +130,7 @@ class RunExecution:
             payload = self.job.decode_input(self.record.input_json)
             result = await self.job.handler(step, payload)
             output_json = self.job.encode_output(result)
-            self._finish("completed", output_json=output_json, error=None)
+            await self._finish("completed", output_json=output_json, error=None)
         except asyncio.CancelledError:
             if self.stop_reason in (None, "shutdown"):
                 self._release()
@@ -142,9 +146,9 @@ class RunExecution:
         except Exception as exc:
             if self.stop_reason in ("cancelled", "lease-lost"):
                 return  # the handler turned our stop into its own error
-            self._finish("failed", output_json=None, error=exc)
+            await self._finish("failed", output_json=None, error=exc)
 
-    def _finish(self, status: str, *, output_json: str | None, error: BaseException | None) -> None:
+    async def _finish(self, status: str, *, output_json: str | None, error: BaseException | None) -> None:
         durably = self._durably
         failed_step = self.failed_step if error is not None else None
         try:
@@ -158,6 +162,8 @@ class RunExecution:
                 drop_step_outputs=not durably.preserve_steps,
                 now=self.now_ms(),
             )
+            if ok and self.deferred_durability:
+                await durably.store.wait_durable()
         except StorageError as exc:
             durably.report_worker_error(exc, run_id=self.run_id, job_name=self.job_name)
             self._release()

@@ -137,6 +137,8 @@ class StepContext:
                 completed_at=execution.now_ms(),
             )
         )
+        if execution.deferred_durability:
+            await execution.wait_durable()
         return value
 
     async def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

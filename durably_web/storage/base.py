@@ -83,7 +83,20 @@ class RunFilter:
 
 
 class Store(ABC):
-    """One backend's implementation of durable run storage."""
+    """One backend's implementation of durable run storage.
+
+    Methods are synchronous: every backend so far answers in microseconds from
+    the calling thread, and an ``await`` per call would tax the step hot path.
+    """
+
+    #: True when a commit becomes durable only once :meth:`wait_durable` returns
+    #: (the browser's IndexedDB mode persists asynchronously). The engine then
+    #: awaits it after each step, outcome and trigger before going on.
+    deferred_durability: bool = False
+
+    async def wait_durable(self) -> None:
+        """Return once every transaction committed so far is durable."""
+        return None
 
     @abstractmethod
     def migrate(self) -> None:

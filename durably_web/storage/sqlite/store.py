@@ -56,6 +56,13 @@ def apply_connection_policy(
 class SQLiteStore(Store):
     def __init__(self, conn: SqlConnection) -> None:
         self._conn = conn
+        # A connection that persists asynchronously (browser IndexedDB) offers wait_durable().
+        self._wait_durable = getattr(conn, "wait_durable", None)
+        self.deferred_durability = self._wait_durable is not None
+
+    async def wait_durable(self) -> None:
+        if self._wait_durable is not None:
+            await self._wait_durable()
 
     @property
     def connection(self) -> SqlConnection:
