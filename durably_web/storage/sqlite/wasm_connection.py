@@ -109,9 +109,7 @@ def _encode_value(value: Any) -> Any:
         return {"$f": value} if value.is_integer() else value
     if isinstance(value, bytes | bytearray | memoryview):
         return {"$b": base64.b64encode(bytes(value)).decode("ascii")}
-    raise WasmSqliteError(
-        f"unsupported parameter type {type(value).__name__}", 21, "SQLITE_MISUSE"
-    )
+    raise WasmSqliteError(f"unsupported parameter type {type(value).__name__}", 21, "SQLITE_MISUSE")
 
 
 def encode_params(params: Params | None) -> str | None:
@@ -142,10 +140,7 @@ def decode_rows(text: str) -> list[Row]:
     result = json.loads(text)
     columns = result["c"]
     if result["x"]:
-        return [
-            {c: _decode_value(v) for c, v in zip(columns, row, strict=True)}
-            for row in result["r"]
-        ]
+        return [{c: _decode_value(v) for c, v in zip(columns, row, strict=True)} for row in result["r"]]
     return [dict(zip(columns, row, strict=True)) for row in result["r"]]
 
 
@@ -172,13 +167,16 @@ class WasmSqlConnection:
         locking_mode: str | None = None,
         synchronous: str | None = None,
         directory: str | None = None,
+        pool_capacity: int | None = None,
         on_wait: Any = None,
     ) -> WasmSqlConnection:
         """Open a database through ``globalThis.openSqliteBridge`` (set by the worker).
 
         ``storage`` is ``"opfs"`` (opfs-sahpool, persistent) or ``"memory"``.
         ``on_wait`` is called with a dict while the OPFS pool waits for a
-        previous page to release its files.
+        previous page to release its files. ``pool_capacity`` is the number of
+        OPFS files the pool keeps (default 6); every database needs one slot,
+        plus one for its journal or WAL, and the first open in a worker fixes it.
         """
         import js  # type: ignore[import-not-found]
         from pyodide.ffi import create_proxy, to_js  # type: ignore[import-not-found]
@@ -189,6 +187,7 @@ class WasmSqlConnection:
             ("lockingMode", locking_mode),
             ("synchronous", synchronous),
             ("directory", directory),
+            ("initialCapacity", pool_capacity),
         ):
             if value is not None:
                 options[key] = value
@@ -200,7 +199,13 @@ class WasmSqlConnection:
             js_options = to_js(options, dict_converter=js.Object.fromEntries)
             bridge = await js.openSqliteBridge(js_options)
         except Exception as exc:
-            raise WasmSqliteError(f"cannot open SQLite database {filename!r}: {exc}") from exc
+            js_error = getattr(exc, "js_error", None)
+            code = getattr(js_error, "resultCode", None)
+            raise WasmSqliteError(
+                f"cannot open SQLite database {filename!r}: {exc}",
+                code if isinstance(code, int) else 14,  # SQLITE_CANTOPEN
+                None if isinstance(code, int) else "SQLITE_CANTOPEN",
+            ) from exc
         finally:
             if proxy is not None:
                 proxy.destroy()
