@@ -304,6 +304,8 @@ def build(with_test_wheels: bool = True) -> Path:
 
     copy_tree_into(ROOT / "static", staging)
     copy_tree_into(ROOT / "web", staging)
+    # The demo page runs the very jobs module the terminal demo runs.
+    shutil.copy2(ROOT / "durably_web" / "demo" / "jobs.py", staging / "demo_jobs.py")
 
     old = BUILD / "site.old"
     shutil.rmtree(old, ignore_errors=True)
