@@ -1,0 +1,185 @@
+// Type declarations for durably-web's JavaScript API (static/durably.js, static/durably.mjs).
+//
+// One API, two runtimes: DurablyWeb.create() runs the Python jobs in this
+// browser (Pyodide in a Web Worker, SQLite in OPFS / IndexedDB / memory);
+// DurablyWeb.connect() talks to a CPython server (durably_web.asgi). Data
+// objects keep the Python field names (snake_case), exactly as the HTTP API
+// returns them. Times are ISO 8601 strings; durations in options are
+// milliseconds.
+
+export type RunStatus = "pending" | "leased" | "completed" | "failed" | "cancelled";
+export type Disposition = "created" | "idempotent" | "coalesced";
+
+export interface ErrorInfo {
+  type: string;
+  message: string;
+  traceback: string;
+}
+
+export interface Progress {
+  current: number;
+  total: number | null;
+  message: string | null;
+}
+
+export interface Run {
+  id: string;
+  job_name: string;
+  status: RunStatus;
+  input: unknown;
+  output: unknown;
+  error: ErrorInfo | null;
+  labels: Record<string, string>;
+  progress: Progress | null;
+  attempt: number;
+  idempotency_key: string | null;
+  concurrency_key: string | null;
+  created_at: string | null;
+  started_at: string | null;
+  completed_at: string | null;
+  updated_at: string | null;
+  /** Set only on the value trigger() returns. */
+  disposition: Disposition | null;
+}
+
+export interface Step {
+  run_id: string;
+  index: number;
+  name: string;
+  status: "completed" | "failed";
+  output: unknown;
+  error: ErrorInfo | null;
+  started_at: string;
+  completed_at: string;
+  duration_ms: number;
+}
+
+export interface LogEntry {
+  run_id: string;
+  step_name: string | null;
+  level: "debug" | "info" | "warning" | "error";
+  message: string;
+  data: unknown;
+  created_at: string;
+}
+
+export type EventType =
+  | "run:trigger" | "run:coalesced" | "run:leased" | "run:complete" | "run:fail"
+  | "run:cancel" | "run:delete" | "run:progress" | "step:start" | "step:complete"
+  | "step:fail" | "log:write" | "worker:error";
+
+/** An event: the common fields plus the type's own data (e.g. `progress`, `step_name`, `output`, `error`). */
+export interface DurablyEvent {
+  type: EventType;
+  run_id: string | null;
+  job_name: string | null;
+  timestamp: string;
+  [key: string]: unknown;
+}
+
+/** Rejections are Errors whose `name` is the Python error class name. */
+export interface DurablyError extends Error {
+  name:
+    | "DurablyError" | "ValidationError" | "NotFoundError" | "ConflictError" | "CancelledError"
+    | "LeaseLostError" | "StepError" | "StorageError" | "WaitTimeoutError" | "SchemaVersionError";
+  /** pydantic's error details for ValidationError, otherwise null. */
+  details: unknown[] | null;
+}
+
+export interface TriggerOptions {
+  idempotencyKey?: string;
+  concurrencyKey?: string;
+  coalesce?: "skip";
+  labels?: Record<string, string>;
+}
+
+export interface WaitOptions {
+  /** Milliseconds; rejects with a WaitTimeoutError when exceeded. */
+  timeout?: number;
+}
+
+export interface RunQuery {
+  status?: RunStatus | RunStatus[];
+  jobName?: string | string[];
+  labels?: Record<string, string>;
+  limit?: number;
+  offset?: number;
+}
+
+export interface DurablyClient {
+  trigger(job: string, input?: unknown, options?: TriggerOptions): Promise<Run>;
+  triggerAndWait(job: string, input?: unknown, options?: TriggerOptions & WaitOptions): Promise<Run>;
+  batchTrigger(job: string, items: Array<unknown | { input: unknown; options?: TriggerOptions }>): Promise<Run[]>;
+  waitForRun(runId: string, options?: WaitOptions): Promise<Run>;
+  getRun(runId: string): Promise<Run>;
+  getRuns(query?: RunQuery): Promise<Run[]>;
+  getSteps(runId: string): Promise<Step[]>;
+  getLogs(runId: string): Promise<LogEntry[]>;
+  cancel(runId: string): Promise<Run>;
+  retrigger(runId: string): Promise<Run>;
+  deleteRun(runId: string): Promise<void>;
+  /** Deletes finished runs that ended more than `olderThan` ms ago; resolves to how many. */
+  purgeRuns(options: { olderThan: number; limit?: number }): Promise<number>;
+  /** Names of the registered jobs. */
+  jobs(): Promise<string[]>;
+  /** Listen to one event type, or "*" for all; returns the unsubscribe function. */
+  on(type: EventType | "*", listener: (event: DurablyEvent) => void): () => void;
+  /** One run's events, ending after its terminal event (run:complete/fail/cancel/delete). */
+  subscribe(runId: string): AsyncIterableIterator<DurablyEvent>;
+  subscribe(runId: string, listener: (event: DurablyEvent) => void): () => void;
+  /** Stop the worker (local) or the event streams (remote). */
+  close(): Promise<void>;
+  /** "local" (Pyodide in this browser) or "remote" (HTTP). */
+  readonly kind: "local" | "remote";
+}
+
+export type Storage = "auto" | "opfs" | "idb" | "memory";
+
+export interface StatusUpdate {
+  /** e.g. "loading-python", "opening-database", "waiting-for-storage", "leader", "follower", "ready". */
+  state: string;
+  detail?: unknown;
+}
+
+export interface CreateOptions {
+  /** URLs (relative to the page) of Python job modules; the same files run under CPython. */
+  jobs: string[];
+  /** Database name (one per origin + name). Default "durably.db". */
+  database?: string;
+  /** Default "auto": OPFS when sync access handles exist in workers, else IndexedDB. */
+  storage?: Storage;
+  /** Durably options in milliseconds / counts. */
+  options?: {
+    pollingInterval?: number;
+    leaseDuration?: number;
+    leaseRenewInterval?: number;
+    maxConcurrentRuns?: number;
+    retainRuns?: number;
+    preserveSteps?: boolean;
+    shutdownTimeout?: number;
+  };
+  /** Folder holding worker.js, Pyodide and the wheels. Default: the folder of durably.js. */
+  baseUrl?: string;
+  /** Loading / leadership / storage-wait progress, e.g. to show "waiting for the previous page". */
+  onStatus?: (status: StatusUpdate) => void;
+}
+
+export interface LocalClient extends DurablyClient {
+  readonly kind: "local";
+  /** "leader" executes runs in this tab; "follower" forwards to the leader tab. */
+  readonly role: "leader" | "follower";
+  readonly storage: Exclude<Storage, "auto">;
+}
+
+export interface ConnectOptions {
+  /** Extra headers for fetch (EventSource cannot send headers; use query parameters for SSE auth). */
+  headers?: Record<string, string>;
+}
+
+export declare const DurablyWeb: {
+  create(options: CreateOptions): Promise<LocalClient>;
+  connect(url: string, options?: ConnectOptions): DurablyClient;
+  readonly version: string;
+};
+
+export default DurablyWeb;
