@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint bench torture clean
+.PHONY: demo test lint site bench torture clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,12 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff check durably_web tests benchmarks
 	$(PY) -m mypy
 
-test: lint
-	$(PY) -m pytest
+# The browser bundle (site/) is built once here; the browser tests then reuse it.
+site: $(VENV)/.installed
+	$(PY) build.py
+
+test: lint site
+	DURABLY_SKIP_SITE_BUILD=1 $(PY) -m pytest
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_core.py

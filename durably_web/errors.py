@@ -13,16 +13,28 @@ class NotFoundError(DurablyError):
     """A run, job or step that was asked for does not exist."""
 
 
+class ErrorDetails(list[dict[str, Any]]):
+    """A list of error dicts that can also be called, like pydantic's ``errors()``."""
+
+    def __call__(self) -> list[dict[str, Any]]:
+        return list(self)
+
+
 class ValidationError(DurablyError, ValueError):
     """Input, output, labels or an option failed validation; nothing was written.
 
-    ``errors`` carries pydantic's error details (a list of dicts) when pydantic
-    did the validating, otherwise a single entry describing the problem.
+    ``errors`` (also ``details``) carries pydantic's error details (a list of
+    dicts) when pydantic did the validating, otherwise a single entry
+    describing the problem.
     """
 
     def __init__(self, message: str, errors: list[dict[str, Any]] | None = None) -> None:
         super().__init__(message)
-        self.errors: list[dict[str, Any]] = errors if errors is not None else [{"msg": message}]
+        self.errors = ErrorDetails(errors if errors is not None else [{"msg": message}])
+
+    @property
+    def details(self) -> list[dict[str, Any]]:
+        return self.errors
 
 
 class ConflictError(DurablyError):

@@ -40,6 +40,10 @@ class ErrorInfo:
     def __str__(self) -> str:
         return f"{self.type}: {self.message}"
 
+    def __contains__(self, text: str) -> bool:
+        """``"timeout" in run.error`` searches the type, message and traceback."""
+        return text in self.type or text in self.message or text in self.traceback
+
 
 @dataclass(frozen=True, slots=True)
 class Progress:
@@ -160,6 +164,18 @@ class Event:
     job_name: str | None
     timestamp: datetime
     data: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        """``event["step_name"]``: a common field or an entry of ``data``."""
+        if key in ("type", "run_id", "job_name", "timestamp"):
+            return getattr(self, key)
+        return self.data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        try:
+            return self[key]
+        except KeyError:
+            return default
 
     def to_dict(self) -> dict[str, Any]:
         return {
