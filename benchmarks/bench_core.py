@@ -131,7 +131,8 @@ async def main() -> None:
         f"   ratio {step_sync / floor:4.2f}x floor"
     )
     print(
-        f"  single-step runs, {args.runs} triggered one by one              {statistics.median(rates):8.0f} runs/s"
+        f"  single-step runs, {args.runs} triggered one by one              "
+        f"{statistics.median(rates):8.0f} runs/s"
     )
 
 

@@ -1,11 +1,14 @@
 """The Python half of the browser runtime; ``static/worker.js`` is the other half.
 
-Runs inside Pyodide in the Web Worker. The worker opens SQLite through
-``static/sqlite_bridge.js`` and hands the bridge object to :func:`start`,
-together with the paths (in Pyodide's file system) of the job modules it
-fetched. Everything crossing the JS boundary is JSON text, so neither side
-needs to know the other's object model. Nothing here imports ``js``: the
-module also imports, and is tested, under CPython.
+Runs inside Pyodide in the Web Worker. The worker writes the page's job
+modules into Pyodide's file system and imports them early with
+:func:`preload` (every tab does, so a follower tab can take over quickly);
+the tab that wins the leader lock then calls :func:`open_and_start`, which
+opens SQLite through ``static/sqlite_bridge.js`` (``WasmSqlConnection.open``)
+and hands the connection to :func:`start`. Everything crossing the JS
+boundary is JSON text, so neither side needs to know the other's object
+model. Nothing here imports ``js`` at module level: the module also imports,
+and is tested, under CPython.
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from .durably import Durably
-from .errors import ValidationError
+from . import errors
+from .errors import DurablyError, ValidationError
 from .job import JobDefinition
 from .rpc import Dispatcher
 from .storage.sqlite import SQLiteStore, apply_connection_policy
@@ -81,11 +85,40 @@ def durably_options(options: dict[str, Any]) -> dict[str, Any]:
     return kwargs
 
 
-class BrowserRuntime:
-    """What the worker talks to: ``await runtime.call(method, args_json) -> result_json``."""
+def public_error_name(name: str) -> str:
+    """The nearest error class of :mod:`durably_web.errors` for an error class name.
 
-    def __init__(self, durably: Durably) -> None:
+    The JS API promises names like ``"StorageError"``; storage backends raise
+    subclasses (``WasmSqliteError``), which the page should see by their
+    public family name.
+    """
+    public = {
+        value.__name__
+        for value in vars(errors).values()
+        if isinstance(value, type) and issubclass(value, DurablyError)
+    }
+    if name in public:
+        return name
+    pending: list[type] = [DurablyError]
+    while pending:
+        cls = pending.pop()
+        if cls.__name__ == name:
+            return next(c.__name__ for c in cls.__mro__ if c.__name__ in public)
+        pending.extend(cls.__subclasses__())
+    return name
+
+
+class BrowserRuntime:
+    """What the worker talks to: ``await runtime.call(method, args_json) -> result_json``.
+
+    Besides the :class:`~durably_web.rpc.Dispatcher` methods it answers
+    ``integrityCheck`` (``PRAGMA integrity_check``) and ``storageInfo`` (what
+    the bridge opened), for the page and the tests.
+    """
+
+    def __init__(self, durably: Durably, connection: SqlConnection | None = None) -> None:
         self.durably = durably
+        self.connection = connection
         self._dispatcher = Dispatcher(durably)
 
     async def call(self, method: str, args_json: str) -> str:
@@ -93,7 +126,29 @@ class BrowserRuntime:
             args = json.loads(args_json)
         except ValueError as exc:
             return json.dumps({"ok": False, "error": {"name": "ValidationError", "message": str(exc)}})
-        return json.dumps(await self._dispatcher.call(method, args), default=str)
+        if method in ("integrityCheck", "storageInfo"):
+            result = self._local(method)
+        else:
+            result = await self._dispatcher.call(method, args)
+        if not result["ok"]:
+            result["error"]["name"] = public_error_name(result["error"]["name"])
+        return json.dumps(result, default=str)
+
+    def _local(self, method: str) -> dict[str, Any]:
+        try:
+            if self.connection is None:
+                raise DurablyError(f"{method} needs the runtime's SQL connection")
+            if method == "integrityCheck":
+                rows = self.connection.fetch_all("PRAGMA integrity_check")
+                value: Any = "\n".join(str(next(iter(row.values()))) for row in rows)
+            else:
+                info = getattr(self.connection, "info", None)
+                value = info() if callable(info) else {}
+            return {"ok": True, "value": value}
+        except Exception as exc:
+            from .rpc import error_to_json
+
+            return {"ok": False, "error": error_to_json(exc)}
 
     async def stop(self) -> None:
         await self.durably.stop()
@@ -118,13 +173,50 @@ async def start(
         synchronous=config.get("synchronous", "normal"),
         busy_timeout_ms=int(config.get("busyTimeoutMs", 5000)),
     )
+    paths = list(job_module_paths)
+    jobs = _preloaded[1] if _preloaded is not None and _preloaded[0] == paths else load_job_modules(paths)
     durably = Durably(
         SQLiteStore(connection),
-        jobs=load_job_modules(job_module_paths),
+        jobs=jobs,
         sole_worker=bool(config.get("soleWorker", False)),
         worker=bool(config.get("worker", True)),
         **durably_options(config.get("options") or {}),
     )
-    await durably.init()
+    # Listen before init(): a resumed run may emit its first events right away.
     durably.on("*", lambda event: post_event(json.dumps(event.to_dict(), default=str)))
-    return BrowserRuntime(durably)
+    await durably.init()
+    return BrowserRuntime(durably, connection)
+
+
+# (paths, jobs) imported by preload(), reused by start() for the same paths.
+_preloaded: tuple[list[str], list[JobDefinition[Any, Any]]] | None = None
+
+
+def preload(job_module_paths_json: str) -> str:
+    """Import the job modules now (every tab does), so a later takeover only opens the database.
+
+    Returns the JSON list of job names; a broken module raises here, in every tab.
+    """
+    global _preloaded
+    paths = list(json.loads(job_module_paths_json))
+    jobs = load_job_modules(paths)
+    _preloaded = (paths, jobs)
+    return json.dumps(sorted(job.name for job in jobs))
+
+
+async def open_and_start(
+    job_module_paths_json: str, config_json: str, post_event: Callable[[str], Any]
+) -> BrowserRuntime:
+    """Open the database the page asked for (``config``: ``storage``, ``filename``,
+    ``journalMode``) through the worker's ``openSqliteBridge`` and :func:`start` on it."""
+    from .storage.sqlite.wasm_connection import WasmSqlConnection
+
+    config = json.loads(config_json)
+    connection = await WasmSqlConnection.open(
+        config["filename"], storage=config["storage"], journal_mode=config.get("journalMode")
+    )
+    try:
+        return await start(connection, json.loads(job_module_paths_json), config_json, post_event)
+    except BaseException:
+        connection.close()
+        raise

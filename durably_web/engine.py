@@ -20,6 +20,7 @@ from .job import JobDefinition
 from .models import ErrorInfo, Progress
 from .step import StepContext, _error_json
 from .storage.base import LogRecord, RunRecord, StepRecord
+from .threads import SyncStepThreads
 
 if TYPE_CHECKING:
     from .durably import Durably
@@ -44,7 +45,7 @@ class RunExecution:
         self.job_name = record.job_name
         self.attempt = record.attempt
         self.generation = record.lease_generation
-        self.offload_sync = worker.durably.run_sync_in_thread
+        self.sync_threads = worker.sync_threads
         self.deferred_durability = worker.durably.store.deferred_durability
         self.stop_reason: str | None = None  # "cancelled" | "lease-lost" | "shutdown"
         self.failed_step: StepRecord | None = None
@@ -202,8 +203,11 @@ class Worker:
         self._loop_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
         self._last_purge = 0.0
+        self.sync_threads: SyncStepThreads | None = None
 
     def start(self) -> None:
+        if self.durably.run_sync_in_thread:
+            self.sync_threads = SyncStepThreads(asyncio.get_running_loop())
         self._loop_task = asyncio.create_task(self._claim_loop(), name="durably-worker")
         self._renew_task = asyncio.create_task(self._renew_loop(), name="durably-lease-renewal")
 
@@ -296,6 +300,8 @@ class Worker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        if self.sync_threads is not None:
+            self.sync_threads.shutdown()
         for task in (self._loop_task, self._renew_task):
             if task is not None:
                 try:

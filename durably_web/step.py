@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
 import inspect
 import json
 from collections.abc import Callable
@@ -144,11 +143,10 @@ class StepContext:
     async def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if inspect.iscoroutinefunction(fn):
             return await fn(*args, **kwargs)
-        if self._execution.offload_sync:
+        threads = self._execution.sync_threads
+        if threads is not None:
             # A blocking callable must not starve the event loop (lease renewal, cancel).
-            result = await asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(fn, *args, **kwargs)
-            )
+            result = await threads.run(fn, *args, **kwargs)
         else:
             result = fn(*args, **kwargs)
         if inspect.isawaitable(result):
