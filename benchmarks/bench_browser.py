@@ -1,0 +1,353 @@
+"""Browser benchmark (headless Debian Chromium): ``python benchmarks/bench_browser.py``.
+
+Prints, in one run, for storage "opfs" (opfs-sahpool, WAL + exclusive locking, as
+the runtime opens it) and "memory":
+
+  ready      page navigation -> ``DurablyWeb.create()`` resolved (Pyodide + worker.js +
+             wheels + job module + database open), with a warm HTTP cache: the page is
+             loaded once, then reloaded --reloads times; median (min-max);
+  per-step   a job with N no-op steps run by Durably on SQLiteStore over
+             WasmSqlConnection inside a worker: (time(N steps) - time(0 steps)) / N;
+             measured in phase 1's harness worker (static/durably_worker.js), which
+             runs Python we send, and also through the public API (worker.js,
+             triggerAndWait from the page; includes the page<->worker messages);
+  floor      one committed INSERT through the same bridge (WasmSqlConnection.execute
+             in autocommit, same pragmas), and a BEGIN/INSERT/COMMIT of three calls;
+  ratio      per-step / floor (autocommit INSERT).
+
+Targets (issue 3): ready < 3 s warm; per-step within 3x the floor.
+Nothing is fetched from outside 127.0.0.1: Chromium's non-loopback traffic goes to
+a dead proxy port. Use --no-build to reuse an existing site/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = os.environ.get("DURABLY_CHROMIUM", "/usr/bin/chromium")
+CHROMEDRIVER = os.environ.get("DURABLY_CHROMEDRIVER", "/usr/bin/chromedriver")
+
+_spec = importlib.util.spec_from_file_location("durably_site_build", ROOT / "build.py")
+assert _spec is not None and _spec.loader is not None
+site_build = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(site_build)
+
+# Served under /_bench/ (never shipped in site/).
+BENCH_JOBS = """
+from durably_web import StepContext, define_job
+
+
+def noop() -> None:
+    return None
+
+
+@define_job("noop-steps", output=int)
+async def noop_steps(step: StepContext, payload: dict) -> int:
+    for i in range(payload["steps"]):
+        await step.run(f"s{i}", noop)
+    return payload["steps"]
+
+
+JOBS = [noop_steps]
+"""
+
+BENCH_PAGE = """<!doctype html>
+<html><head><meta charset="utf-8"><title>durably-web browser benchmark</title>
+<link rel="icon" href="data:,">
+<script src="../durably.js"></script></head>
+<body><script>
+  const storage = new URLSearchParams(location.search).get("storage") || "opfs";
+  window.bench = { status: [] };
+  const onStatus = (s) => bench.status.push([performance.now(), s.state]);
+  DurablyWeb.create({ jobs: ["bench_jobs.py"], database: "bench-" + storage + ".db", storage, onStatus })
+    .then((d) => { bench.readyMs = performance.now(); bench.durably = d; })
+    .catch((e) => { bench.error = String((e && e.stack) || e); });
+</script></body></html>
+"""
+
+# Python run inside the harness worker (top-level await; last expression is the result).
+WORKER_BENCH = r"""
+import json, statistics, time
+from durably_web import Durably, StepContext, define_job
+from durably_web.storage.sqlite import SQLiteStore, apply_connection_policy
+from durably_web.storage.sqlite.wasm_connection import WasmSqlConnection
+
+N = __N__
+REPEAT = __REPEAT__
+STORAGE = __STORAGE__
+
+def noop():
+    return None
+
+@define_job("noop-steps", output=int)
+async def noop_steps(step: StepContext, payload: dict) -> int:
+    for i in range(payload["steps"]):
+        await step.run(f"s{i}", noop)
+    return payload["steps"]
+
+async def open_conn(name):
+    # As browser.open_and_start + browser.start open the runtime's database.
+    if STORAGE == "memory":
+        conn = await WasmSqlConnection.open(":memory:", storage="memory")
+    else:
+        conn = await WasmSqlConnection.open(f"/{name}", storage="opfs", journal_mode="wal", pool_capacity=16)
+    apply_connection_policy(conn, journal_mode=None, synchronous="normal", busy_timeout_ms=5000)
+    return conn
+
+# -- per step, through Durably
+conn = await open_conn("bench-steps.db")
+durably = Durably(SQLiteStore(conn), jobs=[noop_steps], sole_worker=True, polling_interval=0.05)
+await durably.init()
+
+async def timed(steps):
+    t = time.perf_counter()
+    run = await durably.trigger_and_wait("noop-steps", {"steps": steps}, timeout=300)
+    elapsed = time.perf_counter() - t
+    assert run.status == "completed" and run.output == steps, run
+    return elapsed
+
+await timed(50)  # warm-up: JIT, statement cache, pool files
+per_step = []
+for _ in range(REPEAT):
+    empty = await timed(0)
+    full = await timed(N)
+    per_step.append((full - empty) / N)
+info = conn.info()
+await durably.stop()
+conn.close()
+
+# -- floor: one committed INSERT through the same bridge
+conn = await open_conn("bench-floor.db")
+conn.execute_script("CREATE TABLE IF NOT EXISTS b(id INTEGER PRIMARY KEY, run TEXT, n INTEGER, payload TEXT)")
+sql = "INSERT INTO b(run, n, payload) VALUES (:run, :n, :payload)"
+payload = "x" * 200
+for i in range(50):
+    conn.execute(sql, {"run": "warm", "n": i, "payload": payload})
+autocommit, three_calls = [], []
+for _ in range(REPEAT):
+    t = time.perf_counter()
+    for i in range(N):
+        conn.execute(sql, {"run": "a", "n": i, "payload": payload})
+    autocommit.append((time.perf_counter() - t) / N)
+    t = time.perf_counter()
+    for i in range(N):
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute(sql, {"run": "t", "n": i, "payload": payload})
+        conn.execute("COMMIT")
+    three_calls.append((time.perf_counter() - t) / N)
+conn.close()
+
+json.dumps({
+    "per_step_ms": statistics.median(per_step) * 1e3,
+    "per_step_all_ms": [round(x * 1e3, 3) for x in per_step],
+    "floor_ms": statistics.median(autocommit) * 1e3,
+    "floor3_ms": statistics.median(three_calls) * 1e3,
+    "journal": info.get("journalMode"), "locking": info.get("lockingMode"),
+})
+"""
+
+
+def serve(site: Path) -> http.server.ThreadingHTTPServer:
+    extra = {"/_bench/bench.html": BENCH_PAGE.encode(), "/_bench/bench_jobs.py": BENCH_JOBS.encode()}
+
+    class Handler(site_build.SiteHandler):
+        quiet = True
+
+        def do_GET(self) -> None:
+            body = extra.get(self.path.split("?")[0])
+            if body is None:
+                return super().do_GET()
+            self.send_response(200)
+            self.send_header("Content-Type", self.guess_type(self.path.split("?")[0]))
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(Handler, directory=str(site))
+    )
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def launch(profile: str) -> Any:
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a driver/browser
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--proxy-server=http://127.0.0.1:9",  # non-loopback traffic: nowhere
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    driver.set_script_timeout(600)
+    return driver
+
+
+def wait_for(driver: Any, expr: str, timeout: float = 120) -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = driver.execute_script(f"return {expr}")
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {expr}")
+        time.sleep(0.02)
+
+
+def page_ready(driver: Any, url: str) -> tuple[float, float]:
+    """(navigation -> create() resolved, ms spent in opfs-wait status) for one page load."""
+    driver.get(url)
+    state = wait_for(driver, "window.bench && (bench.readyMs || bench.error) && bench")
+    if state.get("error"):
+        raise SystemExit(f"DurablyWeb.create() failed: {state['error']}")
+    waits = [t for t, name in state["status"] if "wait" in str(name)]
+    waited = (max(waits) - min(waits)) if waits else 0.0
+    return float(state["readyMs"]), waited
+
+
+def api_per_step(driver: Any, n: int, repeat: int) -> float:
+    """(triggerAndWait(N steps) - triggerAndWait(0 steps)) / N, timed in the page."""
+    result = driver.execute_async_script(
+        """
+        const [n, repeat, done] = arguments;
+        const d = bench.durably;
+        const timed = async (steps) => {
+          const t = performance.now();
+          const run = await d.triggerAndWait("noop-steps", {steps}, {timeout: 300000});
+          if (run.status !== "completed") throw new Error(JSON.stringify(run));
+          return performance.now() - t;
+        };
+        (async () => {
+          await timed(50);
+          const per = [];
+          for (let i = 0; i < repeat; i++) {
+            const empty = await timed(0);
+            per.push((await timed(n) - empty) / n);
+          }
+          per.sort((a, b) => a - b);
+          done({ok: true, ms: per[Math.floor(per.length / 2)]});
+        })().catch((e) => done({ok: false, error: String(e && e.stack || e)}));
+        """,
+        n,
+        repeat,
+    )
+    if not result["ok"]:
+        raise SystemExit(f"API benchmark failed: {result['error']}")
+    return float(result["ms"])
+
+
+def harness_bench(driver: Any, base: str, storage: str, n: int, repeat: int) -> dict[str, Any]:
+    driver.get(base + "harness.html")
+    wait_for(driver, "window.harnessReady === true")
+    code = (
+        WORKER_BENCH.replace("__N__", str(n))
+        .replace("__REPEAT__", str(repeat))
+        .replace("__STORAGE__", repr(storage))
+    )
+    reply = driver.execute_async_script(
+        """
+        const [code, done] = arguments;
+        (async () => {
+          const init = await harness.call("init", {packages: ["durably-web"]});
+          const r = JSON.parse(await harness.call("run", {code}));
+          r.harness_init_ms = init.workerStartToReadyMs;
+          return JSON.stringify(r);
+        })().then((r) => done({ok: true, r}), (e) => done({ok: false, error: String(e && e.stack || e)}));
+        """,
+        code,
+    )
+    if not reply["ok"]:
+        raise SystemExit(f"worker benchmark failed:\n{reply['error']}")
+    return json.loads(reply["r"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--repeat", type=int, default=3, help="per-step / floor repetitions (median)")
+    parser.add_argument("--reloads", type=int, default=5, help="warm-cache page loads (median)")
+    parser.add_argument("--no-build", action="store_true", help="reuse site/ as it is")
+    args = parser.parse_args()
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not shutil.which(path):
+            raise SystemExit(f"{path} is missing (apt-get install -y chromium chromium-driver)")
+    if not args.no_build:
+        subprocess.run([sys.executable, str(ROOT / "build.py"), "build"], cwd=ROOT, check=True)
+    server = serve(site_build.SITE)
+    base = f"http://127.0.0.1:{server.server_address[1]}/"
+    rows: dict[str, dict[str, Any]] = {}
+    for storage in ("opfs", "memory"):
+        profile = tempfile.mkdtemp(prefix="durably-bench-")
+        driver = launch(profile)
+        try:
+            url = f"{base}_bench/bench.html?storage={storage}"
+            cold, _ = page_ready(driver, url)  # fills the HTTP cache
+            loads = [page_ready(driver, url) for _ in range(args.reloads)]
+            warm = [ready for ready, _ in loads]
+            waited = [w for _, w in loads]
+            api = api_per_step(driver, args.steps, args.repeat)
+            worker = harness_bench(driver, base, storage, args.steps, args.repeat)
+        finally:
+            driver.quit()
+            shutil.rmtree(profile, ignore_errors=True)
+        rows[storage] = {"cold": cold, "warm": warm, "opfs_wait": waited, "api": api, **worker}
+    server.shutdown()
+
+    version = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout.strip()
+    print(
+        f"\ndurably-web browser benchmark: {version}, N={args.steps} no-op steps, "
+        f"median of {args.repeat} (per-step/floor) and {args.reloads} warm reloads (ready)\n"
+    )
+    header = (
+        f"{'storage':<8} {'ready warm ms':>22} {'first load':>10} {'pyodide':>8} {'per-step ms':>11} "
+        f"{'via API':>8} {'floor ms':>9} {'3-call tx':>9} {'ratio':>6}  journal"
+    )
+    print(header)
+    print("-" * len(header))
+    for storage, r in rows.items():
+        warm = r["warm"]
+        ready = f"{statistics.median(warm):.0f} ({min(warm):.0f}-{max(warm):.0f})"
+        ratio = r["per_step_ms"] / r["floor_ms"]
+        journal = f"{r['journal']}/{r['locking']}" if storage == "opfs" else r["journal"]
+        print(
+            f"{storage:<8} {ready:>22} {r['cold']:>10.0f} {r['harness_init_ms']:>8.0f} "
+            f"{r['per_step_ms']:>11.3f} {r['api']:>8.3f} "
+            f"{r['floor_ms']:>9.3f} {r['floor3_ms']:>9.3f} {ratio:>5.2f}x  {journal}"
+        )
+    print(
+        "\nready: navigation -> DurablyWeb.create() resolved; pyodide: harness worker start -> Pyodide"
+        " + durably-web wheels loaded (warm cache);\nper-step: in the worker; via API: triggerAndWait"
+        " from the page"
+    )
+    print("targets: ready < 3000 ms warm; per-step <= 3x floor (autocommit INSERT through the bridge)")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

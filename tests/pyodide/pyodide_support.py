@@ -1,0 +1,40 @@
+"""Constants and helpers shared by conftest.py and the tests in tests/pyodide.
+
+(Imported by name: a ``from conftest import …`` could pick up another directory's conftest.)
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+# Core engine test modules run inside Pyodide. Left out entirely: test_asgi.py,
+# test_asgi_fuzz.py, test_sse.py (the HTTP server extra: starlette/uvicorn/httpx are
+# not part of the browser build), test_cli.py and test_crash.py (subprocesses, SIGKILL).
+CORE_MODULES = [
+    "tests/test_durably.py",
+    "tests/test_steps.py",
+    "tests/test_engine.py",
+    "tests/test_events.py",
+    "tests/test_storage.py",
+]
+# Copied into the Pyodide FS next to the modules, unchanged; plus this directory's
+# in_pyodide.py and parity.py.
+SUPPORT_FILES = ["tests/conftest.py", "tests/helpers.py", "tests/crash_jobs.py"]
+PYODIDE_SIDE_FILES = ["in_pyodide.py", "parity.py"]
+# Wheels from site/ (browser-wheels.json; pytest & co. are its "test" group) loaded into Pyodide.
+PACKAGES = ["durably-web", "pytest", "pytest-asyncio", "hypothesis", "tzdata"]
+
+
+def run_python(runner: Any, code: str) -> Any:
+    """Run Python synchronously in the runtime; the code's last expression must be a JSON str."""
+    return json.loads(runner.run(code))
+
+
+def run_python_async(runner: Any, code: str) -> Any:
+    """Run Python with top-level ``await`` on Pyodide's own WebLoop; last expression: a JSON str."""
+    return json.loads(runner.run_async(code))
