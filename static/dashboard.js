@@ -1,0 +1,650 @@
+// dashboard.js: the runs dashboard (dashboard.html). It only uses the DurablyClient API
+// of durably.d.ts, so the same page works against a CPython server (remote.js) and
+// against Pyodide in this browser (durably.js).
+//
+// Safety rule: every value that comes from a run (ids, inputs, outputs, labels, logs,
+// errors) reaches the DOM as text: through h() below, which appends strings as text
+// nodes, or through textContent. No innerHTML anywhere.
+"use strict";
+
+const ACTIVE = ["pending", "leased"];
+const STATUSES = ["pending", "leased", "completed", "failed", "cancelled"];
+const PAGE = 50;
+// The live events say what changed; this refresh is the safety net for what they cannot
+// say (runs executed by another process, events lost while a stream reconnects).
+const SAFETY_REFRESH_MS = 5000;
+
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  client: null,
+  limit: PAGE,
+  runs: [], // the listed runs, newest first
+  rows: new Map(), // run id -> <tr>
+  selected: null, // run id shown in the detail panel
+  detail: null, // {run, steps: Map(index -> step), logs, current, unsubscribe, gone}
+};
+
+// --- DOM helpers ----------------------------------------------------------------------------
+
+/** Element builder: strings and numbers become text nodes, never markup. */
+function h(tag, props, ...children) {
+  const el = document.createElement(tag);
+  for (const [key, value] of Object.entries(props || {})) {
+    if (value === null || value === undefined || value === false) continue;
+    if (key === "class") el.className = value;
+    else if (key.startsWith("on")) el.addEventListener(key.slice(2), value);
+    else el.setAttribute(key, value === true ? "" : String(value));
+  }
+  for (const child of children.flat(Infinity)) {
+    if (child === null || child === undefined || child === false) continue;
+    el.append(child instanceof Node ? child : String(child));
+  }
+  return el;
+}
+
+function statusBadge(status) {
+  // The class comes from a fixed list; an unexpected value still shows, as text.
+  const known = STATUSES.includes(status) ? status : "unknown";
+  const text = status === "leased" ? "running" : status;
+  return h("span", { class: `badge badge-${known}` }, h("span", { class: "badge-dot" }), text);
+}
+
+function labelChips(labels) {
+  const entries = Object.entries(labels || {});
+  if (!entries.length) return h("span", { class: "muted" }, "—");
+  return h("span", { class: "chips" },
+    entries.map(([k, v]) => h("span", { class: "chip", title: `${k}=${v}` }, h("b", null, k), "=", v)));
+}
+
+function progressBar(progress, status) {
+  const p = progress || {};
+  const total = typeof p.total === "number" && p.total > 0 ? p.total : null;
+  let pct = total ? Math.min(100, Math.max(0, (p.current / total) * 100)) : null;
+  if (status === "completed") pct = 100;
+  const bar = h("div", { class: `bar bar-${STATUSES.includes(status) ? status : "unknown"}` },
+    h("div", { class: "bar-fill", style: `width:${pct === null ? 0 : pct.toFixed(1)}%` }));
+  if (pct === null && ACTIVE.includes(status)) bar.classList.add("bar-indeterminate");
+  return bar;
+}
+
+function progressText(progress) {
+  if (!progress) return "";
+  const count = progress.total ? `${progress.current}/${progress.total}` : `${progress.current}`;
+  return progress.message ? `${count} · ${progress.message}` : count;
+}
+
+function fmtTime(iso) {
+  if (!iso) return "—";
+  const date = new Date(iso);
+  if (Number.isNaN(date.getTime())) return String(iso);
+  const sameDay = date.toDateString() === new Date().toDateString();
+  return sameDay ? date.toLocaleTimeString() : date.toLocaleString();
+}
+
+function fmtDuration(ms) {
+  if (typeof ms !== "number" || !Number.isFinite(ms) || ms < 0) return "—";
+  if (ms < 1000) return `${Math.round(ms)} ms`;
+  if (ms < 60000) return `${(ms / 1000).toFixed(ms < 10000 ? 2 : 1)} s`;
+  const minutes = Math.floor(ms / 60000);
+  return `${minutes} min ${Math.round((ms % 60000) / 1000)} s`;
+}
+
+function runDuration(run) {
+  if (!run.started_at) return null;
+  const end = run.completed_at ? Date.parse(run.completed_at) : ACTIVE.includes(run.status) ? Date.now() : null;
+  return end === null ? null : end - Date.parse(run.started_at);
+}
+
+function shortId(id) {
+  // ULIDs share their time prefix; the tail tells runs apart.
+  return String(id).length > 12 ? `…${String(id).slice(-8)}` : String(id);
+}
+
+function json(value) {
+  if (value === undefined) return "";
+  try {
+    return JSON.stringify(value, null, 2);
+  } catch {
+    return String(value);
+  }
+}
+
+let toastTimer = null;
+function toast(message, kind = "error") {
+  const el = $("toast");
+  el.textContent = message;
+  el.dataset.kind = kind;
+  el.hidden = false;
+  clearTimeout(toastTimer);
+  toastTimer = setTimeout(() => { el.hidden = true; }, 6000);
+}
+
+function errorText(error) {
+  const details = Array.isArray(error && error.details) ? error.details : [];
+  const lines = details.map((d) => {
+    const where = Array.isArray(d.loc) && d.loc.length ? `${d.loc.join(".")}: ` : "";
+    return `${where}${d.msg || JSON.stringify(d)}`;
+  });
+  const head = error ? `${error.name || "Error"}: ${error.message}` : "Error";
+  return [head, ...lines].join("\n");
+}
+
+/** "k=v, k2=v2" -> {k: "v", k2: "v2"}; throws on a part without "=". */
+function parseLabels(text) {
+  const labels = {};
+  for (const part of text.split(",").map((s) => s.trim()).filter(Boolean)) {
+    const at = part.indexOf("=");
+    if (at < 1) throw new Error(`"${part}" is not key=value`);
+    labels[part.slice(0, at).trim()] = part.slice(at + 1).trim();
+  }
+  return labels;
+}
+
+function setConnection(stateName, text) {
+  $("connection").dataset.state = stateName;
+  $("connection-text").textContent = text;
+}
+
+// --- runtime --------------------------------------------------------------------------------
+
+function loadScript(src) {
+  return new Promise((resolve, reject) => {
+    const script = document.createElement("script");
+    script.src = new URL(src, location.href).href;
+    script.onload = resolve;
+    script.onerror = () => reject(new Error(`could not load ${src}`));
+    document.head.append(script);
+  });
+}
+
+const LOCAL_STATES = {
+  "loading-python": "loading Python…",
+  "opening-database": "opening the database…",
+  "loading-jobs": "loading the job modules…",
+  "waiting-for-storage": "waiting for the previous page to release storage…",
+  "follower": "another tab runs the jobs; connecting to it…",
+};
+
+function localText(client) {
+  return `in this browser · ${client.storage || "storage"} · ${client.role === "leader" ? "runs jobs here" : "another tab runs the jobs"}`;
+}
+
+async function connect() {
+  const params = new URLSearchParams(location.search);
+  const localJobs = params.getAll("local");
+  if (localJobs.length) {
+    setConnection("connecting", "starting the local runtime…");
+    await loadScript("durably.js");
+    const client = await globalThis.DurablyWeb.create({
+      jobs: localJobs,
+      database: params.get("db") || "demo.db",
+      storage: params.get("storage") || undefined,
+      onStatus: (s) => {
+        if (LOCAL_STATES[s.state]) setConnection("connecting", LOCAL_STATES[s.state]);
+      },
+    });
+    setConnection("live", localText(client));
+    return client;
+  }
+  // Served by durably_web.asgi at <prefix>/dashboard/: the API is the parent folder.
+  const api = params.get("remote") || new URL("..", location.href).href;
+  if (!globalThis.DurablyWebRemote) await loadScript("remote.js");
+  const client = globalThis.DurablyWebRemote.connect(api);
+  setConnection("live", `server · ${new URL(client.url).host}${new URL(client.url).pathname}`);
+  return client;
+}
+
+// --- the runs list --------------------------------------------------------------------------
+
+function currentQuery() {
+  const query = { limit: state.limit };
+  const status = $("filter-status").value;
+  if (status) query.status = status.split(",");
+  if ($("filter-job").value) query.jobName = $("filter-job").value;
+  const labels = parseLabels($("filter-label").value);
+  if (Object.keys(labels).length) query.labels = labels;
+  return query;
+}
+
+async function loadRuns() {
+  let query;
+  try {
+    query = currentQuery();
+    $("filter-error").hidden = true;
+  } catch (error) {
+    $("filter-error").textContent = `Labels filter: ${error.message}`;
+    $("filter-error").hidden = false;
+    return;
+  }
+  try {
+    state.runs = await state.client.getRuns(query);
+    if ($("connection").dataset.state === "offline") setConnection("live", state.connectedText);
+  } catch (error) {
+    setConnection("offline", `offline — ${error.message}`);
+    return;
+  }
+  renderRuns();
+}
+
+function renderRow(run) {
+  const duration = runDuration(run);
+  const row = h("tr", {
+    class: run.id === state.selected ? "selected" : null,
+    tabindex: "0",
+    "data-run-id": run.id,
+    onclick: () => selectRun(run.id),
+    onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); selectRun(run.id); } },
+  },
+  h("td", null, statusBadge(run.status)),
+  h("td", { class: "job" }, run.job_name),
+  h("td", { class: "mono", title: run.id }, shortId(run.id)),
+  h("td", null, labelChips(run.labels)),
+  h("td", { class: "col-progress" },
+    progressBar(run.progress, run.status),
+    h("span", { class: "progress-text" }, progressText(run.progress))),
+  h("td", { class: "nowrap", title: run.created_at || "" }, fmtTime(run.created_at)),
+  h("td", { class: "num nowrap" }, duration === null ? "—" : fmtDuration(duration)));
+  state.rows.set(run.id, row);
+  return row;
+}
+
+function renderRuns() {
+  state.rows.clear();
+  $("runs-body").replaceChildren(...state.runs.map(renderRow));
+  $("runs-empty").hidden = state.runs.length > 0;
+  $("runs-count").textContent = state.runs.length
+    ? `${state.runs.length} run${state.runs.length === 1 ? "" : "s"}, newest first` : "";
+  $("more").hidden = state.runs.length < state.limit;
+}
+
+// Many events may arrive at once (a batch, fast progress): coalesce them into one reload
+// at a time, and one more after it if something changed meanwhile.
+let refreshTimer = null;
+let refreshing = false;
+let refreshAgain = false;
+function scheduleRefresh(delay = 150) {
+  if (refreshTimer) return;
+  refreshTimer = setTimeout(async () => {
+    refreshTimer = null;
+    if (refreshing) {
+      refreshAgain = true;
+      return;
+    }
+    refreshing = true;
+    try {
+      await loadRuns();
+    } finally {
+      refreshing = false;
+      if (refreshAgain) {
+        refreshAgain = false;
+        scheduleRefresh();
+      }
+    }
+  }, delay);
+}
+
+function onRunEvent(event) {
+  // The local runtime's "*" also carries step and log events; the list only shows runs.
+  if (!event.type.startsWith("run:")) return;
+  // Progress is frequent: patch the row in place instead of reloading the list.
+  if (event.type === "run:progress") {
+    const index = state.runs.findIndex((r) => r.id === event.run_id);
+    const row = state.rows.get(event.run_id);
+    if (index >= 0 && row) {
+      const run = { ...(event.run || state.runs[index]), progress: event.progress };
+      state.runs[index] = run;
+      row.replaceWith(renderRow(run));
+      return;
+    }
+  }
+  scheduleRefresh();
+}
+
+// --- run detail -----------------------------------------------------------------------------
+
+function closeDetailStream() {
+  if (state.detail && state.detail.unsubscribe) state.detail.unsubscribe();
+  if (state.detail) state.detail.unsubscribe = null;
+}
+
+async function selectRun(id) {
+  if (!id) return;
+  if (state.selected !== id) closeDetailStream();
+  state.selected = id;
+  history.replaceState(null, "", `#run=${encodeURIComponent(id)}`);
+  for (const [runId, row] of state.rows) row.classList.toggle("selected", runId === id);
+  await loadDetail(id);
+}
+
+async function loadDetail(id) {
+  let run, steps, logs;
+  try {
+    [run, steps, logs] = await Promise.all([
+      state.client.getRun(id), state.client.getSteps(id), state.client.getLogs(id)]);
+  } catch (error) {
+    if (state.selected !== id) return;
+    closeDetailStream();
+    state.detail = { run: { id }, gone: error.name === "NotFoundError", error };
+    renderDetail();
+    return;
+  }
+  if (state.selected !== id) return; // the user moved on meanwhile
+  const previous = state.detail && state.detail.run.id === id ? state.detail : null;
+  state.detail = {
+    run,
+    steps: new Map(steps.map((s) => [s.index, s])),
+    logs,
+    current: null,
+    unsubscribe: previous ? previous.unsubscribe : null,
+  };
+  // Live updates while it runs. Logs written between getLogs() and the stream opening
+  // may be missed; the reload at the terminal event brings the full list.
+  if (ACTIVE.includes(run.status) && !state.detail.unsubscribe) {
+    state.detail.unsubscribe = state.client.subscribe(id, (event) => onDetailEvent(id, event));
+  }
+  renderDetail();
+}
+
+function onDetailEvent(id, event) {
+  const d = state.detail;
+  if (!d || state.selected !== id || d.run.id !== id) return;
+  switch (event.type) {
+    case "run:snapshot":
+      if (event.run) d.run = event.run;
+      break;
+    case "run:leased":
+      d.run = { ...d.run, status: "leased", attempt: event.attempt ?? d.run.attempt };
+      break;
+    case "run:progress":
+      d.run = { ...d.run, progress: event.progress };
+      break;
+    case "step:start":
+      d.current = { index: event.step_index, name: event.step_name, since: Date.now() };
+      break;
+    case "step:complete":
+    case "step:fail":
+      d.steps.set(event.step_index, {
+        index: event.step_index,
+        name: event.step_name,
+        status: event.type === "step:complete" ? "completed" : "failed",
+        output: event.output,
+        error: event.error || null,
+        duration_ms: event.duration_ms,
+      });
+      if (d.current && d.current.index === event.step_index) d.current = null;
+      break;
+    case "log:write":
+      d.logs.push({ level: event.level, message: event.message, step_name: event.step_name,
+        data: event.data, created_at: event.timestamp });
+      break;
+    default:
+      break;
+  }
+  if (["run:complete", "run:fail", "run:cancel", "run:delete"].includes(event.type)) {
+    d.unsubscribe = null; // the stream has ended by itself
+    loadDetail(id); // the final state: output, error with traceback, all logs
+    return;
+  }
+  scheduleDetailRender();
+}
+
+let renderPending = false;
+function scheduleDetailRender() {
+  if (renderPending) return;
+  renderPending = true;
+  requestAnimationFrame(() => {
+    renderPending = false;
+    renderDetail();
+  });
+}
+
+function section(title, ...content) {
+  return h("section", { class: "detail-section" }, h("h3", null, title), content);
+}
+
+function actionButton(label, className, enabled, handler, title) {
+  return h("button", { type: "button", class: `btn ${className}`, disabled: !enabled, title,
+    onclick: async (e) => {
+      const button = e.currentTarget;
+      button.disabled = true;
+      try {
+        await handler(button);
+      } catch (error) {
+        toast(errorText(error));
+      } finally {
+        if (button.isConnected) button.disabled = false;
+      }
+    } }, label);
+}
+
+function renderDetail() {
+  const panel = $("detail");
+  const d = state.detail;
+  if (!d) {
+    panel.replaceChildren(h("div", { class: "placeholder" }, h("p", null, "Select a run to see its input, steps, logs and output.")));
+    return;
+  }
+  if (d.gone || d.error) {
+    panel.replaceChildren(h("div", { class: "placeholder" },
+      h("p", null, d.gone ? "This run no longer exists." : errorText(d.error)),
+      h("p", { class: "mono muted" }, d.run.id)));
+    return;
+  }
+  const run = d.run;
+  const active = ACTIVE.includes(run.status);
+  const logBox = panel.querySelector(".logs");
+  const stickToBottom = !logBox || logBox.scrollTop + logBox.clientHeight >= logBox.scrollHeight - 4;
+
+  const header = h("div", { class: "detail-header" },
+    h("div", { class: "detail-title" },
+      h("h2", null, run.job_name),
+      statusBadge(run.status),
+      h("div", { class: "mono muted run-id", title: "run id" }, run.id)),
+    h("div", { class: "detail-actions" },
+      actionButton("Cancel", "btn-warn", active, async () => {
+        await state.client.cancel(run.id);
+        await loadDetail(run.id);
+        scheduleRefresh(0);
+      }, "Stop the run at its next step"),
+      actionButton("Retrigger", "", true, async () => {
+        const again = await state.client.retrigger(run.id);
+        scheduleRefresh(0);
+        await selectRun(again.id);
+      }, "A new run with the same input and labels"),
+      actionButton("Delete", "btn-danger", run.status !== "leased", async (button) => {
+        // Two clicks: the first arms the button for a few seconds.
+        if (button.dataset.armed !== "1") {
+          button.dataset.armed = "1";
+          button.textContent = "Confirm delete";
+          setTimeout(() => {
+            if (button.isConnected) { button.dataset.armed = ""; button.textContent = "Delete"; }
+          }, 4000);
+          return;
+        }
+        await state.client.deleteRun(run.id);
+        closeDetailStream();
+        state.selected = null;
+        state.detail = null;
+        history.replaceState(null, "", location.pathname + location.search);
+        renderDetail();
+        scheduleRefresh(0);
+      }, run.status === "leased" ? "Cancel it first: a running run cannot be deleted" : "Delete the run, its steps and logs")));
+
+  const meta = h("dl", { class: "meta" },
+    [["Attempt", run.attempt], ["Created", fmtTime(run.created_at)], ["Started", fmtTime(run.started_at)],
+      ["Finished", fmtTime(run.completed_at)], ["Duration", fmtDuration(runDuration(run))],
+      ["Idempotency key", run.idempotency_key || "—"], ["Concurrency key", run.concurrency_key || "—"]]
+      .map(([k, v]) => h("div", null, h("dt", null, k), h("dd", null, v ?? "—"))),
+    h("div", { class: "meta-wide" }, h("dt", null, "Labels"), h("dd", null, labelChips(run.labels))));
+
+  const progress = h("div", { class: "detail-progress" },
+    progressBar(run.progress, run.status),
+    h("div", { class: "progress-caption" }, progressText(run.progress) || (active ? "waiting…" : "")));
+
+  const parts = [header, progress, meta];
+  if (run.error) {
+    parts.push(section("Error", h("div", { class: "error-box" },
+      h("div", { class: "error-head" }, `${run.error.type}: ${run.error.message}`),
+      run.error.traceback ? h("pre", { class: "traceback" }, run.error.traceback) : null)));
+  }
+  if (run.status === "completed") parts.push(section("Output", h("pre", { class: "json" }, json(run.output))));
+  parts.push(section("Input", h("pre", { class: "json" }, json(run.input))));
+  parts.push(section(`Steps (${d.steps.size})`, renderSteps(d)));
+  parts.push(section(`Logs (${d.logs.length})`, renderLogs(d.logs)));
+  panel.replaceChildren(...parts);
+
+  const newLogBox = panel.querySelector(".logs");
+  if (newLogBox && stickToBottom) newLogBox.scrollTop = newLogBox.scrollHeight;
+}
+
+function renderSteps(d) {
+  const steps = [...d.steps.values()].sort((a, b) => a.index - b.index);
+  const longest = Math.max(1, ...steps.map((s) => s.duration_ms || 0));
+  const rows = steps.map((s) => h("li", { class: `step step-${s.status === "failed" ? "failed" : "completed"}` },
+    h("span", { class: "step-index" }, s.index + 1),
+    h("span", { class: "step-name" }, s.name),
+    h("span", { class: "step-bar" }, h("span", { style: `width:${(((s.duration_ms || 0) / longest) * 100).toFixed(1)}%` })),
+    h("span", { class: "step-duration" }, fmtDuration(s.duration_ms)),
+    s.error ? h("div", { class: "step-error" }, `${s.error.type}: ${s.error.message}`) : null));
+  if (d.current && !d.steps.has(d.current.index) && ACTIVE.includes(d.run.status)) {
+    rows.push(h("li", { class: "step step-running" },
+      h("span", { class: "step-index" }, d.current.index + 1),
+      h("span", { class: "step-name" }, d.current.name),
+      h("span", { class: "step-bar" }, h("span", { class: "indeterminate" })),
+      h("span", { class: "step-duration" }, "running")));
+  }
+  if (!rows.length) return h("p", { class: "muted" }, "No steps recorded yet.");
+  return h("ol", { class: "steps" }, rows);
+}
+
+function renderLogs(logs) {
+  if (!logs.length) return h("p", { class: "muted" }, "No log lines.");
+  return h("div", { class: "logs", tabindex: "0" }, logs.map((log) => {
+    const level = ["debug", "info", "warning", "error"].includes(log.level) ? log.level : "info";
+    return h("div", { class: `log log-${level}` },
+      h("span", { class: "log-time" }, log.created_at ? new Date(log.created_at).toLocaleTimeString() : ""),
+      h("span", { class: "log-level" }, log.level),
+      log.step_name ? h("span", { class: "log-step" }, log.step_name) : null,
+      h("span", { class: "log-message" }, log.message),
+      log.data !== null && log.data !== undefined ? h("span", { class: "log-data" }, JSON.stringify(log.data)) : null);
+  }));
+}
+
+// --- trigger form ---------------------------------------------------------------------------
+
+function toggleTriggerForm(show) {
+  $("trigger-form").hidden = !show;
+  $("new-run").setAttribute("aria-expanded", String(show));
+  if (show) $("trigger-input").focus();
+}
+
+async function submitTrigger(event) {
+  event.preventDefault();
+  const errorBox = $("trigger-error");
+  errorBox.hidden = true;
+  let input, labels;
+  try {
+    input = JSON.parse($("trigger-input").value || "null");
+  } catch (error) {
+    errorBox.textContent = `Input is not valid JSON: ${error.message}`;
+    errorBox.hidden = false;
+    return;
+  }
+  try {
+    labels = parseLabels($("trigger-labels").value);
+  } catch (error) {
+    errorBox.textContent = `Labels: ${error.message}`;
+    errorBox.hidden = false;
+    return;
+  }
+  const options = {};
+  if (Object.keys(labels).length) options.labels = labels;
+  if ($("trigger-key").value.trim()) options.idempotencyKey = $("trigger-key").value.trim();
+  try {
+    const run = await state.client.trigger($("trigger-job").value, input, options);
+    toast(run.disposition === "created" ? "Run triggered" : `Existing run returned (${run.disposition})`, "ok");
+    scheduleRefresh(0);
+    await selectRun(run.id);
+  } catch (error) {
+    errorBox.textContent = errorText(error);
+    errorBox.hidden = false;
+  }
+}
+
+// --- start ----------------------------------------------------------------------------------
+
+async function main() {
+  try {
+    state.client = await connect();
+  } catch (error) {
+    setConnection("offline", `could not start: ${error.message}`);
+    return;
+  }
+  state.connectedText = $("connection-text").textContent;
+  window.durablyDashboard = state; // for debugging from the console (and the browser tests)
+
+  try {
+    const jobs = await state.client.jobs();
+    for (const select of [$("filter-job"), $("trigger-job")]) {
+      select.append(...jobs.map((name) => h("option", { value: name }, name)));
+    }
+  } catch (error) {
+    toast(`Could not list the jobs: ${errorText(error)}`);
+  }
+
+  for (const id of ["filter-status", "filter-job"]) $(id).addEventListener("change", () => scheduleRefresh(0));
+  let typing = null;
+  $("filter-label").addEventListener("input", () => {
+    clearTimeout(typing);
+    typing = setTimeout(() => scheduleRefresh(0), 300);
+  });
+  $("filters").addEventListener("submit", (e) => { e.preventDefault(); scheduleRefresh(0); });
+  $("refresh").addEventListener("click", () => scheduleRefresh(0));
+  $("more").addEventListener("click", () => { state.limit += PAGE; scheduleRefresh(0); });
+  $("new-run").addEventListener("click", () => toggleTriggerForm($("trigger-form").hidden));
+  $("trigger-cancel").addEventListener("click", () => toggleTriggerForm(false));
+  $("trigger-form").addEventListener("submit", submitTrigger);
+
+  // Chromium keeps a left page's event streams open (back/forward cache), holding server
+  // connections: close them when leaving, and start afresh if the page comes back.
+  if (state.client.kind === "remote") {
+    addEventListener("pagehide", () => state.client.close());
+    addEventListener("pageshow", (e) => { if (e.persisted) location.reload(); });
+  }
+
+  state.client.on("*", onRunEvent);
+  await loadRuns();
+  document.body.dataset.ready = "1";
+
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("run");
+  if (fromHash) selectRun(fromHash);
+
+  setInterval(() => {
+    if (document.visibilityState !== "visible") return;
+    // A follower tab becomes the leader when the leader's tab closes.
+    if (state.client.kind === "local" && $("connection").dataset.state === "live") {
+      state.connectedText = localText(state.client);
+      setConnection("live", state.connectedText);
+    }
+    scheduleRefresh(0);
+    // Without a live stream (a finished run, or another process running it) the detail
+    // still catches up.
+    if (state.selected && state.detail && !state.detail.unsubscribe && state.detail.run &&
+        ACTIVE.includes(state.detail.run.status)) loadDetail(state.selected);
+  }, SAFETY_REFRESH_MS);
+  // Durations of running runs tick.
+  setInterval(() => {
+    if (state.runs.some((r) => ACTIVE.includes(r.status))) {
+      for (const run of state.runs) {
+        const row = state.rows.get(run.id);
+        if (row && ACTIVE.includes(run.status) && row.lastElementChild) {
+          const ms = runDuration(run);
+          row.lastElementChild.textContent = ms === null ? "—" : fmtDuration(ms);
+        }
+      }
+    }
+  }, 1000);
+}
+
+main();

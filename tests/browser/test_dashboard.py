@@ -1,0 +1,527 @@
+"""The dashboard and the remote JS client in real headless Chromium against a real CPython server.
+
+The server is the real thing: ``create_app`` mounted under a prefix, served by
+uvicorn on a free port in a background thread, with a worker executing the jobs
+below on an SQLite file. The page is ``<prefix>/dashboard/`` as the app serves
+it, so it finds its API at ``..`` and loads ``remote.js`` next to itself.
+Runs are triggered through the HTTP API (httpx), the way another program would.
+Chromium comes from conftest.py's ``driver`` fixture (fresh profile, outside
+network trapped; skipped without Chromium, failed under CI=1).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from pydantic import BaseModel, Field
+from starlette.applications import Starlette
+from starlette.routing import Mount
+
+from durably_web import Durably, StepContext, define_job
+from durably_web.asgi import create_app
+
+pytestmark = pytest.mark.browser
+
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "artifacts"
+PREFIX = "/api/durably"
+XSS = "<img src=x onerror=window.__pwned=1>"
+
+
+# -- jobs the server runs ---------------------------------------------------------------
+
+
+async def _part(index: int, delay: float) -> dict[str, int]:
+    await asyncio.sleep(delay)
+    return {"part": index, "rows": (index * 37) % 100}
+
+
+@define_job("slow-report")
+async def slow_report(step: StepContext, payload: Any) -> dict[str, Any]:
+    """``parts`` steps of ``delay`` seconds each, with progress and a log line per step."""
+    payload = payload or {}
+    parts, delay = int(payload.get("parts", 4)), float(payload.get("delay", 0.3))
+    total = 0
+    for i in range(1, parts + 1):
+        done = await step.run(f"load-part-{i}", _part, i, delay)
+        total += done["rows"]
+        step.progress(i, parts, f"loaded part {i} of {parts}")
+        step.log.info(f"part {i}: {done['rows']} rows", {"part": i})
+    if "note" in payload:
+        step.log.warning(str(payload["note"]))
+    return {"parts": parts, "rows": total, "note": payload.get("note")}
+
+
+class Invoice(BaseModel):
+    customer: str = Field(min_length=1)
+    amount: float = Field(gt=0)
+
+
+@define_job("send-invoice", input=Invoice)
+async def send_invoice(step: StepContext, invoice: Invoice) -> dict[str, Any]:
+    number = await step.run("allocate-number", lambda: 1042)
+    await step.run("render-pdf", asyncio.sleep, 0.05)
+    if invoice.customer.startswith("fail"):
+        await step.run("deliver", _refuse, invoice.customer)
+    return {"number": number, "customer": invoice.customer}
+
+
+async def _refuse(customer: str) -> None:
+    raise ConnectionError(f"mail server refused delivery to {customer}")
+
+
+JOBS = [slow_report, send_invoice]
+
+
+# -- the server ----------------------------------------------------------------------------
+
+
+class _QuietServer(uvicorn.Server):
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # the test process keeps its own signal handling
+
+
+class ServerThread(threading.Thread):
+    """Durably (worker on) + create_app under PREFIX + uvicorn, in an event loop of its own."""
+
+    def __init__(self, db_url: str) -> None:
+        super().__init__(daemon=True)
+        self.db_url = db_url
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.base = f"http://127.0.0.1:{self.sock.getsockname()[1]}{PREFIX}"
+        self.server: _QuietServer | None = None
+        self.failure: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            asyncio.run(self._main())
+        except BaseException as exc:
+            self.failure = exc
+
+    async def _main(self) -> None:
+        durably = Durably(
+            self.db_url,
+            jobs=JOBS,
+            polling_interval=0.05,
+            lease_duration=5.0,
+            lease_renew_interval=0.5,
+            shutdown_timeout=2.0,
+            max_concurrent_runs=8,
+        )
+        await durably.init()
+        app = Starlette(routes=[Mount(PREFIX, app=create_app(durably, sse_throttle=0.05))])
+        self.server = _QuietServer(
+            uvicorn.Config(app, log_level="warning", lifespan="off", timeout_graceful_shutdown=1)
+        )
+        try:
+            await self.server.serve(sockets=[self.sock])
+        finally:
+            await durably.stop()
+
+    def wait_started(self) -> None:
+        deadline = time.monotonic() + 20
+        while not (self.server is not None and self.server.started):
+            if self.failure is not None or not self.is_alive():
+                raise AssertionError(f"the server did not start: {self.failure!r}")
+            if time.monotonic() > deadline:
+                raise AssertionError("the server did not start within 20 s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.should_exit = True
+        self.join(15)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, driver: Any) -> Iterator[ServerThread]:
+    db = tmp_path_factory.mktemp("dashboard") / "runs.db"
+    thread = ServerThread(f"sqlite:///{db}")
+    thread.start()
+    thread.wait_started()
+    try:
+        yield thread
+    finally:
+        driver.get("about:blank")  # the page closes its event streams on pagehide
+        thread.stop()
+
+
+@pytest.fixture(scope="module")
+def api(server: ServerThread) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.base + "/", timeout=20) as client:
+        yield client
+
+
+def trigger(api: httpx.Client, job: str, payload: Any, **extra: Any) -> str:
+    response = api.post("trigger", json={"job": job, "input": payload, **extra})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+# -- page helpers ------------------------------------------------------------------------------
+
+
+def open_dashboard(driver: Any, server: ServerThread) -> None:
+    driver.set_window_size(1440, 1000)
+    driver.get(server.base + "/dashboard")  # the app redirects to dashboard/
+    wait_for(
+        lambda: driver.execute_script("return document.body.dataset.ready === '1'"), what="dashboard ready"
+    )
+    driver.get_log("browser")  # start the console check from here
+
+
+def row_status(driver: Any, run_id: str) -> str | None:
+    return driver.execute_script(
+        "const row = document.querySelector(`tr[data-run-id='${arguments[0]}']`);"
+        "return row && row.querySelector('.badge').textContent;",
+        run_id,
+    )
+
+
+def detail_status(driver: Any) -> str | None:
+    return driver.execute_script(
+        "const b = document.querySelector('#detail .detail-title .badge'); return b && b.textContent;"
+    )
+
+
+def click_row(driver: Any, run_id: str) -> None:
+    wait_for(lambda: row_status(driver, run_id), what=f"row of {run_id}")
+    driver.execute_script("document.querySelector(`tr[data-run-id='${arguments[0]}']`).click()", run_id)
+    wait_for(
+        lambda: driver.execute_script(
+            "return document.querySelector('#detail .run-id')?.textContent === arguments[0]", run_id
+        ),
+        what="the run's detail",
+    )
+
+
+def click_button(driver: Any, label: str) -> None:
+    clicked = driver.execute_script(
+        "const b = [...document.querySelectorAll('#detail .detail-actions button')]"
+        "  .find((x) => x.textContent === arguments[0]);"
+        "if (!b || b.disabled) return false; b.click(); return true;",
+        label,
+    )
+    assert clicked, f"no enabled {label!r} button"
+
+
+def console_errors(driver: Any) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+# -- tests -----------------------------------------------------------------------------------------
+
+
+def test_dashboard_loads_and_follows_a_run_live(driver: Any, server: ServerThread, api: httpx.Client) -> None:
+    open_dashboard(driver, server)
+    assert driver.title.startswith("Runs")
+    assert driver.current_url == server.base + "/dashboard/"
+    jobs = driver.execute_script(
+        "return [...document.querySelectorAll('#filter-job option')].map(o => o.value)"
+    )
+    assert jobs == ["", "send-invoice", "slow-report"]
+    driver.execute_script("window.__sameDocument = true")
+
+    run_id = trigger(api, "slow-report", {"parts": 5, "delay": 0.4}, labels={"team": "billing"})
+    seen: set[str] = set()
+
+    def completed() -> bool:
+        status = row_status(driver, run_id)
+        if status:
+            seen.add(status)
+        return status == "completed"
+
+    wait_for(completed, what="the row to turn completed")
+    assert "running" in seen, f"the row never showed the run in flight: {seen}"
+    assert driver.execute_script("return window.__sameDocument === true"), "the page reloaded"
+
+    click_row(driver, run_id)
+    detail = driver.execute_script(
+        """const d = document.getElementById('detail');
+        return {steps: [...d.querySelectorAll('.step .step-name')].map(e => e.textContent),
+                durations: [...d.querySelectorAll('.step .step-duration')].map(e => e.textContent),
+                logs: [...d.querySelectorAll('.log .log-message')].map(e => e.textContent),
+                output: [...d.querySelectorAll('pre.json')].map(e => e.textContent),
+                labels: [...d.querySelectorAll('.chip')].map(e => e.textContent),
+                progress: d.querySelector('.progress-caption').textContent}"""
+    )
+    assert detail["steps"] == [f"load-part-{i}" for i in range(1, 6)]
+    assert all(d.endswith("ms") or d.endswith(" s") for d in detail["durations"])
+    assert detail["logs"][:2] == ["part 1: 37 rows", "part 2: 74 rows"]
+    assert json.loads(detail["output"][0]) == api.get(f"runs/{run_id}").json()["output"]
+    assert detail["labels"] == ["team=billing"]
+    assert detail["progress"] == "5/5 · loaded part 5 of 5"
+
+    # Filters go to the server: a status filter that excludes the run hides it.
+    driver.execute_script(
+        "const s = document.getElementById('filter-status'); s.value = 'failed';"
+        "s.dispatchEvent(new Event('change'))"
+    )
+    wait_for(lambda: row_status(driver, run_id) is None, what="the filter to hide the run")
+    driver.execute_script(
+        "const s = document.getElementById('filter-status'); s.value = '';"
+        "s.dispatchEvent(new Event('change'));"
+        "const l = document.getElementById('filter-label'); l.value = 'team=billing';"
+        "l.dispatchEvent(new Event('input'))"
+    )
+    wait_for(lambda: row_status(driver, run_id) == "completed", what="the label filter to show the run")
+    assert console_errors(driver) == []
+
+
+def test_cancel_from_the_ui(driver: Any, server: ServerThread, api: httpx.Client) -> None:
+    open_dashboard(driver, server)
+    run_id = trigger(api, "slow-report", {"parts": 40, "delay": 0.5})
+    click_row(driver, run_id)
+    wait_for(lambda: detail_status(driver) == "running", what="the run to start")
+    wait_for(
+        lambda: driver.execute_script("return document.querySelectorAll('#detail .step').length >= 2"),
+        what="live steps in the detail",
+    )
+    click_button(driver, "Cancel")
+    wait_for(lambda: detail_status(driver) == "cancelled", what="the detail to show cancelled")
+    wait_for(lambda: row_status(driver, run_id) == "cancelled", what="the row to show cancelled")
+    run = api.get(f"runs/{run_id}").json()
+    assert run["status"] == "cancelled"
+    assert len(api.get(f"runs/{run_id}/steps").json()["steps"]) < 40
+
+    # Retrigger from the UI makes a new run with the same input; delete needs two clicks.
+    click_button(driver, "Retrigger")
+    wait_for(
+        lambda: (
+            driver.execute_script("return document.querySelector('#detail .run-id').textContent") != run_id
+        ),
+        what="the retriggered run to be shown",
+    )
+    new_id = driver.execute_script("return document.querySelector('#detail .run-id').textContent")
+    assert api.get(f"runs/{new_id}").json()["input"] == {"parts": 40, "delay": 0.5}
+    click_button(driver, "Cancel")
+    wait_for(lambda: detail_status(driver) == "cancelled", what="the retriggered run to be cancelled")
+    click_button(driver, "Delete")
+    assert api.get(f"runs/{new_id}").status_code == 200  # the first click only arms the button
+    click_button(driver, "Confirm delete")
+    wait_for(lambda: api.get(f"runs/{new_id}").status_code == 404, what="the run to be deleted")
+    wait_for(lambda: row_status(driver, new_id) is None, what="the row to disappear")
+    assert console_errors(driver) == []
+
+
+def test_user_data_is_rendered_as_text(driver: Any, server: ServerThread, api: httpx.Client) -> None:
+    open_dashboard(driver, server)
+    run_id = trigger(
+        api,
+        "slow-report",
+        {"parts": 1, "delay": 0, "note": XSS, XSS: XSS},
+        labels={"html": XSS, "html2": XSS},
+    )
+    failed_id = trigger(api, "send-invoice", {"customer": "fail " + XSS, "amount": 12.5})
+    wait_for(lambda: api.get(f"runs/{run_id}").json()["status"] == "completed", what="the run to complete")
+    wait_for(lambda: api.get(f"runs/{failed_id}").json()["status"] == "failed", what="the run to fail")
+
+    click_row(driver, run_id)
+    wait_for(lambda: driver.execute_script("return document.querySelectorAll('#detail .log').length === 2"))
+    click_row(driver, failed_id)
+    wait_for(lambda: driver.execute_script("return !!document.querySelector('#detail .traceback')"))
+    error_text = driver.execute_script("return document.querySelector('#detail .error-head').textContent")
+    assert error_text == f"ConnectionError: mail server refused delivery to fail {XSS}"
+    assert XSS in driver.execute_script("return document.querySelector('#detail .traceback').textContent")
+
+    click_row(driver, run_id)
+    wait_for(lambda: driver.execute_script("return document.querySelectorAll('#detail .log').length === 2"))
+    texts = driver.execute_script(
+        """const d = document.getElementById('detail');
+        return {chips: [...document.querySelectorAll('.chip')].map(e => e.textContent),
+                logs: [...d.querySelectorAll('.log-message')].map(e => e.textContent),
+                pre: [...d.querySelectorAll('pre')].map(e => e.textContent).join('\\n')}"""
+    )
+    assert f"html={XSS}" in texts["chips"] and f"html2={XSS}" in texts["chips"]
+    assert XSS in texts["logs"]
+    assert texts["pre"].count(XSS) >= 3  # input key + value + note, output note
+    assert driver.execute_script("return document.querySelectorAll('img').length") == 0
+    assert driver.execute_script("return window.__pwned") is None
+    assert console_errors(driver) == []
+
+
+def test_screenshot(driver: Any, server: ServerThread, api: httpx.Client) -> None:
+    """A dashboard with runs in every state and a live run selected, kept as a build artifact."""
+    ids = [
+        trigger(api, "send-invoice", {"customer": "Acme Corp", "amount": 1290.0}, labels={"tenant": "acme"}),
+        trigger(api, "send-invoice", {"customer": "fail-fast GmbH", "amount": 80.0}, labels={"tenant": "ff"}),
+        trigger(api, "slow-report", {"parts": 3, "delay": 0.05}, labels={"region": "eu"}),
+    ]
+    for run_id in ids:
+        wait_for(lambda run_id=run_id: api.get(f"runs/{run_id}").json()["status"] in ("completed", "failed"))
+    pending = trigger(
+        api, "slow-report", {"parts": 60, "delay": 0.5}, labels={"region": "us", "tier": "gold"}
+    )
+    open_dashboard(driver, server)
+    click_row(driver, pending)
+    wait_for(
+        lambda: driver.execute_script("return document.querySelectorAll('#detail .step').length >= 5"),
+        timeout=30,
+        what="a few live steps",
+    )
+    driver.set_window_size(1440, 1250)
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "dashboard.png"
+    assert driver.save_screenshot(str(path))
+    assert path.stat().st_size > 10_000
+    click_button(driver, "Cancel")
+    wait_for(lambda: detail_status(driver) == "cancelled")
+    print(f"\nscreenshot: {path}")
+
+
+# -- the remote client API (remote.js), exercised from the page ------------------------------------
+
+CLIENT_SCRIPT = r"""
+const done = arguments[arguments.length - 1];
+const api = arguments[0];
+const c = DurablyWebRemote.connect(api);
+const out = {};
+const caught = async (promise) => {
+  try { await promise; return null; }
+  catch (e) { return {name: e.name, status: e.status, message: e.message, details: e.details}; }
+};
+(async () => {
+  out.kind = c.kind;
+  out.jobs = await c.jobs();
+  const seen = [];
+  const off = c.on("run:complete", (e) => seen.push(e.run_id));
+  const all = [];
+  const offAll = c.on("*", (e) => all.push(e.type));
+
+  const run = await c.trigger("send-invoice", {customer: "Initech", amount: 10},
+                              {idempotencyKey: "inv-1", labels: {suite: "client"}});
+  out.trigger = {disposition: run.disposition, status: run.status, labels: run.labels};
+  const again = await c.trigger("send-invoice", {customer: "Initech", amount: 10}, {idempotencyKey: "inv-1"});
+  out.again = again.disposition + ":" + String(again.id === run.id);
+
+  const events = [];
+  for await (const e of c.subscribe(run.id)) events.push(e.type);
+  out.events = events;
+
+  out.waited = (await c.waitForRun(run.id)).output;
+  out.steps = (await c.getSteps(run.id)).map((s) => s.name);
+  out.logs = await c.getLogs(run.id);
+  out.andWait = await c.triggerAndWait("slow-report", {parts: 2, delay: 0.05}, {timeout: 20000});
+
+  out.byLabel = (await c.getRuns({labels: {suite: "client"}})).map((r) => r.id);
+  const failing = await c.trigger("send-invoice", {customer: "fail-1", amount: 1});
+  out.failed = (await c.waitForRun(failing.id)).error.type;
+  out.byStatus = (await c.getRuns({status: ["failed"], jobName: "send-invoice", limit: 1})).length;
+  out.paged = (await c.getRuns({limit: 1, offset: 1})).length;
+
+  const slow = await c.trigger("slow-report", {parts: 30, delay: 0.3});
+  out.timeout = await caught(c.waitForRun(slow.id, {timeout: 300}));
+  const cbEvents = [];
+  await new Promise((resolve) => {
+    c.subscribe(slow.id, (e) => {
+      cbEvents.push(e.type);
+      const firstStep = e.type === "step:complete" && !cbEvents.slice(0, -1).includes("step:complete");
+      if (firstStep) c.cancel(slow.id);
+      if (e.type === "run:cancel") resolve();
+    });
+  });
+  out.callback = cbEvents;
+  out.cancelled = (await c.getRun(slow.id)).status;
+  out.retrigger = (await c.retrigger(slow.id)).disposition;
+  const retriggered = (await c.getRuns({status: "pending", jobName: "slow-report"}))[0];
+  if (retriggered) await c.cancel(retriggered.id).catch(() => {});
+
+  out.batch = (await c.batchTrigger("send-invoice", [
+    {customer: "A", amount: 1}, {input: {customer: "B", amount: 2}, options: {labels: {b: "1"}}}]))
+    .map((r) => [r.input.customer, r.labels]);
+  out.batchError = await caught(c.batchTrigger("send-invoice", [{customer: "C", amount: 3}, {customer: ""}]));
+
+  out.notFound = await caught(c.getRun("no-such-run"));
+  out.unknownJob = await caught(c.trigger("no-such-job", {}));
+  out.invalid = await caught(c.trigger("send-invoice", {customer: "", amount: -1}));
+  out.badLabels = await caught(c.trigger("slow-report", {}, {labels: {n: 1}}));
+  out.conflict = await caught(c.cancel(run.id));
+  out.deleteLeased = await caught(c.deleteRun(slow.id));
+  out.unknownOption = await caught(c.getRuns({state: "x"}));
+  out.badStatus = await caught(c.getRuns({status: "sleeping"}));
+  out.purge = await caught(c.purgeRuns({olderThan: 1000}));
+  out.subscribeMissing = await caught((async () => {
+    for await (const e of c.subscribe("no-such-run")) out.missingEvent = e.type;
+  })());
+  await c.deleteRun(run.id);
+  out.deleted = await caught(c.getRun(run.id));
+  out.badType = (() => { try { c.on("nope", () => {}); return null; } catch (e) { return e.name; } })();
+
+  out.seen = seen.includes(run.id);
+  out.all = [...new Set(all)].sort();
+  off(); offAll();
+  await c.close();
+  out.closed = await caught(c.getRun(run.id));
+  done({ok: true, out});
+})().catch((e) => done({ok: false, error: String(e && e.stack || e)}));
+"""
+
+
+def test_remote_client_api(driver: Any, server: ServerThread) -> None:
+    open_dashboard(driver, server)
+    reply = driver.execute_async_script(CLIENT_SCRIPT, server.base)
+    assert reply["ok"], reply.get("error")
+    out = reply["out"]
+    assert out["kind"] == "remote"
+    assert out["jobs"] == ["send-invoice", "slow-report"]
+    assert out["trigger"] == {"disposition": "created", "status": "pending", "labels": {"suite": "client"}}
+    assert out["again"] == "idempotent:true"
+    assert out["events"][-1] == "run:complete"
+    assert out["events"].count("step:complete") == 2  # live or replayed, each step once
+    assert out["waited"] == {"number": 1042, "customer": "Initech"}
+    assert out["steps"] == ["allocate-number", "render-pdf"]
+    assert out["logs"] == []
+    assert out["andWait"]["status"] == "completed" and out["andWait"]["output"]["parts"] == 2
+    assert len(out["byLabel"]) == 1
+    assert out["failed"] == "ConnectionError"
+    assert out["byStatus"] == 1 and out["paged"] == 1
+    assert out["timeout"]["name"] == "WaitTimeoutError"
+    assert out["callback"][0] == "run:snapshot" and out["callback"][-1] == "run:cancel"
+    assert out["cancelled"] == "cancelled"
+    assert out["retrigger"] == "created"
+    assert out["batch"] == [["A", {}], ["B", {"b": "1"}]]
+    assert out["batchError"]["name"] == "ValidationError" and out["batchError"]["message"].startswith(
+        "batch item 1:"
+    )
+    assert out["notFound"]["name"] == "NotFoundError" and out["notFound"]["status"] == 404
+    assert out["unknownJob"]["name"] == "NotFoundError"
+    assert out["invalid"]["name"] == "ValidationError" and out["invalid"]["status"] == 400
+    assert {tuple(d["loc"]) for d in out["invalid"]["details"]} == {("customer",), ("amount",)}
+    assert out["badLabels"]["name"] == "ValidationError" and out["badLabels"]["details"]
+    assert out["conflict"]["name"] == "ConflictError" and out["conflict"]["status"] == 409
+    assert out["deleteLeased"] is None or out["deleteLeased"]["name"] == "ConflictError"
+    assert out["unknownOption"]["name"] == "ValidationError"
+    assert out["badStatus"]["name"] == "ValidationError" and out["badStatus"]["status"] == 400
+    assert out["purge"]["name"] == "DurablyError"
+    assert out["subscribeMissing"]["name"] == "NotFoundError" and "missingEvent" not in out
+    assert out["deleted"]["name"] == "NotFoundError"
+    assert out["badType"] == "ValidationError"
+    assert out["seen"] is True
+    assert {"run:trigger", "run:leased", "run:complete", "run:cancel"} <= set(out["all"])
+    assert all(t.startswith("run:") for t in out["all"])
+    assert out["closed"]["name"] == "DurablyError"
