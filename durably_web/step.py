@@ -54,7 +54,7 @@ class StepContext:
 
     @property
     def is_replaying(self) -> bool:
-        """True while the handler is still returning recorded results."""
+        """True when the next ``step.run`` call will return a recorded result (a resumed run)."""
         return self._next_index <= self._last_recorded
 
     @overload

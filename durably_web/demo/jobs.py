@@ -62,10 +62,11 @@ async def weather_report(step: StepContext, request: ReportRequest) -> Report:
     total = request.days + 1
     readings = []
     for day in range(1, request.days + 1):
+        restored = step.is_replaying  # asked before the call: is this step already recorded?
         reading = await step.run(f"fetch-day-{day}", fetch_reading, request.city, day, request.step_delay)
         readings.append(reading)
         step.progress(day, total, f"fetched day {day} of {request.days}")
-        if not step.is_replaying:
+        if not restored:
             step.log.info(f"day {day}: {reading.temperature_c} °C, {reading.rain_mm} mm")
     report = await step.run("summarize", summarize, request.city, readings)
     step.progress(total, total, "report ready")
