@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -45,6 +46,7 @@ LABEL_KEY = re.compile(r"^[A-Za-z0-9_.:/-]{1,64}$")
 MAX_LABELS = 32
 MAX_LABEL_VALUE = 512
 MAX_KEY_LENGTH = 255
+MAX_SECONDS = 1e12
 _STATUS_EVENT = {"completed": "run:complete", "failed": "run:fail", "cancelled": "run:cancel"}
 
 
@@ -68,8 +70,10 @@ def _seconds(
         raise ValidationError(f"{name} is required")
     if isinstance(value, timedelta):
         value = value.total_seconds()
-    if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValidationError(f"{name} must be a number of seconds or a timedelta, not {value!r}")
+    if value > MAX_SECONDS:  # beyond this, milliseconds no longer fit SQLite's 64-bit integers
+        raise ValidationError(f"{name} must be at most {MAX_SECONDS:.0e} seconds, not {value}")
     if value < minimum:
         raise ValidationError(f"{name} must be at least {minimum} seconds, not {value}")
     return float(value)
@@ -126,6 +130,12 @@ class Durably:
         self.preserve_steps = bool(preserve_steps)
         self.shutdown_timeout: float = _seconds("shutdown_timeout", shutdown_timeout)  # type: ignore[assignment]
         self.run_sync_in_thread = (not _in_pyodide()) if run_sync_in_thread is None else run_sync_in_thread
+        if (
+            isinstance(max_payload_bytes, bool)
+            or not isinstance(max_payload_bytes, int)
+            or max_payload_bytes < 1
+        ):
+            raise ValidationError(f"max_payload_bytes must be a positive int, not {max_payload_bytes!r}")
         self.max_payload_bytes = max_payload_bytes
         self.sole_worker = bool(sole_worker)
         self.clock = clock
@@ -211,7 +221,7 @@ class Durably:
 
     def subscribe(self, run_id: str) -> RunSubscription:
         """Async iterator of one run's events, ending with its terminal event."""
-        record = self.store.get_run(run_id)
+        record = self.store.get_run(_run_id(run_id))
         if record is None:
             raise NotFoundError(f"run {run_id!r} not found")
 
@@ -358,7 +368,7 @@ class Durably:
         for position, item in enumerate(inputs):
             try:
                 if isinstance(item, TriggerItem):
-                    item_labels = {**(labels or {}), **(item.labels or {})}
+                    item_labels = {**_validate_labels(labels), **_validate_labels(item.labels)}
                     news.append(
                         self._new_run(
                             definition,
@@ -400,6 +410,7 @@ class Durably:
     async def wait_for_run(self, run_id: str, *, timeout: Seconds | None = None) -> Run:
         """Wait until the run is completed, failed or cancelled; ``WaitTimeoutError`` on timeout."""
         limit = _seconds("timeout", timeout, allow_none=True)
+        _run_id(run_id)
         finished = asyncio.Event()
 
         def on_event(event: Event) -> None:
@@ -589,6 +600,10 @@ def _error_info(text: str | None) -> ErrorInfo | None:
 def _run_id(run_id: Any) -> str:
     if not isinstance(run_id, str):
         raise ValidationError(f"run id must be a string, not {type(run_id).__name__}")
+    try:
+        run_id.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: no run can have this id
+        raise ValidationError("run id is not valid UTF-8 text") from None
     return run_id
 
 

@@ -49,7 +49,7 @@ class EventBus:
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def on(self, event_type: str, listener: Listener) -> Callable[[], None]:
-        if event_type != ALL and event_type not in EVENT_TYPES:
+        if not isinstance(event_type, str) or (event_type != ALL and event_type not in EVENT_TYPES):
             raise ValidationError(
                 f"unknown event type {event_type!r}; expected one of {sorted(EVENT_TYPES)} or '*'"
             )

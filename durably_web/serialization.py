@@ -62,7 +62,11 @@ def encode(value: Any, tp: Any, *, what: str) -> tuple[str, Any]:
     if value is None and (tp is _NO_TYPE or tp is _NONE_TYPE or tp is None):
         return "null", None
     if tp is _NO_TYPE:
-        if not _is_plain_json(value):
+        try:
+            plain = _is_plain_json(value)
+        except RecursionError:
+            raise StepError(f"{what} returned a value nested too deeply to be stored") from None
+        if not plain:
             raise StepError(
                 f"{what} returned a {type(value).__qualname__}, which is not a plain JSON value; "
                 "annotate the callable's return type or pass type=... so it can be stored and "
@@ -71,7 +75,7 @@ def encode(value: Any, tp: Any, *, what: str) -> tuple[str, Any]:
         try:
             # ensure_ascii keeps lone surrogates storable as \u escapes
             text = json.dumps(value, allow_nan=False, separators=(",", ":"))
-        except ValueError as exc:  # NaN / infinity
+        except (ValueError, RecursionError) as exc:  # NaN / infinity, too deep
             raise StepError(f"{what} returned a value that cannot be stored as JSON: {exc}") from exc
         return text, json.loads(text)
     adapter = adapter_for(tp)
