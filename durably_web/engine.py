@@ -46,10 +46,15 @@ class RunExecution:
         self.attempt = record.attempt
         self.generation = record.lease_generation
         self.sync_threads = worker.sync_threads
+        # Cleared while a sync step's thread runs; a cancelled run keeps its
+        # concurrency key until that thread is done.
+        self.sync_step_done = asyncio.Event()
+        self.sync_step_done.set()
         self.deferred_durability = worker.durably.store.deferred_durability
         self.stop_reason: str | None = None  # "cancelled" | "lease-lost" | "shutdown"
         self.failed_step: StepRecord | None = None
         self.task: asyncio.Task[None] | None = None
+        self._task_cancelled = False
 
     def now_ms(self) -> int:
         return self._durably.now_ms()
@@ -60,7 +65,9 @@ class RunExecution:
     def stop(self, reason: str) -> None:
         if self.stop_reason in (None, "shutdown"):
             self.stop_reason = reason
-        if reason != "shutdown" and self.task is not None:
+        if reason != "shutdown" and self.task is not None and not self._task_cancelled:
+            # Once only: a second cancel would cut short the cleanup after the first.
+            self._task_cancelled = True
             self.task.cancel()
 
     # --- called by StepContext ------------------------------------------------------
@@ -133,21 +140,31 @@ class RunExecution:
             output_json = self.job.encode_output(result)
             await self._finish("completed", output_json=output_json, error=None)
         except asyncio.CancelledError:
-            if self.stop_reason in (None, "shutdown"):
+            if self.stop_reason == "cancelled":
+                await self._stopped_after_cancel()
+            elif self.stop_reason != "lease-lost":
                 self._release()
         except _ShutdownSignal:
             self._release()
         except (CancelledError, LeaseLostError) as exc:
             if isinstance(exc, LeaseLostError):
                 durably.report_worker_error(exc, run_id=self.run_id, job_name=self.job_name)
+            elif self.stop_reason == "cancelled":
+                await self._stopped_after_cancel()
         except StorageError as exc:
             # The database failed, not the job: leave the run to be retried.
             durably.report_worker_error(exc, run_id=self.run_id, job_name=self.job_name)
             self._release()
         except Exception as exc:
-            if self.stop_reason in ("cancelled", "lease-lost"):
-                return  # the handler turned our stop into its own error
-            await self._finish("failed", output_json=None, error=exc)
+            if self.stop_reason == "cancelled":
+                await self._stopped_after_cancel()  # the handler turned our stop into its own error
+            elif self.stop_reason != "lease-lost":
+                await self._finish("failed", output_json=None, error=exc)
+
+    async def _stopped_after_cancel(self) -> None:
+        """Free the run's concurrency key once nothing of the handler runs any more."""
+        await self.sync_step_done.wait()
+        self._release()
 
     async def _finish(self, status: str, *, output_json: str | None, error: BaseException | None) -> None:
         durably = self._durably
@@ -272,8 +289,13 @@ class Worker:
                 continue
             try:
                 now = durably.now_ms()
-                leases = [(run_id, ex.generation) for run_id, ex in self.active.items()]
-                lost = durably.store.renew_leases(leases, now, now + int(durably.lease_duration * 1000))
+                until = now + int(durably.lease_duration * 1000)
+                active = self.active.items()
+                running = [(i, ex.generation) for i, ex in active if ex.stop_reason in (None, "shutdown")]
+                stopping = [(i, ex.generation) for i, ex in active if ex.stop_reason == "cancelled"]
+                lost = durably.store.renew_leases(running, now, until) if running else []
+                if stopping:
+                    durably.store.renew_leases(stopping, now, until, cancelled=True)
             except Exception as exc:
                 durably.report_worker_error(exc)
                 continue

@@ -146,7 +146,9 @@ class StepContext:
         threads = self._execution.sync_threads
         if threads is not None:
             # A blocking callable must not starve the event loop (lease renewal, cancel).
-            result = await threads.run(fn, *args, **kwargs)
+            done = self._execution.sync_step_done
+            done.clear()
+            result = await threads.run(fn, args, kwargs, on_done=done.set)
         else:
             result = fn(*args, **kwargs)
         if inspect.isawaitable(result):

@@ -28,10 +28,20 @@ class SyncStepThreads:
         self._idle = 0
         self._lock = threading.Lock()
 
-    def run(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
-        """Call ``fn`` in a pool thread (with the caller's context variables); await the result."""
+    def run(
+        self,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        on_done: Callable[[], None] | None = None,
+    ) -> asyncio.Future[Any]:
+        """Call ``fn`` in a pool thread (with the caller's context variables); await the result.
+
+        ``on_done`` is called on the loop when the thread has finished, even if the
+        awaiting task was cancelled meanwhile (the thread itself cannot be stopped).
+        """
         future = self._loop.create_future()
-        self._queue.put((future, contextvars.copy_context(), fn, args, kwargs))
+        self._queue.put((future, contextvars.copy_context(), fn, args, kwargs, on_done))
         with self._lock:
             # Reserve an idle thread for this call, or start one: a burst of calls
             # never queues behind a long-running step while the pool may grow.
@@ -50,13 +60,13 @@ class SyncStepThreads:
             item = self._queue.get()
             if item is _STOP:
                 return
-            future, context, fn, args, kwargs = item
+            future, context, fn, args, kwargs, on_done = item
             try:
                 result = context.run(fn, *args, **kwargs)
             except BaseException as exc:
-                _post(loop, future, None, exc)
+                _post(loop, future, None, exc, on_done)
             else:
-                _post(loop, future, result, None)
+                _post(loop, future, result, None, on_done)
             with self._lock:
                 self._idle += 1
 
@@ -68,9 +78,15 @@ class SyncStepThreads:
 
 
 def _post(
-    loop: asyncio.AbstractEventLoop, future: asyncio.Future[Any], result: Any, exc: BaseException | None
+    loop: asyncio.AbstractEventLoop,
+    future: asyncio.Future[Any],
+    result: Any,
+    exc: BaseException | None,
+    on_done: Callable[[], None] | None,
 ) -> None:
     def settle() -> None:
+        if on_done is not None:
+            on_done()
         if future.done():  # cancelled while the thread ran: the result is dropped
             return
         if exc is not None:

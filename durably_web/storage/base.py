@@ -148,8 +148,13 @@ class Store(ABC):
         Increments the lease generation and the attempt count."""
 
     @abstractmethod
-    def renew_leases(self, leases: Sequence[tuple[str, int]], now: int, lease_until: int) -> list[str]:
-        """Extend (run id, generation) leases; return the ids whose lease is no longer ours."""
+    def renew_leases(
+        self, leases: Sequence[tuple[str, int]], now: int, lease_until: int, *, cancelled: bool = False
+    ) -> list[str]:
+        """Extend (run id, generation) leases; return the ids whose lease is no longer ours.
+
+        With ``cancelled``, extend the leases of cancelled runs whose handlers are still
+        stopping, so they keep holding their concurrency keys."""
 
     @abstractmethod
     def release_run(self, run_id: str, generation: int, now: int) -> None:

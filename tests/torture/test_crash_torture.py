@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import pytest
 from harness import Line, Torture, TortureResult, run_torture
 from helpers import wait_until
 
@@ -87,15 +86,9 @@ def test_the_checker_catches_re_execution_lost_runs_and_overlaps(tmp_path: Path)
     assert harness.result.violations == []
 
 
-# --- a known engine issue, found by the torture ------------------------------------------------------
+# --- found by the torture: a cancelled run holds its key until its handler stops ---------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine issue: cancelling a run frees its concurrency key at once, while the cancelled "
-    "run's in-flight sync step keeps running in its thread (and, across processes, its handler "
-    "until the next lease renewal); the next run with the key starts alongside it",
-)
 async def test_cancelled_run_in_flight_step_does_not_overlap_the_next_run_of_its_key(make_durably) -> None:
     spans: dict[str, list[float]] = {}
     started = asyncio.Event()

@@ -49,9 +49,10 @@ ORDER BY r.id DESC
 LIMIT :limit OFFSET :offset
 
 -- name: cancel_run
+-- The lease is kept: a cancelled run holds its concurrency key until its worker
+-- has stopped the handler (release_run) or the lease runs out.
 UPDATE durably_runs
-SET status = 'cancelled', completed_at = :now, updated_at = :now,
-    lease_owner = NULL, lease_expires_at = NULL
+SET status = 'cancelled', completed_at = :now, updated_at = :now
 WHERE id = :id AND status IN ('pending', 'leased')
 
 -- name: delete_run
@@ -65,7 +66,8 @@ DELETE FROM durably_runs WHERE id IN (
     LIMIT :limit)
 
 -- name: find_claimable_run
--- Oldest first. A concurrency key blocks while another run holds a live lease on it.
+-- Oldest first. A concurrency key blocks while another run holds a live lease on
+-- it, including a cancelled run whose handler has not stopped yet.
 SELECT r.id FROM durably_runs AS r
 WHERE ((r.status = 'pending' AND r.available_at <= :now)
        OR (r.status = 'leased' AND r.lease_expires_at <= :now))
@@ -73,7 +75,7 @@ WHERE ((r.status = 'pending' AND r.available_at <= :now)
   AND (r.concurrency_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM durably_runs AS other
         WHERE other.concurrency_key = r.concurrency_key
-          AND other.status = 'leased' AND other.lease_expires_at > :now
+          AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > :now
           AND other.id <> r.id))
 ORDER BY r.id
 LIMIT 1
@@ -87,18 +89,20 @@ WHERE id = :id
 RETURNING *
 
 -- name: renew_lease
+-- :status is 'leased', or 'cancelled' for a run whose handler is still winding
+-- down (its lease keeps the concurrency key held until release_run).
 UPDATE durably_runs SET lease_expires_at = :lease_until
-WHERE id = :id AND status = 'leased' AND lease_generation = :generation
+WHERE id = :id AND status = :status AND lease_generation = :generation
 
 -- name: release_run
 -- Expire the lease now instead of going back to 'pending', which could break
 -- the one-pending-run-per-concurrency-key rule.
 UPDATE durably_runs SET lease_expires_at = :now, lease_owner = NULL, updated_at = :now
-WHERE id = :id AND status = 'leased' AND lease_generation = :generation
+WHERE id = :id AND status IN ('leased', 'cancelled') AND lease_generation = :generation
 
 -- name: expire_leases
 UPDATE durably_runs SET lease_expires_at = :now, lease_owner = NULL, updated_at = :now
-WHERE status = 'leased' AND lease_expires_at > :now
+WHERE status IN ('leased', 'cancelled') AND lease_expires_at > :now
 
 -- name: record_step
 -- One statement, so it is its own committed transaction on the hot path.

@@ -210,13 +210,16 @@ class SQLiteStore(Store):
             )
         return None if row is None else _run(row)
 
-    def renew_leases(self, leases: Sequence[tuple[str, int]], now: int, lease_until: int) -> list[str]:
+    def renew_leases(
+        self, leases: Sequence[tuple[str, int]], now: int, lease_until: int, *, cancelled: bool = False
+    ) -> list[str]:
+        status = "cancelled" if cancelled else "leased"
         lost = []
         with self._conn.transaction():
             for run_id, generation in leases:
                 changed = self._conn.execute(
                     Q["renew_lease"],
-                    {"id": run_id, "generation": generation, "lease_until": lease_until},
+                    {"id": run_id, "generation": generation, "lease_until": lease_until, "status": status},
                 )
                 if changed == 0:
                     lost.append(run_id)
