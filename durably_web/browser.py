@@ -20,8 +20,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .durably import Durably
 from . import errors
+from .durably import Durably
 from .errors import DurablyError, ValidationError
 from .job import JobDefinition
 from .rpc import Dispatcher

@@ -136,7 +136,13 @@ export interface DurablyClient {
 export type Storage = "auto" | "opfs" | "idb" | "memory";
 
 export interface StatusUpdate {
-  /** e.g. "loading-python", "opening-database", "waiting-for-storage", "leader", "follower", "ready". */
+  /**
+   * In order: "loading-python", "loading-jobs", then either "opening-database"
+   * ("waiting-for-storage" while the previous page still holds the files),
+   * "leader" (detail.takeover: true when this tab took over from a closed one)
+   * or "follower"; then "ready". A follower later reports "opening-database",
+   * "leader" when it takes over.
+   */
   state: string;
   detail?: unknown;
 }
@@ -166,9 +172,13 @@ export interface CreateOptions {
 
 export interface LocalClient extends DurablyClient {
   readonly kind: "local";
-  /** "leader" executes runs in this tab; "follower" forwards to the leader tab. */
+  /** "leader" executes runs in this tab; "follower" forwards to the leader tab. Updated on takeover. */
   readonly role: "leader" | "follower";
   readonly storage: Exclude<Storage, "auto">;
+  /** `PRAGMA integrity_check` of the database (run by the leader): "ok" when healthy. */
+  integrityCheck(): Promise<string>;
+  /** What the storage bridge opened: storage, vfs, filename, journalMode, lockingMode, sqliteVersion, … */
+  storageInfo(): Promise<Record<string, unknown>>;
 }
 
 export interface ConnectOptions {

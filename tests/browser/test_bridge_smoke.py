@@ -1,172 +1,18 @@
 """Real-Chromium proof of the browser runtime: Pyodide + wheels from site/ + OPFS SQLite.
 
-Driven with Selenium and Debian's /usr/bin/chromedriver (the driver that matches
-/usr/bin/chromium, both from apt). Selenium was picked over Playwright because
-it needs no browser download of its own (Playwright's Python package ships a
-Node driver pinned to its own Chromium build and only tolerates a system
-browser via executable_path), and because pytest-pyodide's "chrome" runtime is
-Selenium too, so both use the same dependency and the same driver.
-
-Network guard, two layers:
-* Chromium runs with --proxy-server pointing at a trap on 127.0.0.1 that
-  records and refuses every request; loopback bypasses proxies, so only
-  requests leaving 127.0.0.1 (from the page, its workers or the browser itself)
-  reach the trap;
-* the DevTools performance log, with the "devtools.timeline" trace category:
-  its Network.* events cover the page only, but the trace's ResourceSendRequest
-  events also list every fetch and module import of the dedicated worker
-  (checked: the test asserts pyodide.asm.wasm and the wheels show up).
-
-Chromium's own background services (update checks, sign-in, the default
-search engine's preconnect) also try to go out through the proxy even with the
---disable-* flags; those few exact hosts are tolerated in the trap (never in
-the page's log), everything else fails the test.
-
-Without CI set, a Chromium that cannot start skips the test; with CI=1 it fails.
+The fixtures (the built site, the outside-network trap, Chromium with Debian's
+chromedriver, the network guard) live in conftest.py, which explains them.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
-import shutil
-import subprocess
-import sys
-import tempfile
-import threading
 import time
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-# Load the repo-root build.py under its own name: "build" is also a PyPI package.
-_spec = importlib.util.spec_from_file_location("durably_site_build", ROOT / "build.py")
-assert _spec is not None and _spec.loader is not None
-site_build = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(site_build)
-
-CHROMIUM = os.environ.get("DURABLY_CHROMIUM", "/usr/bin/chromium")
-CHROMEDRIVER = os.environ.get("DURABLY_CHROMEDRIVER", "/usr/bin/chromedriver")
-IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
-
 pytestmark = pytest.mark.browser
-
-# Browser-internal traffic seen from Debian's chromium 156 despite the flags below.
-CHROMIUM_BACKGROUND_HOSTS = {
-    "accounts.google.com",
-    "clients2.google.com",
-    "optimizationguide-pa.googleapis.com",
-    "safebrowsing.googleapis.com",
-    "start.duckduckgo.com",
-    "update.googleapis.com",
-}
-
-
-# -- fixtures ---------------------------------------------------------------------
-
-
-class _Trap(BaseHTTPRequestHandler):
-    hits: list[str] = []
-
-    def _refuse(self) -> None:
-        self.hits.append(f"{self.command} {self.path}")
-        self.send_error(502, "durably-web test: outside network is forbidden")
-
-    do_GET = do_POST = do_HEAD = do_PUT = do_OPTIONS = do_CONNECT = _refuse
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
-def _serve(server: ThreadingHTTPServer) -> threading.Thread:
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    return thread
-
-
-@pytest.fixture(scope="module")
-def site_url() -> Iterator[tuple[str, list[str]]]:
-    if os.environ.get("DURABLY_SKIP_SITE_BUILD") != "1":
-        subprocess.run([sys.executable, str(ROOT / "build.py"), "build"], cwd=ROOT, check=True)
-    requests: list[str] = []
-    server = site_build.make_server(site_build.SITE, 0, quiet=True, request_log=requests)
-    _serve(server)
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/", requests
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-@pytest.fixture(scope="module")
-def trap() -> Iterator[tuple[int, list[str]]]:
-    hits: list[str] = []
-    handler = type("Trap", (_Trap,), {"hits": hits})
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    _serve(server)
-    try:
-        yield server.server_address[1], hits
-    finally:
-        server.shutdown()
-        server.server_close()
-
-
-def _unavailable(reason: str) -> None:
-    if IN_CI:
-        pytest.fail(f"Chromium is required under CI: {reason}")
-    pytest.skip(reason)
-
-
-@pytest.fixture(scope="module")
-def driver(trap: tuple[int, list[str]]) -> Iterator[Any]:
-    try:
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-    except ImportError as exc:
-        _unavailable(f"selenium is not installed: {exc}")
-    for path in (CHROMIUM, CHROMEDRIVER):
-        if not shutil.which(path):
-            _unavailable(f"{path} is missing (apt-get install -y chromium chromium-driver)")
-    profile = tempfile.mkdtemp(prefix="durably-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--user-data-dir={profile}",
-        "--disable-features=NetworkTimeServiceQuerying,OptimizationHints,MediaRouter,Translate",
-        "--disable-domain-reliability",
-        "--no-pings",
-        f"--proxy-server=http://127.0.0.1:{trap[0]}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL", "browser": "ALL"})
-    options.add_experimental_option(
-        "perfLoggingPrefs",
-        {"enableNetwork": True, "enablePage": False, "traceCategories": "devtools.timeline"},
-    )
-    try:
-        drv = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    except Exception as exc:
-        shutil.rmtree(profile, ignore_errors=True)
-        _unavailable(f"Chromium did not start: {exc}")
-    drv.set_script_timeout(120)
-    try:
-        yield drv
-    finally:
-        drv.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 # -- helpers ----------------------------------------------------------------------
@@ -213,27 +59,6 @@ def _init(drv: Any) -> dict[str, Any]:
     timings = call(drv, "init", packages=["durably-web"])
     timings["navToReadyMs"] = drv.execute_script("return performance.now()")
     return timings
-
-
-def _trap_host(hit: str) -> str:
-    """Host of a trap log line: 'CONNECT host:443' or 'GET http://host/path'."""
-    target = hit.split(" ", 1)[1]
-    if "://" in target:
-        target = target.split("://", 1)[1]
-    return target.split("/", 1)[0].rsplit(":", 1)[0]
-
-
-def network_urls(drv: Any) -> list[str]:
-    """URLs requested since the last call, by the page (Network.*) and its workers (trace)."""
-    urls = []
-    for entry in drv.get_log("performance"):
-        message = json.loads(entry["message"])["message"]
-        method, params = message.get("method"), message.get("params", {})
-        if method == "Network.requestWillBeSent":
-            urls.append(params["request"]["url"])
-        elif method == "Tracing.dataCollected" and params.get("name") == "ResourceSendRequest":
-            urls.append(params["args"]["data"]["url"])
-    return urls
 
 
 # -- Python that runs inside the worker ----------------------------------------------
@@ -322,11 +147,13 @@ json.dumps({"names": names, "data": row["data"].hex(), "big": row["big"], "price
 EXPECTED_NAMES = ["autocommit-1", "autocommit-2", "tx-0", "tx-1", "tx-2"]
 
 
-def test_pyodide_pydantic_and_opfs_sqlite_survive_reload(driver: Any, site_url: Any, trap: Any) -> None:
+def test_pyodide_pydantic_and_opfs_sqlite_survive_reload(
+    driver: Any, site_url: Any, network_guard: Any
+) -> None:
     url, served = site_url
     first = open_harness(driver, url)
     wrote = run_py(driver, WRITE_PHASE)
-    urls = network_urls(driver)
+    urls = network_guard.urls(driver)
 
     assert wrote["pydantic_errors"] == 2
     assert wrote["info"]["storage"] == "opfs"
@@ -359,15 +186,8 @@ def test_pyodide_pydantic_and_opfs_sqlite_survive_reload(driver: Any, site_url: 
     assert read["names"] == EXPECTED_NAMES
     assert read["data"] == "00ff6279746573" and read["big"] == 2**62 and read["price"] == 1.0
 
-    urls += network_urls(driver)
-    # Network schemes only: chrome:// (the initial new-tab page), data: and blob: never leave the browser.
-    outside = [u for u in urls if u.startswith(("http:", "https:", "ws:", "wss:")) and not u.startswith(url)]
-    assert outside == [], f"requests outside 127.0.0.1: {outside}"
-    leaked = [hit for hit in trap[1] if _trap_host(hit) not in CHROMIUM_BACKGROUND_HOSTS]
-    assert leaked == [], f"requests reached the outside-network trap: {leaked}"
-    # The performance log must really see the worker's fetches, or the check above is hollow.
-    assert any(u.endswith("pyodide.asm.wasm") for u in urls), [u for u in urls if u.startswith("http")]
-    assert any(u.endswith(".whl") for u in urls), urls
+    urls += network_guard.urls(driver)
+    network_guard.check(urls, url)
     assert any(p.endswith(".whl") for p in served)
 
     status = driver.execute_script("return window.harnessStatus")

@@ -1,0 +1,327 @@
+// durably.js: the page side of durably-web (see durably.d.ts for the API).
+//
+//   <script src="static/durably.js"></script>   defines globalThis.DurablyWeb
+//   import DurablyWeb from "./static/durably.mjs"  the same object, as an ES module
+//
+// DurablyWeb.create() starts worker.js (Pyodide + SQLite) from the folder this
+// file was loaded from and talks to it with id-matched messages. The worker
+// decides which tab executes runs (see worker.js); every tab gets every event.
+// DurablyWeb.connect() is the HTTP client of remote.js, loaded on first use.
+(function () {
+  "use strict";
+  if (globalThis.DurablyWeb) return; // loaded twice (script tag + module import)
+
+  const VERSION = "0.1.0";
+  const TERMINAL = new Set(["run:complete", "run:fail", "run:cancel", "run:delete"]);
+  const STORAGES = ["auto", "opfs", "idb", "memory"];
+  const METHODS = [
+    "trigger", "triggerAndWait", "batchTrigger", "waitForRun", "getRun", "getRuns", "getSteps",
+    "getLogs", "cancel", "retrigger", "deleteRun", "purgeRuns", "jobs", "integrityCheck", "storageInfo",
+  ];
+
+  // document.currentScript only exists while a classic script first runs.
+  const script = typeof document !== "undefined" ? document.currentScript : null;
+  const scriptBase = script && script.src ? new URL("./", script.src).href : null;
+
+  /** An Error shaped like durably.d.ts's DurablyError. */
+  function durablyError({ name, message, details }) {
+    const error = new Error(message);
+    error.name = name || "DurablyError";
+    error.details = details ?? null;
+    return error;
+  }
+
+  function folderUrl(url) {
+    const href = new URL(url, document.baseURI).href;
+    return href.endsWith("/") ? href : href + "/";
+  }
+
+  /** The terminal event of a run that had already ended when subscribe() was called. */
+  function terminalEventOf(run) {
+    const type = { completed: "run:complete", failed: "run:fail", cancelled: "run:cancel" }[run.status];
+    if (!type) return null;
+    const data = run.status === "completed" ? { output: run.output } : { error: run.error };
+    return { type, run_id: run.id, job_name: run.job_name, timestamp: run.completed_at || run.updated_at, ...data };
+  }
+
+  class LocalClient {
+    constructor(worker, onStatus) {
+      this.kind = "local";
+      this.role = "follower";
+      this.storage = null;
+      this._worker = worker;
+      this._onStatus = onStatus;
+      this._pending = new Map(); // id -> {resolve, reject}
+      this._nextId = 1;
+      this._listeners = new Map(); // type or "*" -> Set(listener)
+      this._closed = false;
+      // Events that arrive before create() resolves (a resumed run starts at once)
+      // wait here until the caller had a chance to call on().
+      this._early = [];
+      worker.onmessage = (event) => this._onMessage(event.data);
+      // A worker that fails to load (bad URL, syntax error) never answers: fail everything.
+      worker.onerror = (event) => this._failAll(`durably-web worker failed: ${event.message || "load error"}`);
+      for (const method of METHODS) this[method] = (...args) => this._call(method, args);
+    }
+
+    _request(message) {
+      if (this._closed) return Promise.reject(durablyError({ message: "this durably-web client is closed" }));
+      const id = this._nextId++;
+      return new Promise((resolve, reject) => {
+        this._pending.set(id, { resolve, reject });
+        this._worker.postMessage({ id, ...message });
+      });
+    }
+
+    _call(method, args) {
+      // Trailing undefined arguments would reach Python as null and change nothing but arity.
+      while (args.length && args[args.length - 1] === undefined) args.pop();
+      return this._request({ cmd: "call", method, args: JSON.parse(JSON.stringify(args)) });
+    }
+
+    _onMessage(m) {
+      if (m.id !== undefined) {
+        const p = this._pending.get(m.id);
+        this._pending.delete(m.id);
+        if (!p) return;
+        if (m.ok) p.resolve(m.value);
+        else p.reject(durablyError(m.error));
+      } else if (m.type === "event") {
+        this._emit(JSON.parse(m.json));
+      } else if (m.type === "role") {
+        this.role = m.role;
+      } else if (m.type === "status") {
+        if (this._onStatus) {
+          try {
+            this._onStatus({ state: m.state, detail: m.detail });
+          } catch (e) {
+            console.error("durably-web onStatus listener failed", e);
+          }
+        }
+      } else if (m.type === "fatal") {
+        this._emit({ type: "worker:error", run_id: null, job_name: null, timestamp: new Date().toISOString(), error: m.error, source: "runtime" });
+      }
+    }
+
+    _failAll(message) {
+      for (const p of this._pending.values()) p.reject(durablyError({ message }));
+      this._pending.clear();
+    }
+
+    _emit(event) {
+      if (this._early) return void this._early.push(event);
+      for (const key of [event.type, "*"]) {
+        for (const listener of this._listeners.get(key) || []) {
+          try {
+            listener(event);
+          } catch (e) {
+            console.error("durably-web event listener failed", e);
+          }
+        }
+      }
+    }
+
+    _flushEarly() {
+      const early = this._early || [];
+      this._early = null;
+      for (const event of early) this._emit(event);
+    }
+
+    on(type, listener) {
+      if (!this._listeners.has(type)) this._listeners.set(type, new Set());
+      this._listeners.get(type).add(listener);
+      return () => this._listeners.get(type).delete(listener);
+    }
+
+    subscribe(runId, listener) {
+      if (listener) return this._subscribe(runId, listener, (e) => console.warn("durably-web subscribe:", e));
+      // Async iterator form: a queue between the listener and next().
+      const queue = [];
+      const waiting = [];
+      let done = false;
+      let failure = null;
+      const finish = () => {
+        done = true;
+        stop();
+        for (const w of waiting.splice(0)) (failure ? w.reject(failure) : w.resolve({ value: undefined, done: true }));
+      };
+      const stop = this._subscribe(
+        runId,
+        (event) => {
+          if (waiting.length) waiting.shift().resolve({ value: event, done: false });
+          else queue.push(event);
+          if (TERMINAL.has(event.type)) done = true;
+          if (done && !queue.length) finish();
+        },
+        (error) => {
+          failure = error;
+          finish();
+        },
+      );
+      return {
+        next() {
+          if (queue.length) {
+            const value = queue.shift();
+            if (done && !queue.length) finish();
+            return Promise.resolve({ value, done: false });
+          }
+          if (failure) return Promise.reject(failure);
+          if (done) return Promise.resolve({ value: undefined, done: true });
+          return new Promise((resolve, reject) => waiting.push({ resolve, reject }));
+        },
+        return() {
+          queue.length = 0;
+          finish();
+          return Promise.resolve({ value: undefined, done: true });
+        },
+        [Symbol.asyncIterator]() {
+          return this;
+        },
+      };
+    }
+
+    /** Deliver runId's events to listener until its terminal event; returns unsubscribe. */
+    _subscribe(runId, listener, onError) {
+      let ended = false;
+      const deliver = (event) => {
+        if (ended || event.run_id !== runId) return;
+        if (TERMINAL.has(event.type)) {
+          ended = true;
+          off();
+        }
+        listener(event);
+      };
+      const off = this.on("*", deliver);
+      // Listen first, then look: a run that already ended still yields its terminal event.
+      this.getRun(runId).then(
+        (run) => {
+          const event = terminalEventOf(run);
+          if (event) deliver(event);
+        },
+        (error) => {
+          if (ended) return;
+          ended = true;
+          off();
+          onError(error);
+        },
+      );
+      return () => {
+        ended = true;
+        off();
+      };
+    }
+
+    async close() {
+      if (this._closed) return;
+      try {
+        await this._request({ cmd: "close" });
+      } finally {
+        this._closed = true;
+        this._worker.terminate();
+        this._failAll("this durably-web client is closed");
+      }
+    }
+  }
+
+  async function create(options = {}) {
+    const { jobs, database = "durably.db", storage = "auto", onStatus } = options;
+    if (!Array.isArray(jobs) || !jobs.length) throw durablyError({ name: "ValidationError", message: "create() needs jobs: [URLs of Python job modules]" });
+    if (!STORAGES.includes(storage)) throw durablyError({ name: "ValidationError", message: `storage must be one of ${STORAGES.join(", ")}` });
+    if (typeof database !== "string" || !/^[\w.-]+$/.test(database)) {
+      throw durablyError({ name: "ValidationError", message: "database must be a plain file name (letters, digits, '.', '_', '-')" });
+    }
+    const base = options.baseUrl ? folderUrl(options.baseUrl) : DurablyWeb._baseUrl;
+    if (!base) throw durablyError({ message: "cannot tell where durably.js was loaded from; pass baseUrl" });
+
+    const worker = new Worker(new URL("worker.js", base), { type: "module" });
+    const client = new LocalClient(worker, onStatus);
+    const config = {
+      jobs: jobs.map((url) => new URL(url, document.baseURI).href),
+      database,
+      storage, // "auto" is resolved by the bridge in the leader's worker
+      options: options.options || {},
+    };
+    try {
+      const started = await client._request({ cmd: "start", config });
+      client.role = started.role;
+      client.storage = started.storage;
+      // After the caller's `await create()` continuation, which may attach listeners.
+      setTimeout(() => client._flushEarly(), 0);
+    } catch (e) {
+      client._closed = true;
+      worker.terminate();
+      throw e;
+    }
+    return client;
+  }
+
+  // --- connect(): remote.js, loaded on first use ------------------------------
+
+  let remote = null;
+
+  function loadRemote(base) {
+    if (!remote) {
+      remote = globalThis.DurablyWebRemote
+        ? Promise.resolve(globalThis.DurablyWebRemote)
+        : import(new URL("remote.js", base).href).then(() => {
+            if (!globalThis.DurablyWebRemote) throw durablyError({ message: "remote.js did not define DurablyWebRemote" });
+            return globalThis.DurablyWebRemote;
+          });
+      remote.catch(() => (remote = null)); // let a later connect() try again
+    }
+    return remote;
+  }
+
+  /** Synchronous per durably.d.ts: methods wait for remote.js, then delegate. */
+  function connect(url, options) {
+    const base = DurablyWeb._baseUrl;
+    const client = loadRemote(base).then((r) => r.connect(url, options));
+    const proxy = { kind: "remote" };
+    for (const method of METHODS.filter((m) => m !== "integrityCheck" && m !== "storageInfo").concat("close")) {
+      proxy[method] = async (...args) => (await client)[method](...args);
+    }
+    // on/subscribe must return synchronously: hand back an unsubscribe that also works early.
+    proxy.on = (type, listener) => {
+      let off = null;
+      let cancelled = false;
+      client.then((c) => {
+        if (!cancelled) off = c.on(type, listener);
+      });
+      return () => {
+        cancelled = true;
+        if (off) off();
+      };
+    };
+    proxy.subscribe = (runId, listener) => {
+      if (listener) {
+        let off = null;
+        let cancelled = false;
+        client.then((c) => {
+          if (!cancelled) off = c.subscribe(runId, listener);
+        });
+        return () => {
+          cancelled = true;
+          if (off) off();
+        };
+      }
+      const inner = client.then((c) => c.subscribe(runId));
+      return {
+        next: async () => (await inner).next(),
+        return: async () => ((await inner).return ? (await inner).return() : { value: undefined, done: true }),
+        [Symbol.asyncIterator]() {
+          return this;
+        },
+      };
+    };
+    return proxy;
+  }
+
+  const DurablyWeb = {
+    version: VERSION,
+    create,
+    connect,
+    // Where worker.js and Pyodide live; durably.mjs fills it in from import.meta.url.
+    _baseUrl: scriptBase,
+  };
+  globalThis.DurablyWeb = DurablyWeb;
+})();

@@ -1,0 +1,372 @@
+// worker.js: the durably-web runtime worker (a module Web Worker, one per tab).
+//
+// Started by durably.js. Everything (Pyodide, sqlite-wasm, the wheels) comes
+// from this file's own folder: no CDN.
+//
+// Leadership. Several tabs may open the same database, but SQLite in OPFS can
+// have only one owner, and a run must execute in one place. So every worker
+// asks for the Web Lock "durably-web:<database>" and holds it for the rest of
+// its life: the holder (the leader) opens the database and runs Durably; the
+// others (followers) forward their page's calls to it over a BroadcastChannel.
+// Because the lock is requested *inside* the worker, the browser releases it
+// exactly when the worker dies (tab closed or reloaded), which proves the old
+// owner is gone: the next leader starts Durably with soleWorker and resumes
+// the runs the old one had leased without waiting for their leases to expire.
+// Followers load Pyodide and import the job modules while they wait, so a
+// takeover only has to open the database.
+//
+// Page -> worker:  {id, cmd: "start", config} | {id, cmd: "call", method, args} | {id, cmd: "close"}
+// Worker -> page:  {id, ok: true, value} | {id, ok: false, error: {name, message, details}}
+//                  {type: "event", json}            a Durably event (JSON text)
+//                  {type: "status", state, detail}  loading / storage / leadership progress
+//                  {type: "role", role}             "leader" | "follower"
+//                  {type: "fatal", error}           the runtime could not start
+// Tab <-> tab (BroadcastChannel "durably-web:<database>"):
+//                  {kind: "who"}                           a new follower asks for the leader
+//                  {kind: "hello", leader}                 the (new) leader is ready
+//                  {kind: "call", to, from, callId, method, args}
+//                  {kind: "ack", to, callId}               the leader got the call (sent before acting on it)
+//                  {kind: "reply", to, callId, result}
+//                  {kind: "event", json}
+
+import { loadPyodide } from "./pyodide.mjs";
+import { openSqliteBridge } from "./sqlite_bridge.js";
+
+const JOBS_DIR = "/home/pyodide/durably_jobs";
+// How long a forwarded call waits for a leader to acknowledge it (e.g. during a handover).
+const LEADER_WAIT_MS = 30000;
+// Calls a leader acknowledged but never answered (it died) are sent again to the
+// next leader only when that is harmless; the others fail as "outcome unknown".
+// Unacknowledged calls never reached a leader and are always sent again.
+// (triggerAndWait is split into trigger + waitForRun when forwarded, see forward()).
+const RESENDABLE = new Set(["getRun", "getRuns", "getSteps", "getLogs", "jobs", "waitForRun", "integrityCheck", "storageInfo"]);
+
+const me = `${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`;
+let config = null;
+let pyodide = null;
+let browser = null; // the durably_web.browser module (PyProxy)
+let runtime = null; // BrowserRuntime, only in the leader
+let runtimeCall = null; // runtime.call, looked up once (each lookup makes a new PyProxy)
+let role = null;
+let channel = null;
+let leaderId = null; // followers: the leader that said hello last
+let nextCallId = 1;
+const forwarded = new Map(); // callId -> {method, args, acked, resolve, timer}
+let releaseLock = null; // resolves the promise the lock callback returns
+let lockAbort = null; // aborts a follower's pending lock request on close
+let closing = false;
+let openedStorage = null; // what "auto" resolved to in the leader (the bridge decides)
+let ready = null; // {resolve, reject, settled}: "start" answers once calls can be served
+
+const post = (message) => self.postMessage(message);
+const status = (state, detail) => post({ type: "status", state, detail });
+
+function errorResult(name, message, details = null) {
+  return { ok: false, error: { name, message, details } };
+}
+
+/** Python exceptions reach JS as PythonError: `type` is the class name, the message a traceback. */
+function toErrorResult(e) {
+  if (e && e.type && e.constructor && e.constructor.name === "PythonError") {
+    // The message is a traceback; keep its "Type: message" part (which may span lines).
+    const text = String(e.message).trim();
+    const at = text.lastIndexOf(`\n${e.type}: `);
+    const last = at >= 0 ? text.slice(at + 1) : text.split("\n").pop() || e.type;
+    // e.g. WasmSqliteError -> StorageError, the family name the JS API promises.
+    const name = browser ? browser.public_error_name(e.type) : e.type;
+    return errorResult(name, last.replace(/^[\w.]+: /, ""));
+  }
+  const storage = e && /sqlite|opfs|indexeddb|quota/i.test(String(e.message));
+  return errorResult(storage ? "StorageError" : "DurablyError", String((e && e.message) || e));
+}
+
+// The bridge reports waits for the previous page's OPFS handles through onWait.
+globalThis.openSqliteBridge = (options = {}) =>
+  openSqliteBridge({
+    ...options,
+    onWait(info) {
+      status("waiting-for-storage", info);
+      if (options.onWait) options.onWait(info);
+    },
+  });
+
+// ------------------------------------------------------------------ start --
+
+async function start(cfg) {
+  config = cfg;
+  status("loading-python");
+  const base = new URL("./", import.meta.url).href;
+  pyodide = await loadPyodide({
+    indexURL: base,
+    stdout: (s) => console.log("[py]", s),
+    stderr: (s) => console.warn("[py]", s),
+  });
+  await pyodide.loadPackage(["durably-web"], { messageCallback: () => {} });
+
+  status("loading-jobs");
+  const paths = await fetchJobModules(cfg.jobs);
+  browser = pyodide.pyimport("durably_web.browser");
+  const jobs = JSON.parse(browser.preload(JSON.stringify(paths)));
+  config.paths = paths;
+
+  const served = new Promise((resolve, reject) => (ready = { resolve, reject, settled: false }));
+  if (cfg.storage === "memory") {
+    // Nothing to share with other tabs: each tab has its own database.
+    await lead();
+  } else {
+    channel = new BroadcastChannel(`durably-web:${cfg.database}`);
+    channel.onmessage = (event) => onChannelMessage(event.data);
+    contendForLeadership().catch(failed);
+  }
+  await served;
+  return { role, storage: openedStorage, jobs };
+}
+
+function nowReady() {
+  if (ready.settled) return;
+  ready.settled = true;
+  status("ready", { role });
+  ready.resolve();
+}
+
+/** Failing to lead: reject "start", or tell the page if it is already running. */
+function failed(e) {
+  const result = toErrorResult(e);
+  if (!ready.settled) {
+    ready.settled = true;
+    ready.reject(e);
+  } else post({ type: "fatal", error: result.error });
+  // Let another tab try; this one cannot serve.
+  if (releaseLock) releaseLock();
+}
+
+/** Fetch the job modules into Pyodide's file system; the file name becomes the module name. */
+async function fetchJobModules(urls) {
+  pyodide.FS.mkdirTree(JOBS_DIR);
+  const paths = [];
+  for (const url of urls) {
+    const response = await fetch(url);
+    if (!response.ok) throw new Error(`cannot load job module ${url}: HTTP ${response.status}`);
+    const name = new URL(url).pathname.split("/").pop() || "jobs.py";
+    const path = `${JOBS_DIR}/${name.endsWith(".py") ? name : name + ".py"}`;
+    if (paths.includes(path)) throw new Error(`two job modules are named ${name}`);
+    pyodide.FS.writeFile(path, await response.text());
+    paths.push(path);
+  }
+  return paths;
+}
+
+// ------------------------------------------------------------- leadership --
+
+/** Resolves once this worker leads; until then it serves as a follower. */
+async function contendForLeadership() {
+  const lockName = `durably-web:${config.database}`;
+  const held = new Promise((resolve) => (releaseLock = resolve));
+  const request = (options) =>
+    new Promise((granted, refused) => {
+      navigator.locks
+        .request(lockName, options, (lock) => {
+          granted(lock);
+          return lock ? held : undefined; // keep the lock until close() or death
+        })
+        .catch(refused);
+    });
+  // Try without queueing first, so a lone tab never shows up as a follower.
+  if (!(await request({ ifAvailable: true }))) {
+    becomeFollower();
+    lockAbort = new AbortController();
+    try {
+      await request({ signal: lockAbort.signal });
+    } catch (e) {
+      if (closing) return;
+      throw e;
+    }
+    if (closing) return releaseLock();
+  }
+  await lead();
+}
+
+function becomeFollower() {
+  role = "follower";
+  post({ type: "role", role });
+  status("follower");
+  channel.postMessage({ kind: "who" });
+}
+
+async function lead() {
+  const takeover = role === "follower";
+  role = "leader";
+  post({ type: "role", role });
+  status("opening-database");
+  const storage = config.storage;
+  const dbConfig = {
+    storage,
+    filename: storage === "memory" ? ":memory:" : `/${config.database}`,
+    // Applies to OPFS only ("auto" may resolve to it): WAL needs exclusive locking
+    // under opfs-sahpool (the bridge sets it), is ~4x cheaper per commit than the
+    // rollback journal and kept every commit across mid-commit stops.
+    journalMode: storage === "memory" ? null : "wal",
+    synchronous: "full",
+    soleWorker: true, // we hold the lock: runs leased by a dead previous owner resume now
+    options: config.options || {},
+  };
+  runtime = await browser.open_and_start(JSON.stringify(config.paths), JSON.stringify(dbConfig), onPythonEvent);
+  runtimeCall = runtime.call;
+  openedStorage = (await callLocal("storageInfo", [])).value.storage;
+  status("leader", { takeover, storage: openedStorage });
+  if (channel) channel.postMessage({ kind: "hello", leader: me, storage: openedStorage });
+  nowReady();
+  // Calls this tab forwarded to the old leader now run here.
+  for (const [callId, call] of forwarded) {
+    forwarded.delete(callId);
+    clearTimeout(call.timer);
+    if (call.acked && !RESENDABLE.has(call.method)) call.resolve(lostCall(call.method));
+    else call.resolve(callLocal(call.method, call.args));
+  }
+}
+
+function onPythonEvent(json) {
+  post({ type: "event", json });
+  if (channel) channel.postMessage({ kind: "event", json });
+}
+
+// -------------------------------------------------------------- the calls --
+
+async function callLocal(method, args) {
+  try {
+    return JSON.parse(await runtimeCall(method, JSON.stringify(args)));
+  } catch (e) {
+    return toErrorResult(e);
+  }
+}
+
+function lostCall(method) {
+  return errorResult(
+    "DurablyError",
+    `the leader tab closed while handling ${method}(); it may or may not have taken effect`,
+  );
+}
+
+function dispatch(method, args) {
+  return runtime ? callLocal(method, args) : forward(method, args);
+}
+
+/** A follower's call: send it to the leader, or queue it until one says hello. */
+async function forward(method, args) {
+  if (method === "triggerAndWait") {
+    // Split, so a handover during the (long) wait can be resent safely.
+    const [job, input, options = {}] = args;
+    const { timeout, ...triggerOptions } = options || {};
+    const triggered = await dispatch("trigger", [job, input, triggerOptions]);
+    if (!triggered.ok) return triggered;
+    return dispatch("waitForRun", [triggered.value.id, timeout == null ? {} : { timeout }]);
+  }
+  return new Promise((resolve) => {
+    const callId = nextCallId++;
+    const call = { method, args, acked: false, resolve, timer: null };
+    forwarded.set(callId, call);
+    // While this worker is taking over (role leader, no runtime yet) lead() drains the queue.
+    if (leaderId && role === "follower") send(callId, call);
+    else waitForAck(callId, call);
+  });
+}
+
+function send(callId, call) {
+  call.acked = false;
+  waitForAck(callId, call);
+  channel.postMessage({ kind: "call", to: leaderId, from: me, callId, method: call.method, args: call.args });
+}
+
+function waitForAck(callId, call) {
+  clearTimeout(call.timer);
+  call.timer = setTimeout(() => {
+    forwarded.delete(callId);
+    call.resolve(
+      errorResult(
+        "DurablyError",
+        `no leader tab for database "${config.database}" answered within ${LEADER_WAIT_MS / 1000} s`,
+      ),
+    );
+  }, LEADER_WAIT_MS);
+}
+
+function onChannelMessage(m) {
+  if (m.kind === "event") {
+    if (role === "follower") post({ type: "event", json: m.json });
+  } else if (m.kind === "who") {
+    if (runtime) channel.postMessage({ kind: "hello", leader: me, storage: openedStorage });
+  } else if (m.kind === "hello") {
+    if (role !== "follower" || m.leader === leaderId) return;
+    leaderId = m.leader;
+    openedStorage = m.storage;
+    nowReady();
+    for (const [callId, call] of forwarded) {
+      if (call.acked && !RESENDABLE.has(call.method)) {
+        clearTimeout(call.timer);
+        forwarded.delete(callId);
+        call.resolve(lostCall(call.method));
+      } else send(callId, call);
+    }
+  } else if (m.kind === "call") {
+    if (m.to !== me || !runtime) return; // addressed to an older leader: the caller resends
+    channel.postMessage({ kind: "ack", to: m.from, callId: m.callId });
+    callLocal(m.method, m.args).then((result) =>
+      channel.postMessage({ kind: "reply", to: m.from, callId: m.callId, result }),
+    );
+  } else if (m.kind === "ack") {
+    const call = m.to === me && forwarded.get(m.callId);
+    if (!call) return;
+    call.acked = true;
+    clearTimeout(call.timer); // a leader has it: wait as long as the call takes
+  } else if (m.kind === "reply") {
+    const call = m.to === me && forwarded.get(m.callId);
+    if (!call) return;
+    forwarded.delete(m.callId);
+    call.resolve(m.result);
+  }
+}
+
+async function close() {
+  closing = true;
+  if (lockAbort) lockAbort.abort();
+  if (runtime) {
+    const r = runtime;
+    runtime = null; // stop answering other tabs; they resend reads to the next leader
+    await r.stop(); // handlers stop at their next step and release their leases
+    runtimeCall.destroy();
+    r.destroy();
+  }
+  if (releaseLock) releaseLock();
+  if (channel) channel.close();
+}
+
+// --------------------------------------------------------------- messages --
+
+let started = null;
+
+self.onmessage = async (event) => {
+  const { id, cmd } = event.data;
+  if (cmd === "start") {
+    started = start(event.data.config);
+    try {
+      post({ id, ok: true, value: await started });
+    } catch (e) {
+      post({ id, ...toErrorResult(e) });
+    }
+  } else if (cmd === "call") {
+    const { method, args } = event.data;
+    try {
+      await started;
+    } catch (e) {
+      return post({ id, ...errorResult("DurablyError", "the durably-web runtime failed to start") });
+    }
+    post({ id, ...(await dispatch(method, args)) });
+  } else if (cmd === "close") {
+    try {
+      await close();
+      post({ id, ok: true, value: null });
+    } catch (e) {
+      post({ id, ...toErrorResult(e) });
+    }
+  }
+};
