@@ -9,8 +9,9 @@
 // ---------------------------------------------------------------- protocol --
 //
 // options = {
-//   storage:     "opfs" | "memory"    (default "opfs")
-//   filename:    "/durably.db"        absolute path inside the pool (opfs only)
+//   storage:     "opfs" | "idb" | "memory" | "auto"    (default "opfs")
+//   filename:    "/durably.db"        absolute path inside the pool (opfs), the
+//                                     database's name (idb)
 //   directory:   ".durably-web"       OPFS directory owned by the pool
 //   journalMode: null | "delete" | "truncate" | "persist" | "memory" | "off" | "wal"
 //                null keeps SQLite's default (rollback journal, "delete").
@@ -24,8 +25,50 @@
 //   onWait: function({attempt, delayMs, elapsedMs, error}) called before each
 //           retry while another context (usually the previous page of this
 //           tab, which Chromium tears down lazily, ~2 s) still holds the
-//           pool's access handles.
+//           pool's access handles (idb: once, with reason "idb-lock", when
+//           the database's Web Lock is still held).
+//   idb only:
+//   idbName:         IndexedDB database name (default "durably-web:" + filename)
+//   bucket:          null (the site's default storage) | {name, quota, persisted}:
+//                    keep the database in that Storage Bucket; persisted: true
+//                    protects it from eviction, quota caps it
+//   idbDurability:   "strict" (default: IDB resolves once the data is on disk)
+//                    | "relaxed" (survives a page or worker crash, not an OS crash)
+//   checkpointEvery: log records after which a flush writes a snapshot instead (1000)
+//   checkpointBytes: ... or log bytes (4 MiB)
+//   flushTimeoutMs:  abort (and report) an IDB write that has not finished
+//                    after this long (30000)
 // }
+//
+// storage "auto" resolves, in this order: "idb" if an IndexedDB database of
+// this name already exists (never strand data after OPFS appears), "opfs" if
+// this worker has OPFS sync access handles (FileSystemFileHandle.prototype.
+// createSyncAccessHandle and a working navigator.storage.getDirectory()),
+// otherwise "idb". A lock-contention failure of the OPFS pool is an error,
+// never a reason to fall back (that would hide the data). info() tells
+// {storage, requestedStorage, autoReason}.
+//
+// ------------------------------------------------------------ storage "idb" --
+//
+// SQLite runs in memory. Every transaction that commits becomes one redo-log
+// entry {seq, tx, s: [[sql, paramsJson], ...]}: the successful statements that
+// are not read-only, in order, with their parameters exactly as bound;
+// BEGIN/COMMIT are implied by `tx`, a rolled-back transaction is dropped, and
+// PRAGMA assignments are kept (and remembered with the snapshot) because
+// connection settings such as foreign_keys change what later statements do.
+// flush() appends the pending entries to IndexedDB in one transaction; when
+// the log has grown past checkpointEvery/checkpointBytes a flush stores a
+// serialized image of the database (sqlite3_js_db_export) and deletes the log
+// it covers instead. Opening loads the image, replays the log after it and
+// checkpoints. Replay requires deterministic statements: durably's SQL takes
+// every time and id as a parameter (no random(), no 'now').
+//
+// A failed IDB transaction changes nothing in IndexedDB (it is atomic); its
+// entries stay pending and the next flush retries them, so IndexedDB always
+// holds a prefix of the committed history. Single writer: the bridge holds
+// the Web Lock "durably-web:idb:<idbName>" while open, and every write checks
+// an owner epoch (bumped by each open) inside the same IDB transaction, so an
+// older writer fails loudly instead of interleaving its log with a newer one.
 //
 // The bridge object:
 //
@@ -49,11 +92,28 @@
 //                            last failure; run() throws a plain Error after
 //                            recording it, so the caller reads this only on
 //                            the error path.
-//   info()      -> string   JSON {storage, vfs, filename, journalMode,
-//                            lockingMode, sqliteVersion, poolWaitMs, poolAttempts}
+//   info()      -> string   JSON {storage, requestedStorage, autoReason, vfs,
+//                            filename, journalMode, lockingMode, sqliteVersion,
+//                            poolWaitMs, poolAttempts; idb: idbName, epoch,
+//                            lockWaitMs, snapshotBytes, replayed, replayMs,
+//                            pending, logRecords, durability}
 //   inTransaction() -> bool  true when not in autocommit mode.
 //   close()                  finalizes cached statements and closes the db
-//                            (the pool stays installed for this worker).
+//                            (the pool stays installed for this worker; idb:
+//                            starts a last write of pending entries, then
+//                            releases the Web Lock).
+//
+//   idb only (Python: WasmSqlConnection.wait_durable awaits flush()):
+//   flush() -> Promise       resolves once every transaction committed so far
+//                            is in IndexedDB; rejects with an Error (details
+//                            in flushError()) and keeps the entries pending.
+//                            Commits nobody awaits are also flushed soon after
+//                            they happen (write-behind, setTimeout 0).
+//   checkpoint() -> Promise  flush() as one snapshot, emptying the log.
+//   hasPending() -> bool     some committed transaction is not yet in IDB.
+//   flushError() -> string   JSON {code, primaryCode, name, message, domName}:
+//                            QuotaExceededError -> SQLITE_FULL (13), another
+//                            writer -> SQLITE_BUSY (5), else SQLITE_IOERR (10).
 //
 // Value encoding (both directions, JSON):
 //   null, strings, booleans (params only, bound as 0/1) and numbers map
@@ -430,6 +490,590 @@ class SqliteBridge {
   }
 }
 
+// ------------------------------------------------------------- IndexedDB --
+//
+// storage "idb": SQLite runs in memory; every committed transaction is kept as
+// a redo-log entry (its statements with their parameters) and flush() writes
+// the entries to IndexedDB. Opening loads the latest snapshot (a serialized
+// image of the database) and replays the log after it. See the header.
+
+const IDB_VERSION = 1;
+const LOG = "log"; // seq -> {seq, tx, s: [[sql, paramsJson], ...], p: [pragma sql, ...]}
+const META = "meta"; // "owner" -> {epoch, openedAt}
+const SNAPSHOT = "snapshot"; // "main" -> {seq, image, pragmas, savedAt}
+const SQLITE_BUSY = 5;
+const SQLITE_IOERR = 10;
+const SQLITE_FULL = 13;
+// sqlite3.h values; the wasm build does not export these two constants.
+const SQLITE_DESERIALIZE_FREEONCLOSE = 1;
+const SQLITE_DESERIALIZE_RESIZEABLE = 2;
+
+function openIdb(factory, name) {
+  return new Promise((resolve, reject) => {
+    const req = factory.open(name, IDB_VERSION);
+    req.onupgradeneeded = () => {
+      for (const store of [LOG, META, SNAPSHOT]) {
+        if (!req.result.objectStoreNames.contains(store)) req.result.createObjectStore(store);
+      }
+    };
+    req.onsuccess = () => resolve(req.result);
+    req.onerror = () => reject(req.error);
+  });
+}
+
+/**
+ * Run body(tx, fail) in one IDB transaction. Resolves on "complete" (with
+ * durability "strict" that is after the browser flushed it to disk) and
+ * rejects with the abort reason: fail(error) aborts with a reason of our own.
+ * A transaction still unsettled after timeoutMs is aborted: a flush must end.
+ */
+function idbTransaction(idb, stores, mode, durability, body, timeoutMs = 0) {
+  return new Promise((resolve, reject) => {
+    let reason = null;
+    let tx;
+    let timer = 0;
+    const fail = (error) => {
+      reason ??= error;
+      try {
+        tx.abort();
+      } catch (_) {
+        /* already finished */
+      }
+    };
+    try {
+      tx = idb.transaction(stores, mode, { durability });
+      body(tx, fail);
+    } catch (e) {
+      if (tx) fail(e);
+      reject(e);
+      return;
+    }
+    if (timeoutMs > 0) {
+      // Reject by ourselves: a transaction stuck in its commit phase (seen in
+      // Chromium 156 when a large write exceeds a Storage Bucket's quota)
+      // ignores abort() and never fires "abort". It still commits all or nothing.
+      timer = setTimeout(() => {
+        const timeout = new DOMException(`IndexedDB transaction did not finish within ${timeoutMs} ms`, "TimeoutError");
+        fail(timeout);
+        reject(timeout);
+      }, timeoutMs);
+    }
+    tx.oncomplete = () => {
+      clearTimeout(timer);
+      resolve();
+    };
+    tx.onabort = () => {
+      clearTimeout(timer);
+      reject(reason ?? tx.error ?? new DOMException("IndexedDB transaction aborted", "AbortError"));
+    };
+  });
+}
+
+/**
+ * Hold an exclusive Web Lock for this IndexedDB database while the bridge is
+ * open. After a reload the previous page's worker may hold it a moment longer;
+ * wait (reporting through onWait like the OPFS pool does) up to lockTimeoutMs.
+ */
+async function acquireIdbLock(name, { lockTimeoutMs, onWait }) {
+  if (!navigator.locks) return { release() {}, waitedMs: 0 }; // the owner epoch still fences writers
+  let release;
+  const held = new Promise((resolve) => (release = resolve));
+  const started = performance.now();
+  const got = await new Promise((resolve, reject) => {
+    navigator.locks
+      .request(name, { ifAvailable: true }, (lock) => {
+        resolve(lock !== null);
+        return lock ? held : undefined;
+      })
+      .catch(reject);
+  });
+  if (!got) {
+    try {
+      onWait?.({ attempt: 1, delayMs: lockTimeoutMs, elapsedMs: 0, reason: "idb-lock", error: `Web Lock ${name} is held` });
+    } catch (_) {
+      /* a broken callback must not break the wait */
+    }
+    await new Promise((resolve, reject) => {
+      navigator.locks
+        .request(name, { signal: AbortSignal.timeout(lockTimeoutMs) }, () => {
+          resolve();
+          return held;
+        })
+        .catch((e) =>
+          reject(new Error(`IndexedDB database is in use by another context (Web Lock ${name} not free after ${lockTimeoutMs} ms): ${e.name}`)),
+        );
+    });
+  }
+  return { release, waitedMs: performance.now() - started };
+}
+
+/** Leading keyword(s) of a statement, after comments and whitespace. */
+function leadingWords(sql) {
+  const m = /^(?:\s+|--[^\n]*(?:\n|$)|\/\*[\s\S]*?\*\/)*(\w+)([\s\S]*)$/.exec(sql);
+  return m ? [m[1].toUpperCase(), m[2]] : ["", ""];
+}
+
+class IdbSqliteBridge extends SqliteBridge {
+  constructor(sqlite3, db, meta, state) {
+    super(sqlite3, db, meta);
+    this._idb = state.idb;
+    this._epoch = state.epoch;
+    this._lock = state.lock;
+    this._durability = state.durability;
+    this._checkpointEvery = state.checkpointEvery;
+    this._checkpointBytes = state.checkpointBytes;
+    this._flushTimeoutMs = state.flushTimeoutMs;
+    this._seq = state.seq; // last seq handed out (replayed or new)
+    this._pragmas = new Map(); // pragma name -> its latest committed assignment
+    this._txStatements = []; // statements of the open transaction
+    this._txPragmas = [];
+    this._txExplicit = false;
+    this._pending = []; // committed groups not yet durable, oldest first
+    this._logRecords = 0; // log records in IDB after the snapshot
+    this._logBytes = 0;
+    this._flushChain = Promise.resolve();
+    this._flushScheduled = false;
+    this._flushError = null;
+    this._warned = null;
+    this._idbClosedByBrowser = false;
+    // Fires when the browser closes the connection itself (storage cleared, disk gone).
+    this._idb.onclose = () => (this._idbClosedByBrowser = true);
+  }
+
+  // -- public, synchronous --------------------------------------------------
+
+  run(kind, sql, paramsJson) {
+    if (kind === KIND_SCRIPT) return this._runScript(sql);
+    let ok = false;
+    try {
+      const result = super.run(kind, sql, paramsJson);
+      ok = true;
+      return result;
+    } finally {
+      const entry = this._cache.get(sql); // absent when preparing failed
+      const cls = entry ? (entry.cls ??= this._classify(entry.p, sql)) : "read";
+      this._afterStatement(cls, sql, paramsJson ?? null, ok);
+    }
+  }
+
+  /** True while some committed transaction is not yet in IndexedDB. */
+  hasPending() {
+    return this._pending.length > 0;
+  }
+
+  /** JSON {code, primaryCode, name, message, domName} of the last failed flush. */
+  flushError() {
+    return JSON.stringify(this._flushError);
+  }
+
+  info() {
+    return JSON.stringify({
+      ...this._meta,
+      epoch: this._epoch,
+      pending: this._pending.length,
+      logRecords: this._logRecords,
+      durability: this._durability,
+    });
+  }
+
+  close() {
+    if (!this._db) return;
+    super.close();
+    // Last chance for commits nobody awaited: IDB finishes a transaction created
+    // before close() even though the connection then closes.
+    if (this._pending.length && !this._idbClosedByBrowser) {
+      this._write(false).catch((e) => console.warn("[sqlite_bridge] final flush failed:", e));
+    }
+    this._idb.close();
+    this._lock.release();
+  }
+
+  // -- public, asynchronous -------------------------------------------------
+
+  /** Resolves once every transaction committed so far is in IndexedDB. */
+  flush() {
+    return this._enqueue(() => this._write(false));
+  }
+
+  /** flush(), and replace the log by a snapshot of the whole database. */
+  checkpoint() {
+    return this._enqueue(() => this._write(true));
+  }
+
+  // -- redo log ---------------------------------------------------------------
+
+  /**
+   * What a statement means for the redo log:
+   *   "begin" / "commit" / "rollback"   transaction control, not logged (a
+   *                                     log entry is one whole transaction);
+   *   "pragma"  an assignment (PRAGMA x = y): logged, and remembered, because
+   *             connection settings such as foreign_keys change what later
+   *             statements do and are not part of the database image;
+   *   "write"   anything that is not read-only, and savepoints;
+   *   "read"    the rest (SELECT, PRAGMA queries).
+   */
+  _classify(p, sql) {
+    const [word, rest] = leadingWords(sql);
+    switch (word) {
+      case "BEGIN":
+        return "begin";
+      case "COMMIT":
+      case "END":
+        return "commit";
+      case "ROLLBACK":
+        return /\bTO\b/i.test(rest) ? "write" : "rollback";
+      case "SAVEPOINT":
+      case "RELEASE":
+        return "write";
+      case "PRAGMA":
+        return rest.includes("=") ? "pragma" : "read";
+      default:
+        return this._capi.sqlite3_stmt_readonly(p) ? "read" : "write";
+    }
+  }
+
+  _afterStatement(cls, sql, paramsJson, ok) {
+    if (ok) {
+      if (cls === "write" || cls === "pragma") this._txStatements.push([sql, paramsJson]);
+      if (cls === "pragma") this._txPragmas.push(sql);
+      if (cls === "rollback") this._dropTransaction();
+    }
+    if (!this._pDb) return;
+    if (this._capi.sqlite3_get_autocommit(this._pDb) === 0) {
+      this._txExplicit = true;
+      return;
+    }
+    // Back in autocommit mode: the transaction (explicit or the statement's own)
+    // has ended. A failure that ends it means SQLite rolled it back.
+    if (ok && this._txStatements.length) this._commitGroup();
+    else this._dropTransaction();
+  }
+
+  _dropTransaction() {
+    this._txStatements = [];
+    this._txPragmas = [];
+    this._txExplicit = false;
+  }
+
+  _commitGroup() {
+    const group = { seq: ++this._seq, tx: this._txExplicit, s: this._txStatements, p: this._txPragmas };
+    for (const sql of group.p) this._pragmas.set(leadingWords(sql)[1].split("=")[0].trim().toLowerCase(), sql);
+    this._pending.push(group);
+    this._dropTransaction();
+    this._scheduleFlush();
+  }
+
+  /**
+   * Write-behind for commits nobody awaits (progress, log lines): flush soon
+   * after the current synchronous stretch of Python. Failures are reported to
+   * whoever awaits flush() next (the engine does after every step).
+   */
+  _scheduleFlush() {
+    if (this._flushScheduled) return;
+    this._flushScheduled = true;
+    setTimeout(() => {
+      this._flushScheduled = false;
+      if (this._db) this.flush().catch(() => {});
+    }, 0);
+  }
+
+  /** Scripts are run statement by statement so each one is classified and logged. */
+  _runScript(sql) {
+    const capi = this._capi;
+    const wasm = this._wasm;
+    if (!this._pDb) throw this._recordError(Object.assign(new Error("database is closed"), { resultCode: capi.SQLITE_MISUSE }));
+    const pSql = wasm.allocCString(sql);
+    const stack = wasm.pstack.pointer;
+    try {
+      const ppStmt = wasm.pstack.allocPtr();
+      const ppTail = wasm.pstack.allocPtr();
+      let pos = pSql;
+      while (wasm.peek8(pos) !== 0) {
+        const rc = capi.sqlite3_prepare_v2(this._pDb, pos, -1, ppStmt, ppTail);
+        if (rc) throw this._sqliteError(rc);
+        const p = wasm.peekPtr(ppStmt);
+        pos = wasm.peekPtr(ppTail);
+        if (!p) continue; // only whitespace or a comment was left
+        const text = capi.sqlite3_sql(p);
+        const cls = this._classify(p, text);
+        let ok = false;
+        try {
+          let src;
+          while ((src = capi.sqlite3_step(p)) === capi.SQLITE_ROW) {
+            /* drain */
+          }
+          if (src !== capi.SQLITE_DONE) throw this._sqliteError(src);
+          ok = true;
+        } finally {
+          capi.sqlite3_finalize(p);
+          this._afterStatement(cls, text, null, ok);
+        }
+      }
+      return 0;
+    } catch (e) {
+      throw this._recordError(e);
+    } finally {
+      wasm.pstack.restore(stack);
+      wasm.dealloc(pSql);
+    }
+  }
+
+  /** Re-execute logged transactions (at open); nothing is logged again. */
+  _replay(pragmas, groups) {
+    const exec = (sql, params) => SqliteBridge.prototype.run.call(this, KIND_EXECUTE, sql, params);
+    for (const sql of pragmas) {
+      exec(sql, null);
+      this._pragmas.set(leadingWords(sql)[1].split("=")[0].trim().toLowerCase(), sql);
+    }
+    for (const group of groups) {
+      try {
+        if (group.tx) exec("BEGIN", null);
+        for (const [sql, params] of group.s) exec(sql, params);
+        if (group.tx) exec("COMMIT", null);
+      } catch (e) {
+        throw new Error(
+          `cannot replay the IndexedDB redo log at entry ${group.seq} ` +
+            `(the stored database is left untouched): ${e.message}`,
+        );
+      }
+      for (const sql of group.p) this._pragmas.set(leadingWords(sql)[1].split("=")[0].trim().toLowerCase(), sql);
+      this._seq = group.seq;
+      this._logRecords++;
+    }
+  }
+
+  // -- writing to IndexedDB ---------------------------------------------------
+
+  _enqueue(job) {
+    const next = this._flushChain.then(job);
+    this._flushChain = next.catch(() => {});
+    return next;
+  }
+
+  /**
+   * One IDB transaction: check that we are still the owner, then either append
+   * the pending groups to the log, or (checkpoint) store an image of the
+   * database and delete the log it covers. The IDB transaction is atomic, so a
+   * failure leaves IndexedDB exactly as it was; the groups stay pending.
+   */
+  _write(checkpoint) {
+    const groups = this._pending.slice();
+    const bytes = groups.reduce((n, g) => n + g.s.reduce((m, [sql, params]) => m + sql.length + (params?.length ?? 0), 0), 0);
+    const inTx = !this._pDb || this._capi.sqlite3_get_autocommit(this._pDb) === 0 || this._txStatements.length > 0;
+    if (!checkpoint && !groups.length) return Promise.resolve();
+    if (!checkpoint && !inTx) {
+      checkpoint =
+        this._logRecords + groups.length >= this._checkpointEvery || this._logBytes + bytes >= this._checkpointBytes;
+    }
+    // An image taken inside a transaction would contain uncommitted changes.
+    if (checkpoint && inTx) checkpoint = false;
+    if (!checkpoint && !groups.length) return Promise.resolve();
+    const seq = this._seq;
+    const image = checkpoint ? this._capi.sqlite3_js_db_export(this._pDb) : null;
+    const pragmas = [...this._pragmas.values()];
+    const stores = checkpoint ? [META, LOG, SNAPSHOT] : [META, LOG];
+    let written;
+    try {
+      if (this._idbClosedByBrowser) {
+        throw new DOMException("the browser closed the IndexedDB connection (site data cleared?)", "InvalidStateError");
+      }
+      written = idbTransaction(this._idb, stores, "readwrite", this._durability, (tx, fail) => {
+        const owner = tx.objectStore(META).get("owner");
+        owner.onsuccess = () => {
+          const epoch = owner.result?.epoch;
+          if (epoch !== this._epoch) {
+            fail(Object.assign(new Error(`another context opened this database (writer epoch ${epoch}, ours ${this._epoch}); this one no longer writes to it`), { name: "DurablyFencedError" }));
+          }
+        };
+        const log = tx.objectStore(LOG);
+        if (checkpoint) {
+          tx.objectStore(SNAPSHOT).put({ seq, image, pragmas, savedAt: Date.now() }, "main");
+          log.delete(IDBKeyRange.upperBound(seq));
+        } else {
+          for (const group of groups) log.put(group, group.seq);
+        }
+      }, this._flushTimeoutMs);
+    } catch (e) {
+      written = Promise.reject(e);
+    }
+    return written.then(
+      () => {
+        this._pending.splice(0, groups.length);
+        this._flushError = null;
+        if (checkpoint) {
+          this._logRecords = 0;
+          this._logBytes = 0;
+        } else {
+          this._logRecords += groups.length;
+          this._logBytes += bytes;
+        }
+      },
+      (e) => {
+        throw this._recordFlushError(e, groups.length);
+      },
+    );
+  }
+
+  _recordFlushError(e, count) {
+    const domName = (e && e.name) || "Error";
+    const [code, name] =
+      domName === "QuotaExceededError"
+        ? [SQLITE_FULL, "SQLITE_FULL"]
+        : domName === "DurablyFencedError"
+          ? [SQLITE_BUSY, "SQLITE_BUSY"]
+          : [SQLITE_IOERR, "SQLITE_IOERR"];
+    const message =
+      `IndexedDB did not store ${count} committed transaction(s): ${domName}: ${(e && e.message) || e}. ` +
+      "Everything stored before is intact; these transactions stay in memory and are retried " +
+      "at the next flush, but they are lost if the page closes first.";
+    this._flushError = { code, primaryCode: code & 0xff, name, message, domName };
+    if (this._warned !== message) {
+      this._warned = message;
+      console.warn("[sqlite_bridge]", message);
+    }
+    return Object.assign(new Error(`${name}: ${message}`), { resultCode: code, domName });
+  }
+}
+
+/** Open (or create) an "idb" database: claim it, load its snapshot, replay its log. */
+async function openIdbDatabase(sqlite3, options, meta) {
+  const filename = options.filename ?? "/durably.db";
+  const idbName = idbNameFor(options);
+  const factory = await idbFactoryFor(options);
+  const lock = await acquireIdbLock(`durably-web:idb:${options.bucket?.name ?? ""}:${idbName}`, {
+    lockTimeoutMs: options.lockTimeoutMs ?? 10000,
+    onWait: options.onWait,
+  });
+  let idb = null;
+  let db = null;
+  try {
+    idb = await openIdb(factory, idbName);
+    // One transaction: bump the writer epoch (fencing any older writer) and read
+    // the snapshot and the log, so they are a consistent pair.
+    const found = {};
+    await idbTransaction(idb, [META, SNAPSHOT, LOG], "readwrite", "strict", (tx) => {
+      const metaStore = tx.objectStore(META);
+      const owner = metaStore.get("owner");
+      owner.onsuccess = () => {
+        found.epoch = (owner.result?.epoch ?? 0) + 1;
+        metaStore.put({ epoch: found.epoch, openedAt: Date.now() }, "owner");
+      };
+      const snap = tx.objectStore(SNAPSHOT).get("main");
+      snap.onsuccess = () => (found.snapshot = snap.result);
+      const log = tx.objectStore(LOG).getAll();
+      log.onsuccess = () => (found.log = log.result);
+    });
+    db = new sqlite3.oo1.DB(":memory:", "c");
+    const snapshot = found.snapshot ?? null;
+    if (snapshot && snapshot.image.length) loadImage(sqlite3, db, snapshot.image);
+    const baseSeq = snapshot ? snapshot.seq : 0;
+    const groups = found.log.filter((g) => g.seq > baseSeq);
+    Object.assign(meta, {
+      filename,
+      vfs: "memory+idb",
+      idbName,
+      bucket: options.bucket?.name ?? null,
+      journalMode: String(db.selectValue("PRAGMA journal_mode")),
+      lockingMode: String(db.selectValue("PRAGMA locking_mode")),
+      lockWaitMs: Math.round(lock.waitedMs),
+      snapshotBytes: snapshot ? snapshot.image.length : 0,
+      replayed: groups.length,
+    });
+    const bridge = new IdbSqliteBridge(sqlite3, db, meta, {
+      idb,
+      epoch: found.epoch,
+      lock,
+      seq: baseSeq,
+      durability: options.idbDurability ?? "strict",
+      checkpointEvery: options.checkpointEvery ?? 1000,
+      checkpointBytes: options.checkpointBytes ?? 4 * 1024 * 1024,
+      flushTimeoutMs: options.flushTimeoutMs ?? 30000,
+    });
+    const t0 = performance.now();
+    bridge._replay(snapshot ? snapshot.pragmas : [], groups);
+    meta.replayMs = Math.round(performance.now() - t0);
+    // Start from a compact state: one image, empty log. Best effort: with a
+    // full disk the log simply stays, and the database must still open.
+    if (groups.length) await bridge.checkpoint().catch((e) => (meta.checkpointError = String(e.message)));
+    return bridge;
+  } catch (e) {
+    if (db && db.pointer) db.close();
+    idb?.close();
+    lock.release();
+    throw e;
+  }
+}
+
+/**
+ * The IndexedDB factory: the page's default storage, or a Storage Bucket
+ * (navigator.storageBuckets) when options.bucket = {name, quota?, persisted?}.
+ * A bucket keeps durably's data apart from the rest of the site's: with
+ * persisted: true the browser does not evict it under storage pressure, and a
+ * quota caps it (writes beyond it fail with QuotaExceededError).
+ */
+async function idbFactoryFor(options) {
+  const bucket = options.bucket;
+  if (!bucket) return indexedDB;
+  if (!navigator.storageBuckets) throw new Error("options.bucket needs the Storage Buckets API (navigator.storageBuckets)");
+  const policy = { durability: "strict" };
+  if (bucket.quota != null) policy.quota = bucket.quota;
+  if (bucket.persisted != null) policy.persisted = bucket.persisted;
+  return (await navigator.storageBuckets.open(bucket.name, policy)).indexedDB;
+}
+
+function idbNameFor(options) {
+  return options.idbName ?? "durably-web:" + (options.filename ?? "/durably.db");
+}
+
+function loadImage(sqlite3, db, image) {
+  const { capi, wasm } = sqlite3;
+  const bytes = image instanceof Uint8Array ? image : new Uint8Array(image);
+  const p = wasm.alloc(bytes.length); // sqlite3_malloc, so SQLite may free/resize it
+  wasm.heap8u().set(bytes, Number(p));
+  const rc = capi.sqlite3_deserialize(
+    db.pointer,
+    "main",
+    p,
+    bytes.length,
+    bytes.length,
+    SQLITE_DESERIALIZE_FREEONCLOSE | SQLITE_DESERIALIZE_RESIZEABLE,
+  );
+  if (rc) throw new Error(`cannot load the IndexedDB snapshot: ${capi.sqlite3_js_rc_str(rc)}`);
+}
+
+// ------------------------------------------------------------------ auto --
+
+/** True when this worker can use OPFS synchronous access handles (opfs-sahpool's need). */
+async function opfsSyncHandlesAvailable() {
+  if (typeof FileSystemFileHandle !== "function") return false;
+  if (typeof FileSystemFileHandle.prototype.createSyncAccessHandle !== "function") return false;
+  if (typeof navigator.storage?.getDirectory !== "function") return false;
+  try {
+    await navigator.storage.getDirectory(); // SecurityError in some private modes
+    return true;
+  } catch (_) {
+    return false;
+  }
+}
+
+async function idbDatabaseExists(options) {
+  const name = idbNameFor(options);
+  try {
+    const factory = await idbFactoryFor(options);
+    if (typeof factory?.databases !== "function") return false;
+    return (await factory.databases()).some((d) => d.name === name);
+  } catch (_) {
+    return false;
+  }
+}
+
+/** "auto": keep using an existing IndexedDB copy; else OPFS when possible; else IndexedDB. */
+async function resolveAutoStorage(options) {
+  if (await idbDatabaseExists(options)) return ["idb", "an IndexedDB copy of this database exists"];
+  if (await opfsSyncHandlesAvailable()) return ["opfs", "OPFS sync access handles are available"];
+  return ["idb", "OPFS sync access handles are unavailable"];
+}
+
 function pragmaValue(kind, value, allowed) {
   const v = String(value).toLowerCase();
   if (!allowed.includes(v)) throw new Error(`unsupported ${kind}: ${value}`);
@@ -438,11 +1082,16 @@ function pragmaValue(kind, value, allowed) {
 
 /** Open a database and return a synchronous SqliteBridge (see protocol above). */
 export async function openSqliteBridge(options = {}) {
-  const storage = options.storage ?? "opfs";
+  const requested = options.storage ?? "opfs";
+  let storage = requested;
+  let autoReason = null;
+  if (requested === "auto") [storage, autoReason] = await resolveAutoStorage(options);
   const sqlite3 = await loadSqlite3();
   let db;
   const meta = {
     storage,
+    requestedStorage: requested,
+    autoReason,
     vfs: null,
     filename: null,
     journalMode: null,
@@ -469,8 +1118,11 @@ export async function openSqliteBridge(options = {}) {
     meta.vfs = pool.util.vfsName;
     meta.poolWaitMs = Math.round(pool.waitedMs);
     meta.poolAttempts = pool.attempts;
+  } else if (storage === "idb") {
+    // journalMode / lockingMode / synchronous do not apply: the database is in memory.
+    return openIdbDatabase(sqlite3, options, meta);
   } else {
-    throw new Error(`unknown storage ${JSON.stringify(storage)} (use "opfs" or "memory")`);
+    throw new Error(`unknown storage ${JSON.stringify(storage)} (use "auto", "opfs", "idb" or "memory")`);
   }
   try {
     let journalMode = options.journalMode ?? null;

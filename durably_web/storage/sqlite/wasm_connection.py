@@ -6,6 +6,14 @@ protocol; in short, the bridge is a synchronous JS object with
 ``run(kind, sql, params_json)``, ``lastError()``, ``inTransaction()``,
 ``info()`` and ``close()``.
 
+With ``storage="idb"`` the database lives in memory in the worker and the
+bridge keeps a redo log of committed transactions that ``flush()`` writes to
+IndexedDB asynchronously. Such a connection (and only such a connection) has an
+async :meth:`WasmSqlConnection.wait_durable`, which ``SQLiteStore`` finds with
+``getattr`` and the engine awaits after every step, outcome and trigger; a
+failed write (quota, storage cleared, another writer) raises
+:class:`WasmSqliteError`, a ``StorageError``.
+
 Each call is one FFI crossing: parameters go over as one JSON string, rows come
 back as one JSON string (``{"c": columns, "r": rows, "x": 0|1}``), and the
 statement is prepared once and cached on the JS side. Values JSON cannot carry
@@ -26,7 +34,7 @@ from __future__ import annotations
 import base64
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -156,6 +164,34 @@ class WasmSqlConnection:
         self._bridge = bridge
         self._run = bridge.run  # bound once: saves an attribute lookup per call
         self._closed = False
+        # Only the IndexedDB bridge persists asynchronously and has flush().
+        self._flush: Any = getattr(bridge, "flush", None)
+
+    @property
+    def wait_durable(self) -> Callable[[], Awaitable[None]]:
+        """``async wait_durable()``: return once every commit so far is in IndexedDB.
+
+        Present only when the bridge persists asynchronously (``storage="idb"``):
+        for other storages reading the attribute raises ``AttributeError``, so
+        ``getattr(conn, "wait_durable", None)`` is ``None`` and the store keeps
+        ``deferred_durability`` off.
+        """
+        if self._flush is None:
+            raise AttributeError("wait_durable: this connection persists synchronously")
+        return self._wait_durable
+
+    async def _wait_durable(self) -> None:
+        bridge = self._bridge
+        if self._closed or not bridge.hasPending():
+            return  # no Promise, no trip through the event loop
+        try:
+            await self._flush()
+        except Exception as exc:
+            try:
+                info = json.loads(bridge.flushError())
+            except Exception:
+                info = None
+            raise _error_from_info(info, f"IndexedDB flush failed: {exc}") from exc
 
     @classmethod
     async def open(
@@ -169,10 +205,19 @@ class WasmSqlConnection:
         directory: str | None = None,
         pool_capacity: int | None = None,
         on_wait: Any = None,
+        idb_durability: str | None = None,
+        idb_bucket: dict[str, Any] | None = None,
+        idb_flush_timeout_ms: int | None = None,
     ) -> WasmSqlConnection:
         """Open a database through ``globalThis.openSqliteBridge`` (set by the worker).
 
-        ``storage`` is ``"opfs"`` (opfs-sahpool, persistent) or ``"memory"``.
+        ``storage`` is ``"opfs"`` (opfs-sahpool, persistent), ``"idb"`` (in memory,
+        persisted to IndexedDB; see :meth:`wait_durable`), ``"auto"`` (an existing
+        IndexedDB copy, else OPFS when sync access handles exist, else IndexedDB)
+        or ``"memory"``. ``idb_durability`` is IndexedDB's transaction durability
+        for ``"idb"``: ``"strict"`` (default, flushed to disk) or ``"relaxed"``;
+        ``idb_bucket`` (``{"name", "quota", "persisted"}``) keeps it in a Storage Bucket;
+        an IndexedDB write unfinished after ``idb_flush_timeout_ms`` (30 s) fails.
         ``on_wait`` is called with a dict while the OPFS pool waits for a
         previous page to release its files. ``pool_capacity`` is the number of
         OPFS files the pool keeps (default 6); every database needs one slot,
@@ -188,6 +233,9 @@ class WasmSqlConnection:
             ("synchronous", synchronous),
             ("directory", directory),
             ("initialCapacity", pool_capacity),
+            ("idbDurability", idb_durability),
+            ("bucket", idb_bucket),
+            ("flushTimeoutMs", idb_flush_timeout_ms),
         ):
             if value is not None:
                 options[key] = value
