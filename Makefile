@@ -28,5 +28,8 @@ test: lint site
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_core.py
 
+torture: $(VENV)/.installed
+	$(PY) benchmarks/torture.py
+
 clean:
 	rm -rf $(VENV) site build *.egg-info .pytest_cache .mypy_cache .ruff_cache
