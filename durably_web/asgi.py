@@ -22,6 +22,7 @@ Design notes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import json
 import re
@@ -45,7 +46,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from . import __version__
-from .durably import Durably
+from .durably import Durably, TriggerItem
 from .errors import (
     ConflictError,
     DurablyError,
@@ -61,8 +62,11 @@ __all__ = [
     "DurablyAuth",
     "HTTPException",
     "ProgressThrottle",
+    "PurgeRequest",
     "RunOperation",
     "RunsFilter",
+    "TriggerBatchItem",
+    "TriggerBatchRequest",
     "TriggerRequest",
     "create_app",
     "openapi_document",
@@ -85,6 +89,8 @@ RUN_LEVEL_EVENT_TYPES: tuple[str, ...] = (
 KEEPALIVE_SECONDS = 15.0
 MAX_LIMIT = 1000
 MAX_OFFSET = 1_000_000_000  # SQLite integers are 64-bit; keep far below overflow
+#: Most items one ``POST /trigger/batch`` may carry.
+MAX_BATCH_ITEMS = 1000
 _META_CACHE_SIZE = 10_000
 _LABEL_PARAM = re.compile(r"^label\.(.+)$")
 
@@ -103,6 +109,36 @@ class TriggerRequest(BaseModel):
     concurrency_key: str | None = None
     coalesce: Literal["skip"] | None = None
     labels: dict[str, str] | None = None
+
+
+class TriggerBatchItem(BaseModel):
+    """One item of ``POST /trigger/batch``: an input with its own trigger options."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    input: Any = Field(description="the job's input; validated by the job's input model")
+    idempotency_key: str | None = None
+    concurrency_key: str | None = None
+    coalesce: Literal["skip"] | None = None
+    labels: dict[str, str] | None = None
+
+
+class TriggerBatchRequest(BaseModel):
+    """Body of ``POST /trigger/batch``: many runs of one job, created all together or not at all."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    job: str = Field(min_length=1, max_length=128, description="name of a registered job")
+    items: list[TriggerBatchItem] = Field(max_length=MAX_BATCH_ITEMS)
+
+
+class PurgeRequest(BaseModel):
+    """Body of ``POST /purge``: delete finished runs that ended more than ``older_than`` seconds ago."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    older_than: float = Field(ge=0, allow_inf_nan=False, description="seconds since the run ended")
+    limit: int | None = Field(None, ge=0, description="delete at most this many runs (oldest first)")
 
 
 class _EmptyBody(BaseModel):
@@ -148,9 +184,17 @@ class DurablyAuth(Protocol):
       ignored by the routes and left to this hook).
     * ``on_trigger(ctx, trigger)`` may reject a trigger (raise) or return a
       replacement ``TriggerRequest`` (e.g. with a tenant label stamped on).
+      ``POST /trigger/batch`` calls it once per item (with a ``TriggerRequest``
+      built from the batch's job and the item): one rejection rejects the whole
+      batch; replacements are honoured, but every item must keep one job.
     * ``on_run_access(ctx, run, operation)`` guards one run: ``read`` (the run
       and its logs), ``steps``, ``subscribe``, ``cancel``, ``retrigger``, ``delete``.
     * ``scope_runs(ctx, filter) -> filter`` narrows ``GET /runs`` and ``GET /events``.
+    * ``can_purge(ctx) -> bool`` allows ``POST /purge``. Purging is not scoped: it
+      deletes the finished runs of *every* tenant. So once an ``auth`` object is
+      given, ``POST /purge`` answers 403 unless it has this hook and the hook
+      returns ``True`` (anything else, ``None`` included, is a refusal). Without
+      ``auth`` the route is open, like every other route.
 
     ``PermissionError`` raised by a hook is answered with 403.
     """
@@ -162,6 +206,8 @@ class DurablyAuth(Protocol):
     def on_run_access(self, ctx: Any, run: Run, operation: RunOperation) -> None: ...
 
     def scope_runs(self, ctx: Any, runs_filter: RunsFilter) -> RunsFilter: ...
+
+    def can_purge(self, ctx: Any) -> bool: ...
 
 
 async def _call_hook(hook: Callable[..., Any], *args: Any) -> Any:
@@ -486,16 +532,36 @@ class _Api:
             jobs.append({"name": name, "input_schema": schema})
         return JSONResponse({"jobs": jobs})
 
+    async def _on_trigger(self, ctx: Any, trigger: TriggerRequest) -> TriggerRequest:
+        """The trigger as the ``on_trigger`` hook lets it through (it raises to reject)."""
+        hook = self._hook("on_trigger")
+        if hook is None:
+            return trigger
+        replacement = await _call_hook(hook, ctx, trigger)
+        if replacement is None:
+            return trigger
+        if not isinstance(replacement, TriggerRequest):
+            raise TypeError("on_trigger must return None or a TriggerRequest")
+        return replacement
+
+    def _hide_conflict(self, exc: ConflictError) -> ConflictError:
+        # The engine's message names the pending run, which may be another tenant's.
+        if self.auth is None:
+            return exc
+        return ConflictError("a run is already pending for this concurrency key")
+
+    async def _readable(self, ctx: Any, run: Run) -> bool:
+        """Whether the caller may read ``run`` (which an idempotency or concurrency key resolved to)."""
+        try:
+            await self._check_access(ctx, run, "read")
+        except (HTTPException, PermissionError):
+            return False
+        return True
+
     async def trigger(self, request: Request) -> Response:
         ctx = await self._authenticate(request)
         body = _parse_model(TriggerRequest, await _read_json(request, self.durably.max_payload_bytes + 65536))
-        hook = self._hook("on_trigger")
-        if hook is not None:
-            replacement = await _call_hook(hook, ctx, body)
-            if replacement is not None:
-                if not isinstance(replacement, TriggerRequest):
-                    raise TypeError("on_trigger must return None or a TriggerRequest")
-                body = replacement
+        body = await self._on_trigger(ctx, body)
         try:
             run = await self.durably.trigger(
                 body.job,
@@ -506,11 +572,82 @@ class _Api:
                 labels=body.labels,
             )
         except ConflictError as exc:
-            if self.auth is None:
+            hidden = self._hide_conflict(exc)
+            if hidden is exc:
                 raise
-            # The engine's message names the pending run, which may be another tenant's.
-            raise ConflictError("a run is already pending for this concurrency key") from exc
+            raise hidden from exc
         return await self._created_response(ctx, run)
+
+    async def trigger_batch(self, request: Request) -> Response:
+        """Many runs of one job in one transaction: all are created (or resolved) or none is."""
+        ctx = await self._authenticate(request)
+        limit = 4 * self.durably.max_payload_bytes + MAX_BATCH_ITEMS * 4096
+        body = _parse_model(TriggerBatchRequest, await _read_json(request, limit))
+        triggers = []
+        for item in body.items:
+            single = TriggerRequest(
+                job=body.job,
+                input=item.input,
+                idempotency_key=item.idempotency_key,
+                concurrency_key=item.concurrency_key,
+                coalesce=item.coalesce,
+                labels=item.labels,
+            )
+            triggers.append(await self._on_trigger(ctx, single))
+        jobs = {trigger.job for trigger in triggers}
+        if len(jobs) > 1:
+            raise TypeError("on_trigger must not give the items of one batch different jobs")
+        job = jobs.pop() if jobs else body.job
+        items = [
+            TriggerItem(
+                trigger.input,
+                idempotency_key=trigger.idempotency_key,
+                concurrency_key=trigger.concurrency_key,
+                coalesce=trigger.coalesce,
+                labels=trigger.labels,
+            )
+            for trigger in triggers
+        ]
+        try:
+            runs = await self.durably.batch_trigger(job, items)
+        except ConflictError as exc:
+            hidden = self._hide_conflict(exc)
+            if hidden is exc:
+                raise
+            raise hidden from exc
+        for run in runs:
+            self._remember(run.id, run.job_name, run.labels)
+        for run in runs:
+            if run.disposition not in (None, "created") and not await self._readable(ctx, run):
+                # A key names a run the caller may not see: refuse the whole batch without
+                # saying which run, and take back what it created so the batch stays all-or-nothing.
+                await self._undo([r for r in runs if r.disposition == "created"])
+                return _error(409, "ConflictError", "a key is in use by a run you cannot access")
+        status_code = 201 if any(run.disposition == "created" for run in runs) else 200
+        return JSONResponse({"runs": [run.to_dict() for run in runs]}, status_code=status_code)
+
+    async def _undo(self, runs: Sequence[Run]) -> None:
+        """Delete runs a refused batch created (cancelling first one a worker already leased)."""
+        for run in runs:
+            try:
+                await self.durably.delete_run(run.id)
+            except NotFoundError:
+                continue
+            except ConflictError:  # a worker leased it meanwhile: stop it first
+                with contextlib.suppress(ConflictError):  # unless it has already finished
+                    await self.durably.cancel(run.id)
+                await self.durably.delete_run(run.id)
+
+    async def purge(self, request: Request) -> Response:
+        """Delete finished runs of every tenant: with ``auth``, only when ``can_purge`` says so."""
+        ctx = await self._authenticate(request)
+        if self.auth is not None:
+            hook = self._hook("can_purge")
+            if hook is None or await _call_hook(hook, ctx) is not True:
+                raise PermissionError("purging runs is not allowed")
+        body = _parse_model(PurgeRequest, await _read_json(request, 64 * 1024))
+        purged = await self.durably.purge_runs(older_than=body.older_than, limit=body.limit)
+        return JSONResponse({"purged": purged})
 
     async def list_runs(self, request: Request) -> Response:
         ctx = await self._authenticate(request)
@@ -824,6 +961,8 @@ def create_app(
         Route("/openapi.json", api.openapi, methods=["GET"]),
         Route("/jobs", api.jobs, methods=["GET"]),
         Route("/trigger", api.trigger, methods=["POST"]),
+        Route("/trigger/batch", api.trigger_batch, methods=["POST"]),
+        Route("/purge", api.purge, methods=["POST"]),
         Route("/runs", api.list_runs, methods=["GET"]),
         Route("/runs/{run_id}", api.get_run, methods=["GET"]),
         Route("/runs/{run_id}", api.delete, methods=["DELETE"]),
@@ -877,6 +1016,13 @@ def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]
     return {"summary": summary, "responses": responses, **extra}
 
 
+def _component_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """``model``'s JSON Schema with nested models referenced as components (listed separately)."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema.pop("$defs", None)
+    return schema
+
+
 def openapi_document(server_url: str = "") -> dict[str, Any]:
     """The OpenAPI 3.1 description of ``create_app``'s routes (hand-written; a test keeps it true)."""
     run_schema = {
@@ -928,6 +1074,16 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
         },
     ]
     created = {"description": "the run", "content": _json_content(_ref("TriggerResult"))}
+    batch_created = {
+        "description": "the runs, in the order of the items, each with its disposition",
+        "content": _json_content(
+            {
+                "type": "object",
+                "required": ["runs"],
+                "properties": {"runs": {"type": "array", "items": _ref("Run")}},
+            }
+        ),
+    }
     paths: dict[str, Any] = {
         "/health": {
             "get": _op(
@@ -963,6 +1119,48 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                     "413": {"description": "body too large", "content": _json_content(_ref("Error"))},
                 },
                 requestBody={"required": True, "content": _json_content(_ref("TriggerRequest"))},
+            )
+        },
+        "/trigger/batch": {
+            "post": _op(
+                "Trigger many runs of one job in one transaction: every item is created (or resolved "
+                "to its idempotent or coalesced run) or, on any error, none is. on_trigger applies to "
+                f"each item. At most {MAX_BATCH_ITEMS} items. 201 when at least one run was created, "
+                "200 when every item resolved to an existing run",
+                {
+                    "200": batch_created,
+                    "201": batch_created,
+                    **_ERROR_RESPONSES,
+                    **_NOT_FOUND,
+                    "409": {
+                        "description": "an item's concurrency key is taken (nothing was created), or a key "
+                        "names a run the caller cannot read",
+                        "content": _json_content(_ref("Error")),
+                    },
+                    "413": {"description": "body too large", "content": _json_content(_ref("Error"))},
+                },
+                requestBody={"required": True, "content": _json_content(_ref("TriggerBatchRequest"))},
+            )
+        },
+        "/purge": {
+            "post": _op(
+                "Delete finished (completed, failed, cancelled) runs that ended more than older_than "
+                "seconds ago, of every tenant. With auth hooks configured, allowed only when the "
+                "can_purge hook returns true",
+                {
+                    "200": {
+                        "description": "how many runs were deleted",
+                        "content": _json_content(
+                            {
+                                "type": "object",
+                                "required": ["purged"],
+                                "properties": {"purged": {"type": "integer"}},
+                            }
+                        ),
+                    },
+                    **_ERROR_RESPONSES,
+                },
+                requestBody={"required": True, "content": _json_content(_ref("PurgeRequest"))},
             )
         },
         "/runs": {
@@ -1129,6 +1327,9 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
     }
     schemas = {
         "TriggerRequest": TriggerRequest.model_json_schema(),
+        "TriggerBatchRequest": _component_schema(TriggerBatchRequest),
+        "TriggerBatchItem": TriggerBatchItem.model_json_schema(),
+        "PurgeRequest": PurgeRequest.model_json_schema(),
         "TriggerResult": {
             "type": "object",
             "required": ["id", "disposition", "run"],

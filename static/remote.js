@@ -16,9 +16,9 @@
 // * on() only ever sees run-level events (run:*); step:*, log:write and
 //   worker:error are per run: use subscribe(runId).
 // * subscribe() also yields the server's "run:snapshot" event first.
-// * batchTrigger() posts one trigger per item: not atomic. A failure rejects
-//   with the error of that item and `created` = the runs created before it.
-// * purgeRuns() has no route; it rejects with a DurablyError.
+// * batchTrigger() is one POST trigger/batch: atomic, as locally (all runs or none).
+// * purgeRuns() is POST purge; a server with auth hooks allows it only to callers
+//   its can_purge hook accepts (otherwise: DurablyError, status 403).
 // * Errors carry the HTTP `status`; 401/403 (auth hooks) become DurablyError.
 (function (global) {
   "use strict";
@@ -83,15 +83,20 @@
     return { ...body.run, disposition: body.disposition };
   }
 
-  function triggerBody(job, input, options) {
+  // {input, idempotency_key?, ...}: one trigger's input and options as the server names them.
+  function triggerFields(input, options) {
     const o = checkOptions("options", options, ["idempotencyKey", "concurrencyKey", "coalesce", "labels"]);
-    const body = { job, input: input === undefined ? null : input };
+    const body = { input: input === undefined ? null : input };
     // Only the options given: the server rejects nothing it does not need to see.
     if (o.idempotencyKey !== undefined) body.idempotency_key = o.idempotencyKey;
     if (o.concurrencyKey !== undefined) body.concurrency_key = o.concurrencyKey;
     if (o.coalesce !== undefined) body.coalesce = o.coalesce;
     if (o.labels !== undefined) body.labels = o.labels;
     return body;
+  }
+
+  function triggerBody(job, input, options) {
+    return { job, ...triggerFields(input, options) };
   }
 
   // An EventSource listening to every named event type; `onEvent(data)` gets the parsed JSON.
@@ -236,23 +241,19 @@
       if (!Array.isArray(items)) throw durablyError("ValidationError", "items must be an array");
       // Same rule as the local runtime (rpc.py): {input, options?} and nothing else is an item
       // with options; any other value is an input.
-      const prepared = items.map((item) => {
+      const prepared = items.map((item, position) => {
         const isItem = item !== null && typeof item === "object" && !Array.isArray(item) &&
           "input" in item && Object.keys(item).every((k) => k === "input" || k === "options");
-        return isItem ? triggerBody(job, item.input, item.options) : triggerBody(job, item);
-      });
-      const created = [];
-      for (const [position, body] of prepared.entries()) {
         try {
-          created.push(triggered(await this._request("POST", "trigger", { body })));
+          return isItem ? triggerFields(item.input, item.options) : triggerFields(item);
         } catch (error) {
-          error.message = `batch item ${position}: ${error.message}` +
-            (created.length ? ` (items 0-${created.length - 1} were created: no batch route over HTTP)` : "");
-          error.created = created;
+          error.message = `batch item ${position}: ${error.message}`;
           throw error;
         }
-      }
-      return created;
+      });
+      // One request, one transaction on the server: every run is created or none is.
+      const body = await this._request("POST", "trigger/batch", { body: { job, items: prepared } });
+      return body.runs;
     }
 
     async waitForRun(runId, options) {
@@ -330,10 +331,18 @@
       await this._request("DELETE", `runs/${checkRunId(runId)}`);
     }
 
-    async purgeRuns() {
-      throw durablyError("DurablyError",
-        "purgeRuns is not available over HTTP (durably_web.asgi has no purge route); " +
-        "use `durably-web purge` on the server");
+    async purgeRuns(options) {
+      const o = checkOptions("options", options, ["olderThan", "limit"]);
+      if (typeof o.olderThan !== "number" || !Number.isFinite(o.olderThan) || o.olderThan < 0) {
+        throw durablyError("ValidationError", "olderThan must be a non-negative number of milliseconds");
+      }
+      const limit = o.limit ?? null;
+      if (limit !== null && !(Number.isSafeInteger(limit) && limit >= 0)) {
+        throw durablyError("ValidationError", "limit must be a non-negative integer");
+      }
+      // The server counts in seconds, the client API in milliseconds.
+      const body = await this._request("POST", "purge", { body: { older_than: o.olderThan / 1000, limit } });
+      return body.purged;
     }
 
     async jobs() {

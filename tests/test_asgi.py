@@ -267,6 +267,215 @@ async def test_trigger_body_over_the_limit_is_413(make_durably: Any, client_for:
     assert await durably.get_runs() == []
 
 
+# --- batch trigger -----------------------------------------------------------------
+
+
+async def test_trigger_batch_creates_every_run_in_order(idle: Durably, client_for: ClientFor) -> None:
+    client = await client_for(idle)
+    existing = await idle.trigger("api-echo", {"text": "old"}, idempotency_key="k-old")
+    response = await client.post(
+        "/trigger/batch",
+        json={
+            "job": "api-echo",
+            "items": [
+                {"input": {"text": "a"}},
+                {"input": {"text": "b"}, "labels": {"team": "b"}, "concurrency_key": "cb"},
+                {"input": {"text": "ignored"}, "idempotency_key": "k-old"},
+                {"input": {"text": "c"}, "idempotency_key": "k-new"},
+                {"input": {"text": "c again"}, "idempotency_key": "k-new"},
+                {"input": {"text": "b2"}, "concurrency_key": "cb", "coalesce": "skip"},
+            ],
+        },
+    )
+    assert response.status_code == 201, response.text
+    runs = response.json()["runs"]
+    assert [run["disposition"] for run in runs] == [
+        "created", "created", "idempotent", "created", "idempotent", "coalesced"
+    ]
+    assert [run["input"]["text"] for run in runs] == ["a", "b", "old", "c", "c", "b"]
+    assert runs[1]["labels"] == {"team": "b"} and runs[0]["labels"] == {}
+    assert runs[2]["id"] == existing.id and runs[4]["id"] == runs[3]["id"] and runs[5]["id"] == runs[1]["id"]
+    assert all(run["status"] == "pending" and run["job_name"] == "api-echo" for run in runs)
+    assert len(await idle.get_runs()) == 4
+
+    # nothing new: 200, like an idempotent POST /trigger
+    again = await client.post(
+        "/trigger/batch",
+        json={"job": "api-echo", "items": [{"input": {"text": "x"}, "idempotency_key": "k-old"}]},
+    )
+    assert again.status_code == 200 and again.json()["runs"][0]["id"] == existing.id
+    empty = await client.post("/trigger/batch", json={"job": "api-echo", "items": []})
+    assert empty.status_code == 200 and empty.json() == {"runs": []}
+    assert len(await idle.get_runs()) == 4
+
+
+async def test_trigger_batch_runs_execute(working: Durably, client_for: ClientFor) -> None:
+    client = await client_for(working)
+    response = await client.post(
+        "/trigger/batch",
+        json={"job": "api-echo", "items": [{"input": {"text": "x"}}, {"input": {"text": "yz"}}]},
+    )
+    assert response.status_code == 201
+    outputs = [
+        (await working.wait_for_run(run["id"], timeout=10)).to_dict()["output"]
+        for run in response.json()["runs"]
+    ]
+    assert outputs == [{"text": "X", "length": 1}, {"text": "YZ", "length": 2}]
+
+
+async def test_trigger_batch_with_one_invalid_item_creates_nothing(
+    idle: Durably, client_for: ClientFor
+) -> None:
+    client = await client_for(idle)
+    ok = {"input": {"text": "ok"}}
+    engine_refused = await client.post(
+        "/trigger/batch", json={"job": "api-echo", "items": [ok, {"input": {"text": 5}}, ok]}
+    )
+    assert engine_refused.status_code == 400
+    assert engine_refused.json()["error"] == "ValidationError"
+    assert engine_refused.json()["message"].startswith("batch item 1:")
+    assert engine_refused.json()["details"][0]["loc"] == ["text"]
+
+    bad_label = await client.post(
+        "/trigger/batch", json={"job": "api-echo", "items": [ok, {**ok, "labels": {"bad key": "v"}}]}
+    )
+    assert bad_label.status_code == 400
+    assert await idle.get_runs() == []
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"job": "api-echo", "items": [{"input": {"text": "x"}}, {"input": {"text": "x"}, "priority": 1}]},
+         ["items", 1, "priority"]),
+        ({"job": "api-echo", "items": [{"input": {"text": "x"}}, {"text": "x"}]}, ["items", 1, "input"]),
+        ({"job": "api-echo", "items": [{"input": {"text": "x"}, "labels": {"k": 1}}]},
+         ["items", 0, "labels", "k"]),
+        ({"job": "api-echo", "items": [{"input": None, "coalesce": "always"}]}, ["items", 0, "coalesce"]),
+        ({"job": "api-echo", "items": [{"input": None, "idempotency_key": 3}]},
+         ["items", 0, "idempotency_key"]),
+        ({"job": "api-echo", "items": {"input": {"text": "x"}}}, ["items"]),
+        ({"job": "api-echo", "items": [{"input": {"text": "x"}}] * 1001}, ["items"]),
+        ({"job": "api-echo"}, ["items"]),
+        ({"items": []}, ["job"]),
+        ({"job": 7, "items": []}, ["job"]),
+        ({"job": "api-echo", "items": [], "labels": {}}, ["labels"]),
+        ({"job": "api-echo", "input": {"text": "x"}, "items": []}, ["input"]),
+    ],
+)
+async def test_trigger_batch_rejects_invalid_bodies_with_details(
+    idle: Durably, client_for: ClientFor, body: dict[str, Any], where: list[Any]
+) -> None:
+    response = await (await client_for(idle)).post("/trigger/batch", json=body)
+    assert response.status_code == 400
+    details = response.json()["details"]
+    assert any(detail["loc"][-len(where):] == where for detail in details), details
+    assert await idle.get_runs() == []
+
+
+@pytest.mark.parametrize(
+    "raw", [b"{", b"[]", b"null", b"", b'{"job": "api-echo", "items": [{"input": NaN}]}']
+)
+async def test_trigger_batch_rejects_malformed_json(idle: Durably, client_for: ClientFor, raw: bytes) -> None:
+    response = await (await client_for(idle)).post("/trigger/batch", content=raw)
+    assert response.status_code == 400
+    assert await idle.get_runs() == []
+
+
+async def test_trigger_batch_concurrency_conflict_creates_nothing(
+    idle: Durably, client_for: ClientFor
+) -> None:
+    client = await client_for(idle)
+    inside = await client.post(
+        "/trigger/batch",
+        json={"job": "api-echo", "items": [
+            {"input": {"text": "a"}}, {"input": {"text": "b"}, "concurrency_key": "c"},
+            {"input": {"text": "c"}, "concurrency_key": "c"},
+        ]},
+    )
+    assert inside.status_code == 409 and inside.json()["error"] == "ConflictError"
+    assert await idle.get_runs() == []
+
+    pending = await idle.trigger("api-echo", {"text": "p"}, concurrency_key="c")
+    against_stored = await client.post(
+        "/trigger/batch",
+        json={
+            "job": "api-echo",
+            "items": [{"input": {"text": "a"}}, {"input": {"text": "b"}, "concurrency_key": "c"}],
+        },
+    )
+    assert against_stored.status_code == 409
+    assert [run.id for run in await idle.get_runs()] == [pending.id]
+
+
+async def test_trigger_batch_unknown_job_and_size_limit(make_durably: Any, client_for: ClientFor) -> None:
+    durably = await make_durably(*JOBS, worker=False, max_payload_bytes=1000)
+    client = await client_for(durably)
+    unknown = await client.post("/trigger/batch", json={"job": "nope", "items": [{"input": None}]})
+    assert unknown.status_code == 404 and unknown.json()["error"] == "NotFoundError"
+    too_big = await client.post(
+        "/trigger/batch", json={"job": "api-hold", "items": [{"input": "x" * 500_000}] * 10}
+    )
+    assert too_big.status_code == 413
+    item_too_big = await client.post(
+        "/trigger/batch", json={"job": "api-hold", "items": [{"input": "x"}, {"input": "x" * 2000}]}
+    )
+    assert item_too_big.status_code == 400 and "batch item 1" in item_too_big.json()["message"]
+    assert await durably.get_runs() == []
+
+
+# --- purge -----------------------------------------------------------------
+
+
+async def _finished_runs(durably: Durably, count: int) -> list[str]:
+    ids = []
+    for n in range(count):
+        run = await durably.trigger("api-echo", {"text": str(n)})
+        await durably.cancel(run.id)
+        ids.append(run.id)
+    await asyncio.sleep(0.01)  # completed_at must lie strictly before "now - older_than"
+    return ids
+
+
+async def test_purge_deletes_finished_runs(idle: Durably, client_for: ClientFor) -> None:
+    client = await client_for(idle)
+    finished = await _finished_runs(idle, 3)
+    pending = await idle.trigger("api-echo", {"text": "stays"})
+
+    recent = await client.post("/purge", json={"older_than": 3600})
+    assert recent.status_code == 200 and recent.json() == {"purged": 0}
+    limited = await client.post("/purge", json={"older_than": 0, "limit": 1})
+    assert limited.status_code == 200 and limited.json() == {"purged": 1}
+    rest = await client.post("/purge", json={"older_than": 0.0, "limit": None})
+    assert rest.status_code == 200 and rest.json() == {"purged": 2}
+    assert [run.id for run in await idle.get_runs()] == [pending.id]
+    for run_id in finished:
+        assert (await client.get(f"/runs/{run_id}")).status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {}, {"older_than": -1}, {"older_than": "5"}, {"older_than": True}, {"older_than": None},
+        {"older_than": 1, "limit": -1}, {"older_than": 1, "limit": 1.5}, {"older_than": 1, "limit": "2"},
+        {"older_than": 1, "everything": True}, {"older_than": 1e13}, [1],
+    ],
+)
+async def test_purge_rejects_invalid_bodies(idle: Durably, client_for: ClientFor, body: Any) -> None:
+    await _finished_runs(idle, 1)
+    response = await (await client_for(idle)).post("/purge", json=body)
+    assert response.status_code == 400, response.text
+    assert len(await idle.get_runs()) == 1
+
+
+@pytest.mark.parametrize("raw", [b"", b"{", b'{"older_than": NaN}', b'{"older_than": 1e999}'])
+async def test_purge_rejects_malformed_json(idle: Durably, client_for: ClientFor, raw: bytes) -> None:
+    await _finished_runs(idle, 1)
+    response = await (await client_for(idle)).post("/purge", content=raw)
+    assert response.status_code == 400, response.text
+    assert len(await idle.get_runs()) == 1
+
+
 # --- listing -----------------------------------------------------------------
 
 
@@ -500,6 +709,7 @@ class TenantAuth:
 
     def __init__(self) -> None:
         self.access: list[tuple[str, str, str]] = []
+        self.triggers: list[tuple[str, TriggerRequest]] = []
 
     async def authenticate(self, request: Any) -> str:
         tenant = request.headers.get("x-tenant") or request.query_params.get("tenant")
@@ -510,8 +720,11 @@ class TenantAuth:
         return str(tenant)
 
     def on_trigger(self, ctx: str, trigger: TriggerRequest) -> TriggerRequest:
+        self.triggers.append((ctx, trigger))
         if trigger.job == "api-fail":
             raise PermissionError(f"{ctx} may not run api-fail")
+        if (trigger.labels or {}).get("secret") == "yes":
+            raise PermissionError("secret runs are not allowed")
         return trigger.model_copy(update={"labels": {**(trigger.labels or {}), "tenant": ctx}})
 
     async def on_run_access(self, ctx: str, run: Run, operation: str) -> None:
@@ -527,8 +740,21 @@ def as_tenant(tenant: str) -> dict[str, str]:
     return {"x-tenant": tenant}
 
 
+class AdminAuth(TenantAuth):
+    """TenantAuth where the tenant "admin" (only) may purge; the hook is async."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.asked: list[str] = []
+
+    async def can_purge(self, ctx: str) -> bool:
+        self.asked.append(ctx)
+        return ctx == "admin"
+
+
 ALL_API_ROUTES = [
-    ("GET", "/jobs"), ("POST", "/trigger"), ("GET", "/runs"), ("GET", "/events"), *RUN_ROUTES,
+    ("GET", "/jobs"), ("POST", "/trigger"), ("POST", "/trigger/batch"), ("POST", "/purge"), ("GET", "/runs"),
+    ("GET", "/events"), *RUN_ROUTES,
 ]
 
 
@@ -539,11 +765,15 @@ async def test_every_api_route_needs_authentication(
     run = await idle.trigger("api-echo", {"text": "x"}, labels={"tenant": "a"})
     client = await client_for(idle, auth=TenantAuth())
     url = path.format(id=run.id)
-    response = await client.request(method, url, json={"job": "api-echo", "input": {"text": "y"}}
-                                    if path == "/trigger" else None)
+    bodies: dict[str, Any] = {
+        "/trigger": {"job": "api-echo", "input": {"text": "y"}},
+        "/trigger/batch": {"job": "api-echo", "items": [{"input": {"text": "y"}}]},
+        "/purge": {"older_than": 0},
+    }
+    response = await client.request(method, url, json=bodies.get(path))
     assert response.status_code == 401
     assert response.json()["message"] == "who are you?"
-    blocked = await client.request(method, url, headers=as_tenant("blocked"))
+    blocked = await client.request(method, url, headers=as_tenant("blocked"), json=bodies.get(path))
     assert blocked.status_code == 403
     assert [r.id for r in await idle.get_runs()] == [run.id]
     assert (await idle.get_run(run.id)).status == "pending"
@@ -627,3 +857,125 @@ async def test_keys_do_not_leak_another_tenants_run(idle: Durably, client_for: C
     )
     assert same_tenant.status_code == 200 and same_tenant.json()["id"] == mine.json()["id"]
     assert len(await idle.get_runs()) == 2
+
+
+async def test_batch_applies_on_trigger_to_every_item(idle: Durably, client_for: ClientFor) -> None:
+    auth = TenantAuth()
+    client = await client_for(idle, auth=auth)
+    items = [
+        {"input": {"text": "a"}},
+        {"input": {"text": "b"}, "labels": {"tenant": "b", "k": "v"}, "idempotency_key": "i"},
+    ]
+    response = await client.post("/trigger/batch", json={"job": "api-echo", "items": items},
+                                 headers=as_tenant("a"))
+    assert response.status_code == 201, response.text
+    assert [run["labels"] for run in response.json()["runs"]] == [{"tenant": "a"}, {"tenant": "a", "k": "v"}]
+    assert [(ctx, t.job, t.input, t.idempotency_key) for ctx, t in auth.triggers] == [
+        ("a", "api-echo", {"text": "a"}, None), ("a", "api-echo", {"text": "b"}, "i"),
+    ]
+
+    # one refused item refuses the batch: nothing of it is created
+    refused = await client.post(
+        "/trigger/batch",
+        json={
+            "job": "api-echo",
+            "items": [{"input": {"text": "c"}}, {"input": {"text": "d"}, "labels": {"secret": "yes"}}],
+        },
+        headers=as_tenant("a"),
+    )
+    assert refused.status_code == 403 and refused.json()["message"] == "secret runs are not allowed"
+    whole_job = await client.post(
+        "/trigger/batch", json={"job": "api-fail", "items": [{"input": None}]}, headers=as_tenant("a")
+    )
+    assert whole_job.status_code == 403
+    assert len(await idle.get_runs()) == 2
+
+    # the runs are the tenant's own: b does not see them, a does
+    assert (await client.get("/runs", headers=as_tenant("b"))).json()["runs"] == []
+    assert len((await client.get("/runs", headers=as_tenant("a"))).json()["runs"]) == 2
+
+
+async def test_batch_keys_do_not_leak_another_tenants_run(idle: Durably, client_for: ClientFor) -> None:
+    client = await client_for(idle, auth=TenantAuth())
+    body = {"job": "api-echo", "input": {"text": "x"}}
+    mine = await client.post("/trigger", json={**body, "idempotency_key": "shared"}, headers=as_tenant("a"))
+    pending = await client.post("/trigger", json={**body, "concurrency_key": "c"}, headers=as_tenant("a"))
+    before = sorted(run.id for run in await idle.get_runs())
+
+    for clash in (
+        {"input": {"text": "y"}, "idempotency_key": "shared"},
+        {"input": {"text": "y"}, "concurrency_key": "c", "coalesce": "skip"},
+        {"input": {"text": "y"}, "concurrency_key": "c"},
+    ):
+        theirs = await client.post(
+            "/trigger/batch",
+            json={
+                "job": "api-echo",
+                "items": [{"input": {"text": "new"}}, clash, {"input": {"text": "new2"}}],
+            },
+            headers=as_tenant("b"),
+        )
+        assert theirs.status_code == 409, (clash, theirs.text)
+        assert theirs.json()["error"] == "ConflictError" and "details" not in theirs.json()
+        assert mine.json()["id"] not in theirs.text and pending.json()["id"] not in theirs.text
+        # all or nothing: the batch's other items were not created (or were taken back)
+        assert sorted(run.id for run in await idle.get_runs()) == before
+
+    same_tenant = await client.post(
+        "/trigger/batch",
+        json={"job": "api-echo", "items": [{"input": {"text": "y"}, "idempotency_key": "shared"}]},
+        headers=as_tenant("a"),
+    )
+    assert same_tenant.status_code == 200 and same_tenant.json()["runs"][0]["id"] == mine.json()["id"]
+
+
+async def test_batch_on_trigger_replacement_is_honoured(idle: Durably, client_for: ClientFor) -> None:
+    class Rewrite:
+        def on_trigger(self, ctx: Any, trigger: TriggerRequest) -> TriggerRequest | None:
+            if trigger.input == {"text": "keep"}:
+                return None
+            return trigger.model_copy(update={"input": {"text": "rewritten"}, "concurrency_key": "rw"})
+
+    client = await client_for(idle, auth=Rewrite())
+    response = await client.post(
+        "/trigger/batch",
+        json={"job": "api-echo", "items": [{"input": {"text": "keep"}}, {"input": {"text": "other"}}]},
+    )
+    assert response.status_code == 201
+    runs = response.json()["runs"]
+    assert [(r["input"], r["concurrency_key"]) for r in runs] == [
+        ({"text": "keep"}, None), ({"text": "rewritten"}, "rw")
+    ]
+
+
+async def test_purge_needs_the_can_purge_hook(idle: Durably, client_for: ClientFor) -> None:
+    await _finished_runs(idle, 2)
+    without_hook = await client_for(idle, auth=TenantAuth())
+    refused = await without_hook.post("/purge", json={"older_than": 0}, headers=as_tenant("admin"))
+    assert refused.status_code == 403 and refused.json()["error"] == "Forbidden"
+    assert (await without_hook.post("/purge", json={"older_than": 0})).status_code == 401
+
+    auth = AdminAuth()
+    client = await client_for(idle, auth=auth)
+    tenant = await client.post("/purge", json={"older_than": 0}, headers=as_tenant("a"))
+    assert tenant.status_code == 403
+    # the hook decides before the body is looked at
+    assert (await client.post("/purge", json={"older_than": -1}, headers=as_tenant("a"))).status_code == 403
+    assert len(await idle.get_runs()) == 2
+
+    admin = await client.post("/purge", json={"older_than": 0, "limit": 1}, headers=as_tenant("admin"))
+    assert admin.status_code == 200 and admin.json() == {"purged": 1}
+    assert auth.asked == ["a", "a", "admin"]
+    assert len(await idle.get_runs()) == 1
+
+
+async def test_purge_refuses_anything_but_true(idle: Durably, client_for: ClientFor) -> None:
+    await _finished_runs(idle, 1)
+
+    class Sloppy:
+        def can_purge(self, ctx: Any) -> Any:
+            return "yes"
+
+    response = await (await client_for(idle, auth=Sloppy())).post("/purge", json={"older_than": 0})
+    assert response.status_code == 403
+    assert len(await idle.get_runs()) == 1

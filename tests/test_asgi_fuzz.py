@@ -153,7 +153,12 @@ def _routes(app: Any) -> list[tuple[str, str]]:
 
 # --- strategies -----------------------------------------------------------------
 
-KNOWN_FIELDS = ["job", "input", "idempotency_key", "concurrency_key", "coalesce", "labels"]
+# Every field any route's body knows (POST /trigger, /trigger/batch, /purge): an
+# "unknown field" drawn outside this list is unknown to every route.
+KNOWN_FIELDS = [
+    "job", "input", "idempotency_key", "concurrency_key", "coalesce", "labels",
+    "items", "older_than", "limit",
+]
 any_text = st.text(max_size=20)  # lone surrogates and NULs included
 json_scalars = st.one_of(
     st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False), any_text
@@ -250,6 +255,119 @@ malformed_bodies = st.one_of(
     malformed_text, not_an_object, unknown_field, wrong_type, engine_refused, poisoned
 )
 
+# --- POST /trigger/batch: every batch holds at least one item the server must refuse, so
+# any run it creates (a batch that is not all-or-nothing) shows up in the snapshot.
+text_dicts = st.dictionaries(st.text(alphabet="abcxyz", max_size=4), st.text(alphabet="abcxyz", max_size=6),
+                             max_size=3)
+valid_item = st.builds(lambda payload: {"input": payload}, text_dicts)
+item_fields = ["input", "idempotency_key", "concurrency_key", "coalesce", "labels"]
+bad_item = st.one_of(
+    # not an item object
+    json_values.filter(lambda v: not isinstance(v, dict)),
+    # an unknown field
+    st.builds(
+        lambda extra, value, payload: {"input": payload, extra: value},
+        st.text(min_size=1, max_size=12).filter(lambda k: k not in item_fields),
+        json_values,
+        text_dicts,
+    ),
+    # no input
+    st.fixed_dictionaries({}, optional={"labels": st.just({"a": "b"}), "coalesce": st.just("skip")}),
+    # an option of the wrong type
+    st.builds(
+        lambda field, value, payload: {"input": payload, field: value},
+        st.sampled_from(["idempotency_key", "concurrency_key", "labels", "coalesce"]),
+        json_values.filter(lambda v: not isinstance(v, str | type(None))),
+        text_dicts,
+    ),
+    # an input the job refuses (not a dict of strings)
+    st.builds(lambda payload: {"input": payload}, json_values.filter(lambda v: not _valid_echo_input(v))),
+    # a key or label no store can take
+    st.builds(lambda payload, options: {"input": payload, **options}, text_dicts, poisoned_options),
+    # the concurrency key of the harness's pending run, without coalesce: a conflict
+    st.builds(lambda payload: {"input": payload, "concurrency_key": "ck"}, text_dicts),
+)
+# Two items sharing a fresh concurrency key without coalesce: the second conflicts with the first.
+conflicting_pair = st.builds(
+    lambda a, b: [{"input": a, "concurrency_key": "fuzz-new"}, {"input": b, "concurrency_key": "fuzz-new"}],
+    text_dicts,
+    text_dicts,
+)
+
+
+def _batch(job: str, before: list[Any], bad: list[Any], after: list[Any]) -> bytes:
+    return json.dumps({"job": job, "items": [*before, *bad, *after]}).encode()
+
+
+refused_batches = st.one_of(
+    st.builds(
+        _batch,
+        st.just("fuzz-echo"),
+        st.lists(valid_item, max_size=3),
+        st.one_of(bad_item.map(lambda item: [item]), conflicting_pair),
+        st.lists(valid_item, max_size=3),
+    ),
+    # an unknown job, every item fine
+    st.builds(
+        _batch,
+        any_text.filter(lambda name: name not in ("fuzz-echo", "fuzz-fail")),
+        st.lists(valid_item, min_size=1, max_size=3),
+        st.just([]),
+        st.just([]),
+    ),
+    # a job of the wrong type, or items that are not a list
+    st.builds(
+        lambda job, items: json.dumps({"job": job, "items": items}).encode(),
+        json_values.filter(lambda v: not isinstance(v, str)),
+        st.lists(valid_item, max_size=2),
+    ),
+    st.builds(
+        lambda items: json.dumps({"job": "fuzz-echo", "items": items}).encode(),
+        json_values.filter(lambda v: not isinstance(v, list)),
+    ),
+    # too many items
+    st.just(json.dumps({"job": "fuzz-echo", "items": [{"input": {}}] * 1001}).encode()),
+    # an unknown top-level field next to valid items
+    st.builds(
+        lambda extra, value, items: json.dumps({"job": "fuzz-echo", "items": items, extra: value}).encode(),
+        st.text(min_size=1, max_size=12).filter(lambda k: k not in ("job", "items")),
+        json_values,
+        st.lists(valid_item, min_size=1, max_size=2),
+    ),
+)
+
+# --- POST /purge: every body is refused, so no finished run of the harness may disappear.
+not_a_number = json_values.filter(lambda v: isinstance(v, bool) or not isinstance(v, int | float))
+refused_purges = st.one_of(
+    st.builds(lambda value: json.dumps({"older_than": value}).encode(), not_a_number),
+    st.builds(
+        lambda value: json.dumps({"older_than": value}).encode(),
+        st.one_of(
+            st.integers(max_value=-1),
+            st.floats(max_value=-1e-9, allow_nan=False, allow_infinity=False),
+            st.floats(min_value=1.0001e12, allow_nan=False, allow_infinity=False),
+            st.integers(min_value=10**12 + 1),
+        ),
+    ),
+    st.sampled_from([
+        b'{"older_than": NaN}', b'{"older_than": Infinity}', b'{"older_than": -Infinity}',
+        b'{"older_than": 1e999}', b"{}", b'{"limit": 1}', b'{"older_than": 0, "limit": 1e999}',
+    ]),
+    st.builds(
+        lambda limit: json.dumps({"older_than": 0, "limit": limit}).encode(),
+        st.one_of(
+            json_values.filter(lambda v: v is not None and (isinstance(v, bool) or not isinstance(v, int))),
+            st.integers(max_value=-1),
+            st.integers(min_value=2**62),
+        ),
+    ),
+    st.builds(
+        lambda extra, value: json.dumps({"older_than": 0, extra: value}).encode(),
+        st.text(min_size=1, max_size=12).filter(lambda k: k not in ("older_than", "limit")),
+        json_values,
+    ),
+)
+
 query_keys = st.one_of(
     st.sampled_from(["job", "status", "limit", "offset", "label.t", "label.", "label.bad key", "tenant"]),
     st.text(max_size=10),
@@ -323,6 +441,26 @@ def test_trigger_refuses_every_malformed_body(harness: Harness, body: bytes, que
 
 
 @SETTINGS
+@given(body=st.one_of(refused_batches, malformed_bodies), query=query_strings)
+def test_trigger_batch_refuses_every_malformed_batch_as_a_whole(
+    harness: Harness, body: bytes, query: bytes
+) -> None:
+    before = harness.snapshot()
+    status = harness.request("POST", "/trigger/batch", query, body)
+    assert status in (400, 404, 409, 413), (body, status)
+    assert harness.snapshot() == before
+
+
+@SETTINGS
+@given(body=st.one_of(refused_purges, malformed_bodies), query=query_strings)
+def test_purge_refuses_every_malformed_body(harness: Harness, body: bytes, query: bytes) -> None:
+    before = harness.snapshot()
+    status = harness.request("POST", "/purge", query, body)
+    assert status == 400, (body, status)
+    assert harness.snapshot() == before
+
+
+@SETTINGS
 @given(query=query_strings)
 def test_list_and_stream_queries_never_fail(harness: Harness, query: bytes) -> None:
     before = harness.snapshot()
@@ -335,8 +473,18 @@ def test_the_harness_sees_every_route(harness: Harness) -> None:
     routes = _routes(harness.app)
     assert ("POST", "/trigger") in routes and ("DELETE", "/runs/{run_id}") in routes
     assert ("GET", "/events") in routes and ("GET", "/static/{path}") in routes
+    assert ("POST", "/trigger/batch") in routes and ("POST", "/purge") in routes
     # the driver reports real statuses, so the invariants above are not vacuous
     assert harness.request("GET", f"/runs/{harness.run_ids[0]}", b"", b"") == 200
     assert harness.request("POST", "/trigger", b"", b"{") == 400
     assert harness.request("DELETE", "/runs/01NOPE", b"", b"") == 404
     assert harness.request("GET", "/runs", b"limit=x", b"") == 400
+    assert harness.request("POST", "/trigger/batch", b"", b"{") == 400
+    assert harness.request("POST", "/purge", b"", b"{") == 400
+    # well-formed requests that change nothing: the routes do answer 2xx
+    before = harness.snapshot()
+    assert harness.request("POST", "/purge", b"", b'{"older_than": 1e12}') == 200
+    assert harness.request("POST", "/trigger/batch", b"", b'{"job": "fuzz-echo", "items": []}') == 200
+    idempotent = b'{"job": "fuzz-echo", "items": [{"input": {}, "idempotency_key": "idem"}]}'
+    assert harness.request("POST", "/trigger/batch", b"", idempotent) == 200
+    assert harness.snapshot() == before

@@ -60,6 +60,7 @@ IN_CI = os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 CHROMIUM_BACKGROUND_HOSTS = {
     "accounts.google.com",
     "clients2.google.com",
+    "content-autofill.googleapis.com",
     "optimizationguide-pa.googleapis.com",
     "safebrowsing.googleapis.com",
     "start.duckduckgo.com",
@@ -161,7 +162,10 @@ def start_chromium(trap_port: int, profile: str) -> Any:
         "--disable-component-update",
         "--disable-sync",
         f"--user-data-dir={profile}",
-        "--disable-features=NetworkTimeServiceQuerying,OptimizationHints,MediaRouter,Translate",
+        # AutofillServerCommunication: pages with a form otherwise make Chromium
+        # ask content-autofill.googleapis.com about the form's fields.
+        "--disable-features=NetworkTimeServiceQuerying,OptimizationHints,MediaRouter,Translate,"
+        "AutofillServerCommunication",
         "--disable-domain-reliability",
         "--no-pings",
         f"--proxy-server=http://127.0.0.1:{trap_port}",

@@ -455,6 +455,19 @@ const caught = async (promise) => {
     {customer: "A", amount: 1}, {input: {customer: "B", amount: 2}, options: {labels: {b: "1"}}}]))
     .map((r) => [r.input.customer, r.labels]);
   out.batchError = await caught(c.batchTrigger("send-invoice", [{customer: "C", amount: 3}, {customer: ""}]));
+  out.batchConflict = await caught(c.batchTrigger("send-invoice", [
+    {input: {customer: "D", amount: 4}, options: {concurrencyKey: "batch-ck"}},
+    {input: {customer: "E", amount: 5}, options: {concurrencyKey: "batch-ck"}}]));
+  out.batchBadOption = await caught(c.batchTrigger("send-invoice", [
+    {customer: "F", amount: 6}, {input: {customer: "G", amount: 7}, options: {priority: 1}}]));
+  // all or nothing: none of the refused batches left a run behind
+  out.batchLeftovers = (await c.getRuns({jobName: "send-invoice", limit: 1000}))
+    .map((r) => r.input.customer).filter((name) => ["C", "D", "E", "F", "G"].includes(name));
+  out.batchIdempotent = (await c.batchTrigger("send-invoice", [
+    {input: {customer: "Initech", amount: 10}, options: {idempotencyKey: "inv-1"}},
+    {input: {customer: "H", amount: 8}, options: {idempotencyKey: "batch-h"}}]))
+    .map((r) => [r.disposition, r.id === run.id]);
+  out.batchEmpty = await c.batchTrigger("send-invoice", []);
 
   out.notFound = await caught(c.getRun("no-such-run"));
   out.unknownJob = await caught(c.trigger("no-such-job", {}));
@@ -464,12 +477,22 @@ const caught = async (promise) => {
   out.deleteLeased = await caught(c.deleteRun(slow.id));
   out.unknownOption = await caught(c.getRuns({state: "x"}));
   out.badStatus = await caught(c.getRuns({status: "sleeping"}));
-  out.purge = await caught(c.purgeRuns({olderThan: 1000}));
+  out.purgeMissing = await caught(c.purgeRuns());
+  out.purgeNegative = await caught(c.purgeRuns({olderThan: -1}));
+  out.purgeBadLimit = await caught(c.purgeRuns({olderThan: 0, limit: 1.5}));
   out.subscribeMissing = await caught((async () => {
     for await (const e of c.subscribe("no-such-run")) out.missingEvent = e.type;
   })());
   await c.deleteRun(run.id);
   out.deleted = await caught(c.getRun(run.id));
+
+  const finished = {status: ["completed", "failed", "cancelled"], limit: 1000};
+  const finishedBefore = (await c.getRuns(finished)).map((r) => r.id);
+  out.purgeRecent = await c.purgeRuns({olderThan: 24 * 3600 * 1000});  // nothing ended a day ago
+  out.purged = await c.purgeRuns({olderThan: 0, limit: 2});
+  const finishedAfter = (await c.getRuns(finished)).map((r) => r.id);
+  out.purgeCounts = [finishedBefore.length, finishedAfter.length];
+  out.purgeOnlyRemoved = finishedAfter.every((id) => finishedBefore.includes(id));
   out.badType = (() => { try { c.on("nope", () => {}); return null; } catch (e) { return e.name; } })();
 
   out.seen = seen.includes(run.id);
@@ -517,7 +540,19 @@ def test_remote_client_api(driver: Any, server: ServerThread) -> None:
     assert out["deleteLeased"] is None or out["deleteLeased"]["name"] == "ConflictError"
     assert out["unknownOption"]["name"] == "ValidationError"
     assert out["badStatus"]["name"] == "ValidationError" and out["badStatus"]["status"] == 400
-    assert out["purge"]["name"] == "DurablyError"
+    assert out["batchConflict"]["name"] == "ConflictError" and out["batchConflict"]["status"] == 409
+    assert out["batchBadOption"]["name"] == "ValidationError"
+    assert out["batchBadOption"]["message"].startswith("batch item 1:")
+    assert out["batchLeftovers"] == []
+    assert out["batchIdempotent"] == [["idempotent", True], ["created", False]]
+    assert out["batchEmpty"] == []
+    for refused in ("purgeMissing", "purgeNegative", "purgeBadLimit"):
+        assert out[refused]["name"] == "ValidationError", out[refused]
+    assert out["purgeRecent"] == 0
+    assert out["purged"] == 2
+    before, after = out["purgeCounts"]
+    assert before >= 2 and after == before - 2
+    assert out["purgeOnlyRemoved"] is True
     assert out["subscribeMissing"]["name"] == "NotFoundError" and "missingEvent" not in out
     assert out["deleted"]["name"] == "NotFoundError"
     assert out["badType"] == "ValidationError"
