@@ -61,14 +61,17 @@ class SyncStepThreads:
             if item is _STOP:
                 return
             future, context, fn, args, kwargs, on_done = item
+            error: BaseException | None = None
+            result: Any = None
             try:
                 result = context.run(fn, *args, **kwargs)
             except BaseException as exc:
-                _post(loop, future, None, exc, on_done)
-            else:
-                _post(loop, future, result, None, on_done)
+                error = exc
+            # Idle again before waking the loop, so that right after the wake-up this
+            # thread blocks in get() and leaves the GIL to the loop's thread at once.
             with self._lock:
                 self._idle += 1
+            _post(loop, future, result, error, on_done)
 
     def shutdown(self) -> None:
         """Ask idle threads to exit; a thread still inside a step exits after it."""
