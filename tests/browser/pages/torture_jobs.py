@@ -1,0 +1,72 @@
+"""Jobs for tests/browser/test_browser_torture.py, loaded by pages/torture_page.html into the worker.
+
+Every step records a "B" (begin) side effect in IndexedDB ("durably-torture-effects",
+strict durability) when it starts and an "E" (end) side effect just before it
+returns, both before the step's result is committed. Each record carries the
+id of the worker that executed it: the page starts one worker per page load and
+the worker imports this module once, so WORKER_ID names the page load. The
+store's auto-increment keys give the test a total order of all records, across
+reloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from pydantic import BaseModel, Field
+
+from durably_web import StepContext, define_job
+
+WORKER_ID = secrets.token_hex(6)
+
+# Runs in the worker (Pyodide's run_js evaluates it in the worker's global scope).
+RECORD_EFFECT = """(record) => new Promise((resolve, reject) => {
+  const open = indexedDB.open("durably-torture-effects", 1);
+  open.onupgradeneeded = () => open.result.createObjectStore("effects", {autoIncrement: true});
+  open.onerror = () => reject(open.error);
+  open.onsuccess = () => {
+    const db = open.result;
+    const tx = db.transaction("effects", "readwrite", {durability: "strict"});
+    tx.objectStore("effects").add({...JSON.parse(record), at: Date.now()});
+    tx.oncomplete = () => { db.close(); resolve(); };
+    tx.onerror = () => reject(tx.error);
+    tx.onabort = () => reject(tx.error);
+  };
+})"""
+
+
+async def record_effect(kind: str, run_id: str, step: str, attempt: int) -> None:
+    import json
+
+    from pyodide.code import run_js  # type: ignore[import-not-found]
+
+    record = {"kind": kind, "run": run_id, "step": step, "worker": WORKER_ID, "attempt": attempt}
+    await run_js(RECORD_EFFECT)(json.dumps(record))
+
+
+class StepsIn(BaseModel):
+    steps: int = Field(3, ge=1, le=200)
+    delay: float = Field(0.1, ge=0, le=10)
+
+
+class StepsOut(BaseModel):
+    total: int
+    steps: int
+
+
+@define_job("torture-steps", input=StepsIn, output=StepsOut)
+async def torture_steps(step: StepContext, payload: StepsIn) -> StepsOut:
+    total = 0
+    for i in range(payload.steps):
+        name = f"s{i}"
+
+        async def work(i: int = i, name: str = name) -> int:
+            await record_effect("B", step.run_id, name, step.attempt)
+            await asyncio.sleep(payload.delay)
+            await record_effect("E", step.run_id, name, step.attempt)
+            return i * i
+
+        total += await step.run(name, work)
+        step.progress(i + 1, payload.steps, name)
+    return StepsOut(total=total, steps=payload.steps)
