@@ -8,7 +8,7 @@ the runtime opens it) and "memory":
              loaded once, then reloaded --reloads times; median (min-max);
   per-step   a job with N no-op steps run by Durably on SQLiteStore over
              WasmSqlConnection inside a worker: (time(N steps) - time(0 steps)) / N;
-             measured in phase 1's harness worker (static/durably_worker.js), which
+             measured in phase 1's harness worker (static/harness_worker.js), which
              runs Python we send, and also through the public API (worker.js,
              triggerAndWait from the page; includes the page<->worker messages);
   floor      one committed INSERT through the same bridge (WasmSqlConnection.execute

@@ -227,12 +227,12 @@ const OPEN = "from durably_web.storage.sqlite.wasm_connection import WasmSqlConn
   "waits = []\n" +
   "conn = await WasmSqlConnection.open('/contended.db', directory='.contended', on_wait=waits.append)\n";
 (async () => {
-  const holder = new Worker("./durably_worker.js", {type: "module"});
+  const holder = new Worker("./harness_worker.js", {type: "module"});
   const A = rpc(holder);
   await A.call("init", {packages: ["durably-web"]});
   await A.call("run", {code: OPEN +
     "conn.execute_script('CREATE TABLE IF NOT EXISTS t(x); INSERT INTO t VALUES (42)')\n'held'"});
-  const B = rpc(new Worker("./durably_worker.js", {type: "module"}));
+  const B = rpc(new Worker("./harness_worker.js", {type: "module"}));
   await B.call("init", {packages: ["durably-web"]});
   const t0 = performance.now();
   const result = B.call("run", {code: "import json\n" + OPEN +

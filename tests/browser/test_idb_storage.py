@@ -1,6 +1,6 @@
 """storage "idb" in real headless Chromium: SQLite in memory, every commit in IndexedDB.
 
-Drives the phase-1 harness (static/harness.html + durably_worker.js); the
+Drives the phase-1 harness (static/harness.html + harness_worker.js); the
 fixtures (site, network trap, Chromium with a fresh profile per module) come
 from conftest.py. See the "storage idb" section of static/sqlite_bridge.js.
 """

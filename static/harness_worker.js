@@ -1,4 +1,7 @@
-// durably_worker.js: the module Web Worker that hosts Pyodide and the SQLite bridge.
+// harness_worker.js: a bare Pyodide + SQLite-bridge worker for tests and benchmarks.
+//
+// The runtime's own worker is worker.js; this one runs arbitrary Python sent by
+// harness.html, so tests can drive the bridge and the store below the JS API.
 //
 // Everything is loaded from this worker's own folder (the built site/): no CDN.
 //
