@@ -576,7 +576,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     def command(name: str, handler: Callable[[argparse.Namespace], Awaitable[int]], help: str) -> Any:
         sub = commands.add_parser(name, help=help, description=help)
-        sub.add_argument("app", metavar="APP", help="module:attribute or a database URL")
+        sub.add_argument(
+            "app",
+            metavar="APP",
+            nargs="?",
+            help="module:attribute or a database URL (default: the DURABLY_APP environment variable)",
+        )
         sub.set_defaults(handler=handler)
         return sub
 
@@ -638,6 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.app is None:
+        args.app = os.environ.get("DURABLY_APP")
+        if not args.app:
+            parser.error(
+                f"{args.command}: APP is required (module:attribute or a database URL), or set DURABLY_APP"
+            )
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return asyncio.run(args.handler(args))

@@ -415,3 +415,25 @@ def test_serve_a_database_url_without_a_worker(
         assert http.get(f"/runs/{run_id}").json()["status"] == "pending"
         assert http.post(f"/runs/{run_id}/cancel").json()["status"] == "cancelled"
     assert server.stop(signal.SIGINT) == 0
+
+
+def test_app_may_come_from_the_durably_app_environment_variable(workdir: Path) -> None:
+    def run(*args: str, app: str | None) -> subprocess.CompletedProcess[str]:
+        env = {k: v for k, v in _env().items() if k != "DURABLY_APP"}
+        if app is not None:
+            env["DURABLY_APP"] = app
+        return subprocess.run(
+            _command(*args), cwd=workdir, capture_output=True, text=True, timeout=90, env=env
+        )
+
+    triggered = run("trigger", "greet", "--input", '{"name": "env"}', app=APP)
+    assert triggered.returncode == 0, triggered.stderr
+    run_id = triggered.stdout.strip()
+    shown = run("show", run_id, app=DB)
+    assert shown.returncode == 0, shown.stderr
+    assert run_id in shown.stdout and "greet" in shown.stdout
+    assert run_id in run("runs", app=DB).stdout
+    # An explicit APP still wins over the variable.
+    assert run("show", DB, run_id, app="nowhere:nothing").returncode == 0
+    missing = run("show", run_id, app=None)
+    assert missing.returncode == 2 and "DURABLY_APP" in missing.stderr
