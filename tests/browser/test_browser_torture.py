@@ -36,6 +36,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+from pagekit import page, wait_for, wait_ready
 
 pytestmark = pytest.mark.browser
 
@@ -49,52 +50,6 @@ EARLY = 0.2  # share of reloads issued while the page is still starting (Pyodide
 
 
 # -- page helpers ------------------------------------------------------------------------
-
-
-class PageError(AssertionError):
-    def __init__(self, error: dict[str, Any]) -> None:
-        super().__init__(f"{error['name']}: {error['message']}")
-        self.error = error
-
-
-def page(drv: Any, body: str, *args: Any) -> Any:
-    """Run ``body`` (an async function body over ``args``) in the page; a rejection raises PageError."""
-    script = """
-        const done = arguments[arguments.length - 1];
-        const args = Array.from(arguments).slice(0, -1);
-        (async (args) => { BODY })(args).then(
-          (value) => done({ok: true, value: value === undefined ? null : value}),
-          (e) => done({ok: false, error: {name: e && e.name, message: String(e && e.message || e)}}));
-        """
-    reply = drv.execute_async_script(script.replace("BODY", body), *args)
-    if not reply["ok"]:
-        raise PageError(reply["error"])
-    return reply["value"]
-
-
-def wait_ready(drv: Any, timeout: float = 90) -> None:
-    """Wait until this load's DurablyWeb.create() resolved; its failure fails the test."""
-    deadline = time.monotonic() + timeout
-    while True:
-        state = drv.execute_script("return window.t && {ready: t.ready, error: t.error}")
-        if state and state["error"]:
-            raise AssertionError(f"create() failed after a reload: {state['error']}")
-        if state and state["ready"]:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"create() did not resolve: {drv.execute_script('return window.t')}")
-        time.sleep(0.05)
-
-
-def wait_for(drv: Any, condition: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = drv.execute_script(f"return {condition}")
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {condition}")
-        time.sleep(0.05)
 
 
 def ms(iso: str) -> float:

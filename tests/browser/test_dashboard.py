@@ -17,13 +17,14 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
+from pagekit import wait_until
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -172,24 +173,10 @@ def trigger(api: httpx.Client, job: str, payload: Any, **extra: Any) -> str:
     return response.json()["id"]
 
 
-def wait_for(condition: Callable[[], Any], timeout: float = 20, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
-
-
-# -- page helpers ------------------------------------------------------------------------------
-
-
 def open_dashboard(driver: Any, server: ServerThread) -> None:
     driver.set_window_size(1440, 1000)
     driver.get(server.base + "/dashboard")  # the app redirects to dashboard/
-    wait_for(
+    wait_until(
         lambda: driver.execute_script("return document.body.dataset.ready === '1'"), what="dashboard ready"
     )
     driver.get_log("browser")  # start the console check from here
@@ -210,9 +197,9 @@ def detail_status(driver: Any) -> str | None:
 
 
 def click_row(driver: Any, run_id: str) -> None:
-    wait_for(lambda: row_status(driver, run_id), what=f"row of {run_id}")
+    wait_until(lambda: row_status(driver, run_id), what=f"row of {run_id}")
     driver.execute_script("document.querySelector(`tr[data-run-id='${arguments[0]}']`).click()", run_id)
-    wait_for(
+    wait_until(
         lambda: driver.execute_script(
             "return document.querySelector('#detail .run-id')?.textContent === arguments[0]", run_id
         ),
@@ -256,7 +243,7 @@ def test_dashboard_loads_and_follows_a_run_live(driver: Any, server: ServerThrea
             seen.add(status)
         return status == "completed"
 
-    wait_for(completed, what="the row to turn completed")
+    wait_until(completed, what="the row to turn completed")
     assert "running" in seen, f"the row never showed the run in flight: {seen}"
     assert driver.execute_script("return window.__sameDocument === true"), "the page reloaded"
 
@@ -282,14 +269,14 @@ def test_dashboard_loads_and_follows_a_run_live(driver: Any, server: ServerThrea
         "const s = document.getElementById('filter-status'); s.value = 'failed';"
         "s.dispatchEvent(new Event('change'))"
     )
-    wait_for(lambda: row_status(driver, run_id) is None, what="the filter to hide the run")
+    wait_until(lambda: row_status(driver, run_id) is None, what="the filter to hide the run")
     driver.execute_script(
         "const s = document.getElementById('filter-status'); s.value = '';"
         "s.dispatchEvent(new Event('change'));"
         "const l = document.getElementById('filter-label'); l.value = 'team=billing';"
         "l.dispatchEvent(new Event('input'))"
     )
-    wait_for(lambda: row_status(driver, run_id) == "completed", what="the label filter to show the run")
+    wait_until(lambda: row_status(driver, run_id) == "completed", what="the label filter to show the run")
     assert console_errors(driver) == []
 
 
@@ -297,21 +284,21 @@ def test_cancel_from_the_ui(driver: Any, server: ServerThread, api: httpx.Client
     open_dashboard(driver, server)
     run_id = trigger(api, "slow-report", {"parts": 40, "delay": 0.5})
     click_row(driver, run_id)
-    wait_for(lambda: detail_status(driver) == "running", what="the run to start")
-    wait_for(
+    wait_until(lambda: detail_status(driver) == "running", what="the run to start")
+    wait_until(
         lambda: driver.execute_script("return document.querySelectorAll('#detail .step').length >= 2"),
         what="live steps in the detail",
     )
     click_button(driver, "Cancel")
-    wait_for(lambda: detail_status(driver) == "cancelled", what="the detail to show cancelled")
-    wait_for(lambda: row_status(driver, run_id) == "cancelled", what="the row to show cancelled")
+    wait_until(lambda: detail_status(driver) == "cancelled", what="the detail to show cancelled")
+    wait_until(lambda: row_status(driver, run_id) == "cancelled", what="the row to show cancelled")
     run = api.get(f"runs/{run_id}").json()
     assert run["status"] == "cancelled"
     assert len(api.get(f"runs/{run_id}/steps").json()["steps"]) < 40
 
     # Retrigger from the UI makes a new run with the same input; delete needs two clicks.
     click_button(driver, "Retrigger")
-    wait_for(
+    wait_until(
         lambda: (
             driver.execute_script("return document.querySelector('#detail .run-id').textContent") != run_id
         ),
@@ -320,12 +307,12 @@ def test_cancel_from_the_ui(driver: Any, server: ServerThread, api: httpx.Client
     new_id = driver.execute_script("return document.querySelector('#detail .run-id').textContent")
     assert api.get(f"runs/{new_id}").json()["input"] == {"parts": 40, "delay": 0.5}
     click_button(driver, "Cancel")
-    wait_for(lambda: detail_status(driver) == "cancelled", what="the retriggered run to be cancelled")
+    wait_until(lambda: detail_status(driver) == "cancelled", what="the retriggered run to be cancelled")
     click_button(driver, "Delete")
     assert api.get(f"runs/{new_id}").status_code == 200  # the first click only arms the button
     click_button(driver, "Confirm delete")
-    wait_for(lambda: api.get(f"runs/{new_id}").status_code == 404, what="the run to be deleted")
-    wait_for(lambda: row_status(driver, new_id) is None, what="the row to disappear")
+    wait_until(lambda: api.get(f"runs/{new_id}").status_code == 404, what="the run to be deleted")
+    wait_until(lambda: row_status(driver, new_id) is None, what="the row to disappear")
     assert console_errors(driver) == []
 
 
@@ -338,19 +325,19 @@ def test_user_data_is_rendered_as_text(driver: Any, server: ServerThread, api: h
         labels={"html": XSS, "html2": XSS},
     )
     failed_id = trigger(api, "send-invoice", {"customer": "fail " + XSS, "amount": 12.5})
-    wait_for(lambda: api.get(f"runs/{run_id}").json()["status"] == "completed", what="the run to complete")
-    wait_for(lambda: api.get(f"runs/{failed_id}").json()["status"] == "failed", what="the run to fail")
+    wait_until(lambda: api.get(f"runs/{run_id}").json()["status"] == "completed", what="the run to complete")
+    wait_until(lambda: api.get(f"runs/{failed_id}").json()["status"] == "failed", what="the run to fail")
 
     click_row(driver, run_id)
-    wait_for(lambda: driver.execute_script("return document.querySelectorAll('#detail .log').length === 2"))
+    wait_until(lambda: driver.execute_script("return document.querySelectorAll('#detail .log').length === 2"))
     click_row(driver, failed_id)
-    wait_for(lambda: driver.execute_script("return !!document.querySelector('#detail .traceback')"))
+    wait_until(lambda: driver.execute_script("return !!document.querySelector('#detail .traceback')"))
     error_text = driver.execute_script("return document.querySelector('#detail .error-head').textContent")
     assert error_text == f"ConnectionError: mail server refused delivery to fail {XSS}"
     assert XSS in driver.execute_script("return document.querySelector('#detail .traceback').textContent")
 
     click_row(driver, run_id)
-    wait_for(lambda: driver.execute_script("return document.querySelectorAll('#detail .log').length === 2"))
+    wait_until(lambda: driver.execute_script("return document.querySelectorAll('#detail .log').length === 2"))
     texts = driver.execute_script(
         """const d = document.getElementById('detail');
         return {chips: [...document.querySelectorAll('.chip')].map(e => e.textContent),
@@ -373,13 +360,15 @@ def test_screenshot(driver: Any, server: ServerThread, api: httpx.Client) -> Non
         trigger(api, "slow-report", {"parts": 3, "delay": 0.05}, labels={"region": "eu"}),
     ]
     for run_id in ids:
-        wait_for(lambda run_id=run_id: api.get(f"runs/{run_id}").json()["status"] in ("completed", "failed"))
+        wait_until(
+            lambda run_id=run_id: api.get(f"runs/{run_id}").json()["status"] in ("completed", "failed")
+        )
     pending = trigger(
         api, "slow-report", {"parts": 60, "delay": 0.5}, labels={"region": "us", "tier": "gold"}
     )
     open_dashboard(driver, server)
     click_row(driver, pending)
-    wait_for(
+    wait_until(
         lambda: driver.execute_script("return document.querySelectorAll('#detail .step').length >= 5"),
         timeout=30,
         what="a few live steps",
@@ -390,7 +379,7 @@ def test_screenshot(driver: Any, server: ServerThread, api: httpx.Client) -> Non
     assert driver.save_screenshot(str(path))
     assert path.stat().st_size > 10_000
     click_button(driver, "Cancel")
-    wait_for(lambda: detail_status(driver) == "cancelled")
+    wait_until(lambda: detail_status(driver) == "cancelled")
     print(f"\nscreenshot: {path}")
 
 

@@ -8,13 +8,12 @@ Fixtures (built site/, Chromium with a fresh profile, network guard) are in conf
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pagekit import wait_until
 
 from durably_web.demo.jobs import fetch_reading, summarize
 
@@ -22,17 +21,6 @@ pytestmark = pytest.mark.browser
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "artifacts"
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 60, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def expected_report(city: str, days: int) -> dict[str, Any]:
@@ -51,7 +39,7 @@ def open_demo(driver: Any, url: str) -> None:
 
 
 def wait_ready(driver: Any) -> None:
-    wait_for(
+    wait_until(
         lambda: driver.execute_script("return document.body.dataset.ready === '1'"), what="the demo ready"
     )
 
@@ -67,7 +55,7 @@ def start_report(driver: Any, city: str, days: int, delay: float) -> str:
         days,
         delay,
     )
-    return wait_for(
+    return wait_until(
         lambda: driver.execute_script(
             "const r = window.demo.view.run; return r && r.input.city === arguments[0] && r.id", city
         ),
@@ -100,8 +88,8 @@ def test_demo_runs_a_report(driver: Any, site_url: Any, network_guard: Any) -> N
     assert driver.execute_script("return document.getElementById('start').disabled") is False
 
     run_id = start_report(driver, "Bergen", 3, 0.05)
-    wait_for(lambda: page_state(driver)["status"] == "completed", what="the report to complete")
-    wait_for(lambda: len(page_state(driver)["logs"]) == 3, what="the three log lines")
+    wait_until(lambda: page_state(driver)["status"] == "completed", what="the report to complete")
+    wait_until(lambda: len(page_state(driver)["logs"]) == 3, what="the three log lines")
     state = page_state(driver)
     report = expected_report("Bergen", 3)
     assert state["stats"] == [
@@ -114,7 +102,7 @@ def test_demo_runs_a_report(driver: Any, site_url: Any, network_guard: Any) -> N
     assert state["tags"] == ["ran here"] * 4
     assert state["invite"] is False and state["resumed"] is None
     assert state["logs"][0].startswith("day 1: ")
-    wait_for(lambda: page_state(driver)["recent"][:1] == ["Bergen"], what="the recent list")
+    wait_until(lambda: page_state(driver)["recent"][:1] == ["Bergen"], what="the recent list")
     output = driver.execute_async_script(
         "const done = arguments[1]; window.demo.client.getRun(arguments[0]).then((r) => done(r.output));",
         run_id,
@@ -132,7 +120,7 @@ def test_demo_resumes_after_reload(driver: Any, site_url: Any) -> None:
     url, _ = site_url
     open_demo(driver, url)
     run_id = start_report(driver, "Trondheim", 8, 0.6)
-    wait_for(
+    wait_until(
         lambda: len(driver.execute_script("return [...window.demo.view.steps.keys()]")) >= 2,
         what="two finished steps",
     )
@@ -151,7 +139,7 @@ def test_demo_resumes_after_reload(driver: Any, site_url: Any) -> None:
         assert driver.save_screenshot(str(ARTIFACTS / "demo.png"))
         driver.set_window_size(1280, 1000)
 
-    wait_for(lambda: page_state(driver)["status"] == "completed", what="the resumed run to complete")
+    wait_until(lambda: page_state(driver)["status"] == "completed", what="the resumed run to complete")
     state = page_state(driver)
     assert len(state["tags"]) == 9
     assert state["tags"].count("restored") == restored_before  # restored steps were not run again
@@ -171,7 +159,7 @@ def test_dashboard_in_local_mode(driver: Any, site_url: Any) -> None:
     """dashboard.html?local=… runs on the same database as the demo (same profile, same OPFS)."""
     url, _ = site_url
     driver.get(url + "dashboard.html?local=demo_jobs.py&db=demo.db")
-    wait_for(
+    wait_until(
         lambda: driver.execute_script("return document.body.dataset.ready === '1'"), what="dashboard ready"
     )
     assert driver.execute_script("return document.getElementById('connection-text').textContent").startswith(
@@ -183,7 +171,7 @@ def test_dashboard_in_local_mode(driver: Any, site_url: Any) -> None:
     )
     assert len(rows) >= 2 and all(r[1:] == ["completed", "weather-report"] for r in rows), rows
     driver.execute_script("document.querySelector('#runs-body tr').click()")
-    wait_for(
+    wait_until(
         lambda: driver.execute_script("return document.querySelectorAll('#detail .step').length === 9"),
         what="the Trondheim run's nine steps in the detail",
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pagekit import PageError, page, wait_for, wait_ready
 
 pytestmark = pytest.mark.browser
 
@@ -24,60 +25,12 @@ TERMINAL = {"run:complete", "run:fail", "run:cancel", "run:delete"}
 # -- helpers ------------------------------------------------------------------------
 
 
-def page(drv: Any, body: str, *args: Any) -> Any:
-    """Run ``body`` (an async function body; ``args`` is the argument list) in the page.
-
-    Returns its value; a rejection is raised as AssertionError with the error's name.
-    """
-    script = """
-        const done = arguments[arguments.length - 1];
-        const args = Array.from(arguments).slice(0, -1);
-        (async (args) => { BODY })(args).then(
-          (value) => done({ok: true, value: value === undefined ? null : value}),
-          (e) => done({ok: false, error: {name: e && e.name, message: String(e && e.message || e),
-                                          details: (e && e.details) ?? null}}));
-        """
-    reply = drv.execute_async_script(script.replace("BODY", body), *args)
-    if not reply["ok"]:
-        raise PageError(reply["error"])
-    return reply["value"]
-
-
-class PageError(AssertionError):
-    def __init__(self, error: dict[str, Any]) -> None:
-        super().__init__(f"{error['name']}: {error['message']}")
-        self.error = error
-
-
 def open_page(drv: Any, url: str, query: str = "", name: str = "runtime.html", timeout: float = 60) -> float:
     """Load a test page and wait until DurablyWeb.create() resolved; returns the seconds it took."""
     t0 = time.monotonic()
     drv.get(f"{url}_test/{name}{query}")
-    return wait_ready(drv, t0, timeout)
-
-
-def wait_ready(drv: Any, t0: float, timeout: float = 60) -> float:
-    while True:
-        state = drv.execute_script("return window.t && {ready: t.ready, error: t.error}")
-        if state and state["error"]:
-            raise AssertionError(f"create() failed: {state['error']}")
-        if state and state["ready"]:
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"create() did not resolve: {drv.execute_script('return window.t')}")
-        time.sleep(0.05)
-
-
-def wait_for(drv: Any, condition: str, timeout: float = 30) -> Any:
-    """Poll a JS expression until it is truthy; returns its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = drv.execute_script(f"return {condition}")
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {condition}")
-        time.sleep(0.05)
+    wait_ready(drv, timeout)
+    return time.monotonic() - t0
 
 
 def events(drv: Any, run_id: str | None = None) -> list[dict[str, Any]]:
@@ -213,7 +166,7 @@ def test_reload_mid_run_resumes_without_reexecuting_steps(
 
     reload_at = time.time() * 1000
     drv.refresh()
-    wait_ready(drv, time.monotonic())
+    wait_ready(drv)
     ready_ms = drv.execute_script("return t.statuses.find((s) => s.state === 'ready').at") - reload_at
     # The resumed run starts right away: the leader lock proves the old page is gone,
     # so nobody waits for the 30 s lease to expire.

@@ -12,11 +12,11 @@ copy of durably_web/demo/jobs.py that build.py ships in site/.
 from __future__ import annotations
 
 import asyncio
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from pagekit import wait_ready
 
 from durably_web import Durably, ValidationError
 from durably_web.demo import jobs as demo_jobs
@@ -83,19 +83,6 @@ async def run_in_cpython() -> tuple[list[Any], list[Any]]:
             )
         assert len(await durably.get_runs()) == len(INPUTS)
     return results, rejected
-
-
-def wait_ready(drv: Any, timeout: float = 90) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        state = drv.execute_script("return window.t && {ready: t.ready, error: t.error}")
-        if state and state["error"]:
-            raise AssertionError(f"create() failed: {state['error']}")
-        if state and state["ready"]:
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("create() did not resolve")
-        time.sleep(0.05)
 
 
 def test_site_ships_the_very_demo_jobs_module(site_url: Any) -> None:
