@@ -30,7 +30,7 @@
 //                  {kind: "event", json}
 
 import { loadPyodide } from "./pyodide.mjs";
-import { openSqliteBridge } from "./sqlite_bridge.js";
+import { loadSqlite3, openSqliteBridge } from "./sqlite_bridge.js";
 
 const JOBS_DIR = "/home/pyodide/durably_jobs";
 // How long a forwarded call waits for a leader to acknowledge it (e.g. during a handover).
@@ -96,6 +96,10 @@ async function start(cfg) {
   config = cfg;
   status("loading-python");
   const base = new URL("./", import.meta.url).href;
+  // Neither needs Python: fetch the job files and compile sqlite3.wasm while Pyodide loads.
+  const sources = downloadJobModules(cfg.jobs);
+  sources.catch(() => {}); // awaited below; this only keeps an early failure from being "unhandled"
+  loadSqlite3().catch(() => {}); // a failure resurfaces, with its message, when the database opens
   pyodide = await loadPyodide({
     indexURL: base,
     stdout: (s) => console.log("[py]", s),
@@ -104,7 +108,7 @@ async function start(cfg) {
   await pyodide.loadPackage(["durably-web"], { messageCallback: () => {} });
 
   status("loading-jobs");
-  const paths = await fetchJobModules(cfg.jobs);
+  const paths = writeJobModules(await sources);
   browser = pyodide.pyimport("durably_web.browser");
   const jobs = JSON.parse(browser.preload(JSON.stringify(paths)));
   config.paths = paths;
@@ -140,17 +144,26 @@ function failed(e) {
   if (releaseLock) releaseLock();
 }
 
-/** Fetch the job modules into Pyodide's file system; the file name becomes the module name. */
-async function fetchJobModules(urls) {
+/** Fetch the job modules' source text, in parallel. */
+function downloadJobModules(urls) {
+  return Promise.all(
+    urls.map(async (url) => {
+      const response = await fetch(url);
+      if (!response.ok) throw new Error(`cannot load job module ${url}: HTTP ${response.status}`);
+      return { url, text: await response.text() };
+    }),
+  );
+}
+
+/** Write the job modules into Pyodide's file system; the file name becomes the module name. */
+function writeJobModules(sources) {
   pyodide.FS.mkdirTree(JOBS_DIR);
   const paths = [];
-  for (const url of urls) {
-    const response = await fetch(url);
-    if (!response.ok) throw new Error(`cannot load job module ${url}: HTTP ${response.status}`);
+  for (const { url, text } of sources) {
     const name = new URL(url).pathname.split("/").pop() || "jobs.py";
     const path = `${JOBS_DIR}/${name.endsWith(".py") ? name : name + ".py"}`;
     if (paths.includes(path)) throw new Error(`two job modules are named ${name}`);
-    pyodide.FS.writeFile(path, await response.text());
+    pyodide.FS.writeFile(path, text);
     paths.push(path);
   }
   return paths;
