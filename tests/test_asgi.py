@@ -22,9 +22,9 @@ from durably_web.asgi import (
     ProgressThrottle,
     RunsFilter,
     TriggerRequest,
-    _default_static_dir,
     create_app,
 )
+from durably_web.asgi.app import _default_static_dir
 from durably_web.errors import ValidationError
 from durably_web.models import Event, Run
 

@@ -1,9 +1,4 @@
-"""HTTP API for one ``Durably`` instance: JSON routes, Server-Sent Events, OpenAPI, dashboard.
-
-``create_app(durably)`` returns a Starlette application that can be served on its
-own (``uvicorn``) or mounted under any prefix of a larger ASGI app. Starlette is
-imported only here, so the core package keeps pydantic as its only dependency
-(install ``durably-web[server]`` for this module).
+"""The routes, event streams, auth hooks and ``create_app`` of the HTTP API.
 
 Design notes:
 
@@ -29,13 +24,12 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import anyio
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -45,9 +39,9 @@ from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from . import __version__
-from .durably import Durably, TriggerItem
-from .errors import (
+from .. import __version__
+from ..durably import Durably, TriggerItem
+from ..errors import (
     ConflictError,
     DurablyError,
     NotFoundError,
@@ -55,119 +49,27 @@ from .errors import (
     StorageError,
     ValidationError,
 )
-from .events import TERMINAL_EVENT_TYPES
-from .models import RUN_STATUSES, Event, Run, iso
-
-__all__ = [
-    "DurablyAuth",
-    "HTTPException",
-    "ProgressThrottle",
-    "PurgeRequest",
-    "RunOperation",
-    "RunsFilter",
-    "TriggerBatchItem",
-    "TriggerBatchRequest",
-    "TriggerRequest",
-    "create_app",
-    "openapi_document",
-]
+from ..events import TERMINAL_EVENT_TYPES
+from ..models import RUN_STATUSES, Event, Run, iso
+from .openapi import openapi_document
+from .requests import (
+    MAX_BATCH_ITEMS,
+    MAX_LIMIT,
+    MAX_OFFSET,
+    RUN_LEVEL_EVENT_TYPES,
+    PurgeRequest,
+    RunsFilter,
+    TriggerBatchRequest,
+    TriggerRequest,
+    _EmptyBody,
+)
 
 RunOperation = Literal["read", "subscribe", "steps", "cancel", "retrigger", "delete"]
 
-#: Event types the run-list stream (``GET /events``) carries: one line per run change.
-RUN_LEVEL_EVENT_TYPES: tuple[str, ...] = (
-    "run:trigger",
-    "run:coalesced",
-    "run:leased",
-    "run:progress",
-    "run:complete",
-    "run:fail",
-    "run:cancel",
-    "run:delete",
-)
 #: A comment line this often keeps proxies from closing an idle stream.
 KEEPALIVE_SECONDS = 15.0
-MAX_LIMIT = 1000
-MAX_OFFSET = 1_000_000_000  # SQLite integers are 64-bit; keep far below overflow
-#: Most items one ``POST /trigger/batch`` may carry.
-MAX_BATCH_ITEMS = 1000
 _META_CACHE_SIZE = 10_000
 _LABEL_PARAM = re.compile(r"^label\.(.+)$")
-
-
-# --- request and filter models --------------------------------------------------------------
-
-
-class TriggerRequest(BaseModel):
-    """Body of ``POST /trigger``. Strict: unknown fields and coerced types are rejected."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    job: str = Field(min_length=1, max_length=128, description="name of a registered job")
-    input: Any = Field(None, description="the job's input; validated by the job's input model")
-    idempotency_key: str | None = None
-    concurrency_key: str | None = None
-    coalesce: Literal["skip"] | None = None
-    labels: dict[str, str] | None = None
-
-
-class TriggerBatchItem(BaseModel):
-    """One item of ``POST /trigger/batch``: an input with its own trigger options."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    input: Any = Field(description="the job's input; validated by the job's input model")
-    idempotency_key: str | None = None
-    concurrency_key: str | None = None
-    coalesce: Literal["skip"] | None = None
-    labels: dict[str, str] | None = None
-
-
-class TriggerBatchRequest(BaseModel):
-    """Body of ``POST /trigger/batch``: many runs of one job, created all together or not at all."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    job: str = Field(min_length=1, max_length=128, description="name of a registered job")
-    items: list[TriggerBatchItem] = Field(max_length=MAX_BATCH_ITEMS)
-
-
-class PurgeRequest(BaseModel):
-    """Body of ``POST /purge``: delete finished runs that ended more than ``older_than`` seconds ago."""
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
-
-    older_than: float = Field(ge=0, allow_inf_nan=False, description="seconds since the run ended")
-    limit: int | None = Field(None, ge=0, description="delete at most this many runs (oldest first)")
-
-
-class _EmptyBody(BaseModel):
-    """Body of the action routes (cancel, retrigger): nothing, or ``{}``."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-@dataclass(frozen=True)
-class RunsFilter:
-    """Which runs a listing or the run-list stream covers; ``scope_runs`` may narrow it.
-
-    ``job`` and ``labels`` apply to the list and to ``GET /events``; ``status``,
-    ``limit`` and ``offset`` only to the list (a live stream follows runs through
-    every status). To restrict a tenant, add a label:
-    ``dataclasses.replace(f, labels={**f.labels, "tenant": ctx.tenant})``.
-    """
-
-    job: tuple[str, ...] | None = None
-    status: tuple[str, ...] | None = None
-    labels: Mapping[str, str] = field(default_factory=dict)
-    limit: int = 100
-    offset: int = 0
-
-    def matches(self, job_name: str | None, labels: Mapping[str, str]) -> bool:
-        """Whether a run with this job name and these labels is inside the filter (status aside)."""
-        if self.job is not None and job_name not in self.job:
-            return False
-        return all(labels.get(key) == value for key, value in self.labels.items())
 
 
 # --- auth hooks ----------------------------------------------------------------------------------
@@ -430,7 +332,7 @@ def _filter_from_query(request: Request) -> RunsFilter:
 
 def _default_static_dir() -> Path | None:
     """``durably_web/static`` when packaged inside the wheel, else the checkout's ``static/``."""
-    package = Path(__file__).resolve().parent
+    package = Path(__file__).resolve().parent.parent
     for candidate in (package / "static", package.parent / "static"):
         if candidate.is_dir():
             return candidate
@@ -986,411 +888,3 @@ def create_app(
             DurablyError: _handle_durably,
         },
     )
-
-
-# --- OpenAPI -------------------------------------------------------------------------------------------
-
-
-def _ref(name: str) -> dict[str, str]:
-    return {"$ref": f"#/components/schemas/{name}"}
-
-
-def _json_content(schema: dict[str, Any]) -> dict[str, Any]:
-    return {"application/json": {"schema": schema}}
-
-
-_ERROR_RESPONSES = {
-    "400": {"description": "malformed request or invalid input", "content": _json_content(_ref("Error"))},
-    "401": {"description": "rejected by the authenticate hook", "content": _json_content(_ref("Error"))},
-    "403": {"description": "rejected by an auth hook", "content": _json_content(_ref("Error"))},
-}
-_NOT_FOUND = {"404": {"description": "no such run", "content": _json_content(_ref("Error"))}}
-_CONFLICT = {
-    "409": {"description": "not allowed in the run's current state", "content": _json_content(_ref("Error"))}
-}
-_RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_SSE = {"text/event-stream": {"schema": {"type": "string"}}}
-
-
-def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]:
-    return {"summary": summary, "responses": responses, **extra}
-
-
-def _component_schema(model: type[BaseModel]) -> dict[str, Any]:
-    """``model``'s JSON Schema with nested models referenced as components (listed separately)."""
-    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
-    schema.pop("$defs", None)
-    return schema
-
-
-def openapi_document(server_url: str = "") -> dict[str, Any]:
-    """The OpenAPI 3.1 description of ``create_app``'s routes (hand-written; a test keeps it true)."""
-    run_schema = {
-        "type": "object",
-        "required": ["id", "job_name", "status"],
-        "properties": {
-            "id": {"type": "string"},
-            "job_name": {"type": "string"},
-            "status": {"enum": sorted(RUN_STATUSES)},
-            "input": {},
-            "output": {},
-            "error": {"oneOf": [{"type": "null"}, _ref("ErrorInfo")]},
-            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-            "progress": {
-                "oneOf": [
-                    {"type": "null"},
-                    {
-                        "type": "object",
-                        "properties": {
-                            "current": {"type": "integer"},
-                            "total": {"type": ["integer", "null"]},
-                            "message": {"type": ["string", "null"]},
-                        },
-                    },
-                ]
-            },
-            "attempt": {"type": "integer"},
-            "idempotency_key": {"type": ["string", "null"]},
-            "concurrency_key": {"type": ["string", "null"]},
-            "created_at": {"type": ["string", "null"], "format": "date-time"},
-            "started_at": {"type": ["string", "null"], "format": "date-time"},
-            "completed_at": {"type": ["string", "null"], "format": "date-time"},
-            "updated_at": {"type": ["string", "null"], "format": "date-time"},
-            "disposition": {"enum": ["created", "idempotent", "coalesced", None]},
-        },
-    }
-    list_filters = [
-        {
-            "name": "job",
-            "in": "query",
-            "schema": {"type": "array", "items": {"type": "string"}},
-            "description": "job name(s); repeat or comma-separate",
-        },
-        {
-            "name": "label.{key}",
-            "in": "query",
-            "schema": {"type": "string"},
-            "description": "exact label match, e.g. label.tenant=acme (not a literal parameter name)",
-        },
-    ]
-    created = {"description": "the run", "content": _json_content(_ref("TriggerResult"))}
-    batch_created = {
-        "description": "the runs, in the order of the items, each with its disposition",
-        "content": _json_content(
-            {
-                "type": "object",
-                "required": ["runs"],
-                "properties": {"runs": {"type": "array", "items": _ref("Run")}},
-            }
-        ),
-    }
-    paths: dict[str, Any] = {
-        "/health": {
-            "get": _op(
-                "Liveness and database check (no authentication)",
-                {
-                    "200": {"description": "ok", "content": _json_content({"type": "object"})},
-                    "503": {
-                        "description": "database unavailable",
-                        "content": _json_content({"type": "object"}),
-                    },
-                },
-            )
-        },
-        "/openapi.json": {"get": _op("This document", {"200": {"description": "OpenAPI 3.1"}})},
-        "/jobs": {
-            "get": _op(
-                "Registered jobs with their input JSON Schema",
-                {
-                    "200": {"description": "jobs", "content": _json_content({"type": "object"})},
-                    **_ERROR_RESPONSES,
-                },
-            )
-        },
-        "/trigger": {
-            "post": _op(
-                "Trigger a job (201 when created, 200 for an idempotent or coalesced run)",
-                {
-                    "200": created,
-                    "201": created,
-                    **_ERROR_RESPONSES,
-                    **_NOT_FOUND,
-                    **_CONFLICT,
-                    "413": {"description": "body too large", "content": _json_content(_ref("Error"))},
-                },
-                requestBody={"required": True, "content": _json_content(_ref("TriggerRequest"))},
-            )
-        },
-        "/trigger/batch": {
-            "post": _op(
-                "Trigger many runs of one job in one transaction: every item is created (or resolved "
-                "to its idempotent or coalesced run) or, on any error, none is. on_trigger applies to "
-                f"each item. At most {MAX_BATCH_ITEMS} items. 201 when at least one run was created, "
-                "200 when every item resolved to an existing run",
-                {
-                    "200": batch_created,
-                    "201": batch_created,
-                    **_ERROR_RESPONSES,
-                    **_NOT_FOUND,
-                    "409": {
-                        "description": "an item's concurrency key is taken (nothing was created), or a key "
-                        "names a run the caller cannot read",
-                        "content": _json_content(_ref("Error")),
-                    },
-                    "413": {"description": "body too large", "content": _json_content(_ref("Error"))},
-                },
-                requestBody={"required": True, "content": _json_content(_ref("TriggerBatchRequest"))},
-            )
-        },
-        "/purge": {
-            "post": _op(
-                "Delete finished (completed, failed, cancelled) runs that ended more than older_than "
-                "seconds ago, of every tenant. With auth hooks configured, allowed only when the "
-                "can_purge hook returns true",
-                {
-                    "200": {
-                        "description": "how many runs were deleted",
-                        "content": _json_content(
-                            {
-                                "type": "object",
-                                "required": ["purged"],
-                                "properties": {"purged": {"type": "integer"}},
-                            }
-                        ),
-                    },
-                    **_ERROR_RESPONSES,
-                },
-                requestBody={"required": True, "content": _json_content(_ref("PurgeRequest"))},
-            )
-        },
-        "/runs": {
-            "get": _op(
-                "List runs, newest first",
-                {
-                    "200": {
-                        "description": "runs",
-                        "content": _json_content(
-                            {
-                                "type": "object",
-                                "properties": {
-                                    "runs": {"type": "array", "items": _ref("Run")},
-                                    "limit": {"type": "integer"},
-                                    "offset": {"type": "integer"},
-                                },
-                            }
-                        ),
-                    },
-                    **_ERROR_RESPONSES,
-                },
-                parameters=[
-                    *list_filters,
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "schema": {"type": "array", "items": {"enum": sorted(RUN_STATUSES)}},
-                        "description": "status(es); repeat or comma-separate",
-                    },
-                    {
-                        "name": "limit",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_LIMIT, "default": 100},
-                    },
-                    {
-                        "name": "offset",
-                        "in": "query",
-                        "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
-                    },
-                ],
-            )
-        },
-        "/runs/{run_id}": {
-            "get": _op(
-                "One run",
-                {
-                    "200": {"description": "the run", "content": _json_content(_ref("Run"))},
-                    **_ERROR_RESPONSES,
-                    **_NOT_FOUND,
-                },
-                parameters=[_RUN_ID],
-            ),
-            "delete": _op(
-                "Delete a run that is not running, with its steps and logs",
-                {
-                    "200": {"description": "deleted", "content": _json_content({"type": "object"})},
-                    **_ERROR_RESPONSES,
-                    **_NOT_FOUND,
-                    **_CONFLICT,
-                },
-                parameters=[_RUN_ID],
-            ),
-        },
-        "/runs/{run_id}/steps": {
-            "get": _op(
-                "The run's recorded steps",
-                {
-                    "200": {
-                        "description": "steps",
-                        "content": _json_content(
-                            {
-                                "type": "object",
-                                "properties": {"steps": {"type": "array", "items": _ref("Step")}},
-                            }
-                        ),
-                    },
-                    **_ERROR_RESPONSES,
-                    **_NOT_FOUND,
-                },
-                parameters=[_RUN_ID],
-            )
-        },
-        "/runs/{run_id}/logs": {
-            "get": _op(
-                "The run's log lines",
-                {
-                    "200": {
-                        "description": "logs",
-                        "content": _json_content(
-                            {
-                                "type": "object",
-                                "properties": {"logs": {"type": "array", "items": _ref("LogEntry")}},
-                            }
-                        ),
-                    },
-                    **_ERROR_RESPONSES,
-                    **_NOT_FOUND,
-                },
-                parameters=[_RUN_ID],
-            )
-        },
-        "/runs/{run_id}/cancel": {
-            "post": _op(
-                "Cancel a pending or running run (body: none or {})",
-                {
-                    "200": {"description": "the cancelled run", "content": _json_content(_ref("Run"))},
-                    **_ERROR_RESPONSES,
-                    **_NOT_FOUND,
-                    **_CONFLICT,
-                },
-                parameters=[_RUN_ID],
-            )
-        },
-        "/runs/{run_id}/retrigger": {
-            "post": _op(
-                "A new run of the same job with the same input and labels (body: none or {})",
-                {"201": created, **_ERROR_RESPONSES, **_NOT_FOUND, **_CONFLICT},
-                parameters=[_RUN_ID],
-            )
-        },
-        "/runs/{run_id}/events": {
-            "get": _op(
-                "Server-Sent Events for one run: run:snapshot, the recorded steps (replayed: true) and "
-                "run:progress first, then live events; the stream ends after the terminal event "
-                "(run:complete, run:fail, run:cancel or run:delete) — close the EventSource then, "
-                "or it reconnects. run:progress is throttled per run; the last one is always sent.",
-                {"200": {"description": "event stream", "content": _SSE}, **_ERROR_RESPONSES, **_NOT_FOUND},
-                parameters=[_RUN_ID],
-            )
-        },
-        "/events": {
-            "get": _op(
-                "Server-Sent Events for the run list: "
-                + ", ".join(RUN_LEVEL_EVENT_TYPES)
-                + " of the runs inside the (scoped) filter, each with the run's current state in `run`.",
-                {"200": {"description": "event stream", "content": _SSE}, **_ERROR_RESPONSES},
-                parameters=list_filters,
-            )
-        },
-        "/dashboard": {"get": _op("Redirect to /dashboard/", {"307": {"description": "redirect"}})},
-        "/dashboard/": {
-            "get": _op(
-                "The dashboard page",
-                {
-                    "200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}},
-                    **_NOT_FOUND,
-                },
-            )
-        },
-        "/dashboard/{path}": {
-            "get": _op(
-                "The dashboard's static files",
-                {"200": {"description": "a file"}, **_NOT_FOUND},
-                parameters=[{"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}],
-            )
-        },
-        "/static/{path}": {
-            "get": _op(
-                "The same static files (durably.js for pages elsewhere)",
-                {"200": {"description": "a file"}, **_NOT_FOUND},
-                parameters=[{"name": "path", "in": "path", "required": True, "schema": {"type": "string"}}],
-            )
-        },
-    }
-    schemas = {
-        "TriggerRequest": TriggerRequest.model_json_schema(),
-        "TriggerBatchRequest": _component_schema(TriggerBatchRequest),
-        "TriggerBatchItem": TriggerBatchItem.model_json_schema(),
-        "PurgeRequest": PurgeRequest.model_json_schema(),
-        "TriggerResult": {
-            "type": "object",
-            "required": ["id", "disposition", "run"],
-            "properties": {
-                "id": {"type": "string"},
-                "disposition": {"enum": ["created", "idempotent", "coalesced"]},
-                "run": _ref("Run"),
-            },
-        },
-        "Run": run_schema,
-        "ErrorInfo": {
-            "type": "object",
-            "properties": {
-                "type": {"type": "string"},
-                "message": {"type": "string"},
-                "traceback": {"type": "string"},
-            },
-        },
-        "Step": {
-            "type": "object",
-            "properties": {
-                "run_id": {"type": "string"},
-                "index": {"type": "integer"},
-                "name": {"type": "string"},
-                "status": {"enum": ["completed", "failed"]},
-                "output": {},
-                "error": {"oneOf": [{"type": "null"}, _ref("ErrorInfo")]},
-                "started_at": {"type": "string", "format": "date-time"},
-                "completed_at": {"type": "string", "format": "date-time"},
-                "duration_ms": {"type": "number"},
-            },
-        },
-        "LogEntry": {
-            "type": "object",
-            "properties": {
-                "run_id": {"type": "string"},
-                "step_name": {"type": ["string", "null"]},
-                "level": {"enum": ["debug", "info", "warning", "error"]},
-                "message": {"type": "string"},
-                "data": {},
-                "created_at": {"type": "string", "format": "date-time"},
-            },
-        },
-        "Error": {
-            "type": "object",
-            "required": ["error", "message"],
-            "properties": {
-                "error": {"type": "string"},
-                "message": {"type": "string"},
-                "details": {"type": "array", "items": {"type": "object"}},
-            },
-        },
-    }
-    return {
-        "openapi": "3.1.0",
-        "info": {
-            "title": "durably-web",
-            "version": __version__,
-            "description": "Trigger, watch and manage durable job runs.",
-        },
-        "servers": [{"url": server_url or "/"}],
-        "paths": paths,
-        "components": {"schemas": schemas},
-    }

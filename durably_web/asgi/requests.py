@@ -1,0 +1,97 @@
+"""Request bodies and the run filter of the HTTP API (strict pydantic models)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+#: Most items one ``POST /trigger/batch`` may carry.
+MAX_BATCH_ITEMS = 1000
+MAX_LIMIT = 1000
+MAX_OFFSET = 1_000_000_000  # SQLite integers are 64-bit; keep far below overflow
+#: Event types the run-list stream (``GET /events``) carries: one line per run change.
+RUN_LEVEL_EVENT_TYPES: tuple[str, ...] = (
+    "run:trigger",
+    "run:coalesced",
+    "run:leased",
+    "run:progress",
+    "run:complete",
+    "run:fail",
+    "run:cancel",
+    "run:delete",
+)
+
+
+class TriggerRequest(BaseModel):
+    """Body of ``POST /trigger``. Strict: unknown fields and coerced types are rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    job: str = Field(min_length=1, max_length=128, description="name of a registered job")
+    input: Any = Field(None, description="the job's input; validated by the job's input model")
+    idempotency_key: str | None = None
+    concurrency_key: str | None = None
+    coalesce: Literal["skip"] | None = None
+    labels: dict[str, str] | None = None
+
+
+class TriggerBatchItem(BaseModel):
+    """One item of ``POST /trigger/batch``: an input with its own trigger options."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    input: Any = Field(description="the job's input; validated by the job's input model")
+    idempotency_key: str | None = None
+    concurrency_key: str | None = None
+    coalesce: Literal["skip"] | None = None
+    labels: dict[str, str] | None = None
+
+
+class TriggerBatchRequest(BaseModel):
+    """Body of ``POST /trigger/batch``: many runs of one job, created all together or not at all."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    job: str = Field(min_length=1, max_length=128, description="name of a registered job")
+    items: list[TriggerBatchItem] = Field(max_length=MAX_BATCH_ITEMS)
+
+
+class PurgeRequest(BaseModel):
+    """Body of ``POST /purge``: delete finished runs that ended more than ``older_than`` seconds ago."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    older_than: float = Field(ge=0, allow_inf_nan=False, description="seconds since the run ended")
+    limit: int | None = Field(None, ge=0, description="delete at most this many runs (oldest first)")
+
+
+class _EmptyBody(BaseModel):
+    """Body of the action routes (cancel, retrigger): nothing, or ``{}``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+@dataclass(frozen=True)
+class RunsFilter:
+    """Which runs a listing or the run-list stream covers; ``scope_runs`` may narrow it.
+
+    ``job`` and ``labels`` apply to the list and to ``GET /events``; ``status``,
+    ``limit`` and ``offset`` only to the list (a live stream follows runs through
+    every status). To restrict a tenant, add a label:
+    ``dataclasses.replace(f, labels={**f.labels, "tenant": ctx.tenant})``.
+    """
+
+    job: tuple[str, ...] | None = None
+    status: tuple[str, ...] | None = None
+    labels: Mapping[str, str] = field(default_factory=dict)
+    limit: int = 100
+    offset: int = 0
+
+    def matches(self, job_name: str | None, labels: Mapping[str, str]) -> bool:
+        """Whether a run with this job name and these labels is inside the filter (status aside)."""
+        if self.job is not None and job_name not in self.job:
+            return False
+        return all(labels.get(key) == value for key, value in self.labels.items())
