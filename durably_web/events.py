@@ -6,11 +6,11 @@ import asyncio
 import inspect
 import logging
 from collections.abc import Callable
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Any
 
 from .errors import ValidationError
-from .models import Event
+from .models import ErrorInfo, Event
 
 logger = logging.getLogger("durably_web")
 
@@ -87,9 +87,7 @@ class EventBus:
         logger.exception("durably-web event listener failed", exc_info=exc)
         if event is not None and event.type == "worker:error":
             return  # never recurse
-        from .models import ErrorInfo
-
-        now = event.timestamp if event is not None else _utcnow()
+        now = event.timestamp if event is not None else datetime.now(UTC)
         self.emit(
             Event(
                 "worker:error",
@@ -99,12 +97,6 @@ class EventBus:
                 {"error": ErrorInfo.from_exception(exc), "source": "listener"},
             )
         )
-
-
-def _utcnow() -> Any:
-    from datetime import datetime
-
-    return datetime.now(UTC)
 
 
 class RunSubscription:

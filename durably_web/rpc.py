@@ -15,7 +15,6 @@ from typing import Any
 
 from .durably import Durably, TriggerItem
 from .errors import DurablyError, ValidationError
-from .models import Event
 
 
 def error_to_json(exc: BaseException) -> dict[str, Any]:
@@ -83,10 +82,6 @@ class Dispatcher:
             return {"ok": True, "value": await handler(*args)}
         except Exception as exc:
             return {"ok": False, "error": error_to_json(exc)}
-
-    @staticmethod
-    def event_to_json(event: Event) -> dict[str, Any]:
-        return event.to_dict()
 
     # --- methods (JS names) --------------------------------------------------------
     def _trigger_kwargs(self, options: dict[str, Any] | None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -68,3 +69,25 @@ def wait_ready(drv: Any, timeout: float = 90) -> float:
 
     wait_until(ready, timeout, "DurablyWeb.create() to resolve")
     return time.monotonic() - t0
+
+
+def harness_call(drv: Any, cmd: str, **args: Any) -> Any:
+    """``harness.call(cmd, args)`` on harness.html, raising on a worker-side error."""
+    reply = drv.execute_async_script(
+        """
+        const [cmd, args, done] = arguments;
+        harness.call(cmd, args).then(
+          (result) => done({ok: true, result}),
+          (e) => done({ok: false, error: String(e && e.stack || e)}));
+        """,
+        cmd,
+        args,
+    )
+    if not reply["ok"]:
+        raise AssertionError(f"worker {cmd} failed:\n{reply['error']}")
+    return reply["result"]
+
+
+def run_py(drv: Any, code: str) -> Any:
+    """Run Python in the harness worker; the code's last expression is json.dumps(...)."""
+    return json.loads(harness_call(drv, "run", code=code))

@@ -11,34 +11,12 @@ import time
 from typing import Any
 
 import pytest
+from pagekit import harness_call, run_py
 
 pytestmark = pytest.mark.browser
 
 
 # -- helpers ----------------------------------------------------------------------
-
-
-def call(drv: Any, cmd: str, **args: Any) -> Any:
-    """harness.call(cmd, args) in the page, raising on a worker-side error."""
-    reply = drv.execute_async_script(
-        """
-        const [cmd, args, done] = arguments;
-        const t0 = performance.now();
-        harness.call(cmd, args).then(
-          (result) => done({ok: true, result, pageMs: performance.now() - t0}),
-          (e) => done({ok: false, error: String(e && e.stack || e)}));
-        """,
-        cmd,
-        args,
-    )
-    if not reply["ok"]:
-        raise AssertionError(f"worker {cmd} failed:\n{reply['error']}")
-    return reply["result"]
-
-
-def run_py(drv: Any, code: str) -> Any:
-    """Run Python in the worker; the code's last expression is json.dumps(...)."""
-    return json.loads(call(drv, "run", code=code))
 
 
 def open_harness(drv: Any, url: str) -> dict[str, Any]:
@@ -56,7 +34,7 @@ def _wait_ready(drv: Any) -> None:
 
 
 def _init(drv: Any) -> dict[str, Any]:
-    timings = call(drv, "init", packages=["durably-web"])
+    timings = harness_call(drv, "init", packages=["durably-web"])
     timings["navToReadyMs"] = drv.execute_script("return performance.now()")
     return timings
 

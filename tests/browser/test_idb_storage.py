@@ -7,38 +7,16 @@ from conftest.py. See the "storage idb" section of static/sqlite_bridge.js.
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
 import pytest
+from pagekit import harness_call, run_py
 
 pytestmark = pytest.mark.browser
 
 
 # -- helpers ---------------------------------------------------------------------------
-
-
-def call(drv: Any, cmd: str, **args: Any) -> Any:
-    """harness.call(cmd, args) in the page, raising on a worker-side error."""
-    reply = drv.execute_async_script(
-        """
-        const [cmd, args, done] = arguments;
-        harness.call(cmd, args).then(
-          (result) => done({ok: true, result}),
-          (e) => done({ok: false, error: String(e && e.stack || e)}));
-        """,
-        cmd,
-        args,
-    )
-    if not reply["ok"]:
-        raise AssertionError(f"worker {cmd} failed:\n{reply['error']}")
-    return reply["result"]
-
-
-def run_py(drv: Any, code: str) -> Any:
-    """Run Python in the worker; the code's last expression is json.dumps(...)."""
-    return json.loads(call(drv, "run", code=code))
 
 
 def load_harness(drv: Any, url: str | None = None) -> None:
@@ -51,7 +29,7 @@ def load_harness(drv: Any, url: str | None = None) -> None:
     while not drv.execute_script("return window.harnessReady === true"):
         assert time.monotonic() < deadline, "harness.html did not become ready"
         time.sleep(0.05)
-    call(drv, "init", packages=["durably-web"])
+    harness_call(drv, "init", packages=["durably-web"])
 
 
 # Python shared by the phases below: a dump of every table, to compare the live
