@@ -21,7 +21,6 @@ import importlib
 import json
 import logging
 import os
-import re
 import signal
 import socket
 import sys
@@ -32,6 +31,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
 from .durably import Durably
+from .durations import DURATION_FORMS, parse_duration
 from .errors import (
     ConflictError,
     DurablyError,
@@ -44,8 +44,6 @@ from .models import Run, to_jsonable
 PROG = "durably-web"
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
-_UNIT_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 class CliError(Exception):
@@ -156,13 +154,12 @@ class Duration(NamedTuple):
 
     @classmethod
     def parse(cls, text: str) -> Duration:
-        """``30d``, ``12h``, ``15m``, ``90s`` or plain seconds."""
-        match = _DURATION.match(text)
-        if match is None:
-            raise argparse.ArgumentTypeError(
-                f"invalid duration {text!r}: use a number with s, m, h or d (e.g. 30d)"
-            )
-        return cls(text.strip(), float(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+        """The forms of :mod:`durably_web.durations` (``30d``, ``12h``, ``1.5h``, ``90``)."""
+        try:
+            seconds = parse_duration(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        return cls(text.strip(), seconds)
 
 
 def _label(text: str) -> tuple[str, str]:
@@ -631,7 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     purge = command("purge", cmd_purge, "delete finished runs older than a duration")
     purge.add_argument(
-        "--older-than", required=True, type=Duration.parse, metavar="DURATION", help="e.g. 30d, 12h, 15m, 90s"
+        "--older-than", required=True, type=Duration.parse, metavar="DURATION", help=DURATION_FORMS
     )
 
     watch = command("watch", cmd_watch, "follow a run's progress and logs until it ends")

@@ -454,9 +454,23 @@ async def test_purge_deletes_finished_runs(idle: Durably, client_for: ClientFor)
 
 
 @pytest.mark.parametrize(
+    ("older_than", "purged"),
+    [("30d", 0), ("12h", 0), ("1.5h", 0), ("90m", 0), (" 3600 ", 0), ("0s", 1), ("0", 1), ("0.0D", 1)],
+)
+async def test_purge_accepts_the_command_line_duration_forms(
+    idle: Durably, client_for: ClientFor, older_than: str, purged: int
+) -> None:
+    await _finished_runs(idle, 1)
+    response = await (await client_for(idle)).post("/purge", json={"older_than": older_than})
+    assert response.status_code == 200, response.text
+    assert response.json() == {"purged": purged}
+
+
+@pytest.mark.parametrize(
     "body",
     [
-        {}, {"older_than": -1}, {"older_than": "5"}, {"older_than": True}, {"older_than": None},
+        {}, {"older_than": -1}, {"older_than": "5 fortnights"}, {"older_than": "-1d"},
+        {"older_than": "1e3"}, {"older_than": "99999999999d"}, {"older_than": True}, {"older_than": None},
         {"older_than": 1, "limit": -1}, {"older_than": 1, "limit": 1.5}, {"older_than": 1, "limit": "2"},
         {"older_than": 1, "everything": True}, {"older_than": 1e13}, [1],
     ],

@@ -30,6 +30,7 @@ from starlette.routing import Mount, Route
 
 from durably_web import Durably, StepContext, define_job
 from durably_web.asgi import create_app
+from durably_web.durations import parse_duration
 
 
 @define_job("fuzz-echo", input=dict[str, str])
@@ -337,7 +338,18 @@ refused_batches = st.one_of(
 )
 
 # --- POST /purge: every body is refused, so no finished run of the harness may disappear.
-not_a_number = json_values.filter(lambda v: isinstance(v, bool) or not isinstance(v, int | float))
+def _not_a_duration(value: Any) -> bool:
+    """Neither a number nor a duration string ("30d"): POST /purge must refuse it."""
+    if isinstance(value, str):
+        try:
+            parse_duration(value)
+        except ValueError:
+            return True
+        return False
+    return isinstance(value, bool) or not isinstance(value, int | float)
+
+
+not_a_number = json_values.filter(_not_a_duration)
 refused_purges = st.one_of(
     st.builds(lambda value: json.dumps({"older_than": value}).encode(), not_a_number),
     st.builds(

@@ -413,7 +413,7 @@ def test_serve_a_database_url_without_a_worker(
     assert "no worker (database URL)" in server.output()
     with httpx.Client(base_url=url, timeout=20) as http:
         assert http.get(f"/runs/{run_id}").json()["status"] == "pending"
-        assert http.post(f"/runs/{run_id}/cancel").json()["status"] == "cancelled"
+        assert http.post(f"/runs/{run_id}/cancel", json={}).json()["status"] == "cancelled"
     assert server.stop(signal.SIGINT) == 0
 
 
@@ -437,3 +437,20 @@ def test_app_may_come_from_the_durably_app_environment_variable(workdir: Path) -
     assert run("show", DB, run_id, app="nowhere:nothing").returncode == 0
     missing = run("show", run_id, app=None)
     assert missing.returncode == 2 and "DURABLY_APP" in missing.stderr
+
+
+def test_purge_takes_the_duration_forms_the_http_api_takes(
+    cli: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    run_id = cli("trigger", APP, "greet", "--input", '{"name": "old"}').stdout.strip()
+    assert cli("cancel", DB, run_id).returncode == 0
+    for text in ("1.5h", "90m", "12h", "30d", "3600", " 2D "):
+        kept = cli("purge", DB, "--older-than", text)
+        assert kept.returncode == 0 and "purged 0 run(s)" in kept.stdout, (text, kept.stderr)
+    for bad in ("-1d", "1e3", "1.5 weeks", "h"):
+        refused = cli("purge", DB, f"--older-than={bad}")
+        assert refused.returncode == 2 and "invalid duration" in refused.stderr, bad
+    helped = cli("purge", "--help")
+    assert all(form in helped.stdout for form in ("90s", "15m", "12h", "30d", "1.5h"))
+    purged = cli("purge", DB, "--older-than", "0.0s")
+    assert purged.returncode == 0 and "purged 1 run(s)" in purged.stdout

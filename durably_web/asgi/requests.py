@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
+
+from ..durations import DURATION_FORMS, DURATION_PATTERN, parse_duration
 
 #: Most items one ``POST /trigger/batch`` may carry.
 MAX_BATCH_ITEMS = 1000
@@ -59,12 +61,33 @@ class TriggerBatchRequest(BaseModel):
     items: list[TriggerBatchItem] = Field(max_length=MAX_BATCH_ITEMS)
 
 
+def _duration_seconds(value: Any) -> Any:
+    """A duration string (``"30d"``) becomes seconds; anything else is left to the strict float check."""
+    return parse_duration(value) if isinstance(value, str) else value
+
+
+#: ``older_than`` in the OpenAPI document: a number of seconds or a duration string.
+_DURATION_SCHEMA: dict[str, Any] = {
+    "description": f"how long ago the run ended: {DURATION_FORMS}",
+    "oneOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": DURATION_PATTERN, "examples": ["30d", "12h", "90m", "1.5h"]},
+    ],
+}
+
+
 class PurgeRequest(BaseModel):
-    """Body of ``POST /purge``: delete finished runs that ended more than ``older_than`` seconds ago."""
+    """Body of ``POST /purge``: delete finished runs that ended more than ``older_than`` ago.
+
+    ``older_than`` takes the forms the command line's ``--older-than`` does
+    (:mod:`durably_web.durations`): a number of seconds, or a string such as ``"30d"``.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    older_than: float = Field(ge=0, allow_inf_nan=False, description="seconds since the run ended")
+    older_than: Annotated[
+        float, BeforeValidator(_duration_seconds), WithJsonSchema(_DURATION_SCHEMA)
+    ] = Field(ge=0, allow_inf_nan=False)
     limit: int | None = Field(None, ge=0, description="delete at most this many runs (oldest first)")
 
 
