@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test lint site bench torture clean
+.PHONY: demo test test-slow lint site bench torture clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,11 @@ site: $(VENV)/.installed
 
 test: lint site
 	DURABLY_SKIP_SITE_BUILD=1 $(PY) -m pytest
+
+# The tests marked slow, which `make test` leaves out: the IndexedDB browser torture
+# and the browser benchmarks (~4 min together). CI runs them after `make test`.
+test-slow: site
+	DURABLY_SKIP_SITE_BUILD=1 $(PY) -m pytest -m slow
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_core.py
