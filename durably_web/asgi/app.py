@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import inspect
 import json
+import math
 import re
 import time
 from collections import OrderedDict
@@ -50,7 +51,7 @@ from ..errors import (
     ValidationError,
 )
 from ..events import TERMINAL_EVENT_TYPES
-from ..models import RUN_STATUSES, Event, Run, iso
+from ..models import RUN_STATUSES, ErrorInfo, Event, Run, iso
 from .openapi import openapi_document
 from .requests import (
     MAX_BATCH_ITEMS,
@@ -110,6 +111,11 @@ class DurablyAuth(Protocol):
     def scope_runs(self, ctx: Any, runs_filter: RunsFilter) -> RunsFilter: ...
 
     def can_purge(self, ctx: Any) -> bool: ...
+
+
+def _is_refusal(exc: Exception) -> bool:
+    """A hook's "no": ``PermissionError`` or ``HTTPException(403)``."""
+    return isinstance(exc, PermissionError) or (isinstance(exc, HTTPException) and exc.status_code == 403)
 
 
 async def _call_hook(hook: Callable[..., Any], *args: Any) -> Any:
@@ -242,6 +248,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # json.loads turns 1e400 into inf, which would be stored as null: refuse it instead.
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:40]} is out of range for a 64-bit float")
+    return value
+
+
 def _pydantic_details(exc: PydanticValidationError) -> list[dict[str, Any]]:
     return exc.errors(include_url=False, include_context=False, include_input=False)  # type: ignore[return-value]
 
@@ -262,7 +276,7 @@ async def _read_json(request: Request, limit: int) -> Any:
     if not raw.strip():
         return _NO_BODY
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
         # A lone surrogate (from "\ud800") cannot be stored as UTF-8 text.
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (UnicodeError, ValueError, RecursionError) as exc:
@@ -342,10 +356,13 @@ def _default_static_dir() -> Path | None:
 class _Api:
     """The route handlers, sharing the ``Durably`` instance, the auth hooks and a run cache."""
 
-    def __init__(self, durably: Durably, auth: Any, sse_throttle: float) -> None:
+    def __init__(
+        self, durably: Durably, auth: Any, sse_throttle: float, expose_tracebacks: bool | None = None
+    ) -> None:
         self.durably = durably
         self.auth = auth
         self.sse_throttle = sse_throttle
+        self.expose_tracebacks = auth is None if expose_tracebacks is None else bool(expose_tracebacks)
         # job name and labels of runs seen lately: a run-list stream needs them to
         # decide who may see a run's deletion, when the row itself is already gone.
         self._meta: OrderedDict[str, tuple[str, dict[str, str]]] = OrderedDict()
@@ -384,18 +401,48 @@ class _Api:
             await _call_hook(hook, ctx, run, operation)
 
     async def _run_for(self, request: Request, operation: RunOperation) -> tuple[Any, Run]:
-        """Authenticate, load the path's run and check the operation on it (401/403/404 otherwise)."""
+        """Authenticate, load the path's run and check the operation on it (401/403/404 otherwise).
+
+        A run the caller may not even ``read`` answers exactly like a missing one (404), so
+        ids cannot be probed for other tenants' runs; a run it may read but not, say,
+        cancel answers 403.
+        """
         ctx = await self._authenticate(request)
-        run = await self.durably.get_run(request.path_params["run_id"])
+        run_id = request.path_params["run_id"]
+        run = await self.durably.get_run(run_id)
         self._remember(run.id, run.job_name, run.labels)
-        await self._check_access(ctx, run, operation)
+        try:
+            await self._check_access(ctx, run, operation)
+        except (HTTPException, PermissionError) as exc:
+            if _is_refusal(exc) and (operation == "read" or not await self._readable(ctx, run)):
+                raise NotFoundError(f"run {run_id!r} not found") from None
+            raise
         return ctx, run
 
     async def _empty_body(self, request: Request) -> None:
         _parse_model(_EmptyBody, await _read_json(request, 64 * 1024))
 
+    def _scrub_error(self, error: Any) -> Any:
+        """``error`` (an ``ErrorInfo`` or its dict) without its traceback unless tracebacks are exposed."""
+        if self.expose_tracebacks or error is None:
+            return error
+        if isinstance(error, ErrorInfo):
+            return {"type": error.type, "message": error.message, "traceback": ""}
+        if isinstance(error, dict) and error.get("traceback"):
+            return {**error, "traceback": ""}
+        return error
+
+    def _scrub(self, data: dict[str, Any]) -> dict[str, Any]:
+        """A run, step or event dict with its ``error`` scrubbed (see ``expose_tracebacks``)."""
+        if not self.expose_tracebacks and data.get("error") is not None:
+            data["error"] = self._scrub_error(data["error"])
+        return data
+
+    def _run_dict(self, run: Run) -> dict[str, Any]:
+        return self._scrub(run.to_dict())
+
     def _run_response(self, run: Run, status_code: int = 200) -> JSONResponse:
-        return JSONResponse(run.to_dict(), status_code=status_code)
+        return JSONResponse(self._run_dict(run), status_code=status_code)
 
     async def _created_response(self, ctx: Any, run: Run) -> JSONResponse:
         """Answer a trigger/retrigger; an existing run is only shown to who may read it."""
@@ -408,9 +455,8 @@ class _Api:
             except (HTTPException, PermissionError):
                 return _error(409, "ConflictError", "the key is in use by a run you cannot access")
         status_code = 201 if run.disposition == "created" else 200
-        return JSONResponse(
-            {"id": run.id, "disposition": run.disposition, "run": run.to_dict()}, status_code=status_code
-        )
+        body = {"id": run.id, "disposition": run.disposition, "run": self._run_dict(run)}
+        return JSONResponse(body, status_code=status_code)
 
     # -- JSON routes -------------------------------------------------------------------------------
     async def health(self, request: Request) -> Response:
@@ -526,7 +572,7 @@ class _Api:
                 await self._undo([r for r in runs if r.disposition == "created"])
                 return _error(409, "ConflictError", "a key is in use by a run you cannot access")
         status_code = 201 if any(run.disposition == "created" for run in runs) else 200
-        return JSONResponse({"runs": [run.to_dict() for run in runs]}, status_code=status_code)
+        return JSONResponse({"runs": [self._run_dict(run) for run in runs]}, status_code=status_code)
 
     async def _undo(self, runs: Sequence[Run]) -> None:
         """Delete runs a refused batch created (cancelling first one a worker already leased)."""
@@ -563,7 +609,7 @@ class _Api:
         )
         return JSONResponse(
             {
-                "runs": [run.to_dict() for run in runs],
+                "runs": [self._run_dict(run) for run in runs],
                 "limit": runs_filter.limit,
                 "offset": runs_filter.offset,
             }
@@ -575,7 +621,8 @@ class _Api:
 
     async def get_steps(self, request: Request) -> Response:
         _, run = await self._run_for(request, "steps")
-        return JSONResponse({"steps": [step.to_dict() for step in await self.durably.get_steps(run.id)]})
+        steps = await self.durably.get_steps(run.id)
+        return JSONResponse({"steps": [self._scrub(step.to_dict()) for step in steps]})
 
     async def get_logs(self, request: Request) -> Response:
         _, run = await self._run_for(request, "read")
@@ -663,7 +710,7 @@ class _Api:
                 yield _sse("run:delete", {"type": "run:delete", "run_id": run_id})
                 return
             envelope = {"run_id": run.id, "job_name": run.job_name, "timestamp": iso(run.updated_at)}
-            yield _sse("run:snapshot", {"type": "run:snapshot", **envelope, "run": run.to_dict()})
+            yield _sse("run:snapshot", {"type": "run:snapshot", **envelope, "run": self._run_dict(run)})
             for step in steps:
                 kind = "step:complete" if step.status == "completed" else "step:fail"
                 yield _sse(
@@ -674,7 +721,7 @@ class _Api:
                         "step_name": step.name,
                         "step_index": step.index,
                         "output": step.output,
-                        "error": step.error,
+                        "error": self._scrub_error(step.error),
                         "duration_ms": step.duration_ms,
                         "replayed": True,
                     },
@@ -703,7 +750,7 @@ class _Api:
                     continue
                 if event.type.startswith("step:") and event.data.get("step_index", -1) <= replayed_steps:
                     continue  # already in the replay
-                yield _sse(event.type, event.to_dict())
+                yield _sse(event.type, self._scrub(event.to_dict()))
                 if event.type in TERMINAL_EVENT_TYPES:
                     return
         finally:
@@ -744,10 +791,10 @@ class _Api:
                 if event is None:
                     yield b": keep-alive\n\n"
                     continue
-                data = event.to_dict()
+                data = self._scrub(event.to_dict())
                 if event.type != "run:delete" and event.run_id is not None:
                     try:
-                        data["run"] = (await self.durably.get_run(event.run_id)).to_dict()
+                        data["run"] = self._run_dict(await self.durably.get_run(event.run_id))
                     except NotFoundError:
                         data["run"] = None
                 if event.type in TERMINAL_EVENT_TYPES and event.run_id is not None:
@@ -845,6 +892,7 @@ def create_app(
     auth: DurablyAuth | Any | None = None,
     sse_throttle: float = 0.1,
     static_dir: str | Path | None = None,
+    expose_tracebacks: bool | None = None,
 ) -> Starlette:
     """An ASGI app serving ``durably``'s HTTP API, SSE streams, OpenAPI and dashboard.
 
@@ -853,10 +901,14 @@ def create_app(
     the lifecycle. ``auth`` is an object with the hooks of ``DurablyAuth``.
     ``sse_throttle`` is the minimum gap between two progress events of one run on
     one stream. ``static_dir`` overrides where the dashboard's files are found.
+    ``expose_tracebacks`` decides whether run and step errors carry their Python
+    traceback (server paths, source lines) in responses and streams; ``None`` (the
+    default) shows them without ``auth`` and hides them (``"traceback": ""``) once
+    ``auth`` is given, where the callers are tenants rather than the operator.
     """
     if isinstance(sse_throttle, bool) or not isinstance(sse_throttle, int | float) or not sse_throttle >= 0:
         raise ValidationError(f"sse_throttle must be a non-negative number of seconds, not {sse_throttle!r}")
-    api = _Api(durably, auth, float(sse_throttle))
+    api = _Api(durably, auth, float(sse_throttle), expose_tracebacks)
     static = _StaticDir(Path(static_dir) if static_dir is not None else _default_static_dir())
     routes: list[BaseRoute] = [
         Route("/health", api.health, methods=["GET"]),

@@ -39,6 +39,31 @@ class TriggerRequest(BaseModel):
     coalesce: Literal["skip"] | None = None
     labels: dict[str, str] | None = None
 
+    def namespaced(self, namespace: str) -> TriggerRequest:
+        """A copy whose idempotency and concurrency keys live in ``namespace`` (a tenant's id).
+
+        Keys are global to the database, so without this one tenant could learn that
+        another's key exists, squat a key the other will use, or hold its concurrency
+        key. Each key becomes ``f"{len(namespace)}:{namespace}:{key}"``: the length makes
+        the prefix unambiguous (tenant ``a`` with key ``b:x`` never meets tenant ``a:b``
+        with key ``x``). A key that already carries this prefix is kept as it is, so the
+        trigger of a retrigger, which carries the run's stored (namespaced) keys, keeps
+        them. Responses show the stored, namespaced keys.
+        """
+        if not isinstance(namespace, str) or not namespace:
+            raise ValueError("namespace must be a non-empty string")
+        prefix = f"{len(namespace)}:{namespace}:"
+
+        def inside(key: str | None) -> str | None:
+            return key if key is None or key.startswith(prefix) else prefix + key
+
+        return self.model_copy(
+            update={
+                "idempotency_key": inside(self.idempotency_key),
+                "concurrency_key": inside(self.concurrency_key),
+            }
+        )
+
 
 class TriggerBatchItem(BaseModel):
     """One item of ``POST /trigger/batch``: an input with its own trigger options."""
