@@ -30,6 +30,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple, TextIO
 
+from .display import printable, printable_json
 from .durably import Durably
 from .durations import DURATION_FORMS, parse_duration
 from .errors import (
@@ -54,13 +55,32 @@ class CliError(Exception):
         self.code = code
 
 
+# Output: stored data (labels, inputs, logs, step names, errors) is escaped where it is put into a
+# line (``_p``, one line; ``_json`` for JSON), and every line is escaped again on its way out
+# (``_out``, ``_say``, ``_log_line``; harmless, escapes are printable): no terminal control
+# sequence from a database or a job reaches the terminal.
+
+_p = printable
+
+
+def _out(text: str = "", *, end: str = "\n", file: TextIO | None = None, flush: bool = False) -> None:
+    print(printable(text, multiline=True), end=end, file=file or sys.stdout, flush=flush)
+
+
 def _say(message: str) -> None:
     """A status line on stderr, so stdout stays clean for ids and tables."""
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+    _out(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
 def _log_line(message: str) -> None:
-    print(f"{datetime.now().strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+    _out(f"{datetime.now().strftime('%H:%M:%S')} {message}", file=sys.stderr, flush=True)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log records (a worker error quoting a job's exception) escaped like everything else."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(super().format(record), multiline=True)
 
 
 # --- APP resolution ---------------------------------------------------------------------------------
@@ -90,7 +110,7 @@ def _import_object(spec: str, what: str) -> Any:
     except ImportError as exc:
         raise CliError(f"cannot import {module_name!r} for {what} {spec!r}: {exc}", EXIT_USAGE) from None
     except Exception:
-        traceback.print_exc()
+        _out(traceback.format_exc(), end="", file=sys.stderr)
         raise CliError(f"importing {module_name!r} failed (traceback above)", EXIT_USAGE) from None
     try:
         return functools.reduce(getattr, attribute.split("."), module)
@@ -205,8 +225,9 @@ def _duration(ms: float) -> str:
     return f"{ms / 60_000:.1f} min"
 
 
-def _json(value: Any) -> str:
-    return json.dumps(to_jsonable(value), indent=2, ensure_ascii=False, default=str)
+def _json(value: Any, indent: int | None = 2) -> str:
+    """JSON that is still valid JSON and safe on a terminal (see :func:`printable_json`)."""
+    return printable_json(json.dumps(to_jsonable(value), indent=indent, ensure_ascii=False, default=str))
 
 
 def _progress_text(run: Run) -> str:
@@ -217,11 +238,12 @@ def _progress_text(run: Run) -> str:
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell; the last column is left ragged."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=False)]
+    """Columns padded to their widest cell; the last column is left ragged. Cells are escaped."""
+    shown = [[printable(cell) for cell in row] for row in (headers, *rows)]
+    widths = [max(len(cell) for cell in column) for column in zip(*shown, strict=False)]
     lines = []
-    for row in (headers, *rows):
-        cells = [str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)]
+    for row in shown:
+        cells = [cell.ljust(width) for cell, width in zip(row, widths, strict=False)]
         lines.append("  ".join(cells).rstrip())
     return "\n".join(lines)
 
@@ -232,7 +254,7 @@ def progress_bar(current: int, total: int | None, message: str | None, width: in
         text = f"[{'#' * filled}{'.' * (width - filled)}] {current}/{total} {100 * current / total:3.0f}%"
     else:
         text = f"[{current}]"
-    return f"{text} {message}" if message else text
+    return f"{text} {printable(message)}" if message else text
 
 
 def _print_run(run: Run, out: TextIO) -> None:
@@ -255,7 +277,7 @@ def _print_run(run: Run, out: TextIO) -> None:
             fields.append((name, key))
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
-        print(f"{name.ljust(width)}  {value}", file=out)
+        _out(f"{name.ljust(width)}  {_p(value)}", file=out)
 
 
 # --- commands ----------------------------------------------------------------------------------------------
@@ -277,9 +299,9 @@ async def cmd_trigger(args: argparse.Namespace) -> int:
             coalesce="skip" if args.coalesce else None,
             labels=labels,
         )
-        _say(f"run {run.id} of {run.job_name}: {run.disposition}")
+        _say(f"run {_p(run.id)} of {_p(run.job_name)}: {run.disposition}")
         if not args.wait:
-            print(_json(run.to_dict()) if args.json else run.id)
+            _out(_json(run.to_dict()) if args.json else _p(run.id))
             return 0
         _say("waiting for a worker to finish it (Ctrl-C stops waiting, not the run)")
         try:
@@ -287,22 +309,22 @@ async def cmd_trigger(args: argparse.Namespace) -> int:
         except WaitTimeoutError as exc:
             raise CliError(str(exc)) from None
         if args.json:
-            print(_json(final.to_dict()))
+            _out(_json(final.to_dict()))
         else:
-            print(final.id)
+            _out(_p(final.id))
             _print_outcome(final)
         return 0 if final.status == "completed" else EXIT_FAILURE
 
 
 def _print_outcome(run: Run) -> None:
     if run.status == "completed":
-        print(f"completed; output:\n{_json(run.output)}")
+        _out(f"completed; output:\n{_json(run.output)}")
     elif run.error is not None:
-        print(f"{run.status}: {run.error}")
+        _out(f"{run.status}: {run.error}")
         if run.error.traceback:
-            print(run.error.traceback.rstrip())
+            _out(run.error.traceback.rstrip())
     else:
-        print(run.status)
+        _out(run.status)
 
 
 async def cmd_runs(args: argparse.Namespace) -> int:
@@ -312,7 +334,7 @@ async def cmd_runs(args: argparse.Namespace) -> int:
             status=statuses, job_name=args.job or None, labels=_labels(args.label), limit=args.limit
         )
     if args.json:
-        print(_json([run.to_dict() for run in runs]))
+        _out(_json([run.to_dict() for run in runs]))
         return 0
     if not runs:
         _say("no runs match")
@@ -328,7 +350,7 @@ async def cmd_runs(args: argparse.Namespace) -> int:
         ]
         for run in runs
     ]
-    print(format_table(["ID", "JOB", "STATUS", "PROGRESS", "CREATED", "LABELS"], rows))
+    _out(format_table(["ID", "JOB", "STATUS", "PROGRESS", "CREATED", "LABELS"], rows))
     return 0
 
 
@@ -338,7 +360,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
         steps = await durably.get_steps(run.id)
         logs = await durably.get_logs(run.id)
     if args.json:
-        print(
+        _out(
             _json(
                 {
                     "run": run.to_dict(),
@@ -350,29 +372,29 @@ async def cmd_show(args: argparse.Namespace) -> int:
         return 0
     out = sys.stdout
     _print_run(run, out)
-    print(f"\ninput:\n{_json(run.input)}", file=out)
-    print(f"\nsteps ({len(steps)}):", file=out)
+    _out(f"\ninput:\n{_json(run.input)}", file=out)
+    _out(f"\nsteps ({len(steps)}):", file=out)
     if steps:
         rows = [[str(s.index), s.name, s.status, _duration(s.duration_ms)] for s in steps]
-        print(format_table(["#", "STEP", "STATUS", "DURATION"], rows), file=out)
+        _out(format_table(["#", "STEP", "STATUS", "DURATION"], rows), file=out)
     if logs:
-        print(f"\nlogs ({len(logs)}):", file=out)
+        _out(f"\nlogs ({len(logs)}):", file=out)
         for log in logs:
-            data = "" if log.data is None else " " + json.dumps(to_jsonable(log.data), default=str)
-            print(f"{_when(log.created_at)} {log.level.upper():7} {log.message}{data}", file=out)
+            data = "" if log.data is None else " " + _json(log.data, indent=None)
+            _out(f"{_when(log.created_at)} {_p(log.level.upper()):7} {_p(log.message)}{data}", file=out)
     if run.status == "completed":
-        print(f"\noutput:\n{_json(run.output)}", file=out)
+        _out(f"\noutput:\n{_json(run.output)}", file=out)
     if run.error is not None:
-        print(f"\nerror: {run.error}", file=out)
+        _out(f"\nerror: {run.error}", file=out)
         if run.error.traceback:
-            print(run.error.traceback.rstrip(), file=out)
+            _out(run.error.traceback.rstrip(), file=out)
     return 0
 
 
 async def cmd_cancel(args: argparse.Namespace) -> int:
     async with opened(load_durably(args.app), worker=False) as durably:
         run = await durably.cancel(args.run_id)
-    print(f"run {run.id}: {run.status}")
+    _out(f"run {_p(run.id)}: {run.status}")
     return 0
 
 
@@ -380,22 +402,22 @@ async def cmd_retrigger(args: argparse.Namespace) -> int:
     _require_jobs(args.app, "retrigger")
     async with opened(load_durably(args.app), worker=False) as durably:
         run = await durably.retrigger(args.run_id)
-    _say(f"run {run.id} of {run.job_name}: {run.disposition} (retrigger of {args.run_id})")
-    print(run.id)
+    _say(f"run {_p(run.id)} of {_p(run.job_name)}: {run.disposition} (retrigger of {_p(args.run_id)})")
+    _out(_p(run.id))
     return 0
 
 
 async def cmd_delete(args: argparse.Namespace) -> int:
     async with opened(load_durably(args.app), worker=False) as durably:
         await durably.delete_run(args.run_id)
-    print(f"run {args.run_id}: deleted")
+    _out(f"run {_p(args.run_id)}: deleted")
     return 0
 
 
 async def cmd_purge(args: argparse.Namespace) -> int:
     async with opened(load_durably(args.app), worker=False) as durably:
         count = await durably.purge_runs(older_than=args.older_than.seconds)
-    print(f"purged {count} run(s) that ended more than {args.older_than.text} ago")
+    _out(f"purged {count} run(s) that ended more than {_p(args.older_than.text)} ago")
     return 0
 
 
@@ -404,7 +426,7 @@ async def cmd_watch(args: argparse.Namespace) -> int:
     tty = sys.stdout.isatty()
     async with opened(load_durably(args.app), worker=False) as durably:
         run = await durably.get_run(args.run_id)
-        print(f"watching run {run.id} of {run.job_name} ({run.status})", flush=True)
+        _out(f"watching run {_p(run.id)} of {_p(run.job_name)} ({run.status})", flush=True)
         printed_logs = 0
         last_line = ""
         while True:
@@ -412,19 +434,20 @@ async def cmd_watch(args: argparse.Namespace) -> int:
             for log in logs[printed_logs:]:
                 if tty and last_line:
                     print("\r\033[K", end="")
-                print(f"{log.level.upper():7} {log.message}", flush=True)
+                _out(f"{_p(log.level.upper()):7} {_p(log.message)}", flush=True)
                 if tty and last_line:
-                    print(last_line, end="", flush=True)
+                    _out(last_line, end="", flush=True)
             printed_logs = len(logs)
             progress = run.progress
             line = f"{run.status:9} " + (
                 progress_bar(progress.current, progress.total, progress.message) if progress else "-"
             )
             if line != last_line:
-                if tty:
-                    print(f"\r\033[K{line}", end="", flush=True)
+                if tty:  # our own control sequence (clear the line), then the escaped text
+                    print("\r\033[K", end="")
+                    _out(line, end="", flush=True)
                 else:
-                    print(line, flush=True)
+                    _out(line, flush=True)
                 last_line = line
             if run.is_terminal:
                 break
@@ -473,7 +496,8 @@ def _report_run_events(durably: Durably) -> None:
 
         def report(event: Any, text: str = text) -> None:
             error = event.data.get("error")
-            _log_line(f"run {event.run_id} ({event.job_name}) {text}" + (f": {error}" if error else ""))
+            line = f"run {_p(event.run_id)} ({_p(event.job_name)}) {text}"
+            _log_line(line + (f": {_p(error)}" if error else ""))
 
         durably.on(kind, report)
 
@@ -486,7 +510,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         _install_stop_handlers(stop.set)
         _report_run_events(durably)
         jobs = ", ".join(sorted(durably.jobs)) or "none"
-        _log_line(f"worker started for {args.app} (jobs: {jobs}); Ctrl-C to stop")
+        _log_line(f"worker started for {_p(args.app)} (jobs: {_p(jobs)}); Ctrl-C to stop")
         await stop.wait()
     _log_line("worker stopped")
     return 0
@@ -646,7 +670,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(
                 f"{args.command}: APP is required (module:attribute or a database URL), or set DURABLY_APP"
             )
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
     try:
         return asyncio.run(args.handler(args))
     except CliError as exc:

@@ -60,8 +60,23 @@ async def steady(step, payload: Count) -> int:
     return payload.n
 
 
+class Echo(BaseModel):
+    text: str
+    fail: bool = False
+
+
+@define_job("echo", input=Echo)
+async def echo(step, payload: Echo) -> dict:
+    said = await step.run(f"say {payload.text}", lambda: payload.text, type=str)
+    step.progress(1, 2, payload.text)
+    step.log.info(payload.text, {"text": payload.text})
+    if payload.fail:
+        raise RuntimeError(payload.text)
+    return {"echo": said}
+
+
 OPTIONS = dict(polling_interval=0.05, lease_duration=5.0, lease_renew_interval=0.2, shutdown_timeout=5.0)
-durably = Durably("sqlite:///app.db", jobs=[greet, boom, steady], **OPTIONS)
+durably = Durably("sqlite:///app.db", jobs=[greet, boom, steady, echo], **OPTIONS)
 
 
 def make_durably():
@@ -365,7 +380,7 @@ def test_serve_binds_loopback_without_auth_and_runs_jobs(background: Callable[..
     assert url.startswith("http://127.0.0.1:")
     assert "no auth hook" in server.output() and "bound to 127.0.0.1 only" in server.output()
     with httpx.Client(base_url=url, timeout=20) as http:
-        assert http.get("/health").json()["jobs"] == ["boom", "greet", "steady"]
+        assert http.get("/health").json()["jobs"] == ["boom", "echo", "greet", "steady"]
         created = http.post("/trigger", json={"job": "greet", "input": {"name": "web"}})
         assert created.status_code == 201
         run_id = created.json()["id"]
@@ -454,3 +469,77 @@ def test_purge_takes_the_duration_forms_the_http_api_takes(
     assert all(form in helped.stdout for form in ("90s", "15m", "12h", "30d", "1.5h"))
     purged = cli("purge", DB, "--older-than", "0.0s")
     assert purged.returncode == 0 and "purged 1 run(s)" in purged.stdout
+
+
+# --- stored text is escaped on the terminal ------------------------------------------------------------
+
+#: An OSC 52 clipboard write, a screen clear, a C1 CSI, a bidi override, DEL, a bell, CR and a newline.
+NASTY = "\x1b]52;c;aGFja2Vk\x07 \x1b[2J\x9b31m \u202eevil\u202c \x7f\rfake\nline"
+RAW_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _assert_escaped(result: subprocess.CompletedProcess[str] | str, *, visible: bool = True) -> None:
+    for name, text in (
+        [("stdout", result.stdout), ("stderr", result.stderr)]
+        if isinstance(result, subprocess.CompletedProcess)
+        else [("output", result)]
+    ):
+        raw = RAW_CONTROLS.search(text)
+        assert raw is None, f"raw {raw.group()!r} in {name}: {text!r}"
+    if visible:
+        combined = result if isinstance(result, str) else result.stdout + result.stderr
+        assert "\\x1b]52;c;aGFja2Vk\\x07" in combined or "\\u001b]52;c;aGFja2Vk\\u0007" in combined
+
+
+def test_control_characters_in_stored_data_are_escaped_everywhere(
+    cli: Callable[..., subprocess.CompletedProcess[str]], background: Callable[..., Background]
+) -> None:
+    label = f"note={NASTY}"
+    pending = cli("trigger", APP, "echo", "--input", json.dumps({"text": NASTY}), "--label", label)
+    assert pending.returncode == 0, pending.stderr
+    pending_id = pending.stdout.strip()
+    table = cli("runs", DB)
+    _assert_escaped(table)
+    assert len(table.stdout.splitlines()) == 2  # the newline in the label did not start a row
+    shown_label = r"note=\x1b]52;c;aGFja2Vk\x07 \x1b[2J\x9b31m \u202eevil\u202c \x7f\rfake\nline"
+    assert shown_label in table.stdout
+    _assert_escaped(cli("show", DB, pending_id))
+
+    worker = background("worker", "worker", APP)
+    worker.wait_for("worker started")
+    failed = cli("trigger", APP, "echo", "--input", json.dumps({"text": NASTY, "fail": True}),
+                 "--label", label, "--wait", "--timeout", "60")
+    assert failed.returncode == 1, failed.stderr
+    _assert_escaped(failed)
+    failed_id = failed.stdout.splitlines()[0]
+    done = cli("trigger", APP, "echo", "--input", json.dumps({"text": NASTY}), "--wait", "--timeout", "60")
+    assert done.returncode == 0, done.stderr
+    _assert_escaped(done)
+    worker.wait_for(rf"run {failed_id} \(echo\) failed")
+
+    for run_id in (pending_id, failed_id, done.stdout.splitlines()[0]):
+        shown = cli("show", DB, run_id)
+        assert shown.returncode == 0
+        _assert_escaped(shown)
+        _assert_escaped(cli("watch", DB, run_id, "--interval", "0.05"), visible=run_id != pending_id)
+    shown_failed = cli("show", DB, failed_id).stdout
+    assert "say \\x1b]52" in shown_failed and "INFO    \\x1b]52" in shown_failed
+    assert "error: RuntimeError: \\x1b]52" in shown_failed and "Traceback" in shown_failed
+
+    # JSON stays valid JSON with the very same strings in it, and just as safe.
+    listed = cli("runs", DB, "--json")
+    _assert_escaped(listed)
+    assert {run["labels"]["note"] for run in json.loads(listed.stdout) if run["labels"]} == {NASTY}
+    shown_json = cli("show", DB, failed_id, "--json")
+    _assert_escaped(shown_json)
+    document = json.loads(shown_json.stdout)
+    assert document["run"]["input"]["text"] == NASTY and document["run"]["error"]["message"] == NASTY
+    assert document["steps"][0]["name"] == f"say {NASTY}" and document["logs"][0]["message"] == NASTY
+    assert document["logs"][0]["data"] == {"text": NASTY}
+
+    # ids and other arguments echoed in error messages
+    _assert_escaped(cli("show", DB, NASTY), visible=False)
+    _assert_escaped(cli("runs", DB, "--label", label), visible=False)
+
+    assert worker.stop(signal.SIGINT) == 0
+    _assert_escaped(worker.output())
