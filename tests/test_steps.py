@@ -136,7 +136,6 @@ def _deep_types(value: Any) -> Any:
 # --- replay -----------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # lists given for tuple fields, on purpose
 async def test_replayed_values_equal_first_values_with_the_same_types(make_durably):
     calls.clear()
     first: dict[str, Any] = {}
@@ -249,7 +248,6 @@ async def test_args_and_kwargs_are_passed_to_the_callable(make_durably):
 # --- results that cannot be persisted -----------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")
 @pytest.mark.parametrize(
     ("fn", "options", "message"),
     [
@@ -294,6 +292,57 @@ async def test_unannotated_result_may_be_given_a_type(make_durably):
     done = await durably.trigger_and_wait(job, None, timeout=30)
     assert done.status == "completed"
     assert out == [datetime(2024, 1, 1)]
+
+
+async def test_an_unresolvable_return_annotation_is_named_with_its_reason_and_the_fix(make_durably):
+    # This module has 'from __future__ import annotations': '-> Local' is the string
+    # 'Local', which is not in the module's globals, so it cannot be resolved.
+    class Local(BaseModel):
+        x: int
+
+    def make_local() -> Local:
+        return Local(x=1)
+
+    errors: list[str] = []
+    typed: list[Any] = []
+
+    @define_job("local-annotation")
+    async def job(step: StepContext, payload: Any) -> None:
+        try:
+            await step.run("untyped", make_local)
+        except StepError as exc:
+            errors.append(str(exc))
+        typed.append(await step.run("typed", make_local, type=Local))
+
+    durably = await make_durably(job)
+    done = await durably.trigger_and_wait(job, None, timeout=30)
+    assert done.status == "completed", done.error
+    [message] = errors
+    assert "step 'untyped'" in message
+    assert "return annotation 'Local' of " in message and "make_local()" in message
+    assert "NameError: name 'Local' is not defined" in message
+    assert "pass type=Local to step.run()" in message
+    assert "annotate the callable's return type" not in message  # it was annotated
+    assert typed == [Local(x=1)]
+
+
+async def test_an_unresolvable_parameter_annotation_does_not_hide_the_return_type(make_durably):
+    class Local:
+        pass
+
+    def make_point(unused: Local | None = None) -> Point:
+        return Point(3, ("p",))
+
+    out: list[Any] = []
+
+    @define_job("local-parameter")
+    async def job(step: StepContext, payload: Any) -> None:
+        out.append(await step.run("point", make_point))
+
+    durably = await make_durably(job)
+    done = await durably.trigger_and_wait(job, None, timeout=30)
+    assert done.status == "completed", done.error
+    assert out == [Point(3, ("p",))]
 
 
 # --- step names and determinism -----------------------------------------------------------------
