@@ -5,7 +5,10 @@ the side effects the steps record themselves, that nothing was lost or run twice
 
 Runs the single-worker torture (a restarted worker resumes at once) and the
 two-worker race on one SQLite file, then prints a table. Exits non-zero when
-any invariant was violated. The harness lives in tests/torture/harness.py; the
+any invariant was violated. The seed (``--seed``, else ``$DURABLY_TORTURE_SEED``,
+else a random one) is printed with the table and every violation; the
+single-worker torture uses it and the two-worker one ``seed + 1``, so
+``--seed N`` replays both. The harness lives in tests/torture/harness.py; the
 short version runs in the normal test suite.
 """
 
@@ -19,17 +22,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "torture"))
 
-from harness import TortureResult, run_torture  # noqa: E402
+from harness import TortureResult, choose_seed, run_torture  # noqa: E402
 
 
 def table(rows: list[tuple[str, TortureResult]]) -> str:
     headers = [
         "mode",
+        "seed",
         "kills",
         "runs",
         "steps",
         "executions",
         "dup (in-flight)",
+        "interrupted",
+        "> lease",
+        "lapses",
+        "LeaseLost",
         "completed",
         "failed",
         "cancelled",
@@ -39,11 +47,16 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
     body = [
         [
             mode,
+            str(r.seed),
             str(r.kills),
             str(r.runs),
             str(r.steps),
             str(r.executions),
             str(r.duplicates),
+            str(r.interrupted),
+            str(r.outlasted_lease),
+            str(r.lease_lapses),
+            str(r.lease_lost_errors),
             str(r.completed),
             str(r.failed),
             str(r.cancelled),
@@ -69,11 +82,15 @@ def main() -> int:
     parser.add_argument(
         "--two-process-kills", type=int, default=100, help="SIGKILLs in the two-worker race (default 100)"
     )
-    parser.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    parser.add_argument(
+        "--seed", type=int, default=None, help="random seed (default: $DURABLY_TORTURE_SEED, else random)"
+    )
     parser.add_argument(
         "--keep", type=Path, default=None, help="keep the databases and logs in this directory"
     )
     args = parser.parse_args()
+    seed = choose_seed(args.seed)
+    print(f"seed {seed}", file=sys.stderr, flush=True)
 
     rows: list[tuple[str, TortureResult]] = []
     with tempfile.TemporaryDirectory(prefix="durably-torture-") as tmp:
@@ -82,9 +99,8 @@ def main() -> int:
         for n, (mode, processes, kills) in enumerate(plan):
             if kills <= 0:
                 continue
-            seed = None if args.seed is None else args.seed + n
-            print(f"{mode}: {kills} kills ...", file=sys.stderr, flush=True)
-            result = run_torture(base / f"p{processes}", kills=kills, processes=processes, seed=seed)
+            print(f"{mode}: {kills} kills, seed {seed + n} ...", file=sys.stderr, flush=True)
+            result = run_torture(base / f"p{processes}", kills=kills, processes=processes, seed=seed + n)
             print(f"  {result.summary()}", file=sys.stderr, flush=True)
             rows.append((mode, result))
 
@@ -92,12 +108,22 @@ def main() -> int:
     print()
     print("dup (in-flight): re-executions of a step whose process was SIGKILLed inside it, before its")
     print("  commit; each is checked to be that process's last step of the run, older than the commit.")
+    print("interrupted: kills that hit a step in flight. > lease: run executions that lived longer than")
+    print("  one lease (renewal kept them). lapses / LeaseLost: executions lost to a lease lapse of a live")
+    print("  worker / LeaseLostErrors workers reported (both 0 on a healthy run; any overlap they cause is")
+    print("  a violation).")
     failed = False
     for mode, result in rows:
         for violation in result.violations:
-            print(f"VIOLATION [{mode}]: {violation}")
+            print(f"VIOLATION [{mode}, seed {result.seed}]: {violation}")
             failed = True
+    print(f"seed: {seed}")
     print("violations: " + ("FOUND" if failed else "0"))
+    if failed:
+        print(
+            f"replay: python benchmarks/torture.py --kills {args.kills} "
+            f"--two-process-kills {args.two_process_kills} --seed {seed}"
+        )
     return 1 if failed else 0
 
 

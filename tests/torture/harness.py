@@ -1,27 +1,47 @@
 """Crash torture: SIGKILL real worker processes at random moments, then prove from the
 side effects the steps recorded themselves that nothing was lost or run twice.
 
-``run_torture(workdir, kills=N, processes=1 | 2)`` triggers a mix of runs (many
-steps, failing steps, concurrency keys, idempotency keys, child runs spawned
-from a step, cancellations issued while running) from a client in this
-process, runs them in worker subprocesses (``torture_jobs.py``) on one SQLite
-file, kills a worker ``kills`` times in a row (restarting it each time), lets a
-last worker drain the queue, and checks:
+``run_torture(workdir, kills=N, processes=1 | 2, seed=S)`` triggers a mix of runs
+(many steps, failing steps, concurrency keys, idempotency keys, child runs
+spawned from a step, cancellations issued while running, and slow runs whose
+blocking step outlasts the lease, so they survive only if the lease is renewed)
+from a client in this process, runs them in worker subprocesses
+(``torture_jobs.py``) on one SQLite file, kills a worker ``kills`` times in a
+row (restarting it each time; some kills aimed at a moment a step is in
+flight), lets the last workers drain the queue, and checks, from the
+side-effect log (every step execution writes a begin line before its side
+effect and an end line after it, tagged with pid and an execution id) and the
+database:
 
-* every accepted run (and every spawned child) reached a terminal state, the
-  one it must reach: cancelled if our cancel was accepted, failed if it has a
-  failing step, otherwise completed with the right output;
-* every committed step's side effect happened, and happened once — except for
-  executions that were in flight in a process we SIGKILLed (that execution was
-  that process's last one for the run, and its attempt is older than the
-  committed one): at-least-once only for the step in flight, exactly-once for
-  committed steps;
+* every accepted run (and every spawned child) reached the terminal state it
+  must reach: cancelled if our cancel was accepted, failed if it has a failing
+  step, otherwise completed with the right output (step values depend on the
+  run id, so a run handed another run's results has the wrong total);
+* every committed step was produced by an execution in the log, of that run
+  and that step, whose side effect ended (committed-but-never-run is caught);
+* no step ran again after its commit, and no step ran twice in one attempt;
+* no two executions of one step overlapped while both were live: a second
+  execution must begin after the first one's side effect ended or its process
+  was SIGKILLed (a takeover of a live run is a violation, whatever the lease);
+* every execution that did not produce the committed result is accounted for:
+  its process was killed while it was that process's last step of the run, or
+  the run was taken over later (a lease lapse, counted), or it is the last try
+  of a step whose run was cancelled or failed there;
+* every step that began also ended, unless its process was killed;
 * no second run for a duplicate idempotency key (ours, and the child runs a
   re-executed step triggers with a key derived from its run);
 * no overlap in time between side effects of different runs sharing a
-  concurrency key (a killed process's in-flight step ends at its kill).
+  concurrency key (a killed process's in-flight step ends at its kill);
+* every ``LeaseLostError`` a worker reported is for a run that another
+  execution really took over (they are counted: a healthy torture has none).
+
+Seeds: ``seed=None`` picks one, and every summary and violation names it;
+passing it back replays the same choices (the timing of a loaded machine is
+not replayable, so a replay may need a few tries).
 
 It returns a :class:`TortureResult` with the counts and every violation found.
+The checker (:func:`check_log`) is a plain function of the log text, the
+database rows and the client's knowledge, so tests can feed it hand-made logs.
 """
 
 from __future__ import annotations
@@ -36,6 +56,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,32 +69,57 @@ from durably_web import ConflictError, Durably
 
 WORKER_SCRIPT = Path(__file__).with_name("torture_jobs.py")
 CONCURRENCY_KEYS = ("ck-a", "ck-b")
+SEED_VARIABLE = "DURABLY_TORTURE_SEED"
+# Long enough that a loaded 2-core machine does not stall a worker's event loop past its
+# lease (a lapse while the worker lives is a takeover of a live run: a violation).
+DEFAULT_LEASE = 3.0
+DEFAULT_RENEW = 0.3
+
+
+def choose_seed(seed: int | None = None) -> int:
+    """``seed``, else ``$DURABLY_TORTURE_SEED``, else a fresh random one."""
+    if seed is not None:
+        return seed
+    env = os.environ.get(SEED_VARIABLE)
+    if env:
+        return int(env)
+    return int.from_bytes(os.urandom(4), "big")
 
 
 @dataclass
 class TortureResult:
+    seed: int = 0
     kills: int = 0
     processes: int = 1
     runs: int = 0  # accepted runs, spawned children included
     steps: int = 0  # committed steps in the database
-    executions: int = 0  # step side effects recorded in the log
-    duplicates: int = 0  # re-executions of a step that was in flight in a killed process
+    executions: int = 0  # step executions recorded in the log
+    duplicates: int = 0  # lost executions explained by a kill
+    interrupted: int = 0  # kills that hit a process with a step in flight
+    lease_lapses: int = 0  # lost executions of a live worker whose run was taken over
+    lease_lost_errors: int = 0  # LeaseLostError reported by workers
+    outlasted_lease: int = 0  # run executions that lived longer than one lease (renewal needed)
     cancelled: int = 0
     failed: int = 0
     completed: int = 0
     violations: list[str] = field(default_factory=list)
-    # Known engine issue (reported, not counted as a violation): a run cancelled while a step
-    # is in flight keeps executing that step for a moment after the next run with its
-    # concurrency key has started.
     wall_time: float = 0.0
 
     def summary(self) -> str:
         return (
-            f"kills={self.kills} processes={self.processes} runs={self.runs} steps={self.steps} "
-            f"executions={self.executions} duplicates={self.duplicates} completed={self.completed} "
-            f"failed={self.failed} cancelled={self.cancelled} violations={len(self.violations)} "
-            f"wall={self.wall_time:.1f}s"
+            f"seed={self.seed} kills={self.kills} processes={self.processes} runs={self.runs} "
+            f"steps={self.steps} executions={self.executions} duplicates={self.duplicates} "
+            f"interrupted={self.interrupted} outlasted_lease={self.outlasted_lease} "
+            f"lease_lapses={self.lease_lapses} lease_lost_errors={self.lease_lost_errors} "
+            f"completed={self.completed} failed={self.failed} cancelled={self.cancelled} "
+            f"violations={len(self.violations)} wall={self.wall_time:.1f}s"
         )
+
+    def report(self) -> str:
+        """The summary and every violation, each naming the seed to replay it with."""
+        lines = [self.summary()]
+        lines += [f"VIOLATION (seed {self.seed}): {v}" for v in self.violations]
+        return "\n".join(lines)
 
 
 @dataclass
@@ -86,37 +132,353 @@ class Expected:
     spawn: bool = False
     concurrency_key: str | None = None
     cancel_accepted: bool = False
+    protected: bool = False  # never chosen for cancellation: the mix stays mixed
 
 
-@dataclass(frozen=True)
-class Line:
-    kind: str
+@dataclass
+class Execution:
+    """One execution of one step, from its B line (and E line, if it ended)."""
+
     run_id: str
     step: str
     pid: int
+    xid: str
     attempt: int
-    t: int
-    extra: str = ""
+    begin: int
+    end: int | None = None
 
 
-def read_log(path: Path) -> tuple[list[Line], dict[int, int]]:
-    """Parse the side-effect log: step lines, and worker-ready times by pid."""
-    lines: list[Line] = []
-    ready: dict[int, int] = {}
-    if not path.exists():
-        return lines, ready
-    text = path.read_bytes().decode()
-    for raw in text.split("\n")[:-1]:  # a line being written has no newline yet
+@dataclass
+class Log:
+    executions: dict[str, Execution] = field(default_factory=dict)  # by xid
+    ready: dict[int, int] = field(default_factory=dict)  # pid -> t
+    spawned: list[tuple[str, str, str]] = field(default_factory=list)  # parent, child, xid
+    lease_lost: list[tuple[str, int, int]] = field(default_factory=list)  # run_id, pid, t
+    problems: list[str] = field(default_factory=list)
+
+
+def parse_log(text: str) -> Log:
+    """Parse the side-effect log (format in ``torture_jobs.py``); a last line without its
+    newline is still being written and is ignored."""
+    log = Log()
+    for raw in text.split("\n")[:-1]:
         parts = raw.split(" ")
-        if parts[0] == "S":
-            ready[int(parts[1])] = int(parts[2])
-        elif parts[0] in ("B", "E"):
-            lines.append(Line(parts[0], parts[1], parts[2], int(parts[3]), int(parts[4]), int(parts[5])))
-        elif parts[0] == "T":
-            lines.append(Line("T", parts[1], parts[2], int(parts[3]), int(parts[4]), int(parts[5]), parts[6]))
+        kind = parts[0]
+        if kind == "S" and len(parts) == 3:
+            log.ready[int(parts[1])] = int(parts[2])
+        elif kind == "B" and len(parts) == 7:
+            run_id, step, pid, xid, attempt, t = parts[1:]
+            if xid in log.executions:
+                log.problems.append(f"execution id {xid} begins twice")
+            log.executions[xid] = Execution(run_id, step, int(pid), xid, int(attempt), int(t))
+        elif kind == "E" and len(parts) == 7:
+            xid = parts[4]
+            execution = log.executions.get(xid)
+            if execution is None or execution.end is not None or execution.step != parts[2]:
+                log.problems.append(f"end line without its begin: {raw!r}")
+            else:
+                execution.end = int(parts[6])
+        elif kind == "T" and len(parts) == 8:
+            log.spawned.append((parts[1], parts[2], parts[4]))
+        elif kind == "L" and len(parts) == 5:
+            log.lease_lost.append((parts[1], int(parts[2]), int(parts[3])))
         else:
-            raise AssertionError(f"unparseable side-effect line {raw!r}")
-    return lines, ready
+            log.problems.append(f"unparseable side-effect line {raw!r}")
+    return log
+
+
+def read_log(path: Path) -> Log:
+    return parse_log(path.read_bytes().decode() if path.exists() else "")
+
+
+def chain_names(exp: Expected) -> tuple[list[str], str, int | None]:
+    """The steps a run of the torture-chain job must have committed, its final status, and
+    the names whose values make up its total (None: no output expected)."""
+    names = [f"s{i}" for i in range(exp.steps)]
+    if exp.spawn and exp.steps > 1:
+        names.append("spawn")
+    if exp.cancel_accepted:
+        return names, "cancelled", None
+    if exp.fail_at >= 0:
+        committed = names[: exp.fail_at] + (["spawn"] if exp.spawn and exp.fail_at >= 1 else [])
+        return committed, "failed", None
+    return (
+        names,
+        "completed",
+        torture_jobs.expected_total(exp.run_id, torture_jobs.chain_value_steps(exp.steps)),
+    )
+
+
+def check_log(
+    log: Log,
+    runs: dict[str, dict[str, Any]],
+    step_rows: Iterable[dict[str, Any]],
+    expected: dict[str, Expected],
+    killed: dict[int, int],
+    result: TortureResult,
+    *,
+    lease_ns: int,
+    idempotency: dict[str, str] | None = None,
+) -> None:
+    """Check every invariant of the module docstring; add counts and violations to ``result``.
+
+    ``runs`` and ``step_rows`` are the database rows (as dicts), ``expected`` what the
+    client accepted, ``killed`` the SIGKILL time (``time.monotonic_ns()``, after the
+    process was reaped) of every process we killed.
+    """
+    violations = result.violations
+    violations.extend(log.problems)
+    executions = list(log.executions.values())
+    result.executions = len(executions)
+
+    def stopped(e: Execution) -> int | None:
+        """When the execution's side effect stopped: its end line, or its process's death."""
+        death = killed.get(e.pid)
+        if death is not None and death < e.begin:
+            death = None  # a reused pid: not this process's death
+        candidates = [t for t in (e.end, death) if t is not None]
+        return min(candidates) if candidates else None
+
+    # Every step that began also ended, unless its process was killed.
+    for e in executions:
+        if stopped(e) is None:
+            violations.append(
+                f"step {e.run_id}/{e.step}: execution {e.xid} (pid {e.pid}) began and never ended "
+                "in a worker that was not killed"
+            )
+    result.interrupted = sum(1 for pid in killed if any(e.pid == pid and e.end is None for e in executions))
+
+    by_step: dict[tuple[str, str], list[Execution]] = defaultdict(list)
+    for e in executions:
+        by_step[(e.run_id, e.step)].append(e)
+    for items in by_step.values():
+        items.sort(key=lambda e: e.begin)
+
+    # No two live executions of one step at once.
+    for (run_id, name), items in by_step.items():
+        for i, first in enumerate(items):
+            first_stop = stopped(first)
+            for second in items[i + 1 :]:
+                if first_stop is None or second.begin < first_stop:
+                    lasted = (
+                        "never stopped"
+                        if first_stop is None
+                        else f"{(first_stop - second.begin) / 1e6:.1f} ms"
+                    )
+                    violations.append(
+                        f"step {run_id}/{name}: two live executions at once: {second.xid} (pid {second.pid}, "
+                        f"attempt {second.attempt}) began while {first.xid} (pid {first.pid}, attempt "
+                        f"{first.attempt}) was still running it (overlap: {lasted}; first killed: "
+                        f"{first.pid in killed})"
+                    )
+        per_attempt: dict[int, list[str]] = defaultdict(list)
+        for e in items:
+            per_attempt[e.attempt].append(e.xid)
+        for attempt, xids in per_attempt.items():
+            if len(xids) > 1:
+                violations.append(f"step {run_id}/{name} ran {len(xids)} times in attempt {attempt}: {xids}")
+
+    rows_of: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
+    for row in step_rows:
+        rows_of[row["run_id"]][row["name"]] = row
+    result.steps = sum(1 for rows in rows_of.values() for r in rows.values() if r["status"] == "completed")
+
+    # Every committed step came from an ended execution of that very run and step.
+    committed_xid: dict[tuple[str, str], str] = {}
+    for run_id, rows in rows_of.items():
+        for name, row in rows.items():
+            if row["status"] == "failed":
+                if not any(e.end is not None for e in by_step.get((run_id, name), [])):
+                    violations.append(f"step {run_id}/{name} is recorded failed but never ran to its end")
+                continue
+            if row["status"] != "completed":
+                continue
+            output = json.loads(row["output"]) if row["output"] else None
+            xid = output.get("x") if isinstance(output, dict) else None
+            execution = log.executions.get(xid) if isinstance(xid, str) else None
+            if execution is None:
+                violations.append(
+                    f"step {run_id}/{name} is committed (result {output}) but no execution of it is in "
+                    "the side effects: recorded, never executed"
+                )
+                continue
+            if (execution.run_id, execution.step) != (run_id, name) or output.get("run") != run_id:
+                violations.append(
+                    f"step {run_id}/{name} committed the result of {execution.run_id}/{execution.step} "
+                    f"(execution {xid}): results mixed up"
+                )
+                continue
+            if execution.end is None:
+                violations.append(f"step {run_id}/{name} was committed before its side effect ended ({xid})")
+            if name != "spawn" and output.get("v") != torture_jobs.step_value(run_id, name):
+                violations.append(f"step {run_id}/{name} committed value {output.get('v')}, not its own")
+            committed_xid[(run_id, name)] = xid
+
+    # Runs taken over later: the last attempt that executed anything, per run.
+    last_attempt: dict[str, int] = defaultdict(int)
+    for e in executions:
+        last_attempt[e.run_id] = max(last_attempt[e.run_id], e.attempt)
+    for run_id, row in runs.items():
+        last_attempt[run_id] = max(last_attempt[run_id], int(row.get("attempt") or 0))
+    lost_lease_at: set[tuple[str, int]] = {(run_id, pid) for run_id, pid, _ in log.lease_lost}
+
+    # Committed steps never run again; every other execution is accounted for.
+    for (run_id, name), items in by_step.items():
+        xid = committed_xid.get((run_id, name))
+        row = rows_of.get(run_id, {}).get(name)
+        run_status = runs.get(run_id, {}).get("status")
+        if xid is not None:
+            committed = log.executions[xid]
+            lost = [e for e in items if e.xid != xid]
+            for e in lost:
+                if e.begin > committed.begin or e.attempt > committed.attempt:
+                    violations.append(
+                        f"step {run_id}/{name} ran again after its commit: {e.xid} (pid {e.pid}, attempt "
+                        f"{e.attempt}) after the committed {xid} (attempt {committed.attempt})"
+                    )
+            lost = [e for e in lost if e.begin < committed.begin and e.attempt < committed.attempt]
+        else:
+            lost = list(items)
+            last = items[-1]
+            if row is not None and row["status"] == "failed":
+                lost.remove(last)  # the failing execution itself
+            elif run_status == "cancelled" and row is None:
+                lost.remove(last)  # in flight when the cancel stopped its run
+            elif run_status == "completed":
+                violations.append(f"step {run_id}/{name} ran but its completed run has no record of it")
+        for e in lost:
+            death = killed.get(e.pid)
+            if death is not None and death >= e.begin:
+                later = [
+                    o
+                    for o in executions
+                    if o.pid == e.pid and o.run_id == run_id and o.attempt == e.attempt and o.begin > e.begin
+                ]
+                if not later:
+                    result.duplicates += 1
+                    continue
+            if last_attempt[run_id] > e.attempt or (run_id, e.pid) in lost_lease_at:
+                result.lease_lapses += 1  # a live worker's run was taken over: counted, overlap checked above
+                continue
+            violations.append(
+                f"step {run_id}/{name} ran more than once: {e.xid} (pid {e.pid}, attempt {e.attempt}, "
+                f"killed: {e.pid in killed}) is neither a killed worker's in-flight step "
+                "nor a taken-over run's"
+            )
+
+    # Lease-lost errors: only for runs another execution really took over.
+    result.lease_lost_errors = len(log.lease_lost)
+    for run_id, pid, _t in log.lease_lost:
+        mine = [e.attempt for e in executions if e.run_id == run_id and e.pid == pid]
+        if not mine or last_attempt[run_id] <= max(mine):
+            violations.append(
+                f"worker {pid} reported LeaseLostError for run {run_id}, which nobody took over"
+            )
+
+    # Renewal mattered: run executions (per run, attempt, process) that lived longer than a lease.
+    spans: dict[tuple[str, int, int], list[int]] = {}
+    for e in executions:
+        stop = stopped(e) or e.begin
+        span = spans.setdefault((e.run_id, e.attempt, e.pid), [e.begin, stop])
+        span[0], span[1] = min(span[0], e.begin), max(span[1], stop)
+    result.outlasted_lease = sum(1 for begin, end in spans.values() if end - begin > lease_ns)
+
+    check_runs(log, runs, rows_of, expected, result, idempotency or {})
+    check_concurrency(runs, spans, result)
+
+
+def check_runs(
+    log: Log,
+    runs: dict[str, dict[str, Any]],
+    rows_of: dict[str, dict[str, dict[str, Any]]],
+    expected: dict[str, Expected],
+    result: TortureResult,
+    idempotency: dict[str, str],
+) -> None:
+    """Children, phantom and lost runs, terminal states and outputs."""
+    violations = result.violations
+    spawned: dict[str, set[str]] = defaultdict(set)
+    for parent, child_id, _xid in log.spawned:
+        spawned[parent].add(child_id)
+    children: dict[str, str] = {}
+    for parent, child_ids in spawned.items():
+        if len(child_ids) != 1:
+            violations.append(f"run {parent} spawned {len(child_ids)} child runs: {sorted(child_ids)}")
+        for child_id in child_ids:
+            children[child_id] = parent
+    for run_id, row in runs.items():
+        if row["job_name"] == "torture-child":
+            key = row["idempotency_key"]
+            if run_id not in children or key != f"spawn:{children[run_id]}":
+                violations.append(f"child run {run_id} (key {key!r}) was not seen being spawned")
+
+    for run_id in runs:
+        if run_id not in expected and run_id not in children:
+            violations.append(f"run {run_id} exists but was never accepted")
+    for run_id in list(expected) + list(children):
+        if run_id not in runs:
+            violations.append(f"accepted run {run_id} is missing from the database")
+    result.runs = len(expected) + len(children)
+    keys: dict[str, list[str]] = defaultdict(list)
+    for run_id, row in runs.items():
+        if row.get("idempotency_key") and row["job_name"] == "torture-chain":
+            keys[row["idempotency_key"]].append(run_id)
+    for key, ids in keys.items():
+        if len(ids) > 1 or (key in idempotency and idempotency[key] != ids[0]):
+            violations.append(f"idempotency key {key!r} has runs {ids} (accepted: {idempotency.get(key)})")
+
+    for run_id, row in runs.items():
+        status = row["status"]
+        if status in ("completed", "failed", "cancelled"):
+            setattr(result, status, getattr(result, status) + 1)
+        else:
+            violations.append(f"run {run_id} ended the torture {status}")
+            continue
+        if run_id in children:
+            names, want_status = torture_jobs.CHILD_STEPS, "completed"
+            want_total: int | None = torture_jobs.expected_total(run_id, torture_jobs.CHILD_STEPS)
+        elif run_id in expected:
+            names, want_status, want_total = chain_names(expected[run_id])
+        else:
+            continue
+        if status != want_status:
+            violations.append(f"run {run_id} ended {status}, expected {want_status}")
+            continue
+        recorded = rows_of.get(run_id, {})
+        if status == "completed":
+            output = json.loads(row["output"])
+            if output != {"total": want_total}:
+                violations.append(f"run {run_id} output {output} != total {want_total}")
+        if status == "failed":
+            failed = [n for n, r in recorded.items() if r["status"] == "failed"]
+            if failed != [f"s{expected[run_id].fail_at}"]:
+                violations.append(f"failed run {run_id} recorded failed steps {failed}")
+        if status in ("completed", "failed"):
+            missing = [n for n in names if recorded.get(n, {}).get("status") != "completed"]
+            if missing:
+                violations.append(f"{status} run {run_id} lacks committed steps {missing}")
+
+
+def check_concurrency(
+    runs: dict[str, dict[str, Any]], spans: dict[tuple[str, int, int], list[int]], result: TortureResult
+) -> None:
+    """Side effects of different runs with one concurrency key never overlap in time."""
+    segments: dict[str, list[tuple[int, int, str, int, int]]] = defaultdict(list)
+    for (run_id, attempt, pid), (begin, end) in spans.items():
+        key = runs.get(run_id, {}).get("concurrency_key")
+        if key is not None:
+            segments[key].append((begin, end, run_id, attempt, pid))
+    for key, items in segments.items():
+        items.sort()
+        for i, (_s1, e1, r1, a1, p1) in enumerate(items):
+            for s2, _e2, r2, a2, p2 in items[i + 1 :]:
+                if s2 >= e1:
+                    break
+                if r1 != r2:
+                    result.violations.append(
+                        f"concurrency key {key}: run {r1} (attempt {a1}, pid {p1}) and run {r2} "
+                        f"(attempt {a2}, pid {p2}) overlapped by {(e1 - s2) / 1e6:.1f} ms"
+                    )
 
 
 class WorkerProcess:
@@ -149,15 +511,16 @@ class Torture:
         kills: int,
         processes: int,
         seed: int,
-        lease: float,
-        renew: float,
-        poll: float,
-        max_kill_delay: float,
-        drain_timeout: float,
+        lease: float = DEFAULT_LEASE,
+        renew: float = DEFAULT_RENEW,
+        poll: float = 0.05,
+        max_kill_delay: float = 0.6,
+        drain_timeout: float = 180.0,
     ) -> None:
         self.workdir = workdir
         self.kills = kills
         self.processes = processes
+        self.seed = seed
         self.rng = random.Random(seed)
         self.lease = lease
         self.max_kill_delay = max_kill_delay
@@ -171,10 +534,10 @@ class Torture:
             self.options.append("--sole")
         self.expected: dict[str, Expected] = {}
         self.idempotency: dict[str, str] = {}  # our idempotency key -> run id
-        self.killed: dict[int, int] = {}  # pid -> monotonic_ns of the kill
+        self.killed: dict[int, int] = {}  # pid -> monotonic_ns once the killed process was reaped
         self.workers: list[WorkerProcess] = []
         self.started = 0
-        self.result = TortureResult(kills=0, processes=processes)
+        self.result = TortureResult(seed=seed, kills=0, processes=processes)
         self.client: Durably | None = None
 
     # --- processes ------------------------------------------------------------------------
@@ -186,16 +549,24 @@ class Torture:
         self.workers.append(worker)
         return worker
 
-    async def wait_ready(self, worker: WorkerProcess, timeout: float = 30.0) -> None:
+    async def wait_ready(self, worker: WorkerProcess, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         while True:
-            _, ready = read_log(self.log_path)
-            if worker.pid in ready:
+            if worker.pid in read_log(self.log_path).ready:
                 return
             if not worker.alive():
                 raise RuntimeError(f"worker {worker.pid} exited early:\n{worker.stderr()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"worker {worker.pid} did not start in {timeout}s:\n{worker.stderr()}")
+            await asyncio.sleep(0.01)
+
+    async def wait_in_flight(self, worker: WorkerProcess, timeout: float) -> None:
+        """Wait (up to ``timeout``) until ``worker`` has a step in flight: an aimed kill."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = read_log(self.log_path)
+            if any(e.pid == worker.pid and e.end is None for e in log.executions.values()):
+                return
             await asyncio.sleep(0.01)
 
     def kill(self, worker: WorkerProcess) -> None:
@@ -224,8 +595,60 @@ class Torture:
         self.workers.clear()
 
     # --- the client's side: triggers and cancels ---------------------------------------------------
-    async def trigger_some(self, count: int) -> None:
+    async def trigger(
+        self, payload: dict[str, Any], options: dict[str, Any], *, protected: bool = False
+    ) -> str | None:
+        """Trigger one torture-chain run and check its disposition; the run id if it was created."""
         assert self.client is not None
+        try:
+            run = await self.client.trigger("torture-chain", payload, **options)
+        except ConflictError:
+            return None  # a pending run already holds this concurrency key: not accepted
+        key = options.get("idempotency_key")
+        violations = self.result.violations
+        if run.disposition == "created":
+            if run.id in self.expected:
+                violations.append(f"trigger returned existing run {run.id} as created")
+            self.expected[run.id] = Expected(
+                run_id=run.id,
+                steps=payload["steps"],
+                fail_at=payload.get("fail_at", -1),
+                spawn=payload.get("spawn", False),
+                concurrency_key=options.get("concurrency_key"),
+                protected=protected,
+            )
+            if key is not None:
+                if key in self.idempotency:
+                    violations.append(
+                        f"idempotency key {key!r} created a second run {run.id} "
+                        f"(first: {self.idempotency[key]})"
+                    )
+                self.idempotency[key] = run.id
+            return run.id
+        if run.disposition == "idempotent":
+            if key is None or self.idempotency.get(key) != run.id:
+                violations.append(
+                    f"idempotent trigger for {key!r} returned {run.id}, expected {self.idempotency.get(key)}"
+                )
+        elif run.disposition == "coalesced":
+            if run.id not in self.expected or run.status != "pending":
+                violations.append(f"coalesced into unknown or non-pending run {run.id}")
+        return None
+
+    def slow_delay(self) -> float:
+        return self.lease * 1.25  # one blocking step outlasts the lease: renewal must work
+
+    async def trigger_mix(self) -> str | None:
+        """One of each kind, never cancelled, so every torture exercises every kind; returns
+        the keyed run's id."""
+        await self.trigger({"steps": 5, "delay": 0.02, "fail_at": 3}, {}, protected=True)
+        await self.trigger({"steps": 4, "delay": 0.02, "slow": self.slow_delay()}, {}, protected=True)
+        await self.trigger({"steps": 4, "delay": 0.02, "spawn": True}, {}, protected=True)
+        await self.trigger({"steps": 3, "delay": 0.02}, {"idempotency_key": "idem-mix"}, protected=True)
+        await self.trigger({"steps": 3, "delay": 0.02}, {"idempotency_key": "idem-mix"})
+        return await self.trigger({"steps": 10, "delay": 0.05}, {"concurrency_key": "ck-a"}, protected=True)
+
+    async def trigger_some(self, count: int) -> None:
         for _ in range(count):
             roll = self.rng.random()
             steps = self.rng.randint(3, 12)
@@ -235,6 +658,8 @@ class Torture:
                 payload["fail_at"] = self.rng.randrange(steps)
             if self.rng.random() < 0.25:
                 payload["spawn"] = True
+            if self.rng.random() < 0.08:
+                payload["slow"] = self.slow_delay()
             if 0.2 <= roll < 0.5:
                 options["concurrency_key"] = self.rng.choice(CONCURRENCY_KEYS)
                 if self.rng.random() < 0.5:
@@ -242,44 +667,13 @@ class Torture:
             if 0.5 <= roll < 0.7:
                 # A small key space so that keys repeat, across kills too.
                 options["idempotency_key"] = f"idem-{self.rng.randrange(12)}"
-            try:
-                run = await self.client.trigger("torture-chain", payload, **options)
-            except ConflictError:
-                continue  # a pending run already holds this concurrency key: not accepted
-            key = options.get("idempotency_key")
-            if run.disposition == "created":
-                if run.id in self.expected:
-                    self.result.violations.append(f"trigger returned existing run {run.id} as created")
-                self.expected[run.id] = Expected(
-                    run_id=run.id,
-                    steps=steps,
-                    fail_at=payload.get("fail_at", -1),
-                    spawn=payload.get("spawn", False),
-                    concurrency_key=options.get("concurrency_key"),
-                )
-                if key is not None:
-                    if key in self.idempotency:
-                        self.result.violations.append(
-                            f"idempotency key {key!r} created a second run {run.id} "
-                            f"(first: {self.idempotency[key]})"
-                        )
-                    self.idempotency[key] = run.id
-            elif run.disposition == "idempotent":
-                if key is None or self.idempotency.get(key) != run.id:
-                    self.result.violations.append(
-                        f"idempotent trigger for {key!r} returned {run.id}, "
-                        f"expected {self.idempotency.get(key)}"
-                    )
-            elif run.disposition == "coalesced":
-                if run.id not in self.expected or run.status != "pending":
-                    self.result.violations.append(f"coalesced into unknown or non-pending run {run.id}")
+            await self.trigger(payload, options)
 
     async def cancel_some(self) -> None:
         assert self.client is not None
-        leased = [r for r in await self.client.get_runs(status="leased", limit=1000) if r.id in self.expected]
-        pending = [
-            r for r in await self.client.get_runs(status="pending", limit=1000) if r.id in self.expected
-        ]
+        candidates = {run_id for run_id, exp in self.expected.items() if not exp.protected}
+        leased = [r for r in await self.client.get_runs(status="leased", limit=1000) if r.id in candidates]
+        pending = [r for r in await self.client.get_runs(status="pending", limit=1000) if r.id in candidates]
         pool = leased or pending
         if not pool:
             return
@@ -296,6 +690,20 @@ class Torture:
         assert self.client is not None
         return len(await self.client.get_runs(status=["pending", "leased"], limit=10_000))
 
+    async def run_keyed_pair(self, first: str | None) -> None:
+        """Once the keyed run of the mix is leased, trigger another run of its key: it must
+        wait (a broken concurrency check runs both at once)."""
+        assert self.client is not None
+        if first is None:
+            return
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            run = await self.client.get_run(first)
+            if run.status != "pending":
+                break
+            await asyncio.sleep(0.01)
+        await self.trigger({"steps": 4, "delay": 0.02}, {"concurrency_key": "ck-a"}, protected=True)
+
     # --- the torture ------------------------------------------------------------------------------
     async def run(self) -> TortureResult:
         began = time.monotonic()
@@ -303,10 +711,11 @@ class Torture:
         self.client = Durably(self.db_url, jobs=torture_jobs.JOBS, worker=False, polling_interval=0.05)
         await self.client.init()
         try:
-            await self.trigger_some(6)
+            keyed = await self.trigger_mix()
             for _ in range(self.processes):
                 await self.wait_ready(self.start_worker())
-            for _ in range(self.kills):
+            await self.run_keyed_pair(keyed)
+            for n in range(self.kills):
                 if await self.unfinished() < 6:
                     await self.trigger_some(self.rng.randint(2, 5))
                 if self.rng.random() < 0.35:
@@ -314,8 +723,14 @@ class Torture:
                     await self.cancel_some()
                 if self.rng.random() < 0.3:
                     await self.trigger_some(1)  # a trigger racing the kill
-                await asyncio.sleep(self.rng.uniform(0.0, self.max_kill_delay))
                 victim = self.rng.choice(self.workers)
+                roll = self.rng.random()
+                if n == 0 or roll < 0.4:
+                    await self.wait_in_flight(victim, timeout=5.0)  # aimed: a step is in flight
+                elif roll < 0.5:
+                    await asyncio.sleep(self.lease * 1.3)  # long enough that leases need renewing
+                else:
+                    await asyncio.sleep(self.rng.uniform(0.0, self.max_kill_delay))
                 self.kill(victim)
                 if self.processes > 1 and self.rng.random() < 0.5:
                     # Sometimes let the survivor take over on its own (lease expiry) for a while.
@@ -351,9 +766,6 @@ class Torture:
 
     # --- the invariants -------------------------------------------------------------------------
     def check(self) -> None:
-        result = self.result
-        violations = result.violations
-        lines, _ = read_log(self.log_path)
         conn = sqlite3.connect(self.db_path)
         conn.row_factory = sqlite3.Row
         try:
@@ -361,182 +773,16 @@ class Torture:
             step_rows = [dict(row) for row in conn.execute("SELECT * FROM durably_steps")]
         finally:
             conn.close()
-
-        begins: dict[tuple[str, str], list[Line]] = defaultdict(list)
-        by_attempt: dict[tuple[str, int], list[Line]] = defaultdict(list)
-        spawned: dict[str, set[str]] = defaultdict(set)
-        for line in lines:
-            if line.kind == "B":
-                begins[(line.run_id, line.step)].append(line)
-                by_attempt[(line.run_id, line.attempt)].append(line)
-            elif line.kind == "E":
-                by_attempt[(line.run_id, line.attempt)].append(line)
-            elif line.kind == "T":
-                spawned[line.run_id].add(line.step)  # the child run id
-        result.executions = sum(len(v) for v in begins.values())
-
-        # Child runs: exactly one per parent that ran its spawn step, whatever re-executions.
-        children: dict[str, str] = {}
-        for parent, child_ids in spawned.items():
-            if len(child_ids) != 1:
-                violations.append(f"run {parent} spawned {len(child_ids)} child runs: {sorted(child_ids)}")
-            for child_id in child_ids:
-                children[child_id] = parent
-        for run_id, row in runs.items():
-            if row["job_name"] == "torture-child":
-                key = row["idempotency_key"]
-                if run_id not in children or key != f"spawn:{children[run_id]}":
-                    violations.append(f"child run {run_id} (key {key!r}) was not seen being spawned")
-
-        # No phantom runs, no lost runs.
-        for run_id in runs:
-            if run_id not in self.expected and run_id not in children:
-                violations.append(f"run {run_id} exists but was never accepted")
-        for run_id in list(self.expected) + list(children):
-            if run_id not in runs:
-                violations.append(f"accepted run {run_id} is missing from the database")
-        result.runs = len(self.expected) + len(children)
-
-        steps_of: dict[str, dict[str, dict[str, Any]]] = defaultdict(dict)
-        for row in step_rows:
-            steps_of[row["run_id"]][row["name"]] = row
-        result.steps = sum(1 for row in step_rows if row["status"] == "completed")
-
-        # Terminal states and outputs.
-        for run_id, row in runs.items():
-            status = row["status"]
-            if status in ("completed", "failed", "cancelled"):
-                setattr(result, status, getattr(result, status) + 1)
-            else:
-                violations.append(f"run {run_id} ended the torture {status}")
-                continue
-            if run_id in children:
-                want_status, want_total, names = "completed", 7, ["c0", "c1"]
-            elif run_id in self.expected:
-                exp = self.expected[run_id]
-                names = [f"s{i}" for i in range(exp.steps)]
-                if exp.spawn and exp.steps > 1:
-                    names.append("spawn")
-                if exp.cancel_accepted:
-                    want_status, want_total = "cancelled", None
-                elif exp.fail_at >= 0:
-                    want_status, want_total = "failed", None
-                    names = names[: exp.fail_at] + (["spawn"] if exp.spawn and exp.fail_at >= 1 else [])
-                else:
-                    want_status, want_total = "completed", torture_jobs.expected_total(exp.steps)
-            else:
-                continue
-            if status != want_status:
-                violations.append(f"run {run_id} ended {status}, expected {want_status}")
-                continue
-            recorded = steps_of.get(run_id, {})
-            if status == "completed":
-                output = json.loads(row["output"])
-                if output != {"total": want_total}:
-                    violations.append(f"run {run_id} output {output} != total {want_total}")
-                missing = [n for n in names if recorded.get(n, {}).get("status") != "completed"]
-                if missing:
-                    violations.append(f"completed run {run_id} lacks committed steps {missing}")
-            if status == "failed":
-                exp = self.expected[run_id]
-                failed = [n for n, r in recorded.items() if r["status"] == "failed"]
-                if failed != [f"s{exp.fail_at}"]:
-                    violations.append(f"failed run {run_id} recorded failed steps {failed}")
-                missing = [n for n in names if recorded.get(n, {}).get("status") != "completed"]
-                if missing:
-                    violations.append(f"failed run {run_id} lacks committed steps {missing}")
-
-        # Exactly once for committed steps; re-execution only for the step in flight at a kill.
-        for (run_id, name), executions in begins.items():
-            row = steps_of.get(run_id, {}).get(name)
-            if row is not None and row["status"] == "completed":
-                output = json.loads(row["output"])
-                committed = [
-                    e for e in executions if (e.pid, e.attempt) == (output["pid"], output["attempt"])
-                ]
-                if len(committed) != 1:
-                    violations.append(
-                        f"step {run_id}/{name}: committed execution pid={output['pid']} "
-                        f"attempt={output['attempt']} found {len(committed)} times in the side effects"
-                    )
-                    continue
-                others = [e for e in executions if e is not committed[0]]
-                for e in others:
-                    if e.attempt >= committed[0].attempt:
-                        violations.append(
-                            f"step {run_id}/{name} ran again after its commit "
-                            f"(pid {e.pid}, attempt {e.attempt})"
-                        )
-            else:
-                # Uncommitted (in flight when the run ended by cancel) or the failing step.
-                run_status = runs.get(run_id, {}).get("status")
-                last = max(executions, key=lambda e: e.attempt)
-                others = [e for e in executions if e is not last]
-                if row is None and run_status != "cancelled":
-                    others = executions  # every execution must be explained by a kill
-                    if run_status == "completed":
-                        violations.append(f"step {run_id}/{name} ran but its completed run has no record")
-            for e in others:
-                if self.explained_by_kill(e, by_attempt):
-                    result.duplicates += 1
-                else:
-                    violations.append(
-                        f"step {run_id}/{name} ran more than once: pid {e.pid} attempt {e.attempt} "
-                        f"(killed: {e.pid in self.killed}) is not the in-flight step of a killed worker"
-                    )
-
-        self.check_concurrency(runs, by_attempt)
-
-    def explained_by_kill(self, execution: Line, by_attempt: dict[tuple[str, int], list[Line]]) -> bool:
-        """A lost execution must be the last thing its process did for that run before we killed it."""
-        killed_at = self.killed.get(execution.pid)
-        if killed_at is None or killed_at < execution.t:
-            return False
-        later = [
-            line
-            for line in by_attempt[(execution.run_id, execution.attempt)]
-            if line.kind == "B" and line.t > execution.t
-        ]
-        return not later
-
-    def check_concurrency(
-        self, runs: dict[str, dict[str, Any]], by_attempt: dict[tuple[str, int], list[Line]]
-    ) -> None:
-        """Side effects of different runs with one concurrency key never overlap in time."""
-        segments: dict[str, list[tuple[int, int, str, int, int]]] = defaultdict(list)
-        for (run_id, attempt), lines in by_attempt.items():
-            key = runs.get(run_id, {}).get("concurrency_key")
-            if key is None:
-                continue
-            start = min(line.t for line in lines)
-            end = max(line.t for line in lines)
-            pid = lines[0].pid
-            open_steps = {line.step for line in lines if line.kind == "B"} - {
-                line.step for line in lines if line.kind == "E"
-            }
-            if open_steps:
-                killed_at = self.killed.get(pid)
-                if killed_at is None:
-                    self.result.violations.append(
-                        f"run {run_id} attempt {attempt}: steps {sorted(open_steps)} began and never ended "
-                        f"in a worker that was not killed"
-                    )
-                else:
-                    end = max(end, killed_at)  # in flight until the process died
-            segments[key].append((start, end, run_id, attempt, pid))
-        for key, items in segments.items():
-            items.sort()
-            for i, (_s1, e1, r1, a1, p1) in enumerate(items):
-                for s2, _e2, r2, a2, p2 in items[i + 1 :]:
-                    if s2 >= e1:
-                        break
-                    if r1 == r2:
-                        continue
-                    message = (
-                        f"concurrency key {key}: run {r1} (attempt {a1}, pid {p1}) and run {r2} "
-                        f"(attempt {a2}, pid {p2}) overlapped by {(e1 - s2) / 1e6:.1f} ms"
-                    )
-                    self.result.violations.append(message)
+        check_log(
+            read_log(self.log_path),
+            runs,
+            step_rows,
+            self.expected,
+            self.killed,
+            self.result,
+            lease_ns=int(self.lease * 1e9),
+            idempotency=self.idempotency,
+        )
 
 
 async def torture(
@@ -545,20 +791,21 @@ async def torture(
     kills: int = 8,
     processes: int = 1,
     seed: int | None = None,
-    lease: float = 1.0,
-    renew: float = 0.2,
+    lease: float = DEFAULT_LEASE,
+    renew: float = DEFAULT_RENEW,
     poll: float = 0.05,
     max_kill_delay: float = 0.6,
-    drain_timeout: float = 120.0,
+    drain_timeout: float = 180.0,
 ) -> TortureResult:
-    """Run the crash torture in ``workdir`` (created if needed) and return its counts."""
-    if seed is None:
-        seed = int.from_bytes(os.urandom(4), "big")
+    """Run the crash torture in ``workdir`` (created if needed) and return its counts.
+
+    ``seed``: see :func:`choose_seed`; the result names the seed used.
+    """
     harness = Torture(
         Path(workdir),
         kills=kills,
         processes=processes,
-        seed=seed,
+        seed=choose_seed(seed),
         lease=lease,
         renew=renew,
         poll=poll,

@@ -1,89 +1,220 @@
 """The crash torture, short: SIGKILL real worker processes 8 times in a row and check the
-invariants from the steps' own side-effect log (the long run is benchmarks/torture.py)."""
+invariants from the steps' own side-effect log (the long run is benchmarks/torture.py),
+and unit tests of the checker itself on hand-made logs.
+
+Replay a failure with the seed it printed: ``DURABLY_TORTURE_SEED=N pytest tests/torture``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
-from pathlib import Path
 from typing import Any
 
-from harness import Line, Torture, TortureResult, run_torture
+import pytest
+from harness import Expected, TortureResult, check_log, parse_log, run_torture
 from helpers import wait_until
+from torture_jobs import step_value
 
 from durably_web import Durably, StepContext, define_job
 
-
-def assert_clean(result: TortureResult, kills: int) -> None:
-    assert result.violations == [], "\n".join(result.violations)
-    assert result.kills == kills
-    assert result.runs >= 6 and result.steps > 0
-    assert result.completed + result.failed + result.cancelled == result.runs
-    assert result.completed > 0 and result.failed > 0  # the mix really was mixed
+KILLS = 8
 
 
-def test_sigkill_torture_single_worker(tmp_path: Path) -> None:
-    result = run_torture(tmp_path, kills=8, processes=1)
-    assert_clean(result, 8)
+@pytest.fixture(scope="module", params=[1, 2], ids=["single-worker", "two-workers-one-file"])
+def torture_result(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TortureResult:
+    """One torture per mode, shared by the assertions below (each states one thing)."""
+    workdir = tmp_path_factory.mktemp(f"torture-{request.param}")
+    return run_torture(workdir, kills=KILLS, processes=request.param)
 
 
-def test_sigkill_torture_two_workers_racing_on_one_file(tmp_path: Path) -> None:
-    result = run_torture(tmp_path, kills=8, processes=2)
-    assert_clean(result, 8)
+def test_torture_finds_no_violation(torture_result: TortureResult) -> None:
+    assert torture_result.violations == [], torture_result.report()
 
 
-def test_the_checker_catches_re_execution_lost_runs_and_overlaps(tmp_path: Path) -> None:
-    """Forge the side effects a broken engine would leave, and watch the checker object."""
-    harness = Torture(
-        tmp_path,
-        kills=2,
-        processes=1,
-        seed=7,
-        lease=1.0,
-        renew=0.2,
-        poll=0.05,
-        max_kill_delay=0.4,
-        drain_timeout=60,
+def test_torture_killed_as_often_as_asked(torture_result: TortureResult) -> None:
+    assert torture_result.kills == KILLS, torture_result.summary()
+
+
+def test_a_kill_interrupted_a_step_in_flight(torture_result: TortureResult) -> None:
+    assert torture_result.interrupted > 0, torture_result.summary()
+
+
+def test_some_run_outlived_its_lease_so_renewal_mattered(torture_result: TortureResult) -> None:
+    assert torture_result.outlasted_lease > 0, torture_result.summary()
+
+
+def test_every_run_ended(torture_result: TortureResult) -> None:
+    r = torture_result
+    assert r.completed + r.failed + r.cancelled == r.runs, r.summary()
+
+
+def test_the_mix_was_mixed(torture_result: TortureResult) -> None:
+    assert torture_result.completed > 0 and torture_result.failed > 0, torture_result.summary()
+
+
+# --- the checker, on hand-made logs --------------------------------------------------------------
+
+LEASE_NS = 3_000_000_000
+
+
+def committed(run_id: str, name: str, xid: str, *, of: str | None = None) -> dict[str, Any]:
+    """A committed step row whose result came from execution ``xid`` of run ``of``."""
+    source = of or run_id
+    output = {"v": step_value(source, name), "x": xid, "run": source, "step": name}
+    return {"run_id": run_id, "name": name, "status": "completed", "output": json.dumps(output)}
+
+
+def one_step_run(run_id: str, *, attempt: int) -> dict[str, Any]:
+    total = step_value(run_id, "s0")
+    return {
+        "id": run_id,
+        "job_name": "torture-chain",
+        "status": "completed",
+        "output": json.dumps({"total": total}),
+        "idempotency_key": None,
+        "concurrency_key": None,
+        "attempt": attempt,
+    }
+
+
+def check(
+    log_lines: list[str],
+    step_rows: list[dict[str, Any]],
+    *,
+    runs: dict[str, dict[str, Any]] | None = None,
+    killed: dict[int, int] | None = None,
+) -> TortureResult:
+    """Run the checker on a one-step run R1 (unless ``runs`` says otherwise)."""
+    runs = runs or {"R1": one_step_run("R1", attempt=2)}
+    expected = {run_id: Expected(run_id=run_id, steps=1) for run_id in runs}
+    result = TortureResult()
+    log = parse_log("\n".join(log_lines) + "\n")
+    check_log(log, runs, step_rows, expected, killed or {}, result, lease_ns=LEASE_NS)
+    return result
+
+
+def test_checker_accepts_a_step_killed_in_flight_then_taken_over() -> None:
+    result = check(
+        ["B R1 s0 100 x1 1 1000", "B R1 s0 200 x2 2 5000", "E R1 s0 200 x2 2 6000"],
+        [committed("R1", "s0", "x2")],
+        killed={100: 2000},
     )
-    result = asyncio.run(harness.run())
-    assert result.violations == [], result.violations
-    lines = (tmp_path / "side-effects.log").read_text().splitlines()
-    begin = next(line.split() for line in lines if line.startswith("B "))
-    run_id, step, pid, attempt, t = begin[1], begin[2], int(begin[3]), int(begin[4]), int(begin[5])
-    forged = [
-        # A committed step executed again by a later attempt (the promise broken).
-        f"B {run_id} {step} {pid} {attempt + 5} {t + 1}",
-        f"E {run_id} {step} {pid} {attempt + 5} {t + 2}",
-        # A second execution by a process that was never killed.
-        f"B {run_id} {step} 999999 {attempt} {t + 3}",
-        # A side effect of a run nobody accepted.
-        f"T {run_id} 01BOGUSCHILD 999999 {attempt} {t + 4} created",
-    ]
-    with open(tmp_path / "side-effects.log", "a") as handle:
-        handle.write("\n".join(forged) + "\n")
-    harness.result = TortureResult()
-    harness.check()
-    text = "\n".join(harness.result.violations)
-    assert "ran again after its commit" in text
-    assert "is not the in-flight step of a killed worker" in text
-    assert "accepted run 01BOGUSCHILD is missing from the database" in text
-    # Two runs of one concurrency key whose side effects interleave.
-    by_attempt = {
-        ("RUN-A", 1): [Line("B", "RUN-A", "s0", 1, 1, 100), Line("E", "RUN-A", "s0", 1, 1, 300)],
-        ("RUN-B", 1): [Line("B", "RUN-B", "s0", 2, 1, 200), Line("E", "RUN-B", "s0", 2, 1, 400)],
-    }
-    runs: dict[str, Any] = {
-        "RUN-A": {"concurrency_key": "k", "status": "completed"},
-        "RUN-B": {"concurrency_key": "k", "status": "completed"},
-    }
-    harness.result = TortureResult()
-    harness.check_concurrency(runs, by_attempt)
-    assert [v for v in harness.result.violations if "overlapped" in v]
-    # The same two runs one after the other are fine.
-    by_attempt[("RUN-B", 1)] = [Line("B", "RUN-B", "s0", 2, 1, 301), Line("E", "RUN-B", "s0", 2, 1, 400)]
-    harness.result = TortureResult()
-    harness.check_concurrency(runs, by_attempt)
-    assert harness.result.violations == []
+    assert result.violations == []
+    assert result.duplicates == 1
+
+
+def test_checker_rejects_two_live_workers_running_one_step_at_once() -> None:
+    # The first worker was killed, but only long after the second had begun the step.
+    result = check(
+        ["B R1 s0 100 x1 1 1000", "B R1 s0 200 x2 2 1500", "E R1 s0 200 x2 2 2500"],
+        [committed("R1", "s0", "x2")],
+        killed={100: 9000},
+    )
+    assert any("two live executions at once" in v for v in result.violations), result.violations
+
+
+def test_checker_rejects_a_takeover_while_the_first_execution_still_ran() -> None:
+    # Nobody was killed: a lease lapsed under a live worker, which went on with the step.
+    result = check(
+        [
+            "B R1 s0 100 x1 1 1000",
+            "B R1 s0 200 x2 2 1500",
+            "E R1 s0 100 x1 1 2000",
+            "L R1 100 2100 LeaseLostError",
+            "E R1 s0 200 x2 2 2500",
+        ],
+        [committed("R1", "s0", "x2")],
+    )
+    assert any("two live executions at once" in v for v in result.violations), result.violations
+
+
+def test_checker_accepts_a_lease_lapse_after_the_first_execution_stopped() -> None:
+    result = check(
+        [
+            "B R1 s0 100 x1 1 1000",
+            "E R1 s0 100 x1 1 2000",
+            "L R1 100 2100 LeaseLostError",
+            "B R1 s0 200 x2 2 3000",
+            "E R1 s0 200 x2 2 4000",
+        ],
+        [committed("R1", "s0", "x2")],
+    )
+    assert result.violations == []
+    assert (result.lease_lapses, result.lease_lost_errors) == (1, 1)
+
+
+def test_checker_rejects_a_lease_lost_error_nobody_explains() -> None:
+    result = check(
+        ["B R1 s0 100 x1 2 1000", "E R1 s0 100 x1 2 2000", "L R1 100 2100 LeaseLostError"],
+        [committed("R1", "s0", "x1")],
+    )
+    assert any("which nobody took over" in v for v in result.violations), result.violations
+
+
+def test_checker_rejects_a_committed_step_that_never_ran() -> None:
+    result = check([], [committed("R1", "s0", "x9")])
+    assert any("recorded, never executed" in v for v in result.violations), result.violations
+
+
+def test_checker_rejects_a_run_handed_another_runs_result() -> None:
+    runs = {"R1": one_step_run("R1", attempt=1), "R2": one_step_run("R2", attempt=1)}
+    result = check(
+        ["B R1 s0 100 x1 1 1000", "E R1 s0 100 x1 1 2000"],
+        [committed("R1", "s0", "x1"), committed("R2", "s0", "x1", of="R1")],
+        runs=runs,
+    )
+    assert any("R2/s0 committed the result of R1/s0" in v for v in result.violations), result.violations
+
+
+def test_checker_rejects_a_step_run_again_after_its_commit() -> None:
+    result = check(
+        ["B R1 s0 100 x1 1 1000", "E R1 s0 100 x1 1 2000", "B R1 s0 200 x2 2 5000", "E R1 s0 200 x2 2 6000"],
+        [committed("R1", "s0", "x1")],
+        killed={100: 3000},
+    )
+    assert any("ran again after its commit" in v for v in result.violations), result.violations
+
+
+def test_checker_rejects_a_step_run_twice_in_one_attempt() -> None:
+    result = check(
+        ["B R1 s0 100 x1 2 1000", "E R1 s0 100 x1 2 2000", "B R1 s0 100 x2 2 3000", "E R1 s0 100 x2 2 4000"],
+        [committed("R1", "s0", "x2")],
+    )
+    assert any("ran 2 times in attempt 2" in v for v in result.violations), result.violations
+
+
+def test_checker_rejects_a_step_that_never_ended_in_a_live_worker() -> None:
+    result = check(["B R1 s0 100 x1 2 1000"], [])
+    assert any("began and never ended" in v for v in result.violations), result.violations
+
+
+def test_checker_rejects_overlapping_runs_of_one_concurrency_key() -> None:
+    runs = {"RA": one_step_run("RA", attempt=1), "RB": one_step_run("RB", attempt=1)}
+    for row in runs.values():
+        row["concurrency_key"] = "k"
+    lines = ["B RA s0 1 xa 1 100", "B RB s0 2 xb 1 200", "E RA s0 1 xa 1 300", "E RB s0 2 xb 1 400"]
+    rows = [committed("RA", "s0", "xa"), committed("RB", "s0", "xb")]
+    result = check(lines, rows, runs=runs)
+    assert any("concurrency key k" in v and "overlapped" in v for v in result.violations), result.violations
+
+
+def test_checker_accepts_runs_of_one_concurrency_key_one_after_the_other() -> None:
+    runs = {"RA": one_step_run("RA", attempt=1), "RB": one_step_run("RB", attempt=1)}
+    for row in runs.values():
+        row["concurrency_key"] = "k"
+    lines = ["B RA s0 1 xa 1 100", "E RA s0 1 xa 1 300", "B RB s0 2 xb 1 301", "E RB s0 2 xb 1 400"]
+    rows = [committed("RA", "s0", "xa"), committed("RB", "s0", "xb")]
+    assert check(lines, rows, runs=runs).violations == []
+
+
+def test_checker_rejects_a_run_nobody_accepted() -> None:
+    runs = {"R1": one_step_run("R1", attempt=1)}
+    result = TortureResult()
+    log = parse_log("B R1 s0 100 x1 1 1000\nE R1 s0 100 x1 1 2000\n")
+    check_log(log, runs, [committed("R1", "s0", "x1")], {}, {}, result, lease_ns=LEASE_NS)
+    assert any("was never accepted" in v for v in result.violations), result.violations
 
 
 # --- found by the torture: a cancelled run holds its key until its handler stops ---------------------
