@@ -181,6 +181,7 @@ class Durably:
         if self._worker is not None:
             await self._worker.stop(self.shutdown_timeout)
             self._worker = None
+        await self.bus.drain(self.shutdown_timeout)  # async listeners' tasks end here too
         store, self._store = self._store, None
         store.close()
 

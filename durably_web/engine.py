@@ -216,6 +216,7 @@ class Worker:
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{ids.new_id()[-8:]}"
         self.active: dict[str, RunExecution] = {}
         self._wake = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
@@ -223,8 +224,9 @@ class Worker:
         self.sync_threads: SyncStepThreads | None = None
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         if self.durably.run_sync_in_thread:
-            self.sync_threads = SyncStepThreads(asyncio.get_running_loop())
+            self.sync_threads = SyncStepThreads(self._loop)
         self._loop_task = asyncio.create_task(self._claim_loop(), name="durably-worker")
         self._renew_task = asyncio.create_task(self._renew_loop(), name="durably-lease-renewal")
 
@@ -269,7 +271,10 @@ class Worker:
             await execution.execute()
         finally:
             self.active.pop(execution.run_id, None)
-            self._wake.set()
+            # Not when the task is being discarded with its closed loop (a killed
+            # process, simulated): waking the claim loop would need that loop.
+            if self._loop is not None and not self._loop.is_closed():
+                self._wake.set()
 
     def _purge_if_due(self) -> None:
         durably = self.durably
@@ -306,12 +311,20 @@ class Worker:
                     execution.stop("cancelled" if isinstance(fence, CancelledError) else "lease-lost")
 
     async def stop(self, timeout: float) -> None:
-        """Stop claiming; let handlers stop at their next step boundary, then release leases."""
+        """Stop claiming; let handlers stop at their next step boundary, then release leases.
+
+        When this returns, no task this worker started is left (claim loop, lease
+        renewal, runs) and the sync-step threads have exited, unless one is still
+        blocked inside a step after ``timeout`` (it is reported; a thread cannot be
+        interrupted).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         self._stopping = True
         self._wake.set()
-        for task in (self._loop_task, self._renew_task):
-            if task is not None:
-                task.cancel()
+        background = [task for task in (self._loop_task, self._renew_task) if task is not None]
+        for task in background:
+            task.cancel()
         executions = list(self.active.values())
         for execution in executions:
             execution.stop("shutdown")
@@ -322,11 +335,15 @@ class Worker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
+        # A cancelled task is only done once it has run its except/finally clauses.
+        if background:
+            await asyncio.wait(background)
         if self.sync_threads is not None:
-            self.sync_threads.shutdown()
-        for task in (self._loop_task, self._renew_task):
-            if task is not None:
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    pass
+            threads, self.sync_threads = self.sync_threads, None
+            if not await threads.shutdown(max(0.0, deadline - loop.time())):
+                self.durably.report_worker_error(
+                    RuntimeError(
+                        "a sync step is still running in its thread after the shutdown timeout; "
+                        "the thread ends when the step's callable returns"
+                    )
+                )

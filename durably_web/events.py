@@ -78,6 +78,19 @@ class EventBus:
             except Exception as exc:
                 self._listener_failed(event, exc)
 
+    async def drain(self, timeout: float) -> None:
+        """Wait (up to ``timeout``) for the tasks of async listeners, then cancel the rest.
+
+        Called when ``Durably`` stops, so that no listener task outlives it.
+        """
+        if not self._tasks:
+            return
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending)
+
     def _async_listener_done(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:

@@ -27,6 +27,8 @@ class SyncStepThreads:
         self._threads: list[threading.Thread] = []
         self._idle = 0
         self._lock = threading.Lock()
+        self._exited: asyncio.Event | None = None
+        self._running = 0  # threads started and not yet exited
 
     def run(
         self,
@@ -51,6 +53,8 @@ class SyncStepThreads:
         if must_grow:
             thread = threading.Thread(target=self._work, name="durably-sync-step", daemon=True)
             self._threads.append(thread)
+            with self._lock:
+                self._running += 1
             thread.start()
         return future
 
@@ -59,6 +63,7 @@ class SyncStepThreads:
         while True:
             item = self._queue.get()
             if item is _STOP:
+                self._thread_exited()
                 return
             future, context, fn, args, kwargs, on_done = item
             error: BaseException | None = None
@@ -73,11 +78,38 @@ class SyncStepThreads:
                 self._idle += 1
             _post(loop, future, result, error, on_done)
 
-    def shutdown(self) -> None:
-        """Ask idle threads to exit; a thread still inside a step exits after it."""
-        for _ in self._threads:
+    def _thread_exited(self) -> None:
+        with self._lock:
+            self._running -= 1
+            last = self._running == 0
+        exited = self._exited
+        if last and exited is not None:
+            try:
+                self._loop.call_soon_threadsafe(exited.set)
+            except RuntimeError:  # the loop is closed: nobody is waiting any more
+                pass
+
+    async def shutdown(self, timeout: float | None = None) -> bool:
+        """Stop every thread and wait (up to ``timeout``) until they have exited.
+
+        Idle threads exit at once; a thread still inside a step exits after it (a
+        thread cannot be interrupted). Returns False if one is still running then.
+        """
+        self._exited = asyncio.Event()
+        threads, self._threads = self._threads, []
+        for _ in threads:
             self._queue.put(_STOP)
-        self._threads.clear()
+        with self._lock:
+            if self._running == 0:
+                self._exited.set()
+        try:
+            await asyncio.wait_for(self._exited.wait(), timeout)
+        except TimeoutError:
+            self._threads = [thread for thread in threads if thread.is_alive()]
+            return False
+        for thread in threads:
+            thread.join()  # already past its last statement: returns at once
+        return True
 
 
 def _post(

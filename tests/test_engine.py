@@ -363,6 +363,48 @@ async def test_stop_cancels_a_handler_stuck_in_a_step_and_releases_it(make_durab
     assert sql("SELECT name, status FROM durably_steps") == [("a", "completed")]
 
 
+async def test_stop_leaves_no_task_thread_or_listener_task_behind(make_durably):
+    """After stop(): no task the engine or the event bus started is left, and the
+    sync-step threads have exited (a passing test run must not end in 'Task was
+    destroyed but it is pending!')."""
+    before = asyncio.all_tasks()
+    in_step = asyncio.Event()
+    listener_done: list[str] = []
+
+    def sync_step() -> int:
+        return threading.get_ident()
+
+    @define_job("leaves-nothing")
+    async def job(step: StepContext, payload: Any) -> None:
+        await step.run("sync", sync_step)
+        step.progress(1, 2)
+
+        async def wait_forever() -> None:
+            in_step.set()
+            await asyncio.Event().wait()
+
+        await step.run("stuck", wait_forever)
+
+    async def slow_listener(event: Event) -> None:
+        try:
+            await asyncio.sleep(60)
+        finally:
+            listener_done.append(event.type)
+
+    durably = await make_durably(job, shutdown_timeout=0.2)
+    durably.on("run:progress", slow_listener)
+    subscription = durably.subscribe((await durably.trigger(job, None)).id)
+    await wait_event(in_step)
+    threads = list(durably._worker.sync_threads._threads) if durably.run_sync_in_thread else []
+    assert len(threads) == (1 if durably.run_sync_in_thread else 0)
+    await durably.stop()
+    left = asyncio.all_tasks() - before - {asyncio.current_task()}
+    assert left == set(), left
+    assert listener_done == ["run:progress"]  # the listener's task was cancelled and ran its cleanup
+    assert [thread for thread in threads if thread.is_alive()] == []
+    subscription.close()
+
+
 # --- limits and retention -----------------------------------------------------------------
 
 
