@@ -114,6 +114,11 @@
 //   flushError() -> string   JSON {code, primaryCode, name, message, domName}:
 //                            QuotaExceededError -> SQLITE_FULL (13), another
 //                            writer -> SQLITE_BUSY (5), else SQLITE_IOERR (10).
+//                            A write that times out and would not fit in the
+//                            quota left (StorageManager/bucket estimate()) is
+//                            a QuotaExceededError too: Chromium was seen to
+//                            leave over-quota transactions in their commit
+//                            phase instead of aborting them.
 //
 // Value encoding (both directions, JSON):
 //   null, strings, booleans (params only, bound as 0/1) and numbers map
@@ -623,6 +628,7 @@ class IdbSqliteBridge extends SqliteBridge {
     this._checkpointEvery = state.checkpointEvery;
     this._checkpointBytes = state.checkpointBytes;
     this._flushTimeoutMs = state.flushTimeoutMs;
+    this._estimate = state.estimate; // () => Promise<{usage, quota}> of the storage holding the database
     this._seq = state.seq; // last seq handed out (replayed or new)
     this._pragmas = new Map(); // pragma name -> its latest committed assignment
     this._txStatements = []; // statements of the open transaction
@@ -908,10 +914,35 @@ class IdbSqliteBridge extends SqliteBridge {
           this._logBytes += bytes;
         }
       },
-      (e) => {
-        throw this._recordFlushError(e, groups.length);
-      },
+      (e) =>
+        this._quotaCause(e, checkpoint ? image.length : bytes).then((cause) => {
+          throw this._recordFlushError(cause, groups.length);
+        }),
     );
+  }
+
+  /**
+   * The cause to report for a failed write of about ``bytes`` bytes. A write that
+   * hung past the flush timeout and does not fit in the quota left failed for
+   * want of quota: Chromium was seen to leave such a transaction in its commit
+   * phase instead of aborting it with QuotaExceededError. Any other hang stays
+   * a TimeoutError (SQLITE_IOERR).
+   */
+  async _quotaCause(e, bytes) {
+    if (!e || e.name !== "TimeoutError" || !this._estimate) return e;
+    try {
+      const { usage, quota } = await this._estimate();
+      if (typeof quota === "number" && typeof usage === "number" && usage + bytes > quota) {
+        return new DOMException(
+          `${e.message}: the write needs ~${bytes} bytes, and ${Math.max(0, quota - usage)} of the` +
+            ` ${quota}-byte quota are left`,
+          "QuotaExceededError",
+        );
+      }
+    } catch (_) {
+      /* no estimate: report the timeout as it is */
+    }
+    return e;
   }
 
   _recordFlushError(e, count) {
@@ -939,7 +970,7 @@ class IdbSqliteBridge extends SqliteBridge {
 async function openIdbDatabase(sqlite3, options, meta) {
   const filename = options.filename ?? "/durably.db";
   const idbName = idbNameFor(options);
-  const factory = await idbFactoryFor(options);
+  const { factory, estimate } = await idbFactoryFor(options);
   const lock = await acquireIdbLock(`durably-web:idb:${options.bucket?.name ?? ""}:${idbName}`, {
     lockTimeoutMs: options.lockTimeoutMs ?? 10000,
     onWait: options.onWait,
@@ -988,6 +1019,7 @@ async function openIdbDatabase(sqlite3, options, meta) {
       checkpointEvery: options.checkpointEvery ?? 1000,
       checkpointBytes: options.checkpointBytes ?? 4 * 1024 * 1024,
       flushTimeoutMs: options.flushTimeoutMs ?? 30000,
+      estimate,
     });
     const t0 = performance.now();
     bridge._replay(snapshot ? snapshot.pragmas : [], groups);
@@ -1010,15 +1042,18 @@ async function openIdbDatabase(sqlite3, options, meta) {
  * A bucket keeps durably's data apart from the rest of the site's: with
  * persisted: true the browser does not evict it under storage pressure, and a
  * quota caps it (writes beyond it fail with QuotaExceededError).
+ * Returns {factory, estimate}: the IDBFactory and a () => Promise<{usage, quota}>
+ * of that storage (null where the browser has no StorageManager).
  */
 async function idbFactoryFor(options) {
   const bucket = options.bucket;
-  if (!bucket) return indexedDB;
+  if (!bucket) return { factory: indexedDB, estimate: navigator.storage?.estimate ? () => navigator.storage.estimate() : null };
   if (!navigator.storageBuckets) throw new Error("options.bucket needs the Storage Buckets API (navigator.storageBuckets)");
   const policy = { durability: "strict" };
   if (bucket.quota != null) policy.quota = bucket.quota;
   if (bucket.persisted != null) policy.persisted = bucket.persisted;
-  return (await navigator.storageBuckets.open(bucket.name, policy)).indexedDB;
+  const opened = await navigator.storageBuckets.open(bucket.name, policy);
+  return { factory: opened.indexedDB, estimate: () => opened.estimate() };
 }
 
 function idbNameFor(options) {
@@ -1059,7 +1094,7 @@ async function opfsSyncHandlesAvailable() {
 async function idbDatabaseExists(options) {
   const name = idbNameFor(options);
   try {
-    const factory = await idbFactoryFor(options);
+    const { factory } = await idbFactoryFor(options);
     if (typeof factory?.databases !== "function") return false;
     return (await factory.databases()).some((d) => d.name === name);
   } catch (_) {
