@@ -45,6 +45,24 @@ class ConflictError(DurablyError):
     """
 
 
+class ExistingRunRefusedError(ConflictError):
+    """A trigger's key resolved to an existing run that the caller's ``accept_existing`` refused.
+
+    Raised by ``trigger`` / ``batch_trigger`` (and the store's ``create_runs``) from
+    inside the transaction, which is rolled back: nothing of the trigger or the
+    batch was written, no event was emitted, nothing runs. ``runs`` holds the
+    refused runs (``Run`` values; the store raises it with ``records``, its
+    ``RunRecord`` values), so the caller can decide about them and try again.
+    """
+
+    def __init__(
+        self, message: str, *, records: list[Any] | None = None, runs: list[Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.records: list[Any] = list(records or [])
+        self.runs: list[Any] = list(runs or [])
+
+
 class CancelledError(DurablyError):
     """The run was cancelled; its handler must not continue."""
 

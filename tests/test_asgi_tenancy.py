@@ -141,8 +141,12 @@ async def working(make_durably: Any) -> Durably:
 
 
 RUN_ROUTES = [
-    ("GET", "/runs/{id}"), ("GET", "/runs/{id}/steps"), ("GET", "/runs/{id}/logs"),
-    ("GET", "/runs/{id}/events"), ("POST", "/runs/{id}/cancel"), ("POST", "/runs/{id}/retrigger"),
+    ("GET", "/runs/{id}"),
+    ("GET", "/runs/{id}/steps"),
+    ("GET", "/runs/{id}/logs"),
+    ("GET", "/runs/{id}/events"),
+    ("POST", "/runs/{id}/cancel"),
+    ("POST", "/runs/{id}/retrigger"),
     ("DELETE", "/runs/{id}"),
 ]
 
@@ -270,3 +274,250 @@ async def test_live_stream_events_carry_no_traceback(
 async def http_client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(timeout=httpx.Timeout(20.0)) as client:
         yield client
+
+
+# --- a refused batch writes and executes nothing -------------------------------------------------
+
+
+def _database_rows(sql: Any) -> dict[str, int]:
+    return {
+        table: sql(f"SELECT count(*) FROM {table}")[0][0]
+        for table in ("durably_runs", "durably_run_labels", "durably_steps", "durably_logs")
+    }
+
+
+async def test_a_refused_batch_leaves_the_database_unchanged(
+    working: Durably, client_for: ClientFor, sql: Any
+) -> None:
+    # Without namespaced keys, tenant b's key can name tenant a's run: the batch is refused.
+    client = await client_for(working, auth=Policy(namespace_keys=False))
+    mine = await client.post(
+        "/trigger",
+        json={"job": "t-note", "input": {"text": "a"}, "idempotency_key": "shared"},
+        headers=as_("a"),
+    )
+    await working.wait_for_run(mine.json()["id"], timeout=10)
+    # one run of a's holds concurrency key "c" (leased), so the next one stays pending
+    await working.trigger("t-hold", {"gate": "never"}, concurrency_key="c", labels={"tenant": "a"})
+    await asyncio.sleep(0.1)  # let the worker lease it
+    pending = await working.trigger("t-hold", {"gate": "never"}, concurrency_key="c", labels={"tenant": "a"})
+    await asyncio.sleep(0.1)
+    assert (await working.get_run(pending.id)).status == "pending"
+    before = _database_rows(sql)
+    events: list[str] = []
+    unsubscribe = working.on("*", lambda event: events.append(event.type))
+
+    for clash in (
+        {"input": {"text": "b2"}, "idempotency_key": "shared"},
+        {"input": {"text": "b2"}, "concurrency_key": "c", "coalesce": "skip"},
+    ):
+        items = [{"input": {"text": "b1"}}, clash, {"input": {"text": "b3"}}]
+        refused = await client.post(
+            "/trigger/batch", json={"job": "t-note", "items": items}, headers=as_("b")
+        )
+        assert refused.status_code == 409, refused.text
+        assert refused.json() == {
+            "error": "ConflictError",
+            "message": "a key is in use by a run you cannot access",
+        }
+        assert mine.json()["id"] not in refused.text and pending.id not in refused.text
+
+    # give a worker every chance to pick up anything the batches might have left behind
+    await asyncio.sleep(0.3)
+    unsubscribe()
+    assert _database_rows(sql) == before
+    assert STARTED == ["a"]  # no step of a refused batch ever ran
+    assert [kind for kind in events if kind in ("run:trigger", "run:delete", "run:cancel")] == []
+
+    # the same keys are fine for their owner: resolved inside one transaction
+    own = await client.post(
+        "/trigger/batch",
+        json={
+            "job": "t-note",
+            "items": [
+                {"input": {"text": "x"}, "idempotency_key": "shared"},
+                {"input": {"text": "y"}, "idempotency_key": "new"},
+                {"input": {"text": "z"}, "idempotency_key": "new"},
+            ],
+        },
+        headers=as_("a"),
+    )
+    assert own.status_code == 201, own.text
+    runs = own.json()["runs"]
+    assert [r["disposition"] for r in runs] == ["idempotent", "created", "idempotent"]
+    assert runs[0]["id"] == mine.json()["id"] and runs[1]["id"] == runs[2]["id"]
+
+
+async def test_a_refused_single_trigger_writes_nothing(
+    idle: Durably, client_for: ClientFor, sql: Any
+) -> None:
+    client = await client_for(idle, auth=Policy(namespace_keys=False))
+    body = {"job": "t-note", "input": {"text": "a"}, "idempotency_key": "k"}
+    first = await client.post("/trigger", json=body, headers=as_("a"))
+    before = _database_rows(sql)
+    theirs = await client.post("/trigger", json=body, headers=as_("b"))
+    assert theirs.status_code == 409 and first.json()["id"] not in theirs.text
+    assert _database_rows(sql) == before
+
+
+async def test_durably_accept_existing_refuses_inside_the_transaction(idle: Durably) -> None:
+    from durably_web import ExistingRunRefusedError, TriggerItem
+
+    kept = await idle.trigger("t-note", {"text": "old"}, idempotency_key="k")
+    with pytest.raises(ExistingRunRefusedError) as refused:
+        await idle.batch_trigger(
+            "t-note",
+            [TriggerItem({"text": "new"}), TriggerItem({"text": "again"}, idempotency_key="k")],
+            accept_existing=lambda run: False,
+        )
+    assert [run.id for run in refused.value.runs] == [kept.id]
+    assert [run.id for run in await idle.get_runs()] == [kept.id]
+    with pytest.raises(ExistingRunRefusedError):
+        await idle.trigger("t-note", {"text": "x"}, idempotency_key="k", accept_existing=lambda run: False)
+    again = await idle.trigger(
+        "t-note", {"text": "x"}, idempotency_key="k", accept_existing=lambda run: run.id == kept.id
+    )
+    assert again.id == kept.id and again.disposition == "idempotent"
+    # a run this very call creates needs no verdict
+    pair = await idle.batch_trigger(
+        "t-note",
+        [TriggerItem({"text": "p"}, idempotency_key="p"), TriggerItem({"text": "p"}, idempotency_key="p")],
+        accept_existing=lambda run: False,
+    )
+    assert pair[0].id == pair[1].id and [r.disposition for r in pair] == ["created", "idempotent"]
+
+
+# --- retrigger goes through on_trigger ---------------------------------------------------------
+
+
+async def test_retrigger_passes_through_on_trigger(idle: Durably, client_for: ClientFor) -> None:
+    policy = Policy()
+    client = await client_for(idle, auth=policy)
+    refused = await client.post("/trigger", json={"job": "t-quota"}, headers=as_("poor"))
+    assert refused.status_code == 403
+    # a run of that job the tenant may read (say, an operator started it for them)
+    theirs = await idle.trigger("t-quota", None, labels={"tenant": "poor"})
+    again = await client.post(f"/runs/{theirs.id}/retrigger", headers=as_("poor"))
+    assert again.status_code == 403 and again.json()["message"] == "over quota"
+    assert [run.id for run in await idle.get_runs()] == [theirs.id]
+
+    # what the hook sees, and that its replacement is honoured
+    created = await client.post(
+        "/trigger",
+        json={"job": "t-note", "input": {"text": "n"}, "concurrency_key": "c", "labels": {"k": "v"}},
+        headers=as_("a"),
+    )
+    run_id = created.json()["id"]
+    assert created.json()["run"]["concurrency_key"] == "1:a:c"
+    policy.triggers.clear()
+    await idle.cancel(run_id)  # no longer pending, so its concurrency key is free
+    retriggered = await client.post(f"/runs/{run_id}/retrigger", headers=as_("a"))
+    assert retriggered.status_code == 201, retriggered.text
+    [(ctx, seen)] = policy.triggers
+    assert (ctx, seen.job, seen.input, seen.idempotency_key, seen.concurrency_key, seen.labels) == (
+        "a",
+        "t-note",
+        {"text": "n"},
+        None,
+        "1:a:c",
+        {"k": "v", "tenant": "a"},
+    )
+    run = retriggered.json()["run"]
+    assert (run["concurrency_key"], run["labels"], run["input"]) == (
+        "1:a:c",
+        {"k": "v", "tenant": "a"},
+        {"text": "n"},
+    )
+
+
+async def test_retrigger_replacement_may_change_the_trigger(idle: Durably, client_for: ClientFor) -> None:
+    class Rewrite:
+        def on_trigger(self, ctx: Any, trigger: TriggerRequest) -> TriggerRequest:
+            return trigger.model_copy(update={"input": {"text": "rewritten"}, "labels": {"via": "hook"}})
+
+    run = await idle.trigger("t-note", {"text": "original"})
+    response = await (await client_for(idle, auth=Rewrite())).post(f"/runs/{run.id}/retrigger")
+    assert response.status_code == 201
+    assert (response.json()["run"]["input"], response.json()["run"]["labels"]) == (
+        {"text": "rewritten"},
+        {"via": "hook"},
+    )
+
+
+# --- keys are per tenant ------------------------------------------------------------------------
+
+
+async def test_two_tenants_with_the_same_keys_never_meet(idle: Durably, client_for: ClientFor) -> None:
+    client = await client_for(idle, auth=Policy())
+    body = {"job": "t-note", "input": {"text": "x"}}
+    for key in (
+        {"idempotency_key": "k"},
+        {"concurrency_key": "c"},
+        {"concurrency_key": "s", "coalesce": "skip"},
+    ):
+        a = await client.post("/trigger", json={**body, **key}, headers=as_("a"))
+        b = await client.post("/trigger", json={**body, **key}, headers=as_("b"))
+        assert (a.status_code, b.status_code) == (201, 201), (key, a.text, b.text)
+        assert a.json()["id"] != b.json()["id"]
+        assert a.json()["run"]["labels"]["tenant"] == "a" and b.json()["run"]["labels"]["tenant"] == "b"
+        # each tenant's repeat resolves to its own run (or, for a pending concurrency key, is a 409
+        # about its own run)
+        again_b = await client.post("/trigger", json={**body, **key}, headers=as_("b"))
+        if "idempotency_key" in key or "coalesce" in key:
+            assert again_b.status_code == 200 and again_b.json()["id"] == b.json()["id"]
+        else:
+            assert again_b.status_code == 409
+        assert a.json()["id"] not in again_b.text
+
+    # batches: the same keys again, in one batch per tenant
+    items = [
+        {"input": {"text": "y"}, "idempotency_key": "k"},
+        {"input": {"text": "y"}, "concurrency_key": "s", "coalesce": "skip"},
+        {"input": {"text": "y"}, "idempotency_key": "fresh"},
+    ]
+    for tenant in ("a", "b"):
+        response = await client.post(
+            "/trigger/batch", json={"job": "t-note", "items": items}, headers=as_(tenant)
+        )
+        assert response.status_code == 201, response.text
+        runs = response.json()["runs"]
+        assert [r["disposition"] for r in runs] == ["idempotent", "coalesced", "created"]
+        assert {r["labels"]["tenant"] for r in runs} == {tenant}
+    assert {r["labels"]["tenant"] for r in (await client.get("/runs", headers=as_("a"))).json()["runs"]} == {
+        "a"
+    }
+
+
+async def test_a_running_concurrency_key_blocks_only_its_own_tenant(
+    working: Durably, client_for: ClientFor
+) -> None:
+    client = await client_for(working, auth=Policy())
+    GATES["held"] = asyncio.Event()
+    held = await client.post(
+        "/trigger",
+        json={"job": "t-hold", "input": {"gate": "held"}, "concurrency_key": "c"},
+        headers=as_("a"),
+    )
+    for _ in range(200):
+        if (await working.get_run(held.json()["id"])).status == "leased":
+            break
+        await asyncio.sleep(0.01)
+    other = await client.post(
+        "/trigger", json={"job": "t-note", "input": {"text": "b"}, "concurrency_key": "c"}, headers=as_("b")
+    )
+    assert other.status_code == 201
+    done = await working.wait_for_run(other.json()["id"], timeout=10)
+    assert done.status == "completed"  # a's running run with "c" did not hold b's back
+    assert (await working.get_run(held.json()["id"])).status == "leased"
+
+
+def test_namespaced_keys_are_prefix_free() -> None:
+    trigger = TriggerRequest(job="j", idempotency_key="b:x", concurrency_key="c")
+    a = trigger.namespaced("a")
+    ab = TriggerRequest(job="j", idempotency_key="x").namespaced("a:b")
+    assert a.idempotency_key != ab.idempotency_key
+    assert (a.idempotency_key, a.concurrency_key) == ("1:a:b:x", "1:a:c")
+    assert a.namespaced("a") == a  # already inside: kept
+    assert TriggerRequest(job="j").namespaced("a") == TriggerRequest(job="j")
+    with pytest.raises(ValueError):
+        trigger.namespaced("")

@@ -17,7 +17,6 @@ Design notes:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import json
 import math
@@ -45,13 +44,14 @@ from ..durably import Durably, TriggerItem
 from ..errors import (
     ConflictError,
     DurablyError,
+    ExistingRunRefusedError,
     NotFoundError,
     SchemaVersionError,
     StorageError,
     ValidationError,
 )
 from ..events import TERMINAL_EVENT_TYPES
-from ..models import RUN_STATUSES, ErrorInfo, Event, Run, iso
+from ..models import RUN_STATUSES, ErrorInfo, Event, Run, iso, to_jsonable
 from .openapi import openapi_document
 from .requests import (
     MAX_BATCH_ITEMS,
@@ -70,6 +70,9 @@ RunOperation = Literal["read", "subscribe", "steps", "cancel", "retrigger", "del
 #: A comment line this often keeps proxies from closing an idle stream.
 KEEPALIVE_SECONDS = 15.0
 _META_CACHE_SIZE = 10_000
+#: How often a trigger is tried again after ``on_run_access`` allowed the existing runs its
+#: keys resolved to (each try may meet runs created meanwhile); then it answers 409.
+_TRIGGER_ATTEMPTS = 3
 _LABEL_PARAM = re.compile(r"^label\.(.+)$")
 
 
@@ -90,6 +93,13 @@ class DurablyAuth(Protocol):
       ``POST /trigger/batch`` calls it once per item (with a ``TriggerRequest``
       built from the batch's job and the item): one rejection rejects the whole
       batch; replacements are honoured, but every item must keep one job.
+      ``POST /runs/{id}/retrigger`` calls it too (after ``on_run_access`` allowed
+      ``retrigger``), with a ``TriggerRequest`` built from the run: its job, input,
+      labels and concurrency key as stored, no idempotency key; a replacement is
+      honoured in full, as for ``/trigger``. Idempotency and concurrency keys are
+      global to the database: a multi-tenant policy returns
+      ``trigger.namespaced(tenant)`` so tenants never meet each other's keys
+      (the stored keys a retrigger carries are already namespaced and stay so).
     * ``on_run_access(ctx, run, operation)`` guards one run: ``read`` (the run
       and its logs), ``steps``, ``subscribe``, ``cancel``, ``retrigger``, ``delete``.
     * ``scope_runs(ctx, filter) -> filter`` narrows ``GET /runs`` and ``GET /events``.
@@ -444,16 +454,9 @@ class _Api:
     def _run_response(self, run: Run, status_code: int = 200) -> JSONResponse:
         return JSONResponse(self._run_dict(run), status_code=status_code)
 
-    async def _created_response(self, ctx: Any, run: Run) -> JSONResponse:
-        """Answer a trigger/retrigger; an existing run is only shown to who may read it."""
+    def _created_response(self, run: Run) -> JSONResponse:
+        """Answer a trigger/retrigger (201 for a new run, 200 for an idempotent or coalesced one)."""
         self._remember(run.id, run.job_name, run.labels)
-        if run.disposition not in (None, "created"):
-            # An idempotency or concurrency key may name another tenant's run: do not
-            # hand it out (nor confirm its existence through a 403) to who cannot read it.
-            try:
-                await self._check_access(ctx, run, "read")
-            except (HTTPException, PermissionError):
-                return _error(409, "ConflictError", "the key is in use by a run you cannot access")
         status_code = 201 if run.disposition == "created" else 200
         body = {"id": run.id, "disposition": run.disposition, "run": self._run_dict(run)}
         return JSONResponse(body, status_code=status_code)
@@ -506,25 +509,81 @@ class _Api:
             return False
         return True
 
+    async def _create_runs(self, ctx: Any, triggers: Sequence[TriggerRequest], *, batch: bool) -> list[Run]:
+        """Create the runs of ``triggers`` (already through ``on_trigger``) in one transaction.
+
+        An idempotency or concurrency key may resolve to an existing run. Whether the
+        caller may have it is decided *inside* the transaction (``accept_existing``:
+        "is it in the approved set?"); a run not yet approved rolls everything back
+        and is put to ``on_run_access`` (which may be async, so it cannot run in the
+        transaction). All readable: approve them and try again. Any not: 409 with
+        nothing written (and nothing said about the run). So a refused trigger or
+        batch writes, emits and executes nothing.
+        """
+        jobs = {trigger.job for trigger in triggers}
+        if len(jobs) > 1:
+            raise TypeError("on_trigger must not give the items of one batch different jobs")
+        job = jobs.pop()
+        approved: set[str] = set()
+        accept = None if self._hook("on_run_access") is None else (lambda run: run.id in approved)
+        for _ in range(_TRIGGER_ATTEMPTS):
+            try:
+                if batch:
+                    items = [
+                        TriggerItem(
+                            trigger.input,
+                            idempotency_key=trigger.idempotency_key,
+                            concurrency_key=trigger.concurrency_key,
+                            coalesce=trigger.coalesce,
+                            labels=trigger.labels,
+                        )
+                        for trigger in triggers
+                    ]
+                    runs = await self.durably.batch_trigger(job, items, accept_existing=accept)
+                else:
+                    (one,) = triggers
+                    runs = [
+                        await self.durably.trigger(
+                            one.job,
+                            one.input,
+                            idempotency_key=one.idempotency_key,
+                            concurrency_key=one.concurrency_key,
+                            coalesce=one.coalesce,
+                            labels=one.labels,
+                            accept_existing=accept,
+                        )
+                    ]
+            except ExistingRunRefusedError as refused:
+                for run in refused.runs:
+                    self._remember(run.id, run.job_name, run.labels)
+                    if not await self._readable(ctx, run):
+                        raise ConflictError("a key is in use by a run you cannot access") from None
+                    approved.add(run.id)
+                continue
+            except ConflictError as exc:
+                hidden = self._hide_conflict(exc)
+                if hidden is exc:
+                    raise
+                raise hidden from exc
+            for run in runs:
+                self._remember(run.id, run.job_name, run.labels)
+            return runs
+        raise ConflictError("the trigger's keys kept resolving to new runs; try again")
+
+    async def _trigger_one(self, ctx: Any, trigger: TriggerRequest) -> Response:
+        """One trigger through the whole path: ``on_trigger``, the keys' runs checked, the answer.
+
+        ``/trigger`` and ``/runs/{id}/retrigger`` use it; so will any route that starts a
+        run on a caller's behalf, so that none of them bypasses the hooks.
+        """
+        admitted = await self._on_trigger(ctx, trigger)
+        (run,) = await self._create_runs(ctx, [admitted], batch=False)
+        return self._created_response(run)
+
     async def trigger(self, request: Request) -> Response:
         ctx = await self._authenticate(request)
         body = _parse_model(TriggerRequest, await _read_json(request, self.durably.max_payload_bytes + 65536))
-        body = await self._on_trigger(ctx, body)
-        try:
-            run = await self.durably.trigger(
-                body.job,
-                body.input,
-                idempotency_key=body.idempotency_key,
-                concurrency_key=body.concurrency_key,
-                coalesce=body.coalesce,
-                labels=body.labels,
-            )
-        except ConflictError as exc:
-            hidden = self._hide_conflict(exc)
-            if hidden is exc:
-                raise
-            raise hidden from exc
-        return await self._created_response(ctx, run)
+        return await self._trigger_one(ctx, body)
 
     async def trigger_batch(self, request: Request) -> Response:
         """Many runs of one job in one transaction: all are created (or resolved) or none is."""
@@ -542,49 +601,11 @@ class _Api:
                 labels=item.labels,
             )
             triggers.append(await self._on_trigger(ctx, single))
-        jobs = {trigger.job for trigger in triggers}
-        if len(jobs) > 1:
-            raise TypeError("on_trigger must not give the items of one batch different jobs")
-        job = jobs.pop() if jobs else body.job
-        items = [
-            TriggerItem(
-                trigger.input,
-                idempotency_key=trigger.idempotency_key,
-                concurrency_key=trigger.concurrency_key,
-                coalesce=trigger.coalesce,
-                labels=trigger.labels,
-            )
-            for trigger in triggers
-        ]
-        try:
-            runs = await self.durably.batch_trigger(job, items)
-        except ConflictError as exc:
-            hidden = self._hide_conflict(exc)
-            if hidden is exc:
-                raise
-            raise hidden from exc
-        for run in runs:
-            self._remember(run.id, run.job_name, run.labels)
-        for run in runs:
-            if run.disposition not in (None, "created") and not await self._readable(ctx, run):
-                # A key names a run the caller may not see: refuse the whole batch without
-                # saying which run, and take back what it created so the batch stays all-or-nothing.
-                await self._undo([r for r in runs if r.disposition == "created"])
-                return _error(409, "ConflictError", "a key is in use by a run you cannot access")
+        if not triggers:  # nothing to create; an unknown job is still a 404
+            return JSONResponse({"runs": await self.durably.batch_trigger(body.job, [])})
+        runs = await self._create_runs(ctx, triggers, batch=True)
         status_code = 201 if any(run.disposition == "created" for run in runs) else 200
         return JSONResponse({"runs": [self._run_dict(run) for run in runs]}, status_code=status_code)
-
-    async def _undo(self, runs: Sequence[Run]) -> None:
-        """Delete runs a refused batch created (cancelling first one a worker already leased)."""
-        for run in runs:
-            try:
-                await self.durably.delete_run(run.id)
-            except NotFoundError:
-                continue
-            except ConflictError:  # a worker leased it meanwhile: stop it first
-                with contextlib.suppress(ConflictError):  # unless it has already finished
-                    await self.durably.cancel(run.id)
-                await self.durably.delete_run(run.id)
 
     async def purge(self, request: Request) -> Response:
         """Delete finished runs of every tenant: with ``auth``, only when ``can_purge`` says so."""
@@ -636,7 +657,13 @@ class _Api:
     async def retrigger(self, request: Request) -> Response:
         ctx, run = await self._run_for(request, "retrigger")
         await self._empty_body(request)
-        return await self._created_response(ctx, await self.durably.retrigger(run.id))
+        again = TriggerRequest(
+            job=run.job_name,
+            input=to_jsonable(run.input),
+            concurrency_key=run.concurrency_key,
+            labels=dict(run.labels) or None,
+        )
+        return await self._trigger_one(ctx, again)
 
     async def delete(self, request: Request) -> Response:
         _, run = await self._run_for(request, "delete")

@@ -10,7 +10,7 @@ worker whose lease was taken over cannot write anything more for that run.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -107,13 +107,24 @@ class Store(ABC):
 
     # --- runs -----------------------------------------------------------------
     @abstractmethod
-    def create_runs(self, runs: Sequence[NewRun]) -> list[tuple[RunRecord, str]]:
+    def create_runs(
+        self,
+        runs: Sequence[NewRun],
+        *,
+        accept_existing: Callable[[RunRecord], bool] | None = None,
+    ) -> list[tuple[RunRecord, str]]:
         """Insert runs in one transaction; return each run with its disposition.
 
         An existing run with the same (job, idempotency key) is returned as
         "idempotent". A pending run with the same concurrency key is returned as
         "coalesced" when ``coalesce`` is set, otherwise ``ConflictError`` is raised
         and nothing is written.
+
+        ``accept_existing``, when given, is called inside the transaction with every
+        run an item resolves to (idempotent or coalesced) that this call did not
+        itself insert; if it returns false for any, ``ExistingRunRefusedError``
+        (with every refused record in ``records``) is raised and nothing is written.
+        It must be quick and must not touch the store.
         """
 
     @abstractmethod

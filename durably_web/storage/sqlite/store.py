@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 
-from ...errors import ConflictError, NotFoundError, SchemaVersionError, StorageError
+from ...errors import ConflictError, ExistingRunRefusedError, NotFoundError, SchemaVersionError, StorageError
 from ..base import LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store
 from .connection import Row, SqlConnection
 
@@ -101,9 +101,24 @@ class SQLiteStore(Store):
         self._conn.close()
 
     # --- runs ------------------------------------------------------------------------
-    def create_runs(self, runs: Sequence[NewRun]) -> list[tuple[RunRecord, str]]:
+    def create_runs(
+        self,
+        runs: Sequence[NewRun],
+        *,
+        accept_existing: Callable[[RunRecord], bool] | None = None,
+    ) -> list[tuple[RunRecord, str]]:
         conn = self._conn
         results: list[tuple[RunRecord, str]] = []
+        inserted: set[str] = set()
+        refused: list[RunRecord] = []
+
+        def resolve(record: RunRecord, disposition: str) -> None:
+            # A run this very call inserted (two items sharing a key) needs no verdict.
+            if accept_existing is not None and record.id not in inserted and not accept_existing(record):
+                if all(r.id != record.id for r in refused):
+                    refused.append(record)
+            results.append((record, disposition))
+
         with conn.transaction():
             for new in runs:
                 if new.idempotency_key is not None:
@@ -112,7 +127,7 @@ class SQLiteStore(Store):
                         {"job_name": new.job_name, "idempotency_key": new.idempotency_key},
                     )
                     if row is not None:
-                        results.append((_run(row), "idempotent"))
+                        resolve(_run(row), "idempotent")
                         continue
                 if new.concurrency_key is not None:
                     row = conn.fetch_one(
@@ -125,7 +140,7 @@ class SQLiteStore(Store):
                                 f"run {row['id']} is already pending for concurrency key "
                                 f"{new.concurrency_key!r} (pass coalesce='skip' to reuse it)"
                             )
-                        results.append((_run(row), "coalesced"))
+                        resolve(_run(row), "coalesced")
                         continue
                 labels_json = json.dumps(new.labels, separators=(",", ":"))
                 conn.execute(
@@ -142,7 +157,13 @@ class SQLiteStore(Store):
                 )
                 if new.labels:
                     conn.execute(Q["insert_labels"], {"run_id": new.id, "labels": labels_json})
+                inserted.add(new.id)
                 results.append((_new_run_record(new), "created"))
+            if refused:
+                # Raising inside the transaction rolls back every insert of this call.
+                raise ExistingRunRefusedError(
+                    f"{len(refused)} existing run(s) a key resolved to were refused", records=refused
+                )
         return results
 
     def get_run(self, run_id: str) -> RunRecord | None:
