@@ -243,7 +243,9 @@ class Worker:
             except Exception as exc:
                 durably.report_worker_error(exc)
             try:
-                await asyncio.wait_for(self._wake.wait(), durably.polling_interval)
+                # asyncio.timeout, not wait_for: no task per poll (wait_for wraps one in 3.11).
+                async with asyncio.timeout(durably.polling_interval):
+                    await self._wake.wait()
             except TimeoutError:
                 pass
 
@@ -340,7 +342,9 @@ class Worker:
             await asyncio.wait(background)
         if self.sync_threads is not None:
             threads, self.sync_threads = self.sync_threads, None
-            if not await threads.shutdown(max(0.0, deadline - loop.time())):
+            # Idle threads exit within microseconds; leave them a moment even when the
+            # handlers used up the timeout.
+            if not await threads.shutdown(max(1.0, deadline - loop.time())):
                 self.durably.report_worker_error(
                     RuntimeError(
                         "a sync step is still running in its thread after the shutdown timeout; "

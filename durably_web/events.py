@@ -146,7 +146,8 @@ class RunSubscription:
             raise StopAsyncIteration
         while True:
             try:
-                event = await asyncio.wait_for(self._queue.get(), self._poll_interval)
+                async with asyncio.timeout(self._poll_interval):  # no helper task, unlike wait_for
+                    event = await self._queue.get()
             except TimeoutError:
                 if not self._queue.empty():
                     continue

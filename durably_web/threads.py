@@ -103,7 +103,8 @@ class SyncStepThreads:
             if self._running == 0:
                 self._exited.set()
         try:
-            await asyncio.wait_for(self._exited.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._exited.wait()
         except TimeoutError:
             self._threads = [thread for thread in threads if thread.is_alive()]
             return False

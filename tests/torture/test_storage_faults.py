@@ -218,9 +218,13 @@ async def test_database_locked_by_another_process_gives_storage_error_then_recov
         assert await asyncio.to_thread(locker.wait, 10) == 0
         done = await durably.wait_for_run(run.id, timeout=20)
     finally:
-        if locker is not None and locker.poll() is None:
-            locker.kill()
+        if locker is not None:
+            if locker.poll() is None:
+                locker.kill()
             locker.wait()
+            for pipe in (locker.stdin, locker.stdout):  # or they are left to the GC (ResourceWarning)
+                if pipe is not None:
+                    pipe.close()
         await durably.stop()
     assert (done.status, done.output) == ("completed", ["s0", "s1", "s2", "s3"])
     # s0 was committed before the lock and ran once; s1's commit failed, so it ran again.
