@@ -20,6 +20,7 @@ from .engine import Worker
 from .errors import (
     ConflictError,
     DurablyError,
+    ExistingRunRefusedError,
     NotFoundError,
     ValidationError,
     WaitTimeoutError,
@@ -308,8 +309,21 @@ class Durably:
             created_at=self.now_ms(),
         )
 
-    async def _create(self, news: list[NewRun]) -> list[Run]:
-        results = self.store.create_runs(news)
+    async def _create(
+        self, news: list[NewRun], accept_existing: Callable[[Run], bool] | None = None
+    ) -> list[Run]:
+        if accept_existing is None:
+            results = self.store.create_runs(news)
+        else:
+            verdict = accept_existing
+            try:
+                results = self.store.create_runs(
+                    news, accept_existing=lambda record: bool(verdict(self._to_run(record)))
+                )
+            except ExistingRunRefusedError as exc:
+                raise ExistingRunRefusedError(
+                    str(exc), records=exc.records, runs=[self._to_run(r) for r in exc.records]
+                ) from None
         await self._wait_durable()
         return self._created(results)
 
@@ -339,6 +353,7 @@ class Durably:
         concurrency_key: str | None = None,
         coalesce: Literal["skip"] | None = None,
         labels: Mapping[str, str] | None = None,
+        accept_existing: Callable[[Run], bool] | None = None,
     ) -> Run:
         """Validate ``input`` and create a pending run (or return the existing one).
 
@@ -346,10 +361,16 @@ class Durably:
         key) or "coalesced" (a pending run with the same concurrency key and
         ``coalesce="skip"``). Without ``coalesce``, a pending run for the same
         concurrency key raises ``ConflictError``.
+
+        ``accept_existing(run) -> bool`` decides, inside the transaction, whether
+        an existing run the keys resolve to may be returned; on ``False``,
+        ``ExistingRunRefusedError`` (with the run in ``runs``) is raised and nothing
+        is written. The HTTP API uses it so that a key cannot hand one tenant
+        another tenant's run. It is called synchronously and must be quick.
         """
         definition = self._job(job)
         new = self._new_run(definition, input, idempotency_key, concurrency_key, coalesce, labels)
-        return (await self._create([new]))[0]
+        return (await self._create([new], accept_existing))[0]
 
     async def batch_trigger(
         self,
@@ -357,10 +378,15 @@ class Durably:
         inputs: Sequence[Any],
         *,
         labels: Mapping[str, str] | None = None,
+        accept_existing: Callable[[Run], bool] | None = None,
     ) -> list[Run]:
         """Trigger many runs in one transaction: all are created or none is.
 
         Items are inputs, or ``TriggerItem`` values carrying their own options.
+        ``accept_existing`` is asked about every existing run an item resolves to
+        (idempotent or coalesced), as in ``trigger``; one refusal raises
+        ``ExistingRunRefusedError`` listing every refused run, and nothing of the
+        batch is written or executed.
         """
         definition = self._job(job)
         if isinstance(inputs, str | bytes) or not isinstance(inputs, Sequence):
@@ -384,7 +410,7 @@ class Durably:
                     news.append(self._new_run(definition, item, None, None, None, labels))
             except ValidationError as exc:
                 raise ValidationError(f"batch item {position}: {exc}", exc.errors) from None
-        return await self._create(news) if news else []
+        return await self._create(news, accept_existing) if news else []
 
     async def trigger_and_wait(
         self,
