@@ -6,8 +6,13 @@ resumes the runs the killed page had leased at once. The jobs module
 (pages/torture_jobs.py) records a "B" side effect in IndexedDB when a step
 starts and an "E" side effect just before it returns — both durable
 (``durability: "strict"``) before the step commits — tagged with the id of the
-worker (= page load) that executed it. The store's auto-increment keys order all
+worker (= page load) that executed it and the page loads still alive at that
+moment (tests/browser/executions.py). The store's auto-increment keys order all
 records across reloads. Checked afterwards (the spirit of tests/torture/harness.py):
+
+* after every reload the new page load's first step began after the old page load
+  had stopped (it was no longer alive, and its records all came before); never did
+  two page loads execute at the same time;
 
 * every accepted run completed with the right output and step records;
 * every step executed, in order; it executed once, or more often only where a
@@ -36,6 +41,7 @@ from datetime import datetime
 from typing import Any
 
 import pytest
+from executions import load_violations, run_violations
 from pagekit import page, wait_for, wait_ready
 
 pytestmark = pytest.mark.browser
@@ -77,62 +83,10 @@ def check_effects(
         records = by_run[run_id]
         begins = [r for r in records if r["kind"] == "B"]
         counts["steps"] += n_steps
-        counts["executions"] += len(begins)
-
-        # Every step executed, first executions in order.
-        first_order = list(dict.fromkeys(r["step"] for r in begins))
-        if first_order != names:
-            violations.append(f"{run_id}: steps first executed in order {first_order}, not {names}")
-
-        # Within one page load a run's records alternate B(si) E(si) B(si+1) ...
-        per_worker: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in records:
-            per_worker[r["worker"]].append(r)
-        for worker, seq in per_worker.items():
-            for a, b in itertools.pairwise(seq):
-                ia, ib = int(a["step"][1:]), int(b["step"][1:])
-                ok = (a["kind"], b["kind"], ib - ia) in {("B", "E", 0), ("E", "B", 1)}
-                if not ok:
-                    violations.append(
-                        f"{run_id}: load {worker} went {a['kind']}{a['step']} -> {b['kind']}{b['step']}"
-                    )
-
-        last_begin_of_worker = {}
-        for r in begins:
-            last_begin_of_worker[r["worker"]] = r
-        for name in names:
-            execs = [r for r in begins if r["step"] == name]
-            if not execs:
-                continue
-            committing = execs[-1]
-            ended = [
-                r
-                for r in records
-                if r["kind"] == "E"
-                and r["step"] == name
-                and r["worker"] == committing["worker"]
-                and r["key"] > committing["key"]
-            ]
-            if not ended:
-                violations.append(
-                    f"{run_id}/{name}: the last execution (load {committing['worker']}) never ended"
-                )
-            for dup in execs[:-1]:
-                counts["duplicates"] += 1
-                if last_begin_of_worker[dup["worker"]] is not dup:
-                    violations.append(
-                        f"{run_id}/{name}: re-executed although load {dup['worker']} went on past it"
-                        " (it was not the step in flight at that reload)"
-                    )
-                if dup["worker"] == committing["worker"]:
-                    violations.append(
-                        f"{run_id}/{name}: executed twice in the same page load {dup['worker']}"
-                    )
-                if dup["attempt"] >= committing["attempt"]:
-                    violations.append(
-                        f"{run_id}/{name}: duplicate from attempt {dup['attempt']}, committed by attempt"
-                        f" {committing['attempt']}"
-                    )
+        executions, duplicates, found = run_violations(records, run_id, names)
+        counts["executions"] += executions
+        counts["duplicates"] += duplicates
+        violations += found
 
         run = runs.get(run_id)
         if run is None:
@@ -187,7 +141,7 @@ def check_concurrency(effects: list[dict[str, Any]], ck_runs: list[str]) -> list
 @pytest.mark.parametrize(
     "storage",
     # OPFS ("auto" here) in the normal suite; the IndexedDB variant adds ~2 min, so it
-    # runs with the long suites: pytest -m "browser and slow" (it passed 22 reloads, 0 violations).
+    # runs with the slow tests: make test-slow (CI runs it after make test).
     ["auto", pytest.param("idb", marks=pytest.mark.slow)],
 )
 def test_random_reloads_lose_nothing_and_rerun_only_the_step_in_flight(
@@ -298,7 +252,7 @@ def test_random_reloads_lose_nothing_and_rerun_only_the_step_in_flight(
     integrity[page(drv, "return await durably.integrityCheck()")] += 1
 
     counts, found = check_effects(effects, runs, expected_steps)
-    violations += found + check_concurrency(effects, ck_runs)
+    violations += found + check_concurrency(effects, ck_runs) + load_violations(effects)
     if len(ck_runs) != CK_RUNS:
         violations.append(f"only {len(ck_runs)} of the {CK_RUNS} concurrency-key runs could be triggered")
     if set(integrity) != {"ok"}:

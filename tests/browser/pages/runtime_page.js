@@ -1,8 +1,8 @@
 // Shared by runtime.html (script tag) and module.html (ES module import).
 // Query: ?db=<database>&storage=<auto|opfs|idb|memory>
 // Sets window.durably once create() resolves, and window.t = {events, statuses,
-// error, ready}; window.effects() reads back the side effects runtime_jobs.py
-// recorded in IndexedDB.
+// error, ready}; window.effects() reads back, in key order, the step-execution
+// records runtime_jobs.py wrote to IndexedDB (see tests/browser/executions.py).
 globalThis.startTestPage = (DurablyWeb) => {
   const params = new URLSearchParams(location.search);
   window.t = { events: [], statuses: [], error: null, ready: false };
@@ -27,11 +27,13 @@ globalThis.effects = () =>
     open.onupgradeneeded = () => open.result.createObjectStore("effects", { autoIncrement: true });
     open.onerror = () => reject(open.error);
     open.onsuccess = () => {
-      const request = open.result.transaction("effects").objectStore("effects").getAll();
-      request.onsuccess = () => {
+      const store = open.result.transaction("effects").objectStore("effects");
+      const keys = store.getAllKeys();
+      const values = store.getAll();
+      values.onsuccess = () => {
         open.result.close();
-        resolve(request.result);
+        resolve(values.result.map((v, i) => ({ ...v, key: keys.result[i] })));
       };
-      request.onerror = () => reject(request.error);
+      values.onerror = () => reject(values.error);
     };
   });

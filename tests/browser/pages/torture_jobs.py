@@ -6,7 +6,7 @@ returns, both before the step's result is committed. Each record carries the
 id of the worker that executed it: the page starts one worker per page load and
 the worker imports this module once, so WORKER_ID names the page load. The
 store's auto-increment keys give the test a total order of all records, across
-reloads.
+reloads. The records and their checks are described in tests/browser/executions.py.
 """
 
 from __future__ import annotations
@@ -21,19 +21,30 @@ from durably_web import StepContext, define_job
 WORKER_ID = secrets.token_hex(6)
 
 # Runs in the worker (Pyodide's run_js evaluates it in the worker's global scope).
-RECORD_EFFECT = """(record) => new Promise((resolve, reject) => {
-  const open = indexedDB.open("durably-torture-effects", 1);
-  open.onupgradeneeded = () => open.result.createObjectStore("effects", {autoIncrement: true});
-  open.onerror = () => reject(open.error);
-  open.onsuccess = () => {
-    const db = open.result;
-    const tx = db.transaction("effects", "readwrite", {durability: "strict"});
-    tx.objectStore("effects").add({...JSON.parse(record), at: Date.now()});
-    tx.oncomplete = () => { db.close(); resolve(); };
-    tx.onerror = () => reject(tx.error);
-    tx.onabort = () => reject(tx.error);
-  };
-})"""
+# From its first record on, the worker holds the Web Lock "durably-test-alive:<id>"
+# until it dies; every record lists the workers holding such a lock.
+RECORD_EFFECT = """(record) => (async () => {
+  const r = JSON.parse(record);
+  const prefix = "durably-test-alive:";
+  self.durablyTestAlive ??= new Promise((held) =>
+    navigator.locks.request(prefix + r.worker, () => { held(); return new Promise(() => {}); }));
+  await self.durablyTestAlive;
+  const alive = (await navigator.locks.query()).held
+    .filter((l) => l.name.startsWith(prefix)).map((l) => l.name.slice(prefix.length));
+  await new Promise((resolve, reject) => {
+    const open = indexedDB.open("durably-torture-effects", 1);
+    open.onupgradeneeded = () => open.result.createObjectStore("effects", {autoIncrement: true});
+    open.onerror = () => reject(open.error);
+    open.onsuccess = () => {
+      const db = open.result;
+      const tx = db.transaction("effects", "readwrite", {durability: "strict"});
+      tx.objectStore("effects").add({...r, alive, at: Date.now()});
+      tx.oncomplete = () => { db.close(); resolve(); };
+      tx.onerror = () => reject(tx.error);
+      tx.onabort = () => reject(tx.error);
+    };
+  });
+})()"""
 
 
 async def record_effect(kind: str, run_id: str, step: str, attempt: int) -> None:
