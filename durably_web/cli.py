@@ -37,6 +37,7 @@ from .errors import (
     ConflictError,
     DurablyError,
     NotFoundError,
+    SchemaVersionError,
     ValidationError,
     WaitTimeoutError,
 )
@@ -148,13 +149,27 @@ def _require_jobs(app: str, command: str) -> None:
 
 
 @contextlib.asynccontextmanager
-async def opened(durably: Durably, *, worker: bool) -> AsyncIterator[Durably]:
+async def opened(
+    durably: Durably, *, worker: bool, read_only: bool = False, app: str = "APP"
+) -> AsyncIterator[Durably]:
     """Start ``durably`` (with or without its worker: management commands never claim work),
-    turning an unreachable or incompatible database into ``CliError``."""
+    turning an unreachable or incompatible database into ``CliError``.
+
+    ``read_only`` (the commands that only look: runs, show, watch) opens the database
+    without writing anything: no migration, no journal-mode change, no file created.
+    """
     try:
-        await durably.init(worker=worker)
+        await durably.init(worker=worker, read_only=read_only)
     except ValidationError as exc:  # a malformed database URL
         raise CliError(str(exc), EXIT_USAGE) from None
+    except SchemaVersionError as exc:
+        hint = ""
+        if read_only and exc.found is not None and exc.expected is not None and exc.found < exc.expected:
+            hint = (
+                f"; run '{PROG} migrate {app}' to migrate it (any command that writes does "
+                "too: worker, serve, trigger, cancel, ...), then try again"
+            )
+        raise CliError(f"cannot open the database: {exc}{hint}") from None
     except DurablyError as exc:
         raise CliError(f"cannot open the database: {exc}") from None
     try:
@@ -329,7 +344,7 @@ def _print_outcome(run: Run) -> None:
 
 async def cmd_runs(args: argparse.Namespace) -> int:
     statuses = [part for value in args.status or () for part in value.split(",") if part] or None
-    async with opened(load_durably(args.app), worker=False) as durably:
+    async with opened(load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
         runs = await durably.get_runs(
             status=statuses, job_name=args.job or None, labels=_labels(args.label), limit=args.limit
         )
@@ -355,7 +370,7 @@ async def cmd_runs(args: argparse.Namespace) -> int:
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
-    async with opened(load_durably(args.app), worker=False) as durably:
+    async with opened(load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
         run = await durably.get_run(args.run_id)
         steps = await durably.get_steps(run.id)
         logs = await durably.get_logs(run.id)
@@ -421,10 +436,18 @@ async def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_migrate(args: argparse.Namespace) -> int:
+    """Open the database for writing, which creates or upgrades its schema, and say so."""
+    async with opened(load_durably(args.app), worker=False):
+        pass
+    _out(f"{_p(args.app)}: the database schema is up to date")
+    return 0
+
+
 async def cmd_watch(args: argparse.Namespace) -> int:
     """Poll the database, so runs executed by any process (a worker elsewhere) are followed."""
     tty = sys.stdout.isatty()
-    async with opened(load_durably(args.app), worker=False) as durably:
+    async with opened(load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
         run = await durably.get_run(args.run_id)
         _out(f"watching run {_p(run.id)} of {_p(run.job_name)} ({run.status})", flush=True)
         printed_logs = 0
@@ -653,6 +676,13 @@ def build_parser() -> argparse.ArgumentParser:
     purge = command("purge", cmd_purge, "delete finished runs older than a duration")
     purge.add_argument(
         "--older-than", required=True, type=Duration.parse, metavar="DURATION", help=DURATION_FORMS
+    )
+
+    command(
+        "migrate",
+        cmd_migrate,
+        "create or upgrade the database schema (runs, show and watch never write, so they refuse "
+        "a database whose schema is older than this version's)",
     )
 
     watch = command("watch", cmd_watch, "follow a run's progress and logs until it ends")

@@ -22,6 +22,7 @@ from .errors import (
     DurablyError,
     ExistingRunRefusedError,
     NotFoundError,
+    ReadOnlyError,
     ValidationError,
     WaitTimeoutError,
 )
@@ -89,7 +90,11 @@ class Durably:
 
     ``async with Durably("sqlite:///app.db", jobs=[...]) as durably:`` migrates
     the schema, starts the worker, and stops it (releasing its leases) on exit.
-    Pass ``worker=False`` for a client that only triggers and queries.
+    Pass ``worker=False`` for a client that only triggers and queries, and
+    ``read_only=True`` for one that only queries: the database is then opened so
+    that nothing is written (not even a migration; its schema must be this
+    version's, see ``SchemaVersionError``), no worker runs, and every write
+    operation raises ``ReadOnlyError``.
     """
 
     def __init__(
@@ -108,6 +113,7 @@ class Durably:
         run_sync_in_thread: bool | None = None,
         max_payload_bytes: int = 10 * 1024 * 1024,
         sole_worker: bool = False,
+        read_only: bool = False,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.polling_interval: float = _seconds("polling_interval", polling_interval, minimum=0.001)  # type: ignore[assignment]
@@ -139,6 +145,7 @@ class Durably:
             raise ValidationError(f"max_payload_bytes must be a positive int, not {max_payload_bytes!r}")
         self.max_payload_bytes = max_payload_bytes
         self.sole_worker = bool(sole_worker)
+        self.read_only = bool(read_only)
         self.clock = clock
         self._database = database
         self._start_worker = worker
@@ -150,19 +157,33 @@ class Durably:
             self.register(job)
 
     # --- lifecycle ----------------------------------------------------------------
-    async def init(self, *, worker: bool | None = None) -> Durably:
+    async def init(self, *, worker: bool | None = None, read_only: bool | None = None) -> Durably:
         """Open the database, apply migrations and start the worker. Idempotent.
 
         ``worker=False`` opens without a worker (overriding the constructor), for
-        tools that only trigger, query and manage runs.
+        tools that only trigger, query and manage runs; ``read_only=True`` (also
+        overriding the constructor) opens without writing anything, for tools
+        that only look.
         """
         if self._store is not None:
             return self
+        if read_only is not None:
+            self.read_only = bool(read_only)
+        if self.read_only and worker:
+            raise ValidationError("a read-only Durably cannot run a worker: pass worker=False")
         if worker is not None:
             self._start_worker = worker
-        store = self._database if isinstance(self._database, Store) else open_store(self._database)
+        if self.read_only:
+            self._start_worker = False
+        if isinstance(self._database, Store):
+            store = self._database
+        else:
+            store = open_store(self._database, read_only=self.read_only)
         try:
-            store.migrate()
+            if self.read_only:
+                store.check_schema()
+            else:
+                store.migrate()
         except BaseException:
             store.close()
             raise
@@ -284,6 +305,7 @@ class Durably:
         coalesce: str | None,
         labels: Mapping[str, str] | None,
     ) -> NewRun:
+        self._check_writable(f"trigger {job.name!r}")
         _, input_json = job.validate_input(input)
         if len(input_json.encode()) > self.max_payload_bytes:
             raise ValidationError(
@@ -543,6 +565,7 @@ class Durably:
     async def cancel(self, run_id: str) -> Run:
         """Cancel a pending or running run; a running handler is stopped within one
         lease-renew interval (at once when it runs in this process)."""
+        self._check_writable("cancel a run")
         before = self._require(run_id)
         record = self.store.cancel_run(run_id, self.now_ms())
         await self._wait_durable()
@@ -563,18 +586,27 @@ class Durably:
 
     async def delete_run(self, run_id: str) -> None:
         """Delete a run that is not leased, with its steps and logs."""
+        self._check_writable("delete a run")
         record = self.store.delete_run(_run_id(run_id))
         await self._wait_durable()
         self.emit("run:delete", record.id, record.job_name, {"labels": record.labels})
 
     async def purge_runs(self, *, older_than: Seconds, limit: int | None = None) -> int:
         """Delete completed/failed/cancelled runs that ended more than ``older_than`` ago."""
+        self._check_writable("purge runs")
         age = _seconds("older_than", older_than)
         if limit is not None and (
             isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 2**62
         ):
             raise ValidationError(f"limit must be a non-negative int, not {limit!r}")
         return self.store.purge_runs(self.now_ms() - int(age * 1000), limit)  # type: ignore[operator]
+
+    def _check_writable(self, operation: str) -> None:
+        if self.read_only:
+            raise ReadOnlyError(
+                f"cannot {operation}: this Durably was opened read-only (read_only=True); "
+                "open it without read_only to change anything"
+            )
 
     def _require(self, run_id: str) -> RunRecord:
         record = self.store.get_run(_run_id(run_id))

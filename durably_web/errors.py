@@ -84,7 +84,23 @@ class NonDeterministicReplayError(DurablyError):
 
 
 class SchemaVersionError(DurablyError):
-    """The database was written by a newer durably-web schema than this one understands."""
+    """The database's schema is not one this durably-web can use as it is.
+
+    Raised when the database was written by a newer durably-web schema than this
+    one understands, and, when it was opened read-only (so nothing is migrated),
+    when its schema is older than this version's or it has no durably-web schema
+    at all. ``found`` is the database's schema version (``None``: not a
+    durably-web database), ``expected`` this version's.
+    """
+
+    def __init__(self, message: str, *, found: int | None = None, expected: int | None = None) -> None:
+        super().__init__(message)
+        self.found = found
+        self.expected = expected
+
+
+class ReadOnlyError(DurablyError):
+    """A write (trigger, cancel, delete, purge, …) was asked of a ``Durably`` opened read-only."""
 
 
 class StorageError(DurablyError):

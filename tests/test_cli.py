@@ -6,10 +6,12 @@ working directory: that is how ``module:attribute`` APPs are found in real use.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -85,6 +87,7 @@ def make_durably():
 
 not_durably = 42
 unreachable = Durably("sqlite:////nonexistent-dir/deeper/app.db", jobs=[greet])
+fresh = Durably("sqlite:///fresh.db", jobs=[greet])
 '''
 
 TENANCY_MODULE = '''
@@ -543,3 +546,95 @@ def test_control_characters_in_stored_data_are_escaped_everywhere(
 
     assert worker.stop(signal.SIGINT) == 0
     _assert_escaped(worker.output())
+
+
+# --- the commands that only look never write -------------------------------------------------------------
+
+READ_ONLY_COMMANDS = (("runs",), ("runs", "--json"), ("show", "01NOSUCHRUN"), ("watch", "01NOSUCHRUN"))
+
+
+def _fingerprint(workdir: Path, name: str) -> tuple[str, list[str]]:
+    """The file's SHA-256 and the directory listing (a -wal/-shm/-journal file appearing shows)."""
+    return hashlib.sha256((workdir / name).read_bytes()).hexdigest(), sorted(
+        path.name for path in workdir.iterdir() if path.name.startswith(name)
+    )
+
+
+def _journal_mode(path: Path) -> str:
+    conn = sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    try:
+        return str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def test_read_only_commands_leave_a_durably_database_untouched(
+    cli: Callable[..., subprocess.CompletedProcess[str]], workdir: Path
+) -> None:
+    run_id = cli("trigger", APP, "greet", "--input", '{"name": "ro"}').stdout.strip()
+    # A database in rollback-journal mode: the old read path switched it to WAL.
+    conn = sqlite3.connect(workdir / "app.db")
+    assert conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0] == "delete"
+    conn.close()
+    before = _fingerprint(workdir, "app.db")
+    for app in (DB, APP):
+        for command in (*READ_ONLY_COMMANDS, ("show", run_id), ("show", run_id, "--json")):
+            result = cli(command[0], app, *command[1:])
+            assert result.returncode in (0, 1), result
+            assert _fingerprint(workdir, "app.db") == before, (app, command)
+    assert run_id in cli("runs", DB).stdout
+    assert _journal_mode(workdir / "app.db") == "delete"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"this is not a SQLite database, just bytes" * 100, "not a durably-web database"),
+        ("unrelated", "not a durably-web database"),
+        ("empty", "not a durably-web database"),
+        ("older", "durably-web migrate sqlite:///other.db"),
+    ],
+)
+def test_read_only_commands_refuse_other_files_and_change_nothing(
+    cli: Callable[..., subprocess.CompletedProcess[str]], workdir: Path, content: bytes | str, message: str
+) -> None:
+    target = workdir / "other.db"
+    if isinstance(content, bytes):
+        target.write_bytes(content)
+    elif content == "empty":
+        target.write_bytes(b"")  # SQLite reads a zero-byte file as an empty database
+    else:
+        conn = sqlite3.connect(target)
+        if content == "unrelated":
+            conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+            conn.execute("INSERT INTO invoices (total) VALUES (9.5)")
+        else:  # a durably-web database whose schema is older than this version's
+            conn.execute("CREATE TABLE durably_migrations (version INTEGER PRIMARY KEY, applied_at INTEGER)")
+        conn.commit()
+        conn.close()
+    before = _fingerprint(workdir, "other.db")
+    for command in READ_ONLY_COMMANDS:
+        result = cli(command[0], "sqlite:///other.db", *command[1:])
+        assert result.returncode == 1, result
+        assert message in result.stderr and "Traceback" not in result.stderr, result.stderr
+        assert result.stdout == ""
+        assert _fingerprint(workdir, "other.db") == before, command
+    if content == "older":
+        migrated = cli("migrate", "sqlite:///other.db")
+        assert migrated.returncode == 0, migrated.stderr
+        assert "up to date" in migrated.stdout
+        listed = cli("runs", "sqlite:///other.db", "--json")
+        assert listed.returncode == 0 and json.loads(listed.stdout) == []
+
+
+def test_read_only_commands_do_not_create_a_missing_database(
+    cli: Callable[..., subprocess.CompletedProcess[str]], workdir: Path
+) -> None:
+    for app in ("clijobs:fresh", "sqlite:///fresh.db"):
+        for command in READ_ONLY_COMMANDS:
+            result = cli(command[0], app, *command[1:])
+            assert result.returncode == 1, result
+            assert "Traceback" not in result.stderr
+            assert not any(path.name.startswith("fresh.db") for path in workdir.iterdir()), (app, command)
+    memory = cli("runs", "sqlite://:memory:")
+    assert memory.returncode == 2 and "cannot be opened read-only" in memory.stderr

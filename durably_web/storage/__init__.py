@@ -17,19 +17,25 @@ __all__ = ["LogRecord", "NewRun", "RunFilter", "RunRecord", "StepRecord", "Store
 _SQLITE_OPTIONS = {"synchronous", "busy_timeout", "journal_mode"}
 
 
-def open_store(url: str) -> Store:
-    """Open (but do not migrate) the store a URL names."""
+def open_store(url: str, *, read_only: bool = False) -> Store:
+    """Open (but do not migrate) the store a URL names.
+
+    ``read_only`` opens it so that nothing can be written, created or changed
+    (for SQLite: ``mode=ro``, the journal mode left as it is, ``query_only``); check
+    it with ``check_schema()`` rather than ``migrate()``. A missing file is an error
+    then, and an in-memory database (empty, private to its connection) is refused.
+    """
     if not isinstance(url, str):
         raise ValidationError(f"database URL must be a string, not {type(url).__name__}")
     scheme, _, rest = url.partition("://")
     if scheme == "sqlite":
-        return _open_sqlite(url, rest)
+        return _open_sqlite(url, rest, read_only=read_only)
     raise ValidationError(
         f"unsupported database URL {url!r}: expected sqlite:///path.db or sqlite://:memory:"
     )
 
 
-def _open_sqlite(url: str, rest: str) -> Store:
+def _open_sqlite(url: str, rest: str, *, read_only: bool) -> Store:
     from .sqlite import SQLiteStore, StdlibSqlConnection, apply_connection_policy
 
     path_part, _, query = rest.partition("?")
@@ -56,11 +62,21 @@ def _open_sqlite(url: str, rest: str) -> Store:
     journal_mode = options.get("journal_mode", "wal")
     if journal_mode.upper() not in {"WAL", "DELETE", "TRUNCATE", "PERSIST", "MEMORY"}:
         raise ValidationError(f"unsupported journal_mode in {url!r}")
-    conn = StdlibSqlConnection(path, busy_timeout_ms=busy_timeout_ms)
-    apply_connection_policy(
-        conn,
-        journal_mode=None if path == ":memory:" else journal_mode,
-        synchronous=synchronous,
-        busy_timeout_ms=busy_timeout_ms,
-    )
+    if read_only and path == ":memory:":
+        raise ValidationError(
+            f"{url!r} cannot be opened read-only: an in-memory database starts empty and "
+            "belongs to one connection, so there is nothing to read"
+        )
+    conn = StdlibSqlConnection(path, busy_timeout_ms=busy_timeout_ms, read_only=read_only)
+    try:
+        apply_connection_policy(
+            conn,
+            journal_mode=None if path == ":memory:" else journal_mode,
+            synchronous=synchronous,
+            busy_timeout_ms=busy_timeout_ms,
+            read_only=read_only,
+        )
+    except BaseException:
+        conn.close()
+        raise
     return SQLiteStore(conn)

@@ -103,6 +103,11 @@ class Store(ABC):
         """Create or upgrade the schema; raise ``SchemaVersionError`` if the database is newer."""
 
     @abstractmethod
+    def check_schema(self) -> None:
+        """Without writing anything, raise ``SchemaVersionError`` unless the database has
+        exactly this version's schema (for read-only use: nothing is created or migrated)."""
+
+    @abstractmethod
     def close(self) -> None: ...
 
     # --- runs -----------------------------------------------------------------
@@ -169,7 +174,11 @@ class Store(ABC):
 
     @abstractmethod
     def release_run(self, run_id: str, generation: int, now: int) -> None:
-        """Give a lease up so any worker may resume the run at once (fenced)."""
+        """Give a lease up so any worker may resume the run at once (fenced).
+
+        A leased run goes back to 'pending' (it stays 'leased' with an expired lease
+        only while another run of its concurrency key is pending); a cancelled run
+        stays cancelled."""
 
     @abstractmethod
     def expire_leases(self, now: int) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 Row = dict[str, Any]
@@ -52,13 +53,18 @@ class StdlibSqlConnection:
     ``Durably`` may be created in one thread and run in another).
     """
 
-    def __init__(self, path: str, *, busy_timeout_ms: int) -> None:
+    def __init__(self, path: str, *, busy_timeout_ms: int, read_only: bool = False) -> None:
+        # read_only: SQLite's own read-only open (mode=ro), which can neither create the
+        # file nor write to it; a WAL database still gets its -wal/-shm companions, which
+        # is how SQLite lets a reader share the file with a writer.
+        target = f"{Path(path).absolute().as_uri()}?mode=ro" if read_only else path
         try:
             self._conn = sqlite3.connect(
-                path,
+                target,
                 isolation_level=None,  # we issue BEGIN/COMMIT ourselves
                 check_same_thread=False,
                 timeout=busy_timeout_ms / 1000,
+                uri=read_only,
             )
         except sqlite3.Error as exc:
             raise _storage_error(exc, f"cannot open SQLite database {path!r}") from exc

@@ -12,6 +12,10 @@ CREATE TABLE IF NOT EXISTS durably_migrations (
 -- name: schema_version
 SELECT COALESCE(MAX(version), 0) AS version FROM durably_migrations
 
+-- name: has_migrations_table
+-- Whether this is a durably-web database at all (read-only opens check before reading).
+SELECT COUNT(*) AS found FROM sqlite_master WHERE type = 'table' AND name = 'durably_migrations'
+
 -- name: find_idempotent_run
 SELECT * FROM durably_runs WHERE job_name = :job_name AND idempotency_key = :idempotency_key
 

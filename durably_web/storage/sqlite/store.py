@@ -36,20 +36,33 @@ SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 def apply_connection_policy(
-    conn: SqlConnection, *, journal_mode: str | None, synchronous: str, busy_timeout_ms: int
+    conn: SqlConnection,
+    *,
+    journal_mode: str | None,
+    synchronous: str,
+    busy_timeout_ms: int,
+    read_only: bool = False,
 ) -> None:
     """The one place that decides how every SQLite connection behaves.
 
     WAL lets readers run beside the writer and makes a commit one sequential
     append; ``synchronous=NORMAL`` in WAL keeps every commit across a process
     kill (``FULL`` adds power-loss safety at the cost of an fsync per commit).
+    A ``read_only`` connection leaves the journal mode as the file has it (changing
+    it is a write), skips ``synchronous`` and refuses every write (``query_only``).
     """
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
-    if journal_mode:
-        conn.fetch_one(f"PRAGMA journal_mode = {journal_mode}")
     if synchronous.upper() not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
         raise ValueError(f"unknown synchronous level {synchronous!r}")
-    conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
+    if read_only:
+        # No journal_mode or synchronous: both concern writing (and both read the file
+        # header, so they would fail on a file that is not a database before check_schema
+        # could say so).
+        conn.execute("PRAGMA query_only = ON")
+    else:
+        if journal_mode:
+            conn.fetch_one(f"PRAGMA journal_mode = {journal_mode}")
+        conn.execute(f"PRAGMA synchronous = {synchronous.upper()}")
     conn.execute("PRAGMA foreign_keys = ON")
 
 
@@ -76,7 +89,9 @@ class SQLiteStore(Store):
         if current > SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"this database has schema version {current}, but this durably-web "
-                f"understands up to {SCHEMA_VERSION}; upgrade durably-web to open it"
+                f"understands up to {SCHEMA_VERSION}; upgrade durably-web to open it",
+                found=current,
+                expected=SCHEMA_VERSION,
             )
         for version, script in MIGRATIONS:
             if version <= current:
@@ -92,6 +107,39 @@ class SQLiteStore(Store):
                 # Another process may have applied it first; only that is acceptable.
                 if self._schema_version() < version:
                     raise
+
+    def check_schema(self) -> None:
+        """Like :meth:`migrate`, but only reads: fail unless the schema is exactly this version's."""
+        try:
+            row = self._conn.fetch_one(Q["has_migrations_table"])
+        except StorageError as exc:
+            if "not a database" not in str(exc):
+                raise
+            raise SchemaVersionError(
+                f"not a durably-web database (not even an SQLite database: {exc})",
+                expected=SCHEMA_VERSION,
+            ) from exc
+        if not row or not row["found"]:
+            raise SchemaVersionError(
+                "not a durably-web database (it has no durably_migrations table)",
+                expected=SCHEMA_VERSION,
+            )
+        current = self._schema_version()
+        if current > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"this database has schema version {current}, but this durably-web "
+                f"understands up to {SCHEMA_VERSION}; upgrade durably-web to open it",
+                found=current,
+                expected=SCHEMA_VERSION,
+            )
+        if current < SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"this database has schema version {current}, older than this durably-web's "
+                f"{SCHEMA_VERSION}; it was opened read-only, so it is not migrated (opening it "
+                "once for writing does that)",
+                found=current,
+                expected=SCHEMA_VERSION,
+            )
 
     def _schema_version(self) -> int:
         row = self._conn.fetch_one(Q["schema_version"])
