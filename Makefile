@@ -19,8 +19,10 @@ lint: $(VENV)/.installed
 	$(PY) -m mypy
 
 # The browser bundle (site/) is built once here; the browser tests then reuse it.
+# build/test-site/ is site/ plus the test-only wheels tests/pyodide loads (never deployed).
 site: $(VENV)/.installed
 	$(PY) build.py
+	$(PY) build.py test-site
 
 test: lint site
 	DURABLY_SKIP_SITE_BUILD=1 $(PY) -m pytest

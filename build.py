@@ -2,8 +2,8 @@
 """Assemble and serve the browser build of durably-web (standard library only).
 
     python build.py [build]            assemble site/ (the default command)
-    python build.py serve [--port N]   serve site/ on http://127.0.0.1:N/
-    python build.py build --no-test-wheels   leave pytest & co. out of site/
+    python build.py serve [--port N]   serve site/ on http://127.0.0.1:N/ (default 8000)
+    python build.py test-site          assemble build/test-site/ for tests/pyodide
 
 ``site/`` (git-ignored) is self-contained: a page or worker served from it
 loads Pyodide, sqlite-wasm and every Python wheel from the same origin; no CDN
@@ -13,8 +13,8 @@ is ever contacted. It holds:
   (``npm ci`` runs when node_modules is missing or does not match
   package-lock.json);
 * sqlite-wasm's ESM build and ``sqlite3.wasm`` under ``site/sqlite-wasm/``;
-* the wheels pinned (version and sha256) in ``browser-wheels.json``, downloaded
-  once from PyPI into ``build/browser-cache/`` so rebuilds work offline;
+* the ``runtime`` wheels pinned (version and sha256) in ``browser-wheels.json``,
+  downloaded once from PyPI into ``build/browser-cache/`` so rebuilds work offline;
 * the project's own wheel, built with ``pip wheel . --no-deps``;
 * ``pyodide-lock.json``: Pyodide's lock file ``info`` (its ABI must match
   pyodide.asm.wasm) with one entry per wheel above, so
@@ -22,18 +22,23 @@ is ever contacted. It holds:
   site/ itself. Pyodide's own package entries are dropped: the npm package
   ships none of their wheels, and an entry without its file makes
   ``loadPackage`` 404 in a browser (and fall back to the CDN under Node);
-* the hand-written ``static/*`` (worker, SQLite bridge, test harness) and the
-  demo page sources ``web/*``, both copied to the top of site/.
+* the hand-written ``static/*`` (page API, worker, SQLite bridge, dashboard) and
+  the demo page sources ``web/*``, both copied to the top of site/.
 
-site/ can also be pytest-pyodide's ``--dist-dir``: it has ``pyodide.js`` (Node
-runtime), ``pyodide.mjs`` (module_test.html, served by pytest-pyodide
-itself) and the lock file it reads to decide which packages are "built".
+site/ is what users deploy, so it holds only what pages run: no test pages (those
+live in ``tests/browser/pages/``) and no test-only wheels. ``build/test-site/``
+is site/ plus the ``test`` group of browser-wheels.json (pytest, hypothesis, …)
+and a lock file that lists them; it is pytest-pyodide's ``--dist-dir`` for
+tests/pyodide: it has ``pyodide.js`` (Node runtime), ``pyodide.mjs``
+(module_test.html, served by pytest-pyodide itself) and the lock file it reads
+to decide which packages are "built".
 """
 
 from __future__ import annotations
 
 import argparse
 import email.parser
+import errno
 import functools
 import hashlib
 import http.server
@@ -43,6 +48,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -50,6 +56,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 SITE = ROOT / "site"
 BUILD = ROOT / "build"
+TEST_SITE = BUILD / "test-site"  # site/ + the test-only wheels, for tests/pyodide (never deployed)
 CACHE = BUILD / "browser-cache"  # downloaded wheels, keyed by sha256
 NODE_MODULES = ROOT / "node_modules"
 NPM_STAMP = NODE_MODULES / ".durably-build-stamp"
@@ -184,11 +191,12 @@ def lock_entry(path: Path, name: str, version: str, depends: list[str]) -> dict:
     }
 
 
-def third_party_wheels(out: Path, with_test_wheels: bool) -> list[dict]:
+def third_party_wheels(out: Path, group: str) -> list[dict]:
+    """Copy the wheels of one group of browser-wheels.json (``runtime`` or ``test``) into ``out``."""
     specs = json.loads(WHEELS_FILE.read_text())["wheels"]
     entries = []
     for spec in specs:
-        if spec.get("group", "runtime") == "test" and not with_test_wheels:
+        if spec.get("group", "runtime") != group:
             continue
         cached = download_wheel(spec)
         shutil.copy2(cached, out / spec["file_name"])
@@ -251,8 +259,8 @@ def project_wheel(out: Path) -> dict:
     return lock_entry(out / wheel.name, meta["Name"], meta["Version"], depends)
 
 
-def write_lock(out: Path, entries: list[dict]) -> None:
-    base = json.loads((PYODIDE_DIR / "pyodide-lock.json").read_text())
+def write_lock(out: Path, entries: list[dict], base_lock: Path | None = None) -> None:
+    base = json.loads((base_lock or PYODIDE_DIR / "pyodide-lock.json").read_text())
     packages = {
         key: value
         for key, value in base["packages"].items()
@@ -263,7 +271,7 @@ def write_lock(out: Path, entries: list[dict]) -> None:
     for entry in packages.values():
         for dep in entry["depends"]:
             if dep not in packages:
-                raise SystemExit(f"{entry['name']} depends on {dep}, which site/ does not provide")
+                raise SystemExit(f"{entry['name']} depends on {dep}, which {out.name}/ does not provide")
     lock = {"info": base["info"], "packages": dict(sorted(packages.items()))}
     (out / "pyodide-lock.json").write_text(json.dumps(lock, indent=1, sort_keys=False) + "\n")
 
@@ -286,7 +294,7 @@ def copy_tree_into(src: Path, dest: Path) -> None:
             shutil.copy2(item, target)
 
 
-def build(with_test_wheels: bool = True) -> Path:
+def build() -> Path:
     ensure_node_modules()
     staging = BUILD / "site.new"
     shutil.rmtree(staging, ignore_errors=True)
@@ -298,7 +306,7 @@ def build(with_test_wheels: bool = True) -> Path:
     for name in SQLITE_FILES:
         shutil.copy2(SQLITE_DIR / name, staging / "sqlite-wasm" / name)
 
-    entries = third_party_wheels(staging, with_test_wheels)
+    entries = third_party_wheels(staging, "runtime")
     entries.append(project_wheel(staging))
     write_lock(staging, entries)
 
@@ -318,15 +326,95 @@ def build(with_test_wheels: bool = True) -> Path:
     return SITE
 
 
+def _test_site_stamp() -> str:
+    """Changes whenever site/ or browser-wheels.json does (paths, sizes, mtimes)."""
+    digest = hashlib.sha256(WHEELS_FILE.read_bytes())
+    for path in sorted(SITE.rglob("*")):
+        if path.is_file():
+            st = path.stat()
+            digest.update(f"{path.relative_to(SITE)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def build_test_site() -> Path:
+    """Assemble build/test-site/: site/ plus the ``test`` wheels and a lock that lists them.
+
+    The tests in tests/pyodide load pytest, pytest-asyncio and hypothesis into Pyodide;
+    those wheels must never reach the site/ users deploy, so they live here. Files are
+    hard-linked from site/ where the file system allows. Skipped when up to date.
+    """
+    if not (SITE / "pyodide-lock.json").exists():
+        build()
+    stamp = _test_site_stamp()
+    stamp_file = TEST_SITE / ".durably-test-site-stamp"
+    if stamp_file.exists() and stamp_file.read_text().strip() == stamp:
+        return TEST_SITE
+    BUILD.mkdir(exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="test-site.new-", dir=BUILD))
+    try:
+        shutil.copytree(SITE, staging, dirs_exist_ok=True, copy_function=_link_or_copy)
+        entries = third_party_wheels(staging, "test")
+        (staging / "pyodide-lock.json").unlink()  # a hard link to site/'s: never write through it
+        write_lock(staging, entries, base_lock=SITE / "pyodide-lock.json")
+        (staging / stamp_file.name).write_text(stamp + "\n")
+        old = Path(tempfile.mkdtemp(prefix="test-site.old-", dir=BUILD))
+        if TEST_SITE.exists():
+            TEST_SITE.rename(old / "test-site")
+        staging.rename(TEST_SITE)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"{TEST_SITE.relative_to(ROOT)}/ ready: site/ + {len(entries)} test wheels")
+    return TEST_SITE
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
 # -- serve -----------------------------------------------------------------------
 
 
 class SiteHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files with explicit MIME types; browsers revalidate every time."""
+    """Static files with explicit MIME types; browsers revalidate every time.
+
+    Only regular files whose real path (symlinks resolved) lies under the served
+    directory, or under one of ``extra_roots``, are served; anything else, and
+    every directory without an index.html, is a 404: no directory listings.
+    """
 
     extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **MIME_TYPES}
     quiet = False
     request_log: list[str] | None = None
+    extra_roots: tuple[str, ...] = ()  # more folders a subclass's translate_path maps into
+
+    def send_head(self):  # type: ignore[no-untyped-def]
+        path = self.translate_path(self.path)
+        if os.path.isdir(path):
+            if not self.path.split("?", 1)[0].split("#", 1)[0].endswith("/"):
+                return super().send_head()  # the redirect to "dir/"
+            path = os.path.join(path, "index.html")
+        if not self._servable(path):
+            self.send_error(404, "File not found")
+            return None
+        return super().send_head()
+
+    def _servable(self, path: str) -> bool:
+        real = os.path.realpath(path)
+        if not os.path.isfile(real):
+            return False
+        for root in (self.directory, *self.extra_roots):
+            top = os.path.realpath(root)
+            if real.startswith(top.rstrip(os.sep) + os.sep):
+                return True
+        return False
+
+    def list_directory(self, path):  # type: ignore[no-untyped-def]
+        self.send_error(404, "File not found")
+        return None
 
     def end_headers(self) -> None:
         # no-cache = "may store, must revalidate": a rebuilt site is never served stale,
@@ -354,11 +442,20 @@ def make_server(directory: Path = SITE, port: int = 0, quiet: bool = False, requ
 
 
 def serve(port: int) -> None:
+    try:
+        server = make_server(SITE, port)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise SystemExit(
+                f"build.py serve: port {port} on 127.0.0.1 is already in use (another server?).\n"
+                f"Choose another port: python build.py serve --port {port + 1}   (--port 0 picks a free one)"
+            ) from None
+        reason = exc.strerror or exc
+        raise SystemExit(f"build.py serve: cannot listen on 127.0.0.1:{port}: {reason}") from None
     if not (SITE / "pyodide-lock.json").exists():
         build()
-    server = make_server(SITE, port)
     url = f"http://127.0.0.1:{server.server_address[1]}/"
-    print(f"serving {SITE} at {url}  (harness: {url}harness.html)", flush=True)
+    print(f"serving {SITE} at {url}  (dashboard: {url}dashboard.html?local=demo_jobs.py)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
@@ -370,17 +467,19 @@ def serve(port: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
-    build_cmd = sub.add_parser("build", help="assemble site/ (default)")
-    build_cmd.add_argument(
-        "--no-test-wheels", action="store_true", help="leave out pytest and its dependencies"
-    )
+    sub.add_parser("build", help="assemble site/ (default)")
     serve_cmd = sub.add_parser("serve", help="serve site/ on 127.0.0.1")
-    serve_cmd.add_argument("--port", type=int, default=8000)
+    serve_cmd.add_argument(
+        "--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)"
+    )
+    sub.add_parser("test-site", help="assemble build/test-site/ (site/ + test-only wheels) for tests/pyodide")
     args = parser.parse_args(argv)
     if args.command == "serve":
         serve(args.port)
+    elif args.command == "test-site":
+        build_test_site()
     else:
-        build(with_test_wheels=not getattr(args, "no_test_wheels", False))
+        build()
 
 
 if __name__ == "__main__":

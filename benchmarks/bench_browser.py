@@ -8,7 +8,7 @@ the runtime opens it) and "memory":
              loaded once, then reloaded --reloads times; median (min-max);
   per-step   a job with N no-op steps run by Durably on SQLiteStore over
              WasmSqlConnection inside a worker: (time(N steps) - time(0 steps)) / N;
-             measured in phase 1's harness worker (static/harness_worker.js), which
+             measured in the test harness worker (tests/browser/pages/harness_worker.js), which
              runs Python we send, and also through the public API (worker.js,
              triggerAndWait from the page; includes the page<->worker messages);
   floor      one committed INSERT through the same bridge (WasmSqlConnection.execute
@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
+HARNESS_PAGES = ROOT / "tests" / "browser" / "pages"  # harness.html + harness_worker.js
 CHROMIUM = os.environ.get("DURABLY_CHROMIUM", "/usr/bin/chromium")
 CHROMEDRIVER = os.environ.get("DURABLY_CHROMEDRIVER", "/usr/bin/chromedriver")
 
@@ -168,6 +169,14 @@ def serve(site: Path) -> http.server.ThreadingHTTPServer:
     class Handler(site_build.SiteHandler):
         quiet = True
 
+        extra_roots = (str(HARNESS_PAGES),)
+
+        def translate_path(self, path: str) -> str:
+            # The test harness (harness.html, harness_worker.js) is served under /_test/.
+            if path.split("?")[0].startswith("/_test/harness"):
+                return str(HARNESS_PAGES / path.split("?")[0].rsplit("/", 1)[1])
+            return super().translate_path(path)
+
         def do_GET(self) -> None:
             body = extra.get(self.path.split("?")[0])
             if body is None:
@@ -263,7 +272,7 @@ def api_per_step(driver: Any, n: int, repeat: int) -> float:
 
 
 def harness_bench(driver: Any, base: str, storage: str, n: int, repeat: int) -> dict[str, Any]:
-    driver.get(base + "harness.html")
+    driver.get(base + "_test/harness.html")
     wait_for(driver, "window.harnessReady === true")
     code = (
         WORKER_BENCH.replace("__N__", str(n))

@@ -93,6 +93,8 @@ def _serve(server: ThreadingHTTPServer) -> threading.Thread:
 class _SiteWithTestPages(site_build.SiteHandler):  # type: ignore[misc,name-defined]
     """site/, plus tests/browser/pages/ under /_test/."""
 
+    extra_roots = (str(PAGES),)
+
     def translate_path(self, path: str) -> str:
         translated: str = super().translate_path(path)
         overlay = os.path.join(self.directory, "_test")

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.browser
 
 
 def open_harness(drv: Any, url: str) -> dict[str, Any]:
-    drv.get(url + "harness.html")
+    drv.get(url + "_test/harness.html")
     _wait_ready(drv)
     return _init(drv)
 
@@ -226,7 +226,7 @@ const OPEN = "from durably_web.storage.sqlite.wasm_connection import WasmSqlConn
 def test_pool_install_waits_for_the_previous_holder(driver: Any, site_url: Any) -> None:
     """A second worker retries (with backoff, reporting each wait) until the first lets go."""
     url, _ = site_url
-    driver.get(url + "harness.html")
+    driver.get(url + "_test/harness.html")
     _wait_ready(driver)
     reply = driver.execute_async_script(CONTENTION)
     assert reply["ok"], reply.get("error")

@@ -1,4 +1,9 @@
-"""Pyodide runtimes for the tests in tests/pyodide: pytest-pyodide's runners, site/ as dist dir.
+"""Pyodide runtimes for the tests in tests/pyodide: pytest-pyodide's runners, build/test-site/ as dist dir.
+
+build/test-site/ (``python build.py test-site``) is site/ plus the test-only wheels
+(pytest, pytest-asyncio, hypothesis, tzdata, ...; the ``test`` group of
+browser-wheels.json) and a lock file listing them: site/, which users deploy,
+never contains them. "site" below means that test copy.
 
 ``pyodide_rt`` is parametrised over the two runtimes the issue asks for:
 
@@ -78,15 +83,16 @@ def build_tests_zip() -> bytes:
 def site_dir() -> Path:
     if os.environ.get("DURABLY_SKIP_SITE_BUILD") != "1":
         subprocess.run([sys.executable, str(ROOT / "build.py"), "build"], cwd=ROOT, check=True)
-    lock = json.loads((site_build.SITE / "pyodide-lock.json").read_text())
-    missing = [
-        p["file_name"] for p in lock["packages"].values() if not (site_build.SITE / p["file_name"]).exists()
-    ]
+    # Derived from site/; cheap, and a no-op when it is up to date.
+    subprocess.run([sys.executable, str(ROOT / "build.py"), "test-site"], cwd=ROOT, check=True)
+    site = site_build.TEST_SITE
+    lock = json.loads((site / "pyodide-lock.json").read_text())
+    missing = [p["file_name"] for p in lock["packages"].values() if not (site / p["file_name"]).exists()]
     # A lock entry without its file is what would send Pyodide to the CDN (cdnUrl) under Node.
-    assert not missing, f"pyodide-lock.json lists files missing from site/: {missing}"
+    assert not missing, f"pyodide-lock.json lists files missing from {site}: {missing}"
     absent = [name for name in PACKAGES if name not in lock["packages"]]
-    assert not absent, f"site/ lacks {absent}: was it built with --no-test-wheels?"
-    return site_build.SITE
+    assert not absent, f"{site} lacks {absent}: are they in browser-wheels.json's test group?"
+    return site
 
 
 @pytest.fixture(scope="session")

@@ -6,8 +6,9 @@ The host side (conftest.py) unpacks a zip into the Pyodide file system:
     /durably/tests/*.py              the core test modules, conftest.py and helpers, unchanged
     /durably/tests/pyodide/in_pyodide.py   this file
 
-pytest, pytest-asyncio and hypothesis (and their dependencies) come from site/'s ``test``
-wheel group, durably-web and pydantic from its runtime wheels, via ``pyodide.loadPackage``;
+pytest, pytest-asyncio and hypothesis (and their dependencies) come from build/test-site/
+(browser-wheels.json's ``test`` group, never in site/), durably-web and pydantic from the
+runtime wheels, via ``pyodide.loadPackage``;
 pytest finds the plugins through their pytest11 entry points, as under CPython.
 
 Event loop: pytest is synchronous, and pytest-asyncio drives each test with

@@ -26,7 +26,8 @@ CORE_MODULES = [
 # in_pyodide.py and parity.py.
 SUPPORT_FILES = ["tests/conftest.py", "tests/helpers.py", "tests/crash_jobs.py"]
 PYODIDE_SIDE_FILES = ["in_pyodide.py", "parity.py"]
-# Wheels from site/ (browser-wheels.json; pytest & co. are its "test" group) loaded into Pyodide.
+# Wheels loaded into Pyodide: durably-web from site/, pytest & co. (browser-wheels.json's "test"
+# group) from build/test-site/ only.
 PACKAGES = ["durably-web", "pytest", "pytest-asyncio", "hypothesis", "tzdata"]
 
 

@@ -1,9 +1,11 @@
 // harness_worker.js: a bare Pyodide + SQLite-bridge worker for tests and benchmarks.
+// A test page: it lives in tests/browser/pages/, served under /_test/ next to the
+// built site/, never shipped in the wheel or site/.
 //
 // The runtime's own worker is worker.js; this one runs arbitrary Python sent by
 // harness.html, so tests can drive the bridge and the store below the JS API.
 //
-// Everything is loaded from this worker's own folder (the built site/): no CDN.
+// Everything is loaded from the folder above this worker's (the built site/): no CDN.
 //
 // Messages in (from the page), each with a numeric `id`:
 //   {id, cmd: "init", packages: ["durably-web", ...]}
@@ -21,8 +23,8 @@
 // Python reaches SQLite through globalThis.openSqliteBridge (see
 // sqlite_bridge.js and durably_web/storage/sqlite/wasm_connection.py).
 
-import { loadPyodide } from "./pyodide.mjs";
-import { openSqliteBridge } from "./sqlite_bridge.js";
+import { loadPyodide } from "../pyodide.mjs";
+import { openSqliteBridge } from "../sqlite_bridge.js";
 
 const workerStart = performance.now();
 let pyodide = null;
@@ -41,7 +43,7 @@ globalThis.openSqliteBridge = (options = {}) => {
 async function init({ packages = [] }) {
   const t0 = performance.now();
   pyodide = await loadPyodide({
-    indexURL: new URL("./", import.meta.url).href,
+    indexURL: new URL("../", import.meta.url).href,
     stdout: (s) => console.log("[py]", s),
     stderr: (s) => console.warn("[py]", s),
   });
