@@ -56,7 +56,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,6 +209,53 @@ def chain_names(exp: Expected) -> tuple[list[str], str, int | None]:
     )
 
 
+def stop_time(killed: dict[int, int]) -> Callable[[Execution], int | None]:
+    """When an execution's side effect stopped: its end line, or its process's death."""
+
+    def stopped(e: Execution) -> int | None:
+        death = killed.get(e.pid)
+        if death is not None and death < e.begin:
+            death = None  # a reused pid: not this process's death
+        candidates = [t for t in (e.end, death) if t is not None]
+        return min(candidates) if candidates else None
+
+    return stopped
+
+
+def steps_of(executions: Iterable[Execution]) -> dict[tuple[str, str], list[Execution]]:
+    """Executions by (run id, step name), each list in order of beginning."""
+    by_step: dict[tuple[str, str], list[Execution]] = defaultdict(list)
+    for e in executions:
+        by_step[(e.run_id, e.step)].append(e)
+    for items in by_step.values():
+        items.sort(key=lambda e: e.begin)
+    return by_step
+
+
+def live_overlaps(by_step: dict[tuple[str, str], list[Execution]], killed: dict[int, int]) -> list[str]:
+    """Two executions of one step at once, both live: the second began before the first's
+    side effect ended or its process was killed."""
+    stopped = stop_time(killed)
+    found = []
+    for (run_id, name), items in by_step.items():
+        for i, first in enumerate(items):
+            first_stop = stopped(first)
+            for second in items[i + 1 :]:
+                if first_stop is None or second.begin < first_stop:
+                    lasted = (
+                        "still running"
+                        if first_stop is None
+                        else f"{(first_stop - second.begin) / 1e6:.1f} ms"
+                    )
+                    found.append(
+                        f"step {run_id}/{name}: two live executions at once: {second.xid} (pid {second.pid}, "
+                        f"attempt {second.attempt}) began while {first.xid} (pid {first.pid}, attempt "
+                        f"{first.attempt}) was still running it (overlap: {lasted}; first killed: "
+                        f"{first.pid in killed})"
+                    )
+    return found
+
+
 def check_log(
     log: Log,
     runs: dict[str, dict[str, Any]],
@@ -231,13 +278,12 @@ def check_log(
     executions = list(log.executions.values())
     result.executions = len(executions)
 
-    def stopped(e: Execution) -> int | None:
-        """When the execution's side effect stopped: its end line, or its process's death."""
-        death = killed.get(e.pid)
-        if death is not None and death < e.begin:
-            death = None  # a reused pid: not this process's death
-        candidates = [t for t in (e.end, death) if t is not None]
-        return min(candidates) if candidates else None
+    stopped = stop_time(killed)
+
+    by_step = steps_of(executions)
+
+    # No two live executions of one step at once.
+    violations.extend(live_overlaps(by_step, killed))
 
     # Every step that began also ended, unless its process was killed.
     for e in executions:
@@ -248,29 +294,7 @@ def check_log(
             )
     result.interrupted = sum(1 for pid in killed if any(e.pid == pid and e.end is None for e in executions))
 
-    by_step: dict[tuple[str, str], list[Execution]] = defaultdict(list)
-    for e in executions:
-        by_step[(e.run_id, e.step)].append(e)
-    for items in by_step.values():
-        items.sort(key=lambda e: e.begin)
-
-    # No two live executions of one step at once.
     for (run_id, name), items in by_step.items():
-        for i, first in enumerate(items):
-            first_stop = stopped(first)
-            for second in items[i + 1 :]:
-                if first_stop is None or second.begin < first_stop:
-                    lasted = (
-                        "never stopped"
-                        if first_stop is None
-                        else f"{(first_stop - second.begin) / 1e6:.1f} ms"
-                    )
-                    violations.append(
-                        f"step {run_id}/{name}: two live executions at once: {second.xid} (pid {second.pid}, "
-                        f"attempt {second.attempt}) began while {first.xid} (pid {first.pid}, attempt "
-                        f"{first.attempt}) was still running it (overlap: {lasted}; first killed: "
-                        f"{first.pid in killed})"
-                    )
         per_attempt: dict[int, list[str]] = defaultdict(list)
         for e in items:
             per_attempt[e.attempt].append(e.xid)
@@ -370,7 +394,7 @@ def check_log(
     result.lease_lost_errors = len(log.lease_lost)
     for run_id, pid, _t in log.lease_lost:
         mine = [e.attempt for e in executions if e.run_id == run_id and e.pid == pid]
-        if not mine or last_attempt[run_id] <= max(mine):
+        if not mine or last_attempt[run_id] <= min(mine):  # the L line names no attempt
             violations.append(
                 f"worker {pid} reported LeaseLostError for run {run_id}, which nobody took over"
             )
@@ -539,6 +563,7 @@ class Torture:
         self.started = 0
         self.result = TortureResult(seed=seed, kills=0, processes=processes)
         self.client: Durably | None = None
+        self.aborted = False  # the drain stopped early: a violation was already in the log
 
     # --- processes ------------------------------------------------------------------------
     def start_worker(self) -> WorkerProcess:
@@ -569,12 +594,12 @@ class Torture:
                 return
             await asyncio.sleep(0.01)
 
-    def kill(self, worker: WorkerProcess) -> None:
+    def kill(self, worker: WorkerProcess, *, counted: bool = True) -> None:
         worker.process.send_signal(signal.SIGKILL)
         worker.process.wait(30)
         self.killed[worker.pid] = time.monotonic_ns()
         self.workers.remove(worker)
-        self.result.kills += 1
+        self.result.kills += counted
 
     async def stop_workers(self) -> None:
         for worker in self.workers:
@@ -737,7 +762,11 @@ class Torture:
                     await asyncio.sleep(self.rng.uniform(0.0, self.lease * 1.5))
                 await self.wait_ready(self.start_worker())
             await self.drain()
-            await self.stop_workers()
+            if self.aborted:
+                for worker in list(self.workers):
+                    self.kill(worker, counted=False)  # in-flight steps end at this kill
+            else:
+                await self.stop_workers()
             self.check()
         finally:
             for worker in self.workers:
@@ -749,8 +778,16 @@ class Torture:
         return self.result
 
     async def drain(self) -> None:
+        """Wait until every run has ended; stop early once two live executions of one step
+        show in the log (a broken engine may never finish: its runs keep being taken over)."""
         deadline = time.monotonic() + self.drain_timeout
+        next_look = time.monotonic() + 1.0
         while await self.unfinished():
+            if time.monotonic() > next_look:
+                next_look = time.monotonic() + 1.0
+                if live_overlaps(steps_of(read_log(self.log_path).executions.values()), self.killed):
+                    self.aborted = True  # check() reports them, and the runs left unfinished
+                    return
             if time.monotonic() > deadline:
                 assert self.client is not None
                 stuck = await self.client.get_runs(status=["pending", "leased"], limit=10_000)
