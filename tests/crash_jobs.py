@@ -68,17 +68,26 @@ EXPECTED_TOTAL = sum(step_value(i) for i in range(STEP_COUNT))
 class RecordIn(BaseModel):
     side_effects: str
     n: int
+    # Hold the step until this many processes have recorded a side effect (at most 30 s):
+    # with 2, both worker processes are sure to take part, however late one starts.
+    processes: int = 1
 
 
-def record(path: str, run_id: str) -> int:
+def record(path: str, run_id: str, processes: int = 1) -> int:
     append_line(path, f"{run_id} {os.getpid()}")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with open(path, encoding="utf-8") as handle:
+            if len({line.rsplit(" ", 1)[-1] for line in handle.read().splitlines()}) >= processes:
+                break
+        time.sleep(0.01)
     time.sleep(0.005)
     return os.getpid()
 
 
 @define_job("record", input=RecordIn)
 async def record_job(step: StepContext, payload: RecordIn) -> int:
-    return await step.run("record", record, payload.side_effects, step.run_id)
+    return await step.run("record", record, payload.side_effects, step.run_id, payload.processes)
 
 
 def worker_options(lease: float) -> dict[str, float]:
