@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,57 @@ _DURATION_OPTIONS = {
 _PLAIN_OPTIONS = {"maxConcurrentRuns": "max_concurrent_runs", "preserveSteps": "preserve_steps"}
 
 
-def load_job_modules(paths: Iterable[str]) -> list[JobDefinition[Any, Any]]:
+class JobModuleError(DurablyError):
+    """A job module failed to import (a syntax error, or an exception while it ran).
+
+    ``name`` is the original exception's class (``SyntaxError``, ``NameError``, …);
+    ``details`` says where: ``{"module", "file", "line", "traceback"}``, the
+    traceback starting at the job module's own frames.
+    """
+
+    def __init__(self, name: str, message: str, details: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.name = name
+        self.details = details
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "message": str(self), "details": self.details}
+
+
+def _import_failure(exc: BaseException, file: Path, shown_as: str) -> JobModuleError:
+    """Describe ``exc`` raised while importing the job module ``file`` (``shown_as``: its URL)."""
+    line: int | None = None
+    if isinstance(exc, SyntaxError) and exc.filename == str(file):
+        line = exc.lineno
+        reason = exc.msg
+    else:
+        reason = str(exc) or type(exc).__name__
+    # Drop the import machinery's frames: the traceback starts in the job module.
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename != str(file):
+        tb = tb.tb_next
+    frames = traceback.extract_tb(tb) if tb is not None else []
+    in_module = [frame for frame in frames if frame.filename == str(file)]
+    if line is None and in_module:
+        line = in_module[-1].lineno
+    text = "".join(traceback.format_exception(type(exc), exc, tb))
+    where = f"{shown_as}, line {line}" if line is not None else shown_as
+    return JobModuleError(
+        type(exc).__name__,
+        f"job module {where}: {reason}",
+        {"module": shown_as, "file": str(file), "line": line, "traceback": text},
+    )
+
+
+def load_job_modules(
+    paths: Iterable[str], shown_as: dict[str, str] | None = None
+) -> list[JobDefinition[Any, Any]]:
     """Import each file as a module named after it and collect its jobs.
 
     A module's ``JOBS`` list wins when present; otherwise every ``define_job``
-    result among its globals is taken.
+    result among its globals is taken. A module that fails to import raises
+    :class:`JobModuleError` naming the file (``shown_as`` maps a path to the URL
+    the page gave), the line and the traceback.
     """
     jobs: list[JobDefinition[Any, Any]] = []
     for path in paths:
@@ -54,7 +101,11 @@ def load_job_modules(paths: Iterable[str]) -> list[JobDefinition[Any, Any]]:
             raise ValidationError(f"cannot import job module {path!r}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(name, None)
+            raise _import_failure(exc, file, (shown_as or {}).get(path, file.name)) from exc
         declared = getattr(module, "JOBS", None)
         found = (
             list(declared)
@@ -192,16 +243,22 @@ async def start(
 _preloaded: tuple[list[str], list[JobDefinition[Any, Any]]] | None = None
 
 
-def preload(job_module_paths_json: str) -> str:
+def preload(job_module_paths_json: str, urls_json: str = "{}") -> str:
     """Import the job modules now (every tab does), so a later takeover only opens the database.
 
-    Returns the JSON list of job names; a broken module raises here, in every tab.
+    ``urls_json`` maps each path to the URL it came from, for messages. Returns
+    ``{"ok": true, "value": [job names]}``, or ``{"ok": false, "error": {name,
+    message, details}}`` for a module that does not import (in every tab): the
+    worker rejects the page's ``create()`` with it as it is.
     """
     global _preloaded
     paths = list(json.loads(job_module_paths_json))
-    jobs = load_job_modules(paths)
+    try:
+        jobs = load_job_modules(paths, json.loads(urls_json))
+    except JobModuleError as exc:
+        return json.dumps({"ok": False, "error": exc.to_json()}, default=str)
     _preloaded = (paths, jobs)
-    return json.dumps(sorted(job.name for job in jobs))
+    return json.dumps({"ok": True, "value": sorted(job.name for job in jobs)})
 
 
 async def open_and_start(

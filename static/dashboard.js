@@ -170,9 +170,53 @@ function localText(client) {
   return `in this browser · ${client.storage || "storage"} · ${client.role === "leader" ? "runs jobs here" : "another tab runs the jobs"}`;
 }
 
+/** Origins besides the page's own that ?local= and ?remote= may name: the page's
+ *  <meta name="durably-allowed-origins" content="https://a.example https://b.example">. */
+function allowedOrigins() {
+  const meta = document.querySelector('meta[name="durably-allowed-origins"]');
+  const origins = new Set([location.origin]);
+  for (const entry of ((meta && meta.content) || "").split(/[\s,]+/).filter(Boolean)) {
+    try {
+      origins.add(new URL(entry).origin);
+    } catch {
+      // not a URL: ignored, it allows nothing
+    }
+  }
+  return origins;
+}
+
+/** Resolve a ?local= / ?remote= value against the page URL; refuse other origins.
+ *  ?local= runs Python inside this origin (its storage, its other tabs), so a link to
+ *  dashboard.html must not be able to name code from anywhere else; data:, blob: and
+ *  javascript: URLs have no http(s) origin and are refused too. */
+function checkedUrl(value, what) {
+  let url;
+  try {
+    url = new URL(value, location.href);
+  } catch {
+    throw refusal(`${what} ${JSON.stringify(value)} is not a URL`);
+  }
+  if (!["http:", "https:"].includes(url.protocol) || !allowedOrigins().has(url.origin)) {
+    throw refusal(
+      `refused ${what} ${JSON.stringify(value)}: only this page's origin (${location.origin}) ` +
+        "or an origin listed in its <meta name=\"durably-allowed-origins\"> is allowed",
+    );
+  }
+  return url.href;
+}
+
+function refusal(message) {
+  const error = new Error(message);
+  error.name = "RefusedURL";
+  return error;
+}
+
 async function connect() {
   const params = new URLSearchParams(location.search);
-  const localJobs = params.getAll("local");
+  // Checked before anything is loaded or fetched.
+  const localJobs = params.getAll("local").map((value) => checkedUrl(value, "?local="));
+  const remote = params.get("remote");
+  if (remote !== null) checkedUrl(remote, "?remote=");
   if (localJobs.length) {
     setConnection("connecting", "starting the local runtime…");
     await loadScript("durably.js");
@@ -188,7 +232,7 @@ async function connect() {
     return client;
   }
   // Served by durably_web.asgi at <prefix>/dashboard/: the API is the parent folder.
-  const api = params.get("remote") || new URL("..", location.href).href;
+  const api = remote ? checkedUrl(remote, "?remote=") : new URL("..", location.href).href;
   if (!globalThis.DurablyWebRemote) await loadScript("remote.js");
   const client = globalThis.DurablyWebRemote.connect(api);
   setConnection("live", `server · ${new URL(client.url).host}${new URL(client.url).pathname}`);
@@ -574,11 +618,22 @@ async function submitTrigger(event) {
 
 // --- start ----------------------------------------------------------------------------------
 
+/** Why the dashboard could not start, in the detail panel: the message and, for a job
+ *  module that does not import, its traceback (as text). */
+function showStartError(error) {
+  const traceback = error && error.details && error.details.traceback;
+  $("detail").replaceChildren(h("div", { class: "error-box start-error", role: "alert" },
+    h("div", { class: "error-head" }, `${error.name || "Error"}: ${error.message}`),
+    typeof traceback === "string" ? h("pre", { class: "traceback" }, traceback) : null));
+  document.body.dataset.startError = error.name || "Error";
+}
+
 async function main() {
   try {
     state.client = await connect();
   } catch (error) {
     setConnection("offline", `could not start: ${error.message}`);
+    showStartError(error);
     return;
   }
   state.connectedText = $("connection-text").textContent;

@@ -65,8 +65,17 @@ function errorResult(name, message, details = null) {
   return { ok: false, error: { name, message, details } };
 }
 
+/** An error Python already described as {name, message, details}: passed on as it is. */
+class ReportedError extends Error {
+  constructor(error) {
+    super(error.message);
+    this.error = error;
+  }
+}
+
 /** Python exceptions reach JS as PythonError: `type` is the class name, the message a traceback. */
 function toErrorResult(e) {
+  if (e instanceof ReportedError) return { ok: false, error: e.error };
   if (e && e.type && e.constructor && e.constructor.name === "PythonError") {
     // The message is a traceback; keep its "Type: message" part (which may span lines).
     const text = String(e.message).trim();
@@ -108,9 +117,14 @@ async function start(cfg) {
   await pyodide.loadPackage(["durably-web"], { messageCallback: () => {} });
 
   status("loading-jobs");
-  const paths = writeJobModules(await sources);
+  const fetched = await sources;
+  const paths = writeJobModules(fetched);
   browser = pyodide.pyimport("durably_web.browser");
-  const jobs = JSON.parse(browser.preload(JSON.stringify(paths)));
+  // A module that does not import comes back as {name, message, details: {module, line, traceback}}.
+  const urls = Object.fromEntries(paths.map((path, i) => [path, fetched[i].url]));
+  const loaded = JSON.parse(browser.preload(JSON.stringify(paths), JSON.stringify(urls)));
+  if (!loaded.ok) throw new ReportedError(loaded.error);
+  const jobs = loaded.value;
   config.paths = paths;
 
   const served = new Promise((resolve, reject) => (ready = { resolve, reject, settled: false }));

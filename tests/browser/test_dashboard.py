@@ -18,13 +18,15 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
 import uvicorn
-from pagekit import wait_until
+from pagekit import page, wait_until
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -549,3 +551,146 @@ def test_remote_client_api(driver: Any, server: ServerThread) -> None:
     assert {"run:trigger", "run:leased", "run:complete", "run:cancel"} <= set(out["all"])
     assert all(t.startswith("run:") for t in out["all"])
     assert out["closed"]["name"] == "DurablyError"
+
+
+# -- dashboard.html?local= / ?remote=: only this origin's code -------------------------------------
+
+
+class _Recorder(BaseHTTPRequestHandler):
+    """Another origin's server: serves a job module to anyone (CORS *) and records every request."""
+
+    requests: list[str] = []
+
+    def do_GET(self) -> None:
+        self.requests.append(self.path)
+        body = b'raise SystemExit("this must never run")\n'
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Access-Control-Allow-Origin", "*")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_OPTIONS = do_GET
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def other_origin() -> Iterator[tuple[str, list[str]]]:
+    """(base URL, request log) of a server on 127.0.0.2: a different origin from the site's."""
+    requests: list[str] = []
+    handler = type("Recorder", (_Recorder,), {"requests": requests})
+    try:
+        srv = ThreadingHTTPServer(("127.0.0.2", 0), handler)
+    except OSError as exc:
+        pytest.skip(f"cannot listen on 127.0.0.2: {exc}")
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.2:{srv.server_address[1]}/", requests
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def start_error(driver: Any, timeout: float = 90) -> dict[str, Any]:
+    """Wait for the dashboard's start failure; return what the page shows."""
+    wait_until(
+        lambda: driver.execute_script("return document.body.dataset.startError"),
+        timeout=timeout,
+        what="the dashboard to report why it cannot start",
+    )
+    return driver.execute_script(
+        """const box = document.querySelector('#detail .start-error');
+        return {name: document.body.dataset.startError,
+                connection: document.getElementById('connection-text').textContent,
+                state: document.getElementById('connection').dataset.state,
+                head: box && box.querySelector('.error-head').textContent,
+                traceback: box && box.querySelector('.traceback')?.textContent,
+                visible: !!box && box.getClientRects().length > 0,
+                loaded: performance.getEntriesByType('resource').map((e) => e.name)}"""
+    )
+
+
+def test_local_and_remote_urls_from_other_origins_are_refused(
+    driver: Any, site_url: Any, other_origin: tuple[str, list[str]]
+) -> None:
+    url, _ = site_url
+    evil, evil_requests = other_origin
+    host = evil.split("//", 1)[1]
+    refused = [
+        ("local", evil + "evil.py"),
+        ("local", f"//{host}evil.py"),  # protocol-relative
+        ("local", "data:text/x-python,print(1)"),
+        ("local", f"blob:{url.rstrip('/')}/00000000-0000-0000-0000-000000000000"),
+        ("local", "javascript:alert(1)"),
+        ("remote", evil + "api/durably"),
+    ]
+    for param, value in refused:
+        driver.get(f"{url}dashboard.html?{param}={quote(value, safe='')}&storage=memory&db=refused.db")
+        shown = start_error(driver)
+        assert shown["name"] == "RefusedURL", (value, shown)
+        assert shown["state"] == "offline"
+        assert "refused" in shown["connection"] and f"?{param}=" in shown["connection"], shown
+        assert shown["visible"] and "only this page's origin" in shown["head"], shown
+        # Refused before anything was loaded: no runtime, no worker, no Python.
+        assert not [u for u in shown["loaded"] if u.endswith(("durably.js", "worker.js", "remote.js"))], shown
+    assert evil_requests == [], f"the other origin was contacted: {evil_requests}"
+
+
+def test_local_jobs_from_this_origin_still_run(driver: Any, site_url: Any) -> None:
+    url, _ = site_url
+    driver.get(f"{url}dashboard.html?local={quote(url + 'demo_jobs.py', safe='')}&storage=memory&db=same.db")
+    wait_until(
+        lambda: driver.execute_script("return document.body.dataset.ready === '1'"),
+        timeout=90,
+        what="dashboard ready",
+    )
+    assert driver.execute_script("return document.getElementById('connection-text').textContent").startswith(
+        "in this browser"
+    )
+    jobs = driver.execute_script(
+        "return [...document.querySelectorAll('#filter-job option')].map(o => o.value)"
+    )
+    assert "weather-report" in jobs
+
+
+# -- a job module that does not import ---------------------------------------------------------------
+
+
+def test_a_job_module_with_a_syntax_error_names_its_file_line_and_traceback(
+    driver: Any, site_url: Any
+) -> None:
+    url, _ = site_url
+    driver.get(f"{url}dashboard.html?local=_test/syntax_error_jobs.py&storage=memory&db=broken.db")
+    shown = start_error(driver)
+    module = f"{url}_test/syntax_error_jobs.py"
+    assert shown["name"] == "SyntaxError", shown
+    assert shown["head"].startswith(f"SyntaxError: job module {module}, line 8: "), shown
+    assert "was never closed" in shown["head"], shown  # Python's own reason, not "invalid syntax" alone
+    assert 'return {"ok": True' in shown["traceback"] and "line 8" in shown["traceback"], shown
+    assert module in shown["connection"]
+
+    # The JS API rejects with the same, the traceback in details.
+    error = page(
+        driver,
+        """try { await DurablyWeb.create({jobs: [args[0]], storage: "memory", database: "broken2.db"}); }
+        catch (e) { return {name: e.name, message: e.message, details: e.details}; }
+        return null;""",
+        module,
+    )
+    assert error["name"] == "SyntaxError"
+    assert error["message"] == shown["head"].removeprefix("SyntaxError: ")
+    assert error["details"]["module"] == module and error["details"]["line"] == 8
+    assert error["details"]["traceback"].rstrip().endswith("SyntaxError: '{' was never closed")
+
+
+def test_a_job_module_that_raises_on_import_names_its_line(driver: Any, site_url: Any) -> None:
+    url, _ = site_url
+    driver.get(f"{url}dashboard.html?local=_test/import_error_jobs.py&storage=memory&db=raising.db")
+    shown = start_error(driver)
+    assert shown["name"] == "KeyError", shown
+    assert shown["head"].startswith(f"KeyError: job module {url}_test/import_error_jobs.py, line 6: "), shown
+    assert 'REGION = SETTINGS["region"]' in shown["traceback"], shown
+    assert "importlib" not in shown["traceback"], "the import machinery's frames are noise"
