@@ -137,6 +137,7 @@ class RunExecution:
             step = StepContext(self, recorded)
             payload = self.job.decode_input(self.record.input_json)
             result = await self.job.handler(step, payload)
+            step._end_replay()  # a handler that only replayed may still have progress to record
             output_json = self.job.encode_output(result)
             await self._finish("completed", output_json=output_json, error=None)
         except asyncio.CancelledError:

@@ -39,6 +39,14 @@ class StepContext:
         self._current_step: str | None = None
         self.log = StepLogger(self)
         self._loop = asyncio.get_running_loop()
+        # A resumed handler runs again from the top and calls step.progress() again for
+        # the steps it replays. Until it executes a new step (or returns), progress is
+        # only noted, not persisted or emitted: listeners would see it repeat and go
+        # backwards. The last value noted is written then, if it differs from the stored one.
+        record = execution.record
+        self._persisted_progress = (record.progress_current, record.progress_total, record.progress_message)
+        self._holding_progress = bool(recorded) or record.progress_current is not None
+        self._held_progress: tuple[int, int | None, str | None] | None = None
 
     @property
     def run_id(self) -> str:
@@ -101,6 +109,8 @@ class StepContext:
 
         execution = self._execution
         execution.check_can_start_step(name)
+        if self._holding_progress:
+            self._end_replay()
         started_at = execution.now_ms()
         execution.emit("step:start", {"step_name": name, "step_index": index})
         self._current_step = name
@@ -156,8 +166,23 @@ class StepContext:
         return result
 
     def progress(self, current: int, total: int | None = None, message: str | None = None) -> None:
-        """Record progress (persisted and emitted as ``run:progress``)."""
+        """Record progress (persisted and emitted as ``run:progress``).
+
+        While a resumed run replays its recorded steps, progress is held back until
+        the first new step starts, then recorded once if it moved (see ``_end_replay``).
+        """
+        if self._holding_progress:
+            self._held_progress = (current, total, message)
+            return
         self._on_loop(self._execution.set_progress, current, total, message)
+
+    def _end_replay(self) -> None:
+        """The handler is past its replayed steps: record the progress it reported
+        meanwhile, unless that is what was stored before (no repeated event)."""
+        self._holding_progress = False
+        held, self._held_progress = self._held_progress, None
+        if held is not None and held != self._persisted_progress:
+            self._execution.set_progress(*held)
 
     def _on_loop(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Call ``fn`` on the run's event loop: a sync step runs in a worker thread, and the

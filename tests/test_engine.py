@@ -323,7 +323,7 @@ async def test_graceful_stop_finishes_the_step_then_releases_the_lease(make_dura
     await asyncio.wait_for(stopping, 10)
     assert executed == ["a", "b"]
     status, owner, expires = sql("SELECT status, lease_owner, lease_expires_at FROM durably_runs")[0]
-    assert (status, owner) == ("leased", None)
+    assert (status, owner) == ("pending", None)  # released: not held by anyone
     assert expires <= time.time() * 1000
     assert sql("SELECT name FROM durably_steps ORDER BY seq") == [("a",), ("b",)]
 
@@ -358,7 +358,7 @@ async def test_stop_cancels_a_handler_stuck_in_a_step_and_releases_it(make_durab
     await durably.stop()
     assert saw_cancel.is_set()
     status, owner, expires = sql("SELECT status, lease_owner, lease_expires_at FROM durably_runs")[0]
-    assert (status, owner) == ("leased", None)
+    assert (status, owner) == ("pending", None)  # released: not held by anyone
     assert expires <= time.time() * 1000
     assert sql("SELECT name, status FROM durably_steps") == [("a", "completed")]
 

@@ -173,6 +173,79 @@ async def test_a_raising_listener_does_not_break_the_worker(make_durably):
     assert (await durably.trigger_and_wait(chatty, None, timeout=30)).status == "completed"
 
 
+# --- progress on resume -----------------------------------------------------------------
+
+
+def _progress_job(name: str, holding: asyncio.Event, *, hold_at_end: bool = False) -> Any:
+    @define_job(name)
+    async def job(step: StepContext, payload: Any) -> None:
+        for i in (1, 2, 3):
+            await step.run(f"s{i}", lambda i=i: i)
+            step.progress(i, 5, f"step {i}")
+        if hold_at_end:
+            if step.attempt == 1:  # stopped here: every step is recorded, nothing new runs
+                holding.set()
+                await asyncio.Event().wait()
+            return
+
+        async def hold() -> None:
+            if step.attempt == 1:
+                holding.set()
+                await asyncio.Event().wait()
+
+        await step.run("s4", hold)
+        step.progress(4, 5, "step 4")
+        await step.run("s5", lambda: 5)
+        step.progress(5, 5, "done")
+
+    return job
+
+
+@pytest.mark.parametrize("stored_behind", [False, True])
+async def test_a_resumed_run_neither_repeats_nor_rewinds_progress(make_durably, sql, stored_behind):
+    holding = asyncio.Event()
+    job = _progress_job("progress-resume", holding)
+    seen: list[tuple[int, int]] = []  # (instance, progress.current), one listener list for both
+
+    first = await make_durably(job, shutdown_timeout=0.2)
+    first.on("run:progress", lambda e: seen.append((1, e.data["progress"].current)))
+    run = await first.trigger(job, None)
+    await wait_event(holding)
+    await first.stop()  # stuck in s4: cancelled and released
+    assert seen == [(1, 1), (1, 2), (1, 3)]
+    if stored_behind:  # as if it was killed between committing s3 and storing its progress
+        sql("UPDATE durably_runs SET progress_current = 2, progress_message = 'step 2'")
+
+    second = await make_durably(job)
+    second.on("run:progress", lambda e: seen.append((2, e.data["progress"].current)))
+    done = await second.wait_for_run(run.id, timeout=30)
+    assert done.status == "completed", done.error
+    assert done.attempt == 2
+    resumed = [current for instance, current in seen if instance == 2]
+    # Replaying s1-s3 emits nothing; the progress reported meanwhile is recorded once
+    # if the stored value lagged behind it.
+    assert resumed == ([3, 4, 5] if stored_behind else [4, 5])
+    assert done.progress == Progress(5, 5, "done")
+
+
+async def test_a_run_resumed_after_its_last_step_records_only_missing_progress(make_durably, sql):
+    holding = asyncio.Event()
+    job = _progress_job("progress-at-end", holding, hold_at_end=True)
+    first = await make_durably(job, shutdown_timeout=0.2)
+    run = await first.trigger(job, None)
+    await wait_event(holding)
+    await first.stop()
+    sql("UPDATE durably_runs SET progress_current = 2, progress_message = 'step 2'")
+
+    second = await make_durably(job)
+    seen: list[Progress] = []
+    second.on("run:progress", lambda e: seen.append(e.data["progress"]))
+    done = await second.wait_for_run(run.id, timeout=30)
+    assert done.status == "completed", done.error
+    assert seen == [Progress(3, 5, "step 3")]  # recorded when the handler returned
+    assert done.progress == Progress(3, 5, "step 3")
+
+
 # --- subscribe -----------------------------------------------------------------
 
 

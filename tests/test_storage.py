@@ -256,6 +256,40 @@ async def test_values_are_bound_as_parameters_not_spliced_into_sql(make_durably)
 # --- the store's fencing, directly -----------------------------------------------------------------
 
 
+def test_a_released_run_is_pending_again_unless_its_concurrency_key_has_a_pending_run(db_url):
+    store = open_store(db_url)
+    try:
+        store.migrate()
+        store.create_runs(
+            [
+                NewRun("r1", "job", "null", {}, None, None, False, 1000),
+                NewRun("r2", "job", "null", {}, None, "k", False, 1001),
+                NewRun("r3", "job", "null", {}, None, "c", False, 1002),
+            ]
+        )
+        for _ in range(3):
+            assert store.claim_run(worker_id="w1", job_names=["job"], now=1100, lease_until=9000)
+        store.release_run("r1", 1, 1200)
+        r1 = store.get_run("r1")
+        assert (r1.status, r1.lease_owner, r1.attempt) == ("pending", None, 1)
+        # At most one pending run per concurrency key: with one pending, r2 stays
+        # leased with its lease expired, which is just as claimable.
+        store.create_runs([NewRun("r4", "job", "null", {}, None, "k", False, 1300)])
+        store.release_run("r2", 1, 1400)
+        r2 = store.get_run("r2")
+        assert (r2.status, r2.lease_owner, r2.lease_expires_at) == ("leased", None, 1400)
+        # A cancelled run stays cancelled.
+        store.cancel_run("r3", 1500)
+        store.release_run("r3", 1, 1600)
+        r3 = store.get_run("r3")
+        assert (r3.status, r3.lease_owner, r3.lease_expires_at) == ("cancelled", None, 1600)
+        # Pending again means claimable again, oldest first.
+        again = store.claim_run(worker_id="w2", job_names=["job"], now=1700, lease_until=9000)
+        assert again is not None and (again.id, again.attempt, again.lease_generation) == ("r1", 2, 2)
+    finally:
+        store.close()
+
+
 def test_store_writes_are_fenced_by_lease_generation(db_url):
     store = open_store(db_url)
     try:

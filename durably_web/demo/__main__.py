@@ -40,12 +40,20 @@ async def main(argv: list[str] | None = None) -> int:
         unfinished = await durably.get_runs(status=["pending", "leased"], job_name=weather_report.name)
         if unfinished and not args.fresh:
             run = unfinished[-1]
-            print(f"Resuming unfinished run {run.id} (attempt {run.attempt + 1}).")
+            done_so_far = ""
+            if run.progress is not None and run.progress.total:
+                done_so_far = f" at {run.progress.current}/{run.progress.total} ({run.progress.message})"
+            print(f"Resuming unfinished run {run.id}{done_so_far}, attempt {run.attempt + 1}.")
             if run.status == "leased":
+                # A graceful stop hands the run back as pending; a lease still held means the
+                # worker was killed (kill -9, a crash) or is still running somewhere else.
                 print(
-                    "  Its previous worker died holding the lease; "
-                    f"it is reclaimed within {LEASE_SECONDS:.0f}s."
+                    "  Another worker still holds its lease: it was killed without handing the run "
+                    "back, or it is still running. The run is taken over when that lease expires "
+                    f"(within {LEASE_SECONDS:.0f}s)."
                 )
+            elif run.attempt > 0:
+                print("  Its previous worker stopped cleanly and handed it back; it resumes now.")
         else:
             run = await durably.trigger(
                 weather_report, ReportRequest(city=args.city, days=args.days, step_delay=args.delay)
@@ -69,7 +77,12 @@ async def main(argv: list[str] | None = None) -> int:
                 print(f"  {_bar(progress.current, progress.total or progress.current)}  {progress.message}")
 
         durably.on("*", lambda e: show(e) if e.run_id == run.id else None)
-        done = await durably.wait_for_run(run.id)
+        try:
+            done = await durably.wait_for_run(run.id)
+        except asyncio.CancelledError:  # Ctrl-C: asyncio.run cancels us, then raises KeyboardInterrupt
+            await durably.stop()  # the step in flight finishes; the run is handed back
+            await _report_stop(db_url, run.id)
+            raise
         print(f"\nRun {done.id} {done.status}.")
         if done.status == "completed":
             print(f"Output: {done.output.model_dump_json(indent=2)}")
@@ -80,9 +93,33 @@ async def main(argv: list[str] | None = None) -> int:
         return 0 if done.status == "completed" else 1
 
 
+_stop_reported = False
+
+
+async def _report_stop(db_url: str, run_id: str) -> None:
+    """Say what the stop left behind, read back from the database."""
+    global _stop_reported
+    async with Durably(db_url, jobs=JOBS, worker=False) as client:
+        run = await client.get_run(run_id)
+    _stop_reported = True
+    if run.status == "pending":
+        print(
+            f"\nStopped cleanly: run {run.id} was handed back and is pending again "
+            "(the step in progress was finished first). Run the same command again to resume it."
+        )
+    elif run.status == "leased":
+        print(
+            f"\nStopped, but run {run.id} is still leased (its handler did not stop in time); "
+            f"run the same command again to resume it once the lease expires (within {LEASE_SECONDS:.0f}s)."
+        )
+    else:
+        print(f"\nStopped. Run {run.id} is {run.status}.")
+
+
 if __name__ == "__main__":
     try:
         sys.exit(asyncio.run(main()))
     except KeyboardInterrupt:
-        print("\nStopped. Run the same command again to resume.")
+        if not _stop_reported:
+            print("\nStopped. Run the same command again to resume.")
         sys.exit(130)

@@ -99,9 +99,17 @@ UPDATE durably_runs SET lease_expires_at = :lease_until
 WHERE id = :id AND status = :status AND lease_generation = :generation
 
 -- name: release_run
--- Expire the lease now instead of going back to 'pending', which could break
--- the one-pending-run-per-concurrency-key rule.
-UPDATE durably_runs SET lease_expires_at = :now, lease_owner = NULL, updated_at = :now
+-- A worker that stops gracefully hands the run back: 'pending' again, claimable at
+-- once. Only if another run of its concurrency key is already pending (at most one
+-- may be) does it stay 'leased', with its lease expired: just as claimable, and
+-- still first in line. A cancelled run stays cancelled; its lease ends.
+UPDATE durably_runs
+SET status = CASE
+        WHEN status = 'leased' AND (concurrency_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM durably_runs AS other
+            WHERE other.concurrency_key = durably_runs.concurrency_key AND other.status = 'pending'))
+        THEN 'pending' ELSE status END,
+    lease_expires_at = :now, lease_owner = NULL, updated_at = :now
 WHERE id = :id AND status IN ('leased', 'cancelled') AND lease_generation = :generation
 
 -- name: expire_leases
