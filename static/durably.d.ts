@@ -42,6 +42,33 @@ export interface Run {
   disposition: Disposition | null;
 }
 
+/**
+ * A run as a remote client's getRuns() and its run-list events (`event.run`) give it: the
+ * server sends summaries, without input, output or traceback, so that a list of large runs
+ * stays small. getRun(id) returns the whole Run. (The local runtime's getRuns() returns
+ * whole runs, which are also RunSummary-compatible apart from the two sizes.)
+ */
+export interface RunSummary {
+  id: string;
+  job_name: string;
+  status: RunStatus;
+  /** Type and message only. */
+  error: { type: string; message: string } | null;
+  labels: Record<string, string>;
+  progress: Progress | null;
+  attempt: number;
+  idempotency_key: string | null;
+  concurrency_key: string | null;
+  created_at: string | null;
+  started_at: string | null;
+  completed_at: string | null;
+  updated_at: string | null;
+  /** Size of the stored input JSON in bytes (UTF-8); remote only. */
+  input_bytes?: number;
+  /** Size of the stored output JSON in bytes, null until there is one; remote only. */
+  output_bytes?: number | null;
+}
+
 export interface Step {
   run_id: string;
   index: number;
@@ -112,7 +139,8 @@ export interface DurablyClient {
   batchTrigger(job: string, items: Array<unknown | { input: unknown; options?: TriggerOptions }>): Promise<Run[]>;
   waitForRun(runId: string, options?: WaitOptions): Promise<Run>;
   getRun(runId: string): Promise<Run>;
-  getRuns(query?: RunQuery): Promise<Run[]>;
+  /** Newest first. Remote clients get summaries (no input/output): getRun(id) for the whole run. */
+  getRuns(query?: RunQuery): Promise<Run[] | RunSummary[]>;
   getSteps(runId: string): Promise<Step[]>;
   getLogs(runId: string): Promise<LogEntry[]>;
   cancel(runId: string): Promise<Run>;

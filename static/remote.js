@@ -194,10 +194,9 @@
       const url = new URL(path, this.url);
       if (query) url.search = query.toString();
       const init = { method, headers: { Accept: "application/json", ...this._headers } };
-      if (body !== undefined) {
-        init.headers["Content-Type"] = "application/json";
-        init.body = JSON.stringify(body);
-      }
+      // The server refuses a POST without this type, body or not (a cross-site form cannot send it).
+      if (body !== undefined || method === "POST") init.headers["Content-Type"] = "application/json";
+      if (body !== undefined) init.body = JSON.stringify(body);
       let response;
       try {
         response = await fetch(url, init);

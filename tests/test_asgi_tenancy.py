@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -521,3 +522,46 @@ def test_namespaced_keys_are_prefix_free() -> None:
     assert TriggerRequest(job="j").namespaced("a") == TriggerRequest(job="j")
     with pytest.raises(ValueError):
         trigger.namespaced("")
+
+
+# --- lists are summaries -------------------------------------------------------------------------
+
+
+async def test_run_lists_are_summaries_and_the_run_route_is_whole(
+    working: Durably, client_for: ClientFor
+) -> None:
+    client = await client_for(working)
+    big = {"gate": "never", "blob": "é" * 200_000}
+    held = await working.trigger("t-hold", big)
+    failed = await working.trigger("t-fail", None)
+    await working.wait_for_run(failed.id, timeout=10)
+    listed = await client.get("/runs")
+    assert len(listed.content) < 5_000  # not the 400 kB input
+    by_id = {run["id"]: run for run in listed.json()["runs"]}
+    summary = by_id[held.id]
+    assert "input" not in summary and "output" not in summary
+    assert summary["input_bytes"] == len(json.dumps(big, ensure_ascii=False, separators=(",", ":")).encode())
+    assert summary["output_bytes"] is None
+    assert set(summary) == {
+        "id",
+        "job_name",
+        "status",
+        "error",
+        "labels",
+        "progress",
+        "attempt",
+        "idempotency_key",
+        "concurrency_key",
+        "created_at",
+        "started_at",
+        "completed_at",
+        "updated_at",
+        "input_bytes",
+        "output_bytes",
+    }
+    assert by_id[failed.id]["error"] == {"type": "RuntimeError", "message": "boom"}
+    whole = (await client.get(f"/runs/{held.id}")).json()
+    assert (
+        whole["input"] == big
+        and "Traceback" in (await client.get(f"/runs/{failed.id}")).json()["error"]["traceback"]
+    )

@@ -186,7 +186,12 @@ async def test_run_list_stream_carries_run_events_with_state(
     gate("other").set()
     assert [e.event for e in seen] == ["run:trigger", "run:leased", "run:complete"]
     assert all(e.data["run_id"] == run.id for e in seen)
-    assert seen[-1].data["run"]["status"] == "completed" and seen[-1].data["run"]["output"] == 7
+    # list events carry run summaries: sizes instead of the input and output (GET /runs/{id} has them)
+    summary = seen[-1].data["run"]
+    assert summary["status"] == "completed" and summary["output_bytes"] == len("7")
+    assert summary["input_bytes"] == len("null")
+    assert all("input" not in e.data and "output" not in e.data for e in seen)
+    assert all("input" not in e.data["run"] and "output" not in e.data["run"] for e in seen)
     assert other.id not in {e.data["run_id"] for e in seen}
 
 

@@ -40,7 +40,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from .. import __version__
-from ..durably import Durably, TriggerItem
+from ..durably import Durably, TriggerItem, _validate_labels
 from ..errors import (
     ConflictError,
     DurablyError,
@@ -51,7 +51,8 @@ from ..errors import (
     ValidationError,
 )
 from ..events import TERMINAL_EVENT_TYPES
-from ..models import RUN_STATUSES, ErrorInfo, Event, Run, iso, to_jsonable
+from ..models import RUN_STATUSES, ErrorInfo, Event, Run, from_ms, iso, to_jsonable
+from ..storage import RunFilter, RunRecord
 from .openapi import openapi_document
 from .requests import (
     MAX_BATCH_ITEMS,
@@ -210,6 +211,13 @@ def _error(status: int, kind: str, message: str, details: Any = None) -> JSONRes
     return JSONResponse(body, status_code=status)
 
 
+def _light(data: dict[str, Any]) -> dict[str, Any]:
+    """Stream data without a run's input (``run:trigger``): it may be megabytes, per client."""
+    if data.get("type") == "run:trigger":
+        data.pop("input", None)
+    return data
+
+
 def _sse(event_type: str, data: Mapping[str, Any]) -> bytes:
     return b"event: " + event_type.encode() + b"\ndata: " + _json_bytes(data) + b"\n\n"
 
@@ -242,6 +250,49 @@ class _EventStream(StreamingResponse):
             group.start_soon(stream)
             await self.listen_for_disconnect(receive)
             group.cancel_scope.cancel()
+
+
+def _text_bytes(text: str | None) -> int | None:
+    if text is None:
+        return None
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def run_summary(record: RunRecord) -> dict[str, Any]:
+    """What lists show of a run (``GET /runs``, ``run`` in ``GET /events``): no input, output or traceback.
+
+    A run's input and output may be megabytes; a list of a hundred of them must not be.
+    ``input_bytes`` / ``output_bytes`` are the sizes of the stored JSON (UTF-8);
+    ``GET /runs/{id}`` returns the whole run.
+    """
+    error = None
+    if record.error_json is not None:
+        stored = json.loads(record.error_json)
+        error = {"type": stored.get("type", "Error"), "message": stored.get("message", "")}
+    progress = None
+    if record.progress_current is not None:
+        progress = {
+            "current": record.progress_current,
+            "total": record.progress_total,
+            "message": record.progress_message,
+        }
+    return {
+        "id": record.id,
+        "job_name": record.job_name,
+        "status": record.status,
+        "error": error,
+        "labels": dict(record.labels),
+        "progress": progress,
+        "attempt": record.attempt,
+        "idempotency_key": record.idempotency_key,
+        "concurrency_key": record.concurrency_key,
+        "created_at": iso(from_ms(record.created_at)),
+        "started_at": iso(from_ms(record.started_at)),
+        "completed_at": iso(from_ms(record.completed_at)),
+        "updated_at": iso(from_ms(record.updated_at)),
+        "input_bytes": _text_bytes(record.input_json),
+        "output_bytes": _text_bytes(record.output_json),
+    }
 
 
 # --- request parsing ------------------------------------------------------------------------------
@@ -621,16 +672,19 @@ class _Api:
     async def list_runs(self, request: Request) -> Response:
         ctx = await self._authenticate(request)
         runs_filter = await self._scope(ctx, _filter_from_query(request))
-        runs = await self.durably.get_runs(
-            status=None if runs_filter.status is None else list(runs_filter.status),
-            job_name=None if runs_filter.job is None else list(runs_filter.job),
-            labels=runs_filter.labels,
-            limit=runs_filter.limit,
-            offset=runs_filter.offset,
+        # Straight from the store: summaries need no decoded input or output.
+        records = self.durably.store.list_runs(
+            RunFilter(
+                statuses=runs_filter.status,
+                job_names=runs_filter.job,
+                labels=_validate_labels(runs_filter.labels, filtering=True),
+                limit=min(runs_filter.limit, MAX_LIMIT),
+                offset=runs_filter.offset,
+            )
         )
         return JSONResponse(
             {
-                "runs": [self._run_dict(run) for run in runs],
+                "runs": [run_summary(record) for record in records],
                 "limit": runs_filter.limit,
                 "offset": runs_filter.offset,
             }
@@ -777,7 +831,7 @@ class _Api:
                     continue
                 if event.type.startswith("step:") and event.data.get("step_index", -1) <= replayed_steps:
                     continue  # already in the replay
-                yield _sse(event.type, self._scrub(event.to_dict()))
+                yield _sse(event.type, _light(self._scrub(event.to_dict())))
                 if event.type in TERMINAL_EVENT_TYPES:
                     return
         finally:
@@ -818,12 +872,11 @@ class _Api:
                 if event is None:
                     yield b": keep-alive\n\n"
                     continue
-                data = self._scrub(event.to_dict())
+                data = _light(self._scrub(event.to_dict()))
+                data.pop("output", None)  # a list carries summaries: GET /runs/{id} has the output
                 if event.type != "run:delete" and event.run_id is not None:
-                    try:
-                        data["run"] = self._run_dict(await self.durably.get_run(event.run_id))
-                    except NotFoundError:
-                        data["run"] = None
+                    record = self.durably.store.get_run(event.run_id)
+                    data["run"] = None if record is None else run_summary(record)
                 if event.type in TERMINAL_EVENT_TYPES and event.run_id is not None:
                     visible.pop(event.run_id, None)
                 yield _sse(event.type, data)

@@ -88,6 +88,7 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             "disposition": {"enum": ["created", "idempotent", "coalesced", None]},
         },
     }
+    run_properties: dict[str, Any] = run_schema["properties"]  # type: ignore[assignment]
     list_filters = [
         {
             "name": "job",
@@ -203,7 +204,7 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                             {
                                 "type": "object",
                                 "properties": {
-                                    "runs": {"type": "array", "items": _ref("Run")},
+                                    "runs": {"type": "array", "items": _ref("RunSummary")},
                                     "limit": {"type": "integer"},
                                     "offset": {"type": "integer"},
                                 },
@@ -316,7 +317,9 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                 "Server-Sent Events for one run: run:snapshot, the recorded steps (replayed: true) and "
                 "run:progress first, then live events; the stream ends after the terminal event "
                 "(run:complete, run:fail, run:cancel or run:delete) — close the EventSource then, "
-                "or it reconnects. run:progress is throttled per run; the last one is always sent.",
+                "or it reconnects. run:progress is throttled per run; the last one is always sent. "
+                "A client that falls too far behind gets a final stream:reset event and the stream "
+                "ends: reconnect (the new stream starts again with run:snapshot).",
                 {"200": {"description": "event stream", "content": _SSE}, **_ERROR_RESPONSES, **_NOT_FOUND},
                 parameters=[_RUN_ID],
             )
@@ -325,7 +328,10 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             "get": _op(
                 "Server-Sent Events for the run list: "
                 + ", ".join(RUN_LEVEL_EVENT_TYPES)
-                + " of the runs inside the (scoped) filter, each with the run's current state in `run`.",
+                + " of the runs inside the (scoped) filter, each with the run's current state in `run` "
+                "(a RunSummary). Events carry no input or output (run:trigger, run:complete): "
+                "GET /runs/{run_id} has them. A client that falls too far behind gets a final "
+                "stream:reset event and the stream ends: reconnect and reload the list.",
                 {"200": {"description": "event stream", "content": _SSE}, **_ERROR_RESPONSES},
                 parameters=list_filters,
             )
@@ -370,6 +376,33 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             },
         },
         "Run": run_schema,
+        "RunSummary": {
+            "type": "object",
+            "description": "A run as lists show it: no input, output or traceback, their sizes instead. "
+            "GET /runs/{run_id} returns the whole run.",
+            "required": ["id", "job_name", "status", "input_bytes", "output_bytes"],
+            "properties": {
+                **{
+                    name: schema
+                    for name, schema in run_properties.items()
+                    if name not in ("input", "output", "error", "disposition")
+                },
+                "error": {
+                    "oneOf": [
+                        {"type": "null"},
+                        {
+                            "type": "object",
+                            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+                        },
+                    ]
+                },
+                "input_bytes": {"type": "integer", "description": "size of the stored input JSON (UTF-8)"},
+                "output_bytes": {
+                    "type": ["integer", "null"],
+                    "description": "size of the stored output JSON (UTF-8); null until completed",
+                },
+            },
+        },
         "ErrorInfo": {
             "type": "object",
             "properties": {
