@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-slow lint site bench torture clean
+.PHONY: demo test test-slow lint site bench torture mutants clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ bench: $(VENV)/.installed
 
 torture: $(VENV)/.installed
 	$(PY) benchmarks/torture.py
+
+# Break the engine on purpose (in a temporary copy) and check the tests catch each break.
+mutants: $(VENV)/.installed
+	$(PY) benchmarks/mutants.py
 
 clean:
 	rm -rf $(VENV) site build *.egg-info .pytest_cache .mypy_cache .ruff_cache
