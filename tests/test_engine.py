@@ -318,7 +318,9 @@ async def test_graceful_stop_finishes_the_step_then_releases_the_lease(make_dura
     run = await first.trigger(job, None)
     await wait_event(in_b)
     stopping = asyncio.create_task(first.stop())
-    await asyncio.sleep(0)  # stop() has marked the run as shutting down
+    # Wait for stop() to mark the worker (and the run) as shutting down; one sleep(0)
+    # is enough only while stop() awaits nothing before that.
+    await wait_until(lambda: first._worker is None or first._worker._stopping)
     gate.set()  # the in-flight step completes; the next step is not started
     await asyncio.wait_for(stopping, 10)
     assert executed == ["a", "b"]
