@@ -19,6 +19,20 @@ from typing import Any
 import httpx
 import uvicorn
 
+#: Where the ASGI-transport clients pretend to be: a loopback name, which the app answers
+#: by default (any other Host is refused as a DNS-rebinding defence).
+API_BASE_URL = "http://localhost"
+#: What every JSON API client sends: the app refuses a POST without this content type,
+#: with or without a body (a cross-site form cannot send it).
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def api_client(app: Any, **options: Any) -> httpx.AsyncClient:
+    """An httpx client driving ``app`` in-process, as a well-behaved JSON API client."""
+    return httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url=API_BASE_URL, headers=JSON_HEADERS, **options
+    )
+
 
 class _QuietServer(uvicorn.Server):
     """No signal handlers: the test process keeps its own Ctrl-C behaviour."""

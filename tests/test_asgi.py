@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
+from asgi_helpers import api_client
 from helpers import wait_until
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
@@ -77,8 +78,7 @@ async def client_for() -> AsyncIterator[ClientFor]:
     clients: list[httpx.AsyncClient] = []
 
     async def make(durably: Durably, **options: Any) -> httpx.AsyncClient:
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(durably, **options)),
-                                   base_url="http://test")
+        client = api_client(create_app(durably, **options))
         clients.append(client)
         return client
 
@@ -170,7 +170,7 @@ def test_create_app_rejects_a_negative_throttle(db_url: str) -> None:
 
 async def test_app_mounts_under_a_prefix(idle: Durably) -> None:
     outer = Starlette(routes=[Mount("/api/durably", app=create_app(idle))])
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=outer), base_url="http://test") as client:
+    async with api_client(outer) as client:
         assert (await client.get("/api/durably/health")).status_code == 200
         created = await client.post("/api/durably/trigger", json={"job": "api-echo", "input": {"text": "x"}})
         assert created.status_code == 201

@@ -6,7 +6,9 @@ imported only in this package, so the core keeps pydantic as its only dependency
 (install ``durably-web[server]``).
 
 ``app`` holds the routes, streams and auth hooks; ``requests`` the strict request
-bodies and the run filter; ``openapi`` the description of the routes.
+bodies and the run filter; ``openapi`` the description of the routes; ``security``
+the Host, Origin and content-type checks and the response headers that keep
+other web pages from driving the API.
 """
 
 from starlette.exceptions import HTTPException
@@ -14,8 +16,10 @@ from starlette.exceptions import HTTPException
 from .app import DurablyAuth, ProgressThrottle, RunOperation, create_app
 from .openapi import openapi_document
 from .requests import PurgeRequest, RunsFilter, TriggerBatchItem, TriggerBatchRequest, TriggerRequest
+from .security import LOOPBACK_HOSTS
 
 __all__ = [
+    "LOOPBACK_HOSTS",
     "DurablyAuth",
     "HTTPException",
     "ProgressThrottle",

@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, RedirectResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
@@ -65,6 +66,7 @@ from .requests import (
     TriggerRequest,
     _EmptyBody,
 )
+from .security import SecurityMiddleware, parse_allowed_hosts, parse_allowed_origins
 
 RunOperation = Literal["read", "subscribe", "steps", "cancel", "retrigger", "delete"]
 
@@ -973,6 +975,8 @@ def create_app(
     sse_throttle: float = 0.1,
     static_dir: str | Path | None = None,
     expose_tracebacks: bool | None = None,
+    allowed_hosts: Sequence[str] = (),
+    allowed_origins: Sequence[str] = (),
 ) -> Starlette:
     """An ASGI app serving ``durably``'s HTTP API, SSE streams, OpenAPI and dashboard.
 
@@ -985,9 +989,26 @@ def create_app(
     traceback (server paths, source lines) in responses and streams; ``None`` (the
     default) shows them without ``auth`` and hides them (``"traceback": ""``) once
     ``auth`` is given, where the callers are tenants rather than the operator.
+
+    Other web pages cannot drive the app (see ``security``): it answers only the
+    loopback names, the IP address a connection arrived on and ``allowed_hosts``
+    (``"name"``, ``"name:port"``, ``"*.domain"``; ``["*"]`` for any Host, behind a
+    proxy that checks it), else 421; it refuses cross-origin requests (403) except
+    from ``allowed_origins`` (exact ``scheme://host[:port]``, trusted with the
+    user's credentials; CORS preflights answered); ``POST`` needs
+    ``Content-Type: application/json`` (415).
     """
     if isinstance(sse_throttle, bool) or not isinstance(sse_throttle, int | float) or not sse_throttle >= 0:
         raise ValidationError(f"sse_throttle must be a non-negative number of seconds, not {sse_throttle!r}")
+    # Checked now: a typo in a host or an origin fails here, not on the first request.
+    parse_allowed_hosts(allowed_hosts)
+    parse_allowed_origins(allowed_origins)
+    guard = Middleware(
+        SecurityMiddleware,
+        allowed_hosts=allowed_hosts,
+        allowed_origins=allowed_origins,
+        page_paths=("/dashboard", "/dashboard/"),
+    )
     api = _Api(durably, auth, float(sse_throttle), expose_tracebacks)
     static = _StaticDir(Path(static_dir) if static_dir is not None else _default_static_dir())
     routes: list[BaseRoute] = [
@@ -1013,6 +1034,7 @@ def create_app(
     ]
     return Starlette(
         routes=routes,
+        middleware=[guard],
         exception_handlers={
             HTTPException: _handle_http,
             _BadRequest: _handle_bad_request,
