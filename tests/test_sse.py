@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from asgi_helpers import SseEvent, next_event, running_server, sse_events
+from asgi_helpers import JSON_HEADERS, SseEvent, next_event, running_server, sse_events
 from helpers import wait_until
 
 from durably_web import Durably, StepContext, define_job
@@ -71,7 +71,7 @@ def _open_gates() -> Any:
 
 @pytest.fixture
 async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=httpx.Timeout(20.0)) as client:
+    async with httpx.AsyncClient(timeout=httpx.Timeout(20.0), headers=JSON_HEADERS) as client:
         yield client
 
 
