@@ -143,7 +143,9 @@ def load_durably(app: str) -> Durably:
 def _require_jobs(app: str, command: str) -> None:
     if _is_url(app):
         raise CliError(
-            f"'{command}' needs the job definitions: point APP at module:attribute, not a database URL",
+            f"'{command}' needs the job definitions, which a database URL does not carry: pass APP "
+            f"as module:attribute naming your Durably instance (e.g. '{PROG} {command} myapp:durably ...', "
+            "with myapp.py in the current directory)",
             EXIT_USAGE,
         )
 
@@ -414,7 +416,7 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
 
 
 async def cmd_retrigger(args: argparse.Namespace) -> int:
-    _require_jobs(args.app, "retrigger")
+    # A database URL is enough: the new run reuses the stored input (see Durably.retrigger).
     async with opened(load_durably(args.app), worker=False) as durably:
         run = await durably.retrigger(args.run_id)
     _say(f"run {_p(run.id)} of {_p(run.job_name)}: {run.disposition} (retrigger of {_p(args.run_id)})")

@@ -576,12 +576,36 @@ class Durably:
         return self._to_run(record)
 
     async def retrigger(self, run_id: str) -> Run:
-        """A new run of the same job with the same input and labels (input re-validated)."""
+        """A new run of the same job with the same input, labels and concurrency key.
+
+        With the job registered here, the input is re-validated against its current
+        input model. Without it (a client on a database URL, ``jobs=[]``), the stored
+        input is reused as it is: it was validated when the run was first triggered,
+        and the worker that executes the new run decodes it with its job's model
+        (a run whose input no longer fits fails with the ``ValidationError``).
+        """
         record = self._require(run_id)
-        job = self._job(record.job_name)
-        new = self._new_run(
-            job, json.loads(record.input_json), None, record.concurrency_key, None, record.labels
-        )
+        if record.job_name in self.jobs:
+            new = self._new_run(
+                self.jobs[record.job_name],
+                json.loads(record.input_json),
+                None,
+                record.concurrency_key,
+                None,
+                record.labels,
+            )
+        else:
+            self._check_writable(f"retrigger a run of {record.job_name!r}")
+            new = NewRun(
+                id=ids.new_id(self.now_ms()),
+                job_name=record.job_name,
+                input_json=record.input_json,
+                labels=dict(record.labels),
+                idempotency_key=None,
+                concurrency_key=record.concurrency_key,
+                coalesce=False,
+                created_at=self.now_ms(),
+            )
         return (await self._create([new]))[0]
 
     async def delete_run(self, run_id: str) -> None:

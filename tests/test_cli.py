@@ -201,7 +201,6 @@ def background(workdir: Path) -> Iterator[Callable[..., Background]]:
         ["trigger", APP, "greet", "--input", '{"name": 5}'],
         ["trigger", APP, "greet", "--label", "no-equals-sign"],
         ["trigger", DB, "greet", "--input", '{"name": "x"}'],
-        ["retrigger", DB, "01ANY"],
         ["worker", DB],
         ["purge", APP],
         ["purge", APP, "--older-than", "30 fortnights"],
@@ -213,6 +212,15 @@ def test_bad_arguments_exit_2(cli: Callable[..., subprocess.CompletedProcess[str
     assert result.returncode == 2, result
     assert "error" in result.stderr
     assert result.stdout == ""
+
+
+def test_commands_that_need_the_jobs_say_what_to_pass(
+    cli: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    for command in (["trigger", DB, "greet"], ["worker", DB]):
+        result = cli(*command)
+        assert result.returncode == 2
+        assert "module:attribute" in result.stderr and f"{command[0]} myapp:durably" in result.stderr
 
 
 def test_valid_trigger_after_rejected_input_created_nothing(
@@ -299,6 +307,13 @@ def test_trigger_list_show_cancel_retrigger_delete_purge(
     assert new_id != run_id
     new_run = json.loads(cli("show", DB, new_id, "--json").stdout)["run"]
     assert new_run["input"] == {"name": "ada"} and new_run["labels"] == {"team": "red"}
+    # As the README shows it: from the database URL alone (the stored input is reused).
+    from_url = cli("retrigger", DB, run_id)
+    assert from_url.returncode == 0, from_url.stderr
+    url_run = json.loads(cli("show", DB, from_url.stdout.strip(), "--json").stdout)["run"]
+    assert url_run["input"] == {"name": "ada"} and url_run["labels"] == {"team": "red"}
+    assert url_run["status"] == "pending" and url_run["id"] not in (run_id, new_id)
+    assert cli("delete", DB, url_run["id"]).returncode == 0
 
     deleted = cli("delete", DB, new_id)
     assert deleted.returncode == 0 and "deleted" in deleted.stdout
@@ -306,6 +321,7 @@ def test_trigger_list_show_cancel_retrigger_delete_purge(
         gone = cli(command, DB, new_id)
         assert gone.returncode == 1 and "not found" in gone.stderr
     assert cli("retrigger", APP, new_id).returncode == 1
+    assert cli("retrigger", DB, new_id).returncode == 1
 
     kept = cli("purge", DB, "--older-than", "30d")
     assert kept.returncode == 0 and "purged 0 run(s)" in kept.stdout
@@ -347,6 +363,11 @@ def test_worker_executes_runs_triggered_elsewhere_and_stops_on_sigint(
     assert watched_failure.returncode == 1 and "failed" in watched_failure.stdout
 
     worker.wait_for(rf"run {run_id} \(greet\) completed")
+    # A run retriggered from the database URL alone is executed like any other.
+    again = cli("retrigger", DB, run_id)
+    assert again.returncode == 0, again.stderr
+    rerun = cli("watch", DB, again.stdout.strip(), "--interval", "0.05")
+    assert rerun.returncode == 0 and '"greeting": "hello ada"' in rerun.stdout
     assert worker.stop(signal.SIGINT) == 0
     assert "stopping gracefully" in worker.output() and "worker stopped" in worker.output()
 

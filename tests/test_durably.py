@@ -595,6 +595,21 @@ async def test_retrigger_revalidates_the_input(make_durably, db_url):
     assert len(await new.get_runs()) == 1
 
 
+async def test_retrigger_without_the_job_definition_reuses_the_stored_input(make_durably, db_url):
+    worker = await make_durably(echo)
+    done = await worker.trigger_and_wait(
+        echo, {"n": 3}, labels={"who": "me"}, concurrency_key="k", timeout=30
+    )
+    client = await make_durably(worker=False)  # no jobs: what a database URL gives
+    again = await client.retrigger(done.id)
+    assert again.disposition == "created" and again.id != done.id
+    assert again.input == {"n": 3} and again.labels == {"who": "me"} and again.concurrency_key == "k"
+    finished = await worker.wait_for_run(again.id, timeout=30)
+    assert finished.status == "completed" and finished.output == Item(n=6)
+    with pytest.raises(NotFoundError):
+        await client.retrigger("01NOSUCHRUN")
+
+
 async def test_delete_run_removes_it_with_its_steps_and_logs(make_durably, sql):
     durably = await make_durably(sync_users)
     done = await durably.trigger_and_wait(sync_users, {"org_id": "d"}, timeout=30)
