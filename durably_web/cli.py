@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import errno
 import functools
 import importlib
 import json
@@ -542,15 +543,66 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _bind(host: str, port: int) -> socket.socket:
+    """A listening socket, or a ``CliError`` saying what to do instead of an ``OSError``."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
-        sock = socket.socket(family, kind, proto)
+    except OSError as exc:  # socket.gaierror: an unknown name
+        raise CliError(f"cannot listen on {host}:{port}: --host {host!r} does not resolve ({exc})") from None
+    sock = socket.socket(family, kind, proto)
+    try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind(address)
     except OSError as exc:
-        raise CliError(f"cannot listen on {host}:{port}: {exc}") from None
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CliError(
+                f"cannot listen on {host}:{port}: port {port} is already in use (another server, "
+                f"e.g. 'python build.py serve' or another '{PROG} serve', is listening on it); "
+                "choose another with --port N, or --port 0 for any free port"
+            ) from None
+        if exc.errno == errno.EACCES:
+            raise CliError(
+                f"cannot listen on {host}:{port}: permission denied (ports below 1024 need "
+                "privileges); choose another with --port N"
+            ) from None
+        raise CliError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     sock.set_inheritable(True)
     return sock
+
+
+_ALL_INTERFACES = frozenset({"0.0.0.0", "::", ""})
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1", "[::1]"})
+
+
+def serve_allowed_hosts(host: str, extra: Sequence[str]) -> list[str]:
+    """The ``allowed_hosts`` ``serve`` passes to ``create_app``.
+
+    The app always answers the loopback names and the IP address a connection
+    arrived on; to those this adds the name ``--host`` binds (``--host myhost.lan``:
+    clients will call it that), unless it is loopback or all interfaces, and every
+    ``--allowed-host``.
+    """
+    names = []
+    if host not in _ALL_INTERFACES and host.lower() not in _LOOPBACK_NAMES:
+        names.append(f"[{host}]" if ":" in host and not host.startswith("[") else host)
+    names.extend(extra)
+    return list(dict.fromkeys(names))
+
+
+def _binding_note(host: str, explicit: bool, allowed: Sequence[str]) -> str:
+    """What the server is bound to, and who can therefore reach it under which names."""
+    if host.lower() in _LOOPBACK_NAMES:
+        return f"bound to {host} only" + (
+            "" if explicit else " (pass --host NAME, or --host 0.0.0.0, to expose it)"
+        )
+    names = ", ".join(["localhost", "127.0.0.1", "[::1]", *allowed])
+    if host in _ALL_INTERFACES:
+        return (
+            f"bound to all interfaces ({host or '0.0.0.0'}); answering Host names {names} and this "
+            "machine's IP addresses; clients calling it by another name get 421: add "
+            "--allowed-host NAME for each name they use"
+        )
+    return f"bound to {host}; answering Host names {names}"
 
 
 async def cmd_serve(args: argparse.Namespace) -> int:
@@ -573,13 +625,21 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     read_only = _is_url(args.app)
     durably = load_durably(args.app)
     auth = _import_object(args.auth, "--auth") if args.auth else None
-    host = args.host or ("0.0.0.0" if auth is not None else "127.0.0.1")
+    # Loopback unless --host says otherwise, with or without --auth: exposing the API
+    # is a decision to type, not a side effect of adding an auth hook.
+    host = args.host if args.host is not None else "127.0.0.1"
+    allowed_hosts = serve_allowed_hosts(host, args.allowed_host or ())
     prefix = "/" + args.prefix.strip("/") if args.prefix.strip("/") else ""
+    try:  # before binding: a malformed --allowed-host or --allowed-origin is a usage error
+        app: Any = create_app(
+            durably, auth=auth, allowed_hosts=allowed_hosts, allowed_origins=args.allowed_origin or ()
+        )
+    except ValidationError as exc:
+        raise CliError(str(exc), EXIT_USAGE) from None
+    if prefix:
+        app = Starlette(routes=[Mount(prefix, app=app)])
     sock = _bind(host, args.port)
     async with opened(durably, worker=not read_only):
-        app: Any = create_app(durably, auth=auth)
-        if prefix:
-            app = Starlette(routes=[Mount(prefix, app=app)])
         server = Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3))
         _install_stop_handlers(lambda: setattr(server, "should_exit", True))
         if not read_only:
@@ -587,14 +647,14 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         base = f"http://{shown}:{bound_port}{prefix}"
-        if auth is None:
-            note = "no auth hook, so anyone who can reach it can manage runs" + (
-                "; bound to 127.0.0.1 only (pass --auth module:attribute to expose it)"
-                if args.host is None
-                else f"; bound to {host} as asked"
-            )
-        else:
-            note = f"auth hook {args.auth}"
+        note = (
+            "no auth hook, so anyone who can reach it can manage runs"
+            if auth is None
+            else f"auth hook {_p(args.auth)}"
+        )
+        note += "; " + _binding_note(host, args.host is not None, allowed_hosts)
+        if args.allowed_origin:
+            note += f"; cross-origin pages allowed: {', '.join(args.allowed_origin)}"
         serving = asyncio.create_task(server.serve(sockets=[sock]))
         while not (server.started or serving.done()):  # noqa: ASYNC110 - uvicorn only offers a flag
             await asyncio.sleep(0.02)
@@ -634,8 +694,26 @@ def build_parser() -> argparse.ArgumentParser:
     command("worker", cmd_worker, "run the worker until Ctrl-C or SIGTERM (graceful stop)")
 
     serve = command("serve", cmd_serve, "worker + HTTP API + dashboard")
-    serve.add_argument("--host", help="interface to bind (default 127.0.0.1; 0.0.0.0 with --auth)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--host",
+        help="interface or name to bind (default 127.0.0.1, with or without --auth); a name is also "
+        "added to the allowed Host names; 0.0.0.0 binds every interface",
+    )
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        metavar="NAME",
+        help="a Host name the API answers besides the loopback names and the bound --host "
+        "(repeatable; 'name', 'name:port', '*.domain'; '*' for any, behind a proxy that checks it)",
+    )
+    serve.add_argument(
+        "--allowed-origin",
+        action="append",
+        metavar="ORIGIN",
+        help="a web origin (scheme://host[:port]) whose pages may call the API with the user's "
+        "credentials (repeatable)",
+    )
     serve.add_argument("--prefix", default="", help="URL prefix to mount the API under, e.g. /api/durably")
     serve.add_argument(
         "--auth", metavar="MODULE:ATTR", help="an object with the auth hooks (see durably_web.asgi)"

@@ -422,8 +422,9 @@ def test_serve_with_an_auth_hook_and_a_prefix(background: Callable[..., Backgrou
     server = background("serve", "serve", APP, "--auth", "tenancy:auth", "--prefix", "/api/durably",
                         "--port", "0")
     url = _served_url(server)
-    assert url.startswith("http://0.0.0.0:") and url.endswith("/api/durably")
-    assert "auth hook tenancy:auth" in server.output()
+    # An auth hook does not expose the server: still loopback unless --host says otherwise.
+    assert url.startswith("http://127.0.0.1:") and url.endswith("/api/durably")
+    assert "auth hook tenancy:auth" in server.output() and "bound to 127.0.0.1 only" in server.output()
     port = url.split(":")[2].split("/")[0]
     base = f"http://127.0.0.1:{port}/api/durably"
     with httpx.Client(base_url=base, timeout=20) as http:
@@ -439,7 +440,9 @@ def test_serve_reports_a_busy_port(background: Callable[..., Background]) -> Non
     port = _served_url(first).rsplit(":", 1)[1]
     second = background("serve-2", "serve", DB, "--port", port)
     assert second.process.wait(timeout=60) == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in second.output()
+    output = second.output()
+    assert f"cannot listen on 127.0.0.1:{port}: port {port} is already in use" in output
+    assert "--port N" in output and "Traceback" not in output and "OSError" not in output
     assert first.stop(signal.SIGINT) == 0
 
 
@@ -659,3 +662,50 @@ def test_read_only_commands_do_not_create_a_missing_database(
             assert not any(path.name.startswith("fresh.db") for path in workdir.iterdir()), (app, command)
     memory = cli("runs", "sqlite://:memory:")
     assert memory.returncode == 2 and "cannot be opened read-only" in memory.stderr
+
+
+# --- serve: what it binds, which Host names and origins it answers -------------------------------------
+
+
+def test_serve_on_all_interfaces_answers_only_the_names_it_is_told(
+    background: Callable[..., Background],
+) -> None:
+    server = background("serve", "serve", APP, "--auth", "tenancy:auth", "--host", "0.0.0.0", "--port", "0",
+                        "--allowed-host", "jobs.example.test", "--allowed-origin", "https://app.example.test")
+    url = _served_url(server)
+    output = server.output()
+    assert url.startswith("http://0.0.0.0:")
+    assert "bound to all interfaces (0.0.0.0)" in output and "jobs.example.test" in output
+    assert "--allowed-host NAME" in output and "https://app.example.test" in output
+    port = url.rsplit(":", 1)[1]
+    token = {"x-token": "let-me-in"}
+    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=20) as http:
+        assert http.get("/runs", headers=token).status_code == 200
+        assert http.get("/runs", headers={**token, "Host": "jobs.example.test"}).status_code == 200
+        assert http.get("/runs", headers={**token, "Host": "rebound.example"}).status_code == 421
+        cors = http.get("/runs", headers={**token, "Origin": "https://app.example.test"})
+        assert cors.status_code == 200
+        assert cors.headers["access-control-allow-origin"] == "https://app.example.test"
+        assert http.get("/runs", headers={**token, "Origin": "https://evil.example"}).status_code == 403
+    assert server.stop(signal.SIGINT) == 0
+
+
+def test_serve_adds_the_bound_name_to_the_allowed_hosts() -> None:
+    from durably_web.cli import serve_allowed_hosts
+
+    assert serve_allowed_hosts("127.0.0.1", []) == []
+    assert serve_allowed_hosts("localhost", ["a.example"]) == ["a.example"]
+    assert serve_allowed_hosts("myhost.lan", []) == ["myhost.lan"]
+    assert serve_allowed_hosts("myhost.lan", ["myhost.lan", "b.example"]) == ["myhost.lan", "b.example"]
+    assert serve_allowed_hosts("0.0.0.0", ["c.example"]) == ["c.example"]
+    assert serve_allowed_hosts("::", []) == []
+    assert serve_allowed_hosts("fe80::1", []) == ["[fe80::1]"]
+
+
+@pytest.mark.parametrize("flag", [["--allowed-origin", "*"], ["--allowed-host", "http://x.example/path"]])
+def test_serve_refuses_malformed_allowed_names_before_listening(
+    cli: Callable[..., subprocess.CompletedProcess[str]], flag: list[str]
+) -> None:
+    result = cli("serve", APP, "--port", "0", *flag)
+    assert result.returncode == 2 and "error" in result.stderr and "Traceback" not in result.stderr
+    assert "serving" not in result.stderr
