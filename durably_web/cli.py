@@ -275,11 +275,29 @@ def progress_bar(current: int, total: int | None, message: str | None, width: in
     return f"{text} {printable(message)}" if message else text
 
 
+def _state_note(run: Run) -> str | None:
+    """What a non-terminal status means for the operator (``None`` once the run has ended)."""
+    if run.status == "pending":
+        if run.attempt == 0:
+            return "waiting for a worker"
+        return (
+            f"waiting for a worker to resume it (attempt {run.attempt} stopped before the end; "
+            "completed steps do not run again)"
+        )
+    if run.status == "leased":
+        return (
+            f"running on a worker (attempt {run.attempt}); if that worker died, another one "
+            "resumes it when the lease expires"
+        )
+    return None
+
+
 def _print_run(run: Run, out: TextIO) -> None:
     fields = [
         ("id", run.id),
         ("job", run.job_name),
         ("status", run.status),
+        *([("state", state)] if (state := _state_note(run)) else []),
         ("attempt", str(run.attempt)),
         ("created", _when(run.created_at)),
         ("started", _when(run.started_at)),
@@ -489,7 +507,7 @@ async def cmd_watch(args: argparse.Namespace) -> int:
         return 0 if run.status == "completed" else EXIT_FAILURE
 
 
-def _install_stop_handlers(on_stop: Callable[[], None]) -> None:
+def _install_stop_handlers(on_stop: Callable[[], None], lease_duration: float | None = None) -> None:
     """First Ctrl-C / SIGTERM: graceful stop. Second: exit at once."""
     loop = asyncio.get_running_loop()
     asked = False
@@ -497,7 +515,11 @@ def _install_stop_handlers(on_stop: Callable[[], None]) -> None:
     def handle(signame: str) -> None:
         nonlocal asked
         if asked:
-            _say(f"{signame} again: exiting without waiting")
+            _say(
+                f"{signame} again: exiting without waiting; runs still in progress keep their lease "
+                + (f"for up to {lease_duration:g} s " if lease_duration else "")
+                + "and are then resumed by the next worker"
+            )
             os._exit(130)
         asked = True
         _log_line(
@@ -510,34 +532,53 @@ def _install_stop_handlers(on_stop: Callable[[], None]) -> None:
         loop.add_signal_handler(sig, handle, sig.name)
 
 
-def _report_run_events(durably: Durably) -> None:
-    """One log line per run milestone, so an operator sees the worker doing something."""
+def _report_run_events(durably: Durably) -> dict[str, str]:
+    """One log line per run milestone, so an operator sees the worker doing something.
+
+    Returns the runs this process is executing (id -> job name), kept up to date.
+    Call it before ``init``: a run may be leased as soon as the worker starts.
+    """
     messages = {
         "run:leased": "started",
         "run:complete": "completed",
         "run:fail": "failed",
         "run:cancel": "cancelled",
     }
+    in_progress: dict[str, str] = {}
     for kind, text in messages.items():
 
-        def report(event: Any, text: str = text) -> None:
+        def report(event: Any, kind: str = kind, text: str = text) -> None:
+            if event.run_id is not None:
+                if kind == "run:leased":
+                    in_progress[event.run_id] = event.job_name or "?"
+                else:
+                    in_progress.pop(event.run_id, None)
             error = event.data.get("error")
             line = f"run {_p(event.run_id)} ({_p(event.job_name)}) {text}"
             _log_line(line + (f": {_p(error)}" if error else ""))
 
         durably.on(kind, report)
+    return in_progress
 
 
 async def cmd_worker(args: argparse.Namespace) -> int:
     _require_jobs(args.app, "worker")
     durably = load_durably(args.app)
     stop = asyncio.Event()
+    # Before opening: a signal that arrives while the database opens still stops gracefully.
+    _install_stop_handlers(stop.set, durably.lease_duration)
+    in_progress = _report_run_events(durably)
     async with opened(durably, worker=True):
-        _install_stop_handlers(stop.set)
-        _report_run_events(durably)
         jobs = ", ".join(sorted(durably.jobs)) or "none"
         _log_line(f"worker started for {_p(args.app)} (jobs: {_p(jobs)}); Ctrl-C to stop")
         await stop.wait()
+        if in_progress:
+            listed = ", ".join(f"{_p(run_id)} ({_p(job)})" for run_id, job in sorted(in_progress.items()))
+            _log_line(
+                f"handing back {len(in_progress)} run(s) in progress: {listed}; each stops at its next "
+                f"step (within {durably.shutdown_timeout:g} s) and goes back to pending, so the next "
+                "worker resumes it at once, after its last completed step"
+            )
     _log_line("worker stopped")
     return 0
 

@@ -709,3 +709,43 @@ def test_serve_refuses_malformed_allowed_names_before_listening(
     result = cli("serve", APP, "--port", "0", *flag)
     assert result.returncode == 2 and "error" in result.stderr and "Traceback" not in result.stderr
     assert "serving" not in result.stderr
+
+
+# --- a graceful stop hands running runs back ------------------------------------------------------------
+
+
+def _wait_for_progress(
+    cli: Callable[..., subprocess.CompletedProcess[str]], run_id: str, at_least: int
+) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        run = json.loads(cli("show", DB, run_id, "--json").stdout)["run"]
+        if run["progress"] and run["progress"]["current"] >= at_least:
+            return
+        assert time.monotonic() < deadline, run
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_worker_hands_its_run_back_and_show_says_so(
+    cli: Callable[..., subprocess.CompletedProcess[str]], background: Callable[..., Background], sig: int
+) -> None:
+    run_id = cli("trigger", APP, "steady", "--input", '{"n": 60}').stdout.strip()
+    fresh = cli("show", DB, run_id)
+    assert re.search(r"^state\s+waiting for a worker$", fresh.stdout, re.MULTILINE)
+    worker = background("worker", "worker", APP)
+    worker.wait_for(rf"run {run_id} \(steady\) started")
+    _wait_for_progress(cli, run_id, 1)
+    running = cli("show", DB, run_id).stdout
+    assert re.search(r"^status\s+leased$", running, re.MULTILINE)
+    assert re.search(r"^state\s+running on a worker \(attempt 1\)", running, re.MULTILINE)
+
+    assert worker.stop(sig, timeout=30) == 0
+    output = worker.output()
+    assert "stopping gracefully" in output and "worker stopped" in output
+    assert f"handing back 1 run(s) in progress: {run_id} (steady)" in output
+    shown = cli("show", DB, run_id).stdout
+    assert re.search(r"^status\s+pending$", shown, re.MULTILINE), shown
+    assert re.search(r"^state\s+waiting for a worker to resume it \(attempt 1 stopped", shown, re.MULTILINE)
+    table = cli("runs", DB, "--status", "pending").stdout
+    assert run_id in table and "leased" not in table
