@@ -242,8 +242,13 @@ class Durably:
         """Call ``listener(event)`` for each event of ``event_type`` ('*' for all); returns unsubscribe."""
         return self.bus.on(event_type, listener)
 
-    def subscribe(self, run_id: str) -> RunSubscription:
-        """Async iterator of one run's events, ending with its terminal event."""
+    def subscribe(self, run_id: str, *, max_buffered: int | None = None) -> RunSubscription:
+        """Async iterator of one run's events, ending with its terminal event.
+
+        ``max_buffered`` bounds the events waiting for a slow consumer (see
+        ``EventBuffer``: progress coalesces, anything more raises
+        ``SubscriptionOverflowError``); ``None`` keeps every event.
+        """
         record = self.store.get_run(_run_id(run_id))
         if record is None:
             raise NotFoundError(f"run {run_id!r} not found")
@@ -256,7 +261,9 @@ class Durably:
                 return self._terminal_event(current)
             return None
 
-        subscription = RunSubscription(self.bus, run_id, poll, self.polling_interval)
+        subscription = RunSubscription(
+            self.bus, run_id, poll, self.polling_interval, max_buffered=max_buffered
+        )
         if record.status in TERMINAL_STATUSES:
             subscription._offer(self._terminal_event(record))
         return subscription

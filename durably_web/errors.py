@@ -63,6 +63,13 @@ class ExistingRunRefusedError(ConflictError):
         self.runs: list[Any] = list(runs or [])
 
 
+class SubscriptionOverflowError(DurablyError):
+    """A bounded event subscription's consumer fell too far behind; its buffered events were dropped.
+
+    Start over from the current state (``get_run``, ``get_steps``) and subscribe again.
+    """
+
+
 class CancelledError(DurablyError):
     """The run was cancelled; its handler must not continue."""
 

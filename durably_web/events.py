@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import ValidationError
+from .errors import SubscriptionOverflowError, ValidationError
 from .models import ErrorInfo, Event
 
 logger = logging.getLogger("durably_web")
@@ -112,12 +113,76 @@ class EventBus:
         )
 
 
+class EventBuffer:
+    """Events waiting for one consumer; with a ``limit``, a consumer that falls behind cannot
+    make it grow without bound.
+
+    ``run:progress`` is state, not history: once the buffer is full, a progress event
+    replaces the run's progress event at the end of the buffer (the newest wins, order
+    is kept). Any other event that finds the buffer full *overflows* it: the buffer is
+    emptied at once (freeing what it held), takes nothing more, and ``get`` raises
+    ``SubscriptionOverflowError``; the consumer must start over from the current state
+    (the HTTP streams then send ``stream:reset`` and end, and clients reconnect).
+    Without a limit (``None``) it is unbounded, as in-process consumers expect.
+    """
+
+    def __init__(self, limit: int | None = None) -> None:
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise ValidationError(f"limit must be None or a positive int, not {limit!r}")
+        self.limit = limit
+        self.overflowed = False
+        self._events: deque[Event] = deque()
+        self._ready = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def put(self, event: Event) -> None:
+        if self.overflowed:
+            return
+        events = self._events
+        if self.limit is not None and len(events) >= self.limit:
+            last = events[-1]
+            if event.type == "run:progress" and last.type == "run:progress" and last.run_id == event.run_id:
+                events[-1] = event
+                return
+            self.overflow()
+            return
+        events.append(event)
+        self._ready.set()
+
+    def overflow(self) -> None:
+        """Give up on this consumer: drop what is buffered; ``get`` raises from now on."""
+        self.overflowed = True
+        self._events.clear()
+        self._ready.set()
+
+    async def get(self, timeout: float | None = None) -> Event | None:
+        """The oldest event; ``None`` after ``timeout`` seconds without one."""
+        while not self._events:
+            if self.overflowed:
+                raise SubscriptionOverflowError(
+                    f"the consumer fell more than {self.limit} events behind; "
+                    "start over from the current state"
+                )
+            self._ready.clear()
+            try:
+                await asyncio.wait_for(self._ready.wait(), timeout)
+            except TimeoutError:
+                if not self._events and not self.overflowed:
+                    return None
+        return self._events.popleft()
+
+
 class RunSubscription:
     """Async iterator over one run's events; ends after the run's terminal event.
 
     Registered on creation, so no event is missed between trigger and iteration.
     Runs executed by another process are noticed by polling the store, in which
-    case a terminal event is synthesised from the stored state.
+    case a terminal event is synthesised from the stored state. With
+    ``max_buffered``, events are held in a bounded ``EventBuffer``: a consumer that
+    falls further behind gets ``SubscriptionOverflowError`` (and the subscription
+    stops listening) instead of a buffer that grows with every event.
     """
 
     def __init__(
@@ -126,17 +191,26 @@ class RunSubscription:
         run_id: str,
         poll: Callable[[], Event | None],
         poll_interval: float,
+        *,
+        max_buffered: int | None = None,
     ) -> None:
         self._run_id = run_id
-        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._buffer = EventBuffer(max_buffered)
         self._poll = poll
         self._poll_interval = poll_interval
         self._done = False
         self._unsubscribe = bus.on(ALL, self._offer)
 
+    @property
+    def backlog(self) -> int:
+        """How many events wait to be taken."""
+        return len(self._buffer)
+
     def _offer(self, event: Event) -> None:
         if event.run_id == self._run_id:
-            self._queue.put_nowait(event)
+            self._buffer.put(event)
+            if self._buffer.overflowed:
+                self._unsubscribe()
 
     def __aiter__(self) -> RunSubscription:
         return self
@@ -146,11 +220,11 @@ class RunSubscription:
             raise StopAsyncIteration
         while True:
             try:
-                async with asyncio.timeout(self._poll_interval):  # no helper task, unlike wait_for
-                    event = await self._queue.get()
-            except TimeoutError:
-                if not self._queue.empty():
-                    continue
+                event = await self._buffer.get(self._poll_interval)
+            except SubscriptionOverflowError:
+                self.close()
+                raise
+            if event is None:
                 synthesised = self._poll()
                 if synthesised is None:
                     continue

@@ -16,6 +16,13 @@
 // * on() only ever sees run-level events (run:*); step:*, log:write and
 //   worker:error are per run: use subscribe(runId).
 // * subscribe() also yields the server's "run:snapshot" event first.
+// * getRuns() and the `run` of on() events are summaries (no input, output or traceback;
+//   input_bytes/output_bytes instead), and run-list events carry no input/output:
+//   getRun(id) has the whole run.
+// * A stream whose client falls too far behind ends with "stream:reset" (the server holds
+//   only so many events per client); this client reconnects at once. subscribe() then gets
+//   a fresh run:snapshot (recorded steps are passed once); on() listeners may have missed
+//   events in between, so a list view should reload (the dashboard also reloads periodically).
 // * batchTrigger() is one POST trigger/batch: atomic, as locally (all runs or none).
 // * purgeRuns() is POST purge; a server with auth hooks allows it only to callers
 //   its can_purge hook accepts (otherwise: DurablyError, status 403).
@@ -383,7 +390,14 @@
 
     _retainEvents() {
       if (this._events || this._closed || !this._needsEvents()) return;
-      this._events = openStream(new URL("events", this.url), RUN_LEVEL, (event) => {
+      this._events = openStream(new URL("events", this.url), [...RUN_LEVEL, "stream:reset"], (event) => {
+        if (event.type === "stream:reset") {
+          // We fell behind and the server ended the stream: reconnect now (onopen re-checks waiters).
+          if (this._events) this._events.close();
+          this._events = null;
+          this._retainEvents();
+          return;
+        }
         for (const waiter of this._waiters) {
           if (waiter.runId === event.run_id && TERMINAL.has(event.type)) waiter.check();
         }
@@ -424,8 +438,16 @@
       const deliver = listener ? (event) => callSafely(listener, event) : (event) => queue.push(event);
 
       let streamed = false;
+      const open = () => openStream(new URL(path, this.url),
+        ["run:snapshot", "stream:reset", ...EVENT_TYPES], onEvent, onError);
       const onEvent = (event) => {
         if (done) return;
+        if (event.type === "stream:reset") {
+          // The server gave up on a client this far behind: start again from its current state.
+          source.close();
+          source = open();
+          return;
+        }
         streamed = true;
         // After a reconnect the server replays the recorded steps again: pass each step once.
         if (event.type === "step:complete" || event.type === "step:fail") {
@@ -458,7 +480,7 @@
       if (this._closed) {
         fail(durablyError("DurablyError", "the client is closed"));
       } else {
-        source = openStream(new URL(path, this.url), ["run:snapshot", ...EVENT_TYPES], onEvent, onError);
+        source = open();
         this._runStreams.add(close);
       }
       return listener ? close : queue;

@@ -17,6 +17,7 @@ Design notes:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import json
 import math
@@ -24,6 +25,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -49,9 +51,10 @@ from ..errors import (
     NotFoundError,
     SchemaVersionError,
     StorageError,
+    SubscriptionOverflowError,
     ValidationError,
 )
-from ..events import TERMINAL_EVENT_TYPES
+from ..events import TERMINAL_EVENT_TYPES, EventBuffer
 from ..models import RUN_STATUSES, ErrorInfo, Event, Run, from_ms, iso, to_jsonable
 from ..storage import RunFilter, RunRecord
 from .openapi import openapi_document
@@ -73,6 +76,14 @@ RunOperation = Literal["read", "subscribe", "steps", "cancel", "retrigger", "del
 #: A comment line this often keeps proxies from closing an idle stream.
 KEEPALIVE_SECONDS = 15.0
 _META_CACHE_SIZE = 10_000
+#: Most events one stream holds for a client that does not keep up. Beyond it (progress
+#: aside, which coalesces to the latest) the stream sends ``stream:reset`` and ends, and
+#: the client reconnects to the current state: a slow client costs bounded memory. Twice
+#: the largest batch, so that one batch (its events come all at once) never resets a stream.
+STREAM_BACKLOG = 2 * MAX_BATCH_ITEMS
+#: Most run ids a run-list stream remembers as inside or outside its filter (oldest forgotten
+#: first; a forgotten run is looked up again if it has another event).
+_VISIBLE_CACHE_SIZE = 10_000
 #: How often a trigger is tried again after ``on_run_access`` allowed the existing runs its
 #: keys resolved to (each try may meet runs created meanwhile); then it answers 409.
 _TRIGGER_ATTEMPTS = 3
@@ -222,6 +233,16 @@ def _light(data: dict[str, Any]) -> dict[str, Any]:
 
 def _sse(event_type: str, data: Mapping[str, Any]) -> bytes:
     return b"event: " + event_type.encode() + b"\ndata: " + _json_bytes(data) + b"\n\n"
+
+
+def _reset_event(run_id: str | None) -> Event:
+    """The last event of a stream whose client fell more than ``STREAM_BACKLOG`` events behind."""
+    return Event("stream:reset", run_id, None, datetime.now(UTC), {"reason": "the client fell behind"})
+
+
+def _reset_sse(event: Event) -> bytes:
+    # retry: reconnect soon; the new stream starts from the current state.
+    return b"retry: 500\n" + _sse("stream:reset", {**event.to_dict(), "reconnect": True})
 
 
 class _EventStream(StreamingResponse):
@@ -781,7 +802,7 @@ class _Api:
         """
         durably = self.durably
         try:
-            subscription = durably.subscribe(run_id)
+            subscription = durably.subscribe(run_id, max_buffered=STREAM_BACKLOG)
         except NotFoundError:
             yield _sse("run:delete", {"type": "run:delete", "run_id": run_id})
             return
@@ -826,11 +847,16 @@ class _Api:
                     return await subscription.__anext__()
                 except StopAsyncIteration:
                     return None
+                except SubscriptionOverflowError:
+                    return _reset_event(run_id)
 
             async for event in self._paced(next_event, ProgressThrottle(self.sse_throttle)):
                 if event is None:
                     yield b": keep-alive\n\n"
                     continue
+                if event.type == "stream:reset":
+                    yield _reset_sse(event)
+                    return
                 if event.type.startswith("step:") and event.data.get("step_index", -1) <= replayed_steps:
                     continue  # already in the replay
                 yield _sse(event.type, _light(self._scrub(event.to_dict())))
@@ -840,10 +866,35 @@ class _Api:
             subscription.close()
 
     async def _list_stream(self, runs_filter: RunsFilter) -> AsyncIterator[bytes]:
-        """Run-level events of every run inside ``runs_filter``, each with the run's current state."""
-        queue: asyncio.Queue[Event] = asyncio.Queue()
-        unsubscribers = [self.durably.on(kind, queue.put_nowait) for kind in RUN_LEVEL_EVENT_TYPES]
-        visible: dict[str, bool] = {}
+        """Run-level events of every run inside ``runs_filter``, each with the run's current state.
+
+        Events wait in a bounded ``EventBuffer``; a client more than ``STREAM_BACKLOG``
+        events behind gets ``stream:reset`` and the stream ends.
+        """
+        buffer = EventBuffer(STREAM_BACKLOG)
+        visible = _Verdicts(_VISIBLE_CACHE_SIZE)
+        known = visible.remember
+
+        def offer(event: Event) -> None:
+            run_id = event.run_id
+            if run_id is None:
+                return
+            if event.type == "run:trigger" and run_id not in visible:
+                known(run_id, runs_filter.matches(event.job_name, event.data.get("labels") or {}))
+            if visible.get(run_id) is False:  # outside the filter: not even buffered
+                if event.type in TERMINAL_EVENT_TYPES:
+                    visible.pop(run_id, None)
+                return
+            if "input" in event.data or "output" in event.data:
+                # Never sent on this stream: do not keep megabytes alive while the event waits.
+                data = {k: v for k, v in event.data.items() if k not in ("input", "output")}
+                event = dataclasses.replace(event, data=data)
+            buffer.put(event)
+            if buffer.overflowed:
+                for unsubscribe in unsubscribers:
+                    unsubscribe()
+
+        unsubscribers = [self.durably.on(kind, offer) for kind in RUN_LEVEL_EVENT_TYPES]
 
         def is_visible(event: Event) -> bool:
             run_id = event.run_id
@@ -852,20 +903,23 @@ class _Api:
             if run_id not in visible:
                 if event.type == "run:trigger":
                     labels = event.data.get("labels") or {}
-                    visible[run_id] = runs_filter.matches(event.job_name, labels)
+                    known(run_id, runs_filter.matches(event.job_name, labels))
                 else:
                     record = self.durably.store.get_run(run_id)
                     if record is not None:
                         self._remember(run_id, record.job_name, record.labels)
                     meta = self._meta.get(run_id)
                     # A deleted run nobody here has seen cannot be attributed: stay silent.
-                    visible[run_id] = meta is not None and runs_filter.matches(meta[0], meta[1])
+                    known(run_id, meta is not None and runs_filter.matches(meta[0], meta[1]))
             return visible[run_id]
 
         async def next_event() -> Event | None:
             while True:
-                event = await queue.get()
-                if is_visible(event):
+                try:
+                    event = await buffer.get()
+                except SubscriptionOverflowError:
+                    return _reset_event(None)
+                if event is not None and is_visible(event):
                     return event
 
         try:
@@ -874,6 +928,9 @@ class _Api:
                 if event is None:
                     yield b": keep-alive\n\n"
                     continue
+                if event.type == "stream:reset":
+                    yield _reset_sse(event)
+                    return
                 data = _light(self._scrub(event.to_dict()))
                 data.pop("output", None)  # a list carries summaries: GET /runs/{id} has the output
                 if event.type != "run:delete" and event.run_id is not None:
@@ -885,6 +942,20 @@ class _Api:
         finally:
             for unsubscribe in unsubscribers:
                 unsubscribe()
+
+
+class _Verdicts(OrderedDict[str, bool]):
+    """Run id -> inside a stream's filter, for at most ``size`` runs (least recently set forgotten)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size = size
+
+    def remember(self, run_id: str, inside: bool) -> None:
+        self[run_id] = inside
+        self.move_to_end(run_id)
+        while len(self) > self.size:
+            self.popitem(last=False)
 
 
 # --- static files ------------------------------------------------------------------------------------
