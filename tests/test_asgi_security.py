@@ -459,3 +459,16 @@ async def test_on_a_real_server_streams_and_rebinding(idle: Durably) -> None:
             first = await next_event(sse_events(one))
             assert first.event == "run:snapshot"
     await asyncio.sleep(0)
+
+
+async def test_openapi_names_the_refusals(idle: Durably) -> None:
+    async with api_client(create_app(idle)) as client:
+        paths = (await client.get("/openapi.json")).json()["paths"]
+    for item in paths.values():
+        for method, operation in item.items():
+            assert {"403", "421"} <= set(operation["responses"]), method
+            assert ("415" in operation["responses"]) == (method == "post")
+    assert (
+        "rejected by an auth hook, or a cross-origin"
+        in paths["/purge"]["post"]["responses"]["403"]["description"]
+    )

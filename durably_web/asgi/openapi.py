@@ -45,6 +45,40 @@ def _op(summary: str, responses: dict[str, Any], **extra: Any) -> dict[str, Any]
     return {"summary": summary, "responses": responses, **extra}
 
 
+# What ``security.SecurityMiddleware`` answers before any route runs.
+_CROSS_ORIGIN = (
+    "a cross-origin request (Origin not this server's and not in allowed_origins, Origin: null, "
+    "or Sec-Fetch-Site: cross-site/same-site without Origin)"
+)
+_HOST_REFUSED = {
+    "description": "the Host is not served (loopback names, the connection's own IP address and "
+    "allowed_hosts are); a DNS-rebinding defence",
+    "content": _json_content(_ref("Error")),
+}
+_NOT_JSON = {
+    "description": "a POST (or a request with a body) without Content-Type: application/json (UTF-8)",
+    "content": _json_content(_ref("Error")),
+}
+
+
+def _with_refusals(paths: dict[str, Any]) -> dict[str, Any]:
+    """Every operation with the refusals of the security checks (403 cross-origin, 421, 415 for POST)."""
+    for item in paths.values():
+        for method, operation in item.items():
+            responses = operation["responses"]
+            forbidden = responses.get("403")
+            responses["403"] = {
+                "description": _CROSS_ORIGIN
+                if forbidden is None
+                else f"{forbidden['description']}, or {_CROSS_ORIGIN}",
+                "content": _json_content(_ref("Error")),
+            }
+            if method == "post":
+                responses["415"] = _NOT_JSON
+            responses["421"] = _HOST_REFUSED
+    return paths
+
+
 def _component_schema(model: type[BaseModel]) -> dict[str, Any]:
     """``model``'s JSON Schema with nested models referenced as components (listed separately)."""
     schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
@@ -454,6 +488,6 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             "description": "Trigger, watch and manage durable job runs.",
         },
         "servers": [{"url": server_url or "/"}],
-        "paths": paths,
+        "paths": _with_refusals(paths),
         "components": {"schemas": schemas},
     }
