@@ -79,10 +79,25 @@ def _log_line(message: str) -> None:
 
 
 class _PrintableFormatter(logging.Formatter):
-    """Log records (a worker error quoting a job's exception) escaped like everything else."""
+    """Log records (a worker error quoting a job's exception) escaped like everything else.
+
+    Wraps another formatter (``inner``, e.g. uvicorn's) or formats as ``logging.Formatter``.
+    """
+
+    def __init__(self, fmt: str | None = None, inner: logging.Formatter | None = None) -> None:
+        super().__init__(fmt)
+        self._inner = inner
 
     def format(self, record: logging.LogRecord) -> str:
-        return printable(super().format(record), multiline=True)
+        text = self._inner.format(record) if self._inner is not None else super().format(record)
+        return printable(text, multiline=True)
+
+
+def _escape_log_handlers(*logger_names: str) -> None:
+    for name in logger_names:
+        for handler in logging.getLogger(name).handlers:
+            if not isinstance(handler.formatter, _PrintableFormatter):
+                handler.setFormatter(_PrintableFormatter(inner=handler.formatter or logging.Formatter()))
 
 
 # --- APP resolution ---------------------------------------------------------------------------------
@@ -681,7 +696,9 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         app = Starlette(routes=[Mount(prefix, app=app)])
     sock = _bind(host, args.port)
     async with opened(durably, worker=not read_only):
-        server = Server(uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3))
+        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3, use_colors=False)
+        _escape_log_handlers("uvicorn", "uvicorn.access")  # Config has just set up its loggers
+        server = Server(config)
         _install_stop_handlers(lambda: setattr(server, "should_exit", True))
         if not read_only:
             _report_run_events(durably)

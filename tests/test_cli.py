@@ -749,3 +749,24 @@ def test_a_stopped_worker_hands_its_run_back_and_show_says_so(
     assert re.search(r"^state\s+waiting for a worker to resume it \(attempt 1 stopped", shown, re.MULTILINE)
     table = cli("runs", DB, "--status", "pending").stdout
     assert run_id in table and "leased" not in table
+
+
+def test_server_log_lines_are_escaped_too() -> None:
+    import io
+    import logging
+
+    from durably_web.cli import _escape_log_handlers
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger("durably-test.escaping")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        _escape_log_handlers("durably-test.escaping")
+        _escape_log_handlers("durably-test.escaping")  # wrapping twice changes nothing
+        logger.error("request for %s", "\x1b]52;c;aGk=\x07\u202e")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue() == "ERROR request for \\x1b]52;c;aGk=\\x07\\u202e\n"
