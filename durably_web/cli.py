@@ -6,6 +6,10 @@ database URL such as ``sqlite:///app.db``. A URL gives management commands only:
 without the job module there is nothing to execute and no input model to
 validate a trigger against.
 
+``runs``, ``show`` and ``watch`` open the database read-only: they never write,
+migrate or create it. Everything printed from the database is escaped
+(:mod:`durably_web.display`), so stored text cannot drive the terminal.
+
 Exit codes: 0 success, 1 the operation failed (unknown run, conflict,
 unreachable database, a watched run that did not complete), 2 bad arguments
 (including an APP that cannot be imported and input a job rejects).
@@ -793,20 +797,22 @@ def build_parser() -> argparse.ArgumentParser:
     trigger.add_argument("--timeout", type=_positive_float, help="seconds to --wait at most")
     trigger.add_argument("--json", action="store_true", help="print the run as JSON")
 
-    runs = command("runs", cmd_runs, "list runs, newest first")
+    runs = command("runs", cmd_runs, "list runs, newest first (read-only: never writes to the database)")
     runs.add_argument("--status", action="append", help="status(es), repeat or comma-separate")
     runs.add_argument("--job", action="append")
     runs.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE")
     runs.add_argument("--limit", type=int, default=50)
     runs.add_argument("--json", action="store_true")
 
-    show = command("show", cmd_show, "a run with its steps, logs, output and error")
+    show = command(
+        "show", cmd_show, "a run with its steps, logs, output and error (read-only: never writes)"
+    )
     show.add_argument("run_id", metavar="RUN_ID")
     show.add_argument("--json", action="store_true")
 
     for name, handler, text in (
         ("cancel", cmd_cancel, "cancel a pending or running run"),
-        ("retrigger", cmd_retrigger, "trigger a new run with the same input and labels"),
+        ("retrigger", cmd_retrigger, "a new run with the same input and labels (a database URL will do)"),
         ("delete", cmd_delete, "delete a run that is not running"),
     ):
         command(name, handler, text).add_argument("run_id", metavar="RUN_ID")
@@ -823,7 +829,9 @@ def build_parser() -> argparse.ArgumentParser:
         "a database whose schema is older than this version's)",
     )
 
-    watch = command("watch", cmd_watch, "follow a run's progress and logs until it ends")
+    watch = command(
+        "watch", cmd_watch, "follow a run's progress and logs until it ends (read-only: never writes)"
+    )
     watch.add_argument("run_id", metavar="RUN_ID")
     watch.add_argument("--interval", type=_positive_float, default=0.5, help="seconds between polls")
     return parser
