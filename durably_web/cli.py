@@ -47,6 +47,7 @@ from .errors import (
     WaitTimeoutError,
 )
 from .models import Run, to_jsonable
+from .storage import open_store
 
 PROG = "durably-web"
 EXIT_FAILURE = 1
@@ -139,25 +140,51 @@ def _import_object(spec: str, what: str) -> Any:
         raise CliError(f"module {module_name!r} has no attribute {attribute!r}", EXIT_USAGE) from None
 
 
-def load_durably(app: str) -> Durably:
+def load_durably(app: str, *, writes: bool = False) -> Durably:
     """The ``Durably`` an APP argument names, not started yet.
 
-    A URL gives a client that never executes runs (it has no jobs).
+    A URL gives a client that never executes runs (it has no jobs). With ``writes``
+    (cancel, retrigger, delete, purge, serve), a URL naming a database that is not a
+    durably-web database is refused rather than given a durably-web schema:
+    ``migrate`` is the command that does that on purpose.
     """
     if _is_url(app):
         path = _sqlite_file(app)
         if path is not None and not path.is_file():
             raise CliError(f"database file not found: {path}")
         try:
-            return Durably(app, worker=False)
+            durably = Durably(app, worker=False)
         except ValidationError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
+        if writes:
+            _refuse_foreign_database(app)
+        return durably
     found = _import_object(app, "APP")
     if callable(found) and not isinstance(found, Durably):
         found = found()
     if not isinstance(found, Durably):
         raise CliError(f"{app} is a {type(found).__name__}, not a Durably instance", EXIT_USAGE)
     return found
+
+
+def _refuse_foreign_database(url: str) -> None:
+    """A ``CliError`` when ``url`` names a database without a durably-web schema (checked read-only)."""
+    try:
+        store = open_store(url, read_only=True)
+    except DurablyError:
+        return  # the writing open reports what is wrong (or works: an in-memory database)
+    try:
+        store.check_schema()
+    except SchemaVersionError as exc:
+        if exc.found is None:
+            raise CliError(
+                f"cannot open the database: {exc}; nothing was written to it "
+                f"('{PROG} migrate {url}' adds the durably-web schema, if this is the file you mean)"
+            ) from None
+    except DurablyError:
+        return
+    finally:
+        store.close()
 
 
 def _require_jobs(app: str, command: str) -> None:
@@ -447,7 +474,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
 
 
 async def cmd_cancel(args: argparse.Namespace) -> int:
-    async with opened(load_durably(args.app), worker=False) as durably:
+    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
         run = await durably.cancel(args.run_id)
     _out(f"run {_p(run.id)}: {run.status}")
     return 0
@@ -455,7 +482,7 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
 
 async def cmd_retrigger(args: argparse.Namespace) -> int:
     # A database URL is enough: the new run reuses the stored input (see Durably.retrigger).
-    async with opened(load_durably(args.app), worker=False) as durably:
+    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
         run = await durably.retrigger(args.run_id)
     _say(f"run {_p(run.id)} of {_p(run.job_name)}: {run.disposition} (retrigger of {_p(args.run_id)})")
     _out(_p(run.id))
@@ -463,14 +490,14 @@ async def cmd_retrigger(args: argparse.Namespace) -> int:
 
 
 async def cmd_delete(args: argparse.Namespace) -> int:
-    async with opened(load_durably(args.app), worker=False) as durably:
+    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
         await durably.delete_run(args.run_id)
     _out(f"run {_p(args.run_id)}: deleted")
     return 0
 
 
 async def cmd_purge(args: argparse.Namespace) -> int:
-    async with opened(load_durably(args.app), worker=False) as durably:
+    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
         count = await durably.purge_runs(older_than=args.older_than.seconds)
     _out(f"purged {count} run(s) that ended more than {_p(args.older_than.text)} ago")
     return 0
@@ -682,8 +709,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         def capture_signals(self) -> Iterator[None]:
             yield
 
-    read_only = _is_url(args.app)
-    durably = load_durably(args.app)
+    no_worker = _is_url(args.app)  # a database URL: no job definitions to run
+    durably = load_durably(args.app, writes=True)
     auth = _import_object(args.auth, "--auth") if args.auth else None
     # Loopback unless --host says otherwise, with or without --auth: exposing the API
     # is a decision to type, not a side effect of adding an auth hook.
@@ -699,12 +726,12 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     if prefix:
         app = Starlette(routes=[Mount(prefix, app=app)])
     sock = _bind(host, args.port)
-    async with opened(durably, worker=not read_only):
+    async with opened(durably, worker=not no_worker):
         config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3, use_colors=False)
         _escape_log_handlers("uvicorn", "uvicorn.access")  # Config has just set up its loggers
         server = Server(config)
         _install_stop_handlers(lambda: setattr(server, "should_exit", True))
-        if not read_only:
+        if not no_worker:
             _report_run_events(durably)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
@@ -723,7 +750,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
         if server.started:  # only now does a client get an answer
             _log_line(
                 f"serving {args.app} at {base}/ (dashboard {base}/dashboard/, OpenAPI {base}/openapi.json); "
-                f"{'no worker (database URL)' if read_only else 'worker running'}; {note}"
+                f"{'no worker (database URL)' if no_worker else 'worker running'}; {note}"
             )
         await serving
         _log_line("server stopped; stopping the worker")

@@ -651,6 +651,23 @@ def test_read_only_commands_refuse_other_files_and_change_nothing(
         assert listed.returncode == 0 and json.loads(listed.stdout) == []
 
 
+def test_writing_commands_on_a_url_do_not_take_over_another_database(
+    cli: Callable[..., subprocess.CompletedProcess[str]], workdir: Path
+) -> None:
+    conn = sqlite3.connect(workdir / "other.db")
+    conn.execute("CREATE TABLE invoices (id INTEGER PRIMARY KEY, total REAL)")
+    conn.commit()
+    conn.close()
+    before = _fingerprint(workdir, "other.db")
+    for command in (["cancel", "01ANY"], ["retrigger", "01ANY"], ["delete", "01ANY"],
+                    ["purge", "--older-than", "0"], ["serve", "--port", "0"]):
+        result = cli(command[0], "sqlite:///other.db", *command[1:])
+        assert result.returncode == 1, result
+        assert "not a durably-web database" in result.stderr and "nothing was written" in result.stderr
+        assert _fingerprint(workdir, "other.db") == before, command
+    assert _journal_mode(workdir / "other.db") == "delete"
+
+
 def test_read_only_commands_do_not_create_a_missing_database(
     cli: Callable[..., subprocess.CompletedProcess[str]], workdir: Path
 ) -> None:
