@@ -116,6 +116,12 @@ class DurablyAuth(Protocol):
       (the stored keys a retrigger carries are already namespaced and stay so).
     * ``on_run_access(ctx, run, operation)`` guards one run: ``read`` (the run
       and its logs), ``steps``, ``subscribe``, ``cancel``, ``retrigger``, ``delete``.
+      A refusal (``PermissionError`` or ``HTTPException(403)``) of a run the caller
+      may not even ``read`` is answered 404, exactly as for a missing run, so ids
+      cannot be probed; ``read`` is asked for that after another operation is
+      refused. It also decides which existing runs an idempotency or concurrency
+      key may resolve to (see ``ExistingRunRefusedError``): one it refuses makes
+      the trigger or batch a 409 that writes nothing.
     * ``scope_runs(ctx, filter) -> filter`` narrows ``GET /runs`` and ``GET /events``.
     * ``can_purge(ctx) -> bool`` allows ``POST /purge``. Purging is not scoped: it
       deletes the finished runs of *every* tenant. So once an ``auth`` object is
