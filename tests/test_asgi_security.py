@@ -196,7 +196,7 @@ async def test_the_ip_address_a_connection_arrived_on_is_served(idle: Durably) -
 
 @pytest.mark.parametrize("site", ["cross-site", "same-site"])
 @pytest.mark.parametrize(
-    "path", ["/runs", "/jobs", "/events", "/openapi.json", "/health", "/dashboard/dashboard.js"]
+    "path", ["/runs", "/runs/01ANY", "/runs/01ANY/events", "/jobs", "/events", "/openapi.json", "/health"]
 )
 async def test_cross_site_subresource_gets_are_refused(idle: Durably, site: str, path: str) -> None:
     # <script src=".../runs"> or <img>: no Origin, only Sec-Fetch-Site
@@ -293,17 +293,30 @@ async def test_same_origin_dashboard_requests_work(idle: Durably) -> None:
         assert (await client.get("/api/durably/runs")).status_code == 200
 
 
-async def test_a_link_from_another_site_opens_the_dashboard_page_only(idle: Durably) -> None:
+async def test_another_site_may_link_to_the_dashboard_and_load_the_static_files_only(idle: Durably) -> None:
     outer = Starlette(routes=[Mount("/api/durably", app=create_app(idle))])
     navigate = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    script = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "script"}
     async with _bare_client(outer) as client:
         assert (await client.get("/api/durably/dashboard/", headers=navigate)).status_code == 200
         redirect = await client.get("/api/durably/dashboard", headers=navigate)
         assert redirect.status_code == 307
-        # not the data, and not inside a frame
+        for path in ("/api/durably/static/remote.js", "/api/durably/dashboard/dashboard.js"):
+            loaded = await client.get(path, headers=script)
+            assert loaded.status_code == 200 and "javascript" in loaded.headers["content-type"], path
+        # in a frame the page is answered, but the browser may not render it
+        framed = await client.get("/api/durably/dashboard/", headers={**navigate, "Sec-Fetch-Dest": "iframe"})
+        assert framed.headers["x-frame-options"] == "DENY"
+        assert framed.headers["content-security-policy"] == "frame-ancestors 'none'"
+        # not the data, whichever way it is asked for
         assert (await client.get("/api/durably/runs", headers=navigate)).status_code == 403
-        framed = {**navigate, "Sec-Fetch-Dest": "iframe"}
-        assert (await client.get("/api/durably/dashboard/", headers=framed)).status_code == 403
+        assert (await client.get("/api/durably/runs", headers=script)).status_code == 403
+        # the public files are public to GET only, and not to a cross-origin fetch
+        assert (
+            await client.get("/api/durably/static/remote.js", headers={"Origin": EVIL})
+        ).status_code == 403
+        posted = await client.post("/api/durably/dashboard/", json={}, headers=script)
+        assert posted.status_code == 403
 
 
 # --- allowed origins: CORS ---------------------------------------------------------------------------

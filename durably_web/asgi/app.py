@@ -1084,7 +1084,7 @@ def create_app(
         SecurityMiddleware,
         allowed_hosts=allowed_hosts,
         allowed_origins=allowed_origins,
-        page_paths=("/dashboard", "/dashboard/"),
+        public_paths=("/dashboard", "/dashboard/", "/static/"),
     )
     api = _Api(durably, auth, float(sse_throttle), expose_tracebacks)
     static = _StaticDir(Path(static_dir) if static_dir is not None else _default_static_dir())

@@ -17,8 +17,10 @@ refuses them before any route runs, in this order:
    redirects) always is. Without ``Origin`` the browser's ``Sec-Fetch-Site``
    decides: ``same-origin`` and ``none`` (typed URL, bookmark) pass,
    ``same-site`` and ``cross-site`` are refused (``<img>``/``<script src>`` and
-   form GETs send only that), except a top-level navigation (GET, a document)
-   to the dashboard page itself, so a link to the dashboard keeps working.
+   form GETs send only that), except GETs of the public files: the dashboard
+   page and the static files (``durably.js`` and the rest, the same for every
+   user, no run data), so a link to the dashboard and ``<script src=".../static/
+   remote.js">`` on another site keep working (framing stays refused).
    No ``Origin`` and no ``Sec-Fetch-Site`` is a non-browser client: it passes.
 3. **Content type** (415). ``POST`` always needs ``Content-Type:
    application/json`` (UTF-8), even without a body, and so does any request
@@ -189,8 +191,9 @@ class SecurityMiddleware:
     """The checks and headers described in this module, around the API's ASGI app.
 
     ``allowed_hosts`` and ``allowed_origins`` are as ``create_app`` takes them;
-    ``page_paths`` are the dashboard page's paths (below the mount point), the
-    only ones a cross-site top-level navigation may open.
+    ``public_paths`` (below the mount point; one ending in ``/`` covers what is
+    under it) are the dashboard page and the static files, which another site
+    may link to or load with ``<script src>`` (GET without ``Origin``).
     """
 
     def __init__(
@@ -199,12 +202,12 @@ class SecurityMiddleware:
         *,
         allowed_hosts: Sequence[str] = (),
         allowed_origins: Sequence[str] = (),
-        page_paths: Sequence[str] = (),
+        public_paths: Sequence[str] = (),
     ) -> None:
         self.app = app
         self.hosts = parse_allowed_hosts(allowed_hosts)
         self.origins = parse_allowed_origins(allowed_origins)
-        self.page_paths = frozenset(page_paths)
+        self.public_paths = tuple(public_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -286,15 +289,14 @@ class SecurityMiddleware:
         site = headers.get("sec-fetch-site")
         if site is None or site in ("same-origin", "none"):
             return None, None
-        if (
-            scope.get("method") in ("GET", "HEAD")
-            and headers.get("sec-fetch-mode") == "navigate"
-            and headers.get("sec-fetch-dest", "document") == "document"
-            and _route_path(scope) in self.page_paths
-        ):
-            return None, None  # a link to the dashboard from elsewhere (framing is refused anyway)
+        if scope.get("method") in ("GET", "HEAD") and self._is_public(_route_path(scope)):
+            return None, None  # a link to the dashboard, a <script src> of durably.js
         message = f"{site} request refused (Sec-Fetch-Site: {site}); the API answers only its own pages"
         return _json_error(403, "Forbidden", message), None
+
+    def _is_public(self, path: str) -> bool:
+        return any(path == public or (public.endswith("/") and path.startswith(public))
+                   for public in self.public_paths)
 
     @staticmethod
     def _check_content_type(method: str, headers: dict[str, str]) -> _Refusal | None:
