@@ -33,7 +33,7 @@ import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NamedTuple, TextIO
+from typing import Any, NamedTuple, NoReturn, TextIO
 
 from .display import printable, printable_json
 from .durably import Durably
@@ -761,8 +761,15 @@ async def cmd_serve(args: argparse.Namespace) -> int:
 # --- parser and entry point ------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its error messages escaped: "unrecognized arguments" echoes them raw."""
+
+    def error(self, message: str) -> NoReturn:
+        super().error(printable(message, multiline=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Run, serve and manage durably-web jobs. APP is module:attribute naming a Durably "
         "instance, or a database URL (sqlite:///app.db) for management commands.",

@@ -567,6 +567,9 @@ def test_control_characters_in_stored_data_are_escaped_everywhere(
     # ids and other arguments echoed in error messages
     _assert_escaped(cli("show", DB, NASTY), visible=False)
     _assert_escaped(cli("runs", DB, "--label", label), visible=False)
+    unrecognized = cli("runs", DB, NASTY)  # argparse echoes what it does not understand
+    assert unrecognized.returncode == 2 and "unrecognized arguments" in unrecognized.stderr
+    _assert_escaped(unrecognized)
 
     assert worker.stop(signal.SIGINT) == 0
     _assert_escaped(worker.output())
