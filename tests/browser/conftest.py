@@ -269,3 +269,18 @@ class NetworkGuard:
 @pytest.fixture(scope="session")
 def network_guard(trap: tuple[int, list[str]]) -> NetworkGuard:
     return NetworkGuard(trap[1])
+
+
+# -- artifacts ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def artifacts_dir(tmp_path: Path) -> Path:
+    """Where a test saves screenshots: the test's tmp_path, or DURABLY_ARTIFACTS when set
+    (a folder to keep them in, created if needed); never a fixed folder in the repository."""
+    wanted = os.environ.get("DURABLY_ARTIFACTS")
+    if not wanted:
+        return tmp_path
+    folder = Path(wanted).resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder

@@ -36,8 +36,6 @@ from durably_web.asgi import create_app
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "artifacts"
 PREFIX = "/api/durably"
 XSS = "<img src=x onerror=window.__pwned=1>"
 
@@ -354,7 +352,7 @@ def test_user_data_is_rendered_as_text(driver: Any, server: ServerThread, api: h
     assert console_errors(driver) == []
 
 
-def test_screenshot(driver: Any, server: ServerThread, api: httpx.Client) -> None:
+def test_screenshot(driver: Any, server: ServerThread, api: httpx.Client, artifacts_dir: Path) -> None:
     """A dashboard with runs in every state and a live run selected, kept as a build artifact."""
     ids = [
         trigger(api, "send-invoice", {"customer": "Acme Corp", "amount": 1290.0}, labels={"tenant": "acme"}),
@@ -376,8 +374,7 @@ def test_screenshot(driver: Any, server: ServerThread, api: httpx.Client) -> Non
         what="a few live steps",
     )
     driver.set_window_size(1440, 1250)
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / "dashboard.png"
+    path = artifacts_dir / "dashboard.png"
     assert driver.save_screenshot(str(path))
     assert path.stat().st_size > 10_000
     click_button(driver, "Cancel")

@@ -19,9 +19,6 @@ from durably_web.demo.jobs import fetch_reading, summarize
 
 pytestmark = pytest.mark.browser
 
-ROOT = Path(__file__).resolve().parents[2]
-ARTIFACTS = ROOT / "artifacts"
-
 
 def expected_report(city: str, days: int) -> dict[str, Any]:
     """What CPython computes for the same input (the module is the same file)."""
@@ -116,7 +113,7 @@ def test_demo_runs_a_report(driver: Any, site_url: Any, network_guard: Any) -> N
     type(network_guard)(hits).check(urls + network_guard.urls(driver), url)
 
 
-def test_demo_resumes_after_reload(driver: Any, site_url: Any) -> None:
+def test_demo_resumes_after_reload(driver: Any, site_url: Any, artifacts_dir: Path) -> None:
     url, _ = site_url
     open_demo(driver, url)
     run_id = start_report(driver, "Trondheim", 8, 0.6)
@@ -135,8 +132,7 @@ def test_demo_resumes_after_reload(driver: Any, site_url: Any) -> None:
     assert restored_before >= 2
     if state["status"] == "running":  # the picture worth keeping: a run resuming
         driver.set_window_size(1280, 1750)
-        ARTIFACTS.mkdir(exist_ok=True)
-        assert driver.save_screenshot(str(ARTIFACTS / "demo.png"))
+        assert driver.save_screenshot(str(artifacts_dir / "demo.png"))
         driver.set_window_size(1280, 1000)
 
     wait_until(lambda: page_state(driver)["status"] == "completed", what="the resumed run to complete")
@@ -156,8 +152,14 @@ def test_demo_resumes_after_reload(driver: Any, site_url: Any) -> None:
 
 
 def test_dashboard_in_local_mode(driver: Any, site_url: Any) -> None:
-    """dashboard.html?local=… runs on the same database as the demo (same profile, same OPFS)."""
+    """dashboard.html?local=… runs on the same database as the demo (same profile, same OPFS):
+    a report run in the demo shows up there, with its steps. (Runs on its own too: it makes
+    its own run instead of relying on the tests before it.)"""
     url, _ = site_url
+    open_demo(driver, url)
+    run_id = start_report(driver, "Oslo", 2, 0.05)
+    wait_until(lambda: page_state(driver)["status"] == "completed", what="the report to complete")
+
     driver.get(url + "dashboard.html?local=demo_jobs.py&db=demo.db")
     wait_until(
         lambda: driver.execute_script("return document.body.dataset.ready === '1'"), what="dashboard ready"
@@ -165,14 +167,24 @@ def test_dashboard_in_local_mode(driver: Any, site_url: Any) -> None:
     assert driver.execute_script("return document.getElementById('connection-text').textContent").startswith(
         "in this browser"
     )
-    rows = driver.execute_script(
-        "return [...document.querySelectorAll('#runs-body tr')].map((r) => [r.dataset.runId,"
-        " r.querySelector('.badge').textContent, r.querySelector('.job').textContent])"
+    rows = wait_until(
+        lambda: driver.execute_script(
+            "const rows = [...document.querySelectorAll('#runs-body tr')].map((r) => [r.dataset.runId,"
+            " r.querySelector('.badge').textContent, r.querySelector('.job').textContent]);"
+            " return rows.some((r) => r[0] === arguments[0]) && rows",
+            run_id,
+        ),
+        what="the demo's run in the list",
     )
-    assert len(rows) >= 2 and all(r[1:] == ["completed", "weather-report"] for r in rows), rows
-    driver.execute_script("document.querySelector('#runs-body tr').click()")
+    assert [run_id, "completed", "weather-report"] in rows, rows
+    assert all(r[2] == "weather-report" for r in rows), rows
+    driver.execute_script(
+        "[...document.querySelectorAll('#runs-body tr')]"
+        ".find((r) => r.dataset.runId === arguments[0]).click()",
+        run_id,
+    )
     wait_until(
-        lambda: driver.execute_script("return document.querySelectorAll('#detail .step').length === 9"),
-        what="the Trondheim run's nine steps in the detail",
+        lambda: driver.execute_script("return document.querySelectorAll('#detail .step').length === 3"),
+        what="the Oslo run's three steps (two days, summarize) in the detail",
     )
     assert console_errors(driver) == []
