@@ -618,15 +618,19 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         jobs = ", ".join(sorted(durably.jobs)) or "none"
         _log_line(f"worker started for {_p(args.app)} (jobs: {_p(jobs)}); Ctrl-C to stop")
         await stop.wait()
-        if in_progress:
-            listed = ", ".join(f"{_p(run_id)} ({_p(job)})" for run_id, job in sorted(in_progress.items()))
-            _log_line(
-                f"handing back {len(in_progress)} run(s) in progress: {listed}; each stops at its next "
-                f"step (within {durably.shutdown_timeout:g} s) and goes back to pending, so the next "
-                "worker resumes it at once, after its last completed step"
-            )
+        _say_handing_back(durably, in_progress)
     _log_line("worker stopped")
     return 0
+
+
+def _say_handing_back(durably: Durably, in_progress: dict[str, str]) -> None:
+    if in_progress:
+        listed = ", ".join(f"{_p(run_id)} ({_p(job)})" for run_id, job in sorted(in_progress.items()))
+        _log_line(
+            f"handing back {len(in_progress)} run(s) in progress: {listed}; each stops at its next "
+            f"step (within {durably.shutdown_timeout:g} s) and goes back to pending, so the next "
+            "worker resumes it at once, after its last completed step"
+        )
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -726,13 +730,13 @@ async def cmd_serve(args: argparse.Namespace) -> int:
     if prefix:
         app = Starlette(routes=[Mount(prefix, app=app)])
     sock = _bind(host, args.port)
+    config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3, use_colors=False)
+    _escape_log_handlers("uvicorn", "uvicorn.access")  # Config has just set up its loggers
+    server = Server(config)
+    # Before opening, as for the worker: a signal while the database opens still stops gracefully.
+    _install_stop_handlers(lambda: setattr(server, "should_exit", True), durably.lease_duration)
+    in_progress = {} if no_worker else _report_run_events(durably)
     async with opened(durably, worker=not no_worker):
-        config = uvicorn.Config(app, log_level=args.log_level, timeout_graceful_shutdown=3, use_colors=False)
-        _escape_log_handlers("uvicorn", "uvicorn.access")  # Config has just set up its loggers
-        server = Server(config)
-        _install_stop_handlers(lambda: setattr(server, "should_exit", True))
-        if not no_worker:
-            _report_run_events(durably)
         bound_host, bound_port = sock.getsockname()[:2]
         shown = f"[{bound_host}]" if ":" in bound_host else bound_host
         base = f"http://{shown}:{bound_port}{prefix}"
@@ -753,7 +757,8 @@ async def cmd_serve(args: argparse.Namespace) -> int:
                 f"{'no worker (database URL)' if no_worker else 'worker running'}; {note}"
             )
         await serving
-        _log_line("server stopped; stopping the worker")
+        _log_line("server stopped" + ("" if no_worker else "; stopping the worker"))
+        _say_handing_back(durably, in_progress)
     _log_line("stopped")
     return 0
 

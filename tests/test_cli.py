@@ -746,14 +746,20 @@ def _wait_for_progress(
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize(
+    ("command", "sig"),
+    [(["worker"], signal.SIGINT), (["worker"], signal.SIGTERM), (["serve", "--port", "0"], signal.SIGINT)],
+)
 def test_a_stopped_worker_hands_its_run_back_and_show_says_so(
-    cli: Callable[..., subprocess.CompletedProcess[str]], background: Callable[..., Background], sig: int
+    cli: Callable[..., subprocess.CompletedProcess[str]],
+    background: Callable[..., Background],
+    command: list[str],
+    sig: int,
 ) -> None:
     run_id = cli("trigger", APP, "steady", "--input", '{"n": 60}').stdout.strip()
     fresh = cli("show", DB, run_id)
     assert re.search(r"^state\s+waiting for a worker$", fresh.stdout, re.MULTILINE)
-    worker = background("worker", "worker", APP)
+    worker = background("worker", command[0], APP, *command[1:])
     worker.wait_for(rf"run {run_id} \(steady\) started")
     _wait_for_progress(cli, run_id, 1)
     running = cli("show", DB, run_id).stdout
@@ -762,7 +768,7 @@ def test_a_stopped_worker_hands_its_run_back_and_show_says_so(
 
     assert worker.stop(sig, timeout=30) == 0
     output = worker.output()
-    assert "stopping gracefully" in output and "worker stopped" in output
+    assert "stopping gracefully" in output and "stopped" in output
     assert f"handing back 1 run(s) in progress: {run_id} (steady)" in output
     shown = cli("show", DB, run_id).stdout
     assert re.search(r"^status\s+pending$", shown, re.MULTILINE), shown
