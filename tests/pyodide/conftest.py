@@ -34,6 +34,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -163,6 +164,12 @@ def _chrome_runner(server: dict[str, Any]) -> Any:
     from selenium.webdriver.chrome.service import Service
 
     profile = tempfile.mkdtemp(prefix="durably-pyodide-chromium-")
+    # Everything but loopback goes to a proxy port nobody listens on: no CDN, ever. A
+    # free port, bound (so nothing else takes it) but never listening (so every
+    # connection is refused) for as long as this browser runs.
+    dead_proxy = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    dead_proxy.bind(("127.0.0.1", 0))
+    dead_proxy_port = dead_proxy.getsockname()[1]
 
     class Runner(SeleniumChromeRunner):
         script_timeout = 180
@@ -180,8 +187,7 @@ def _chrome_runner(server: dict[str, Any]) -> Any:
                 "--disable-sync",
                 "--js-flags=--expose-gc",
                 f"--user-data-dir={profile}",
-                # Everything but loopback goes to a port nobody listens on: no CDN, ever.
-                "--proxy-server=http://127.0.0.1:9",
+                f"--proxy-server=http://127.0.0.1:{dead_proxy_port}",
             ):
                 options.add_argument(flag)
             return Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
@@ -190,11 +196,13 @@ def _chrome_runner(server: dict[str, Any]) -> Any:
             try:
                 super().quit()
             finally:
+                dead_proxy.close()
                 shutil.rmtree(profile, ignore_errors=True)
 
     try:
         return Runner(server_port=server["port"], server_hostname="127.0.0.1", dist_dir=str(server["site"]))
     except Exception as exc:
+        dead_proxy.close()
         shutil.rmtree(profile, ignore_errors=True)
         if "chromium" in str(exc).lower() or "chrome" in str(exc).lower():
             unavailable(f"Chromium did not start: {exc}")
