@@ -363,6 +363,19 @@ async def test_an_allowed_origin_gets_a_working_preflight_and_cors_headers(idle:
         missing = await client.get("/runs/01NOPE", headers={"Origin": APP_ORIGIN})
         assert missing.status_code == 404 and missing.headers["access-control-allow-origin"] == APP_ORIGIN
 
+        assert "access-control-allow-private-network" not in headers
+        # Chromium's Private Network Access preflight (a public page calling a local server)
+        private = await client.options(
+            "/runs",
+            headers={
+                "Origin": APP_ORIGIN,
+                "Access-Control-Request-Method": "GET",
+                "Access-Control-Request-Private-Network": "true",
+            },
+        )
+        assert private.status_code == 204
+        assert private.headers["access-control-allow-private-network"] == "true"
+
         # other origins: no preflight, no CORS headers
         refused = await client.options(
             "/trigger", headers={"Origin": EVIL, "Access-Control-Request-Method": "POST"}

@@ -30,7 +30,9 @@ refuses them before any route runs, in this order:
 Allowed origins are trusted like the page itself: preflights (``OPTIONS``) are
 answered, and responses, the event streams included, carry
 ``Access-Control-Allow-Origin: <origin>`` and ``Access-Control-Allow-Credentials:
-true``. A wildcard origin is refused: it would hand every site the user's cookies.
+true`` (Chromium's Private Network Access preflight, a public page calling a
+server on a private network, is answered too). A wildcard origin is refused: it
+would hand every site the user's cookies.
 
 Every response gets ``X-Content-Type-Options: nosniff``, ``Content-Security-Policy:
 frame-ancestors 'none'`` and ``X-Frame-Options: DENY`` (no framing, so no
@@ -352,6 +354,9 @@ class SecurityMiddleware:
             (b"vary", b"Origin, Access-Control-Request-Method, Access-Control-Request-Headers"),
             (b"content-length", b"0"),
         ]
+        if headers.get("access-control-request-private-network", "").strip().lower() == "true":
+            # Chromium's Private Network Access: a public page calling a server on this network.
+            response.append((b"access-control-allow-private-network", b"true"))
         await send({"type": "http.response.start", "status": 204,
                     "headers": self._response_headers(response, None)})
         await send({"type": "http.response.body", "body": b""})
