@@ -21,7 +21,7 @@ records across reloads. Checked afterwards (the spirit of tests/torture/harness.
   reload, from an older attempt than the committing one, and the committing
   execution ran to its end;
 * no side effect after a run completed (record times, and nothing new after a
-  further reload with every run finished);
+  further reload with every run finished, once that page load ran a fresh run);
 * runs sharing a concurrency key never overlap;
 * a repeated idempotency key returns the same run;
 * ``PRAGMA integrity_check`` is "ok" on every load that got ready, and at the end.
@@ -236,17 +236,29 @@ def test_random_reloads_lose_nothing_and_rerun_only_the_step_in_flight(
     integrity[page(drv, "return await durably.integrityCheck()")] += 1
     effects = page(drv, "return await effects()")
 
-    # Nothing happens after completion: reload once more, give it a moment, compare.
+    # Nothing happens after completion: reload once more, and once the new leader has
+    # claimed and finished a fresh one-step run (it claims the oldest first, so any old
+    # run it wrongly took up again came before), compare. A condition, not a pause.
     drv.refresh()
     wait_ready(drv)
     wait_for(drv, "durably.role === 'leader'", timeout=30)
-    time.sleep(1.5)
-    after = page(drv, "return await effects()")
+    sentinel = page(
+        drv,
+        "const r = await durably.trigger('torture-steps', {steps: 1, delay: 0},"
+        " {idempotencyKey: 'sentinel'}); return await durably.waitForRun(r.id, {timeout: 120000})",
+    )
+    if sentinel["status"] != "completed":
+        violations.append(f"the run triggered after the last reload ended {sentinel['status']}")
+    after = [e for e in page(drv, "return await effects()") if e["run"] != sentinel["id"]]
     if after != effects:
         violations.append(
             f"{len(after) - len(effects)} side effect(s) appeared after every run had completed"
         )
-    statuses_final = page(drv, "return (await durably.getRuns()).map((r) => [r.id, r.status])")
+    statuses_final = page(
+        drv,
+        "return (await durably.getRuns()).filter((r) => r.id !== args[0]).map((r) => [r.id, r.status])",
+        sentinel["id"],
+    )
     if sorted(statuses_final) != sorted([run_id, "completed"] for run_id in expected_steps):
         violations.append(f"runs after the last reload: {statuses_final}")
     integrity[page(drv, "return await durably.integrityCheck()")] += 1

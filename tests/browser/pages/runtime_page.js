@@ -1,5 +1,5 @@
 // Shared by runtime.html (script tag) and module.html (ES module import).
-// Query: ?db=<database>&storage=<auto|opfs|idb|memory>
+// Query: ?db=<database>&storage=<auto|opfs|idb|memory>&lease=<leaseDuration, ms>
 // Sets window.durably once create() resolves, and window.t = {events, statuses,
 // error, ready}; window.effects() reads back, in key order, the step-execution
 // records runtime_jobs.py wrote to IndexedDB (see tests/browser/executions.py).
@@ -10,6 +10,7 @@ globalThis.startTestPage = (DurablyWeb) => {
     jobs: ["runtime_jobs.py"],
     database: params.get("db") || "runtime-test.db",
     storage: params.get("storage") || "auto",
+    options: params.get("lease") ? { leaseDuration: Number(params.get("lease")) } : {},
     onStatus: (s) => t.statuses.push({ ...s, at: Date.now() }),
   }).then(
     (durably) => {
