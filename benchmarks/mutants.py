@@ -7,7 +7,8 @@ Each mutant is one entry of :data:`MUTANTS`: a name, a file, the exact text to
 replace, its replacement, and the command that must fail once the text is
 replaced. For every mutant the script copies the repository's ``durably_web/``,
 ``tests/``, ``benchmarks/`` and ``pyproject.toml`` (plus the top-level folder of
-the mutated file, e.g. ``static/``) into a fresh temporary directory, applies
+the mutated file, e.g. ``static/``, and what the entry's ``also_copy`` names) into
+a fresh temporary directory, applies
 the one replacement there and runs the command in that copy with ``PYTHONPATH``
 pointing at it. The real source tree is never written to.
 
@@ -44,6 +45,7 @@ class Mutant:
     old: str  # must occur exactly once in the file
     new: str
     command: tuple[str, ...]  # run in the copy's root; must fail once mutated
+    also_copy: tuple[str, ...] = ()  # more top-level paths the command needs (e.g. the built site/)
 
 
 # The short single-worker torture: its drain lets a slow run outlive its lease, runs of one
@@ -104,6 +106,22 @@ MUTANTS: tuple[Mutant, ...] = (
         command=(PY, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/torture/test_model.py"),
     ),
     Mutant(
+        # The browser runtime: a tab that does not get the Web Lock leads anyway, so two
+        # tabs' workers run the same database. The test serves the built site/, so the
+        # mutated worker.js is copied over site/worker.js (build.py copies it verbatim).
+        name="two tabs' workers both allowed to run (leader lock skipped)",
+        file="static/worker.js",
+        old="  if (!(await request({ ifAvailable: true }))) {\n",
+        new="  if (!(await request({ ifAvailable: true })) && false) {\n",
+        command=(
+            "sh",
+            "-c",
+            'cp static/worker.js site/worker.js && DURABLY_SKIP_SITE_BUILD=1 exec "$PYTHON" -m pytest -q '
+            "-p no:cacheprovider tests/browser/test_runtime.py::test_two_tabs_one_leader_and_handover",
+        ),
+        also_copy=("static", "site", "build.py", "web", "browser-wheels.json"),
+    ),
+    Mutant(
         name="concurrency-key check removed from claiming",
         file="durably_web/storage/sqlite/queries.sql",
         old="  AND (r.concurrency_key IS NULL OR NOT EXISTS (\n",
@@ -113,10 +131,12 @@ MUTANTS: tuple[Mutant, ...] = (
 )
 
 
-def make_copy(base: Path, extra: str | None) -> Path:
+def make_copy(base: Path, mutant: Mutant) -> Path:
     copy = Path(tempfile.mkdtemp(prefix="durably-mutant-", dir=base))
-    for name in (*COPIED, *([extra] if extra and extra not in COPIED else [])):
+    for name in dict.fromkeys((*COPIED, mutant.file.split("/")[0], *mutant.also_copy)):
         source = ROOT / name
+        if not source.exists():
+            raise SystemExit(f"mutant {mutant.name!r} needs {source}, which does not exist (make site?)")
         if source.is_dir():
             shutil.copytree(source, copy / name, ignore=IGNORED)
         else:
@@ -129,6 +149,7 @@ def environment(copy: Path) -> dict[str, str]:
     env["PYTHONPATH"] = str(copy) + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("DURABLY_TORTURE_SEED", "1")
     env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env["PYTHON"] = sys.executable  # for shell commands
     return env
 
 
@@ -223,18 +244,19 @@ def main() -> int:
 
         # Every command passes on the unmutated tree.
         for command in dict.fromkeys(m.command for m in mutants):
-            extras = {m.file.split("/")[0] for m in mutants if m.command == command}
-            copy = make_copy(base, next(iter(sorted(extras))))
+            copy = make_copy(base, next(m for m in mutants if m.command == command))
             check_imports_from(copy)
             code, seconds, tail = run(command, copy, args.timeout)
             print(f"baseline  {shown(command)}: exit {code} in {seconds:.1f} s", file=sys.stderr, flush=True)
             if code != 0:
                 print(f"BASELINE FAILED: {shown(command)} fails without any mutant:\n{tail}", file=sys.stderr)
                 return 1
+            if not args.keep:
+                shutil.rmtree(copy, ignore_errors=True)
 
         rows: list[tuple[str, str, str, str, str]] = []
         for mutant in mutants:
-            copy = make_copy(base, mutant.file.split("/")[0])
+            copy = make_copy(base, mutant)
             target = copy / mutant.file
             target.write_text(target.read_text().replace(mutant.old, mutant.new, 1))
             code, seconds, tail = run(mutant.command, copy, args.timeout)
