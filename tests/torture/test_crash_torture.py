@@ -50,8 +50,13 @@ def test_every_run_ended(torture_result: TortureResult) -> None:
     assert r.completed + r.failed + r.cancelled == r.runs, r.summary()
 
 
-def test_the_mix_was_mixed(torture_result: TortureResult) -> None:
-    assert torture_result.completed > 0 and torture_result.failed > 0, torture_result.summary()
+def test_some_run_completed(torture_result: TortureResult) -> None:
+    assert torture_result.completed > 0, torture_result.summary()
+
+
+def test_some_run_failed(torture_result: TortureResult) -> None:
+    # The mix always holds a run with a failing step that is never cancelled.
+    assert torture_result.failed > 0, torture_result.summary()
 
 
 # --- the checker, on hand-made logs --------------------------------------------------------------
