@@ -245,7 +245,7 @@ def test_random_reloads_lose_nothing_and_rerun_only_the_step_in_flight(
     sentinel = page(
         drv,
         "const r = await durably.trigger('torture-steps', {steps: 1, delay: 0},"
-        " {idempotencyKey: 'sentinel'}); return await durably.waitForRun(r.id, {timeout: 120000})",
+        " {idempotencyKey: 'sentinel'}); return await durably.waitForRun(r.id, {timeout: 100000})",
     )
     if sentinel["status"] != "completed":
         violations.append(f"the run triggered after the last reload ended {sentinel['status']}")
