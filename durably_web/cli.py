@@ -253,6 +253,16 @@ def _label(text: str) -> tuple[str, str]:
     return key, value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is 0 to 65535 (0: any free port), not {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -559,20 +569,25 @@ def _install_stop_handlers(on_stop: Callable[[], None], lease_duration: float | 
     asked = False
 
     def handle(signame: str) -> None:
+        # Act first, then tell: the message must not stand in the way when stderr is gone
+        # (a closed pipe, a terminal that went away).
         nonlocal asked
         if asked:
-            _say(
-                f"{signame} again: exiting without waiting; runs still in progress keep their lease "
-                + (f"for up to {lease_duration:g} s " if lease_duration else "")
-                + "and are then resumed by the next worker"
-            )
-            os._exit(130)
+            try:
+                _say(
+                    f"{signame} again: exiting without waiting; runs still in progress keep their "
+                    + (f"lease for up to {lease_duration:g} s " if lease_duration else "lease ")
+                    + "and are then resumed by the next worker"
+                )
+            finally:
+                os._exit(130)
         asked = True
-        _log_line(
-            f"{signame}: stopping gracefully (running handlers stop at their next step; "
-            "Ctrl-C again to exit at once)"
-        )
         on_stop()
+        with contextlib.suppress(OSError):
+            _log_line(
+                f"{signame}: stopping gracefully (running handlers stop at their next step; "
+                "Ctrl-C again to exit at once)"
+            )
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, handle, sig.name)
@@ -800,7 +815,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="interface or name to bind (default 127.0.0.1, with or without --auth); a name is also "
         "added to the allowed Host names; 0.0.0.0 binds every interface",
     )
-    serve.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     serve.add_argument(
         "--allowed-host",
         action="append",

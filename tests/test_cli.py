@@ -205,6 +205,8 @@ def background(workdir: Path) -> Iterator[Callable[..., Background]]:
         ["purge", APP],
         ["purge", APP, "--older-than", "30 fortnights"],
         ["watch", APP, "01ANY", "--interval", "0"],
+        ["serve", APP, "--port", "70000"],
+        ["serve", APP, "--port", "http"],
     ],
 )
 def test_bad_arguments_exit_2(cli: Callable[..., subprocess.CompletedProcess[str]], args: list[str]) -> None:
@@ -796,3 +798,22 @@ def test_server_log_lines_are_escaped_too() -> None:
     finally:
         logger.removeHandler(handler)
     assert stream.getvalue() == "ERROR request for \\x1b]52;c;aGk=\\x07\\u202e\n"
+
+
+def test_a_worker_whose_terminal_went_away_still_stops_on_sigint(workdir: Path) -> None:
+    process = subprocess.Popen(
+        _command("worker", APP), cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stderr is not None and process.stdout is not None
+        while "worker started" not in process.stderr.readline():
+            assert process.poll() is None, "worker exited"
+        process.stderr.close()  # writing the "stopping gracefully" line now fails
+        process.stdout.close()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) in (0, 130)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
