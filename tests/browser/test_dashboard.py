@@ -449,7 +449,10 @@ const caught = async (promise) => {
   out.batchBadOption = await caught(c.batchTrigger("send-invoice", [
     {customer: "F", amount: 6}, {input: {customer: "G", amount: 7}, options: {priority: 1}}]));
   // all or nothing: none of the refused batches left a run behind
-  out.batchLeftovers = (await c.getRuns({jobName: "send-invoice", limit: 1000}))
+  // list items are summaries (no input): the inputs come from getRun
+  const listed = await c.getRuns({jobName: "send-invoice", limit: 1000});
+  out.summaryKeys = Object.keys(listed[0]).sort();
+  out.batchLeftovers = (await Promise.all(listed.map((r) => c.getRun(r.id))))
     .map((r) => r.input.customer).filter((name) => ["C", "D", "E", "F", "G"].includes(name));
   out.batchIdempotent = (await c.batchTrigger("send-invoice", [
     {input: {customer: "Initech", amount: 10}, options: {idempotencyKey: "inv-1"}},
@@ -541,6 +544,8 @@ def test_remote_client_api(driver: Any, server: ServerThread) -> None:
     assert out["batchBadOption"]["name"] == "ValidationError"
     assert out["batchBadOption"]["message"].startswith("batch item 1:")
     assert out["batchLeftovers"] == []
+    assert "input" not in out["summaryKeys"] and "output" not in out["summaryKeys"]
+    assert "input_bytes" in out["summaryKeys"] and "status" in out["summaryKeys"]
     assert out["batchIdempotent"] == [["idempotent", True], ["created", False]]
     assert out["batchEmpty"] == []
     for refused in ("purgeMissing", "purgeNegative", "purgeBadLimit"):
