@@ -273,7 +273,10 @@ class Worker:
         try:
             await execution.execute()
         finally:
-            self.active.pop(execution.run_id, None)
+            # Only this execution's entry: after a lease lapse this worker may have
+            # claimed the run again, and the new execution must stay renewed.
+            if self.active.get(execution.run_id) is execution:
+                del self.active[execution.run_id]
             # Not when the task is being discarded with its closed loop (a killed
             # process, simulated): waking the claim loop would need that loop.
             if self._loop is not None and not self._loop.is_closed():
@@ -311,6 +314,8 @@ class Worker:
                 execution = self.active.get(run_id)
                 if execution is not None:
                     fence = execution.fence_error("lease renewal")
+                    if isinstance(fence, LeaseLostError):  # a cancel is not an error; a takeover is
+                        durably.report_worker_error(fence, run_id=run_id, job_name=execution.job_name)
                     execution.stop("cancelled" if isinstance(fence, CancelledError) else "lease-lost")
 
     async def stop(self, timeout: float) -> None:

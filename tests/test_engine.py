@@ -173,6 +173,46 @@ async def test_cancel_stops_the_running_handler_inside_its_step(make_durably):
     assert [s.name for s in await durably.get_steps(run.id)] == ["first"]
 
 
+async def test_a_worker_that_reclaims_its_own_lapsed_run_keeps_renewing_the_new_execution(make_durably):
+    # The worker's clock jumps past its own lease (a loop blocked for longer than the
+    # lease does the same): its claim loop takes the run again while the old execution
+    # is still parked in a step. The old one must not take the new one's place with it
+    # when it ends, or nothing would renew the new execution's lease any more.
+    offset = [0.0]
+    gates = [asyncio.Event(), asyncio.Event()]
+    entered: list[int] = []
+
+    async def parked() -> int:
+        mine = len(entered)
+        entered.append(mine)
+        await gates[mine].wait()
+        return mine
+
+    @define_job("reclaimed")
+    async def reclaimed(step: StepContext, payload: None) -> int:
+        return await step.run("parked", parked)
+
+    durably = await make_durably(reclaimed, clock=lambda: time.time() + offset[0])
+    lost: list[Event] = []
+    durably.on("worker:error", lost.append)
+    run = await durably.trigger(reclaimed, None)
+    await wait_until(lambda: len(entered) == 1)
+    worker = durably._worker
+    assert worker is not None
+    older = worker.active[run.id]
+    offset[0] = 60.0  # far past the 2 s lease
+    await wait_until(lambda: len(entered) == 2)
+    newer = worker.active[run.id]
+    assert newer is not older and older.task is not None
+    gates[0].set()  # the old execution tries to commit, is fenced, and ends
+    await wait_until(older.task.done)
+    assert any(e.data["error"].type == "LeaseLostError" for e in lost)
+    assert worker.active.get(run.id) is newer
+    gates[1].set()
+    final = await durably.wait_for_run(run.id, timeout=10)
+    assert (final.status, final.output) == ("completed", 1)
+
+
 async def test_cancel_from_another_instance_stops_the_handler_within_a_renew_interval(make_durably):
     in_step, saw_cancel, after = asyncio.Event(), asyncio.Event(), []
     job = cancellable_job("cancel-elsewhere", in_step, saw_cancel, after)
