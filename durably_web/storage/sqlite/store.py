@@ -66,6 +66,16 @@ def apply_connection_policy(
     conn.execute("PRAGMA foreign_keys = ON")
 
 
+def _refuse_newer_schema(current: int) -> None:
+    if current > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"this database has schema version {current}, but this durably-web "
+            f"understands up to {SCHEMA_VERSION}; upgrade durably-web to open it",
+            found=current,
+            expected=SCHEMA_VERSION,
+        )
+
+
 class SQLiteStore(Store):
     def __init__(self, conn: SqlConnection) -> None:
         self._conn = conn
@@ -86,13 +96,7 @@ class SQLiteStore(Store):
         conn = self._conn
         conn.execute(Q["create_migrations_table"])
         current = self._schema_version()
-        if current > SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"this database has schema version {current}, but this durably-web "
-                f"understands up to {SCHEMA_VERSION}; upgrade durably-web to open it",
-                found=current,
-                expected=SCHEMA_VERSION,
-            )
+        _refuse_newer_schema(current)
         for version, script in MIGRATIONS:
             if version <= current:
                 continue
@@ -125,13 +129,7 @@ class SQLiteStore(Store):
                 expected=SCHEMA_VERSION,
             )
         current = self._schema_version()
-        if current > SCHEMA_VERSION:
-            raise SchemaVersionError(
-                f"this database has schema version {current}, but this durably-web "
-                f"understands up to {SCHEMA_VERSION}; upgrade durably-web to open it",
-                found=current,
-                expected=SCHEMA_VERSION,
-            )
+        _refuse_newer_schema(current)
         if current < SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"this database has schema version {current}, older than this durably-web's "
