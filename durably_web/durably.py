@@ -37,6 +37,7 @@ from .models import (
     Progress,
     Run,
     Step,
+    StepAttempt,
     from_ms,
 )
 from .storage import NewRun, RunFilter, RunRecord, Store, open_store
@@ -554,6 +555,27 @@ class Durably:
             for s in self.store.list_steps(run_id)
         ]
 
+    async def get_step_attempts(self, run_id: str) -> list[StepAttempt]:
+        """Every attempt of every ``step.run`` step, by position then attempt number: each
+        retried failure, and the attempt that ended the step (completed, or failed for good)."""
+        self._require(run_id)
+        attempts = [
+            StepAttempt(
+                run_id=s.run_id,
+                index=s.index,
+                name=s.name,
+                attempt=s.attempt,
+                status=s.status,  # type: ignore[arg-type]
+                error=_error_info(s.error_json),
+                started_at=from_ms(s.started_at),  # type: ignore[arg-type]
+                completed_at=from_ms(s.completed_at),  # type: ignore[arg-type]
+            )
+            for s in [*self.store.list_step_attempts(run_id), *self.store.list_steps(run_id)]
+            if s.kind == "run"
+        ]
+        attempts.sort(key=lambda a: (a.index, a.attempt))
+        return attempts
+
     async def get_logs(self, run_id: str) -> list[LogEntry]:
         self._require(run_id)
         return [
@@ -667,6 +689,10 @@ class Durably:
             completed_at=from_ms(record.completed_at),
             updated_at=from_ms(record.updated_at),
             disposition=disposition,  # type: ignore[arg-type]
+            wake_at=from_ms(record.available_at) if record.status == "waiting" else None,
+            wait_reason=record.wait_reason if record.status == "waiting" else None,
+            wait_step=record.wait_step if record.status == "waiting" else None,
+            forked_from=record.forked_from,
         )
 
 

@@ -25,9 +25,12 @@ EVENT_TYPES: frozenset[str] = frozenset(
         "run:cancel",
         "run:delete",
         "run:progress",
+        "run:waiting",
+        "run:resume",
         "step:start",
         "step:complete",
         "step:fail",
+        "step:retry",
         "log:write",
         "worker:error",
     }

@@ -9,6 +9,14 @@ doing its work, so a test can count how many times each step really ran.
 
     python crash_jobs.py serve <db_url> <expected_runs>
         Work on "record" runs until <expected_runs> runs exist and all have ended.
+
+    python crash_jobs.py wait <db_url> <side_effect_file> --kind retry|sleep --seconds S
+        Trigger (idempotency key "wait") a job whose first attempt of step "flaky" fails and is
+        retried after S seconds (retry), or that sleeps S seconds between two steps (sleep);
+        work until it ends, print the run as JSON. Side-effect lines: "<name> <pid> <unix time>".
+
+    python crash_jobs.py serve-waits <db_url> <expected_runs>
+        Work on "flaky" runs (triggered by the test) until <expected_runs> runs have ended.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ import time
 
 from pydantic import BaseModel
 
-from durably_web import Durably, StepContext, define_job
+from durably_web import Durably, RetryPolicy, StepContext, define_job
 
 STEP_COUNT = 6
 
@@ -90,6 +98,66 @@ async def record_job(step: StepContext, payload: RecordIn) -> int:
     return await step.run("record", record, payload.side_effects, step.run_id, payload.processes)
 
 
+class WaitIn(BaseModel):
+    side_effects: str
+    seconds: float
+
+
+def timed_line(path: str, name: str) -> int:
+    """Append "<name> <pid> <time>"; return how many lines for ``name`` exist now."""
+    append_line(path, f"{name} {os.getpid()} {time.time():.3f}")
+    with open(path, encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.split(" ", 1)[0] == name)
+
+
+def flaky_step(path: str, name: str) -> str:
+    if timed_line(path, name) < 2:
+        raise OSError(f"{name}: the first attempt fails")
+    return "ok"
+
+
+@define_job("flaky", input=WaitIn, retry=RetryPolicy(max_attempts=3, initial_delay=1.0))
+async def flaky_job(step: StepContext, payload: WaitIn) -> str:
+    return await step.run(
+        f"flaky-{step.run_id}",
+        flaky_step,
+        payload.side_effects,
+        f"flaky-{step.run_id}",
+        retry=RetryPolicy(max_attempts=3, initial_delay=payload.seconds),
+    )
+
+
+@define_job("sleepy", input=WaitIn)
+async def sleepy_job(step: StepContext, payload: WaitIn) -> str:
+    await step.run("before", timed_line, payload.side_effects, "before")
+    await step.sleep("nap", payload.seconds)
+    await step.run("after", timed_line, payload.side_effects, "after")
+    return "rested"
+
+
+async def run_wait(args: argparse.Namespace) -> None:
+    job = flaky_job if args.kind == "retry" else sleepy_job
+    async with Durably(args.db_url, jobs=[job], **worker_options(2.0)) as durably:
+        run = await durably.trigger(
+            job, WaitIn(side_effects=args.side_effects, seconds=args.seconds), idempotency_key="wait"
+        )
+        done = await durably.wait_for_run(run.id, timeout=60)
+        print(json.dumps({**done.to_dict(), "pid": os.getpid(), "disposition": run.disposition}), flush=True)
+
+
+async def serve_waits(args: argparse.Namespace) -> None:
+    async with Durably(args.db_url, jobs=[flaky_job], max_concurrent_runs=2, **worker_options(2.0)) as durably:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            runs = await durably.get_runs(limit=10_000)
+            if len(runs) >= args.expected_runs and all(run.is_terminal for run in runs):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            sys.exit("timed out waiting for the runs to finish")
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+
+
 def worker_options(lease: float) -> dict[str, float]:
     return {"polling_interval": 0.02, "lease_duration": lease, "lease_renew_interval": lease / 5}
 
@@ -129,8 +197,17 @@ def main() -> None:
     serve_parser = sub.add_parser("serve")
     serve_parser.add_argument("db_url")
     serve_parser.add_argument("expected_runs", type=int)
+    wait_parser = sub.add_parser("wait")
+    wait_parser.add_argument("db_url")
+    wait_parser.add_argument("side_effects")
+    wait_parser.add_argument("--kind", choices=["retry", "sleep"], required=True)
+    wait_parser.add_argument("--seconds", type=float, required=True)
+    serve_waits_parser = sub.add_parser("serve-waits")
+    serve_waits_parser.add_argument("db_url")
+    serve_waits_parser.add_argument("expected_runs", type=int)
     args = parser.parse_args()
-    asyncio.run(run_steps(args) if args.mode == "steps" else serve(args))
+    modes = {"steps": run_steps, "serve": serve, "wait": run_wait, "serve-waits": serve_waits}
+    asyncio.run(modes[args.mode](args))
 
 
 if __name__ == "__main__":

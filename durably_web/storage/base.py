@@ -49,6 +49,9 @@ class RunRecord:
     started_at: int | None
     completed_at: int | None
     updated_at: int
+    wait_reason: str | None = None  # while 'waiting': "retry" | "sleep"
+    wait_step: str | None = None
+    forked_from: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,8 @@ class StepRecord:
     error_json: str | None
     started_at: int
     completed_at: int
+    kind: str = "run"  # "run" | "sleep" (output: the due time in ms)
+    attempt: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +193,29 @@ class Store(ABC):
 
     @abstractmethod
     def record_step(self, step: StepRecord, generation: int) -> bool:
-        """Persist a completed step (fenced)."""
+        """Persist a completed step (fenced); it replaces a failed one at its position."""
+
+    @abstractmethod
+    def wait_run(
+        self,
+        run_id: str,
+        generation: int,
+        *,
+        until: int,
+        reason: str,
+        step_name: str,
+        now: int,
+        failed_attempt: StepRecord | None = None,
+        step: StepRecord | None = None,
+    ) -> bool:
+        """Leased → 'waiting' until ``until`` (fenced), in one transaction with what it waits
+        for: the ``failed_attempt`` to retry (an attempt record) and/or a ``step`` to record
+        (a sleep's checkpoint). The lease is given up; ``claim_run`` takes the run again once
+        ``until`` is due."""
+
+    @abstractmethod
+    def list_step_attempts(self, run_id: str) -> list[StepRecord]:
+        """The failed attempts that were retried, by position then attempt number."""
 
     @abstractmethod
     def set_progress(

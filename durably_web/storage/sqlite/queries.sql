@@ -54,10 +54,10 @@ LIMIT :limit OFFSET :offset
 
 -- name: cancel_run
 -- The lease is kept: a cancelled run holds its concurrency key until its worker
--- has stopped the handler (release_run) or the lease runs out.
+-- has stopped the handler (release_run) or the lease runs out. A waiting run has none.
 UPDATE durably_runs
 SET status = 'cancelled', completed_at = :now, updated_at = :now
-WHERE id = :id AND status IN ('pending', 'leased')
+WHERE id = :id AND status IN ('pending', 'leased', 'waiting')
 
 -- name: delete_run
 DELETE FROM durably_runs WHERE id = :id
@@ -71,9 +71,10 @@ DELETE FROM durably_runs WHERE id IN (
 
 -- name: find_claimable_run
 -- Oldest first. A concurrency key blocks while another run holds a live lease on
--- it, including a cancelled run whose handler has not stopped yet.
+-- it, including a cancelled run whose handler has not stopped yet. A waiting run
+-- is claimable once its wake-up time (available_at) is due.
 SELECT r.id FROM durably_runs AS r
-WHERE ((r.status = 'pending' AND r.available_at <= :now)
+WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= :now)
        OR (r.status = 'leased' AND r.lease_expires_at <= :now))
   AND r.job_name IN (SELECT value FROM json_each(:job_names))
   AND (r.concurrency_key IS NULL OR NOT EXISTS (
@@ -88,7 +89,8 @@ LIMIT 1
 UPDATE durably_runs
 SET status = 'leased', lease_owner = :worker_id, lease_generation = lease_generation + 1,
     lease_expires_at = :lease_until, attempt = attempt + 1,
-    started_at = COALESCE(started_at, :now), updated_at = :now
+    started_at = COALESCE(started_at, :now), updated_at = :now,
+    wait_reason = NULL, wait_step = NULL
 WHERE id = :id
 RETURNING *
 
@@ -117,18 +119,25 @@ UPDATE durably_runs SET lease_expires_at = :now, lease_owner = NULL, updated_at 
 WHERE status IN ('leased', 'cancelled') AND lease_expires_at > :now
 
 -- name: record_step
--- One statement, so it is its own committed transaction on the hot path.
-INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at)
-SELECT :run_id, :seq, :name, :status, :output, :error, :started_at, :completed_at
+-- One statement, so it is its own committed transaction on the hot path. A failed
+-- row at the same position (a resumed run executing its failed step again) is replaced.
+INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt)
+SELECT :run_id, :seq, :name, :status, :output, :error, :started_at, :completed_at, :kind, :attempt
 WHERE EXISTS (
     SELECT 1 FROM durably_runs
     WHERE id = :run_id AND status = 'leased' AND lease_generation = :generation)
+ON CONFLICT (run_id, seq) DO UPDATE
+SET name = excluded.name, status = excluded.status, output = excluded.output, error = excluded.error,
+    started_at = excluded.started_at, completed_at = excluded.completed_at, kind = excluded.kind,
+    attempt = excluded.attempt
+WHERE durably_steps.status = 'failed'
 
 -- name: record_failed_step
-INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at)
-VALUES (:run_id, :seq, :name, 'failed', NULL, :error, :started_at, :completed_at)
+INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, attempt)
+VALUES (:run_id, :seq, :name, 'failed', NULL, :error, :started_at, :completed_at, :attempt)
 ON CONFLICT (run_id, seq) DO UPDATE
-SET status = 'failed', error = excluded.error, completed_at = excluded.completed_at
+SET status = 'failed', error = excluded.error, started_at = excluded.started_at,
+    completed_at = excluded.completed_at, attempt = excluded.attempt
 
 -- name: set_progress
 UPDATE durably_runs
@@ -141,6 +150,22 @@ UPDATE durably_runs
 SET status = :status, output = :output, error = :error, completed_at = :now, updated_at = :now,
     lease_owner = NULL, lease_expires_at = NULL
 WHERE id = :id AND status = 'leased' AND lease_generation = :generation
+
+-- name: wait_run
+-- Durable waiting: the leased run gives up its lease and slot and becomes claimable
+-- again at :until (fenced). Runs in one transaction with what it waits for.
+UPDATE durably_runs
+SET status = 'waiting', available_at = :until, wait_reason = :reason, wait_step = :step_name,
+    lease_owner = NULL, lease_expires_at = NULL, updated_at = :now
+WHERE id = :id AND status = 'leased' AND lease_generation = :generation
+
+-- name: insert_step_attempt
+INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at)
+VALUES (:run_id, :seq, :name, :attempt, :error, :started_at, :completed_at)
+ON CONFLICT (run_id, seq, attempt) DO NOTHING
+
+-- name: list_step_attempts
+SELECT * FROM durably_step_attempts WHERE run_id = :run_id ORDER BY seq, attempt
 
 -- name: drop_step_outputs
 UPDATE durably_steps SET output = NULL WHERE run_id = :run_id

@@ -97,20 +97,30 @@ class SQLiteStore(Store):
         conn.execute(Q["create_migrations_table"])
         current = self._schema_version()
         _refuse_newer_schema(current)
-        for version, script in MIGRATIONS:
-            if version <= current:
-                continue
-            now = int(time.time() * 1000)
-            try:
-                conn.execute_script(
-                    f"BEGIN IMMEDIATE;\n{script}\n;"
-                    f"INSERT INTO durably_migrations (version, applied_at) VALUES ({version}, {now});"
-                    "\nCOMMIT;"
-                )
-            except StorageError:
-                # Another process may have applied it first; only that is acceptable.
-                if self._schema_version() < version:
-                    raise
+        if current >= SCHEMA_VERSION:
+            return
+        # Foreign keys off while migrating (a no-op inside a transaction, so here): a
+        # migration that rebuilds a table (0002 rebuilds durably_runs to widen its
+        # status CHECK) drops the old one, and with them on that cascade-deletes every
+        # step, label and log of every run.
+        conn.execute("PRAGMA foreign_keys = OFF")
+        try:
+            for version, script in MIGRATIONS:
+                if version <= current:
+                    continue
+                now = int(time.time() * 1000)
+                try:
+                    conn.execute_script(
+                        f"BEGIN IMMEDIATE;\n{script}\n;"
+                        f"INSERT INTO durably_migrations (version, applied_at) VALUES ({version}, {now});"
+                        "\nCOMMIT;"
+                    )
+                except StorageError:
+                    # Another process may have applied it first; only that is acceptable.
+                    if self._schema_version() < version:
+                        raise
+        finally:
+            conn.execute("PRAGMA foreign_keys = ON")
 
     def check_schema(self) -> None:
         """Like :meth:`migrate`, but only reads: fail unless the schema is exactly this version's."""
@@ -311,11 +321,73 @@ class SQLiteStore(Store):
                     "error": step.error_json,
                     "started_at": step.started_at,
                     "completed_at": step.completed_at,
+                    "kind": step.kind,
+                    "attempt": step.attempt,
                     "generation": generation,
                 },
             )
             == 1
         )
+
+    def wait_run(
+        self,
+        run_id: str,
+        generation: int,
+        *,
+        until: int,
+        reason: str,
+        step_name: str,
+        now: int,
+        failed_attempt: StepRecord | None = None,
+        step: StepRecord | None = None,
+    ) -> bool:
+        conn = self._conn
+        with conn.transaction():
+            if step is not None and not self.record_step(step, generation):
+                return False
+            changed = conn.execute(
+                Q["wait_run"],
+                {
+                    "id": run_id,
+                    "generation": generation,
+                    "until": until,
+                    "reason": reason,
+                    "step_name": step_name,
+                    "now": now,
+                },
+            )
+            if changed == 0:
+                return False
+            if failed_attempt is not None:
+                conn.execute(
+                    Q["insert_step_attempt"],
+                    {
+                        "run_id": run_id,
+                        "seq": failed_attempt.index,
+                        "name": failed_attempt.name,
+                        "attempt": failed_attempt.attempt,
+                        "error": failed_attempt.error_json,
+                        "started_at": failed_attempt.started_at,
+                        "completed_at": failed_attempt.completed_at,
+                    },
+                )
+        return True
+
+    def list_step_attempts(self, run_id: str) -> list[StepRecord]:
+        return [
+            StepRecord(
+                run_id=row["run_id"],
+                index=row["seq"],
+                name=row["name"],
+                status="failed",
+                output_json=None,
+                error_json=row["error"],
+                started_at=row["started_at"],
+                completed_at=row["completed_at"],
+                attempt=row["attempt"],
+            )
+            for row in self._conn.fetch_all(Q["list_step_attempts"], {"run_id": run_id})
+        ]
 
     def set_progress(
         self,
@@ -373,6 +445,7 @@ class SQLiteStore(Store):
                         "error": failed_step.error_json,
                         "started_at": failed_step.started_at,
                         "completed_at": failed_step.completed_at,
+                        "attempt": failed_step.attempt,
                     },
                 )
             if drop_step_outputs:
@@ -438,6 +511,9 @@ def _run(row: Row) -> RunRecord:
         started_at=row["started_at"],
         completed_at=row["completed_at"],
         updated_at=row["updated_at"],
+        wait_reason=row["wait_reason"],
+        wait_step=row["wait_step"],
+        forked_from=row["forked_from"],
     )
 
 
@@ -477,4 +553,6 @@ def _step(row: Row) -> StepRecord:
         error_json=row["error"],
         started_at=row["started_at"],
         completed_at=row["completed_at"],
+        kind=row["kind"],
+        attempt=row["attempt"],
     )
