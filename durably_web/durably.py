@@ -604,6 +604,57 @@ class Durably:
             self.emit("run:cancel", run_id, record.job_name, {})
         return self._to_run(record)
 
+    async def resume_run(self, run_id: str) -> Run:
+        """Continue a failed or cancelled run after its last completed step.
+
+        The run goes back to pending with its attempt count kept; when it executes,
+        its completed steps replay and the step that failed executes again (with a
+        fresh budget of its ``RetryPolicy``; the earlier attempts stay in
+        ``get_step_attempts``). ``ConflictError`` for any other status (completed,
+        pending, leased, waiting), for a cancelled run whose handler is still
+        stopping, and when another run of its concurrency key is pending.
+        """
+        self._check_writable("resume a run")
+        before = self._require(run_id)
+        record = self.store.resume_run(run_id, self.now_ms())
+        await self._wait_durable()
+        self.emit(
+            "run:resume", run_id, record.job_name, {"attempt": record.attempt, "previous_status": before.status}
+        )
+        if self._worker is not None:
+            self._worker.wake()
+        return self._to_run(record)
+
+    async def fork_run(self, run_id: str, *, from_step: str) -> Run:
+        """A new run of the same job, input and labels (re-validated, as in ``retrigger``) holding
+        copies of the source's completed steps recorded before ``from_step``: those replay,
+        ``from_step`` and everything after it run again. ``forked_from`` links it to the source.
+
+        ``from_step`` must name a recorded step of the source (``NotFoundError`` otherwise). The
+        fork has no idempotency or concurrency key.
+        """
+        self._check_writable("fork a run")
+        record = self._require(run_id)
+        if not isinstance(from_step, str) or not from_step:
+            raise ValidationError(f"from_step must be a step name, not {from_step!r}")
+        input_json = record.input_json
+        if record.job_name in self.jobs:
+            _, input_json = self.jobs[record.job_name].validate_input(json.loads(record.input_json))
+        new = NewRun(
+            id=ids.new_id(self.now_ms()),
+            job_name=record.job_name,
+            input_json=input_json,
+            labels=dict(record.labels),
+            idempotency_key=None,
+            concurrency_key=None,
+            coalesce=False,
+            created_at=self.now_ms(),
+            forked_from=record.id,
+        )
+        created = self.store.fork_run(new, record.id, from_step)
+        await self._wait_durable()
+        return self._created([(created, "created")])[0]
+
     async def retrigger(self, run_id: str) -> Run:
         """A new run of the same job with the same input, labels and concurrency key.
 

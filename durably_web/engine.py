@@ -202,10 +202,8 @@ class RunExecution:
         store = durably.store
         try:
             recorded = {step.index: step for step in store.list_steps(self.run_id, completed_only=True)}
-            failed_attempts: dict[int, int] = {}
-            if self.attempt > 1:  # a first execution has no retried attempts: spare the query
-                for attempt in store.list_step_attempts(self.run_id):
-                    failed_attempts[attempt.index] = failed_attempts.get(attempt.index, 0) + 1
+            # A first execution has no earlier attempts: spare the query on the hot path.
+            failed_attempts = store.count_step_attempts(self.run_id) if self.attempt > 1 else {}
             self.emit("run:leased", {"attempt": self.attempt, "replayed_steps": len(recorded)})
             step = StepContext(self, recorded, failed_attempts)
             payload = self.job.decode_input(self.record.input_json)

@@ -35,10 +35,11 @@ class StepContext:
         self,
         execution: RunExecution,
         recorded: dict[int, StepRecord],
-        failed_attempts: dict[int, int] | None = None,
+        failed_attempts: dict[int, tuple[int, int]] | None = None,
     ) -> None:
         self._execution = execution
-        # Position -> how many attempts of that step failed and were retried (persisted).
+        # Position -> (failed attempts of that step in all, since the last resume_run): the
+        # first numbers the attempts, the second counts against the retry policy.
         self._failed_attempts = failed_attempts or {}
         # Keyed by position: a failed step that the handler caught leaves a gap.
         self._recorded = recorded
@@ -126,7 +127,8 @@ class StepContext:
         execution.check_can_start_step(name)
         if self._holding_progress:
             self._end_replay()
-        attempt = self._failed_attempts.get(index, 0) + 1
+        failed_before, failed_this_round = self._failed_attempts.get(index, (0, 0))
+        attempt = failed_before + 1
         started_at = execution.now_ms()
         execution.emit("step:start", {"step_name": name, "step_index": index, "attempt": attempt})
         self._current_step = name
@@ -146,9 +148,10 @@ class StepContext:
                 attempt=attempt,
             )
             policy = retry if retry is not None else (execution.job.retry or NO_RETRY)
-            if policy.should_retry(exc, attempt):
+            round_attempt = failed_this_round + 1
+            if policy.should_retry(exc, round_attempt):
                 # Persisted with the attempt record in one transaction; raises _Suspend.
-                await execution.retry_step(failed, exc, policy.delay_before(attempt + 1))
+                await execution.retry_step(failed, exc, policy.delay_before(round_attempt + 1))
             execution.step_failed(failed, exc)
             raise
         finally:

@@ -24,6 +24,7 @@ class NewRun:
     concurrency_key: str | None
     coalesce: bool
     created_at: int
+    forked_from: str | None = None
 
 
 @dataclass(slots=True)
@@ -212,6 +213,23 @@ class Store(ABC):
         for: the ``failed_attempt`` to retry (an attempt record) and/or a ``step`` to record
         (a sleep's checkpoint). The lease is given up; ``claim_run`` takes the run again once
         ``until`` is due."""
+
+    @abstractmethod
+    def count_step_attempts(self, run_id: str) -> dict[int, tuple[int, int]]:
+        """Per step position: (failed attempts in all, failed attempts since the last resume)."""
+
+    @abstractmethod
+    def resume_run(self, run_id: str, now: int) -> RunRecord:
+        """Failed or cancelled → pending (attempt count kept), in one transaction that turns the
+        failed step's row into an attempt record and starts a fresh retry budget. Raise
+        ``NotFoundError``, or ``ConflictError`` for any other status, for a cancelled run whose
+        handler is still stopping, or when another run of its concurrency key is pending."""
+
+    @abstractmethod
+    def fork_run(self, new: NewRun, source_id: str, from_step: str) -> RunRecord:
+        """Create ``new`` holding copies of ``source_id``'s completed steps recorded before the
+        step ``from_step``, in one transaction. ``NotFoundError`` if ``from_step`` is not a
+        recorded step of the source; ``ConflictError`` if a step to copy lost its output."""
 
     @abstractmethod
     def list_step_attempts(self, run_id: str) -> list[StepRecord]:

@@ -25,10 +25,10 @@ SELECT * FROM durably_runs WHERE concurrency_key = :concurrency_key AND status =
 -- name: insert_run
 INSERT INTO durably_runs (
     id, job_name, status, input, labels, idempotency_key, concurrency_key,
-    available_at, created_at, updated_at
+    available_at, created_at, updated_at, forked_from
 ) VALUES (
     :id, :job_name, 'pending', :input, :labels, :idempotency_key, :concurrency_key,
-    :created_at, :created_at, :created_at
+    :created_at, :created_at, :created_at, :forked_from
 )
 
 -- name: insert_labels
@@ -166,6 +166,37 @@ ON CONFLICT (run_id, seq, attempt) DO NOTHING
 
 -- name: list_step_attempts
 SELECT * FROM durably_step_attempts WHERE run_id = :run_id ORDER BY seq, attempt
+
+-- name: count_step_attempts
+-- Per position: failed attempts in all (attempt numbering) and since the last resume (retry budget).
+SELECT seq, COUNT(*) AS total, SUM(before_resume = 0) AS current
+FROM durably_step_attempts WHERE run_id = :run_id GROUP BY seq
+
+-- name: resume_run
+-- A failed or cancelled run goes back to pending; its attempt count is kept.
+UPDATE durably_runs
+SET status = 'pending', available_at = :now, output = NULL, error = NULL, completed_at = NULL,
+    lease_owner = NULL, lease_expires_at = NULL, wait_reason = NULL, wait_step = NULL, updated_at = :now
+WHERE id = :id AND status IN ('failed', 'cancelled')
+
+-- name: archive_failed_steps
+-- On resume the failed step's row becomes an attempt in the history (the step runs again).
+INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at)
+SELECT run_id, seq, name, attempt, error, started_at, completed_at
+FROM durably_steps WHERE run_id = :run_id AND status = 'failed'
+ON CONFLICT (run_id, seq, attempt) DO NOTHING
+
+-- name: delete_failed_steps
+DELETE FROM durably_steps WHERE run_id = :run_id AND status = 'failed'
+
+-- name: mark_attempts_before_resume
+UPDATE durably_step_attempts SET before_resume = 1 WHERE run_id = :run_id
+
+-- name: copy_steps_for_fork
+-- fork_run: the source's completed steps before the fork point, at the same positions.
+INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt)
+SELECT :new_id, seq, name, status, output, error, started_at, completed_at, kind, attempt
+FROM durably_steps WHERE run_id = :source_id AND status = 'completed' AND seq < :before_seq
 
 -- name: drop_step_outputs
 UPDATE durably_steps SET output = NULL WHERE run_id = :run_id

@@ -209,6 +209,7 @@ class SQLiteStore(Store):
                         "idempotency_key": new.idempotency_key,
                         "concurrency_key": new.concurrency_key,
                         "created_at": new.created_at,
+                        "forked_from": new.forked_from,
                     },
                 )
                 if new.labels:
@@ -372,6 +373,71 @@ class SQLiteStore(Store):
                     },
                 )
         return True
+
+    def count_step_attempts(self, run_id: str) -> dict[int, tuple[int, int]]:
+        rows = self._conn.fetch_all(Q["count_step_attempts"], {"run_id": run_id})
+        return {row["seq"]: (int(row["total"]), int(row["current"] or 0)) for row in rows}
+
+    def resume_run(self, run_id: str, now: int) -> RunRecord:
+        conn = self._conn
+        with conn.transaction():
+            record = self._require(run_id)
+            if record.status not in ("failed", "cancelled"):
+                raise ConflictError(
+                    f"run {run_id} is {record.status}; only a failed or cancelled run can be resumed"
+                )
+            if record.lease_expires_at is not None and record.lease_expires_at > now:
+                raise ConflictError(f"run {run_id} was cancelled and its handler is still stopping; try again")
+            if record.concurrency_key is not None:
+                row = conn.fetch_one(
+                    Q["find_pending_by_concurrency_key"], {"concurrency_key": record.concurrency_key}
+                )
+                if row is not None:
+                    raise ConflictError(
+                        f"run {row['id']} is already pending for concurrency key {record.concurrency_key!r}"
+                    )
+            conn.execute(Q["archive_failed_steps"], {"run_id": run_id})
+            conn.execute(Q["mark_attempts_before_resume"], {"run_id": run_id})
+            conn.execute(Q["delete_failed_steps"], {"run_id": run_id})
+            conn.execute(Q["resume_run"], {"id": run_id, "now": now})
+            return self._require(run_id)
+
+    def fork_run(self, new: NewRun, source_id: str, from_step: str) -> RunRecord:
+        conn = self._conn
+        with conn.transaction():
+            self._require(source_id)
+            steps = self.list_steps(source_id)
+            point = next((s for s in steps if s.name == from_step), None)
+            if point is None:
+                raise NotFoundError(
+                    f"run {source_id} has no recorded step {from_step!r}; recorded: {[s.name for s in steps]}"
+                )
+            if any(s.status == "completed" and s.output_json is None for s in steps if s.index < point.index):
+                raise ConflictError(
+                    f"run {source_id}'s step outputs were dropped (preserve_steps=False); it cannot be forked"
+                )
+            # A fork has no idempotency or concurrency key, so it is a plain insert.
+            labels_json = json.dumps(new.labels, separators=(",", ":"))
+            conn.execute(
+                Q["insert_run"],
+                {
+                    "id": new.id,
+                    "job_name": new.job_name,
+                    "input": new.input_json,
+                    "labels": labels_json,
+                    "idempotency_key": None,
+                    "concurrency_key": None,
+                    "created_at": new.created_at,
+                    "forked_from": new.forked_from,
+                },
+            )
+            if new.labels:
+                conn.execute(Q["insert_labels"], {"run_id": new.id, "labels": labels_json})
+            record = _new_run_record(new)
+            conn.execute(
+                Q["copy_steps_for_fork"], {"new_id": new.id, "source_id": source_id, "before_seq": point.index}
+            )
+        return record
 
     def list_step_attempts(self, run_id: str) -> list[StepRecord]:
         return [
@@ -540,6 +606,7 @@ def _new_run_record(new: NewRun) -> RunRecord:
         started_at=None,
         completed_at=None,
         updated_at=new.created_at,
+        forked_from=new.forked_from,
     )
 
 

@@ -76,6 +76,8 @@ CREATE TABLE durably_step_attempts (
     seq          INTEGER NOT NULL,
     name         TEXT NOT NULL,
     attempt      INTEGER NOT NULL,
+    -- 1 once resume_run has given the step a fresh retry budget (the attempt stays in the history).
+    before_resume INTEGER NOT NULL DEFAULT 0,
     error        TEXT,
     started_at   INTEGER NOT NULL,
     completed_at INTEGER NOT NULL,
