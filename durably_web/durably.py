@@ -618,9 +618,8 @@ class Durably:
         before = self._require(run_id)
         record = self.store.resume_run(run_id, self.now_ms())
         await self._wait_durable()
-        self.emit(
-            "run:resume", run_id, record.job_name, {"attempt": record.attempt, "previous_status": before.status}
-        )
+        data = {"attempt": record.attempt, "previous_status": before.status}
+        self.emit("run:resume", run_id, record.job_name, data)
         if self._worker is not None:
             self._worker.wake()
         return self._to_run(record)

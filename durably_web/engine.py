@@ -319,7 +319,7 @@ class Worker:
         handle: asyncio.TimerHandle | None = None
 
         def fire() -> None:
-            self._timers.discard(handle)  # type: ignore[arg-type]
+            self._timers.discard(handle)
             self._wake.set()
 
         handle = self._loop.call_later(delay, fire)

@@ -58,7 +58,11 @@ class RetryPolicy:
     no_retry_on: tuple[type[BaseException], ...] = ()
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+        if (
+            isinstance(self.max_attempts, bool)
+            or not isinstance(self.max_attempts, int)
+            or self.max_attempts < 1
+        ):
             raise ValidationError(f"RetryPolicy.max_attempts must be an int ≥ 1, not {self.max_attempts!r}")
         for name in ("initial_delay", "max_delay"):
             object.__setattr__(self, name, _positive_seconds(name, getattr(self, name)))

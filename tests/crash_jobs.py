@@ -146,7 +146,8 @@ async def run_wait(args: argparse.Namespace) -> None:
 
 
 async def serve_waits(args: argparse.Namespace) -> None:
-    async with Durably(args.db_url, jobs=[flaky_job], max_concurrent_runs=2, **worker_options(2.0)) as durably:
+    options = worker_options(2.0)
+    async with Durably(args.db_url, jobs=[flaky_job], max_concurrent_runs=2, **options) as durably:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             runs = await durably.get_runs(limit=10_000)

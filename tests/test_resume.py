@@ -81,7 +81,12 @@ async def test_resume_gives_the_failed_step_a_fresh_retry_budget(make_durably):
     await durably.resume_run(failed.id)
     again = await durably.wait_for_run(failed.id, timeout=30)
     assert again.status == "failed" and counter.calls["save-to-db"] == 4
-    assert [a.attempt for a in await durably.get_step_attempts(failed.id) if a.name == "save-to-db"] == [1, 2, 3, 4]
+    assert [a.attempt for a in await durably.get_step_attempts(failed.id) if a.name == "save-to-db"] == [
+        1,
+        2,
+        3,
+        4,
+    ]
 
 
 async def test_resume_continues_a_cancelled_waiting_run(make_durably):

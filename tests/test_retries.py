@@ -56,7 +56,9 @@ def test_policy_delays_grow_by_backoff_up_to_max_delay_with_bounded_jitter():
     assert [policy.delay_before(n) for n in range(2, 7)] == [1.0, 2.0, 4.0, 5.0, 5.0]
     jittered = RetryPolicy(max_attempts=3, initial_delay=10.0, jitter=0.1)
     assert all(9.0 <= jittered.delay_before(2) <= 11.0 for _ in range(200))
-    assert RetryPolicy(max_attempts=2, initial_delay=1.0, max_delay=1e6, backoff=10).delay_before(10_000) == 1e6
+    assert (
+        RetryPolicy(max_attempts=2, initial_delay=1.0, max_delay=1e6, backoff=10).delay_before(10_000) == 1e6
+    )
 
 
 def test_policy_decides_what_is_retried():
@@ -71,8 +73,15 @@ def test_policy_decides_what_is_retried():
 
 @pytest.mark.parametrize(
     "options",
-    [{"max_attempts": 0}, {"max_attempts": True}, {"initial_delay": -1}, {"backoff": 0.5}, {"jitter": 2},
-     {"retry_on": (int,)}, {"max_delay": float("nan")}],
+    [
+        {"max_attempts": 0},
+        {"max_attempts": True},
+        {"initial_delay": -1},
+        {"backoff": 0.5},
+        {"jitter": 2},
+        {"retry_on": (int,)},
+        {"max_delay": float("nan")},
+    ],
 )
 def test_invalid_policies_are_refused(options: dict[str, Any]):
     with pytest.raises(ValidationError):
@@ -147,7 +156,9 @@ async def test_a_step_policy_overrides_the_job_default(make_durably):
     async def job(step: StepContext, payload: Any) -> int:
         if payload == "charge":
             return await step.run("charge", charge, retry=RetryPolicy(max_attempts=1))
-        return await step.run("notify", notify, retry=RetryPolicy(max_attempts=10, initial_delay=0.01, retry_on=(OSError,)))
+        return await step.run(
+            "notify", notify, retry=RetryPolicy(max_attempts=10, initial_delay=0.01, retry_on=(OSError,))
+        )
 
     durably = await make_durably(job)
     failed = await durably.trigger_and_wait(job, "charge", timeout=30)
@@ -160,7 +171,15 @@ async def test_a_step_policy_overrides_the_job_default(make_durably):
 async def test_non_retryable_errors_fail_at_once(make_durably, exc):
     fn = failing(5, exc)
 
-    @define_job("non-retryable", retry=RetryPolicy(max_attempts=5, initial_delay=0.01, no_retry_on=(ValueError,), retry_on=(OSError, ValueError, NonRetryableError)))
+    @define_job(
+        "non-retryable",
+        retry=RetryPolicy(
+            max_attempts=5,
+            initial_delay=0.01,
+            no_retry_on=(ValueError,),
+            retry_on=(OSError, ValueError, NonRetryableError),
+        ),
+    )
     async def job(step: StepContext, payload: Any) -> int:
         return await step.run("once", fn)
 
@@ -279,8 +298,12 @@ async def test_a_database_written_by_the_previous_release_upgrades_in_place(tmp_
     path = tmp_path / "old.db"
     path.write_bytes(FIXTURE.read_bytes())
     conn = sqlite3.connect(path)
-    before = conn.execute("SELECT id, status, input, output, labels, attempt FROM durably_runs ORDER BY id").fetchall()
-    steps_before = conn.execute("SELECT run_id, seq, name, status, output FROM durably_steps ORDER BY run_id, seq").fetchall()
+    before = conn.execute(
+        "SELECT id, status, input, output, labels, attempt FROM durably_runs ORDER BY id"
+    ).fetchall()
+    steps_before = conn.execute(
+        "SELECT run_id, seq, name, status, output FROM durably_steps ORDER BY run_id, seq"
+    ).fetchall()
     logs_before = conn.execute("SELECT COUNT(*) FROM durably_logs").fetchone()[0]
     labels_before = conn.execute("SELECT COUNT(*) FROM durably_run_labels").fetchone()[0]
     assert conn.execute("SELECT MAX(version) FROM durably_migrations").fetchone()[0] == 1
@@ -301,10 +324,14 @@ async def test_a_database_written_by_the_previous_release_upgrades_in_place(tmp_
     conn = sqlite3.connect(path)
     try:
         assert conn.execute("SELECT MAX(version) FROM durably_migrations").fetchone()[0] == 2
-        after = conn.execute("SELECT id, status, input, output, labels, attempt FROM durably_runs ORDER BY id").fetchall()
+        after = conn.execute(
+            "SELECT id, status, input, output, labels, attempt FROM durably_runs ORDER BY id"
+        ).fetchall()
         finished_before = [row for row in before if row[1] != "pending"]
         assert [row for row in after if row[0] in {r[0] for r in finished_before}] == finished_before
-        steps_after = conn.execute("SELECT run_id, seq, name, status, output FROM durably_steps ORDER BY run_id, seq").fetchall()
+        steps_after = conn.execute(
+            "SELECT run_id, seq, name, status, output FROM durably_steps ORDER BY run_id, seq"
+        ).fetchall()
         assert set(steps_before) <= set(steps_after)
         assert conn.execute("SELECT COUNT(*) FROM durably_logs").fetchone()[0] == logs_before
         assert conn.execute("SELECT COUNT(*) FROM durably_run_labels").fetchone()[0] == labels_before
@@ -338,6 +365,7 @@ async def test_sigkill_during_a_backoff_then_restart_retries_at_the_persisted_ti
     side_effects = tmp_path / "side-effects.txt"
     first = start_process("wait", db_url, str(side_effects), "--kind", "retry", "--seconds", "3")
     try:
+
         def waiting() -> Any:
             if first.poll() is not None:
                 raise AssertionError(f"worker exited early: {first.communicate()}")

@@ -176,6 +176,7 @@ async def test_sigkill_during_a_sleep_then_restart_continues_at_the_due_time_wit
     side_effects = tmp_path / "side-effects.txt"
     first = start_process("wait", db_url, str(side_effects), "--kind", "sleep", "--seconds", "3")
     try:
+
         def waiting() -> Any:
             if first.poll() is not None:
                 raise AssertionError(f"worker exited early: {first.communicate()}")
@@ -203,7 +204,9 @@ async def test_sigkill_during_a_sleep_then_restart_continues_at_the_due_time_wit
     assert due_ms / 1000 - 0.01 <= lines[1][2] <= due_ms / 1000 + 5.0
     conn = sqlite3.connect(db_path)
     try:  # the due time was kept, not recomputed from the restart
-        assert int(conn.execute("SELECT output FROM durably_steps WHERE name = 'nap'").fetchone()[0]) == due_ms
+        assert (
+            int(conn.execute("SELECT output FROM durably_steps WHERE name = 'nap'").fetchone()[0]) == due_ms
+        )
     finally:
         conn.close()
     async with Durably(db_url, worker=False) as client:

@@ -387,7 +387,9 @@ class SQLiteStore(Store):
                     f"run {run_id} is {record.status}; only a failed or cancelled run can be resumed"
                 )
             if record.lease_expires_at is not None and record.lease_expires_at > now:
-                raise ConflictError(f"run {run_id} was cancelled and its handler is still stopping; try again")
+                raise ConflictError(
+                    f"run {run_id} was cancelled and its handler is still stopping; try again"
+                )
             if record.concurrency_key is not None:
                 row = conn.fetch_one(
                     Q["find_pending_by_concurrency_key"], {"concurrency_key": record.concurrency_key}
@@ -435,7 +437,8 @@ class SQLiteStore(Store):
                 conn.execute(Q["insert_labels"], {"run_id": new.id, "labels": labels_json})
             record = _new_run_record(new)
             conn.execute(
-                Q["copy_steps_for_fork"], {"new_id": new.id, "source_id": source_id, "before_seq": point.index}
+                Q["copy_steps_for_fork"],
+                {"new_id": new.id, "source_id": source_id, "before_seq": point.index},
             )
         return record
 
