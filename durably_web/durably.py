@@ -15,14 +15,17 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Literal
 
+from pydantic import ValidationError as PydanticValidationError
+
 from . import ids
-from .engine import Worker
+from .engine import NEVER_MS, Worker
 from .errors import (
     ConflictError,
     DurablyError,
     ExistingRunRefusedError,
     NotFoundError,
     ReadOnlyError,
+    StepError,
     ValidationError,
     WaitTimeoutError,
 )
@@ -40,6 +43,7 @@ from .models import (
     StepAttempt,
     from_ms,
 )
+from .serialization import _NO_TYPE, encode
 from .storage import NewRun, RunFilter, RunRecord, Store, open_store
 
 logger = logging.getLogger("durably_web")
@@ -604,6 +608,50 @@ class Durably:
             self.emit("run:cancel", run_id, record.job_name, {})
         return self._to_run(record)
 
+    async def send_signal(
+        self, run_id: str, name: str, payload: Any = None, *, signal_id: str | None = None
+    ) -> str:
+        """Send the signal ``name`` with ``payload`` to a run; return the disposition:
+        "delivered" (the run was waiting for it and continues now), "stored" (kept until the
+        run reaches ``wait_for_signal(name)``) or "duplicate" (this ``signal_id`` was sent to
+        the run before; nothing changed). ``NotFoundError`` for an unknown run,
+        ``ConflictError`` for a finished one. When the payload type is known here (the job's
+        ``define_job(signals=)``, or a ``wait_for_signal(name, type=)`` this process has
+        executed), a payload that fails it raises ``ValidationError`` and nothing is stored.
+        """
+        self._check_writable("send a signal")
+        record = self._require(run_id)
+        if not _is_storable_text(name, MAX_KEY_LENGTH):
+            raise ValidationError(f"signal name must be a non-empty string of at most {MAX_KEY_LENGTH} chars")
+        if signal_id is not None and not _is_storable_text(signal_id, MAX_KEY_LENGTH):
+            raise ValidationError(f"signal_id must be a non-empty string of at most {MAX_KEY_LENGTH} chars")
+        job = self.jobs.get(record.job_name)
+        tp = job.signal_types.get(name, _NO_TYPE) if job is not None else _NO_TYPE
+        try:
+            payload_json, _ = encode(payload, tp, what=f"signal {name!r}")
+        except StepError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, PydanticValidationError):
+                raise ValidationError(
+                    f"invalid payload for signal {name!r}: {cause}",
+                    cause.errors(include_url=False, include_context=False, include_input=False),  # type: ignore[arg-type]
+                ) from None
+            raise ValidationError(f"invalid payload for signal {name!r}: {exc}") from None
+        if len(payload_json.encode()) > self.max_payload_bytes:
+            raise ValidationError(f"signal payload is larger than max_payload_bytes={self.max_payload_bytes}")
+        disposition, record = self.store.send_signal(run_id, name, payload_json, signal_id, self.now_ms())
+        await self._wait_durable()
+        if disposition != "duplicate":
+            self.emit(
+                "signal:received",
+                run_id,
+                record.job_name,
+                {"name": name, "signal_id": signal_id, "disposition": disposition},
+            )
+        if disposition == "delivered" and self._worker is not None:
+            self._worker.wake()
+        return disposition
+
     async def resume_run(self, run_id: str) -> Run:
         """Continue a failed or cancelled run after its last completed step.
 
@@ -739,7 +787,11 @@ class Durably:
             completed_at=from_ms(record.completed_at),
             updated_at=from_ms(record.updated_at),
             disposition=disposition,  # type: ignore[arg-type]
-            wake_at=from_ms(record.available_at) if record.status == "waiting" else None,
+            wake_at=(
+                from_ms(record.available_at)
+                if record.status == "waiting" and record.available_at < NEVER_MS
+                else None
+            ),
             wait_reason=record.wait_reason if record.status == "waiting" else None,
             wait_step=record.wait_step if record.status == "waiting" else None,
             forked_from=record.forked_from,

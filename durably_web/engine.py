@@ -33,6 +33,10 @@ class _ShutdownSignal(BaseException):
     """
 
 
+#: The wake-up time of a wait with no deadline (a signal wait without timeout): 9999-12-31.
+NEVER_MS = 253_402_300_799_000
+
+
 class _Suspend(BaseException):
     """Raised once the run has been made 'waiting' (persisted): the handler stops here and
     the execution ends without touching the run again. A BaseException, like
@@ -95,6 +99,17 @@ class RunExecution:
     async def wait_durable(self) -> None:
         await self._durably.store.wait_durable()
 
+    def next_signal(self, name: str) -> tuple[int, str] | None:
+        return self._durably.store.next_signal(self.run_id, name)
+
+    def consume_signal(self, key: int, step: StepRecord) -> bool:
+        if self._durably.store.consume_signal(key, step, self.generation, self.now_ms()):
+            return True
+        current = self._durably.store.get_run(self.run_id)
+        if current is not None and current.status == "leased" and current.lease_generation == self.generation:
+            return False  # the signal was taken; look for the next one
+        raise self.fence_error(f"signal {step.name!r}")
+
     async def retry_step(self, failed: StepRecord, exc: BaseException, delay: float) -> NoReturn:
         """The failed attempt is recorded and the run waits ``delay`` seconds for the next
         one, in one transaction: a kill at any instant leaves either the attempt in flight
@@ -134,6 +149,7 @@ class RunExecution:
         step: StepRecord | None = None,
         failed_attempt: StepRecord | None = None,
         retry_event: dict[str, Any] | None = None,
+        deadline: int | None = None,
     ) -> NoReturn:
         """Make the run 'waiting' until ``until`` (ms): it gives up its lease and worker slot,
         and any worker claims it once due. Never returns: raises ``_Suspend``."""
@@ -147,6 +163,7 @@ class RunExecution:
             now=self.now_ms(),
             failed_attempt=failed_attempt,
             step=step,
+            deadline=deadline,
         )
         if not ok:
             raise self.fence_error(f"{reason} of step {step_name!r}")
@@ -154,8 +171,10 @@ class RunExecution:
             await durably.store.wait_durable()
         if retry_event is not None:
             self.emit("step:retry", retry_event)
-        self.emit("run:waiting", {"reason": reason, "step_name": step_name, "due_at": from_ms(until)})
-        self._worker.wake_at(until)
+        due_at = None if until >= NEVER_MS else from_ms(until)  # a signal wait without timeout
+        self.emit("run:waiting", {"reason": reason, "step_name": step_name, "due_at": due_at})
+        if until < NEVER_MS:
+            self._worker.wake_at(until)
         raise _Suspend
 
     def record_step(self, step: StepRecord) -> None:

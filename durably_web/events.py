@@ -31,6 +31,7 @@ EVENT_TYPES: frozenset[str] = frozenset(
         "step:complete",
         "step:fail",
         "step:retry",
+        "signal:received",
         "log:write",
         "worker:error",
     }

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import TypeAdapter
@@ -35,6 +35,9 @@ class JobDefinition(Generic[InputT, OutputT]):
     output_type: Any
     #: The default for this job's steps (``step.run(..., retry=)`` overrides it); None: no retry.
     retry: RetryPolicy | None = None
+    #: Signal name -> payload type, for ``send_signal`` to validate before storing: declared
+    #: with ``define_job(signals=)``, and learned from ``wait_for_signal(type=)`` calls.
+    signal_types: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def input_adapter(self) -> TypeAdapter[Any]:
@@ -80,14 +83,20 @@ def _error_details(exc: PydanticValidationError) -> list[dict[str, Any]]:
 
 
 def define_job(
-    name: str, *, input: Any = None, output: Any = None, retry: RetryPolicy | None = None
+    name: str,
+    *,
+    input: Any = None,
+    output: Any = None,
+    retry: RetryPolicy | None = None,
+    signals: dict[str, Any] | None = None,
 ) -> Callable[[Handler[Any, Any]], JobDefinition[Any, Any]]:
     """Decorator turning ``async def handler(step, payload)`` into a job.
 
     ``input``/``output`` are pydantic models (or any type pydantic's TypeAdapter
     handles); ``None`` means "any JSON value" for input and "nothing" for output.
     ``retry`` is the default ``RetryPolicy`` of the job's steps (none: a failing
-    step fails the run at once).
+    step fails the run at once). ``signals`` maps signal names to payload types, so that
+    ``send_signal`` validates a payload before storing it.
     """
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise ValidationError(f"job {name!r}: retry must be a RetryPolicy, not {retry!r}")
@@ -106,6 +115,7 @@ def define_job(
             input_type=Any if input is None else input,
             output_type=Any if output is None else output,
             retry=retry,
+            signal_types=dict(signals or {}),
         )
 
     return decorate

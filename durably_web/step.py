@@ -11,7 +11,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from .errors import NonDeterministicReplayError, StepError
+from .errors import NonDeterministicReplayError, StepError, WaitTimeoutError
 from .models import ErrorInfo
 from .retry import NO_RETRY, RetryPolicy
 from .serialization import _NO_TYPE, decode, encode, return_type_of
@@ -230,6 +230,95 @@ class StepContext:
             return
         # The checkpoint (with its due time) and the waiting state commit together.
         await execution.wait_until(due, reason="sleep", step_name=name, step=step)
+
+    @overload
+    async def wait_for_signal(
+        self, name: str, *, type: type[T], timeout: float | timedelta | None = None
+    ) -> T: ...
+    @overload
+    async def wait_for_signal(self, name: str, *, timeout: float | timedelta | None = None) -> Any: ...
+
+    async def wait_for_signal(
+        self, name: str, *, type: Any = _NO_TYPE, timeout: float | timedelta | None = None
+    ) -> Any:
+        """Wait, durably, for the signal ``name`` (``Durably.send_signal``) and return its payload,
+        validated by ``type`` (the same typed round trip as step results). The wait is the
+        checkpoint ``name``: the run is 'waiting' meanwhile (no lease, no worker slot). With
+        ``timeout`` (seconds or a timedelta, fixed when the wait first executes),
+        ``WaitTimeoutError`` is raised here at the deadline. The outcome is recorded: a replay
+        returns the same payload or raises the same timeout. A signal sent before the run got
+        here was kept for it."""
+        self._claim_name(name)
+        limit = None
+        if timeout is not None:
+            limit = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+            if isinstance(limit, bool) or not isinstance(limit, int | float) or not 0 <= limit <= 1e11:
+                raise StepError(f"wait_for_signal {name!r}: timeout must be seconds or a timedelta")
+        tp = type
+        execution = self._execution
+        if type is not _NO_TYPE:
+            execution.job.signal_types.setdefault(name, type)  # lets send_signal validate here
+        index = self._next_index
+        self._next_index += 1
+        recorded = self._recorded.get(index)
+        if recorded is not None:
+            if recorded.name != name or recorded.kind != "signal":
+                self._replay_mismatch(index, recorded, name, "signal")
+            return self._signal_outcome(name, recorded.output_json or "{}", tp)
+        self._check_not_recorded_elsewhere(name, index)
+        execution.check_can_start_step(name)
+        if self._holding_progress:
+            self._end_replay()
+        record = execution.record
+        now = execution.now_ms()
+        if record.wait_reason == "signal" and record.wait_step == name:
+            deadline = record.wait_deadline  # fixed on the first execution of this wait
+        else:
+            deadline = None if limit is None else now + int(limit * 1000)
+        while True:
+            found = execution.next_signal(name)
+            if found is not None:
+                key, payload_json = found
+                outcome = f'{{"payload":{payload_json}}}'
+                step = self._signal_step(index, name, outcome, now)
+                if not execution.consume_signal(key, step):
+                    continue  # taken meanwhile (cannot happen under our lease) or fenced
+                if execution.deferred_durability:
+                    await execution.wait_durable()
+                return self._signal_outcome(name, outcome, tp)
+            if deadline is not None and execution.now_ms() >= deadline:
+                outcome = '{"timeout":true}'
+                execution.record_step(self._signal_step(index, name, outcome, now))
+                if execution.deferred_durability:
+                    await execution.wait_durable()
+                return self._signal_outcome(name, outcome, tp)
+            from .engine import NEVER_MS
+
+            await execution.wait_until(
+                NEVER_MS if deadline is None else deadline,
+                reason="signal",
+                step_name=name,
+                deadline=deadline,
+            )
+
+    def _signal_step(self, index: int, name: str, outcome: str, started_at: int) -> StepRecord:
+        return StepRecord(
+            run_id=self.run_id,
+            index=index,
+            name=name,
+            status="completed",
+            output_json=outcome,
+            error_json=None,
+            started_at=started_at,
+            completed_at=self._execution.now_ms(),
+            kind="signal",
+        )
+
+    def _signal_outcome(self, name: str, outcome_json: str, tp: Any) -> Any:
+        outcome = json.loads(outcome_json)
+        if outcome.get("timeout"):
+            raise WaitTimeoutError(f"run {self.run_id}: signal {name!r} did not arrive before the timeout")
+        return decode(json.dumps(outcome.get("payload")), tp)
 
     def _claim_name(self, name: str) -> None:
         if not isinstance(name, str) or not name:

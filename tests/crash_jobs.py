@@ -10,9 +10,10 @@ doing its work, so a test can count how many times each step really ran.
     python crash_jobs.py serve <db_url> <expected_runs>
         Work on "record" runs until <expected_runs> runs exist and all have ended.
 
-    python crash_jobs.py wait <db_url> <side_effect_file> --kind retry|sleep --seconds S
+    python crash_jobs.py wait <db_url> <side_effect_file> --kind retry|sleep|signal --seconds S
         Trigger (idempotency key "wait") a job whose first attempt of step "flaky" fails and is
-        retried after S seconds (retry), or that sleeps S seconds between two steps (sleep);
+        retried after S seconds (retry), that sleeps S seconds between two steps (sleep), or
+        that waits up to S seconds for the signal "go" between two steps (signal);
         work until it ends, print the run as JSON. Side-effect lines: "<name> <pid> <unix time>".
 
     python crash_jobs.py serve-waits <db_url> <expected_runs>
@@ -135,8 +136,16 @@ async def sleepy_job(step: StepContext, payload: WaitIn) -> str:
     return "rested"
 
 
+@define_job("signalled", input=WaitIn)
+async def signalled_job(step: StepContext, payload: WaitIn) -> str:
+    await step.run("before", timed_line, payload.side_effects, "before")
+    by = await step.wait_for_signal("go", type=str, timeout=payload.seconds)
+    await step.run("after", timed_line, payload.side_effects, "after")
+    return f"go from {by}"
+
+
 async def run_wait(args: argparse.Namespace) -> None:
-    job = flaky_job if args.kind == "retry" else sleepy_job
+    job = {"retry": flaky_job, "sleep": sleepy_job, "signal": signalled_job}[args.kind]
     async with Durably(args.db_url, jobs=[job], **worker_options(2.0)) as durably:
         run = await durably.trigger(
             job, WaitIn(side_effects=args.side_effects, seconds=args.seconds), idempotency_key="wait"
@@ -201,7 +210,7 @@ def main() -> None:
     wait_parser = sub.add_parser("wait")
     wait_parser.add_argument("db_url")
     wait_parser.add_argument("side_effects")
-    wait_parser.add_argument("--kind", choices=["retry", "sleep"], required=True)
+    wait_parser.add_argument("--kind", choices=["retry", "sleep", "signal"], required=True)
     wait_parser.add_argument("--seconds", type=float, required=True)
     serve_waits_parser = sub.add_parser("serve-waits")
     serve_waits_parser.add_argument("db_url")

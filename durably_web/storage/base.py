@@ -50,9 +50,10 @@ class RunRecord:
     started_at: int | None
     completed_at: int | None
     updated_at: int
-    wait_reason: str | None = None  # while 'waiting': "retry" | "sleep"
+    wait_reason: str | None = None  # the last wait: "retry" | "sleep" | "signal"
     wait_step: str | None = None
     forked_from: str | None = None
+    wait_deadline: int | None = None  # a signal wait's timeout (ms), fixed on first execution
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +66,7 @@ class StepRecord:
     error_json: str | None
     started_at: int
     completed_at: int
-    kind: str = "run"  # "run" | "sleep" (output: the due time in ms)
+    kind: str = "run"  # "run" | "sleep" (output: the due time in ms) | "signal" (the outcome)
     attempt: int = 1
 
 
@@ -208,6 +209,7 @@ class Store(ABC):
         now: int,
         failed_attempt: StepRecord | None = None,
         step: StepRecord | None = None,
+        deadline: int | None = None,
     ) -> bool:
         """Leased → 'waiting' until ``until`` (fenced), in one transaction with what it waits
         for: the ``failed_attempt`` to retry (an attempt record) and/or a ``step`` to record
@@ -230,6 +232,24 @@ class Store(ABC):
         """Create ``new`` holding copies of ``source_id``'s completed steps recorded before the
         step ``from_step``, in one transaction. ``NotFoundError`` if ``from_step`` is not a
         recorded step of the source; ``ConflictError`` if a step to copy lost its output."""
+
+    @abstractmethod
+    def send_signal(
+        self, run_id: str, name: str, payload_json: str, signal_id: str | None, now: int
+    ) -> tuple[str, RunRecord]:
+        """Store a signal for a run; return its disposition and the run, in one transaction:
+        "duplicate" (this ``signal_id`` was sent to the run before: nothing is written),
+        "delivered" (the run was waiting for it: it is due now) or "stored" (kept for a
+        later ``wait_for_signal``). ``NotFoundError``; ``ConflictError`` for a finished run."""
+
+    @abstractmethod
+    def next_signal(self, run_id: str, name: str) -> tuple[int, str] | None:
+        """The oldest unconsumed signal ``name`` of the run: (its id, payload JSON)."""
+
+    @abstractmethod
+    def consume_signal(self, signal_key: int, step: StepRecord, generation: int, now: int) -> bool:
+        """Record the wait's outcome ``step`` and mark the signal consumed, in one transaction
+        (fenced; ``False`` if the lease was lost or another execution took the signal)."""
 
     @abstractmethod
     def list_step_attempts(self, run_id: str) -> list[StepRecord]:

@@ -89,8 +89,7 @@ LIMIT 1
 UPDATE durably_runs
 SET status = 'leased', lease_owner = :worker_id, lease_generation = lease_generation + 1,
     lease_expires_at = :lease_until, attempt = attempt + 1,
-    started_at = COALESCE(started_at, :now), updated_at = :now,
-    wait_reason = NULL, wait_step = NULL
+    started_at = COALESCE(started_at, :now), updated_at = :now
 WHERE id = :id
 RETURNING *
 
@@ -153,11 +152,38 @@ WHERE id = :id AND status = 'leased' AND lease_generation = :generation
 
 -- name: wait_run
 -- Durable waiting: the leased run gives up its lease and slot and becomes claimable
--- again at :until (fenced). Runs in one transaction with what it waits for.
+-- again at :until (fenced). Runs in one transaction with what it waits for. A signal
+-- wait whose signal arrived meanwhile (sent while the run was leased) is due at once.
 UPDATE durably_runs
-SET status = 'waiting', available_at = :until, wait_reason = :reason, wait_step = :step_name,
+SET status = 'waiting',
+    available_at = CASE
+        WHEN :reason = 'signal' AND EXISTS (
+            SELECT 1 FROM durably_signals AS s
+            WHERE s.run_id = :id AND s.name = :step_name AND s.consumed_at IS NULL)
+        THEN :now ELSE :until END,
+    wait_reason = :reason, wait_step = :step_name, wait_deadline = :deadline,
     lease_owner = NULL, lease_expires_at = NULL, updated_at = :now
 WHERE id = :id AND status = 'leased' AND lease_generation = :generation
+
+-- name: find_signal_by_id
+SELECT id FROM durably_signals WHERE run_id = :run_id AND signal_id = :signal_id
+
+-- name: insert_signal
+INSERT INTO durably_signals (run_id, name, signal_id, payload, created_at)
+VALUES (:run_id, :name, :signal_id, :payload, :now)
+
+-- name: wake_for_signal
+-- A run waiting for this very signal is due now.
+UPDATE durably_runs SET available_at = :now, updated_at = :now
+WHERE id = :run_id AND status = 'waiting' AND wait_reason = 'signal' AND wait_step = :name
+
+-- name: next_signal
+SELECT id, payload FROM durably_signals
+WHERE run_id = :run_id AND name = :name AND consumed_at IS NULL
+ORDER BY id LIMIT 1
+
+-- name: consume_signal
+UPDATE durably_signals SET consumed_at = :now WHERE id = :id AND consumed_at IS NULL
 
 -- name: insert_step_attempt
 INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at)
@@ -176,7 +202,7 @@ FROM durably_step_attempts WHERE run_id = :run_id GROUP BY seq
 -- A failed or cancelled run goes back to pending; its attempt count is kept.
 UPDATE durably_runs
 SET status = 'pending', available_at = :now, output = NULL, error = NULL, completed_at = NULL,
-    lease_owner = NULL, lease_expires_at = NULL, wait_reason = NULL, wait_step = NULL, updated_at = :now
+    lease_owner = NULL, lease_expires_at = NULL, updated_at = :now
 WHERE id = :id AND status IN ('failed', 'cancelled')
 
 -- name: archive_failed_steps

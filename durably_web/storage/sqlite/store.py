@@ -76,6 +76,10 @@ def _refuse_newer_schema(current: int) -> None:
         )
 
 
+class _Rollback(Exception):
+    """Raised inside a transaction to undo it (the caller reports ``False``)."""
+
+
 class SQLiteStore(Store):
     def __init__(self, conn: SqlConnection) -> None:
         self._conn = conn
@@ -341,6 +345,7 @@ class SQLiteStore(Store):
         now: int,
         failed_attempt: StepRecord | None = None,
         step: StepRecord | None = None,
+        deadline: int | None = None,
     ) -> bool:
         conn = self._conn
         with conn.transaction():
@@ -354,6 +359,7 @@ class SQLiteStore(Store):
                     "until": until,
                     "reason": reason,
                     "step_name": step_name,
+                    "deadline": deadline,
                     "now": now,
                 },
             )
@@ -372,6 +378,41 @@ class SQLiteStore(Store):
                         "completed_at": failed_attempt.completed_at,
                     },
                 )
+        return True
+
+    def send_signal(
+        self, run_id: str, name: str, payload_json: str, signal_id: str | None, now: int
+    ) -> tuple[str, RunRecord]:
+        conn = self._conn
+        with conn.transaction():
+            record = self._require(run_id)
+            if record.status in ("completed", "failed", "cancelled"):
+                raise ConflictError(f"run {run_id} is {record.status}; it takes no more signals")
+            if signal_id is not None and conn.fetch_one(
+                Q["find_signal_by_id"], {"run_id": run_id, "signal_id": signal_id}
+            ):
+                return "duplicate", record
+            conn.execute(
+                Q["insert_signal"],
+                {"run_id": run_id, "name": name, "signal_id": signal_id, "payload": payload_json, "now": now},
+            )
+            woken = conn.execute(Q["wake_for_signal"], {"run_id": run_id, "name": name, "now": now})
+            return ("delivered" if woken else "stored"), self._require(run_id)
+
+    def next_signal(self, run_id: str, name: str) -> tuple[int, str] | None:
+        row = self._conn.fetch_one(Q["next_signal"], {"run_id": run_id, "name": name})
+        return None if row is None else (int(row["id"]), row["payload"])
+
+    def consume_signal(self, signal_key: int, step: StepRecord, generation: int, now: int) -> bool:
+        conn = self._conn
+        try:
+            with conn.transaction():
+                if conn.execute(Q["consume_signal"], {"id": signal_key, "now": now}) == 0:
+                    return False
+                if not self.record_step(step, generation):
+                    raise _Rollback  # the lease is gone: the signal stays for its new owner
+        except _Rollback:
+            return False
         return True
 
     def count_step_attempts(self, run_id: str) -> dict[int, tuple[int, int]]:
@@ -583,6 +624,7 @@ def _run(row: Row) -> RunRecord:
         wait_reason=row["wait_reason"],
         wait_step=row["wait_step"],
         forked_from=row["forked_from"],
+        wait_deadline=row["wait_deadline"],
     )
 
 

@@ -32,9 +32,11 @@ CREATE TABLE durably_runs_new (
     started_at       INTEGER,
     completed_at     INTEGER,
     updated_at       INTEGER NOT NULL,
-    -- While 'waiting': why ('retry' | 'sleep') and for which step.
+    -- The last wait: why ('retry' | 'sleep' | 'signal') and for which step; shown while
+    -- 'waiting'. wait_deadline: a signal wait's timeout, fixed when the wait first executes.
     wait_reason      TEXT,
     wait_step        TEXT,
+    wait_deadline    INTEGER,
     -- fork_run: the run this one was forked from.
     forked_from      TEXT
 );
@@ -64,8 +66,9 @@ CREATE INDEX durably_runs_leases ON durably_runs (status, lease_expires_at);
 CREATE INDEX durably_runs_finished ON durably_runs (status, completed_at);
 CREATE INDEX durably_runs_job ON durably_runs (job_name, id);
 
--- What a recorded step is: 'run' (step.run) or 'sleep' (step.sleep / sleep_until,
--- whose output is its due time), so a replay that swaps one for another is caught.
+-- What a recorded step is: 'run' (step.run), 'sleep' (step.sleep / sleep_until, whose
+-- output is its due time) or 'signal' (wait_for_signal, whose output is the outcome:
+-- {"payload": ...} or {"timeout": true}), so a replay that swaps one for another is caught.
 ALTER TABLE durably_steps ADD COLUMN kind TEXT NOT NULL DEFAULT 'run';
 
 -- Failed attempts of a step that were retried (the final attempt of a step, completed
@@ -83,3 +86,18 @@ CREATE TABLE durably_step_attempts (
     completed_at INTEGER NOT NULL,
     PRIMARY KEY (run_id, seq, attempt)
 );
+
+-- Signals sent to runs (send_signal), kept until a wait_for_signal of that name takes
+-- them (consumed_at), oldest first. A signal_id makes sending idempotent per run.
+CREATE TABLE durably_signals (
+    id          INTEGER PRIMARY KEY,
+    run_id      TEXT NOT NULL REFERENCES durably_runs (id) ON DELETE CASCADE,
+    name        TEXT NOT NULL,
+    signal_id   TEXT,
+    payload     TEXT NOT NULL,
+    created_at  INTEGER NOT NULL,
+    consumed_at INTEGER
+);
+CREATE UNIQUE INDEX durably_signals_idempotency
+    ON durably_signals (run_id, signal_id) WHERE signal_id IS NOT NULL;
+CREATE INDEX durably_signals_waiting ON durably_signals (run_id, name, id) WHERE consumed_at IS NULL;
