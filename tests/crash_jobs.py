@@ -53,6 +53,8 @@ def append_line(path: str, line: str) -> None:
 
 def do_step(path: str, name: str, delay: float, value: int) -> int:
     append_line(path, f"{name} {os.getpid()}")
+    if os.environ.get("CRASH_FAIL_STEP") == name:  # resume tests: this step fails in this process
+        raise RuntimeError(f"{name} fails in this process")
     time.sleep(delay)  # a blocking step: runs in a thread while leases are renewed
     return value
 

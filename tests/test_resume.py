@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import signal
+from collections import Counter as Tally
 from typing import Any
 
+import crash_jobs
 import pytest
-from helpers import wait_until
+from helpers import finish_process, read_lines, start_process, wait_for_lines, wait_until
 from pydantic import BaseModel
 
 from durably_web import (
     ConflictError,
+    Durably,
     Event,
     NotFoundError,
     RetryPolicy,
@@ -163,3 +167,49 @@ async def test_fork_needs_a_recorded_step(make_durably):
     with pytest.raises(NotFoundError):
         await durably.fork_run("no-such-run", from_step="fetch")
     assert len(await durably.get_runs()) == 1  # nothing was created
+
+
+async def test_a_resumed_run_survives_sigkill_and_never_repeats_its_completed_steps(
+    db_url, db_path, tmp_path
+):
+    side_effects = tmp_path / "side-effects.txt"
+    steps = [f"step-{i}" for i in range(crash_jobs.STEP_COUNT)]
+    failing = start_process(
+        "steps", db_url, str(side_effects), "--delay", "0.01", env={"CRASH_FAIL_STEP": "step-2"}
+    )
+    failed = finish_process(failing)
+    assert failed["status"] == "failed" and "step-2 fails" in failed["error"]["message"]
+    assert [name for name, _ in read_lines(side_effects)] == steps[:3]
+
+    async with Durably(db_url, worker=False) as client:
+        resumed = await client.resume_run(failed["id"])
+        assert resumed.status == "pending" and resumed.attempt == 1
+        with pytest.raises(ConflictError):
+            await client.resume_run(failed["id"])  # pending now
+
+    second = start_process("steps", db_url, str(side_effects), "--delay", "0.3", "--lease", "1.0")
+    try:
+        await wait_for_lines(side_effects, 5, second)  # the resumed run is inside step-3
+        second.send_signal(signal.SIGKILL)
+        assert second.wait(10) == -signal.SIGKILL
+    finally:
+        if second.poll() is None:
+            second.kill()
+        second.communicate()
+
+    third = start_process("steps", db_url, str(side_effects), "--delay", "0.01", "--lease", "1.0")
+    done = finish_process(third)
+    assert done["status"] == "completed" and done["output"] == {"total": crash_jobs.EXPECTED_TOTAL}
+    assert done["id"] == failed["id"]
+    counts = Tally(name for name, _ in read_lines(side_effects))
+    assert counts["step-0"] == counts["step-1"] == 1  # completed before the failure: never again
+    assert counts["step-2"] >= 2  # the failed step executed again after resume_run
+    assert set(counts) == set(steps)
+    async with Durably(db_url, worker=False) as client:
+        attempts = [(a.name, a.attempt, a.status) for a in await client.get_step_attempts(failed["id"])]
+    assert attempts[:4] == [
+        ("step-0", 1, "completed"),
+        ("step-1", 1, "completed"),
+        ("step-2", 1, "failed"),
+        ("step-2", 2, "completed"),
+    ]
