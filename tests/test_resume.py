@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from collections import Counter as Tally
 from typing import Any
@@ -213,3 +214,29 @@ async def test_a_resumed_run_survives_sigkill_and_never_repeats_its_completed_st
         ("step-2", 1, "failed"),
         ("step-2", 2, "completed"),
     ]
+
+
+async def test_resume_refuses_a_running_or_waiting_run(make_durably):
+    gate = asyncio.Event()
+
+    @define_job("busy")
+    async def busy(step: StepContext, payload: Any) -> None:
+        if payload == "run":
+            async def hold() -> None:
+                await asyncio.wait_for(gate.wait(), 10)
+
+            await step.run("hold", hold)
+        else:
+            await step.sleep("nap", 3600)
+
+    durably = await make_durably(busy)
+    running = await durably.trigger(busy, "run")
+    await wait_until(lambda: durably.get_runs(status="leased"))
+    with pytest.raises(ConflictError):
+        await durably.resume_run(running.id)
+    gate.set()
+    sleeping = await durably.trigger(busy, "sleep")
+    [waiting] = await wait_until(lambda: durably.get_runs(status="waiting"))
+    assert waiting.to_dict()["wake_at"] is not None and waiting.to_dict()["wait_reason"] == "sleep"
+    with pytest.raises(ConflictError):
+        await durably.resume_run(sleeping.id)
