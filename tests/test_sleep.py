@@ -211,3 +211,16 @@ async def test_sigkill_during_a_sleep_then_restart_continues_at_the_due_time_wit
         conn.close()
     async with Durably(db_url, worker=False) as client:
         assert (await client.get_run(run_id)).status == "completed"
+
+
+async def test_subscribe_streams_the_waiting_transition(make_durably):
+    @define_job("streamed-nap")
+    async def job(step: StepContext, payload: Any) -> str:
+        await step.sleep("nap", 0.1)
+        return "done"
+
+    durably = await make_durably(job)
+    run = await durably.trigger(job, None)
+    types = [event.type async for event in durably.subscribe(run.id)]
+    assert types.count("run:waiting") == 1 and types.count("run:leased") == 2
+    assert types[-1] == "run:complete"
