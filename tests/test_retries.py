@@ -24,6 +24,7 @@ from durably_web import (
     define_job,
 )
 from durably_web.retry import NO_RETRY
+from durably_web.storage import StepRecord
 
 
 class FakeClock:
@@ -425,3 +426,38 @@ async def test_two_workers_on_one_file_never_both_execute_a_retry(db_url, tmp_pa
     assert all(len(found) == 2 for found in per_run.values()), per_run  # one failure, one retry, each once
     assert {pid for _, pid, _ in lines} <= {r["pid"] for r in results}
     json.dumps(per_run)
+
+
+async def test_wait_run_is_fenced_and_writes_the_attempt_with_the_waiting_state(make_durably, sql):
+    @define_job("fenced-wait")
+    async def job(step: StepContext, payload: Any) -> None:
+        return None
+
+    client = await make_durably(job, worker=False)
+    run = await client.trigger(job, None)
+    store = client.store
+    now = client.now_ms()
+    claimed = store.claim_run(worker_id="w", job_names=["fenced-wait"], now=now, lease_until=now + 60_000)
+    assert claimed is not None and claimed.id == run.id
+    failed = StepRecord(run.id, 0, "s", "failed", None, '{"type":"OSError"}', now, now, attempt=1)
+    stale = claimed.lease_generation - 1
+    assert not store.wait_run(
+        run.id, stale, until=now + 5000, reason="retry", step_name="s", now=now, failed_attempt=failed
+    )
+    assert sql("SELECT COUNT(*) FROM durably_step_attempts") == [(0,)]
+    assert sql("SELECT status FROM durably_runs") == [("leased",)]
+    assert store.wait_run(
+        run.id,
+        claimed.lease_generation,
+        until=now + 5000,
+        reason="retry",
+        step_name="s",
+        now=now,
+        failed_attempt=failed,
+    )
+    assert sql("SELECT status, available_at, lease_owner FROM durably_runs") == [("waiting", now + 5000, None)]
+    assert sql("SELECT seq, attempt FROM durably_step_attempts") == [(0, 1)]
+    # Not claimable before its time, claimable at it.
+    assert store.claim_run(worker_id="w", job_names=["fenced-wait"], now=now + 4999, lease_until=now) is None
+    again = store.claim_run(worker_id="w", job_names=["fenced-wait"], now=now + 5000, lease_until=now + 9000)
+    assert again is not None and again.attempt == 2
