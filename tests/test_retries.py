@@ -455,7 +455,9 @@ async def test_wait_run_is_fenced_and_writes_the_attempt_with_the_waiting_state(
         now=now,
         failed_attempt=failed,
     )
-    assert sql("SELECT status, available_at, lease_owner FROM durably_runs") == [("waiting", now + 5000, None)]
+    assert sql("SELECT status, available_at, lease_owner FROM durably_runs") == [
+        ("waiting", now + 5000, None)
+    ]
     assert sql("SELECT seq, attempt FROM durably_step_attempts") == [(0, 1)]
     # Not claimable before its time, claimable at it.
     assert store.claim_run(worker_id="w", job_names=["fenced-wait"], now=now + 4999, lease_until=now) is None
