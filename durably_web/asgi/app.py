@@ -349,6 +349,17 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A repeated key is ambiguous (the last wins here, the first in some proxies and
+    # filters in front of us): refuse it rather than guess which one was meant.
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise ValueError(f"the key {key[:60]!r} appears more than once in one object")
+        value[key] = item
+    return value
+
+
 def _pydantic_details(exc: PydanticValidationError) -> list[dict[str, Any]]:
     return exc.errors(include_url=False, include_context=False, include_input=False)  # type: ignore[return-value]
 
@@ -369,7 +380,12 @@ async def _read_json(request: Request, limit: int) -> Any:
     if not raw.strip():
         return _NO_BODY
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+        value = json.loads(
+            raw.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
         # A lone surrogate (from "\ud800") cannot be stored as UTF-8 text.
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (UnicodeError, ValueError, RecursionError) as exc:
