@@ -247,12 +247,14 @@ class Durably:
         """Call ``listener(event)`` for each event of ``event_type`` ('*' for all); returns unsubscribe."""
         return self.bus.on(event_type, listener)
 
-    def subscribe(self, run_id: str, *, max_buffered: int | None = None) -> RunSubscription:
+    def subscribe(
+        self, run_id: str, *, max_buffered: int | None = None, max_buffered_bytes: int | None = None
+    ) -> RunSubscription:
         """Async iterator of one run's events, ending with its terminal event.
 
-        ``max_buffered`` bounds the events waiting for a slow consumer (see
-        ``EventBuffer``: progress coalesces, anything more raises
-        ``SubscriptionOverflowError``); ``None`` keeps every event.
+        ``max_buffered`` (events) and ``max_buffered_bytes`` (their JSON size) bound what
+        waits for a slow consumer (see ``EventBuffer``: progress coalesces, anything more
+        raises ``SubscriptionOverflowError``); ``None`` keeps every event.
         """
         record = self.store.get_run(_run_id(run_id))
         if record is None:
@@ -267,7 +269,12 @@ class Durably:
             return None
 
         subscription = RunSubscription(
-            self.bus, run_id, poll, self.polling_interval, max_buffered=max_buffered
+            self.bus,
+            run_id,
+            poll,
+            self.polling_interval,
+            max_buffered=max_buffered,
+            max_buffered_bytes=max_buffered_bytes,
         )
         if record.status in TERMINAL_STATUSES:
             subscription._offer(self._terminal_event(record))

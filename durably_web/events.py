@@ -10,6 +10,8 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
+import pydantic_core
+
 from .errors import SubscriptionOverflowError, ValidationError
 from .models import ErrorInfo, Event
 
@@ -117,25 +119,38 @@ class EventBus:
         )
 
 
+def _json_size(event: Event) -> int:
+    """About how many bytes ``event`` takes as JSON (what a stream would send)."""
+    return len(pydantic_core.to_json(event.data, inf_nan_mode="null", serialize_unknown=True)) + 128
+
+
 class EventBuffer:
     """Events waiting for one consumer; with a ``limit``, a consumer that falls behind cannot
     make it grow without bound.
 
     ``run:progress`` is state, not history: once the buffer is full, a progress event
     replaces the run's progress event at the end of the buffer (the newest wins, order
-    is kept). Any other event that finds the buffer full *overflows* it: the buffer is
+    is kept). ``limit`` counts events; ``max_bytes`` bounds the JSON size of what is
+    held (events can carry megabytes: log data, step outputs), except that an empty
+    buffer always takes one event, so a consumer that keeps up never overflows on a
+    single large one. Any other event that does not fit *overflows* the buffer: it is
     emptied at once (freeing what it held), takes nothing more, and ``get`` raises
     ``SubscriptionOverflowError``; the consumer must start over from the current state
     (the HTTP streams then send ``stream:reset`` and end, and clients reconnect).
-    Without a limit (``None``) it is unbounded, as in-process consumers expect.
+    Without bounds (``None``) it is unbounded, as in-process consumers expect.
     """
 
-    def __init__(self, limit: int | None = None) -> None:
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise ValidationError(f"limit must be None or a positive int, not {limit!r}")
+    def __init__(self, limit: int | None = None, *, max_bytes: int | None = None) -> None:
+        for name, value in (("limit", limit), ("max_bytes", max_bytes)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValidationError(f"{name} must be None or a positive int, not {value!r}")
         self.limit = limit
+        self.max_bytes = max_bytes
         self.overflowed = False
         self._events: deque[Event] = deque()
+        self._sizes: deque[int] = deque()  # each held event's JSON size, when max_bytes is set
+        self._bytes = 0
+        self.peak_bytes = 0  # the most ever held at once (for diagnostics and tests)
         self._ready = asyncio.Event()
 
     def __len__(self) -> int:
@@ -145,20 +160,41 @@ class EventBuffer:
         if self.overflowed:
             return
         events = self._events
-        if self.limit is not None and len(events) >= self.limit:
+        size = _json_size(event) if self.max_bytes is not None else 0
+        full = bool(events) and (
+            (self.limit is not None and len(events) >= self.limit)
+            or (self.max_bytes is not None and self._bytes + size > self.max_bytes)
+        )
+        if full:
             last = events[-1]
             if event.type == "run:progress" and last.type == "run:progress" and last.run_id == event.run_id:
                 events[-1] = event
+                if self.max_bytes is not None:
+                    self._bytes += size - self._sizes[-1]
+                    self._sizes[-1] = size
+                    if self._bytes > self.max_bytes and len(events) > 1:
+                        self.overflow()
                 return
             self.overflow()
             return
         events.append(event)
+        if self.max_bytes is not None:
+            self._sizes.append(size)
+            self._bytes += size
+            self.peak_bytes = max(self.peak_bytes, self._bytes)
         self._ready.set()
+
+    @property
+    def buffered_bytes(self) -> int:
+        """The JSON size of the events held (counted only when ``max_bytes`` is set)."""
+        return self._bytes
 
     def overflow(self) -> None:
         """Give up on this consumer: drop what is buffered; ``get`` raises from now on."""
         self.overflowed = True
         self._events.clear()
+        self._sizes.clear()
+        self._bytes = 0
         self._ready.set()
 
     async def get(self, timeout: float | None = None) -> Event | None:
@@ -175,6 +211,8 @@ class EventBuffer:
             except TimeoutError:
                 if not self._events and not self.overflowed:
                     return None
+        if self._sizes:
+            self._bytes -= self._sizes.popleft()
         return self._events.popleft()
 
 
@@ -197,9 +235,10 @@ class RunSubscription:
         poll_interval: float,
         *,
         max_buffered: int | None = None,
+        max_buffered_bytes: int | None = None,
     ) -> None:
         self._run_id = run_id
-        self._buffer = EventBuffer(max_buffered)
+        self._buffer = EventBuffer(max_buffered, max_bytes=max_buffered_bytes)
         self._poll = poll
         self._poll_interval = poll_interval
         self._done = False

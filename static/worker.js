@@ -164,6 +164,12 @@ function downloadJobModules(urls) {
     urls.map(async (url) => {
       const response = await fetch(url);
       if (!response.ok) throw new Error(`cannot load job module ${url}: HTTP ${response.status}`);
+      // The page vetted the URL it asked for, not where a redirect leads: an open redirect
+      // on a trusted origin must not hand the worker another origin's code.
+      const asked = new URL(url, self.location.href).origin;
+      if (response.url && new URL(response.url).origin !== asked) {
+        throw new Error(`job module ${url} was redirected to another origin (${new URL(response.url).origin}); refused`);
+      }
       return { url, text: await response.text() };
     }),
   );

@@ -474,7 +474,7 @@ async def test_on_a_real_server_streams_and_rebinding(idle: Durably) -> None:
             assert stream.status_code == 200
             assert stream.headers["access-control-allow-origin"] == APP_ORIGIN
             assert stream.headers["content-type"].startswith("text/event-stream")
-            assert "no-cache" in stream.headers["cache-control"]
+            assert "no-store" in stream.headers["cache-control"]
             assert stream.headers["x-content-type-options"] == "nosniff"
             events = sse_events(stream, comments=True)
             assert (await next_event(events)).event == ":"  # ready

@@ -208,6 +208,23 @@ async def test_overflowing_numbers_are_rejected(
     assert await idle.get_runs() == []
 
 
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"job": "t-note", "input": {"text": "x"}, "job": "t-other"}',
+        b'{"job": "t-note", "input": {"text": "x", "text": "y"}}',
+    ],
+)
+async def test_a_key_repeated_in_one_object_is_rejected(
+    idle: Durably, client_for: ClientFor, body: bytes
+) -> None:
+    client = await client_for(idle)
+    response = await client.post("/trigger", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "appears more than once" in response.json()["message"]
+    assert await idle.get_runs() == []
+
+
 async def test_large_but_finite_numbers_are_kept(idle: Durably, client_for: ClientFor) -> None:
     body = b'{"job": "t-note", "input": {"text": "x"}, "labels": {"n": "1e400"}}'
     response = await (await client_for(idle)).post("/trigger", content=body)

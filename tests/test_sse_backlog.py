@@ -84,10 +84,36 @@ async def test_a_full_buffer_coalesces_progress_and_overflows_on_anything_else()
         await buffer.get(0)
 
 
+async def test_a_byte_bounded_buffer_overflows_on_size_but_always_takes_one_event() -> None:
+    def big(kind: str, size: int, run_id: str = "r") -> Event:
+        return Event(kind, run_id, "job", datetime.now(UTC), {"blob": "x" * size})
+
+    buffer = EventBuffer(1000, max_bytes=1_000_000)
+    buffer.put(big("step:complete", 5_000_000))  # larger than the budget, but the buffer was empty
+    assert len(buffer) == 1 and not buffer.overflowed
+    assert (await buffer.get(0)) is not None and buffer.buffered_bytes == 0
+    for _ in range(9):
+        buffer.put(big("log:write", 100_000))
+    assert len(buffer) == 9 and 900_000 < buffer.buffered_bytes <= 1_000_000
+    buffer.put(big("log:write", 100_000))  # would pass the budget: overflow, all freed
+    assert buffer.overflowed and len(buffer) == 0 and buffer.buffered_bytes == 0
+    # once the bytes are used up, a run's progress replaces its last one (within budget)
+    progress = EventBuffer(1000, max_bytes=1_000_000)
+    for _ in range(9):
+        progress.put(big("run:progress", 100_000))
+    for _ in range(1000):
+        progress.put(big("run:progress", 100_000))
+    assert len(progress) == 9 and not progress.overflowed
+    progress.put(big("run:progress", 300_000))  # the replacement itself no longer fits
+    assert progress.overflowed
+
+
 def test_buffer_limit_is_checked() -> None:
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValidationError):
             EventBuffer(bad)  # type: ignore[arg-type]
+        with pytest.raises(ValidationError):
+            EventBuffer(max_bytes=bad)  # type: ignore[arg-type]
     unbounded = EventBuffer()
     for n in range(5000):
         unbounded.put(_event("log:write", n=n))
@@ -122,10 +148,16 @@ async def test_a_bounded_subscription_that_nobody_reads_stays_bounded(make_durab
 # --- the HTTP streams -----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("events", "max_bytes"),
+    [(20, app_module.STREAM_BACKLOG_BYTES), (app_module.STREAM_BACKLOG, 1_000_000)],
+    ids=["by-count", "by-bytes"],
+)
 async def test_a_run_stream_that_fell_behind_ends_with_stream_reset(
-    make_durably: Any, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+    make_durably: Any, http: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch, events: int, max_bytes: int
 ) -> None:
-    monkeypatch.setattr(app_module, "STREAM_BACKLOG", 20)
+    monkeypatch.setattr(app_module, "STREAM_BACKLOG", events)
+    monkeypatch.setattr(app_module, "STREAM_BACKLOG_BYTES", max_bytes)
     durably: Durably = await make_durably(flood_job)
     subscriptions: list[RunSubscription] = []
     subscribe = durably.subscribe
@@ -142,7 +174,8 @@ async def test_a_run_stream_that_fell_behind_ends_with_stream_reset(
             GATES.setdefault("flood", asyncio.Event()).set()
             await durably.wait_for_run(run.id, timeout=60)
             [subscription] = subscriptions
-            assert subscription.backlog <= 20
+            assert subscription.backlog <= events
+            assert 0 < subscription._buffer.peak_bytes <= max_bytes
             assert subscription._buffer.overflowed
             # now it reads: what was sent arrives, then stream:reset, then the stream ends
             seen: list[SseEvent] = [event async for event in sse_events(response)]
@@ -165,8 +198,8 @@ async def test_a_list_stream_that_fell_behind_ends_with_stream_reset(
     buffers: list[EventBuffer] = []
 
     class RecordingBuffer(EventBuffer):
-        def __init__(self, limit: int | None = None) -> None:
-            super().__init__(limit)
+        def __init__(self, limit: int | None = None, *, max_bytes: int | None = None) -> None:
+            super().__init__(limit, max_bytes=max_bytes)
             buffers.append(self)
 
     monkeypatch.setattr(app_module, "EventBuffer", RecordingBuffer)
@@ -192,8 +225,8 @@ async def test_list_stream_buffers_hold_no_inputs_and_forget_filtered_out_runs(
     verdicts: list[dict[str, bool]] = []
 
     class RecordingBuffer(EventBuffer):
-        def __init__(self, limit: int | None = None) -> None:
-            super().__init__(limit)
+        def __init__(self, limit: int | None = None, *, max_bytes: int | None = None) -> None:
+            super().__init__(limit, max_bytes=max_bytes)
             buffers.append(self)
 
     class RecordingVerdicts(app_module._Verdicts):

@@ -81,6 +81,9 @@ _META_CACHE_SIZE = 10_000
 #: the client reconnects to the current state: a slow client costs bounded memory. Twice
 #: the largest batch, so that one batch (its events come all at once) never resets a stream.
 STREAM_BACKLOG = 2 * MAX_BATCH_ITEMS
+#: Most bytes (as JSON) one stream holds for a client that does not keep up: events can be
+#: large (log data, step outputs). A single event larger than this still goes through.
+STREAM_BACKLOG_BYTES = 16 * 1024 * 1024
 #: Most run ids a run-list stream remembers as inside or outside its filter (oldest forgotten
 #: first; a forgotten run is looked up again if it has another event).
 _VISIBLE_CACHE_SIZE = 10_000
@@ -263,7 +266,7 @@ class _EventStream(StreamingResponse):
         super().__init__(
             content,
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -346,6 +349,17 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # A repeated key is ambiguous (the last wins here, the first in some proxies and
+    # filters in front of us): refuse it rather than guess which one was meant.
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise ValueError(f"the key {key[:60]!r} appears more than once in one object")
+        value[key] = item
+    return value
+
+
 def _pydantic_details(exc: PydanticValidationError) -> list[dict[str, Any]]:
     return exc.errors(include_url=False, include_context=False, include_input=False)  # type: ignore[return-value]
 
@@ -366,7 +380,12 @@ async def _read_json(request: Request, limit: int) -> Any:
     if not raw.strip():
         return _NO_BODY
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
+        value = json.loads(
+            raw.decode("utf-8"),
+            parse_constant=_reject_constant,
+            parse_float=_finite_float,
+            object_pairs_hook=_unique_keys,
+        )
         # A lone surrogate (from "\ud800") cannot be stored as UTF-8 text.
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except (UnicodeError, ValueError, RecursionError) as exc:
@@ -808,7 +827,9 @@ class _Api:
         """
         durably = self.durably
         try:
-            subscription = durably.subscribe(run_id, max_buffered=STREAM_BACKLOG)
+            subscription = durably.subscribe(
+                run_id, max_buffered=STREAM_BACKLOG, max_buffered_bytes=STREAM_BACKLOG_BYTES
+            )
         except NotFoundError:
             yield _sse("run:delete", {"type": "run:delete", "run_id": run_id})
             return
@@ -875,9 +896,9 @@ class _Api:
         """Run-level events of every run inside ``runs_filter``, each with the run's current state.
 
         Events wait in a bounded ``EventBuffer``; a client more than ``STREAM_BACKLOG``
-        events behind gets ``stream:reset`` and the stream ends.
+        events (or ``STREAM_BACKLOG_BYTES``) behind gets ``stream:reset`` and the stream ends.
         """
-        buffer = EventBuffer(STREAM_BACKLOG)
+        buffer = EventBuffer(STREAM_BACKLOG, max_bytes=STREAM_BACKLOG_BYTES)
         visible = _Verdicts(_VISIBLE_CACHE_SIZE)
         known = visible.remember
 

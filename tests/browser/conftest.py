@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -94,6 +95,18 @@ class _SiteWithTestPages(site_build.SiteHandler):  # type: ignore[misc,name-defi
     """site/, plus tests/browser/pages/ under /_test/."""
 
     extra_roots = (str(PAGES),)
+
+    def do_GET(self) -> None:
+        # /_test/redirect?to=URL answers 302 to URL: the open redirect an app that hosts
+        # the dashboard may have (the ?local= redirect test uses it).
+        if self.path.startswith("/_test/redirect?"):
+            target = parse_qs(urlsplit(self.path).query).get("to", [""])[0]
+            self.send_response(302)
+            self.send_header("Location", target)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        super().do_GET()
 
     def translate_path(self, path: str) -> str:
         translated: str = super().translate_path(path)

@@ -650,6 +650,21 @@ def test_local_and_remote_urls_from_other_origins_are_refused(
     assert evil_requests == [], f"the other origin was contacted: {evil_requests}"
 
 
+def test_a_same_origin_redirect_to_another_origin_does_not_run_its_module(
+    driver: Any, site_url: Any, other_origin: tuple[str, list[str]]
+) -> None:
+    # The URL passes the page's origin check; the site then redirects it elsewhere (an open
+    # redirect of the hosting app). The worker must refuse the other origin's code.
+    url, _ = site_url
+    evil, evil_requests = other_origin
+    redirect = f"/_test/redirect?to={quote(evil + 'redirected.py', safe='')}"
+    driver.get(f"{url}dashboard.html?local={quote(redirect, safe='')}&storage=memory&db=redirect.db")
+    shown = start_error(driver)
+    assert "redirected to another origin" in shown["head"], shown
+    assert "this must never run" not in (shown["traceback"] or ""), shown
+    assert evil_requests.count("/redirected.py") <= 1  # fetched at most once, never imported
+
+
 def test_local_jobs_from_this_origin_still_run(driver: Any, site_url: Any) -> None:
     url, _ = site_url
     driver.get(f"{url}dashboard.html?local={quote(url + 'demo_jobs.py', safe='')}&storage=memory&db=same.db")
