@@ -26,8 +26,8 @@ LIST_BUFFERS: list[EventBuffer] = []
 class _RecordingBuffer(EventBuffer):
     """The run-list streams' buffers (app.py creates them), to see that they did overflow."""
 
-    def __init__(self, limit: int | None = None) -> None:
-        super().__init__(limit)
+    def __init__(self, limit: int | None = None, *, max_bytes: int | None = None) -> None:
+        super().__init__(limit, max_bytes=max_bytes)
         LIST_BUFFERS.append(self)
 
 
