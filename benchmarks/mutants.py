@@ -64,13 +64,15 @@ MUTANTS: tuple[Mutant, ...] = (
         name="fencing removed from step writes",
         file="durably_web/storage/sqlite/queries.sql",
         old=(
-            "SELECT :run_id, :seq, :name, :status, :output, :error, :started_at, :completed_at\n"
+            "SELECT :run_id, :seq, :name, :status, :output, :error, :started_at, :completed_at, :kind, "
+            ":attempt\n"
             "WHERE EXISTS (\n"
             "    SELECT 1 FROM durably_runs\n"
             "    WHERE id = :run_id AND status = 'leased' AND lease_generation = :generation)"
         ),
         new=(
-            "SELECT :run_id, :seq, :name, :status, :output, :error, :started_at, :completed_at\n"
+            "SELECT :run_id, :seq, :name, :status, :output, :error, :started_at, :completed_at, :kind, "
+            ":attempt\n"
             "WHERE EXISTS (\n"
             "    SELECT 1 FROM durably_runs\n"
             "    WHERE id = :run_id AND status = 'leased')"
@@ -120,6 +122,22 @@ MUTANTS: tuple[Mutant, ...] = (
             "-p no:cacheprovider tests/browser/test_runtime.py::test_two_tabs_one_leader_and_handover",
         ),
         also_copy=("static", "site", "build.py", "web", "browser-wheels.json"),
+    ),
+    Mutant(
+        # Durable waiting: a retry's backoff is the persisted wake-up time, not "now".
+        name="retry backoff not persisted (the run is due at once)",
+        file="durably_web/storage/sqlite/queries.sql",
+        old="        THEN :now ELSE :until END,\n",
+        new="        THEN :now ELSE :now END,\n",
+        command=(
+            PY,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/test_retries.py::test_the_backoff_is_the_persisted_wake_up_time_not_an_in_memory_sleep",
+        ),
     ),
     Mutant(
         name="concurrency-key check removed from claiming",

@@ -12,6 +12,7 @@ from .errors import (
     ExistingRunRefusedError,
     LeaseLostError,
     NonDeterministicReplayError,
+    NonRetryableError,
     NotFoundError,
     ReadOnlyError,
     SchemaVersionError,
@@ -21,7 +22,8 @@ from .errors import (
     WaitTimeoutError,
 )
 from .job import JobDefinition, define_job
-from .models import ErrorInfo, Event, LogEntry, Progress, Run, Step
+from .models import ErrorInfo, Event, LogEntry, Progress, Run, Step, StepAttempt
+from .retry import RetryPolicy
 from .step import StepContext
 
 __version__ = "0.1.0"
@@ -38,12 +40,15 @@ __all__ = [
     "LeaseLostError",
     "LogEntry",
     "NonDeterministicReplayError",
+    "NonRetryableError",
     "NotFoundError",
     "Progress",
     "ReadOnlyError",
+    "RetryPolicy",
     "Run",
     "SchemaVersionError",
     "Step",
+    "StepAttempt",
     "StepContext",
     "StepError",
     "StorageError",

@@ -46,7 +46,7 @@ from .errors import (
     ValidationError,
     WaitTimeoutError,
 )
-from .models import Run, to_jsonable
+from .models import Run, iso, to_jsonable
 from .storage import open_store
 
 PROG = "durably-web"
@@ -345,6 +345,9 @@ def _state_note(run: Run) -> str | None:
             f"running on a worker (attempt {run.attempt}); if that worker died, another one "
             "resumes it when the lease expires"
         )
+    if run.status == "waiting":
+        due = iso(run.wake_at) or "?"
+        return f"waiting ({run.wait_reason} at step {run.wait_step!r}); any worker continues it at {due}"
     return None
 
 

@@ -15,14 +15,17 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Literal
 
+from pydantic import ValidationError as PydanticValidationError
+
 from . import ids
-from .engine import Worker
+from .engine import NEVER_MS, Worker
 from .errors import (
     ConflictError,
     DurablyError,
     ExistingRunRefusedError,
     NotFoundError,
     ReadOnlyError,
+    StepError,
     ValidationError,
     WaitTimeoutError,
 )
@@ -37,8 +40,10 @@ from .models import (
     Progress,
     Run,
     Step,
+    StepAttempt,
     from_ms,
 )
+from .serialization import _NO_TYPE, encode
 from .storage import NewRun, RunFilter, RunRecord, Store, open_store
 
 logger = logging.getLogger("durably_web")
@@ -561,6 +566,27 @@ class Durably:
             for s in self.store.list_steps(run_id)
         ]
 
+    async def get_step_attempts(self, run_id: str) -> list[StepAttempt]:
+        """Every attempt of every ``step.run`` step, by position then attempt number: each
+        retried failure, and the attempt that ended the step (completed, or failed for good)."""
+        self._require(run_id)
+        attempts = [
+            StepAttempt(
+                run_id=s.run_id,
+                index=s.index,
+                name=s.name,
+                attempt=s.attempt,
+                status=s.status,  # type: ignore[arg-type]
+                error=_error_info(s.error_json),
+                started_at=from_ms(s.started_at),  # type: ignore[arg-type]
+                completed_at=from_ms(s.completed_at),  # type: ignore[arg-type]
+            )
+            for s in [*self.store.list_step_attempts(run_id), *self.store.list_steps(run_id)]
+            if s.kind == "run"
+        ]
+        attempts.sort(key=lambda a: (a.index, a.attempt))
+        return attempts
+
     async def get_logs(self, run_id: str) -> list[LogEntry]:
         self._require(run_id)
         return [
@@ -588,6 +614,100 @@ class Durably:
                 self._worker.active[run_id].stop("cancelled")
             self.emit("run:cancel", run_id, record.job_name, {})
         return self._to_run(record)
+
+    async def send_signal(
+        self, run_id: str, name: str, payload: Any = None, *, signal_id: str | None = None
+    ) -> str:
+        """Send the signal ``name`` with ``payload`` to a run; return the disposition:
+        "delivered" (the run was waiting for it and continues now), "stored" (kept until the
+        run reaches ``wait_for_signal(name)``) or "duplicate" (this ``signal_id`` was sent to
+        the run before; nothing changed). ``NotFoundError`` for an unknown run,
+        ``ConflictError`` for a finished one. When the payload type is known here (the job's
+        ``define_job(signals=)``, or a ``wait_for_signal(name, type=)`` this process has
+        executed), a payload that fails it raises ``ValidationError`` and nothing is stored.
+        """
+        self._check_writable("send a signal")
+        record = self._require(run_id)
+        if not _is_storable_text(name, MAX_KEY_LENGTH):
+            raise ValidationError(f"signal name must be a non-empty string of at most {MAX_KEY_LENGTH} chars")
+        if signal_id is not None and not _is_storable_text(signal_id, MAX_KEY_LENGTH):
+            raise ValidationError(f"signal_id must be a non-empty string of at most {MAX_KEY_LENGTH} chars")
+        job = self.jobs.get(record.job_name)
+        tp = job.signal_types.get(name, _NO_TYPE) if job is not None else _NO_TYPE
+        try:
+            payload_json, _ = encode(payload, tp, what=f"signal {name!r}")
+        except StepError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, PydanticValidationError):
+                raise ValidationError(
+                    f"invalid payload for signal {name!r}: {cause}",
+                    cause.errors(include_url=False, include_context=False, include_input=False),  # type: ignore[arg-type]
+                ) from None
+            raise ValidationError(f"invalid payload for signal {name!r}: {exc}") from None
+        if len(payload_json.encode()) > self.max_payload_bytes:
+            raise ValidationError(f"signal payload is larger than max_payload_bytes={self.max_payload_bytes}")
+        disposition, record = self.store.send_signal(run_id, name, payload_json, signal_id, self.now_ms())
+        await self._wait_durable()
+        if disposition != "duplicate":
+            self.emit(
+                "signal:received",
+                run_id,
+                record.job_name,
+                {"name": name, "signal_id": signal_id, "disposition": disposition},
+            )
+        if disposition == "delivered" and self._worker is not None:
+            self._worker.wake()
+        return disposition
+
+    async def resume_run(self, run_id: str) -> Run:
+        """Continue a failed or cancelled run after its last completed step.
+
+        The run goes back to pending with its attempt count kept; when it executes,
+        its completed steps replay and the step that failed executes again (with a
+        fresh budget of its ``RetryPolicy``; the earlier attempts stay in
+        ``get_step_attempts``). ``ConflictError`` for any other status (completed,
+        pending, leased, waiting), for a cancelled run whose handler is still
+        stopping, and when another run of its concurrency key is pending.
+        """
+        self._check_writable("resume a run")
+        before = self._require(run_id)
+        record = self.store.resume_run(run_id, self.now_ms())
+        await self._wait_durable()
+        data = {"attempt": record.attempt, "previous_status": before.status}
+        self.emit("run:resume", run_id, record.job_name, data)
+        if self._worker is not None:
+            self._worker.wake()
+        return self._to_run(record)
+
+    async def fork_run(self, run_id: str, *, from_step: str) -> Run:
+        """A new run of the same job, input and labels (re-validated, as in ``retrigger``) holding
+        copies of the source's completed steps recorded before ``from_step``: those replay,
+        ``from_step`` and everything after it run again. ``forked_from`` links it to the source.
+
+        ``from_step`` must name a recorded step of the source (``NotFoundError`` otherwise). The
+        fork has no idempotency or concurrency key.
+        """
+        self._check_writable("fork a run")
+        record = self._require(run_id)
+        if not isinstance(from_step, str) or not from_step:
+            raise ValidationError(f"from_step must be a step name, not {from_step!r}")
+        input_json = record.input_json
+        if record.job_name in self.jobs:
+            _, input_json = self.jobs[record.job_name].validate_input(json.loads(record.input_json))
+        new = NewRun(
+            id=ids.new_id(self.now_ms()),
+            job_name=record.job_name,
+            input_json=input_json,
+            labels=dict(record.labels),
+            idempotency_key=None,
+            concurrency_key=None,
+            coalesce=False,
+            created_at=self.now_ms(),
+            forked_from=record.id,
+        )
+        created = self.store.fork_run(new, record.id, from_step)
+        await self._wait_durable()
+        return self._created([(created, "created")])[0]
 
     async def retrigger(self, run_id: str) -> Run:
         """A new run of the same job with the same input, labels and concurrency key.
@@ -674,6 +794,14 @@ class Durably:
             completed_at=from_ms(record.completed_at),
             updated_at=from_ms(record.updated_at),
             disposition=disposition,  # type: ignore[arg-type]
+            wake_at=(
+                from_ms(record.available_at)
+                if record.status == "waiting" and record.available_at < NEVER_MS
+                else None
+            ),
+            wait_reason=record.wait_reason if record.status == "waiting" else None,
+            wait_step=record.wait_step if record.status == "waiting" else None,
+            forked_from=record.forked_from,
         )
 
 

@@ -12,12 +12,12 @@ import asyncio
 import json
 import os
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import ids
 from .errors import CancelledError, LeaseLostError, StorageError
 from .job import JobDefinition
-from .models import ErrorInfo, Progress
+from .models import ErrorInfo, Progress, from_ms
 from .step import StepContext, _error_json
 from .storage.base import LogRecord, RunRecord, StepRecord
 from .threads import SyncStepThreads
@@ -31,6 +31,16 @@ class _ShutdownSignal(BaseException):
 
     A BaseException so that handlers catching ``Exception`` do not swallow it.
     """
+
+
+#: The wake-up time of a wait with no deadline (a signal wait without timeout): 9999-12-31.
+NEVER_MS = 253_402_300_799_000
+
+
+class _Suspend(BaseException):
+    """Raised once the run has been made 'waiting' (persisted): the handler stops here and
+    the execution ends without touching the run again. A BaseException, like
+    ``_ShutdownSignal``, so that handlers catching ``Exception`` do not swallow it."""
 
 
 class RunExecution:
@@ -89,6 +99,84 @@ class RunExecution:
     async def wait_durable(self) -> None:
         await self._durably.store.wait_durable()
 
+    def next_signal(self, name: str) -> tuple[int, str] | None:
+        return self._durably.store.next_signal(self.run_id, name)
+
+    def consume_signal(self, key: int, step: StepRecord) -> bool:
+        if self._durably.store.consume_signal(key, step, self.generation, self.now_ms()):
+            return True
+        current = self._durably.store.get_run(self.run_id)
+        if current is not None and current.status == "leased" and current.lease_generation == self.generation:
+            return False  # the signal was taken; look for the next one
+        raise self.fence_error(f"signal {step.name!r}")
+
+    async def retry_step(self, failed: StepRecord, exc: BaseException, delay: float) -> NoReturn:
+        """The failed attempt is recorded and the run waits ``delay`` seconds for the next
+        one, in one transaction: a kill at any instant leaves either the attempt in flight
+        (it runs again) or the attempt recorded with its retry scheduled."""
+        until = self.now_ms() + int(delay * 1000)
+        self.emit(
+            "step:fail",
+            {
+                "step_name": failed.name,
+                "step_index": failed.index,
+                "error": ErrorInfo.from_exception(exc),
+                "attempt": failed.attempt,
+                "will_retry": True,
+            },
+        )
+        await self.wait_until(
+            until,
+            reason="retry",
+            step_name=failed.name,
+            failed_attempt=failed,
+            retry_event={
+                "step_name": failed.name,
+                "step_index": failed.index,
+                "attempt": failed.attempt,
+                "next_attempt": failed.attempt + 1,
+                "delay": delay,
+                "error": ErrorInfo.from_exception(exc),
+            },
+        )
+
+    async def wait_until(
+        self,
+        until: int,
+        *,
+        reason: str,
+        step_name: str,
+        step: StepRecord | None = None,
+        failed_attempt: StepRecord | None = None,
+        retry_event: dict[str, Any] | None = None,
+        deadline: int | None = None,
+    ) -> NoReturn:
+        """Make the run 'waiting' until ``until`` (ms): it gives up its lease and worker slot,
+        and any worker claims it once due. Never returns: raises ``_Suspend``."""
+        durably = self._durably
+        ok = durably.store.wait_run(
+            self.run_id,
+            self.generation,
+            until=until,
+            reason=reason,
+            step_name=step_name,
+            now=self.now_ms(),
+            failed_attempt=failed_attempt,
+            step=step,
+            deadline=deadline,
+        )
+        if not ok:
+            raise self.fence_error(f"{reason} of step {step_name!r}")
+        if self.deferred_durability:
+            await durably.store.wait_durable()
+        if retry_event is not None:
+            self.emit("step:retry", retry_event)
+        due_at = None if until >= NEVER_MS else from_ms(until)  # a signal wait without timeout
+        self.emit("run:waiting", {"reason": reason, "step_name": step_name, "due_at": due_at})
+        if until < NEVER_MS:
+            self._worker.wake_at(until)
+        raise _Suspend
+
     def record_step(self, step: StepRecord) -> None:
         if not self._durably.store.record_step(step, self.generation):
             raise self.fence_error(f"step {step.name!r}")
@@ -133,8 +221,10 @@ class RunExecution:
         store = durably.store
         try:
             recorded = {step.index: step for step in store.list_steps(self.run_id, completed_only=True)}
+            # A first execution has no earlier attempts: spare the query on the hot path.
+            failed_attempts = store.count_step_attempts(self.run_id) if self.attempt > 1 else {}
             self.emit("run:leased", {"attempt": self.attempt, "replayed_steps": len(recorded)})
-            step = StepContext(self, recorded)
+            step = StepContext(self, recorded, failed_attempts)
             payload = self.job.decode_input(self.record.input_json)
             result = await self.job.handler(step, payload)
             step._end_replay()  # a handler that only replayed may still have progress to record
@@ -145,6 +235,8 @@ class RunExecution:
                 await self._stopped_after_cancel()
             elif self.stop_reason != "lease-lost":
                 self._release()
+        except _Suspend:
+            pass  # the run is waiting (persisted); nothing of it is ours any more
         except _ShutdownSignal:
             self._release()
         except (CancelledError, LeaseLostError) as exc:
@@ -223,6 +315,7 @@ class Worker:
         self._renew_task: asyncio.Task[None] | None = None
         self._last_purge = 0.0
         self.sync_threads: SyncStepThreads | None = None
+        self._timers: set[asyncio.TimerHandle] = set()
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -233,6 +326,23 @@ class Worker:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def wake_at(self, until_ms: int) -> None:
+        """Wake the claim loop when a run this worker made wait is due (a loop timer, so a
+        local sleep or retry continues at once, not at the next poll). Other workers find
+        it by polling; the due time itself is in the database."""
+        if self._loop is None or self._stopping:
+            return
+        # A millisecond late, so the claim query's clock reading is past the due time.
+        delay = max(0.0, (until_ms - self.durably.now_ms() + 1) / 1000)
+        handle: asyncio.TimerHandle | None = None
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self._wake.set()
+
+        handle = self._loop.call_later(delay, fire)
+        self._timers.add(handle)
 
     async def _claim_loop(self) -> None:
         durably = self.durably
@@ -330,6 +440,9 @@ class Worker:
         deadline = loop.time() + timeout
         self._stopping = True
         self._wake.set()
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
         background = [task for task in (self._loop_task, self._renew_task) if task is not None]
         for task in background:
             task.cancel()

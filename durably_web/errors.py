@@ -82,6 +82,10 @@ class LeaseLostError(DurablyError):
     """
 
 
+class NonRetryableError(DurablyError):
+    """Raise it (or a subclass) from a step to fail the step at once, whatever its ``RetryPolicy``."""
+
+
 class StepError(DurablyError):
     """A step was used wrongly: a repeated name, or a result that cannot be persisted."""
 

@@ -27,9 +27,13 @@ EVENT_TYPES: frozenset[str] = frozenset(
         "run:cancel",
         "run:delete",
         "run:progress",
+        "run:waiting",
+        "run:resume",
         "step:start",
         "step:complete",
         "step:fail",
+        "step:retry",
+        "signal:received",
         "log:write",
         "worker:error",
     }

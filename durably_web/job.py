@@ -5,13 +5,14 @@ from __future__ import annotations
 import inspect
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
 from .errors import ValidationError
+from .retry import RetryPolicy
 from .serialization import adapter_for
 
 if TYPE_CHECKING:
@@ -32,6 +33,11 @@ class JobDefinition(Generic[InputT, OutputT]):
     handler: Handler[InputT, OutputT]
     input_type: Any
     output_type: Any
+    #: The default for this job's steps (``step.run(..., retry=)`` overrides it); None: no retry.
+    retry: RetryPolicy | None = None
+    #: Signal name -> payload type, for ``send_signal`` to validate before storing: declared
+    #: with ``define_job(signals=)``, and learned from ``wait_for_signal(type=)`` calls.
+    signal_types: dict[str, Any] = field(default_factory=dict, compare=False)
 
     @property
     def input_adapter(self) -> TypeAdapter[Any]:
@@ -77,13 +83,23 @@ def _error_details(exc: PydanticValidationError) -> list[dict[str, Any]]:
 
 
 def define_job(
-    name: str, *, input: Any = None, output: Any = None
+    name: str,
+    *,
+    input: Any = None,
+    output: Any = None,
+    retry: RetryPolicy | None = None,
+    signals: dict[str, Any] | None = None,
 ) -> Callable[[Handler[Any, Any]], JobDefinition[Any, Any]]:
     """Decorator turning ``async def handler(step, payload)`` into a job.
 
     ``input``/``output`` are pydantic models (or any type pydantic's TypeAdapter
     handles); ``None`` means "any JSON value" for input and "nothing" for output.
+    ``retry`` is the default ``RetryPolicy`` of the job's steps (none: a failing
+    step fails the run at once). ``signals`` maps signal names to payload types, so that
+    ``send_signal`` validates a payload before storing it.
     """
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise ValidationError(f"job {name!r}: retry must be a RetryPolicy, not {retry!r}")
     if not isinstance(name, str) or not JOB_NAME_PATTERN.match(name):
         raise ValidationError(
             f"invalid job name {name!r}: use 1-128 letters, digits and _ . : - / "
@@ -98,6 +114,8 @@ def define_job(
             handler=handler,
             input_type=Any if input is None else input,
             output_type=Any if output is None else output,
+            retry=retry,
+            signal_types=dict(signals or {}),
         )
 
     return decorate

@@ -7,10 +7,10 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-RunStatus = Literal["pending", "leased", "completed", "failed", "cancelled"]
+RunStatus = Literal["pending", "leased", "waiting", "completed", "failed", "cancelled"]
 Disposition = Literal["created", "idempotent", "coalesced"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
-RUN_STATUSES: frozenset[str] = frozenset({"pending", "leased", *TERMINAL_STATUSES})
+RUN_STATUSES: frozenset[str] = frozenset({"pending", "leased", "waiting", *TERMINAL_STATUSES})
 
 
 def from_ms(value: int | None) -> datetime | None:
@@ -77,6 +77,12 @@ class Run:
     completed_at: datetime | None = None
     updated_at: datetime | None = None
     disposition: Disposition | None = None
+    #: While ``status == "waiting"``: when it continues, why ("retry" | "sleep") and at which step.
+    wake_at: datetime | None = None
+    wait_reason: str | None = None
+    wait_step: str | None = None
+    #: ``fork_run``: the id of the run this one was forked from.
+    forked_from: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -101,6 +107,10 @@ class Run:
             "completed_at": iso(self.completed_at),
             "updated_at": iso(self.updated_at),
             "disposition": self.disposition,
+            "wake_at": iso(self.wake_at),
+            "wait_reason": self.wait_reason,
+            "wait_step": self.wait_step,
+            "forked_from": self.forked_from,
         }
 
 
@@ -128,6 +138,38 @@ class Step:
             "name": self.name,
             "status": self.status,
             "output": self.output,
+            "error": None if self.error is None else asdict(self.error),
+            "started_at": iso(self.started_at),
+            "completed_at": iso(self.completed_at),
+            "duration_ms": self.duration_ms,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class StepAttempt:
+    """One attempt of one step (``get_step_attempts``): every retried failure, and the
+    attempt that ended the step (completed, or failed for good)."""
+
+    run_id: str
+    index: int
+    name: str
+    attempt: int
+    status: Literal["completed", "failed"]
+    error: ErrorInfo | None
+    started_at: datetime
+    completed_at: datetime
+
+    @property
+    def duration_ms(self) -> float:
+        return (self.completed_at - self.started_at).total_seconds() * 1000
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "index": self.index,
+            "name": self.name,
+            "attempt": self.attempt,
+            "status": self.status,
             "error": None if self.error is None else asdict(self.error),
             "started_at": iso(self.started_at),
             "completed_at": iso(self.completed_at),

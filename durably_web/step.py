@@ -6,11 +6,14 @@ import asyncio
 import concurrent.futures
 import inspect
 import json
+import math
 from collections.abc import Callable
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
-from .errors import NonDeterministicReplayError, StepError
+from .errors import NonDeterministicReplayError, StepError, WaitTimeoutError
 from .models import ErrorInfo
+from .retry import NO_RETRY, RetryPolicy
 from .serialization import _NO_TYPE, decode, encode, return_type_of
 from .storage.base import LogRecord, StepRecord
 
@@ -28,8 +31,16 @@ class StepContext:
     a crash the stored result is returned instead of calling ``fn`` again.
     """
 
-    def __init__(self, execution: RunExecution, recorded: dict[int, StepRecord]) -> None:
+    def __init__(
+        self,
+        execution: RunExecution,
+        recorded: dict[int, StepRecord],
+        failed_attempts: dict[int, tuple[int, int]] | None = None,
+    ) -> None:
         self._execution = execution
+        # Position -> (failed attempts of that step in all, since the last resume_run): the
+        # first numbers the attempts, the second counts against the retry policy.
+        self._failed_attempts = failed_attempts or {}
         # Keyed by position: a failed step that the handler caught leaves a gap.
         self._recorded = recorded
         self._last_recorded = max(recorded, default=-1)
@@ -66,71 +77,82 @@ class StepContext:
         return self._next_index <= self._last_recorded
 
     @overload
-    async def run(self, name: str, fn: Callable[..., Any], *args: Any, type: type[T], **kwargs: Any) -> T: ...
+    async def run(
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        type: type[T],
+        retry: RetryPolicy | None = None,
+        **kwargs: Any,
+    ) -> T: ...
     @overload
-    async def run(self, name: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any: ...
+    async def run(
+        self, name: str, fn: Callable[..., Any], *args: Any, retry: RetryPolicy | None = None, **kwargs: Any
+    ) -> Any: ...
 
     async def run(
-        self, name: str, fn: Callable[..., Any], *args: Any, type: Any = _NO_TYPE, **kwargs: Any
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        type: Any = _NO_TYPE,
+        retry: RetryPolicy | None = None,
+        **kwargs: Any,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` as the step ``name`` (sync or async callable).
 
         The result type is ``type`` if given, else ``fn``'s return annotation;
-        without either only plain JSON values are accepted.
+        without either only plain JSON values are accepted. ``retry`` overrides the
+        job's ``RetryPolicy`` for this step; a retry's delay is persisted as the run's
+        wake-up time (the run is 'waiting' meanwhile), never slept in memory.
         """
-        if not isinstance(name, str) or not name:
-            raise StepError(f"step name must be a non-empty string, not {name!r}")
-        if name in self._names:
-            raise StepError(
-                f"step name {name!r} is used twice in run {self.run_id}; step names must be "
-                f"unique within a run (in loops use names like f'item-{{i}}')"
-            )
+        self._claim_name(name)
         if not callable(fn):
             raise StepError(f"step {name!r}: {fn!r} is not callable")
-        self._names.add(name)
+        if retry is not None and not isinstance(retry, RetryPolicy):
+            raise StepError(f"step {name!r}: retry must be a RetryPolicy, not {retry!r}")
         index = self._next_index
         self._next_index += 1
         tp = type if type is not _NO_TYPE else return_type_of(fn)
 
         recorded = self._recorded.get(index)
         if recorded is not None:
-            if recorded.name != name:
-                raise NonDeterministicReplayError(
-                    f"non-deterministic replay in run {self.run_id}: step #{index} was recorded "
-                    f"as {recorded.name!r} but the handler now calls {name!r}; the handler must "
-                    "call the same steps in the same order on every execution"
-                )
+            if recorded.name != name or recorded.kind != "run":
+                self._replay_mismatch(index, recorded, name, "run")
             return decode(recorded.output_json, tp)
-        if name in self._recorded_names:
-            raise NonDeterministicReplayError(
-                f"non-deterministic replay in run {self.run_id}: step {name!r} was recorded at "
-                f"position #{self._recorded_names[name]} but the handler now calls it at #{index}"
-            )
+        self._check_not_recorded_elsewhere(name, index)
 
         execution = self._execution
         execution.check_can_start_step(name)
         if self._holding_progress:
             self._end_replay()
+        failed_before, failed_this_round = self._failed_attempts.get(index, (0, 0))
+        attempt = failed_before + 1
         started_at = execution.now_ms()
-        execution.emit("step:start", {"step_name": name, "step_index": index})
+        execution.emit("step:start", {"step_name": name, "step_index": index, "attempt": attempt})
         self._current_step = name
         try:
             value = await self._call(fn, args, kwargs)
             output_json, value = encode(value, tp, what=f"step {name!r}")
         except Exception as exc:
-            execution.step_failed(
-                StepRecord(
-                    run_id=self.run_id,
-                    index=index,
-                    name=name,
-                    status="failed",
-                    output_json=None,
-                    error_json=_error_json(exc),
-                    started_at=started_at,
-                    completed_at=execution.now_ms(),
-                ),
-                exc,
+            failed = StepRecord(
+                run_id=self.run_id,
+                index=index,
+                name=name,
+                status="failed",
+                output_json=None,
+                error_json=_error_json(exc),
+                started_at=started_at,
+                completed_at=execution.now_ms(),
+                attempt=attempt,
             )
+            policy = retry if retry is not None else (execution.job.retry or NO_RETRY)
+            round_attempt = failed_this_round + 1
+            if policy.should_retry(exc, round_attempt):
+                # Persisted with the attempt record in one transaction; raises _Suspend.
+                await execution.retry_step(failed, exc, policy.delay_before(round_attempt + 1))
+            execution.step_failed(failed, exc)
             raise
         finally:
             self._current_step = None
@@ -144,11 +166,183 @@ class StepContext:
                 error_json=None,
                 started_at=started_at,
                 completed_at=execution.now_ms(),
+                attempt=attempt,
             )
         )
         if execution.deferred_durability:
             await execution.wait_durable()
         return value
+
+    async def sleep(self, name: str, duration: float | int | timedelta) -> None:
+        """A durable sleep, the checkpoint ``name``: the run waits (holding no lease and no
+        worker slot) and continues on any worker once ``duration`` (seconds or a timedelta)
+        has passed. The due time is fixed when the sleep first executes; a resumed run
+        replays it and never sleeps twice."""
+        seconds = duration.total_seconds() if isinstance(duration, timedelta) else duration
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not math.isfinite(seconds):
+            raise StepError(f"sleep {name!r}: duration must be seconds or a timedelta, not {duration!r}")
+        if not 0 <= seconds <= 1e11:
+            raise StepError(f"sleep {name!r}: duration must be between 0 and 1e11 seconds, not {seconds}")
+        await self._sleep(name, lambda now: now + int(seconds * 1000))
+
+    async def sleep_until(self, name: str, when: datetime) -> None:
+        """Like :meth:`sleep`, until the aware datetime ``when`` (a past one continues at once)."""
+        if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
+            raise StepError(f"sleep_until {name!r}: 'when' must be a timezone-aware datetime, not {when!r}")
+        due = int(when.timestamp() * 1000)
+        await self._sleep(name, lambda now: due)
+
+    async def _sleep(self, name: str, due_from: Callable[[int], int]) -> None:
+        self._claim_name(name)
+        index = self._next_index
+        self._next_index += 1
+        execution = self._execution
+        recorded = self._recorded.get(index)
+        if recorded is not None:
+            if recorded.name != name or recorded.kind != "sleep":
+                self._replay_mismatch(index, recorded, name, "sleep")
+            due = int(recorded.output_json or 0)
+            if execution.now_ms() < due:  # woken early (a clock step back): wait for the rest
+                execution.check_can_start_step(name)
+                await execution.wait_until(due, reason="sleep", step_name=name, step=None)
+            return
+        self._check_not_recorded_elsewhere(name, index)
+        execution.check_can_start_step(name)
+        if self._holding_progress:
+            self._end_replay()
+        now = execution.now_ms()
+        due = due_from(now)
+        step = StepRecord(
+            run_id=self.run_id,
+            index=index,
+            name=name,
+            status="completed",
+            output_json=str(due),
+            error_json=None,
+            started_at=now,
+            completed_at=max(now, due),
+            kind="sleep",
+        )
+        if due <= now:  # overdue: a checkpoint, no wait
+            execution.record_step(step)
+            if execution.deferred_durability:
+                await execution.wait_durable()
+            return
+        # The checkpoint (with its due time) and the waiting state commit together.
+        await execution.wait_until(due, reason="sleep", step_name=name, step=step)
+
+    @overload
+    async def wait_for_signal(
+        self, name: str, *, type: type[T], timeout: float | timedelta | None = None
+    ) -> T: ...
+    @overload
+    async def wait_for_signal(self, name: str, *, timeout: float | timedelta | None = None) -> Any: ...
+
+    async def wait_for_signal(
+        self, name: str, *, type: Any = _NO_TYPE, timeout: float | timedelta | None = None
+    ) -> Any:
+        """Wait, durably, for the signal ``name`` (``Durably.send_signal``) and return its payload,
+        validated by ``type`` (the same typed round trip as step results). The wait is the
+        checkpoint ``name``: the run is 'waiting' meanwhile (no lease, no worker slot). With
+        ``timeout`` (seconds or a timedelta, fixed when the wait first executes),
+        ``WaitTimeoutError`` is raised here at the deadline. The outcome is recorded: a replay
+        returns the same payload or raises the same timeout. A signal sent before the run got
+        here was kept for it."""
+        self._claim_name(name)
+        limit = None
+        if timeout is not None:
+            limit = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+            if isinstance(limit, bool) or not isinstance(limit, int | float) or not 0 <= limit <= 1e11:
+                raise StepError(f"wait_for_signal {name!r}: timeout must be seconds or a timedelta")
+        tp = type
+        execution = self._execution
+        if type is not _NO_TYPE:
+            execution.job.signal_types.setdefault(name, type)  # lets send_signal validate here
+        index = self._next_index
+        self._next_index += 1
+        recorded = self._recorded.get(index)
+        if recorded is not None:
+            if recorded.name != name or recorded.kind != "signal":
+                self._replay_mismatch(index, recorded, name, "signal")
+            return self._signal_outcome(name, recorded.output_json or "{}", tp)
+        self._check_not_recorded_elsewhere(name, index)
+        execution.check_can_start_step(name)
+        if self._holding_progress:
+            self._end_replay()
+        record = execution.record
+        now = execution.now_ms()
+        if record.wait_reason == "signal" and record.wait_step == name:
+            deadline = record.wait_deadline  # fixed on the first execution of this wait
+        else:
+            deadline = None if limit is None else now + int(limit * 1000)
+        while True:
+            found = execution.next_signal(name)
+            if found is not None:
+                key, payload_json = found
+                outcome = f'{{"payload":{payload_json}}}'
+                step = self._signal_step(index, name, outcome, now)
+                if not execution.consume_signal(key, step):
+                    continue  # taken meanwhile (cannot happen under our lease) or fenced
+                if execution.deferred_durability:
+                    await execution.wait_durable()
+                return self._signal_outcome(name, outcome, tp)
+            if deadline is not None and execution.now_ms() >= deadline:
+                outcome = '{"timeout":true}'
+                execution.record_step(self._signal_step(index, name, outcome, now))
+                if execution.deferred_durability:
+                    await execution.wait_durable()
+                return self._signal_outcome(name, outcome, tp)
+            from .engine import NEVER_MS
+
+            await execution.wait_until(
+                NEVER_MS if deadline is None else deadline,
+                reason="signal",
+                step_name=name,
+                deadline=deadline,
+            )
+
+    def _signal_step(self, index: int, name: str, outcome: str, started_at: int) -> StepRecord:
+        return StepRecord(
+            run_id=self.run_id,
+            index=index,
+            name=name,
+            status="completed",
+            output_json=outcome,
+            error_json=None,
+            started_at=started_at,
+            completed_at=self._execution.now_ms(),
+            kind="signal",
+        )
+
+    def _signal_outcome(self, name: str, outcome_json: str, tp: Any) -> Any:
+        outcome = json.loads(outcome_json)
+        if outcome.get("timeout"):
+            raise WaitTimeoutError(f"run {self.run_id}: signal {name!r} did not arrive before the timeout")
+        return decode(json.dumps(outcome.get("payload")), tp)
+
+    def _claim_name(self, name: str) -> None:
+        if not isinstance(name, str) or not name:
+            raise StepError(f"step name must be a non-empty string, not {name!r}")
+        if name in self._names:
+            raise StepError(
+                f"step name {name!r} is used twice in run {self.run_id}; step names must be "
+                f"unique within a run (in loops use names like f'item-{{i}}')"
+            )
+        self._names.add(name)
+
+    def _replay_mismatch(self, index: int, recorded: StepRecord, name: str, kind: str) -> None:
+        raise NonDeterministicReplayError(
+            f"non-deterministic replay in run {self.run_id}: step #{index} was recorded "
+            f"as {recorded.kind} {recorded.name!r} but the handler now calls {kind} {name!r}; the "
+            "handler must call the same steps in the same order on every execution"
+        )
+
+    def _check_not_recorded_elsewhere(self, name: str, index: int) -> None:
+        if name in self._recorded_names:
+            raise NonDeterministicReplayError(
+                f"non-deterministic replay in run {self.run_id}: step {name!r} was recorded at "
+                f"position #{self._recorded_names[name]} but the handler now calls it at #{index}"
+            )
 
     async def _call(self, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         if inspect.iscoroutinefunction(fn):

@@ -7,8 +7,8 @@
 // nodes, or through textContent. No innerHTML anywhere.
 "use strict";
 
-const ACTIVE = ["pending", "leased"];
-const STATUSES = ["pending", "leased", "completed", "failed", "cancelled"];
+const ACTIVE = ["pending", "leased", "waiting"];
+const STATUSES = ["pending", "leased", "waiting", "completed", "failed", "cancelled"];
 const PAGE = 50;
 // The live events say what changed; this refresh is the safety net for what they cannot
 // say (runs executed by another process, events lost while a stream reconnects).

@@ -7,7 +7,7 @@
 // returns them. Times are ISO 8601 strings; durations in options are
 // milliseconds.
 
-export type RunStatus = "pending" | "leased" | "completed" | "failed" | "cancelled";
+export type RunStatus = "pending" | "leased" | "waiting" | "completed" | "failed" | "cancelled";
 export type Disposition = "created" | "idempotent" | "coalesced";
 
 export interface ErrorInfo {

@@ -283,7 +283,7 @@
           checking = true;
           try {
             const run = await this.getRun(runId);
-            if (!["pending", "leased"].includes(run.status)) finish(null, run);
+            if (!["pending", "leased", "waiting"].includes(run.status)) finish(null, run);
           } catch (error) {
             finish(error);
           } finally {

@@ -9,6 +9,15 @@ doing its work, so a test can count how many times each step really ran.
 
     python crash_jobs.py serve <db_url> <expected_runs>
         Work on "record" runs until <expected_runs> runs exist and all have ended.
+
+    python crash_jobs.py wait <db_url> <side_effect_file> --kind retry|sleep|signal --seconds S
+        Trigger (idempotency key "wait") a job whose first attempt of step "flaky" fails and is
+        retried after S seconds (retry), that sleeps S seconds between two steps (sleep), or
+        that waits up to S seconds for the signal "go" between two steps (signal);
+        work until it ends, print the run as JSON. Side-effect lines: "<name> <pid> <unix time>".
+
+    python crash_jobs.py serve-waits <db_url> <expected_runs>
+        Work on "flaky" runs (triggered by the test) until <expected_runs> runs have ended.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import time
 
 from pydantic import BaseModel
 
-from durably_web import Durably, StepContext, define_job
+from durably_web import Durably, RetryPolicy, StepContext, define_job
 
 STEP_COUNT = 6
 
@@ -44,6 +53,8 @@ def append_line(path: str, line: str) -> None:
 
 def do_step(path: str, name: str, delay: float, value: int) -> int:
     append_line(path, f"{name} {os.getpid()}")
+    if os.environ.get("CRASH_FAIL_STEP") == name:  # resume tests: this step fails in this process
+        raise RuntimeError(f"{name} fails in this process")
     time.sleep(delay)  # a blocking step: runs in a thread while leases are renewed
     return value
 
@@ -90,6 +101,75 @@ async def record_job(step: StepContext, payload: RecordIn) -> int:
     return await step.run("record", record, payload.side_effects, step.run_id, payload.processes)
 
 
+class WaitIn(BaseModel):
+    side_effects: str
+    seconds: float
+
+
+def timed_line(path: str, name: str) -> int:
+    """Append "<name> <pid> <time>"; return how many lines for ``name`` exist now."""
+    append_line(path, f"{name} {os.getpid()} {time.time():.3f}")
+    with open(path, encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.split(" ", 1)[0] == name)
+
+
+def flaky_step(path: str, name: str) -> str:
+    if timed_line(path, name) < 2:
+        raise OSError(f"{name}: the first attempt fails")
+    return "ok"
+
+
+@define_job("flaky", input=WaitIn, retry=RetryPolicy(max_attempts=3, initial_delay=1.0))
+async def flaky_job(step: StepContext, payload: WaitIn) -> str:
+    return await step.run(
+        f"flaky-{step.run_id}",
+        flaky_step,
+        payload.side_effects,
+        f"flaky-{step.run_id}",
+        retry=RetryPolicy(max_attempts=3, initial_delay=payload.seconds),
+    )
+
+
+@define_job("sleepy", input=WaitIn)
+async def sleepy_job(step: StepContext, payload: WaitIn) -> str:
+    await step.run("before", timed_line, payload.side_effects, "before")
+    await step.sleep("nap", payload.seconds)
+    await step.run("after", timed_line, payload.side_effects, "after")
+    return "rested"
+
+
+@define_job("signalled", input=WaitIn)
+async def signalled_job(step: StepContext, payload: WaitIn) -> str:
+    await step.run("before", timed_line, payload.side_effects, "before")
+    by = await step.wait_for_signal("go", type=str, timeout=payload.seconds)
+    await step.run("after", timed_line, payload.side_effects, "after")
+    return f"go from {by}"
+
+
+async def run_wait(args: argparse.Namespace) -> None:
+    job = {"retry": flaky_job, "sleep": sleepy_job, "signal": signalled_job}[args.kind]
+    async with Durably(args.db_url, jobs=[job], **worker_options(2.0)) as durably:
+        run = await durably.trigger(
+            job, WaitIn(side_effects=args.side_effects, seconds=args.seconds), idempotency_key="wait"
+        )
+        done = await durably.wait_for_run(run.id, timeout=60)
+        print(json.dumps({**done.to_dict(), "pid": os.getpid(), "disposition": run.disposition}), flush=True)
+
+
+async def serve_waits(args: argparse.Namespace) -> None:
+    options = worker_options(2.0)
+    async with Durably(args.db_url, jobs=[flaky_job], max_concurrent_runs=2, **options) as durably:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            runs = await durably.get_runs(limit=10_000)
+            if len(runs) >= args.expected_runs and all(run.is_terminal for run in runs):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            sys.exit("timed out waiting for the runs to finish")
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+
+
 def worker_options(lease: float) -> dict[str, float]:
     return {"polling_interval": 0.02, "lease_duration": lease, "lease_renew_interval": lease / 5}
 
@@ -129,8 +209,17 @@ def main() -> None:
     serve_parser = sub.add_parser("serve")
     serve_parser.add_argument("db_url")
     serve_parser.add_argument("expected_runs", type=int)
+    wait_parser = sub.add_parser("wait")
+    wait_parser.add_argument("db_url")
+    wait_parser.add_argument("side_effects")
+    wait_parser.add_argument("--kind", choices=["retry", "sleep", "signal"], required=True)
+    wait_parser.add_argument("--seconds", type=float, required=True)
+    serve_waits_parser = sub.add_parser("serve-waits")
+    serve_waits_parser.add_argument("db_url")
+    serve_waits_parser.add_argument("expected_runs", type=int)
     args = parser.parse_args()
-    asyncio.run(run_steps(args) if args.mode == "steps" else serve(args))
+    modes = {"steps": run_steps, "serve": serve, "wait": run_wait, "serve-waits": serve_waits}
+    asyncio.run(modes[args.mode](args))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 import time
@@ -41,10 +42,11 @@ async def wait_event(event: asyncio.Event, timeout: float = 10.0) -> None:
 CRASH_JOBS = Path(__file__).with_name("crash_jobs.py")
 
 
-def start_process(*args: str) -> subprocess.Popen[str]:
-    """Start ``python tests/crash_jobs.py ARGS...`` with this interpreter."""
+def start_process(*args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """Start ``python tests/crash_jobs.py ARGS...`` with this interpreter (``env``: extra variables)."""
     return subprocess.Popen(
         [sys.executable, str(CRASH_JOBS), *args],
+        env=None if env is None else {**os.environ, **env},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

@@ -120,6 +120,10 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             "completed_at": {"type": ["string", "null"], "format": "date-time"},
             "updated_at": {"type": ["string", "null"], "format": "date-time"},
             "disposition": {"enum": ["created", "idempotent", "coalesced", None]},
+            "wake_at": {"type": ["string", "null"], "format": "date-time"},
+            "wait_reason": {"enum": ["retry", "sleep", "signal", None]},
+            "wait_step": {"type": ["string", "null"]},
+            "forked_from": {"type": ["string", "null"]},
         },
     }
     run_properties: dict[str, Any] = run_schema["properties"]  # type: ignore[assignment]

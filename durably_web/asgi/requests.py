@@ -20,6 +20,8 @@ RUN_LEVEL_EVENT_TYPES: tuple[str, ...] = (
     "run:coalesced",
     "run:leased",
     "run:progress",
+    "run:waiting",
+    "run:resume",
     "run:complete",
     "run:fail",
     "run:cancel",

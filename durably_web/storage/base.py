@@ -24,6 +24,7 @@ class NewRun:
     concurrency_key: str | None
     coalesce: bool
     created_at: int
+    forked_from: str | None = None
 
 
 @dataclass(slots=True)
@@ -49,6 +50,10 @@ class RunRecord:
     started_at: int | None
     completed_at: int | None
     updated_at: int
+    wait_reason: str | None = None  # the last wait: "retry" | "sleep" | "signal"
+    wait_step: str | None = None
+    forked_from: str | None = None
+    wait_deadline: int | None = None  # a signal wait's timeout (ms), fixed on first execution
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +66,8 @@ class StepRecord:
     error_json: str | None
     started_at: int
     completed_at: int
+    kind: str = "run"  # "run" | "sleep" (output: the due time in ms) | "signal" (the outcome)
+    attempt: int = 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +195,65 @@ class Store(ABC):
 
     @abstractmethod
     def record_step(self, step: StepRecord, generation: int) -> bool:
-        """Persist a completed step (fenced)."""
+        """Persist a completed step (fenced); it replaces a failed one at its position."""
+
+    @abstractmethod
+    def wait_run(
+        self,
+        run_id: str,
+        generation: int,
+        *,
+        until: int,
+        reason: str,
+        step_name: str,
+        now: int,
+        failed_attempt: StepRecord | None = None,
+        step: StepRecord | None = None,
+        deadline: int | None = None,
+    ) -> bool:
+        """Leased → 'waiting' until ``until`` (fenced), in one transaction with what it waits
+        for: the ``failed_attempt`` to retry (an attempt record) and/or a ``step`` to record
+        (a sleep's checkpoint). The lease is given up; ``claim_run`` takes the run again once
+        ``until`` is due."""
+
+    @abstractmethod
+    def count_step_attempts(self, run_id: str) -> dict[int, tuple[int, int]]:
+        """Per step position: (failed attempts in all, failed attempts since the last resume)."""
+
+    @abstractmethod
+    def resume_run(self, run_id: str, now: int) -> RunRecord:
+        """Failed or cancelled → pending (attempt count kept), in one transaction that turns the
+        failed step's row into an attempt record and starts a fresh retry budget. Raise
+        ``NotFoundError``, or ``ConflictError`` for any other status, for a cancelled run whose
+        handler is still stopping, or when another run of its concurrency key is pending."""
+
+    @abstractmethod
+    def fork_run(self, new: NewRun, source_id: str, from_step: str) -> RunRecord:
+        """Create ``new`` holding copies of ``source_id``'s completed steps recorded before the
+        step ``from_step``, in one transaction. ``NotFoundError`` if ``from_step`` is not a
+        recorded step of the source; ``ConflictError`` if a step to copy lost its output."""
+
+    @abstractmethod
+    def send_signal(
+        self, run_id: str, name: str, payload_json: str, signal_id: str | None, now: int
+    ) -> tuple[str, RunRecord]:
+        """Store a signal for a run; return its disposition and the run, in one transaction:
+        "duplicate" (this ``signal_id`` was sent to the run before: nothing is written),
+        "delivered" (the run was waiting for it: it is due now) or "stored" (kept for a
+        later ``wait_for_signal``). ``NotFoundError``; ``ConflictError`` for a finished run."""
+
+    @abstractmethod
+    def next_signal(self, run_id: str, name: str) -> tuple[int, str] | None:
+        """The oldest unconsumed signal ``name`` of the run: (its id, payload JSON)."""
+
+    @abstractmethod
+    def consume_signal(self, signal_key: int, step: StepRecord, generation: int, now: int) -> bool:
+        """Record the wait's outcome ``step`` and mark the signal consumed, in one transaction
+        (fenced; ``False`` if the lease was lost or another execution took the signal)."""
+
+    @abstractmethod
+    def list_step_attempts(self, run_id: str) -> list[StepRecord]:
+        """The failed attempts that were retried, by position then attempt number."""
 
     @abstractmethod
     def set_progress(

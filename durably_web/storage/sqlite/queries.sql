@@ -25,10 +25,10 @@ SELECT * FROM durably_runs WHERE concurrency_key = :concurrency_key AND status =
 -- name: insert_run
 INSERT INTO durably_runs (
     id, job_name, status, input, labels, idempotency_key, concurrency_key,
-    available_at, created_at, updated_at
+    available_at, created_at, updated_at, forked_from
 ) VALUES (
     :id, :job_name, 'pending', :input, :labels, :idempotency_key, :concurrency_key,
-    :created_at, :created_at, :created_at
+    :created_at, :created_at, :created_at, :forked_from
 )
 
 -- name: insert_labels
@@ -54,10 +54,10 @@ LIMIT :limit OFFSET :offset
 
 -- name: cancel_run
 -- The lease is kept: a cancelled run holds its concurrency key until its worker
--- has stopped the handler (release_run) or the lease runs out.
+-- has stopped the handler (release_run) or the lease runs out. A waiting run has none.
 UPDATE durably_runs
 SET status = 'cancelled', completed_at = :now, updated_at = :now
-WHERE id = :id AND status IN ('pending', 'leased')
+WHERE id = :id AND status IN ('pending', 'leased', 'waiting')
 
 -- name: delete_run
 DELETE FROM durably_runs WHERE id = :id
@@ -71,9 +71,10 @@ DELETE FROM durably_runs WHERE id IN (
 
 -- name: find_claimable_run
 -- Oldest first. A concurrency key blocks while another run holds a live lease on
--- it, including a cancelled run whose handler has not stopped yet.
+-- it, including a cancelled run whose handler has not stopped yet. A waiting run
+-- is claimable once its wake-up time (available_at) is due.
 SELECT r.id FROM durably_runs AS r
-WHERE ((r.status = 'pending' AND r.available_at <= :now)
+WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= :now)
        OR (r.status = 'leased' AND r.lease_expires_at <= :now))
   AND r.job_name IN (SELECT value FROM json_each(:job_names))
   AND (r.concurrency_key IS NULL OR NOT EXISTS (
@@ -117,18 +118,25 @@ UPDATE durably_runs SET lease_expires_at = :now, lease_owner = NULL, updated_at 
 WHERE status IN ('leased', 'cancelled') AND lease_expires_at > :now
 
 -- name: record_step
--- One statement, so it is its own committed transaction on the hot path.
-INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at)
-SELECT :run_id, :seq, :name, :status, :output, :error, :started_at, :completed_at
+-- One statement, so it is its own committed transaction on the hot path. A failed
+-- row at the same position (a resumed run executing its failed step again) is replaced.
+INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt)
+SELECT :run_id, :seq, :name, :status, :output, :error, :started_at, :completed_at, :kind, :attempt
 WHERE EXISTS (
     SELECT 1 FROM durably_runs
     WHERE id = :run_id AND status = 'leased' AND lease_generation = :generation)
+ON CONFLICT (run_id, seq) DO UPDATE
+SET name = excluded.name, status = excluded.status, output = excluded.output, error = excluded.error,
+    started_at = excluded.started_at, completed_at = excluded.completed_at, kind = excluded.kind,
+    attempt = excluded.attempt
+WHERE durably_steps.status = 'failed'
 
 -- name: record_failed_step
-INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at)
-VALUES (:run_id, :seq, :name, 'failed', NULL, :error, :started_at, :completed_at)
+INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, attempt)
+VALUES (:run_id, :seq, :name, 'failed', NULL, :error, :started_at, :completed_at, :attempt)
 ON CONFLICT (run_id, seq) DO UPDATE
-SET status = 'failed', error = excluded.error, completed_at = excluded.completed_at
+SET status = 'failed', error = excluded.error, started_at = excluded.started_at,
+    completed_at = excluded.completed_at, attempt = excluded.attempt
 
 -- name: set_progress
 UPDATE durably_runs
@@ -141,6 +149,80 @@ UPDATE durably_runs
 SET status = :status, output = :output, error = :error, completed_at = :now, updated_at = :now,
     lease_owner = NULL, lease_expires_at = NULL
 WHERE id = :id AND status = 'leased' AND lease_generation = :generation
+
+-- name: wait_run
+-- Durable waiting: the leased run gives up its lease and slot and becomes claimable
+-- again at :until (fenced). Runs in one transaction with what it waits for. A signal
+-- wait whose signal arrived meanwhile (sent while the run was leased) is due at once.
+UPDATE durably_runs
+SET status = 'waiting',
+    available_at = CASE
+        WHEN :reason = 'signal' AND EXISTS (
+            SELECT 1 FROM durably_signals AS s
+            WHERE s.run_id = :id AND s.name = :step_name AND s.consumed_at IS NULL)
+        THEN :now ELSE :until END,
+    wait_reason = :reason, wait_step = :step_name, wait_deadline = :deadline,
+    lease_owner = NULL, lease_expires_at = NULL, updated_at = :now
+WHERE id = :id AND status = 'leased' AND lease_generation = :generation
+
+-- name: find_signal_by_id
+SELECT id FROM durably_signals WHERE run_id = :run_id AND signal_id = :signal_id
+
+-- name: insert_signal
+INSERT INTO durably_signals (run_id, name, signal_id, payload, created_at)
+VALUES (:run_id, :name, :signal_id, :payload, :now)
+
+-- name: wake_for_signal
+-- A run waiting for this very signal is due now.
+UPDATE durably_runs SET available_at = :now, updated_at = :now
+WHERE id = :run_id AND status = 'waiting' AND wait_reason = 'signal' AND wait_step = :name
+
+-- name: next_signal
+SELECT id, payload FROM durably_signals
+WHERE run_id = :run_id AND name = :name AND consumed_at IS NULL
+ORDER BY id LIMIT 1
+
+-- name: consume_signal
+UPDATE durably_signals SET consumed_at = :now WHERE id = :id AND consumed_at IS NULL
+
+-- name: insert_step_attempt
+INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at)
+VALUES (:run_id, :seq, :name, :attempt, :error, :started_at, :completed_at)
+ON CONFLICT (run_id, seq, attempt) DO NOTHING
+
+-- name: list_step_attempts
+SELECT * FROM durably_step_attempts WHERE run_id = :run_id ORDER BY seq, attempt
+
+-- name: count_step_attempts
+-- Per position: failed attempts in all (attempt numbering) and since the last resume (retry budget).
+SELECT seq, COUNT(*) AS total, SUM(before_resume = 0) AS current
+FROM durably_step_attempts WHERE run_id = :run_id GROUP BY seq
+
+-- name: resume_run
+-- A failed or cancelled run goes back to pending; its attempt count is kept.
+UPDATE durably_runs
+SET status = 'pending', available_at = :now, output = NULL, error = NULL, completed_at = NULL,
+    lease_owner = NULL, lease_expires_at = NULL, updated_at = :now
+WHERE id = :id AND status IN ('failed', 'cancelled')
+
+-- name: archive_failed_steps
+-- On resume the failed step's row becomes an attempt in the history (the step runs again).
+INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at)
+SELECT run_id, seq, name, attempt, error, started_at, completed_at
+FROM durably_steps WHERE run_id = :run_id AND status = 'failed'
+ON CONFLICT (run_id, seq, attempt) DO NOTHING
+
+-- name: delete_failed_steps
+DELETE FROM durably_steps WHERE run_id = :run_id AND status = 'failed'
+
+-- name: mark_attempts_before_resume
+UPDATE durably_step_attempts SET before_resume = 1 WHERE run_id = :run_id
+
+-- name: copy_steps_for_fork
+-- fork_run: the source's completed steps before the fork point, at the same positions.
+INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt)
+SELECT :new_id, seq, name, status, output, error, started_at, completed_at, kind, attempt
+FROM durably_steps WHERE run_id = :source_id AND status = 'completed' AND seq < :before_seq
 
 -- name: drop_step_outputs
 UPDATE durably_steps SET output = NULL WHERE run_id = :run_id

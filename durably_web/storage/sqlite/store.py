@@ -76,6 +76,10 @@ def _refuse_newer_schema(current: int) -> None:
         )
 
 
+class _Rollback(Exception):
+    """Raised inside a transaction to undo it (the caller reports ``False``)."""
+
+
 class SQLiteStore(Store):
     def __init__(self, conn: SqlConnection) -> None:
         self._conn = conn
@@ -97,20 +101,30 @@ class SQLiteStore(Store):
         conn.execute(Q["create_migrations_table"])
         current = self._schema_version()
         _refuse_newer_schema(current)
-        for version, script in MIGRATIONS:
-            if version <= current:
-                continue
-            now = int(time.time() * 1000)
-            try:
-                conn.execute_script(
-                    f"BEGIN IMMEDIATE;\n{script}\n;"
-                    f"INSERT INTO durably_migrations (version, applied_at) VALUES ({version}, {now});"
-                    "\nCOMMIT;"
-                )
-            except StorageError:
-                # Another process may have applied it first; only that is acceptable.
-                if self._schema_version() < version:
-                    raise
+        if current >= SCHEMA_VERSION:
+            return
+        # Foreign keys off while migrating (a no-op inside a transaction, so here): a
+        # migration that rebuilds a table (0002 rebuilds durably_runs to widen its
+        # status CHECK) drops the old one, and with them on that cascade-deletes every
+        # step, label and log of every run.
+        conn.execute("PRAGMA foreign_keys = OFF")
+        try:
+            for version, script in MIGRATIONS:
+                if version <= current:
+                    continue
+                now = int(time.time() * 1000)
+                try:
+                    conn.execute_script(
+                        f"BEGIN IMMEDIATE;\n{script}\n;"
+                        f"INSERT INTO durably_migrations (version, applied_at) VALUES ({version}, {now});"
+                        "\nCOMMIT;"
+                    )
+                except StorageError:
+                    # Another process may have applied it first; only that is acceptable.
+                    if self._schema_version() < version:
+                        raise
+        finally:
+            conn.execute("PRAGMA foreign_keys = ON")
 
     def check_schema(self) -> None:
         """Like :meth:`migrate`, but only reads: fail unless the schema is exactly this version's."""
@@ -199,6 +213,7 @@ class SQLiteStore(Store):
                         "idempotency_key": new.idempotency_key,
                         "concurrency_key": new.concurrency_key,
                         "created_at": new.created_at,
+                        "forked_from": new.forked_from,
                     },
                 )
                 if new.labels:
@@ -311,11 +326,178 @@ class SQLiteStore(Store):
                     "error": step.error_json,
                     "started_at": step.started_at,
                     "completed_at": step.completed_at,
+                    "kind": step.kind,
+                    "attempt": step.attempt,
                     "generation": generation,
                 },
             )
             == 1
         )
+
+    def wait_run(
+        self,
+        run_id: str,
+        generation: int,
+        *,
+        until: int,
+        reason: str,
+        step_name: str,
+        now: int,
+        failed_attempt: StepRecord | None = None,
+        step: StepRecord | None = None,
+        deadline: int | None = None,
+    ) -> bool:
+        conn = self._conn
+        with conn.transaction():
+            if step is not None and not self.record_step(step, generation):
+                return False
+            changed = conn.execute(
+                Q["wait_run"],
+                {
+                    "id": run_id,
+                    "generation": generation,
+                    "until": until,
+                    "reason": reason,
+                    "step_name": step_name,
+                    "deadline": deadline,
+                    "now": now,
+                },
+            )
+            if changed == 0:
+                return False
+            if failed_attempt is not None:
+                conn.execute(
+                    Q["insert_step_attempt"],
+                    {
+                        "run_id": run_id,
+                        "seq": failed_attempt.index,
+                        "name": failed_attempt.name,
+                        "attempt": failed_attempt.attempt,
+                        "error": failed_attempt.error_json,
+                        "started_at": failed_attempt.started_at,
+                        "completed_at": failed_attempt.completed_at,
+                    },
+                )
+        return True
+
+    def send_signal(
+        self, run_id: str, name: str, payload_json: str, signal_id: str | None, now: int
+    ) -> tuple[str, RunRecord]:
+        conn = self._conn
+        with conn.transaction():
+            record = self._require(run_id)
+            if record.status in ("completed", "failed", "cancelled"):
+                raise ConflictError(f"run {run_id} is {record.status}; it takes no more signals")
+            if signal_id is not None and conn.fetch_one(
+                Q["find_signal_by_id"], {"run_id": run_id, "signal_id": signal_id}
+            ):
+                return "duplicate", record
+            conn.execute(
+                Q["insert_signal"],
+                {"run_id": run_id, "name": name, "signal_id": signal_id, "payload": payload_json, "now": now},
+            )
+            woken = conn.execute(Q["wake_for_signal"], {"run_id": run_id, "name": name, "now": now})
+            return ("delivered" if woken else "stored"), self._require(run_id)
+
+    def next_signal(self, run_id: str, name: str) -> tuple[int, str] | None:
+        row = self._conn.fetch_one(Q["next_signal"], {"run_id": run_id, "name": name})
+        return None if row is None else (int(row["id"]), row["payload"])
+
+    def consume_signal(self, signal_key: int, step: StepRecord, generation: int, now: int) -> bool:
+        conn = self._conn
+        try:
+            with conn.transaction():
+                if conn.execute(Q["consume_signal"], {"id": signal_key, "now": now}) == 0:
+                    return False
+                if not self.record_step(step, generation):
+                    raise _Rollback  # the lease is gone: the signal stays for its new owner
+        except _Rollback:
+            return False
+        return True
+
+    def count_step_attempts(self, run_id: str) -> dict[int, tuple[int, int]]:
+        rows = self._conn.fetch_all(Q["count_step_attempts"], {"run_id": run_id})
+        return {row["seq"]: (int(row["total"]), int(row["current"] or 0)) for row in rows}
+
+    def resume_run(self, run_id: str, now: int) -> RunRecord:
+        conn = self._conn
+        with conn.transaction():
+            record = self._require(run_id)
+            if record.status not in ("failed", "cancelled"):
+                raise ConflictError(
+                    f"run {run_id} is {record.status}; only a failed or cancelled run can be resumed"
+                )
+            if record.lease_expires_at is not None and record.lease_expires_at > now:
+                raise ConflictError(
+                    f"run {run_id} was cancelled and its handler is still stopping; try again"
+                )
+            if record.concurrency_key is not None:
+                row = conn.fetch_one(
+                    Q["find_pending_by_concurrency_key"], {"concurrency_key": record.concurrency_key}
+                )
+                if row is not None:
+                    raise ConflictError(
+                        f"run {row['id']} is already pending for concurrency key {record.concurrency_key!r}"
+                    )
+            conn.execute(Q["archive_failed_steps"], {"run_id": run_id})
+            conn.execute(Q["mark_attempts_before_resume"], {"run_id": run_id})
+            conn.execute(Q["delete_failed_steps"], {"run_id": run_id})
+            conn.execute(Q["resume_run"], {"id": run_id, "now": now})
+            return self._require(run_id)
+
+    def fork_run(self, new: NewRun, source_id: str, from_step: str) -> RunRecord:
+        conn = self._conn
+        with conn.transaction():
+            self._require(source_id)
+            steps = self.list_steps(source_id)
+            point = next((s for s in steps if s.name == from_step), None)
+            if point is None:
+                raise NotFoundError(
+                    f"run {source_id} has no recorded step {from_step!r}; recorded: {[s.name for s in steps]}"
+                )
+            if any(s.status == "completed" and s.output_json is None for s in steps if s.index < point.index):
+                raise ConflictError(
+                    f"run {source_id}'s step outputs were dropped (preserve_steps=False); it cannot be forked"
+                )
+            # A fork has no idempotency or concurrency key, so it is a plain insert.
+            labels_json = json.dumps(new.labels, separators=(",", ":"))
+            conn.execute(
+                Q["insert_run"],
+                {
+                    "id": new.id,
+                    "job_name": new.job_name,
+                    "input": new.input_json,
+                    "labels": labels_json,
+                    "idempotency_key": None,
+                    "concurrency_key": None,
+                    "created_at": new.created_at,
+                    "forked_from": new.forked_from,
+                },
+            )
+            if new.labels:
+                conn.execute(Q["insert_labels"], {"run_id": new.id, "labels": labels_json})
+            record = _new_run_record(new)
+            conn.execute(
+                Q["copy_steps_for_fork"],
+                {"new_id": new.id, "source_id": source_id, "before_seq": point.index},
+            )
+        return record
+
+    def list_step_attempts(self, run_id: str) -> list[StepRecord]:
+        return [
+            StepRecord(
+                run_id=row["run_id"],
+                index=row["seq"],
+                name=row["name"],
+                status="failed",
+                output_json=None,
+                error_json=row["error"],
+                started_at=row["started_at"],
+                completed_at=row["completed_at"],
+                attempt=row["attempt"],
+            )
+            for row in self._conn.fetch_all(Q["list_step_attempts"], {"run_id": run_id})
+        ]
 
     def set_progress(
         self,
@@ -373,6 +555,7 @@ class SQLiteStore(Store):
                         "error": failed_step.error_json,
                         "started_at": failed_step.started_at,
                         "completed_at": failed_step.completed_at,
+                        "attempt": failed_step.attempt,
                     },
                 )
             if drop_step_outputs:
@@ -438,6 +621,10 @@ def _run(row: Row) -> RunRecord:
         started_at=row["started_at"],
         completed_at=row["completed_at"],
         updated_at=row["updated_at"],
+        wait_reason=row["wait_reason"],
+        wait_step=row["wait_step"],
+        forked_from=row["forked_from"],
+        wait_deadline=row["wait_deadline"],
     )
 
 
@@ -464,6 +651,7 @@ def _new_run_record(new: NewRun) -> RunRecord:
         started_at=None,
         completed_at=None,
         updated_at=new.created_at,
+        forked_from=new.forked_from,
     )
 
 
@@ -477,4 +665,6 @@ def _step(row: Row) -> StepRecord:
         error_json=row["error"],
         started_at=row["started_at"],
         completed_at=row["completed_at"],
+        kind=row["kind"],
+        attempt=row["attempt"],
     )
