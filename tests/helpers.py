@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -81,3 +83,52 @@ async def wait_for_lines(path: Path, count: int, process: subprocess.Popen[str],
         return len(read_lines(path)) >= count
 
     await wait_until(enough, timeout=timeout)
+
+
+class FakeClock:
+    def __init__(self, start: float = 1_800_000_000.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def timed_lines(path: Path) -> list[tuple[str, int, float]]:
+    if not path.exists():
+        return []
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
+    return [(name, int(pid), float(at)) for name, pid, at in (line.split(" ") for line in lines)]
+
+
+def run_row(db_path: Path) -> tuple[str, str, int] | None:
+    conn = sqlite3.connect(db_path, timeout=10)
+    try:
+        return conn.execute("SELECT id, status, available_at FROM durably_runs").fetchone()
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return None
+    finally:
+        conn.close()
+
+
+async def kill_once_waiting(
+    db_url: str, db_path: Path, side_effects: Path, *, kind: str, seconds: int
+) -> tuple[subprocess.Popen[str], tuple[str, str, int]]:
+    """Start a crash_jobs 'wait' worker (retry / sleep / signal), SIGKILL it once its run is
+    'waiting'; return the dead process and the run's (id, status, available_at) row then."""
+    first = start_process("wait", db_url, str(side_effects), "--kind", kind, "--seconds", str(seconds))
+    try:
+
+        def waiting() -> Any:
+            if first.poll() is not None:
+                raise AssertionError(f"worker exited early: {first.communicate()}")
+            row = run_row(db_path)
+            return row if row is not None and row[1] == "waiting" else None
+
+        row = await wait_until(waiting, timeout=30)
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.communicate()
+    return first, row

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -12,7 +11,14 @@ from typing import Any
 
 import crash_jobs
 import pytest
-from helpers import finish_process, start_process, wait_until
+from helpers import (
+    FakeClock,
+    finish_process,
+    kill_once_waiting,
+    start_process,
+    timed_lines,
+    wait_until,
+)
 
 from durably_web import (
     Durably,
@@ -25,14 +31,6 @@ from durably_web import (
 )
 from durably_web.retry import NO_RETRY
 from durably_web.storage import StepRecord
-
-
-class FakeClock:
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def failing(times: int, exc: type[Exception] = OSError):
@@ -345,41 +343,11 @@ async def test_a_database_written_by_the_previous_release_upgrades_in_place(tmp_
 # --- real kills -------------------------------------------------------------------------------------------
 
 
-def timed_lines(path: Path) -> list[tuple[str, int, float]]:
-    if not path.exists():
-        return []
-    lines = path.read_text(encoding="utf-8").split("\n")[:-1]
-    return [(name, int(pid), float(at)) for name, pid, at in (line.split(" ") for line in lines)]
-
-
-def run_row(db_path: Path) -> tuple[str, str, int] | None:
-    conn = sqlite3.connect(db_path, timeout=10)
-    try:
-        return conn.execute("SELECT id, status, available_at FROM durably_runs").fetchone()
-    except sqlite3.OperationalError:  # the schema is not there yet
-        return None
-    finally:
-        conn.close()
-
-
 async def test_sigkill_during_a_backoff_then_restart_retries_at_the_persisted_time(db_url, db_path, tmp_path):
     side_effects = tmp_path / "side-effects.txt"
-    first = start_process("wait", db_url, str(side_effects), "--kind", "retry", "--seconds", "3")
-    try:
-
-        def waiting() -> Any:
-            if first.poll() is not None:
-                raise AssertionError(f"worker exited early: {first.communicate()}")
-            row = run_row(db_path)
-            return row if row is not None and row[1] == "waiting" else None
-
-        run_id, _, due_ms = await wait_until(waiting, timeout=30)
-        first.send_signal(signal.SIGKILL)
-        assert first.wait(10) == -signal.SIGKILL
-    finally:
-        if first.poll() is None:
-            first.kill()
-        first.communicate()
+    first, (run_id, _, due_ms) = await kill_once_waiting(
+        db_url, db_path, side_effects, kind="retry", seconds=3
+    )
     name = f"flaky-{run_id}"
     assert [(n, pid) for n, pid, _ in timed_lines(side_effects)] == [(name, first.pid)]
     assert time.time() < due_ms / 1000, "the backoff ended before the kill; nothing was tested"

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sqlite3
 from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from helpers import finish_process, start_process, wait_until
+from helpers import (
+    FakeClock,
+    finish_process,
+    kill_once_waiting,
+    start_process,
+    timed_lines,
+    wait_until,
+)
 from pydantic import BaseModel
-from test_retries import FakeClock, run_row, timed_lines
 
 from durably_web import (
     ConflictError,
@@ -194,22 +199,7 @@ async def test_replayed_signal_wait_raises_for_a_changed_kind(make_durably):
 
 async def test_sigkill_while_waiting_for_a_signal_then_signal_and_restart(db_url, db_path, tmp_path):
     side_effects = tmp_path / "side-effects.txt"
-    first = start_process("wait", db_url, str(side_effects), "--kind", "signal", "--seconds", "600")
-    try:
-
-        def waiting() -> Any:
-            if first.poll() is not None:
-                raise AssertionError(f"worker exited early: {first.communicate()}")
-            row = run_row(db_path)
-            return row if row is not None and row[1] == "waiting" else None
-
-        run_id, _, _ = await wait_until(waiting, timeout=30)
-        first.send_signal(signal.SIGKILL)
-        assert first.wait(10) == -signal.SIGKILL
-    finally:
-        if first.poll() is None:
-            first.kill()
-        first.communicate()
+    first, (run_id, _, _) = await kill_once_waiting(db_url, db_path, side_effects, kind="signal", seconds=600)
     async with Durably(db_url, worker=False) as client:
         # Sent while no worker is alive: kept, and the waiting run is due at once.
         assert await client.send_signal(run_id, "go", "ana", signal_id="mail-1") == "delivered"

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sqlite3
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from helpers import finish_process, start_process, wait_until
-from test_retries import FakeClock, run_row, timed_lines
+from helpers import (
+    FakeClock,
+    finish_process,
+    kill_once_waiting,
+    start_process,
+    timed_lines,
+    wait_until,
+)
 
 from durably_web import Durably, Event, NonDeterministicReplayError, StepContext, define_job
 
@@ -174,22 +179,9 @@ async def test_sigkill_during_a_sleep_then_restart_continues_at_the_due_time_wit
     db_url, db_path, tmp_path
 ):
     side_effects = tmp_path / "side-effects.txt"
-    first = start_process("wait", db_url, str(side_effects), "--kind", "sleep", "--seconds", "3")
-    try:
-
-        def waiting() -> Any:
-            if first.poll() is not None:
-                raise AssertionError(f"worker exited early: {first.communicate()}")
-            row = run_row(db_path)
-            return row if row is not None and row[1] == "waiting" else None
-
-        run_id, _, due_ms = await wait_until(waiting, timeout=30)
-        first.send_signal(signal.SIGKILL)
-        assert first.wait(10) == -signal.SIGKILL
-    finally:
-        if first.poll() is None:
-            first.kill()
-        first.communicate()
+    first, (run_id, _, due_ms) = await kill_once_waiting(
+        db_url, db_path, side_effects, kind="sleep", seconds=3
+    )
     assert time.time() < due_ms / 1000, "the sleep ended before the kill; nothing was tested"
     conn = sqlite3.connect(db_path)
     recorded_due = conn.execute("SELECT output FROM durably_steps WHERE name = 'nap'").fetchone()[0]
