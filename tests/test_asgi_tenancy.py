@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from asgi_helpers import next_event, running_server, sse_events
+from asgi_helpers import api_client, next_event, running_server, sse_events
 from pydantic import BaseModel
 
 from durably_web import Durably, StepContext, define_job
@@ -113,12 +113,7 @@ async def client_for() -> AsyncIterator[ClientFor]:
     clients: list[httpx.AsyncClient] = []
 
     async def make(durably: Durably, **options: Any) -> httpx.AsyncClient:
-        app = create_app(durably, **options)
-        client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app),
-            base_url="http://localhost",  # a loopback Host, as the cross-site defences want
-            headers={"Content-Type": "application/json"},
-        )
+        client = api_client(create_app(durably, **options))
         clients.append(client)
         return client
 
