@@ -562,6 +562,7 @@ class Durably:
                 error=_error_info(s.error_json),
                 started_at=from_ms(s.started_at),  # type: ignore[arg-type]
                 completed_at=from_ms(s.completed_at),  # type: ignore[arg-type]
+                kind=s.kind,  # type: ignore[arg-type]
             )
             for s in self.store.list_steps(run_id)
         ]
@@ -679,13 +680,16 @@ class Durably:
             self._worker.wake()
         return self._to_run(record)
 
-    async def fork_run(self, run_id: str, *, from_step: str) -> Run:
+    async def fork_run(
+        self, run_id: str, *, from_step: str, labels: Mapping[str, str] | None = None
+    ) -> Run:
         """A new run of the same job, input and labels (re-validated, as in ``retrigger``) holding
         copies of the source's completed steps recorded before ``from_step``: those replay,
         ``from_step`` and everything after it run again. ``forked_from`` links it to the source.
 
         ``from_step`` must name a recorded step of the source (``NotFoundError`` otherwise). The
-        fork has no idempotency or concurrency key.
+        fork has no idempotency or concurrency key. ``labels``, when given, replace the source's
+        labels (the HTTP API passes the labels its ``on_trigger`` hook admitted).
         """
         self._check_writable("fork a run")
         record = self._require(run_id)
@@ -698,7 +702,7 @@ class Durably:
             id=ids.new_id(self.now_ms()),
             job_name=record.job_name,
             input_json=input_json,
-            labels=dict(record.labels),
+            labels=dict(record.labels) if labels is None else _validate_labels(labels),
             idempotency_key=None,
             concurrency_key=None,
             coalesce=False,

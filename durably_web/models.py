@@ -126,6 +126,10 @@ class Step:
     error: ErrorInfo | None
     started_at: datetime
     completed_at: datetime
+    #: "run" (``step.run``), "sleep" (``step.sleep``/``sleep_until``; output: the due time in
+    #: ms since the epoch) or "signal" (``wait_for_signal``; output: ``{"payload": ...}`` or
+    #: ``{"timeout": true}``).
+    kind: Literal["run", "sleep", "signal"] = "run"
 
     @property
     def duration_ms(self) -> float:
@@ -136,6 +140,7 @@ class Step:
             "run_id": self.run_id,
             "index": self.index,
             "name": self.name,
+            "kind": self.kind,
             "status": self.status,
             "output": self.output,
             "error": None if self.error is None else asdict(self.error),
