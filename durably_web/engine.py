@@ -110,6 +110,20 @@ class RunExecution:
             return False  # the signal was taken; look for the next one
         raise self.fence_error(f"signal {step.name!r}")
 
+    def reject_signal(self, key: int, log: LogRecord, data: Any) -> None:
+        """Drop a signal the wait's type refused, with a warning in the run's log, so that a
+        bad payload from a sender that could not validate it never fails the run."""
+        if self._durably.store.reject_signal(key, self.generation, log):
+            self.emit(
+                "log:write",
+                {"level": log.level, "message": log.message, "data": data, "step_name": log.step_name},
+            )
+            return
+        current = self._durably.store.get_run(self.run_id)
+        if current is not None and current.status == "leased" and current.lease_generation == self.generation:
+            return  # taken or dropped meanwhile; look for the next one
+        raise self.fence_error(f"signal {log.step_name!r}")
+
     async def retry_step(self, failed: StepRecord, exc: BaseException, delay: float) -> NoReturn:
         """The failed attempt is recorded and the run waits ``delay`` seconds for the next
         one, in one transaction: a kill at any instant leaves either the attempt in flight

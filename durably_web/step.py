@@ -279,6 +279,10 @@ class StepContext:
             found = execution.next_signal(name)
             if found is not None:
                 key, payload_json = found
+                refusal = self._payload_refusal(payload_json, tp)
+                if refusal is not None:
+                    self._reject_signal(key, name, refusal)
+                    continue
                 outcome = f'{{"payload":{payload_json}}}'
                 step = self._signal_step(index, name, outcome, now)
                 if not execution.consume_signal(key, step):
@@ -300,6 +304,36 @@ class StepContext:
                 step_name=name,
                 deadline=deadline,
             )
+
+    @staticmethod
+    def _payload_refusal(payload_json: str, tp: Any) -> str | None:
+        """Why ``tp`` refuses a stored payload (``None`` when it fits or there is no type).
+
+        ``send_signal`` validates where it knows the type; a sender that does not (another
+        process without ``define_job(signals=)``, a database-URL client) stores any JSON."""
+        if tp is _NO_TYPE or tp is None:
+            return None
+        try:
+            decode(payload_json, tp)
+        except Exception as exc:  # pydantic's ValidationError, or a type that cannot validate
+            return f"{type(exc).__name__}: {exc}"
+        return None
+
+    def _reject_signal(self, key: int, name: str, reason: str) -> None:
+        execution = self._execution
+        message = f"signal {name!r} rejected: its payload does not fit the wait's type; the run keeps waiting"
+        execution.reject_signal(
+            key,
+            LogRecord(
+                run_id=self.run_id,
+                step_name=name,
+                level="warning",
+                message=message,
+                data_json=json.dumps({"signal": name, "error": reason}),
+                created_at=execution.now_ms(),
+            ),
+            {"signal": name, "error": reason},
+        )
 
     def _signal_step(self, index: int, name: str, outcome: str, started_at: int) -> StepRecord:
         return StepRecord(

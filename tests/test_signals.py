@@ -134,6 +134,31 @@ async def test_a_payload_failing_the_wait_model_raises_validation_error_and_chan
     assert (await durably.get_run(run.id)).status == "waiting"
 
 
+async def test_a_bad_payload_from_a_sender_without_the_type_is_rejected_by_the_wait(make_durably, sql):
+    @define_job("untyped-sender")  # no signals=: a client without the job cannot validate
+    async def job(step: StepContext, payload: Any) -> str:
+        approval = await step.wait_for_signal("approval", type=Approval)
+        return approval.by
+
+    worker = await make_durably(job)
+    client = await make_durably(worker=False)
+    run = await worker.trigger(job, None)
+    await wait_until(lambda: worker.get_runs(status="waiting"))
+    assert await client.send_signal(run.id, "approval", {"who": "x"}, signal_id="bad") == "delivered"
+    # The wait drops it with a warning in the run's log and keeps waiting; the run does not fail.
+    async def warnings() -> list[Any]:
+        return [log for log in await worker.get_logs(run.id) if log.level == "warning"]
+
+    logs = await wait_until(warnings)
+    assert "rejected" in logs[0].message and logs[0].data["signal"] == "approval"
+    assert (await worker.get_run(run.id)).status == "waiting"
+    assert sql("SELECT COUNT(*) FROM durably_signals") == [(0,)]
+    # The same signal_id may be sent again, now with a payload that fits.
+    assert await client.send_signal(run.id, "approval", {"by": "ana"}, signal_id="bad") == "delivered"
+    done = await worker.wait_for_run(run.id, timeout=30)
+    assert done.status == "completed" and done.output == "ana"
+
+
 async def test_unknown_runs_and_bad_names_are_refused(make_durably):
     durably = await make_durably(approval_job("refusals"))
     with pytest.raises(NotFoundError):

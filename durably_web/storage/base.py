@@ -252,6 +252,12 @@ class Store(ABC):
         (fenced; ``False`` if the lease was lost or another execution took the signal)."""
 
     @abstractmethod
+    def reject_signal(self, signal_key: int, generation: int, log: LogRecord) -> bool:
+        """Drop an unconsumed signal whose payload the waiting handler's type refused, and
+        append ``log`` (why), in one transaction; fenced like ``consume_signal``. The signal's
+        ``signal_id`` may then be sent again with a valid payload."""
+
+    @abstractmethod
     def list_step_attempts(self, run_id: str) -> list[StepRecord]:
         """The failed attempts that were retried, by position then attempt number."""
 

@@ -185,6 +185,14 @@ ORDER BY id LIMIT 1
 -- name: consume_signal
 UPDATE durably_signals SET consumed_at = :now WHERE id = :id AND consumed_at IS NULL
 
+-- name: reject_signal
+-- Only the run's live lease holder may drop a signal (its waiting handler refused the payload).
+DELETE FROM durably_signals
+WHERE id = :id AND consumed_at IS NULL AND EXISTS (
+    SELECT 1 FROM durably_runs
+    WHERE durably_runs.id = durably_signals.run_id AND status = 'leased'
+      AND lease_generation = :generation)
+
 -- name: insert_step_attempt
 INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at)
 VALUES (:run_id, :seq, :name, :attempt, :error, :started_at, :completed_at)

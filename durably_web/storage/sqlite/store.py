@@ -415,6 +415,13 @@ class SQLiteStore(Store):
             return False
         return True
 
+    def reject_signal(self, signal_key: int, generation: int, log: LogRecord) -> bool:
+        with self._conn.transaction():
+            if self._conn.execute(Q["reject_signal"], {"id": signal_key, "generation": generation}) == 0:
+                return False
+            self.append_log(log)
+        return True
+
     def count_step_attempts(self, run_id: str) -> dict[int, tuple[int, int]]:
         rows = self._conn.fetch_all(Q["count_step_attempts"], {"run_id": run_id})
         return {row["seq"]: (int(row["total"]), int(row["current"] or 0)) for row in rows}
