@@ -15,17 +15,27 @@ from starlette.exceptions import HTTPException
 
 from .app import DurablyAuth, ProgressThrottle, RunOperation, create_app
 from .openapi import openapi_document
-from .requests import PurgeRequest, RunsFilter, TriggerBatchItem, TriggerBatchRequest, TriggerRequest
+from .requests import (
+    ForkRequest,
+    PurgeRequest,
+    RunsFilter,
+    SignalRequest,
+    TriggerBatchItem,
+    TriggerBatchRequest,
+    TriggerRequest,
+)
 from .security import LOOPBACK_HOSTS
 
 __all__ = [
     "LOOPBACK_HOSTS",
     "DurablyAuth",
+    "ForkRequest",
     "HTTPException",
     "ProgressThrottle",
     "PurgeRequest",
     "RunOperation",
     "RunsFilter",
+    "SignalRequest",
     "TriggerBatchItem",
     "TriggerBatchRequest",
     "TriggerRequest",

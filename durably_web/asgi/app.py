@@ -63,15 +63,19 @@ from .requests import (
     MAX_LIMIT,
     MAX_OFFSET,
     RUN_LEVEL_EVENT_TYPES,
+    ForkRequest,
     PurgeRequest,
     RunsFilter,
+    SignalRequest,
     TriggerBatchRequest,
     TriggerRequest,
     _EmptyBody,
 )
 from .security import SecurityMiddleware, parse_allowed_hosts, parse_allowed_origins
 
-RunOperation = Literal["read", "subscribe", "steps", "cancel", "retrigger", "delete"]
+RunOperation = Literal[
+    "read", "subscribe", "steps", "cancel", "retrigger", "delete", "signal", "resume", "fork"
+]
 
 #: A comment line this often keeps proxies from closing an idle stream.
 KEEPALIVE_SECONDS = 15.0
@@ -117,8 +121,18 @@ class DurablyAuth(Protocol):
       global to the database: a multi-tenant policy returns
       ``trigger.namespaced(tenant)`` so tenants never meet each other's keys
       (the stored keys a retrigger carries are already namespaced and stay so).
+      ``POST /runs/{id}/fork`` calls it too (after ``on_run_access`` allowed ``fork``
+      on the source run), with a ``TriggerRequest`` of the source's job, input and
+      labels and no keys; the fork gets the labels the hook admits. A fork keeps
+      the source's job and input and has no keys, so a replacement that changes the
+      job or the input, or sets a key or ``coalesce``, is a bug of the hook
+      (``TypeError``, answered 500): a hook that stamps a key on every trigger must
+      leave the keys of a fork's trigger ``None``.
     * ``on_run_access(ctx, run, operation)`` guards one run: ``read`` (the run
-      and its logs), ``steps``, ``subscribe``, ``cancel``, ``retrigger``, ``delete``.
+      and its logs), ``steps`` (its steps and their attempts), ``subscribe``,
+      ``cancel``, ``retrigger``, ``delete``, ``signal`` (send it a signal),
+      ``resume`` (continue a failed or cancelled run) and ``fork`` (a new run
+      from its steps; the new run also passes ``on_trigger``).
       A refusal (``PermissionError`` or ``HTTPException(403)``) of a run the caller
       may not even ``read`` is answered 404, exactly as for a missing run, so ids
       cannot be probed; ``read`` is asked for that after another operation is
@@ -747,6 +761,11 @@ class _Api:
         steps = await self.durably.get_steps(run.id)
         return JSONResponse({"steps": [self._scrub(step.to_dict()) for step in steps]})
 
+    async def get_attempts(self, request: Request) -> Response:
+        _, run = await self._run_for(request, "steps")
+        attempts = await self.durably.get_step_attempts(run.id)
+        return JSONResponse({"attempts": [self._scrub(attempt.to_dict()) for attempt in attempts]})
+
     async def get_logs(self, request: Request) -> Response:
         _, run = await self._run_for(request, "read")
         return JSONResponse({"logs": [log.to_dict() for log in await self.durably.get_logs(run.id)]})
@@ -766,6 +785,59 @@ class _Api:
             labels=dict(run.labels) or None,
         )
         return await self._trigger_one(ctx, again)
+
+    async def signal(self, request: Request) -> Response:
+        """Send the path's signal to the run: 200 with its disposition (delivered, stored, duplicate)."""
+        _, run = await self._run_for(request, "signal")
+        body = _parse_model(SignalRequest, await _read_json(request, self.durably.max_payload_bytes + 65536))
+        name = request.path_params["name"]
+        disposition = await self.durably.send_signal(run.id, name, body.payload, signal_id=body.signal_id)
+        return JSONResponse({"run_id": run.id, "name": name, "disposition": disposition})
+
+    async def resume(self, request: Request) -> Response:
+        """Continue a failed or cancelled run after its last completed step (409 in any other state)."""
+        _, run = await self._run_for(request, "resume")
+        await self._empty_body(request)
+        try:
+            resumed = await self.durably.resume_run(run.id)
+        except ConflictError as exc:
+            # Only this conflict names another run (the one pending for the key), which may be
+            # another tenant's; the others speak of this run, which the caller may read.
+            if self.auth is None or run.concurrency_key is None or "concurrency key" not in str(exc):
+                raise
+            raise self._hide_conflict(exc) from exc
+        return self._run_response(resumed)
+
+    async def fork(self, request: Request) -> Response:
+        """A new run with the source's steps before ``from_step``; it passes ``on_trigger`` as any new run.
+
+        The hook sees the trigger the fork amounts to (the source's job, input and labels, no
+        keys) and may reject it or change its labels; changing anything else is a hook bug.
+        """
+        ctx, run = await self._run_for(request, "fork")
+        body = _parse_model(ForkRequest, await _read_json(request, 64 * 1024))
+        trigger = TriggerRequest(
+            job=run.job_name, input=to_jsonable(run.input), labels=dict(run.labels) or None
+        )
+        admitted = await self._on_trigger(ctx, trigger)
+        changed = [
+            name
+            for name, differs in (
+                ("job", admitted.job != trigger.job),
+                ("input", admitted.input != trigger.input),
+                ("idempotency_key", admitted.idempotency_key is not None),
+                ("concurrency_key", admitted.concurrency_key is not None),
+                ("coalesce", admitted.coalesce is not None),
+            )
+            if differs
+        ]
+        if changed:
+            raise TypeError(
+                f"on_trigger changed the {', '.join(changed)} of a fork of run {run.id!r}: a fork keeps "
+                "the source's job and input and has no keys; the hook may reject it or change its labels"
+            )
+        forked = await self.durably.fork_run(run.id, from_step=body.from_step, labels=admitted.labels or {})
+        return self._created_response(forked)
 
     async def delete(self, request: Request) -> Response:
         _, run = await self._run_for(request, "delete")
@@ -1123,6 +1195,10 @@ def create_app(
         Route("/runs/{run_id}/logs", api.get_logs, methods=["GET"]),
         Route("/runs/{run_id}/cancel", api.cancel, methods=["POST"]),
         Route("/runs/{run_id}/retrigger", api.retrigger, methods=["POST"]),
+        Route("/runs/{run_id}/signals/{name}", api.signal, methods=["POST"]),
+        Route("/runs/{run_id}/resume", api.resume, methods=["POST"]),
+        Route("/runs/{run_id}/fork", api.fork, methods=["POST"]),
+        Route("/runs/{run_id}/attempts", api.get_attempts, methods=["GET"]),
         Route("/runs/{run_id}/events", api.run_events, methods=["GET"]),
         Route("/events", api.list_events, methods=["GET"]),
         Route("/dashboard", _to_dashboard_dir, methods=["GET"]),

@@ -13,7 +13,9 @@ from .requests import (
     MAX_LIMIT,
     MAX_OFFSET,
     RUN_LEVEL_EVENT_TYPES,
+    ForkRequest,
     PurgeRequest,
+    SignalRequest,
     TriggerBatchItem,
     TriggerBatchRequest,
     TriggerRequest,
@@ -350,6 +352,99 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                 parameters=[_RUN_ID],
             )
         },
+        "/runs/{run_id}/signals/{name}": {
+            "post": _op(
+                "Send the signal name to a run: delivered (the run was waiting for it in "
+                "wait_for_signal and continues now), stored (kept until the run reaches "
+                "wait_for_signal(name)) or duplicate (this signal_id was sent to the run before; "
+                "nothing changed). A payload the signal's type refuses (where this server knows the "
+                "type) is a 400 with details and is not stored. The body may be empty (payload null)",
+                {
+                    "200": {"description": "the disposition", "content": _json_content(_ref("SignalResult"))},
+                    **_ERROR_RESPONSES,
+                    **_NOT_FOUND,
+                    "409": {
+                        "description": "the run is finished (completed, failed or cancelled)",
+                        "content": _json_content(_ref("Error")),
+                    },
+                    "413": {"description": "body too large", "content": _json_content(_ref("Error"))},
+                },
+                parameters=[
+                    _RUN_ID,
+                    {
+                        "name": "name",
+                        "in": "path",
+                        "required": True,
+                        "schema": {"type": "string"},
+                        "description": "the signal's name, as in wait_for_signal (percent-encoded; "
+                        "it cannot contain /)",
+                    },
+                ],
+                requestBody={"required": False, "content": _json_content(_ref("SignalRequest"))},
+            )
+        },
+        "/runs/{run_id}/resume": {
+            "post": _op(
+                "Continue a failed or cancelled run after its last completed step: it is pending "
+                "again with its attempt count kept; completed steps replay, the failed step executes "
+                "again (body: none or {})",
+                {
+                    "200": {"description": "the resumed run", "content": _json_content(_ref("Run"))},
+                    **_ERROR_RESPONSES,
+                    **_NOT_FOUND,
+                    "409": {
+                        "description": "the run is not failed or cancelled (completed, pending, leased, "
+                        "waiting), its cancelled handler is still stopping, or another run of its "
+                        "concurrency key is pending",
+                        "content": _json_content(_ref("Error")),
+                    },
+                },
+                parameters=[_RUN_ID],
+            )
+        },
+        "/runs/{run_id}/fork": {
+            "post": _op(
+                "A new run of the same job, input and labels holding copies of the run's completed "
+                "steps before from_step (they replay; from_step and the rest execute again), with "
+                "forked_from set and no idempotency or concurrency key. The new run passes the "
+                "on_trigger hook like any new run",
+                {
+                    "201": created,
+                    **_ERROR_RESPONSES,
+                    "404": {
+                        "description": "no such run, or from_step names no recorded step of it",
+                        "content": _json_content(_ref("Error")),
+                    },
+                    "409": {
+                        "description": "the run's step outputs were not kept (preserve_steps=False)",
+                        "content": _json_content(_ref("Error")),
+                    },
+                },
+                parameters=[_RUN_ID],
+                requestBody={"required": True, "content": _json_content(_ref("ForkRequest"))},
+            )
+        },
+        "/runs/{run_id}/attempts": {
+            "get": _op(
+                "Every attempt of every step.run step of the run, by position then attempt number: "
+                "each retried failure, and the attempt that ended the step",
+                {
+                    "200": {
+                        "description": "attempts",
+                        "content": _json_content(
+                            {
+                                "type": "object",
+                                "required": ["attempts"],
+                                "properties": {"attempts": {"type": "array", "items": _ref("StepAttempt")}},
+                            }
+                        ),
+                    },
+                    **_ERROR_RESPONSES,
+                    **_NOT_FOUND,
+                },
+                parameters=[_RUN_ID],
+            )
+        },
         "/runs/{run_id}/events": {
             "get": _op(
                 "Server-Sent Events for one run: run:snapshot, the recorded steps (replayed: true) and "
@@ -404,6 +499,17 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
         "TriggerBatchRequest": _component_schema(TriggerBatchRequest),
         "TriggerBatchItem": TriggerBatchItem.model_json_schema(),
         "PurgeRequest": PurgeRequest.model_json_schema(),
+        "SignalRequest": SignalRequest.model_json_schema(),
+        "ForkRequest": ForkRequest.model_json_schema(),
+        "SignalResult": {
+            "type": "object",
+            "required": ["run_id", "name", "disposition"],
+            "properties": {
+                "run_id": {"type": "string"},
+                "name": {"type": "string"},
+                "disposition": {"enum": ["delivered", "stored", "duplicate"]},
+            },
+        },
         "TriggerResult": {
             "type": "object",
             "required": ["id", "disposition", "run"],
@@ -423,7 +529,13 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                 **{
                     name: schema
                     for name, schema in run_properties.items()
-                    if name not in ("input", "output", "error", "disposition")
+                    # Lists show no input, output or traceback, and none of the waiting fields
+                    # (GET /runs/{run_id} has them).
+                    if name
+                    not in (
+                        "input", "output", "error", "disposition",
+                        "wake_at", "wait_reason", "wait_step", "forked_from",
+                    )
                 },
                 "error": {
                     "oneOf": [
@@ -455,8 +567,23 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                 "run_id": {"type": "string"},
                 "index": {"type": "integer"},
                 "name": {"type": "string"},
+                "kind": {"enum": ["run", "sleep", "signal"]},
                 "status": {"enum": ["completed", "failed"]},
                 "output": {},
+                "error": {"oneOf": [{"type": "null"}, _ref("ErrorInfo")]},
+                "started_at": {"type": "string", "format": "date-time"},
+                "completed_at": {"type": "string", "format": "date-time"},
+                "duration_ms": {"type": "number"},
+            },
+        },
+        "StepAttempt": {
+            "type": "object",
+            "properties": {
+                "run_id": {"type": "string"},
+                "index": {"type": "integer"},
+                "name": {"type": "string"},
+                "attempt": {"type": "integer", "description": "1 for the first attempt"},
+                "status": {"enum": ["completed", "failed"]},
                 "error": {"oneOf": [{"type": "null"}, _ref("ErrorInfo")]},
                 "started_at": {"type": "string", "format": "date-time"},
                 "completed_at": {"type": "string", "format": "date-time"},

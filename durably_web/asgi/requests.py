@@ -118,8 +118,35 @@ class PurgeRequest(BaseModel):
     limit: int | None = Field(None, ge=0, description="delete at most this many runs (oldest first)")
 
 
+class SignalRequest(BaseModel):
+    """Body of ``POST /runs/{run_id}/signals/{name}``; an empty body is a signal with a ``null`` payload."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    payload: Any = Field(
+        None, description="any JSON; validated by the signal's type where this server knows it"
+    )
+    signal_id: str | None = Field(
+        None,
+        min_length=1,
+        description="the sender's id for this signal: sending it again to the run changes nothing "
+        "(disposition duplicate)",
+    )
+
+
+class ForkRequest(BaseModel):
+    """Body of ``POST /runs/{run_id}/fork``: the recorded step the new run executes again from."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    from_step: str = Field(
+        min_length=1,
+        description="a recorded step of the run: the steps before it are copied, it and the rest run again",
+    )
+
+
 class _EmptyBody(BaseModel):
-    """Body of the action routes (cancel, retrigger): nothing, or ``{}``."""
+    """Body of the action routes (cancel, retrigger, resume): nothing, or ``{}``."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
