@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import ValidationError as PydanticValidationError
 
 from . import ids
-from .engine import NEVER_MS, Worker
+from .engine import Worker
 from .errors import (
     ConflictError,
     DurablyError,
@@ -798,11 +798,7 @@ class Durably:
             completed_at=from_ms(record.completed_at),
             updated_at=from_ms(record.updated_at),
             disposition=disposition,  # type: ignore[arg-type]
-            wake_at=(
-                from_ms(record.available_at)
-                if record.status == "waiting" and record.available_at < NEVER_MS
-                else None
-            ),
+            wake_at=from_ms(record.wake_at),
             wait_reason=record.wait_reason if record.status == "waiting" else None,
             wait_step=record.wait_step if record.status == "waiting" else None,
             forked_from=record.forked_from,

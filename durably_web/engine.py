@@ -19,7 +19,7 @@ from .errors import CancelledError, LeaseLostError, StorageError
 from .job import JobDefinition
 from .models import ErrorInfo, Progress, from_ms
 from .step import StepContext, _error_json
-from .storage.base import LogRecord, RunRecord, StepRecord
+from .storage.base import NEVER_MS, LogRecord, RunRecord, StepRecord
 from .threads import SyncStepThreads
 
 if TYPE_CHECKING:
@@ -33,8 +33,6 @@ class _ShutdownSignal(BaseException):
     """
 
 
-#: The wake-up time of a wait with no deadline (a signal wait without timeout): 9999-12-31.
-NEVER_MS = 253_402_300_799_000
 
 
 class _Suspend(BaseException):

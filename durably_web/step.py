@@ -15,7 +15,7 @@ from .errors import NonDeterministicReplayError, StepError, WaitTimeoutError
 from .models import ErrorInfo
 from .retry import NO_RETRY, RetryPolicy
 from .serialization import _NO_TYPE, decode, encode, return_type_of
-from .storage.base import LogRecord, StepRecord
+from .storage.base import NEVER_MS, LogRecord, StepRecord
 
 if TYPE_CHECKING:
     from .engine import RunExecution
@@ -296,8 +296,6 @@ class StepContext:
                 if execution.deferred_durability:
                     await execution.wait_durable()
                 return self._signal_outcome(name, outcome, tp)
-            from .engine import NEVER_MS
-
             await execution.wait_until(
                 NEVER_MS if deadline is None else deadline,
                 reason="signal",

@@ -568,7 +568,8 @@ async def test_failed_run_carries_error_and_traceback(working: Durably, client_f
 RUN_ROUTES = [
     ("GET", "/runs/{id}"), ("GET", "/runs/{id}/steps"), ("GET", "/runs/{id}/logs"),
     ("GET", "/runs/{id}/events"), ("POST", "/runs/{id}/cancel"), ("POST", "/runs/{id}/retrigger"),
-    ("DELETE", "/runs/{id}"),
+    ("DELETE", "/runs/{id}"), ("POST", "/runs/{id}/signals/go"), ("POST", "/runs/{id}/resume"),
+    ("POST", "/runs/{id}/fork"), ("GET", "/runs/{id}/attempts"),
 ]
 
 
@@ -817,7 +818,10 @@ async def test_a_tenant_cannot_touch_another_tenants_run(idle: Durably, client_f
     # an operation other than read is refused, then read is asked to tell 403 from 404
     assert auth.access == [
         ("b", run_id, operation)
-        for asked in ("read", "steps", "read", "subscribe", "cancel", "retrigger", "delete")
+        for asked in (
+            "read", "steps", "read", "subscribe", "cancel", "retrigger", "delete", "signal", "resume", "fork",
+            "steps",
+        )
         for operation in ((asked,) if asked == "read" else (asked, "read"))
     ]
     # nothing happened to the run, and nothing new was created

@@ -158,7 +158,7 @@ def _routes(app: Any) -> list[tuple[str, str]]:
 # "unknown field" drawn outside this list is unknown to every route.
 KNOWN_FIELDS = [
     "job", "input", "idempotency_key", "concurrency_key", "coalesce", "labels",
-    "items", "older_than", "limit",
+    "items", "older_than", "limit", "payload", "signal_id", "from_step",
 ]
 any_text = st.text(max_size=20)  # lone surrogates and NULs included
 json_scalars = st.one_of(

@@ -144,6 +144,10 @@ RUN_ROUTES = [
     ("POST", "/runs/{id}/cancel"),
     ("POST", "/runs/{id}/retrigger"),
     ("DELETE", "/runs/{id}"),
+    ("POST", "/runs/{id}/signals/go"),
+    ("POST", "/runs/{id}/resume"),
+    ("POST", "/runs/{id}/fork"),
+    ("GET", "/runs/{id}/attempts"),
 ]
 
 
@@ -570,6 +574,10 @@ async def test_run_lists_are_summaries_and_the_run_route_is_whole(
         "updated_at",
         "input_bytes",
         "output_bytes",
+        "wake_at",
+        "wait_reason",
+        "wait_step",
+        "forked_from",
     }
     assert by_id[failed.id]["error"] == {"type": "RuntimeError", "message": "boom"}
     whole = (await client.get(f"/runs/{held.id}")).json()

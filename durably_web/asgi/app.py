@@ -338,6 +338,11 @@ def run_summary(record: RunRecord) -> dict[str, Any]:
         "updated_at": iso(from_ms(record.updated_at)),
         "input_bytes": _text_bytes(record.input_json),
         "output_bytes": _text_bytes(record.output_json),
+        # A waiting run's list row says why and until when (the dashboard shows it).
+        "wake_at": iso(from_ms(record.wake_at)),
+        "wait_reason": record.wait_reason if record.status == "waiting" else None,
+        "wait_step": record.wait_step if record.status == "waiting" else None,
+        "forked_from": record.forked_from,
     }
 
 

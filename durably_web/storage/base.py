@@ -13,6 +13,9 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+#: The wake-up time of a wait with no deadline (a signal wait without timeout): 9999-12-31.
+NEVER_MS = 253_402_300_799_000
+
 
 @dataclass(frozen=True, slots=True)
 class NewRun:
@@ -54,6 +57,11 @@ class RunRecord:
     wait_step: str | None = None
     forked_from: str | None = None
     wait_deadline: int | None = None  # a signal wait's timeout (ms), fixed on first execution
+
+    @property
+    def wake_at(self) -> int | None:
+        """While waiting: when the run continues (ms); ``None`` for a signal wait without timeout."""
+        return self.available_at if self.status == "waiting" and self.available_at < NEVER_MS else None
 
 
 @dataclass(frozen=True, slots=True)
