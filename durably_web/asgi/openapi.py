@@ -529,13 +529,8 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                 **{
                     name: schema
                     for name, schema in run_properties.items()
-                    # Lists show no input, output or traceback, and none of the waiting fields
-                    # (GET /runs/{run_id} has them).
-                    if name
-                    not in (
-                        "input", "output", "error", "disposition",
-                        "wake_at", "wait_reason", "wait_step", "forked_from",
-                    )
+                    # Lists show no input, output or traceback (GET /runs/{run_id} has them).
+                    if name not in ("input", "output", "error", "disposition")
                 },
                 "error": {
                     "oneOf": [
