@@ -27,8 +27,8 @@ site: $(VENV)/.installed
 test: lint site
 	DURABLY_SKIP_SITE_BUILD=1 $(PY) -m pytest
 
-# The tests marked slow, which `make test` leaves out: the IndexedDB browser torture
-# and the browser benchmarks (~4 min together). CI runs them after `make test`.
+# The tests marked slow, which `make test` leaves out: the browser reload torture (OPFS
+# and IndexedDB) and the browser benchmarks (~6 min together). CI runs them after `make test`.
 test-slow: site
 	DURABLY_SKIP_SITE_BUILD=1 $(PY) -m pytest -m slow
 

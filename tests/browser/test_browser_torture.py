@@ -138,12 +138,8 @@ def check_concurrency(effects: list[dict[str, Any]], ck_runs: list[str]) -> list
 # -- the test ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "storage",
-    # OPFS ("auto" here) in the normal suite; the IndexedDB variant adds ~2 min, so it
-    # runs with the slow tests: make test-slow (CI runs it after make test).
-    ["auto", pytest.param("idb", marks=pytest.mark.slow)],
-)
+@pytest.mark.slow  # ~2 min per storage: make test-slow (CI runs it after make test)
+@pytest.mark.parametrize("storage", ["auto", "idb"])  # "auto": OPFS here
 def test_random_reloads_lose_nothing_and_rerun_only_the_step_in_flight(
     launch_chromium: Any, site_url: Any, storage: str
 ) -> None:
