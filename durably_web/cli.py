@@ -6,9 +6,16 @@ database URL such as ``sqlite:///app.db``. A URL gives management commands only:
 without the job module there is nothing to execute and no input model to
 validate a trigger against.
 
+Commands: ``worker``, ``serve``, ``trigger`` (these three need the job module),
+``runs``, ``show``, ``watch``, ``cancel``, ``retrigger``, ``delete``, ``purge``,
+``migrate``, and for durable waiting ``signal`` (send a run a signal), ``resume``
+(continue a failed or cancelled run after its last completed step) and ``fork``
+(a new run from a step on).
+
 ``runs``, ``show`` and ``watch`` open the database read-only: they never write,
-migrate or create it. Everything printed from the database is escaped
-(:mod:`durably_web.display`), so stored text cannot drive the terminal.
+migrate or create it; the other commands write. Everything printed from the
+database is escaped (:mod:`durably_web.display`), so stored text cannot drive
+the terminal.
 
 Exit codes: 0 success, 1 the operation failed (unknown run, conflict,
 unreachable database, a watched run that did not complete), 2 bad arguments
@@ -26,12 +33,13 @@ import importlib
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn, TextIO
 
@@ -46,7 +54,7 @@ from .errors import (
     ValidationError,
     WaitTimeoutError,
 )
-from .models import Run, iso, to_jsonable
+from .models import Run, Step, StepAttempt, from_ms, to_jsonable
 from .storage import open_store
 
 PROG = "durably-web"
@@ -144,9 +152,9 @@ def load_durably(app: str, *, writes: bool = False) -> Durably:
     """The ``Durably`` an APP argument names, not started yet.
 
     A URL gives a client that never executes runs (it has no jobs). With ``writes``
-    (cancel, retrigger, delete, purge, serve), a URL naming a database that is not a
-    durably-web database is refused rather than given a durably-web schema:
-    ``migrate`` is the command that does that on purpose.
+    (cancel, retrigger, delete, purge, signal, resume, fork, serve), a URL naming a
+    database that is not a durably-web database is refused rather than given a
+    durably-web schema: ``migrate`` is the command that does that on purpose.
     """
     if _is_url(app):
         path = _sqlite_file(app)
@@ -331,6 +339,41 @@ def progress_bar(current: int, total: int | None, message: str | None, width: in
     return f"{text} {printable(message)}" if message else text
 
 
+def _until(value: datetime) -> str:
+    """A due time, and how far off it is (``due`` once it has passed)."""
+    ms = (value - datetime.now(UTC)).total_seconds() * 1000
+    return f"{_when(value)} ({'in ' + _duration(ms) if ms > 0 else 'due'})"
+
+
+def _is_due(run: Run) -> bool:
+    """A waiting run whose time has come (a sleep or retry delay over, a signal delivered, a
+    signal wait timed out): the next worker poll continues it."""
+    return run.wake_at is not None and run.wake_at <= datetime.now(UTC)
+
+
+def _wakes(run: Run) -> str:
+    """When a waiting run continues, for the run list ("-" for any other status)."""
+    if run.status != "waiting":
+        return "-"
+    if run.wake_at is None:
+        return "on signal"
+    if _is_due(run):
+        return f"due now ({run.wait_reason})"
+    if run.wait_reason == "signal":
+        return f"on signal or {_when(run.wake_at)}"
+    return f"{_when(run.wake_at)} ({run.wait_reason})"
+
+
+def _waiting_for(run: Run) -> str:
+    """A waiting run's wait in a few words: ``signal 'approval'``, ``sleep 'nap' until ...``."""
+    what = f"{run.wait_reason} {run.wait_step!r}"
+    if run.wake_at is None:
+        return what
+    if _is_due(run):
+        return f"{what}, due now"
+    return f"{what} {'times out' if run.wait_reason == 'signal' else 'until'} {_when(run.wake_at)}"
+
+
 def _state_note(run: Run) -> str | None:
     """What a non-terminal status means for the operator (``None`` once the run has ended)."""
     if run.status == "pending":
@@ -346,8 +389,28 @@ def _state_note(run: Run) -> str | None:
             "resumes it when the lease expires"
         )
     if run.status == "waiting":
-        due = iso(run.wake_at) or "?"
-        return f"waiting ({run.wait_reason} at step {run.wait_step!r}); any worker continues it at {due}"
+        step = repr(run.wait_step)
+        due = "?" if run.wake_at is None else _when(run.wake_at)
+        if _is_due(run):
+            what = {
+                "retry": f"waiting to retry step {step} (attempts below)",
+                "sleep": f"sleeping at step {step}",
+                "signal": f"waiting for the signal {step} (it arrived, or the wait timed out)",
+            }.get(run.wait_reason or "", f"waiting ({run.wait_reason} at step {step})")
+            return f"{what}, due since {due}: the next worker to poll continues it"
+        if run.wait_reason == "retry":
+            return f"waiting to retry step {step} (attempts below); any worker retries it at {due}"
+        if run.wait_reason == "sleep":
+            return f"sleeping at step {step}; any worker continues it at {due}"
+        if run.wait_reason == "signal":
+            command = f"{PROG} signal APP {run.id} {shlex.quote(run.wait_step or '')} --payload JSON"
+            if run.wake_at is None:
+                return f"waiting for the signal {step} (no timeout); send it with: {command}"
+            return (
+                f"waiting for the signal {step} until {due}, when the wait times out; "
+                f"send it with: {command}"
+            )
+        return f"waiting ({run.wait_reason} at step {step}); any worker continues it at {due}"
     return None
 
 
@@ -362,6 +425,13 @@ def _print_run(run: Run, out: TextIO) -> None:
         ("started", _when(run.started_at)),
         ("completed", _when(run.completed_at)),
     ]
+    if run.status == "waiting":
+        fields.append(("wait reason", run.wait_reason or "?"))
+        fields.append(("wait step", run.wait_step or "?"))
+        wake = "- (no timeout: when the signal arrives)" if run.wake_at is None else _until(run.wake_at)
+        fields.append(("wake at", wake))
+    if run.forked_from is not None:
+        fields.append(("forked from", run.forked_from))
     if run.progress is not None:
         progress = run.progress
         fields.append(("progress", progress_bar(progress.current, progress.total, progress.message)))
@@ -373,6 +443,43 @@ def _print_run(run: Run, out: TextIO) -> None:
     width = max(len(name) for name, _ in fields)
     for name, value in fields:
         _out(f"{name.ljust(width)}  {_p(value)}", file=out)
+
+
+def _step_kind(step: Step, attempts: int) -> str:
+    """A step's kind, with what it adds: a sleep's due time, a signal wait's outcome, a
+    retried step's attempts (``run, 3 attempts``)."""
+    if step.kind == "sleep" and isinstance(step.output, int) and not isinstance(step.output, bool):
+        try:
+            return f"sleep, until {_when(from_ms(step.output))}"
+        except (OverflowError, OSError, ValueError):  # a due time no datetime can hold
+            return f"sleep, until {step.output} ms"
+    if step.kind == "signal" and isinstance(step.output, dict):
+        if step.output.get("timeout") is True:
+            return "signal, timed out"
+        if "payload" in step.output:
+            payload = _json(step.output["payload"], indent=None)
+            return "signal, received " + (payload if len(payload) <= 60 else payload[:59] + "…")
+    if attempts > 1:
+        return f"{step.kind}, {attempts} attempts"
+    return step.kind
+
+
+def _retried(steps: Sequence[Step], attempts: Sequence[StepAttempt]) -> list[StepAttempt]:
+    """The attempts worth listing: those of every step that was attempted more than once, or
+    whose failed attempt is waiting for its retry (a single attempt is its step's own row)."""
+    recorded = {step.index for step in steps}
+    count: dict[int, int] = {}
+    for attempt in attempts:
+        count[attempt.index] = count.get(attempt.index, 0) + 1
+    return [a for a in attempts if count[a.index] > 1 or a.index not in recorded]
+
+
+def _attempt_line(attempt: StepAttempt) -> str:
+    line = (
+        f"{_when(attempt.completed_at)} attempt {attempt.attempt} of step {_p(repr(attempt.name))} "
+        f"{attempt.status} after {_duration(attempt.duration_ms)}"
+    )
+    return line + (f": {_p(attempt.error)}" if attempt.error is not None else "")
 
 
 # --- commands ----------------------------------------------------------------------------------------------
@@ -434,18 +541,22 @@ async def cmd_runs(args: argparse.Namespace) -> int:
     if not runs:
         _say("no runs match")
         return 0
+    # A WAKES column only when it has something to say: the list of runs that all ended stays as narrow.
+    wakes = any(run.status == "waiting" for run in runs)
     rows = [
         [
             run.id,
             run.job_name,
             run.status,
+            *([_wakes(run)] if wakes else []),
             _progress_text(run),
             _when(run.created_at),
             ",".join(f"{k}={v}" for k, v in sorted(run.labels.items())),
         ]
         for run in runs
     ]
-    _out(format_table(["ID", "JOB", "STATUS", "PROGRESS", "CREATED", "LABELS"], rows))
+    headers = ["ID", "JOB", "STATUS", *(["WAKES"] if wakes else []), "PROGRESS", "CREATED", "LABELS"]
+    _out(format_table(headers, rows))
     return 0
 
 
@@ -453,6 +564,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
     async with opened(load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
         run = await durably.get_run(args.run_id)
         steps = await durably.get_steps(run.id)
+        attempts = await durably.get_step_attempts(run.id)
         logs = await durably.get_logs(run.id)
     if args.json:
         _out(
@@ -460,6 +572,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
                 {
                     "run": run.to_dict(),
                     "steps": [step.to_dict() for step in steps],
+                    "attempts": [attempt.to_dict() for attempt in attempts],
                     "logs": [log.to_dict() for log in logs],
                 }
             )
@@ -470,8 +583,23 @@ async def cmd_show(args: argparse.Namespace) -> int:
     _out(f"\ninput:\n{_json(run.input)}", file=out)
     _out(f"\nsteps ({len(steps)}):", file=out)
     if steps:
-        rows = [[str(s.index), s.name, s.status, _duration(s.duration_ms)] for s in steps]
-        _out(format_table(["#", "STEP", "STATUS", "DURATION"], rows), file=out)
+        per_step: dict[int, int] = {}
+        for attempt in attempts:
+            per_step[attempt.index] = per_step.get(attempt.index, 0) + 1
+        kinds = [_step_kind(s, per_step.get(s.index, 0)) for s in steps]
+        # A KIND column only when a step is not a plain ``step.run``: tables of those read as before.
+        shown_kinds = any(kind != "run" for kind in kinds)
+        rows = [
+            [str(s.index), s.name, s.status, _duration(s.duration_ms), *([kind] if shown_kinds else [])]
+            for s, kind in zip(steps, kinds, strict=True)
+        ]
+        headers = ["#", "STEP", "STATUS", "DURATION", *(["KIND"] if shown_kinds else [])]
+        _out(format_table(headers, rows), file=out)
+    retried = _retried(steps, attempts)
+    if retried:
+        _out(f"\nattempts of retried steps ({len(retried)}):", file=out)
+        for attempt in retried:
+            _out(_attempt_line(attempt), file=out)
     if logs:
         _out(f"\nlogs ({len(logs)}):", file=out)
         for log in logs:
@@ -498,6 +626,62 @@ async def cmd_retrigger(args: argparse.Namespace) -> int:
     async with opened(load_durably(args.app, writes=True), worker=False) as durably:
         run = await durably.retrigger(args.run_id)
     _say(f"run {_p(run.id)} of {_p(run.job_name)}: {run.disposition} (retrigger of {_p(args.run_id)})")
+    _out(_p(run.id))
+    return 0
+
+
+async def cmd_signal(args: argparse.Namespace) -> int:
+    try:
+        payload = json.loads(args.payload)
+    except ValueError as exc:
+        raise CliError(f"--payload is not valid JSON: {exc}", EXIT_USAGE) from None
+    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
+        run = await durably.get_run(args.run_id)  # NotFoundError before anything is written
+        disposition = await durably.send_signal(args.run_id, args.name, payload, signal_id=args.signal_id)
+        job = durably.jobs.get(run.job_name)
+        typed = job is not None and args.name in job.signal_types
+    name = _p(repr(args.name))
+    if disposition == "stored":
+        _say(f"the run is not waiting for {name} now: the signal is kept until it reaches that wait")
+    elif disposition == "duplicate":
+        _say(f"signal id {_p(repr(args.signal_id))} was sent to this run before: nothing changed")
+    if disposition != "duplicate" and not typed:
+        if _is_url(args.app):
+            why = "a database URL knows no signal types"
+        elif job is None:
+            why = f"{_p(args.app)} has no job {_p(repr(run.job_name))}"
+        else:
+            why = f"job {_p(repr(run.job_name))} declares no type for {name} in define_job(signals=...)"
+        _say(
+            f"the payload was not checked here ({why}): the run's wait checks it, and drops a "
+            "payload its type refuses with a warning in the run's log"
+        )
+    _out(f"run {_p(args.run_id)}: signal {name} {disposition}")
+    return 0
+
+
+async def cmd_resume(args: argparse.Namespace) -> int:
+    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
+        before = await durably.get_run(args.run_id)
+        run = await durably.resume_run(args.run_id)
+    _say(
+        f"run {_p(run.id)} of {_p(run.job_name)} resumed (it was {before.status}): a worker replays "
+        "its completed steps and runs the step that stopped it again"
+    )
+    _out(f"run {_p(run.id)}: {run.status}")
+    return 0
+
+
+async def cmd_fork(args: argparse.Namespace) -> int:
+    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
+        run = await durably.fork_run(args.run_id, from_step=args.from_step)
+        copied = [step.name for step in await durably.get_steps(run.id)]
+    listed = f" ({', '.join(_p(repr(name)) for name in copied)})" if copied else ""
+    _say(
+        f"run {_p(run.id)} of {_p(run.job_name)}: {run.disposition}, forked from {_p(run.forked_from)} "
+        f"at step {_p(repr(args.from_step))}; {len(copied)} completed step(s) copied{listed}, "
+        "the rest runs again"
+    )
     _out(_p(run.id))
     return 0
 
@@ -545,6 +729,8 @@ async def cmd_watch(args: argparse.Namespace) -> int:
             line = f"{run.status:9} " + (
                 progress_bar(progress.current, progress.total, progress.message) if progress else "-"
             )
+            if run.status == "waiting":
+                line += f" ({_p(_waiting_for(run))})"
             if line != last_line:
                 if tty:  # our own control sequence (clear the line), then the escaped text
                     print("\r\033[K", end="")
@@ -599,7 +785,8 @@ def _install_stop_handlers(on_stop: Callable[[], None], lease_duration: float | 
 def _report_run_events(durably: Durably) -> dict[str, str]:
     """One log line per run milestone, so an operator sees the worker doing something.
 
-    Returns the runs this process is executing (id -> job name), kept up to date.
+    Returns the runs this process is executing (id -> job name), kept up to date: a run that
+    goes waiting leaves it (it holds no lease; any worker continues it when it is due).
     Call it before ``init``: a run may be leased as soon as the worker starts.
     """
     messages = {
@@ -607,19 +794,34 @@ def _report_run_events(durably: Durably) -> dict[str, str]:
         "run:complete": "completed",
         "run:fail": "failed",
         "run:cancel": "cancelled",
+        "run:waiting": "waiting",
+        "step:retry": "",
     }
     in_progress: dict[str, str] = {}
     for kind, text in messages.items():
 
         def report(event: Any, kind: str = kind, text: str = text) -> None:
-            if event.run_id is not None:
+            if event.run_id is not None and kind != "step:retry":
                 if kind == "run:leased":
                     in_progress[event.run_id] = event.job_name or "?"
                 else:
                     in_progress.pop(event.run_id, None)
-            error = event.data.get("error")
-            line = f"run {_p(event.run_id)} ({_p(event.job_name)}) {text}"
-            _log_line(line + (f": {_p(error)}" if error else ""))
+            data = event.data
+            line = f"run {_p(event.run_id)} ({_p(event.job_name)})"
+            if kind == "step:retry":
+                _log_line(
+                    f"{line}: attempt {data.get('attempt')} of step {_p(repr(data.get('step_name')))} "
+                    f"failed: {_p(data.get('error'))}; attempt {data.get('next_attempt')} in "
+                    f"{data.get('delay', 0):.3g} s"
+                )
+                return
+            if kind == "run:waiting":
+                due = data.get("due_at")
+                what = f"{data.get('reason')} at step {_p(repr(data.get('step_name')))}"
+                _log_line(f"{line} waiting: {what}" + (f", until {_when(due)}" if due else ", no timeout"))
+                return
+            error = data.get("error")
+            _log_line(f"{line} {text}" + (f": {_p(error)}" if error else ""))
 
         durably.on(kind, report)
     return in_progress
@@ -874,6 +1076,31 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         command(name, handler, text).add_argument("run_id", metavar="RUN_ID")
 
+    signal_ = command(
+        "signal", cmd_signal, "send a run a signal (a wait_for_signal step takes it); prints the disposition"
+    )
+    signal_.add_argument("run_id", metavar="RUN_ID")
+    signal_.add_argument("name", metavar="NAME", help="the signal's name (the wait_for_signal name)")
+    signal_.add_argument(
+        "--payload", default="null", metavar="JSON", help="the payload as JSON (default null)"
+    )
+    signal_.add_argument(
+        "--signal-id", metavar="ID", help="a key for this signal: sending it to the run again changes nothing"
+    )
+    command(
+        "resume",
+        cmd_resume,
+        "continue a failed or cancelled run after its last completed step (a database URL will do)",
+    ).add_argument("run_id", metavar="RUN_ID")
+    fork = command(
+        "fork",
+        cmd_fork,
+        "a new run of the same job and input, with the steps recorded before --from-step copied; "
+        "prints the new run id",
+    )
+    fork.add_argument("run_id", metavar="RUN_ID")
+    fork.add_argument("--from-step", required=True, metavar="NAME", help="the first step that runs again")
+
     purge = command("purge", cmd_purge, "delete finished runs older than a duration")
     purge.add_argument(
         "--older-than", required=True, type=Duration.parse, metavar="DURATION", help=DURATION_FORMS
@@ -907,7 +1134,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     for handler in logging.getLogger().handlers:
         handler.setFormatter(_PrintableFormatter("%(levelname)s %(name)s: %(message)s"))
     try:
-        return asyncio.run(args.handler(args))
+        return asyncio.run(run_command(args))
+    except KeyboardInterrupt:
+        _say("interrupted")
+        return 130
+    except BrokenPipeError:
+        # Output piped into `head` and the like: stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+async def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed command (``build_parser().parse_args``) on the running event loop, its
+    failures reported as one line on stderr and returned as the exit code."""
+    try:
+        return await args.handler(args)
     except CliError as exc:
         _say(f"error: {exc}")
         return exc.code
@@ -917,10 +1158,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NotFoundError, ConflictError, DurablyError) as exc:
         _say(f"error: {exc}")
         return EXIT_FAILURE
-    except KeyboardInterrupt:
-        _say("interrupted")
-        return 130
-    except BrokenPipeError:
-        # Output piped into `head` and the like: stop quietly, as Unix tools do.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
