@@ -139,6 +139,38 @@ MUTANTS: tuple[Mutant, ...] = (
             "tests/test_retries.py::test_the_backoff_is_the_persisted_wake_up_time_not_an_in_memory_sleep",
         ),
     ),
+    # Durable waiting, caught by the crash torture's checker (tests/torture/harness.py).
+    Mutant(
+        name="a waiting run is claimed before its wake-up time",
+        file="durably_web/storage/sqlite/queries.sql",
+        old="WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= :now)\n",
+        new=(
+            "WHERE ((r.status IN ('pending', 'waiting') "
+            "AND (r.available_at <= :now OR r.status = 'waiting'))\n"
+        ),
+        command=TORTURE,
+    ),
+    Mutant(
+        name="a sleep's duration read as tenths of a second",
+        file="durably_web/step.py",
+        old="await self._sleep(name, lambda now: now + int(seconds * 1000))\n",
+        new="await self._sleep(name, lambda now: now + int(seconds * 100))\n",
+        command=TORTURE,
+    ),
+    Mutant(
+        name="a consumed signal is not marked consumed",
+        file="durably_web/storage/sqlite/queries.sql",
+        old="UPDATE durably_signals SET consumed_at = :now WHERE id = :id AND consumed_at IS NULL\n",
+        new="UPDATE durably_signals SET consumed_at = NULL WHERE id = :id AND consumed_at IS NULL\n",
+        command=TORTURE,
+    ),
+    Mutant(
+        name="a signal_id is deduplicated across runs, not per run",
+        file="durably_web/storage/sqlite/queries.sql",
+        old="SELECT id FROM durably_signals WHERE run_id = :run_id AND signal_id = :signal_id\n",
+        new="SELECT id FROM durably_signals WHERE signal_id = :signal_id\n",
+        command=TORTURE,
+    ),
     Mutant(
         name="concurrency-key check removed from claiming",
         file="durably_web/storage/sqlite/queries.sql",

@@ -1,5 +1,6 @@
 """The long crash torture: SIGKILL real worker processes hundreds of times and prove, from
-the side effects the steps record themselves, that nothing was lost or run twice.
+the side effects the steps record themselves, that nothing was lost or run twice (retried
+steps, durable sleeps and signal waits included: see tests/torture/harness.py).
 
     python benchmarks/torture.py [--kills 200] [--two-process-kills 100] [--seed N] [--keep DIR]
 
@@ -41,6 +42,11 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
         "completed",
         "failed",
         "cancelled",
+        "retried",
+        "slept",
+        "signals",
+        "sig dup",
+        "consumed",
         "violations",
         "wall",
     ]
@@ -60,6 +66,11 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
             str(r.completed),
             str(r.failed),
             str(r.cancelled),
+            str(r.retried),
+            str(r.slept),
+            str(r.signals_sent),
+            str(r.signals_duplicate),
+            str(r.signals_consumed),
             str(len(r.violations)),
             f"{r.wall_time:.1f} s",
         ]
@@ -112,6 +123,9 @@ def main() -> int:
     print("  one lease (renewal kept them). lapses / LeaseLost: executions lost to a lease lapse of a live")
     print("  worker / LeaseLostErrors workers reported (both 0 on a healthy run; any overlap they cause is")
     print("  a violation).")
+    print("retried: failed step attempts recorded and retried after their backoff. slept: sleep")
+    print("  checkpoints. signals / sig dup / consumed: send_signal calls, those reported duplicate (a")
+    print("  signal_id sent again), signal waits that consumed theirs.")
     failed = False
     for mode, result in rows:
         for violation in result.violations:

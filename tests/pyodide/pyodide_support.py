@@ -15,16 +15,27 @@ HERE = Path(__file__).resolve().parent
 # Core engine test modules run inside Pyodide. Left out entirely: test_asgi.py,
 # test_asgi_fuzz.py, test_sse.py (the HTTP server extra: starlette/uvicorn/httpx are
 # not part of the browser build), test_cli.py and test_crash.py (subprocesses, SIGKILL).
+# The durable-waiting modules (retries, sleep, signals, resume/fork) run too; their few
+# SIGKILL / two-process tests are skipped there by name (test_pyodide_core.NEEDS_CPYTHON).
 CORE_MODULES = [
     "tests/test_durably.py",
     "tests/test_steps.py",
     "tests/test_engine.py",
     "tests/test_events.py",
     "tests/test_storage.py",
+    "tests/test_retries.py",
+    "tests/test_sleep.py",
+    "tests/test_signals.py",
+    "tests/test_resume.py",
 ]
 # Copied into the Pyodide FS next to the modules, unchanged; plus this directory's
-# in_pyodide.py and parity.py.
-SUPPORT_FILES = ["tests/conftest.py", "tests/helpers.py", "tests/crash_jobs.py"]
+# in_pyodide.py and parity.py. schema_v1.db: test_retries' upgrade-in-place test opens a copy.
+SUPPORT_FILES = [
+    "tests/conftest.py",
+    "tests/helpers.py",
+    "tests/crash_jobs.py",
+    "tests/fixtures/schema_v1.db",
+]
 PYODIDE_SIDE_FILES = ["in_pyodide.py", "parity.py"]
 # Wheels loaded into Pyodide: durably-web from site/, pytest & co. (browser-wheels.json's "test"
 # group) from build/test-site/ only.

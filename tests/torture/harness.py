@@ -3,8 +3,12 @@ side effects the steps recorded themselves that nothing was lost or run twice.
 
 ``run_torture(workdir, kills=N, processes=1 | 2, seed=S)`` triggers a mix of runs
 (many steps, failing steps, concurrency keys, idempotency keys, child runs
-spawned from a step, cancellations issued while running, and slow runs whose
-blocking step outlasts the lease, so they survive only if the lease is renewed)
+spawned from a step, cancellations issued while running or waiting, slow runs whose
+blocking step outlasts the lease, so they survive only if the lease is renewed,
+and durable waits: a step retried under a ``RetryPolicy`` that fails N times then
+succeeds or runs out of attempts, short ``step.sleep`` naps, and ``wait_for_signal``
+runs whose signals this client sends with a ``signal_id``, before the run reaches
+its wait, while it waits, while no worker is alive, and twice)
 from a client in this process, runs them in worker subprocesses
 (``torture_jobs.py``) on one SQLite file, kills a worker ``kills`` times in a
 row (restarting it each time; some kills aimed at a moment a step is in
@@ -35,6 +39,28 @@ database:
 * every ``LeaseLostError`` a worker reported is for a run that another
   execution really took over (they are counted: a healthy torture has none).
 
+Durable waiting (:func:`check_waits`; wall-clock times in ms, the engine's clock):
+
+* retries: a step's recorded attempt numbers are 1, 2, ... n with no gap, and its
+  final row is attempt n + 1; n is what the policy allows (the step's failures, or
+  max_attempts - 1 when they run out); every recorded failure names (in its error)
+  an execution of that very attempt that failed on purpose and ended, and no
+  execution of that attempt (or an earlier one) begins after it; an execution of
+  attempt k + 1 never begins before attempt k's recorded end plus the policy's
+  backoff, nor before the wake-up time the engine persisted for that retry (the
+  ``run:waiting`` event's, logged once the wait committed), nor before attempt k's
+  side effect ended; a retry wait is never committed without its attempt row;
+* sleeps: the checkpoint records a due time of its start plus the duration; every
+  committed wait of the sleep persisted that same due time (never recomputed after
+  a kill); the handler never gets past the sleep before it (on any execution);
+* signals: every accepted send (``stored`` / ``delivered``) is stored exactly once
+  with its payload, a repeated ``signal_id`` is reported ``duplicate`` and stores
+  nothing; a wait consumed exactly one signal, the first one sent under its name,
+  and its checkpoint holds that signal's payload; a signal is consumed if and only
+  if its wait's checkpoint committed; the handler (on every execution, replays
+  included) and the step after the wait got that payload, never before it was
+  sent; only a cancelled run refuses a signal it still waits for.
+
 Seeds: ``seed=None`` picks one, and every summary and violation names it;
 passing it back replays the same choices (the timing of a loaded machine is
 not replayable, so a replay may need a few tries).
@@ -50,6 +76,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -69,6 +96,10 @@ from durably_web import ConflictError, Durably
 
 WORKER_SCRIPT = Path(__file__).with_name("torture_jobs.py")
 CONCURRENCY_KEYS = ("ck-a", "ck-b")
+# One wall clock (time.time) on one machine; 1 ms for the engine's int(time * 1000) against
+# the log's time_ns() // 10**6.
+CLOCK_SLACK_MS = 1
+WAIT_JOBS = ("torture-retry", "torture-sleep", "torture-signal")
 SEED_VARIABLE = "DURABLY_TORTURE_SEED"
 # Long enough that a loaded 2-core machine does not stall a worker's event loop past its
 # lease (a lapse while the worker lives is a takeover of a live run: a violation).
@@ -102,6 +133,14 @@ class TortureResult:
     cancelled: int = 0
     failed: int = 0
     completed: int = 0
+    retried: int = 0  # recorded failed attempts of retried steps
+    slept: int = 0  # sleep checkpoints committed
+    waits: int = 0  # waits committed (W lines: retry backoffs, sleeps, signal waits)
+    signals_sent: int = 0  # send_signal calls, duplicates included
+    signals_duplicate: int = 0  # sends reported "duplicate" (a repeated signal_id)
+    signals_early: int = 0  # sends "stored" (the run was not waiting for it yet)
+    signals_delivered: int = 0  # sends "delivered" (the run was waiting for it)
+    signals_consumed: int = 0  # signal waits whose checkpoint committed
     violations: list[str] = field(default_factory=list)
     wall_time: float = 0.0
 
@@ -112,6 +151,10 @@ class TortureResult:
             f"interrupted={self.interrupted} outlasted_lease={self.outlasted_lease} "
             f"lease_lapses={self.lease_lapses} lease_lost_errors={self.lease_lost_errors} "
             f"completed={self.completed} failed={self.failed} cancelled={self.cancelled} "
+            f"retried={self.retried} slept={self.slept} waits={self.waits} "
+            f"signals_sent={self.signals_sent} (stored={self.signals_early} "
+            f"delivered={self.signals_delivered} duplicate={self.signals_duplicate}) "
+            f"signals_consumed={self.signals_consumed} "
             f"violations={len(self.violations)} wall={self.wall_time:.1f}s"
         )
 
@@ -123,16 +166,43 @@ class TortureResult:
 
 
 @dataclass
+class SentSignal:
+    """One ``send_signal`` call of the client, and what it answered."""
+
+    name: str
+    signal_id: str
+    token: str  # the payload is {"token": token}
+    role: str  # "primary" (the first of its name), "duplicate" (its signal_id again), "spare"
+    disposition: str = ""  # stored | delivered | duplicate | refused (ConflictError: run ended)
+    sent_ms: int = 0  # wall clock just before the call
+
+
+@dataclass
 class Expected:
     """What the client knows about one accepted run."""
 
     run_id: str
-    steps: int
+    steps: int = 0
     fail_at: int = -1
     spawn: bool = False
     concurrency_key: str | None = None
     cancel_accepted: bool = False
     protected: bool = False  # never chosen for cancellation: the mix stays mixed
+    job: str = "torture-chain"
+    fails: int = 0  # torture-retry: failures of the step 'flaky' ...
+    max_attempts: int = 1  # ... under a policy of this many attempts ...
+    retry_delay: float = 0.0  # ... with this initial delay
+    naps: list[float] = field(default_factory=list)  # torture-sleep: the sleeps' seconds
+    waits: int = 0  # torture-signal: the signal waits go-0 ..
+    signals: list[SentSignal] = field(default_factory=list)  # every send to this run, in order
+
+    def winners(self) -> dict[str, SentSignal]:
+        """Per signal name, the send a wait must consume: the first one stored."""
+        found: dict[str, SentSignal] = {}
+        for sent in self.signals:
+            if sent.disposition in ("stored", "delivered"):
+                found.setdefault(sent.name, sent)
+        return found
 
 
 @dataclass
@@ -149,11 +219,39 @@ class Execution:
 
 
 @dataclass
+class Wait:
+    """A W line: a wait that committed, with the wake-up time the engine persisted."""
+
+    run_id: str
+    step: str
+    reason: str
+    due_ms: int  # -1: none (a signal wait without timeout)
+    after: int  # a retry: the failed step attempt it follows; else 0
+    pid: int
+
+
+@dataclass
+class Passed:
+    """An H line: the handler got past a sleep or a signal wait."""
+
+    run_id: str
+    wait: str
+    pid: int
+    attempt: int
+    wall_ms: int
+    token: str  # the signal's payload; "-" for a sleep
+
+
+@dataclass
 class Log:
     executions: dict[str, Execution] = field(default_factory=dict)  # by xid
     ready: dict[int, int] = field(default_factory=dict)  # pid -> t
     spawned: list[tuple[str, str, str]] = field(default_factory=list)  # parent, child, xid
     lease_lost: list[tuple[str, int, int]] = field(default_factory=list)  # run_id, pid, t
+    step_attempts: dict[str, tuple[int, int]] = field(default_factory=dict)  # xid -> (attempt, wall_ms)
+    failures: set[str] = field(default_factory=set)  # xids that failed on purpose
+    waits: list[Wait] = field(default_factory=list)
+    passed: list[Passed] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
 
@@ -182,6 +280,23 @@ def parse_log(text: str) -> Log:
             log.spawned.append((parts[1], parts[2], parts[4]))
         elif kind == "L" and len(parts) == 5:
             log.lease_lost.append((parts[1], int(parts[2]), int(parts[3])))
+        elif kind == "A" and len(parts) == 7:
+            xid, step_attempt, wall = parts[4], int(parts[5]), int(parts[6])
+            execution = log.executions.get(xid)
+            if execution is None or execution.step != parts[2] or xid in log.step_attempts:
+                log.problems.append(f"attempt line without its begin: {raw!r}")
+            else:
+                log.step_attempts[xid] = (step_attempt, wall)
+        elif kind == "F" and len(parts) == 5:
+            if parts[4] not in log.executions:
+                log.problems.append(f"failure line without its begin: {raw!r}")
+            log.failures.add(parts[4])
+        elif kind == "W" and len(parts) == 8:
+            run_id, step, reason, due, after, pid = parts[1:7]
+            log.waits.append(Wait(run_id, step, reason, int(due), int(after), int(pid)))
+        elif kind == "H" and len(parts) == 7:
+            run_id, wait, pid, attempt, at, token = parts[1:]
+            log.passed.append(Passed(run_id, wait, int(pid), int(attempt), int(at), token))
         else:
             log.problems.append(f"unparseable side-effect line {raw!r}")
     return log
@@ -191,22 +306,39 @@ def read_log(path: Path) -> Log:
     return parse_log(path.read_bytes().decode() if path.exists() else "")
 
 
-def chain_names(exp: Expected) -> tuple[list[str], str, int | None]:
-    """The steps a run of the torture-chain job must have committed, its final status, and
-    the names whose values make up its total (None: no output expected)."""
+def expected_outcome(exp: Expected) -> tuple[list[str], str, dict[str, Any] | None, str | None]:
+    """The checkpoints a run must have committed, its final status, its output (None: no
+    output expected) and the step it fails at (None: it does not fail)."""
+    total = torture_jobs.expected_total
+    if exp.job == "torture-retry":
+        names = list(torture_jobs.RETRY_STEPS)
+        if exp.cancel_accepted:
+            return names, "cancelled", None, None
+        if exp.fails >= exp.max_attempts:
+            return ["s0"], "failed", None, "flaky"
+        return names, "completed", {"total": total(exp.run_id, names)}, None
+    if exp.job in ("torture-sleep", "torture-signal"):
+        if exp.job == "torture-sleep":
+            names, values = torture_jobs.sleep_names(len(exp.naps))
+            output: dict[str, Any] = {"total": total(exp.run_id, values)}
+        else:
+            names, values = torture_jobs.signal_names(exp.waits)
+            winners = exp.winners()
+            tokens = [winners[f"go-{i}"].token if f"go-{i}" in winners else None for i in range(exp.waits)]
+            output = {"total": total(exp.run_id, values), "tokens": tokens}
+        if exp.cancel_accepted:
+            return names, "cancelled", None, None
+        return names, "completed", output, None
     names = [f"s{i}" for i in range(exp.steps)]
     if exp.spawn and exp.steps > 1:
         names.append("spawn")
     if exp.cancel_accepted:
-        return names, "cancelled", None
+        return names, "cancelled", None, None
     if exp.fail_at >= 0:
         committed = names[: exp.fail_at] + (["spawn"] if exp.spawn and exp.fail_at >= 1 else [])
-        return committed, "failed", None
-    return (
-        names,
-        "completed",
-        torture_jobs.expected_total(exp.run_id, torture_jobs.chain_value_steps(exp.steps)),
-    )
+        return committed, "failed", None, f"s{exp.fail_at}"
+    want = {"total": total(exp.run_id, torture_jobs.chain_value_steps(exp.steps))}
+    return names, "completed", want, None
 
 
 def stop_time(killed: dict[int, int]) -> Callable[[Execution], int | None]:
@@ -266,13 +398,17 @@ def check_log(
     *,
     lease_ns: int,
     idempotency: dict[str, str] | None = None,
+    attempt_rows: Iterable[dict[str, Any]] = (),
+    signal_rows: Iterable[dict[str, Any]] = (),
 ) -> None:
     """Check every invariant of the module docstring; add counts and violations to ``result``.
 
-    ``runs`` and ``step_rows`` are the database rows (as dicts), ``expected`` what the
-    client accepted, ``killed`` the SIGKILL time (``time.monotonic_ns()``, after the
-    process was reaped) of every process we killed.
+    ``runs``, ``step_rows``, ``attempt_rows`` (durably_step_attempts) and ``signal_rows``
+    (durably_signals) are the database rows (as dicts), ``expected`` what the client
+    accepted (and the signals it sent), ``killed`` the SIGKILL time
+    (``time.monotonic_ns()``, after the process was reaped) of every process we killed.
     """
+    attempt_rows = list(attempt_rows)
     violations = result.violations
     violations.extend(log.problems)
     executions = list(log.executions.values())
@@ -315,8 +451,8 @@ def check_log(
                 if not any(e.end is not None for e in by_step.get((run_id, name), [])):
                     violations.append(f"step {run_id}/{name} is recorded failed but never ran to its end")
                 continue
-            if row["status"] != "completed":
-                continue
+            if row["status"] != "completed" or row.get("kind", "run") != "run":
+                continue  # sleeps and signal waits run no side effect: check_waits checks them
             output = json.loads(row["output"]) if row["output"] else None
             xid = output.get("x") if isinstance(output, dict) else None
             execution = log.executions.get(xid) if isinstance(xid, str) else None
@@ -345,6 +481,8 @@ def check_log(
     for run_id, row in runs.items():
         last_attempt[run_id] = max(last_attempt[run_id], int(row.get("attempt") or 0))
     lost_lease_at: set[tuple[str, int]] = {(run_id, pid) for run_id, pid, _ in log.lease_lost}
+    # The executions whose failure was recorded as a retried attempt: accounted for.
+    recorded_failures = {x for x in (failure_xid(r) for r in attempt_rows) if x is not None}
 
     # Committed steps never run again; every other execution is accounted for.
     for (run_id, name), items in by_step.items():
@@ -371,6 +509,8 @@ def check_log(
             elif run_status == "completed":
                 violations.append(f"step {run_id}/{name} ran but its completed run has no record of it")
         for e in lost:
+            if e.xid in recorded_failures:
+                continue  # a retried attempt (check_waits checks it matches its row)
             death = killed.get(e.pid)
             if death is not None and death >= e.begin:
                 later = [
@@ -409,6 +549,7 @@ def check_log(
 
     check_runs(log, runs, rows_of, expected, result, idempotency or {})
     check_concurrency(runs, spans, result)
+    check_waits(log, by_step, rows_of, attempt_rows, list(signal_rows), expected, result)
 
 
 def check_runs(
@@ -460,23 +601,26 @@ def check_runs(
             continue
         if run_id in children:
             names, want_status = torture_jobs.CHILD_STEPS, "completed"
-            want_total: int | None = torture_jobs.expected_total(run_id, torture_jobs.CHILD_STEPS)
+            want_output: dict[str, Any] | None = {
+                "total": torture_jobs.expected_total(run_id, torture_jobs.CHILD_STEPS)
+            }
+            want_failed: str | None = None
         elif run_id in expected:
-            names, want_status, want_total = chain_names(expected[run_id])
+            names, want_status, want_output, want_failed = expected_outcome(expected[run_id])
         else:
             continue
         if status != want_status:
-            violations.append(f"run {run_id} ended {status}, expected {want_status}")
+            violations.append(f"run {run_id} ({row['job_name']}) ended {status}, expected {want_status}")
             continue
         recorded = rows_of.get(run_id, {})
         if status == "completed":
             output = json.loads(row["output"])
-            if output != {"total": want_total}:
-                violations.append(f"run {run_id} output {output} != total {want_total}")
+            if output != want_output:
+                violations.append(f"run {run_id} output {output} != {want_output}")
         if status == "failed":
             failed = [n for n, r in recorded.items() if r["status"] == "failed"]
-            if failed != [f"s{expected[run_id].fail_at}"]:
-                violations.append(f"failed run {run_id} recorded failed steps {failed}")
+            if failed != [want_failed]:
+                violations.append(f"failed run {run_id} recorded failed steps {failed}, not {[want_failed]}")
         if status in ("completed", "failed"):
             missing = [n for n in names if recorded.get(n, {}).get("status") != "completed"]
             if missing:
@@ -503,6 +647,280 @@ def check_concurrency(
                         f"concurrency key {key}: run {r1} (attempt {a1}, pid {p1}) and run {r2} "
                         f"(attempt {a2}, pid {p2}) overlapped by {(e1 - s2) / 1e6:.1f} ms"
                     )
+
+
+_FAILURE_XID = re.compile(r"xid (\S+)\)")
+
+
+def failure_xid(row: dict[str, Any]) -> str | None:
+    """The execution a recorded failure names (torture_jobs.flaky_effect puts it in the error)."""
+    error = json.loads(row["error"]) if row.get("error") else {}
+    found = _FAILURE_XID.search(str(error.get("message", "")))
+    return found.group(1) if found else None
+
+
+def check_waits(
+    log: Log,
+    by_step: dict[tuple[str, str], list[Execution]],
+    rows_of: dict[str, dict[str, dict[str, Any]]],
+    attempt_rows: list[dict[str, Any]],
+    signal_rows: list[dict[str, Any]],
+    expected: dict[str, Expected],
+    result: TortureResult,
+) -> None:
+    """Retries, sleeps and signals: the invariants of the module docstring's second list."""
+    result.waits = len(log.waits)
+    attempts_of: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for row in attempt_rows:
+        attempts_of[(row["run_id"], row["name"])].append(row)
+    waits_of: dict[tuple[str, str], list[Wait]] = defaultdict(list)
+    for wait in log.waits:
+        waits_of[(wait.run_id, wait.step)].append(wait)
+    passed_of: dict[tuple[str, str], list[Passed]] = defaultdict(list)
+    for passed in log.passed:
+        passed_of[(passed.run_id, passed.wait)].append(passed)
+    signals_of: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in signal_rows:
+        signals_of[row["run_id"]].append(row)
+    for (run_id, name), waits in waits_of.items():
+        exp = expected.get(run_id)
+        if exp is None or exp.job not in WAIT_JOBS:
+            result.violations.append(
+                f"run {run_id} committed a {waits[0].reason} wait at {name!r}: its job never waits"
+            )
+    for exp in expected.values():
+        rows = rows_of.get(exp.run_id, {})
+        if exp.job == "torture-retry":
+            check_retried_step(exp, "flaky", by_step, log, rows.get("flaky"), attempts_of, waits_of, result)
+        elif exp.job == "torture-sleep":
+            check_sleeps(exp, rows, waits_of, passed_of, result)
+        elif exp.job == "torture-signal":
+            check_signals(exp, rows, signals_of.get(exp.run_id, []), passed_of, result)
+    known = {exp.run_id for exp in expected.values() if exp.job == "torture-signal"}
+    for run_id in signals_of:
+        if run_id not in known:
+            result.violations.append(f"run {run_id} has signals stored, but nobody sent it any")
+
+
+def check_retried_step(
+    exp: Expected,
+    name: str,
+    by_step: dict[tuple[str, str], list[Execution]],
+    log: Log,
+    final: dict[str, Any] | None,
+    attempts_of: dict[tuple[str, str], list[dict[str, Any]]],
+    waits_of: dict[tuple[str, str], list[Wait]],
+    result: TortureResult,
+) -> None:
+    violations = result.violations
+    run_id, where = exp.run_id, f"step {exp.run_id}/{name}"
+    rows = sorted(attempts_of.get((run_id, name), []), key=lambda r: r["attempt"])
+    numbers = [r["attempt"] for r in rows]
+    result.retried += len(rows)
+    if numbers != list(range(1, len(rows) + 1)):
+        violations.append(f"{where}: recorded attempt numbers {numbers} are not 1, 2, ... without gaps")
+    if final is not None and final.get("attempt") != len(rows) + 1:
+        violations.append(
+            f"{where}: its final row is attempt {final.get('attempt')} after {len(rows)} recorded "
+            "failures: attempt numbers are not consecutive"
+        )
+    allowed = min(exp.fails, exp.max_attempts - 1)  # failures the policy retries
+    if len(rows) > allowed or (final is not None and len(rows) != allowed):
+        violations.append(
+            f"{where}: {len(rows)} failed attempts recorded as retried, but the step fails {exp.fails} "
+            f"times under max_attempts={exp.max_attempts} (final row: {final and final['status']})"
+        )
+    executions = by_step.get((run_id, name), [])
+    for e in executions:
+        if e.xid not in log.step_attempts and e.end is not None:
+            violations.append(f"{where}: execution {e.xid} ended without saying which attempt it was")
+    attempt_of = {e.xid: log.step_attempts[e.xid] for e in executions if e.xid in log.step_attempts}
+
+    def source(row: dict[str, Any], what: str, *, failed: bool) -> Execution | None:
+        """The execution that produced ``row`` (named in its result or error), checked."""
+        if failed:
+            xid = failure_xid(row)
+        else:
+            output = json.loads(row["output"]) if row.get("output") else {}
+            xid = output.get("x") if isinstance(output, dict) else None
+        execution = log.executions.get(xid) if xid else None
+        if execution is None or (execution.run_id, execution.step) != (run_id, name):
+            violations.append(f"{where}: {what} names execution {xid}, which is not one of this step's")
+            return None
+        step_attempt = attempt_of.get(execution.xid, (None, 0))[0]
+        if step_attempt != row["attempt"]:
+            violations.append(
+                f"{where}: {what} is attempt {row['attempt']}, but its execution {xid} was attempt "
+                f"{step_attempt}"
+            )
+        if failed and (xid not in log.failures or execution.end is None):
+            violations.append(f"{where}: {what} was recorded failed, but {xid} did not fail to its end")
+        return execution
+
+    for row in rows:
+        k = row["attempt"]
+        recorded = source(row, f"recorded failure of attempt {k}", failed=True)
+        if recorded is None:
+            continue
+        for e in executions:
+            if e.begin > recorded.begin and attempt_of.get(e.xid, (k + 1, 0))[0] <= k:
+                violations.append(
+                    f"{where}: {e.xid} executed attempt {attempt_of[e.xid][0]} again after attempt {k}'s "
+                    f"failure ({recorded.xid}) was recorded"
+                )
+        earliest = row["completed_at"] + torture_jobs.retry_delay_ms(exp.retry_delay, k)
+        retry_waits = [w for w in waits_of.get((run_id, name), []) if w.reason == "retry" and w.after == k]
+        persisted = [w.due_ms for w in retry_waits]
+        for due in persisted:
+            if due < earliest - CLOCK_SLACK_MS:
+                violations.append(
+                    f"{where}: the retry after attempt {k} was due at {due}, before its failure at "
+                    f"{row['completed_at']} plus the backoff ({earliest})"
+                )
+        for e in executions:
+            step_attempt, began = attempt_of.get(e.xid, (0, 0))
+            if step_attempt != k + 1:
+                continue
+            bounds = [(earliest, "its failure plus the backoff")]
+            bounds += [(due, "its persisted wake-up time") for due in persisted]
+            for due, what in bounds:
+                if began < due - CLOCK_SLACK_MS:
+                    violations.append(
+                        f"{where}: attempt {k + 1} ({e.xid}) began at {began}, {due - began} ms before "
+                        f"{what} ({due}) after attempt {k}"
+                    )
+            if recorded.end is None or e.begin < recorded.end:
+                violations.append(f"{where}: attempt {k + 1} ({e.xid}) began before attempt {k} ended")
+    for wait in waits_of.get((run_id, name), []):
+        if wait.reason == "retry" and wait.after not in numbers:
+            violations.append(
+                f"{where}: a retry wait after attempt {wait.after} committed, but that attempt is "
+                "not recorded"
+            )
+    if final is not None:
+        what = f"its final attempt ({final['status']})"
+        final_execution = source(final, what, failed=final["status"] == "failed")
+        if final_execution is not None:
+            for e in executions:
+                step_attempt = attempt_of.get(e.xid, (0, 0))[0]
+                if step_attempt > final["attempt"]:
+                    violations.append(f"{where}: {e.xid} executed attempt {step_attempt}, past the last one")
+
+
+def check_sleeps(
+    exp: Expected,
+    rows: dict[str, dict[str, Any]],
+    waits_of: dict[tuple[str, str], list[Wait]],
+    passed_of: dict[tuple[str, str], list[Passed]],
+    result: TortureResult,
+) -> None:
+    violations = result.violations
+    for i, seconds in enumerate(exp.naps):
+        name = f"nap-{i}"
+        where = f"sleep {exp.run_id}/{name}"
+        row = rows.get(name)
+        waits = waits_of.get((exp.run_id, name), [])
+        passed = passed_of.get((exp.run_id, name), [])
+        if row is None:
+            if waits or passed:
+                violations.append(f"{where}: waited or got past, but its checkpoint is not recorded")
+            continue
+        if row.get("kind") != "sleep" or row["status"] != "completed":
+            violations.append(f"{where}: recorded {row.get('kind')} {row['status']}, not a completed sleep")
+            continue
+        result.slept += 1
+        due = int(row["output"])
+        if due != row["started_at"] + int(seconds * 1000):
+            violations.append(
+                f"{where}: due at {due}, not its start {row['started_at']} plus {seconds} s"
+            )
+        for wait in waits:
+            if (wait.reason, wait.due_ms) != ("sleep", due):
+                violations.append(
+                    f"{where}: a {wait.reason} wait (pid {wait.pid}) persisted wake-up time {wait.due_ms}, "
+                    f"not the recorded due time {due}: the sleep was restarted"
+                )
+        for seen in passed:
+            if seen.wall_ms < due - CLOCK_SLACK_MS:
+                violations.append(
+                    f"{where}: the handler (pid {seen.pid}, attempt {seen.attempt}) got past it at "
+                    f"{seen.wall_ms}, {due - seen.wall_ms} ms before its due time {due}"
+                )
+
+
+def check_signals(
+    exp: Expected,
+    rows: dict[str, dict[str, Any]],
+    stored: list[dict[str, Any]],
+    passed_of: dict[tuple[str, str], list[Passed]],
+    result: TortureResult,
+) -> None:
+    violations = result.violations
+    run_id = exp.run_id
+    accepted = [s for s in exp.signals if s.disposition in ("stored", "delivered")]
+    for sent in exp.signals:
+        if sent.role == "primary" and sent.disposition == "refused" and not exp.cancel_accepted:
+            violations.append(f"run {run_id} refused signal {sent.name} ({sent.signal_id}) it waited for")
+    for sent in accepted:
+        matches = [r for r in stored if r["signal_id"] == sent.signal_id]
+        if len(matches) != 1:
+            violations.append(
+                f"signal {run_id}/{sent.signal_id} was sent ({sent.disposition}) and is stored "
+                f"{len(matches)} times"
+            )
+        elif matches[0]["name"] != sent.name or json.loads(matches[0]["payload"]) != {"token": sent.token}:
+            violations.append(
+                f"signal {run_id}/{sent.signal_id} is stored as {matches[0]['name']} "
+                f"{matches[0]['payload']}, not as sent ({sent.name} {sent.token})"
+            )
+    accepted_ids = {s.signal_id for s in accepted}
+    for stored_row in stored:
+        if stored_row["signal_id"] not in accepted_ids:
+            violations.append(
+                f"signal {run_id}/{stored_row['signal_id']} ({stored_row['name']}) is stored, but no "
+                "send of it was accepted (a duplicate or refused send stored anyway?)"
+            )
+    winners = exp.winners()
+    for i in range(exp.waits):
+        name = f"go-{i}"
+        where = f"signal wait {run_id}/{name}"
+        winner = winners.get(name)
+        row = rows.get(name)
+        consumed = [r for r in stored if r["name"] == name and r["consumed_at"] is not None]
+        if len(consumed) > 1:
+            violations.append(f"{where}: {len(consumed)} signals consumed by one wait")
+        if row is None:
+            if consumed:
+                violations.append(f"{where}: a signal was consumed, but the wait's checkpoint is missing")
+        elif winner is None:
+            violations.append(f"{where}: its checkpoint is recorded, but no signal {name} was ever stored")
+        else:
+            outcome = json.loads(row["output"]) if row.get("output") else None
+            if row.get("kind") != "signal" or outcome != {"payload": {"token": winner.token}}:
+                violations.append(
+                    f"{where}: recorded {row.get('kind')} {outcome}, not the first signal sent "
+                    f"({winner.signal_id}: {winner.token})"
+                )
+            if [r["signal_id"] for r in consumed] != [winner.signal_id]:
+                violations.append(
+                    f"{where}: consumed {[r['signal_id'] for r in consumed]}, not the first signal sent "
+                    f"({winner.signal_id}): a signal is consumed exactly once, with its wait"
+                )
+            else:
+                result.signals_consumed += 1
+        for seen in passed_of.get((run_id, name), []):
+            if winner is None or seen.token != winner.token:
+                violations.append(
+                    f"{where}: the handler (pid {seen.pid}, attempt {seen.attempt}) got {seen.token}, "
+                    f"not the payload of the signal sent ({winner and winner.token})"
+                )
+            elif seen.wall_ms < winner.sent_ms - CLOCK_SLACK_MS:
+                violations.append(f"{where}: the handler got the payload before it was sent")
+        after = rows.get(f"after-{i}")
+        if after is not None and after["status"] == "completed":
+            token = json.loads(after["output"]).get("token")
+            if winner is None or token != winner.token:
+                violations.append(f"step {run_id}/after-{i} committed token {token}, not the signal's")
 
 
 class WorkerProcess:
@@ -558,6 +976,9 @@ class Torture:
             self.options.append("--sole")
         self.expected: dict[str, Expected] = {}
         self.idempotency: dict[str, str] = {}  # our idempotency key -> run id
+        # Signals still to send, per run, in order: (when, signal); when is "now" (at once),
+        # "later" (at a random moment) or "waiting" (once the run waits, or at random).
+        self.to_send: dict[str, list[tuple[str, SentSignal]]] = {}
         self.killed: dict[int, int] = {}  # pid -> monotonic_ns once the killed process was reaped
         self.workers: list[WorkerProcess] = []
         self.started = 0
@@ -621,12 +1042,17 @@ class Torture:
 
     # --- the client's side: triggers and cancels ---------------------------------------------------
     async def trigger(
-        self, payload: dict[str, Any], options: dict[str, Any], *, protected: bool = False
+        self,
+        payload: dict[str, Any],
+        options: dict[str, Any],
+        *,
+        protected: bool = False,
+        job: str = "torture-chain",
     ) -> str | None:
-        """Trigger one torture-chain run and check its disposition; the run id if it was created."""
+        """Trigger one run and check its disposition; the run id if it was created."""
         assert self.client is not None
         try:
-            run = await self.client.trigger("torture-chain", payload, **options)
+            run = await self.client.trigger(job, payload, **options)
         except ConflictError:
             return None  # a pending run already holds this concurrency key: not accepted
         key = options.get("idempotency_key")
@@ -636,12 +1062,21 @@ class Torture:
                 violations.append(f"trigger returned existing run {run.id} as created")
             self.expected[run.id] = Expected(
                 run_id=run.id,
-                steps=payload["steps"],
+                steps=payload.get("steps", 0),
                 fail_at=payload.get("fail_at", -1),
                 spawn=payload.get("spawn", False),
                 concurrency_key=options.get("concurrency_key"),
                 protected=protected,
+                job=job,
+                fails=payload.get("fails", 0),
+                max_attempts=payload.get("max_attempts", 1),
+                retry_delay=payload.get("delay", 0.0) if job == "torture-retry" else 0.0,
+                naps=list(payload.get("naps", [])),
+                waits=payload.get("waits", 0),
             )
+            if job == "torture-signal":
+                self.plan_signals(run.id, payload["waits"], mix=protected)
+                await self.send_some(run.id)  # those due "now": before the run reaches its wait
             if key is not None:
                 if key in self.idempotency:
                     violations.append(
@@ -671,10 +1106,101 @@ class Torture:
         await self.trigger({"steps": 4, "delay": 0.02, "spawn": True}, {}, protected=True)
         await self.trigger({"steps": 3, "delay": 0.02}, {"idempotency_key": "idem-mix"}, protected=True)
         await self.trigger({"steps": 3, "delay": 0.02}, {"idempotency_key": "idem-mix"})
+        # Durable waiting: a step retried until it succeeds, one whose retries run out, two
+        # sleeps, two signal waits (one signal sent at once plus its duplicate, one once it waits).
+        retry = "torture-retry"
+        await self.trigger({"fails": 2, "max_attempts": 4, "delay": 0.1}, {}, protected=True, job=retry)
+        await self.trigger({"fails": 2, "max_attempts": 2, "delay": 0.05}, {}, protected=True, job=retry)
+        await self.trigger({"naps": [0.4, 0.15]}, {}, protected=True, job="torture-sleep")
+        await self.trigger({"waits": 2}, {}, protected=True, job="torture-signal")
+        await self.trigger({"waits": 1}, {}, protected=True, job="torture-signal")  # the same signal_ids
         return await self.trigger({"steps": 10, "delay": 0.05}, {"concurrency_key": "ck-a"}, protected=True)
+
+    def plan_signals(self, run_id: str, waits: int, *, mix: bool = False) -> None:
+        """The signals to send a torture-signal run: per wait a primary, sometimes the same
+        signal_id again (it must be a duplicate, its other payload ignored) and sometimes a
+        spare of the same name (it must stay unconsumed). The ids repeat across runs: a
+        signal_id is unique per run only."""
+        rng = self.rng
+        plan: list[tuple[str, SentSignal]] = []
+        for i in range(waits):
+            name = f"go-{i}"
+            if mix:
+                when = "now" if i == 0 else "waiting"
+            else:
+                when = rng.choice(["now", "later", "waiting"])
+            plan.append((when, SentSignal(name, f"p-{name}", f"t{rng.randrange(10**9)}", "primary")))
+            if (mix and i == 0) or rng.random() < 0.4:
+                token = f"dup{rng.randrange(10**9)}"
+                plan.append((rng.choice(["now", "later"]), SentSignal(name, f"p-{name}", token, "duplicate")))
+            if rng.random() < 0.25:
+                token = f"spare{rng.randrange(10**9)}"
+                plan.append(("later", SentSignal(name, f"spare-{name}", token, "spare")))
+        self.to_send[run_id] = plan
+
+    async def send(self, run_id: str, sent: SentSignal) -> None:
+        assert self.client is not None
+        exp = self.expected[run_id]
+        sent.sent_ms = torture_jobs.wall_ms()
+        try:
+            sent.disposition = await self.client.send_signal(
+                run_id, sent.name, {"token": sent.token}, signal_id=sent.signal_id
+            )
+        except ConflictError:
+            sent.disposition = "refused"  # the run has ended (check_signals: only if cancelled)
+        exp.signals.append(sent)
+        result = self.result
+        result.signals_sent += 1
+        result.signals_duplicate += sent.disposition == "duplicate"
+        result.signals_early += sent.disposition == "stored"
+        result.signals_delivered += sent.disposition == "delivered"
+        allowed = ("duplicate", "refused") if sent.role == "duplicate" else ("stored", "delivered", "refused")
+        if sent.disposition not in allowed:
+            result.violations.append(
+                f"send_signal({run_id}, {sent.name}, signal_id={sent.signal_id}) [{sent.role}] returned "
+                f"{sent.disposition!r}, expected one of {allowed}"
+            )
+
+    async def send_some(self, only: str | None = None, *, everything: bool = False) -> None:
+        """Send the signals that are due (``everything``: all that are left, in order)."""
+        assert self.client is not None
+        for run_id in [only] if only is not None else list(self.to_send):
+            plan = self.to_send.get(run_id, [])
+            while plan:
+                when, sent = plan[0]
+                if not everything and when == "later" and self.rng.random() < 0.5:
+                    break
+                if not everything and when == "waiting":
+                    run = await self.client.get_run(run_id)
+                    if run.status != "waiting" and self.rng.random() < 0.8:
+                        break
+                plan.pop(0)
+                await self.send(run_id, sent)
+            if not plan:
+                self.to_send.pop(run_id, None)
+
+    async def trigger_waiting_kind(self) -> None:
+        """One run of a waiting job, its parameters drawn at random."""
+        rng = self.rng
+        kind = rng.choice(WAIT_JOBS)
+        if kind == "torture-retry":
+            max_attempts = rng.randint(1, 4)
+            payload: dict[str, Any] = {
+                "fails": rng.randint(0, max_attempts),  # == max_attempts: the retries run out
+                "max_attempts": max_attempts,
+                "delay": rng.choice([0.05, 0.1, 0.2]),
+            }
+        elif kind == "torture-sleep":
+            payload = {"naps": [round(rng.uniform(0.1, 0.5), 3) for _ in range(rng.randint(1, 2))]}
+        else:
+            payload = {"waits": rng.randint(1, torture_jobs.MAX_WAITS)}
+        await self.trigger(payload, {}, job=kind)
 
     async def trigger_some(self, count: int) -> None:
         for _ in range(count):
+            if self.rng.random() < 0.3:
+                await self.trigger_waiting_kind()
+                continue
             roll = self.rng.random()
             steps = self.rng.randint(3, 12)
             payload: dict[str, Any] = {"steps": steps, "delay": self.rng.choice([0.005, 0.02, 0.05])}
@@ -698,8 +1224,9 @@ class Torture:
         assert self.client is not None
         candidates = {run_id for run_id, exp in self.expected.items() if not exp.protected}
         leased = [r for r in await self.client.get_runs(status="leased", limit=1000) if r.id in candidates]
+        waiting = [r for r in await self.client.get_runs(status="waiting", limit=1000) if r.id in candidates]
         pending = [r for r in await self.client.get_runs(status="pending", limit=1000) if r.id in candidates]
-        pool = leased or pending
+        pool = (leased + waiting) or pending
         if not pool:
             return
         target = self.rng.choice(pool)
@@ -713,7 +1240,7 @@ class Torture:
 
     async def unfinished(self) -> int:
         assert self.client is not None
-        return len(await self.client.get_runs(status=["pending", "leased"], limit=10_000))
+        return len(await self.client.get_runs(status=["pending", "leased", "waiting"], limit=10_000))
 
     async def run_keyed_pair(self, first: str | None) -> None:
         """Once the keyed run of the mix is leased, trigger another run of its key: it must
@@ -748,6 +1275,7 @@ class Torture:
                     await self.cancel_some()
                 if self.rng.random() < 0.3:
                     await self.trigger_some(1)  # a trigger racing the kill
+                await self.send_some()
                 victim = self.rng.choice(self.workers)
                 roll = self.rng.random()
                 if n == 0 or roll < 0.4:
@@ -757,10 +1285,13 @@ class Torture:
                 else:
                     await asyncio.sleep(self.rng.uniform(0.0, self.max_kill_delay))
                 self.kill(victim)
+                if self.rng.random() < 0.5:
+                    await self.send_some()  # with one worker: sent while no worker is alive
                 if self.processes > 1 and self.rng.random() < 0.5:
                     # Sometimes let the survivor take over on its own (lease expiry) for a while.
                     await asyncio.sleep(self.rng.uniform(0.0, self.lease * 1.5))
                 await self.wait_ready(self.start_worker())
+            await self.send_some(everything=True)  # a signal run cannot end without its signals
             await self.drain()
             if self.aborted:
                 for worker in list(self.workers):
@@ -779,10 +1310,15 @@ class Torture:
 
     async def drain(self) -> None:
         """Wait until every run has ended; stop early once two live executions of one step
-        show in the log (a broken engine may never finish: its runs keep being taken over)."""
+        show in the log (a broken engine may never finish: its runs keep being taken over),
+        or once the client saw a violation (a signal wrongly refused as a duplicate leaves its
+        run waiting for ever)."""
         deadline = time.monotonic() + self.drain_timeout
         next_look = time.monotonic() + 1.0
         while await self.unfinished():
+            if self.result.violations:
+                self.aborted = True
+                return
             if time.monotonic() > next_look:
                 next_look = time.monotonic() + 1.0
                 if live_overlaps(steps_of(read_log(self.log_path).executions.values()), self.killed):
@@ -790,7 +1326,7 @@ class Torture:
                     return
             if time.monotonic() > deadline:
                 assert self.client is not None
-                stuck = await self.client.get_runs(status=["pending", "leased"], limit=10_000)
+                stuck = await self.client.get_runs(status=["pending", "leased", "waiting"], limit=10_000)
                 self.result.violations.append(
                     f"{len(stuck)} run(s) never reached a terminal state: "
                     + ", ".join(f"{r.id}:{r.status}" for r in stuck[:10])
@@ -808,6 +1344,8 @@ class Torture:
         try:
             runs = {row["id"]: dict(row) for row in conn.execute("SELECT * FROM durably_runs")}
             step_rows = [dict(row) for row in conn.execute("SELECT * FROM durably_steps")]
+            attempt_rows = [dict(row) for row in conn.execute("SELECT * FROM durably_step_attempts")]
+            signal_rows = [dict(row) for row in conn.execute("SELECT * FROM durably_signals")]
         finally:
             conn.close()
         check_log(
@@ -819,6 +1357,8 @@ class Torture:
             self.result,
             lease_ns=int(self.lease * 1e9),
             idempotency=self.idempotency,
+            attempt_rows=attempt_rows,
+            signal_rows=signal_rows,
         )
 
 

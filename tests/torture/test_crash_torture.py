@@ -59,7 +59,21 @@ def test_some_run_failed(torture_result: TortureResult) -> None:
     assert torture_result.failed > 0, torture_result.summary()
 
 
-# --- the checker, on hand-made logs --------------------------------------------------------------
+def test_steps_were_retried_after_a_backoff_and_runs_slept(torture_result: TortureResult) -> None:
+    # The mix always holds a step that fails twice then succeeds, one whose retries run out,
+    # and a run with two sleeps, none of them ever cancelled.
+    r = torture_result
+    assert r.retried >= 3 and r.slept >= 2, r.summary()
+
+
+def test_signals_were_sent_early_and_twice_and_consumed(torture_result: TortureResult) -> None:
+    # The mix's signal run gets one signal before it reaches its wait, that signal's id again,
+    # and one more signal for its second wait.
+    r = torture_result
+    assert r.signals_early > 0 and r.signals_duplicate > 0 and r.signals_consumed >= 2, r.summary()
+
+
+# --- the checker, on hand-made logs (its durable-waiting rules: test_checker_waits.py) ----------------
 
 LEASE_NS = 3_000_000_000
 

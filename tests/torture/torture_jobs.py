@@ -14,6 +14,19 @@ from several processes never interleave)::
     T <run_id> <child_run_id> <pid> <xid> <attempt> <t> <disposition>   a child run was triggered
     L <run_id> <pid> <t> <error type>                        the worker reported a lost lease
 
+and, for the durable-waiting jobs (retries, sleeps, signals)::
+
+    A <run_id> <step> <pid> <xid> <step_attempt> <wall_ms>   a retried step's execution (after its B
+                                                             line): which attempt of the step it is
+    F <run_id> <step> <pid> <xid>                            that execution fails on purpose (E follows)
+    W <run_id> <step> <reason> <due_ms> <after> <pid> <t>    a wait committed (the run:waiting event);
+                                                             after: the failed step attempt of a retry, else 0
+    H <run_id> <wait> <pid> <attempt> <wall_ms> <token>      the handler got past a sleep or a signal
+                                                             wait (token: the signal's payload, - for a sleep)
+
+``wall_ms`` is ``time.time_ns() // 10**6``, the clock the engine persists wake-up times
+with (``Durably.now_ms``), so the checker can compare them with the database.
+
 ``t`` is ``time.monotonic_ns()``, one system-wide clock on Linux. ``xid`` names
 one execution of one step (unique across processes, pid reuse included). A
 step's stored result carries the ``xid``, run id and step name of the execution
@@ -36,7 +49,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from durably_web import Durably, Event, StepContext, define_job
+from durably_web import Durably, Event, RetryPolicy, StepContext, define_job
 
 LOG_FD: int | None = None
 DURABLY: Durably | None = None
@@ -162,7 +175,144 @@ async def child(step: StepContext, payload: ChildIn) -> ChainOut:
     return ChainOut(total=first["v"] + second["v"])
 
 
-JOBS = [chain, child]
+# --- durable waiting: retries, sleeps, signals ----------------------------------------------------
+
+
+def wall_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+RETRY_BACKOFF = 2.0
+RETRY_MAX_DELAY = 0.4
+
+
+def retry_delay_ms(initial_delay: float, failed_attempt: int) -> int:
+    """The backoff (ms) after the failed step attempt ``failed_attempt`` under the torture's
+    policy, computed here independently of ``RetryPolicy.delay_before`` (so the checker does
+    not trust the code it checks)."""
+    return int(min(initial_delay * RETRY_BACKOFF ** (failed_attempt - 1), RETRY_MAX_DELAY) * 1000)
+
+
+class RetryIn(BaseModel):
+    fails: int  # the step 'flaky' fails its first `fails` attempts, then succeeds
+    max_attempts: int  # fails >= max_attempts: the retries run out and the run fails
+    delay: float = 0.1  # the policy's initial_delay (backoff 2, at most RETRY_MAX_DELAY, no jitter)
+
+
+async def flaky_effect(run_id: str, attempt: int, fails: int, delay: float) -> dict[str, Any]:
+    """A step that fails its first ``fails`` attempts. Which attempt of the step this is comes
+    from the attempts the database has recorded (``get_step_attempts``): an execution lost to
+    a kill before its failure was recorded is that same attempt again."""
+    assert DURABLY is not None
+    recorded = await DURABLY.get_step_attempts(run_id)
+    step_attempt = 1 + sum(1 for a in recorded if a.name == "flaky" and a.status == "failed")
+    pid, xid = os.getpid(), new_execution_id()
+    log_line("B", run_id, "flaky", pid, xid, attempt, time.monotonic_ns())
+    log_line("A", run_id, "flaky", pid, xid, step_attempt, wall_ms())
+    try:
+        await asyncio.sleep(delay)
+        if step_attempt <= fails:
+            log_line("F", run_id, "flaky", pid, xid)
+            # The xid goes into the recorded error: the checker matches each attempt row to it.
+            raise StepFailure(f"flaky fails on purpose (attempt {step_attempt}, xid {xid})")
+    finally:
+        log_line("E", run_id, "flaky", pid, xid, attempt, time.monotonic_ns())
+    value = step_value(run_id, "flaky")
+    return {"v": value, "x": xid, "run": run_id, "step": "flaky", "attempt": step_attempt}
+
+
+RETRY_STEPS = ["s0", "flaky", "s1"]
+
+
+@define_job("torture-retry", input=RetryIn, output=ChainOut)
+async def retrying(step: StepContext, payload: RetryIn) -> ChainOut:
+    policy = RetryPolicy(
+        max_attempts=payload.max_attempts,
+        initial_delay=payload.delay,
+        backoff=RETRY_BACKOFF,
+        max_delay=RETRY_MAX_DELAY,
+    )
+    first = await step.run("s0", effect_sync, step.run_id, "s0", step.attempt, 0.01, False)
+    flaky = await step.run(
+        "flaky", flaky_effect, step.run_id, step.attempt, payload.fails, 0.01, retry=policy
+    )
+    last = await step.run("s1", effect_async, step.run_id, "s1", step.attempt, 0.01, False)
+    return ChainOut(total=first["v"] + flaky["v"] + last["v"])
+
+
+class SleepIn(BaseModel):
+    naps: list[float]  # seconds of each sleep; the steps s0, nap-0, s1, nap-1, s2, ...
+
+
+def sleep_names(naps: int) -> tuple[list[str], list[str]]:
+    """(every checkpoint of a torture-sleep run in order, the steps whose values add up)."""
+    names = ["s0"]
+    for i in range(naps):
+        names += [f"nap-{i}", f"s{i + 1}"]
+    return names, [n for n in names if n.startswith("s")]
+
+
+@define_job("torture-sleep", input=SleepIn, output=ChainOut)
+async def sleeper(step: StepContext, payload: SleepIn) -> ChainOut:
+    total = (await step.run("s0", effect_sync, step.run_id, "s0", step.attempt, 0.01, False))["v"]
+    for i, seconds in enumerate(payload.naps):
+        await step.sleep(f"nap-{i}", seconds)
+        log_line("H", step.run_id, f"nap-{i}", os.getpid(), step.attempt, wall_ms(), "-")
+        name = f"s{i + 1}"
+        effect = effect_sync if i % 2 else effect_async
+        total += (await step.run(name, effect, step.run_id, name, step.attempt, 0.01, False))["v"]
+    return ChainOut(total=total)
+
+
+class Token(BaseModel):
+    token: str
+
+
+class SignalIn(BaseModel):
+    waits: int  # waits for the signals go-0 .. go-{waits-1}, each followed by a step after-i
+
+
+class SignalOut(BaseModel):
+    total: int
+    tokens: list[str]
+
+
+MAX_WAITS = 3
+
+
+def signal_names(waits: int) -> tuple[list[str], list[str]]:
+    """(every checkpoint of a torture-signal run in order, the steps whose values add up)."""
+    names = ["s0"]
+    for i in range(waits):
+        names += [f"go-{i}", f"after-{i}"]
+    return names, [n for n in names if not n.startswith("go-")]
+
+
+async def after_signal(run_id: str, name: str, attempt: int, token: str) -> dict[str, Any]:
+    """The step after a wait: its committed result carries the payload the handler got."""
+    result = await effect_async(run_id, name, attempt, 0.01, False)
+    return {**result, "token": token}
+
+
+@define_job(
+    "torture-signal",
+    input=SignalIn,
+    output=SignalOut,
+    signals={f"go-{i}": Token for i in range(MAX_WAITS)},
+)
+async def signalled(step: StepContext, payload: SignalIn) -> SignalOut:
+    total = (await step.run("s0", effect_sync, step.run_id, "s0", step.attempt, 0.02, False))["v"]
+    tokens = []
+    for i in range(payload.waits):
+        got = await step.wait_for_signal(f"go-{i}", type=Token)
+        log_line("H", step.run_id, f"go-{i}", os.getpid(), step.attempt, wall_ms(), got.token)
+        after = await step.run(f"after-{i}", after_signal, step.run_id, f"after-{i}", step.attempt, got.token)
+        total += after["v"]
+        tokens.append(after["token"])
+    return SignalOut(total=total, tokens=tokens)
+
+
+JOBS = [chain, child, retrying, sleeper, signalled]
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -189,6 +339,25 @@ async def serve(args: argparse.Namespace) -> None:
             log_line("L", event.run_id, os.getpid(), time.monotonic_ns(), error.type)
 
     durably.on("worker:error", on_worker_error)
+
+    # The W lines: every committed wait, with its persisted wake-up time. Both events are
+    # emitted (synchronously, in this order) only after the wait's transaction committed.
+    retried: dict[str, int] = {}
+
+    def on_retry(event: Event) -> None:
+        assert event.run_id is not None
+        retried[event.run_id] = event.data["attempt"]
+
+    def on_waiting(event: Event) -> None:
+        assert event.run_id is not None
+        due = event.data["due_at"]
+        due_ms = -1 if due is None else round(due.timestamp() * 1000)
+        after = retried.pop(event.run_id, 0) if event.data["reason"] == "retry" else 0
+        step_name, reason = event.data["step_name"], event.data["reason"]
+        log_line("W", event.run_id, step_name, reason, due_ms, after, os.getpid(), time.monotonic_ns())
+
+    durably.on("step:retry", on_retry)
+    durably.on("run:waiting", on_waiting)
     async with durably:
         log_line("S", os.getpid(), time.monotonic_ns())
         await stop.wait()
