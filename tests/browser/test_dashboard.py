@@ -684,8 +684,14 @@ def test_a_signal_sent_from_the_dashboard_completes_the_run(
 
     # The list says why it waits; the status filter has "waiting".
     set_filter(driver, "waiting")
-    wait_until(lambda: row_status(driver, run_id) == "waiting", what="the waiting run in the filtered list")
-    assert driver.execute_script("return document.querySelectorAll('#runs-body tr').length") == 1
+
+    def filtered() -> bool:
+        statuses = driver.execute_script(
+            "return [...document.querySelectorAll('#runs-body tr .badge')].map((b) => b.textContent)"
+        )
+        return row_status(driver, run_id) == "waiting" and set(statuses) == {"waiting"}
+
+    wait_until(filtered, what="a list of waiting runs only, this one among them")
     row_wait = driver.execute_script(
         "return document.querySelector(`tr[data-run-id='${arguments[0]}'] .wait-text`).textContent", run_id
     )
@@ -745,7 +751,7 @@ def test_resume_button_continues_a_failed_run(driver: Any, server: ServerThread,
     run = api.get(f"runs/{run_id}").json()
     assert run["output"] == "ok" and run["error"] is None
     # The attempt that failed before the resume is kept, and shown with its step.
-    wait_until(lambda: detail(driver)["steps"][-1]["attempts"], what="the attempts of 'deliver'")
+    wait_until(lambda: any(s["attempts"] for s in detail(driver)["steps"]), what="the attempts of 'deliver'")
     deliver = detail(driver)["steps"][-1]
     assert deliver["name"] == "deliver"
     assert [a[:3] for a in deliver["attempts"]] == [
