@@ -22,7 +22,9 @@ const state = {
   runs: [], // the listed runs, newest first
   rows: new Map(), // run id -> <tr>
   selected: null, // run id shown in the detail panel
-  detail: null, // {run, steps: Map(index -> step), logs, current, unsubscribe, gone}
+  // {run, steps: Map(index -> step), attempts: Map(index -> attempts) | null, logs, current,
+  //  unsubscribe, gone}
+  detail: null,
 };
 
 // --- DOM helpers ----------------------------------------------------------------------------
@@ -64,8 +66,32 @@ function progressBar(progress, status) {
   if (status === "completed") pct = 100;
   const bar = h("div", { class: `bar bar-${STATUSES.includes(status) ? status : "unknown"}` },
     h("div", { class: "bar-fill", style: `width:${pct === null ? 0 : pct.toFixed(1)}%` }));
-  if (pct === null && ACTIVE.includes(status)) bar.classList.add("bar-indeterminate");
+  // A waiting run is not working: no animation for it.
+  if (pct === null && (status === "pending" || status === "leased")) bar.classList.add("bar-indeterminate");
   return bar;
+}
+
+/** Why a waiting run waits and until when, e.g. "waiting for signal 'approval'",
+ *  "retry of 'deliver' at 14:02:05", "sleeping in 'cool-down' until 14:02:05"; "" otherwise. */
+function waitText(run) {
+  if (!run || run.status !== "waiting") return "";
+  const step = typeof run.wait_step === "string" ? `'${run.wait_step}'` : null;
+  const at = run.wake_at ? fmtTime(run.wake_at) : null;
+  switch (run.wait_reason) {
+    case "signal":
+      return `waiting for signal ${step || "?"}${at ? ` · times out at ${at}` : ""}`;
+    case "retry":
+      return `retry of ${step || "a step"} at ${at || "?"}`;
+    case "sleep":
+      return `sleeping in ${step || "a step"} until ${at || "?"}`;
+    default:
+      return `waiting${run.wait_reason ? ` (${run.wait_reason})` : ""}${at ? ` until ${at}` : ""}`;
+  }
+}
+
+/** Whether the client has a method (the local runtime and the server grow at their own pace). */
+function supports(method) {
+  return Boolean(state.client) && typeof state.client[method] === "function";
 }
 
 function progressText(progress) {
@@ -286,7 +312,9 @@ function renderRow(run) {
   h("td", null, labelChips(run.labels)),
   h("td", { class: "col-progress" },
     progressBar(run.progress, run.status),
-    h("span", { class: "progress-text" }, progressText(run.progress))),
+    run.status === "waiting"
+      ? h("span", { class: "progress-text wait-text", title: waitText(run) }, waitText(run))
+      : h("span", { class: "progress-text" }, progressText(run.progress))),
   h("td", { class: "nowrap", title: run.created_at || "" }, fmtTime(run.created_at)),
   h("td", { class: "num nowrap" }, duration === null ? "—" : fmtDuration(duration)));
   state.rows.set(run.id, row);
@@ -331,6 +359,11 @@ function scheduleRefresh(delay = 150) {
 function onRunEvent(event) {
   // The local runtime's "*" also carries step and log events; the list only shows runs.
   if (!event.type.startsWith("run:")) return;
+  // The selected run came back to life elsewhere (resumed by another client, say) while the
+  // detail has no stream of its own: load it again, which opens one.
+  const d = state.detail;
+  if (event.run_id === state.selected && d && !d.unsubscribe && d.run && !ACTIVE.includes(d.run.status) &&
+      ["run:resume", "run:leased", "run:waiting"].includes(event.type)) loadDetail(state.selected);
   // Progress is frequent: patch the row in place instead of reloading the list.
   if (event.type === "run:progress") {
     const index = state.runs.findIndex((r) => r.id === event.run_id);
@@ -361,11 +394,27 @@ async function selectRun(id) {
   await loadDetail(id);
 }
 
-async function loadDetail(id) {
-  let run, steps, logs;
+/** The attempts of the run's steps by step index, or null where they cannot be had (a
+ *  runtime without getStepAttempts, or an error: they only add detail to the steps). */
+async function loadAttempts(id) {
+  if (!supports("getStepAttempts")) return null;
   try {
-    [run, steps, logs] = await Promise.all([
-      state.client.getRun(id), state.client.getSteps(id), state.client.getLogs(id)]);
+    const byIndex = new Map();
+    for (const attempt of await state.client.getStepAttempts(id)) {
+      if (!byIndex.has(attempt.index)) byIndex.set(attempt.index, []);
+      byIndex.get(attempt.index).push(attempt);
+    }
+    return byIndex;
+  } catch {
+    return null;
+  }
+}
+
+async function loadDetail(id) {
+  let run, steps, logs, attempts;
+  try {
+    [run, steps, logs, attempts] = await Promise.all([
+      state.client.getRun(id), state.client.getSteps(id), state.client.getLogs(id), loadAttempts(id)]);
   } catch (error) {
     if (state.selected !== id) return;
     closeDetailStream();
@@ -378,6 +427,7 @@ async function loadDetail(id) {
   state.detail = {
     run,
     steps: new Map(steps.map((s) => [s.index, s])),
+    attempts,
     logs,
     current: null,
     unsubscribe: previous ? previous.unsubscribe : null,
@@ -398,7 +448,19 @@ function onDetailEvent(id, event) {
       if (event.run) d.run = event.run;
       break;
     case "run:leased":
-      d.run = { ...d.run, status: "leased", attempt: event.attempt ?? d.run.attempt };
+      d.run = { ...d.run, status: "leased", attempt: event.attempt ?? d.run.attempt,
+        wake_at: null, wait_reason: null, wait_step: null };
+      break;
+    case "run:waiting":
+    case "signal:received":
+    case "step:retry":
+      // The wait's fields, the sleep or signal step it recorded, the attempts: all from the store.
+      if (event.type === "run:waiting") {
+        d.run = { ...d.run, status: "waiting", wait_reason: event.reason ?? null,
+          wait_step: event.step_name ?? null, wake_at: event.due_at ?? null };
+      }
+      d.current = null;
+      scheduleDetailReload(id);
       break;
     case "run:progress":
       d.run = { ...d.run, progress: event.progress };
@@ -408,14 +470,27 @@ function onDetailEvent(id, event) {
       break;
     case "step:complete":
     case "step:fail":
-      d.steps.set(event.step_index, {
-        index: event.step_index,
-        name: event.step_name,
-        status: event.type === "step:complete" ? "completed" : "failed",
-        output: event.output,
-        error: event.error || null,
-        duration_ms: event.duration_ms,
-      });
+      if (event.will_retry) {
+        // An attempt, not the step's record: the step is retried after a wait.
+        if (d.attempts) {
+          const list = d.attempts.get(event.step_index) || [];
+          if (!list.some((a) => a.attempt === event.attempt)) {
+            list.push({ index: event.step_index, name: event.step_name, attempt: event.attempt,
+              status: "failed", error: event.error || null, duration_ms: null });
+          }
+          d.attempts.set(event.step_index, list);
+        }
+      } else {
+        d.steps.set(event.step_index, {
+          ...d.steps.get(event.step_index), // keeps what events do not carry (kind)
+          index: event.step_index,
+          name: event.step_name,
+          status: event.type === "step:complete" ? "completed" : "failed",
+          output: event.output,
+          error: event.error || null,
+          duration_ms: event.duration_ms,
+        });
+      }
       if (d.current && d.current.index === event.step_index) d.current = null;
       break;
     case "log:write":
@@ -431,6 +506,16 @@ function onDetailEvent(id, event) {
     return;
   }
   scheduleDetailRender();
+}
+
+// Several events may ask for a reload at once (step:retry, then run:waiting): one reload.
+let reloadTimer = null;
+function scheduleDetailReload(id) {
+  if (reloadTimer) return;
+  reloadTimer = setTimeout(() => {
+    reloadTimer = null;
+    if (state.selected === id) loadDetail(id);
+  }, 50);
 }
 
 let renderPending = false;
@@ -491,6 +576,15 @@ function renderDetail() {
         await loadDetail(run.id);
         scheduleRefresh(0);
       }, "Stop the run at its next step"),
+      actionButton("Resume", "", ["failed", "cancelled"].includes(run.status) && supports("resumeRun"),
+        async () => {
+          await state.client.resumeRun(run.id);
+          toast("Run resumed", "ok");
+          await loadDetail(run.id);
+          scheduleRefresh(0);
+        }, supports("resumeRun")
+          ? "Continue a failed or cancelled run after its last completed step"
+          : "This runtime cannot resume runs"),
       actionButton("Retrigger", "", true, async () => {
         const again = await state.client.retrigger(run.id);
         scheduleRefresh(0);
@@ -520,13 +614,25 @@ function renderDetail() {
       ["Finished", fmtTime(run.completed_at)], ["Duration", fmtDuration(runDuration(run))],
       ["Idempotency key", run.idempotency_key || "—"], ["Concurrency key", run.concurrency_key || "—"]]
       .map(([k, v]) => h("div", null, h("dt", null, k), h("dd", null, v ?? "—"))),
+    run.forked_from ? h("div", { class: "meta-wide forked-from" }, h("dt", null, "Forked from"),
+      h("dd", null, h("button", { type: "button", class: "link", title: "Show the run this one was forked from",
+        onclick: () => selectRun(run.forked_from) }, run.forked_from))) : null,
     h("div", { class: "meta-wide" }, h("dt", null, "Labels"), h("dd", null, labelChips(run.labels))));
 
   const progress = h("div", { class: "detail-progress" },
     progressBar(run.progress, run.status),
-    h("div", { class: "progress-caption" }, progressText(run.progress) || (active ? "waiting…" : "")));
+    // A waiting run says why right below; an empty caption would only leave a gap.
+    run.status === "waiting" && !run.progress ? null
+      : h("div", { class: "progress-caption" }, progressText(run.progress) || (active ? "waiting…" : "")));
 
-  const parts = [header, progress, meta];
+  const parts = [header, progress];
+  if (run.status === "waiting") {
+    parts.push(h("div", { class: "wait-box", role: "status" }, h("span", { class: "wait-icon", "aria-hidden": "true" }),
+      h("span", { class: "wait-text" }, waitText(run))));
+    if (run.wait_reason === "signal" && typeof run.wait_step === "string") parts.push(signalForm(run));
+  }
+  if (!parts.includes(signalFormCache && signalFormCache.el)) signalFormCache = null;
+  parts.push(meta);
   if (run.error) {
     parts.push(section("Error", h("div", { class: "error-box" },
       h("div", { class: "error-head" }, `${run.error.type}: ${run.error.message}`),
@@ -536,27 +642,144 @@ function renderDetail() {
   parts.push(section("Input", h("pre", { class: "json" }, json(run.input))));
   parts.push(section(`Steps (${d.steps.size})`, renderSteps(d)));
   parts.push(section(`Logs (${d.logs.length})`, renderLogs(d.logs)));
+  // The signal form is kept across renders (what was typed stays); so is its focus.
+  const focused = panel.contains(document.activeElement) ? document.activeElement : null;
   panel.replaceChildren(...parts);
+  if (focused && focused.isConnected && document.activeElement !== focused) focused.focus();
 
   const newLogBox = panel.querySelector(".logs");
   if (newLogBox && stickToBottom) newLogBox.scrollTop = newLogBox.scrollHeight;
 }
 
+// The form sending the signal a run waits for. One element per run and signal, reused by
+// every render of the detail, so that a re-render (a live event) keeps what was typed.
+let signalFormCache = null; // {key, el}
+
+function signalForm(run) {
+  const key = `${run.id}\u0000${run.wait_step}`;
+  if (signalFormCache && signalFormCache.key === key) return signalFormCache.el;
+  const name = run.wait_step;
+  const payload = h("textarea", { class: "signal-payload", rows: "3", spellcheck: "false",
+    "aria-label": "Signal payload (JSON)" }, "null");
+  const signalId = h("input", { type: "text", class: "signal-id", placeholder: "optional", spellcheck: "false",
+    "aria-label": "Signal id" });
+  const message = h("p", { class: "form-error signal-error", role: "alert", hidden: true });
+  const result = h("p", { class: "signal-result", role: "status", hidden: true });
+  const submit = h("button", { type: "submit", class: "btn btn-primary" }, "Send signal");
+  const show = (box, text) => {
+    for (const el of [message, result]) el.hidden = el !== box;
+    box.textContent = text;
+  };
+  const form = h("form", { class: "signal-form", autocomplete: "off", onsubmit: async (event) => {
+    event.preventDefault();
+    let value;
+    try {
+      // Checked here: nothing is sent unless it is JSON (empty means null).
+      value = payload.value.trim() === "" ? null : JSON.parse(payload.value);
+    } catch (error) {
+      show(message, `Payload is not valid JSON: ${error.message}`);
+      return;
+    }
+    const options = signalId.value.trim() ? { signalId: signalId.value.trim() } : undefined;
+    submit.disabled = true;
+    try {
+      const disposition = await state.client.sendSignal(run.id, name, value, options);
+      show(result, `Signal '${name}': ${disposition}`);
+      toast(`Signal '${name}' ${disposition}`, "ok");
+      if (state.selected === run.id) scheduleDetailReload(run.id);
+    } catch (error) {
+      show(message, errorText(error));
+    } finally {
+      submit.disabled = false;
+    }
+  } },
+  h("div", { class: "signal-head" }, "Send signal ", h("span", { class: "mono" }, `'${name}'`)),
+  h("label", { class: "field" }, h("span", null, "Payload (JSON)"), payload),
+  h("div", { class: "signal-actions" },
+    h("label", { class: "field grow" }, h("span", null, "Signal id"), signalId),
+    supports("sendSignal") ? submit : h("span", { class: "muted" }, "This runtime cannot send signals")),
+  message, result);
+  signalFormCache = { key, el: form };
+  return form;
+}
+
+/** What a sleep or signal step recorded, as a short line: "until 14:02:05", "timed out",
+ *  "payload {...}". */
+function stepNote(s) {
+  if (s.kind === "sleep" && typeof s.output === "number") return `until ${fmtTime(new Date(s.output).toISOString())}`;
+  if (s.kind === "signal" && s.output && typeof s.output === "object") {
+    if (s.output.timeout) return "timed out";
+    const text = json(s.output.payload).replace(/\s+/g, " ");
+    return `payload ${text.length > 120 ? `${text.slice(0, 119)}…` : text}`;
+  }
+  return null;
+}
+
+function renderAttempts(attempts) {
+  return h("ol", { class: "attempts", "aria-label": "attempts" }, attempts.map((a) =>
+    h("li", { class: `attempt attempt-${a.status === "completed" ? "completed" : "failed"}` },
+      h("span", { class: "attempt-number" }, `attempt ${a.attempt}`),
+      h("span", { class: "attempt-status" }, a.status),
+      h("span", { class: "attempt-error" }, a.error ? `${a.error.type}: ${a.error.message}` : ""),
+      h("span", { class: "attempt-duration" }, a.duration_ms === null || a.duration_ms === undefined
+        ? "" : fmtDuration(a.duration_ms)))));
+}
+
+function forkButton(run, step) {
+  return actionButton("Fork from here", "btn-small step-fork", supports("forkRun"), async () => {
+    const forked = await state.client.forkRun(run.id, { fromStep: step.name });
+    toast(`Forked from step '${step.name}'`, "ok");
+    scheduleRefresh(0);
+    await selectRun(forked.id);
+  }, supports("forkRun")
+    ? `A new run with this run's input, replaying the steps before '${step.name}' and running it and the rest again`
+    : "This runtime cannot fork runs");
+}
+
 function renderSteps(d) {
   const steps = [...d.steps.values()].sort((a, b) => a.index - b.index);
   const longest = Math.max(1, ...steps.map((s) => s.duration_ms || 0));
-  const rows = steps.map((s) => h("li", { class: `step step-${s.status === "failed" ? "failed" : "completed"}` },
-    h("span", { class: "step-index" }, s.index + 1),
-    h("span", { class: "step-name" }, s.name),
-    h("span", { class: "step-bar" }, h("span", { style: `width:${(((s.duration_ms || 0) / longest) * 100).toFixed(1)}%` })),
-    h("span", { class: "step-duration" }, fmtDuration(s.duration_ms)),
-    s.error ? h("div", { class: "step-error" }, `${s.error.type}: ${s.error.message}`) : null));
-  if (d.current && !d.steps.has(d.current.index) && ACTIVE.includes(d.run.status)) {
-    rows.push(h("li", { class: "step step-running" },
-      h("span", { class: "step-index" }, d.current.index + 1),
-      h("span", { class: "step-name" }, d.current.name),
+  const attemptsOf = (index) => (d.attempts && d.attempts.get(index)) || [];
+  // A retried step lists its attempts; a step tried once has nothing to add.
+  const retried = (index) => attemptsOf(index).length > 1;
+  const rows = steps.map((s) => {
+    const kind = ["sleep", "signal"].includes(s.kind) ? s.kind : null;
+    const note = stepNote(s);
+    // A sleep is recorded (with its due time) when it starts: until then the run sleeps in it.
+    const asleep = d.run.status === "waiting" && d.run.wait_reason === "sleep" && d.run.wait_step === s.name;
+    const cls = asleep ? "waiting" : s.status === "failed" ? "failed" : "completed";
+    return h("li", { class: `step step-${cls}`, "data-step": s.name },
+      h("span", { class: "step-index" }, s.index + 1),
+      h("span", { class: "step-name", title: s.name }, kind ? h("span", { class: `step-kind step-kind-${kind}` }, kind) : null, s.name),
+      h("span", { class: "step-bar" }, h("span", { style: `width:${(((s.duration_ms || 0) / longest) * 100).toFixed(1)}%` })),
+      h("span", { class: "step-duration" }, asleep ? "sleeping" : fmtDuration(s.duration_ms)),
+      forkButton(d.run, s),
+      note ? h("div", { class: "step-note" }, note) : null,
+      s.error ? h("div", { class: "step-error" }, `${s.error.type}: ${s.error.message}`) : null,
+      retried(s.index) ? renderAttempts(attemptsOf(s.index)) : null);
+  });
+  // Attempts of a step with no record yet: it failed and waits for its retry, or runs again.
+  const pending = d.attempts ? [...d.attempts.keys()].filter((i) => !d.steps.has(i)).sort((a, b) => a - b) : [];
+  const running = d.current && !d.steps.has(d.current.index) && ACTIVE.includes(d.run.status) ? d.current : null;
+  for (const index of pending) {
+    if (running && running.index === index) continue;
+    const attempts = attemptsOf(index);
+    rows.push(h("li", { class: "step step-retrying", "data-step": attempts[0].name },
+      h("span", { class: "step-index" }, index + 1),
+      h("span", { class: "step-name", title: attempts[0].name }, attempts[0].name),
+      h("span", { class: "step-bar" }),
+      h("span", { class: "step-duration" }, d.run.status === "waiting" ? "retrying" : ""),
+      h("span"),
+      renderAttempts(attempts)));
+  }
+  if (running) {
+    rows.push(h("li", { class: "step step-running", "data-step": running.name },
+      h("span", { class: "step-index" }, running.index + 1),
+      h("span", { class: "step-name" }, running.name),
       h("span", { class: "step-bar" }, h("span", { class: "indeterminate" })),
-      h("span", { class: "step-duration" }, "running")));
+      h("span", { class: "step-duration" }, "running"),
+      h("span"),
+      attemptsOf(running.index).length ? renderAttempts(attemptsOf(running.index)) : null));
   }
   if (!rows.length) return h("p", { class: "muted" }, "No steps recorded yet.");
   return h("ol", { class: "steps" }, rows);

@@ -24,6 +24,9 @@
 //   a fresh run:snapshot (recorded steps are passed once); on() listeners may have missed
 //   events in between, so a list view should reload (the dashboard also reloads periodically).
 // * batchTrigger() is one POST trigger/batch: atomic, as locally (all runs or none).
+// * sendSignal(runId, name) posts to runs/{id}/signals/{name}: the name is one path segment,
+//   so the names "." and ".." (which URLs resolve away) cannot be sent over HTTP and are
+//   refused here with a ValidationError.
 // * purgeRuns() is POST purge; a server with auth hooks allows it only to callers
 //   its can_purge hook accepts (otherwise: DurablyError, status 403).
 // * Errors carry the HTTP `status`; 401/403 (auth hooks) become DurablyError.
@@ -32,8 +35,8 @@
 
   const EVENT_TYPES = [
     "run:trigger", "run:coalesced", "run:leased", "run:complete", "run:fail",
-    "run:cancel", "run:delete", "run:progress", "step:start", "step:complete",
-    "step:fail", "log:write", "worker:error",
+    "run:cancel", "run:delete", "run:progress", "run:waiting", "run:resume", "step:start",
+    "step:complete", "step:fail", "step:retry", "signal:received", "log:write", "worker:error",
   ];
   const TERMINAL = new Set(["run:complete", "run:fail", "run:cancel", "run:delete"]);
   // What GET /events carries (asgi.RUN_LEVEL_EVENT_TYPES).
@@ -78,6 +81,18 @@
     return encodeURIComponent(runId);
   }
 
+  // A signal name as one path segment of runs/{id}/signals/{name}.
+  function checkSignalName(name) {
+    if (typeof name !== "string" || name === "") {
+      throw durablyError("ValidationError", "name must be a non-empty string");
+    }
+    // URLs drop "." and ".." segments (also as %2E), so the request would reach another route.
+    if (name === "." || name === "..") {
+      throw durablyError("ValidationError", `a signal named ${JSON.stringify(name)} cannot be sent over HTTP`);
+    }
+    return encodeURIComponent(name);
+  }
+
   function checkTimeout(timeout) {
     if (timeout !== undefined && timeout !== null && (typeof timeout !== "number" || !(timeout >= 0))) {
       throw durablyError("ValidationError", "timeout must be a non-negative number of milliseconds");
@@ -85,7 +100,7 @@
     return timeout ?? null;
   }
 
-  // A run as trigger()/retrigger() resolve it: the run, with how it came about.
+  // A run as trigger(), retrigger() and forkRun() resolve it: the run, with how it came about.
   function triggered(body) {
     return { ...body.run, disposition: body.disposition };
   }
@@ -333,6 +348,32 @@
       return triggered(await this._request("POST", `runs/${checkRunId(runId)}/retrigger`));
     }
 
+    async sendSignal(runId, name, payload, options) {
+      const path = `runs/${checkRunId(runId)}/signals/${checkSignalName(name)}`;
+      const o = checkOptions("options", options, ["signalId"]);
+      const body = { payload: payload === undefined ? null : payload };
+      // Only when given: the server checks it (a non-empty string).
+      if (o.signalId !== undefined && o.signalId !== null) body.signal_id = o.signalId;
+      return (await this._request("POST", path, { body })).disposition;
+    }
+
+    resumeRun(runId) {
+      return this._request("POST", `runs/${checkRunId(runId)}/resume`);
+    }
+
+    async forkRun(runId, options) {
+      const path = `runs/${checkRunId(runId)}/fork`;
+      const o = checkOptions("options", options, ["fromStep"]);
+      if (typeof o.fromStep !== "string" || o.fromStep === "") {
+        throw durablyError("ValidationError", "fromStep must be a non-empty string (a recorded step's name)");
+      }
+      return triggered(await this._request("POST", path, { body: { from_step: o.fromStep } }));
+    }
+
+    async getStepAttempts(runId) {
+      return (await this._request("GET", `runs/${checkRunId(runId)}/attempts`)).attempts;
+    }
+
     async deleteRun(runId) {
       await this._request("DELETE", `runs/${checkRunId(runId)}`);
     }
@@ -450,8 +491,9 @@
         }
         streamed = true;
         // After a reconnect the server replays the recorded steps again: pass each step once.
+        // A retried step fails once per attempt (live events carry `attempt`; replays do not).
         if (event.type === "step:complete" || event.type === "step:fail") {
-          const key = `${event.type}:${event.step_index}`;
+          const key = `${event.type}:${event.step_index}:${event.attempt ?? ""}`;
           if (seenSteps.has(key)) return;
           seenSteps.add(key);
         }

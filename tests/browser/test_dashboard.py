@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
-from durably_web import Durably, StepContext, define_job
+from durably_web import Durably, RetryPolicy, StepContext, define_job
 from durably_web.asgi import create_app
 
 pytestmark = pytest.mark.browser
@@ -82,7 +82,56 @@ async def _refuse(customer: str) -> None:
     raise ConnectionError(f"mail server refused delivery to {customer}")
 
 
-JOBS = [slow_report, send_invoice]
+# Durable waiting: a run waiting for a signal, a retried step, a run that fails once (for
+# Resume), a sleep. Their error messages carry XSS: attempts and errors must show it as text.
+
+
+class Approval(BaseModel):
+    by: str
+
+
+@define_job("approval")
+async def approval(step: StepContext, payload: Any) -> dict[str, Any]:
+    """Prepares, waits for the signal ``payload["signal"]`` (an ``Approval``), then finishes."""
+    payload = payload or {}
+    await step.run("prepare", asyncio.sleep, float(payload.get("delay", 0)))
+    got = await step.wait_for_signal(str(payload.get("signal", "approval")), type=Approval)
+    await step.run("finish", lambda: None)
+    return {"approved_by": got.by}
+
+
+_CALLS: dict[str, int] = {}
+
+
+def _flaky_call(key: str, failures: int) -> str:
+    _CALLS[key] = _CALLS.get(key, 0) + 1
+    if _CALLS[key] <= failures:
+        raise RuntimeError(f"{XSS} attempt {_CALLS[key]}")
+    return "ok"
+
+
+@define_job("flaky")
+async def flaky(step: StepContext, payload: dict[str, Any]) -> str:
+    """``call-api`` fails ``fail`` times, retried after ``delay`` seconds each time."""
+    policy = RetryPolicy(max_attempts=5, initial_delay=float(payload["delay"]), backoff=1.0)
+    await step.run("connect", asyncio.sleep, float(payload.get("pause", 0)))
+    return await step.run("call-api", _flaky_call, step.run_id, int(payload["fail"]), retry=policy)
+
+
+@define_job("fail-once")
+async def fail_once(step: StepContext, payload: Any) -> str:
+    """``deliver`` fails on its first execution only, with no retry policy: the run fails."""
+    await step.run("render", lambda: "pdf")
+    key = (payload or {}).get("key") or step.run_id  # a fork (same input) shares the count
+    return await step.run("deliver", _flaky_call, key, 1)
+
+
+@define_job("nap")
+async def nap(step: StepContext, payload: Any) -> None:
+    await step.sleep("cool-down", 3600)
+
+
+JOBS = [slow_report, send_invoice, approval, flaky, fail_once, nap]
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -231,7 +280,7 @@ def test_dashboard_loads_and_follows_a_run_live(driver: Any, server: ServerThrea
     jobs = driver.execute_script(
         "return [...document.querySelectorAll('#filter-job option')].map(o => o.value)"
     )
-    assert jobs == ["", "send-invoice", "slow-report"]
+    assert jobs == ["", "approval", "fail-once", "flaky", "nap", "send-invoice", "slow-report"]
     driver.execute_script("window.__sameDocument = true")
 
     run_id = trigger(api, "slow-report", {"parts": 5, "delay": 0.4}, labels={"team": "billing"})
@@ -509,7 +558,7 @@ def test_remote_client_api(driver: Any, server: ServerThread) -> None:
     assert reply["ok"], reply.get("error")
     out = reply["out"]
     assert out["kind"] == "remote"
-    assert out["jobs"] == ["send-invoice", "slow-report"]
+    assert out["jobs"] == ["approval", "fail-once", "flaky", "nap", "send-invoice", "slow-report"]
     assert out["trigger"] == {"disposition": "created", "status": "pending", "labels": {"suite": "client"}}
     assert out["again"] == "idempotent:true"
     assert out["events"][-1] == "run:complete"
@@ -562,6 +611,357 @@ def test_remote_client_api(driver: Any, server: ServerThread) -> None:
     assert {"run:trigger", "run:leased", "run:complete", "run:cancel"} <= set(out["all"])
     assert all(t.startswith("run:") for t in out["all"])
     assert out["closed"]["name"] == "DurablyError"
+
+
+# -- durable waiting: why and until when, signals, resume, fork, attempts -------------------------
+
+
+def status_of(api: httpx.Client, run_id: str) -> str:
+    return str(api.get(f"runs/{run_id}").json()["status"])
+
+
+def wait_status(api: httpx.Client, run_id: str, status: str) -> dict[str, Any]:
+    wait_until(lambda: status_of(api, run_id) == status, what=f"run {run_id} to be {status}")
+    return dict(api.get(f"runs/{run_id}").json())
+
+
+def detail(driver: Any) -> dict[str, Any]:
+    """What the detail panel shows, as text."""
+    return dict(
+        driver.execute_script(
+            """const d = document.getElementById('detail');
+            const text = (sel) => { const e = d.querySelector(sel); return e ? e.textContent : null; };
+            return {
+              id: text('.run-id'), status: text('.detail-title .badge'),
+              wait: text('.wait-box .wait-text'), form: !!d.querySelector('.signal-form'),
+              signalError: d.querySelector('.signal-error:not([hidden])')?.textContent ?? null,
+              forkedFrom: text('.forked-from dd'),
+              steps: [...d.querySelectorAll('.steps > .step')].map((s) => ({
+                name: s.dataset.step, cls: s.className,
+                kind: s.querySelector('.step-kind')?.textContent ?? null,
+                note: s.querySelector('.step-note')?.textContent ?? null,
+                attempts: [...s.querySelectorAll('.attempt')].map((a) =>
+                  [...a.children].map((c) => c.textContent))})),
+            };"""
+        )
+    )
+
+
+def page_is_unharmed(driver: Any) -> None:
+    assert driver.execute_script("return document.querySelectorAll('img').length") == 0
+    assert driver.execute_script("return window.__pwned") is None
+    # The 400/409 answers the tests provoke are logged by Chromium as failed loads; nothing else.
+    errors = [m for m in console_errors(driver) if "Failed to load resource" not in m]
+    assert errors == []
+
+
+def set_filter(driver: Any, value: str) -> None:
+    driver.execute_script(
+        "const s = document.getElementById('filter-status'); s.value = arguments[0];"
+        "s.dispatchEvent(new Event('change'))",
+        value,
+    )
+
+
+def submit_signal(driver: Any, payload: str, signal_id: str = "") -> None:
+    driver.execute_script(
+        """const f = document.querySelector('#detail .signal-form');
+        f.querySelector('.signal-payload').value = arguments[0];
+        f.querySelector('.signal-id').value = arguments[1];
+        f.requestSubmit();""",
+        payload,
+        signal_id,
+    )
+
+
+def test_a_signal_sent_from_the_dashboard_completes_the_run(
+    driver: Any, server: ServerThread, api: httpx.Client
+) -> None:
+    open_dashboard(driver, server)
+    name = f"ok {XSS}"  # a hostile name: shown as text, sent in the URL path
+    run_id = trigger(api, "approval", {"signal": name})
+    wait_status(api, run_id, "waiting")
+
+    # The list says why it waits; the status filter has "waiting".
+    set_filter(driver, "waiting")
+
+    def filtered() -> bool:
+        statuses = driver.execute_script(
+            "return [...document.querySelectorAll('#runs-body tr .badge')].map((b) => b.textContent)"
+        )
+        return row_status(driver, run_id) == "waiting" and set(statuses) == {"waiting"}
+
+    wait_until(filtered, what="a list of waiting runs only, this one among them")
+    row_wait = driver.execute_script(
+        "return document.querySelector(`tr[data-run-id='${arguments[0]}'] .wait-text`).textContent", run_id
+    )
+    assert row_wait == f"waiting for signal '{name}'"
+    click_row(driver, run_id)
+    shown = detail(driver)
+    assert shown["status"] == "waiting" and shown["wait"] == f"waiting for signal '{name}'"
+    assert shown["form"]
+
+    # Not JSON: refused in the page, nothing sent.
+    submit_signal(driver, "{by: ana")
+    wait_until(lambda: detail(driver)["signalError"], what="the JSON error")
+    assert detail(driver)["signalError"].startswith("Payload is not valid JSON")
+    assert status_of(api, run_id) == "waiting"
+
+    # JSON the signal's type refuses: the server's ValidationError, as text.
+    submit_signal(driver, '{"by": 5}')
+    wait_until(
+        lambda: (detail(driver)["signalError"] or "").startswith("ValidationError"), what="the server's error"
+    )
+    assert status_of(api, run_id) == "waiting"
+
+    # What was typed survives a re-render (as a live event causes).
+    driver.execute_script("document.querySelector('#detail .signal-payload').value = 'typed'")
+    driver.execute_script("renderDetail()")
+    assert driver.execute_script("return document.querySelector('#detail .signal-payload').value") == "typed"
+
+    submit_signal(driver, json.dumps({"by": f"ana {XSS}"}), signal_id="mail-1")
+    wait_until(
+        lambda: (
+            driver.execute_script("return document.getElementById('toast').textContent")
+            == f"Signal '{name}' delivered"
+        ),
+        what="the disposition",
+    )
+    wait_until(lambda: detail_status(driver) == "completed", what="the detail to show the run completed")
+    assert api.get(f"runs/{run_id}").json()["output"] == {"approved_by": f"ana {XSS}"}
+    steps = detail(driver)["steps"]
+    assert [(s["name"], s["kind"]) for s in steps] == [("prepare", None), (name, "signal"), ("finish", None)]
+    assert steps[1]["note"] == f'payload {{ "by": "ana {XSS}" }}'
+    assert not detail(driver)["form"]
+    set_filter(driver, "")
+    page_is_unharmed(driver)
+
+
+def test_resume_button_continues_a_failed_run(driver: Any, server: ServerThread, api: httpx.Client) -> None:
+    open_dashboard(driver, server)
+    run_id = trigger(api, "fail-once", None)
+    wait_status(api, run_id, "failed")
+    click_row(driver, run_id)
+    wait_until(lambda: detail_status(driver) == "failed", what="the failed run")
+    error = driver.execute_script("return document.querySelector('#detail .error-head').textContent")
+    assert error == f"RuntimeError: {XSS} attempt 1"
+
+    click_button(driver, "Resume")
+    wait_until(lambda: detail_status(driver) == "completed", what="the resumed run to complete")
+    run = api.get(f"runs/{run_id}").json()
+    assert run["output"] == "ok" and run["error"] is None
+    # The attempt that failed before the resume is kept, and shown with its step.
+    wait_until(lambda: any(s["attempts"] for s in detail(driver)["steps"]), what="the attempts of 'deliver'")
+    deliver = detail(driver)["steps"][-1]
+    assert deliver["name"] == "deliver"
+    assert [a[:3] for a in deliver["attempts"]] == [
+        ["attempt 1", "failed", f"RuntimeError: {XSS} attempt 1"],
+        ["attempt 2", "completed", ""],
+    ]
+    # Only a failed or cancelled run can be resumed.
+    assert driver.execute_script(
+        "return [...document.querySelectorAll('#detail .detail-actions button')]"
+        ".find((b) => b.textContent === 'Resume').disabled"
+    )
+    page_is_unharmed(driver)
+
+
+def test_fork_from_a_step_opens_the_new_run(driver: Any, server: ServerThread, api: httpx.Client) -> None:
+    open_dashboard(driver, server)
+    source = trigger(api, "slow-report", {"parts": 3, "delay": 0})
+    wait_status(api, source, "completed")
+    click_row(driver, source)
+    wait_until(lambda: len(detail(driver)["steps"]) == 3, what="the source's steps")
+    clicked = driver.execute_script(
+        "const b = document.querySelector(`#detail .step[data-step='load-part-2'] .step-fork`);"
+        "if (!b || b.disabled) return false; b.click(); return true;"
+    )
+    assert clicked, "no enabled Fork button on load-part-2"
+    wait_until(lambda: detail(driver)["id"] not in (None, source), what="the fork to be shown")
+    forked = detail(driver)["id"]
+    assert detail(driver)["forkedFrom"] == source
+    run = wait_status(api, forked, "completed")
+    assert run["forked_from"] == source and run["input"] == {"parts": 3, "delay": 0}
+    source_steps = api.get(f"runs/{source}/steps").json()["steps"]
+    forked_steps = api.get(f"runs/{forked}/steps").json()["steps"]
+    assert [s["name"] for s in forked_steps] == ["load-part-1", "load-part-2", "load-part-3"]
+    assert forked_steps[0]["started_at"] == source_steps[0]["started_at"]  # copied, not run again
+    assert forked_steps[1]["started_at"] != source_steps[1]["started_at"]  # run again
+    wait_until(lambda: detail_status(driver) == "completed", what="the fork's detail to complete")
+
+    # The "Forked from" link leads back to the source.
+    driver.execute_script("document.querySelector('#detail .forked-from button').click()")
+    wait_until(lambda: detail(driver)["id"] == source, what="the source to be shown again")
+    page_is_unharmed(driver)
+
+
+def test_retried_steps_show_their_attempts_and_waits_say_until_when(
+    driver: Any, server: ServerThread, api: httpx.Client
+) -> None:
+    open_dashboard(driver, server)
+    done = trigger(api, "flaky", {"fail": 2, "delay": 0.05})
+    slow = trigger(api, "flaky", {"fail": 1, "delay": 3600})
+    sleeping = trigger(api, "nap", None)
+    wait_status(api, done, "completed")
+
+    click_row(driver, done)
+    wait_until(lambda: any(s["attempts"] for s in detail(driver)["steps"]), what="the attempts")
+    steps = detail(driver)["steps"]
+    assert [s["name"] for s in steps] == ["connect", "call-api"]
+    assert steps[0]["attempts"] == []  # tried once: nothing to add
+    assert [a[:3] for a in steps[1]["attempts"]] == [
+        ["attempt 1", "failed", f"RuntimeError: {XSS} attempt 1"],
+        ["attempt 2", "failed", f"RuntimeError: {XSS} attempt 2"],
+        ["attempt 3", "completed", ""],
+    ]
+
+    # Waiting for a retry an hour away: why and until when, and the failed attempt so far.
+    wake = wait_status(api, slow, "waiting")["wake_at"]
+    click_row(driver, slow)
+    shown = detail(driver)
+    when = driver.execute_script("return fmtTime(arguments[0])", wake)
+    assert shown["wait"] == f"retry of 'call-api' at {when}"
+    assert not shown["form"]
+    retrying = shown["steps"][-1]
+    assert retrying["name"] == "call-api" and "step-retrying" in retrying["cls"]
+    assert [a[:3] for a in retrying["attempts"]] == [
+        ["attempt 1", "failed", f"RuntimeError: {XSS} attempt 1"]
+    ]
+    click_button(driver, "Cancel")
+    wait_until(lambda: detail_status(driver) == "cancelled", what="the retrying run to be cancelled")
+
+    # Sleeping: the sleep is a step of kind "sleep" with its due time.
+    wake = wait_status(api, sleeping, "waiting")["wake_at"]
+    click_row(driver, sleeping)
+    shown = detail(driver)
+    when = driver.execute_script("return fmtTime(arguments[0])", wake)
+    assert shown["wait"] == f"sleeping in 'cool-down' until {when}"
+    assert [(s["name"], s["kind"], s["note"]) for s in shown["steps"]] == [
+        ("cool-down", "sleep", f"until {when}")
+    ]
+    click_button(driver, "Cancel")
+    wait_until(lambda: detail_status(driver) == "cancelled", what="the sleeping run to be cancelled")
+    page_is_unharmed(driver)
+
+
+# -- the remote client's waiting API (remote.js), from the page --------------------------------------
+
+WAITING_CLIENT_SCRIPT = r"""
+const done = arguments[arguments.length - 1];
+const c = DurablyWebRemote.connect(arguments[0]);
+const out = {};
+const caught = async (promise) => {
+  try { await promise; return null; }
+  catch (e) { return {name: e.name, status: e.status ?? null, message: e.message}; }
+};
+(async () => {
+  // Sent before the run reaches its wait: stored, then taken by the wait.
+  const run = await c.trigger("approval", {signal: "go ahead? #1", delay: 0.5});
+  const events = [];
+  const streamed = (async () => { for await (const e of c.subscribe(run.id)) events.push(e.type); })();
+  out.stored = await c.sendSignal(run.id, "go ahead? #1", {by: "early"}, {signalId: "s-1"});
+  out.duplicate = await c.sendSignal(run.id, "go ahead? #1", {by: "other"}, {signalId: "s-1"});
+  out.output = (await c.waitForRun(run.id, {timeout: 20000})).output;
+  await streamed;
+  out.events = events;
+
+  // Delivered to a waiting run; a payload left out is null (which the Approval type refuses).
+  const waitingEvents = [];
+  const offWaiting = c.on("run:waiting", (e) => waitingEvents.push(e.run_id));
+  // (a first step long enough for the event stream to be open when the run starts waiting)
+  const waiting = await c.trigger("approval", {signal: "plain", delay: 0.3});
+  while ((await c.getRun(waiting.id)).status !== "waiting") await new Promise((r) => setTimeout(r, 50));
+  out.waitingRun = await c.getRun(waiting.id);
+  out.waitingListed = (await c.getRuns({status: "waiting"})).map((r) => [r.id, r.wait_reason, r.wait_step])
+    .filter(([id]) => id === waiting.id);
+  out.badPayload = await caught(c.sendSignal(waiting.id, "plain"));
+  out.delivered = await c.sendSignal(waiting.id, "plain", {by: "ana"});
+  out.output2 = (await c.waitForRun(waiting.id, {timeout: 20000})).output;
+  offWaiting();
+  out.onWaiting = waitingEvents.includes(waiting.id);
+  out.finished = await caught(c.sendSignal(waiting.id, "plain", {by: "late"}));
+  out.unknownRun = await caught(c.sendSignal("no-such-run", "plain"));
+  out.noName = await caught(c.sendSignal(run.id, ""));
+  out.dotDot = await caught(c.sendSignal(run.id, ".."));
+  out.badOption = await caught(c.sendSignal(run.id, "x", null, {id: "s"}));
+  out.badSignalId = await caught(c.sendSignal(run.id, "x", null, {signalId: ""}));
+  out.badRunId = await caught(c.sendSignal("", "x"));
+
+  // A retried step fails once per attempt: subscribe() passes each of those events.
+  const flaky = await c.trigger("flaky", {fail: 2, delay: 0.05, pause: 0.5});
+  const flakyEvents = [];
+  for await (const e of c.subscribe(flaky.id)) {
+    const wanted = ["step:fail", "step:retry", "run:waiting"].includes(e.type);
+    if (wanted) flakyEvents.push([e.type, e.attempt ?? null]);
+  }
+  out.flakyEvents = flakyEvents;
+
+  // Resume: a failed run continues; a completed one is a conflict.
+  const failing = await c.trigger("fail-once", {key: "client-" + Date.now()});
+  await c.waitForRun(failing.id, {timeout: 20000});
+  const resumed = await c.resumeRun(failing.id);
+  out.resumed = [resumed.id === failing.id, resumed.status];
+  out.resumedEnd = (await c.waitForRun(failing.id, {timeout: 20000})).status;
+  out.resumeCompleted = await caught(c.resumeRun(failing.id));
+  out.resumeUnknown = await caught(c.resumeRun("no-such-run"));
+  out.attempts = (await c.getStepAttempts(failing.id)).map((a) => [a.name, a.attempt, a.status]);
+  out.attemptsUnknown = await caught(c.getStepAttempts("no-such-run"));
+
+  // Fork: a new run from a recorded step.
+  const fork = await c.forkRun(failing.id, {fromStep: "deliver"});
+  out.fork = [fork.disposition, fork.forked_from === failing.id, fork.id !== failing.id, fork.status];
+  out.forkEnd = (await c.waitForRun(fork.id, {timeout: 20000})).status;
+  out.forkUnknownStep = await caught(c.forkRun(failing.id, {fromStep: "no-such-step"}));
+  out.forkNoStep = await caught(c.forkRun(failing.id));
+  out.forkBadOption = await caught(c.forkRun(failing.id, {from_step: "deliver"}));
+  out.forkUnknownRun = await caught(c.forkRun("no-such-run", {fromStep: "deliver"}));
+  await c.close();
+  done({ok: true, out});
+})().catch((e) => done({ok: false, error: String(e && e.stack || e)}));
+"""
+
+
+def test_remote_client_waiting_api(driver: Any, server: ServerThread) -> None:
+    open_dashboard(driver, server)
+    reply = driver.execute_async_script(WAITING_CLIENT_SCRIPT, server.base)
+    assert reply["ok"], reply.get("error")
+    out = reply["out"]
+    assert out["stored"] == "stored" and out["duplicate"] == "duplicate"
+    assert out["output"] == {"approved_by": "early"}
+    assert out["events"][0] == "run:snapshot" and out["events"][-1] == "run:complete", out["events"]
+    assert out["waitingRun"]["wait_reason"] == "signal" and out["waitingRun"]["wait_step"] == "plain"
+    assert out["waitingRun"]["wake_at"] is None
+    assert out["waitingListed"] == [[out["waitingRun"]["id"], "signal", "plain"]]
+    assert out["onWaiting"] is True  # on() accepts the waiting events and the stream carries them
+    assert out["badPayload"]["name"] == "ValidationError" and out["badPayload"]["status"] == 400
+    assert out["delivered"] == "delivered" and out["output2"] == {"approved_by": "ana"}
+    assert out["finished"]["name"] == "ConflictError" and out["finished"]["status"] == 409
+    assert out["unknownRun"]["name"] == "NotFoundError" and out["unknownRun"]["status"] == 404
+    for refused in ("noName", "dotDot", "badOption", "badRunId"):  # refused before any request
+        assert out[refused]["name"] == "ValidationError" and out[refused]["status"] is None, out[refused]
+    assert out["badSignalId"]["name"] == "ValidationError" and out["badSignalId"]["status"] == 400
+    assert out["flakyEvents"] == [
+        ["step:fail", 1],
+        ["step:retry", 1],
+        ["run:waiting", None],
+        ["step:fail", 2],
+        ["step:retry", 2],
+        ["run:waiting", None],
+    ]
+    assert out["resumed"] == [True, "pending"] and out["resumedEnd"] == "completed"
+    assert out["resumeCompleted"]["name"] == "ConflictError" and out["resumeCompleted"]["status"] == 409
+    assert out["resumeUnknown"]["name"] == "NotFoundError"
+    assert out["attempts"] == [
+        ["render", 1, "completed"],
+        ["deliver", 1, "failed"],
+        ["deliver", 2, "completed"],
+    ]
+    assert out["attemptsUnknown"]["name"] == "NotFoundError"
+    assert out["fork"] == ["created", True, True, "pending"] and out["forkEnd"] == "completed"
+    assert out["forkUnknownStep"]["name"] == "NotFoundError" and out["forkUnknownStep"]["status"] == 404
+    for refused in ("forkNoStep", "forkBadOption"):
+        assert out[refused]["name"] == "ValidationError" and out[refused]["status"] is None, out[refused]
+    assert out["forkUnknownRun"]["name"] == "NotFoundError"
 
 
 # -- dashboard.html?local= / ?remote=: only this origin's code -------------------------------------
