@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -110,7 +111,8 @@ def _app_operations(app: Starlette) -> set[tuple[str, str]]:
         if isinstance(route, Route):
             for method in route.methods or ():
                 if method != "HEAD":
-                    operations.add((route.path, method.lower()))
+                    path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)  # {name:path} -> {name}
+                    operations.add((path, method.lower()))
         elif isinstance(route, Mount):
             operations.add((route.path + "/{path}", "get"))
         else:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -146,7 +147,8 @@ def _routes(app: Any) -> list[tuple[str, str]]:
     found = []
     for route in app.routes:
         if isinstance(route, Route):
-            found += [(method, route.path) for method in sorted(route.methods or ()) if method != "HEAD"]
+            path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)  # {name:path} -> {name}
+            found += [(method, path) for method in sorted(route.methods or ()) if method != "HEAD"]
         elif isinstance(route, Mount):
             found.append(("GET", route.path + "/{path}"))
     return found

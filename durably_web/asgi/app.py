@@ -1200,7 +1200,8 @@ def create_app(
         Route("/runs/{run_id}/logs", api.get_logs, methods=["GET"]),
         Route("/runs/{run_id}/cancel", api.cancel, methods=["POST"]),
         Route("/runs/{run_id}/retrigger", api.retrigger, methods=["POST"]),
-        Route("/runs/{run_id}/signals/{name}", api.signal, methods=["POST"]),
+        # :path, so that a name holding "/" (sent as %2F, which the server decodes) still arrives.
+        Route("/runs/{run_id}/signals/{name:path}", api.signal, methods=["POST"]),
         Route("/runs/{run_id}/resume", api.resume, methods=["POST"]),
         Route("/runs/{run_id}/fork", api.fork, methods=["POST"]),
         Route("/runs/{run_id}/attempts", api.get_attempts, methods=["GET"]),
