@@ -167,6 +167,9 @@ class BrowserRuntime:
     the bridge opened), for the page and the tests.
     """
 
+    #: Answered here, not by the dispatcher (they need the SQL connection).
+    LOCAL_METHODS: tuple[str, ...] = ("integrityCheck", "storageInfo")
+
     def __init__(self, durably: Durably, connection: SqlConnection | None = None) -> None:
         self.durably = durably
         self.connection = connection
@@ -177,7 +180,7 @@ class BrowserRuntime:
             args = json.loads(args_json)
         except ValueError as exc:
             return json.dumps({"ok": False, "error": {"name": "ValidationError", "message": str(exc)}})
-        if method in ("integrityCheck", "storageInfo"):
+        if method in self.LOCAL_METHODS:
             result = self._local(method)
         else:
             result = await self._dispatcher.call(method, args)

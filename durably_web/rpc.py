@@ -43,27 +43,34 @@ def _seconds(ms: Any, name: str) -> float | None:
 
 _TRIGGER_OPTIONS = {"idempotencyKey", "concurrencyKey", "coalesce", "labels"}
 
+#: The methods, by their JS names (static/durably.js lists them too; tests/test_rpc.py
+#: checks that the lists agree and that static/durably.d.ts declares each one).
+METHODS: tuple[str, ...] = (
+    "trigger",
+    "triggerAndWait",
+    "batchTrigger",
+    "waitForRun",
+    "getRun",
+    "getRuns",
+    "getSteps",
+    "getStepAttempts",
+    "getLogs",
+    "cancel",
+    "sendSignal",
+    "resumeRun",
+    "forkRun",
+    "retrigger",
+    "deleteRun",
+    "purgeRuns",
+    "jobs",
+)
+
 
 class Dispatcher:
     def __init__(self, durably: Durably) -> None:
         self.durably = durably
         self._methods: dict[str, Callable[..., Awaitable[Any]]] = {
-            name: getattr(self, f"_{name}")
-            for name in (
-                "trigger",
-                "triggerAndWait",
-                "batchTrigger",
-                "waitForRun",
-                "getRun",
-                "getRuns",
-                "getSteps",
-                "getLogs",
-                "cancel",
-                "retrigger",
-                "deleteRun",
-                "purgeRuns",
-                "jobs",
-            )
+            name: getattr(self, f"_{name}") for name in METHODS
         }
 
     async def call(self, method: str, args: list[Any]) -> dict[str, Any]:
@@ -138,11 +145,29 @@ class Dispatcher:
     async def _getSteps(self, run_id: str) -> Any:
         return [step.to_dict() for step in await self.durably.get_steps(run_id)]
 
+    async def _getStepAttempts(self, run_id: str) -> Any:
+        return [attempt.to_dict() for attempt in await self.durably.get_step_attempts(run_id)]
+
     async def _getLogs(self, run_id: str) -> Any:
         return [log.to_dict() for log in await self.durably.get_logs(run_id)]
 
     async def _cancel(self, run_id: str) -> Any:
         return (await self.durably.cancel(run_id)).to_dict()
+
+    async def _sendSignal(
+        self, run_id: str, name: str, payload: Any = None, options: dict[str, Any] | None = None
+    ) -> Any:
+        opts = _options(options or {}, {"signalId"})
+        return await self.durably.send_signal(run_id, name, payload, signal_id=opts.get("signalId"))
+
+    async def _resumeRun(self, run_id: str) -> Any:
+        return (await self.durably.resume_run(run_id)).to_dict()
+
+    async def _forkRun(self, run_id: str, options: dict[str, Any]) -> Any:
+        opts = _options(options, {"fromStep"})
+        if "fromStep" not in opts:
+            raise ValidationError("forkRun needs fromStep (the name of a recorded step)")
+        return (await self.durably.fork_run(run_id, from_step=opts["fromStep"])).to_dict()
 
     async def _retrigger(self, run_id: str) -> Any:
         return (await self.durably.retrigger(run_id)).to_dict()

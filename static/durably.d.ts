@@ -9,6 +9,14 @@
 
 export type RunStatus = "pending" | "leased" | "waiting" | "completed" | "failed" | "cancelled";
 export type Disposition = "created" | "idempotent" | "coalesced";
+/** Why a run is "waiting": backing off before a step's retry, in step.sleep/sleep_until, or in wait_for_signal. */
+export type WaitReason = "retry" | "sleep" | "signal";
+/**
+ * What sendSignal() did: "delivered" (the run was waiting for it and continues now),
+ * "stored" (kept until the run reaches that wait_for_signal) or "duplicate" (this
+ * signalId was sent to the run before: nothing changed).
+ */
+export type SignalDisposition = "delivered" | "stored" | "duplicate";
 
 export interface ErrorInfo {
   type: string;
@@ -38,8 +46,16 @@ export interface Run {
   started_at: string | null;
   completed_at: string | null;
   updated_at: string | null;
-  /** Set only on the value trigger() returns. */
+  /** Set only on the value trigger() (and forkRun(): "created") returns. */
   disposition: Disposition | null;
+  /** While status is "waiting": when it continues (null for a signal wait without timeout). */
+  wake_at: string | null;
+  /** While status is "waiting": why. */
+  wait_reason: WaitReason | null;
+  /** While status is "waiting": the step (retry), sleep or signal wait it waits at. */
+  wait_step: string | null;
+  /** forkRun(): the id of the run this one was forked from. */
+  forked_from: string | null;
 }
 
 /**
@@ -63,6 +79,11 @@ export interface RunSummary {
   started_at: string | null;
   completed_at: string | null;
   updated_at: string | null;
+  /** As on Run; present on the local runtime's whole runs (the server's summaries leave them out today). */
+  wake_at?: string | null;
+  wait_reason?: WaitReason | null;
+  wait_step?: string | null;
+  forked_from?: string | null;
   /** Size of the stored input JSON in bytes (UTF-8); remote only. */
   input_bytes?: number;
   /** Size of the stored output JSON in bytes, null until there is one; remote only. */
@@ -73,8 +94,29 @@ export interface Step {
   run_id: string;
   index: number;
   name: string;
+  /**
+   * "run" (step.run), "sleep" (step.sleep / sleep_until; output: its due time in ms since
+   * the epoch) or "signal" (wait_for_signal; output: {payload} or {timeout: true}).
+   */
+  kind: "run" | "sleep" | "signal";
   status: "completed" | "failed";
   output: unknown;
+  error: ErrorInfo | null;
+  started_at: string;
+  completed_at: string;
+  duration_ms: number;
+}
+
+/**
+ * One attempt of one step.run step (getStepAttempts()): every retried failure, and the
+ * attempt that ended the step (completed, or failed for good). `attempt` counts from 1.
+ */
+export interface StepAttempt {
+  run_id: string;
+  index: number;
+  name: string;
+  attempt: number;
+  status: "completed" | "failed";
   error: ErrorInfo | null;
   started_at: string;
   completed_at: string;
@@ -92,10 +134,18 @@ export interface LogEntry {
 
 export type EventType =
   | "run:trigger" | "run:coalesced" | "run:leased" | "run:complete" | "run:fail"
-  | "run:cancel" | "run:delete" | "run:progress" | "step:start" | "step:complete"
-  | "step:fail" | "log:write" | "worker:error";
+  | "run:cancel" | "run:delete" | "run:progress" | "run:waiting" | "run:resume"
+  | "step:start" | "step:complete" | "step:fail" | "step:retry" | "signal:received"
+  | "log:write" | "worker:error";
 
-/** An event: the common fields plus the type's own data (e.g. `progress`, `step_name`, `output`, `error`). */
+/**
+ * An event: the common fields plus the type's own data (e.g. `progress`, `step_name`, `output`, `error`).
+ * Durable waiting adds: run:waiting {reason: WaitReason, step_name, due_at: string | null};
+ * run:resume {attempt, previous_status}; step:start {attempt}; step:fail of a retried
+ * failure {attempt, will_retry: true}; step:retry {step_name, step_index, attempt,
+ * next_attempt, delay (seconds), error}; signal:received {name, signal_id, disposition}.
+ * run:waiting is not terminal: subscribe() goes on until the run ends.
+ */
 export interface DurablyEvent {
   type: EventType;
   run_id: string | null;
@@ -142,8 +192,31 @@ export interface DurablyClient {
   /** Newest first. Remote clients get summaries (no input/output): getRun(id) for the whole run. */
   getRuns(query?: RunQuery): Promise<Run[] | RunSummary[]>;
   getSteps(runId: string): Promise<Step[]>;
+  /** Every attempt of every step.run step, by step position then attempt number. */
+  getStepAttempts(runId: string): Promise<StepAttempt[]>;
   getLogs(runId: string): Promise<LogEntry[]>;
   cancel(runId: string): Promise<Run>;
+  /**
+   * Send the signal `name` with `payload` (JSON) to a run's wait_for_signal(name). A run that
+   * is waiting for it continues at once. `signalId` makes it idempotent: the same id sent to
+   * the same run again answers "duplicate". Rejects with NotFoundError (unknown run),
+   * ConflictError (the run has finished) or ValidationError (a payload that fails the
+   * signal's declared type).
+   */
+  sendSignal(runId: string, name: string, payload?: unknown, options?: { signalId?: string }): Promise<SignalDisposition>;
+  /**
+   * Continue a failed or cancelled run after its last completed step: it goes back to
+   * "pending" (the step that failed runs again with a fresh retry budget). ConflictError
+   * for any other status.
+   */
+  resumeRun(runId: string): Promise<Run>;
+  /**
+   * A new run of the same job, input and labels holding copies of the source's completed
+   * steps recorded before `fromStep`: those replay, `fromStep` and everything after it run
+   * again. Resolves to the new run (disposition "created", forked_from the source's id);
+   * NotFoundError when `fromStep` names no recorded step.
+   */
+  forkRun(runId: string, options: { fromStep: string }): Promise<Run>;
   retrigger(runId: string): Promise<Run>;
   deleteRun(runId: string): Promise<void>;
   /** Deletes finished runs that ended more than `olderThan` ms ago; resolves to how many. */

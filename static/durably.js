@@ -12,11 +12,15 @@
   if (globalThis.DurablyWeb) return; // loaded twice (script tag + module import)
 
   const VERSION = "0.1.0";
+  // A waiting run (status "waiting": asleep, backing off before a retry, or waiting for a
+  // signal) is not finished: run:waiting is not terminal, and subscribe() keeps going.
   const TERMINAL = new Set(["run:complete", "run:fail", "run:cancel", "run:delete"]);
   const STORAGES = ["auto", "opfs", "idb", "memory"];
+  // The RPC methods of durably_web/rpc.py (tests/test_rpc.py checks the two lists agree).
   const METHODS = [
     "trigger", "triggerAndWait", "batchTrigger", "waitForRun", "getRun", "getRuns", "getSteps",
-    "getLogs", "cancel", "retrigger", "deleteRun", "purgeRuns", "jobs", "integrityCheck", "storageInfo",
+    "getStepAttempts", "getLogs", "cancel", "sendSignal", "resumeRun", "forkRun", "retrigger",
+    "deleteRun", "purgeRuns", "jobs", "integrityCheck", "storageInfo",
   ];
 
   // document.currentScript only exists while a classic script first runs.

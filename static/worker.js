@@ -8,6 +8,8 @@
 // asks for the Web Lock "durably-web:<database>" and holds it for the rest of
 // its life: the holder (the leader) opens the database and runs Durably; the
 // others (followers) forward their page's calls to it over a BroadcastChannel.
+// Every call executes in the leader's Durably, so a sendSignal from a follower tab
+// wakes the waiting run at once, exactly as one sent in the leader tab does.
 // Because the lock is requested *inside* the worker, the browser releases it
 // exactly when the worker dies (tab closed or reloaded), which proves the old
 // owner is gone: the next leader starts Durably with soleWorker and resumes
@@ -39,7 +41,18 @@ const LEADER_WAIT_MS = 30000;
 // next leader only when that is harmless; the others fail as "outcome unknown".
 // Unacknowledged calls never reached a leader and are always sent again.
 // (triggerAndWait is split into trigger + waitForRun when forwarded, see forward()).
-const RESENDABLE = new Set(["getRun", "getRuns", "getSteps", "getLogs", "jobs", "waitForRun", "integrityCheck", "storageInfo"]);
+const RESENDABLE = new Set([
+  "getRun", "getRuns", "getSteps", "getStepAttempts", "getLogs", "jobs", "waitForRun", "integrityCheck", "storageInfo",
+]);
+
+/** Whether sending the call again to the next leader cannot do anything twice. A signal
+ * with a signalId can be: the engine delivers one id once, so a resent signal that had
+ * taken effect answers "duplicate" (and one that had not is delivered or stored now). */
+function resendable({ method, args }) {
+  if (RESENDABLE.has(method)) return true;
+  const options = method === "sendSignal" ? args[3] : null;
+  return !!options && typeof options === "object" && typeof options.signalId === "string";
+}
 
 const me = `${Date.now().toString(36)}-${Math.random().toString(36).slice(2, 10)}`;
 let config = null;
@@ -253,7 +266,7 @@ async function lead() {
   for (const [callId, call] of forwarded) {
     forwarded.delete(callId);
     clearTimeout(call.timer);
-    if (call.acked && !RESENDABLE.has(call.method)) call.resolve(lostCall(call.method));
+    if (call.acked && !resendable(call)) call.resolve(lostCall(call.method));
     else call.resolve(callLocal(call.method, call.args));
   }
 }
@@ -334,7 +347,7 @@ function onChannelMessage(m) {
     openedStorage = m.storage;
     nowReady();
     for (const [callId, call] of forwarded) {
-      if (call.acked && !RESENDABLE.has(call.method)) {
+      if (call.acked && !resendable(call)) {
         clearTimeout(call.timer);
         forwarded.delete(callId);
         call.resolve(lostCall(call.method));

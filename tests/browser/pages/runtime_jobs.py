@@ -1,4 +1,5 @@
-"""Jobs for tests/browser/test_runtime.py, loaded by pages/runtime.html into the worker.
+"""Jobs for tests/browser/test_runtime.py, loaded by pages/runtime.html into the worker
+(waiting_jobs.py, for test_waiting.py, reuses its recorder).
 
 Every step records a "B" (begin) record in IndexedDB ("durably-test-effects",
 strict durability) when it starts and an "E" (end) record just before it

@@ -1,16 +1,20 @@
 // Shared by runtime.html (script tag) and module.html (ES module import).
 // Query: ?db=<database>&storage=<auto|opfs|idb|memory>&lease=<leaseDuration, ms>
+//        &poll=<pollingInterval, ms>&jobs=<comma-separated job modules, default runtime_jobs.py>
 // Sets window.durably once create() resolves, and window.t = {events, statuses,
 // error, ready}; window.effects() reads back, in key order, the step-execution
 // records runtime_jobs.py wrote to IndexedDB (see tests/browser/executions.py).
 globalThis.startTestPage = (DurablyWeb) => {
   const params = new URLSearchParams(location.search);
   window.t = { events: [], statuses: [], error: null, ready: false };
+  const options = {};
+  if (params.get("lease")) options.leaseDuration = Number(params.get("lease"));
+  if (params.get("poll")) options.pollingInterval = Number(params.get("poll"));
   DurablyWeb.create({
-    jobs: ["runtime_jobs.py"],
+    jobs: (params.get("jobs") || "runtime_jobs.py").split(","),
     database: params.get("db") || "runtime-test.db",
     storage: params.get("storage") || "auto",
-    options: params.get("lease") ? { leaseDuration: Number(params.get("lease")) } : {},
+    options,
     onStatus: (s) => t.statuses.push({ ...s, at: Date.now() }),
   }).then(
     (durably) => {
