@@ -79,11 +79,11 @@ export interface RunSummary {
   started_at: string | null;
   completed_at: string | null;
   updated_at: string | null;
-  /** As on Run; present on the local runtime's whole runs (the server's summaries leave them out today). */
-  wake_at?: string | null;
-  wait_reason?: WaitReason | null;
-  wait_step?: string | null;
-  forked_from?: string | null;
+  /** As on Run (the server's summaries carry them too). */
+  wake_at: string | null;
+  wait_reason: WaitReason | null;
+  wait_step: string | null;
+  forked_from: string | null;
   /** Size of the stored input JSON in bytes (UTF-8); remote only. */
   input_bytes?: number;
   /** Size of the stored output JSON in bytes, null until there is one; remote only. */
