@@ -25,7 +25,18 @@ const state = {
   // {run, steps: Map(index -> step), attempts: Map(index -> attempts) | null, logs, current,
   //  unsubscribe, gone}
   detail: null,
+  armedDelete: null, // {id, until}: the Delete button asked for its confirming click
 };
+
+function isDeleteArmed(runId) {
+  const armed = state.armedDelete;
+  return Boolean(armed && armed.id === runId && Date.now() < armed.until);
+}
+
+function showDeleteArmed(button, armed) {
+  button.dataset.armed = armed ? "1" : "";
+  button.textContent = armed ? "Confirm delete" : "Delete";
+}
 
 // --- DOM helpers ----------------------------------------------------------------------------
 
@@ -591,15 +602,21 @@ function renderDetail() {
         await selectRun(again.id);
       }, "A new run with the same input and labels"),
       actionButton("Delete", "btn-danger", run.status !== "leased", async (button) => {
-        // Two clicks: the first arms the button for a few seconds.
-        if (button.dataset.armed !== "1") {
-          button.dataset.armed = "1";
-          button.textContent = "Confirm delete";
+        // Two clicks: the first arms the button for a few seconds. The armed state lives in
+        // `state`, not in the button, so a live event that redraws the panel keeps it.
+        if (!isDeleteArmed(run.id)) {
+          const armed = { id: run.id, until: Date.now() + 4000 };
+          state.armedDelete = armed;
+          showDeleteArmed(button, true);
           setTimeout(() => {
-            if (button.isConnected) { button.dataset.armed = ""; button.textContent = "Delete"; }
+            if (state.armedDelete !== armed) return;
+            state.armedDelete = null;
+            const current = document.querySelector('#detail button[data-armed="1"]');
+            if (current) showDeleteArmed(current, false);
           }, 4000);
           return;
         }
+        state.armedDelete = null;
         await state.client.deleteRun(run.id);
         closeDetailStream();
         state.selected = null;
@@ -608,6 +625,9 @@ function renderDetail() {
         renderDetail();
         scheduleRefresh(0);
       }, run.status === "leased" ? "Cancel it first: a running run cannot be deleted" : "Delete the run, its steps and logs")));
+
+  const deleteButton = header.querySelector(".detail-actions .btn-danger");
+  if (deleteButton && isDeleteArmed(run.id)) showDeleteArmed(deleteButton, true);
 
   const meta = h("dl", { class: "meta" },
     [["Attempt", run.attempt], ["Created", fmtTime(run.created_at)], ["Started", fmtTime(run.started_at)],
