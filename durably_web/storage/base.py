@@ -97,37 +97,56 @@ class RunFilter:
     offset: int = 0
 
 
+ChangeListener = Callable[[str, str], None]
+"""Called with (run id, new status) when any process changes a run (see ``watch_changes``)."""
+
+
 class Store(ABC):
     """One backend's implementation of durable run storage.
 
-    Methods are synchronous: every backend so far answers in microseconds from
-    the calling thread, and an ``await`` per call would tax the step hot path.
+    Every method is a coroutine, so a network database never blocks the event loop.
+    A backend that answers in-process (SQLite) completes without suspending, which
+    costs a coroutine call and nothing more; it suspends only to wait for a lock held
+    by another process, never blocking the loop while it waits.
+
+    Durability is part of the contract: when a write that changes what a run has done
+    (a step, an outcome, a wait, a trigger, a signal, a cancel, a resume, a fork)
+    returns, it survives a crash of this process or a reload of the page. A backend
+    that persists asynchronously (the browser's IndexedDB mode) waits for that inside
+    the write. Progress, logs and lease bookkeeping may be lost to a crash.
     """
 
-    #: True when a commit becomes durable only once :meth:`wait_durable` returns
-    #: (the browser's IndexedDB mode persists asynchronously). The engine then
-    #: awaits it after each step, outcome and trigger before going on.
-    deferred_durability: bool = False
+    #: True when this backend tells every process about runs changed by any other
+    #: (``watch_changes`` is then live); False when only this process's events exist.
+    notifies_changes: bool = False
+
+    async def watch_changes(self, listener: ChangeListener) -> Callable[[], None]:
+        """Call ``listener(run_id, status)`` on this event loop whenever a run is created
+        or changes status in any process, and return a function that stops it. Runs that
+        become claimable (created, released, resumed, signalled) wake idle workers this way.
+        Backends with ``notifies_changes = False`` never call it."""
+        return _no_op
 
     async def wait_durable(self) -> None:
-        """Return once every transaction committed so far is durable."""
+        """Return once every transaction committed so far is durable (writes already
+        wait for themselves; this is for a caller that wants a barrier)."""
         return None
 
     @abstractmethod
-    def migrate(self) -> None:
+    async def migrate(self) -> None:
         """Create or upgrade the schema; raise ``SchemaVersionError`` if the database is newer."""
 
     @abstractmethod
-    def check_schema(self) -> None:
+    async def check_schema(self) -> None:
         """Without writing anything, raise ``SchemaVersionError`` unless the database has
         exactly this version's schema (for read-only use: nothing is created or migrated)."""
 
     @abstractmethod
-    def close(self) -> None: ...
+    async def close(self) -> None: ...
 
     # --- runs -----------------------------------------------------------------
     @abstractmethod
-    def create_runs(
+    async def create_runs(
         self,
         runs: Sequence[NewRun],
         *,
@@ -148,30 +167,30 @@ class Store(ABC):
         """
 
     @abstractmethod
-    def get_run(self, run_id: str) -> RunRecord | None: ...
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
 
     @abstractmethod
-    def list_runs(self, run_filter: RunFilter) -> list[RunRecord]:
+    async def list_runs(self, run_filter: RunFilter) -> list[RunRecord]:
         """Newest first."""
 
     @abstractmethod
-    def cancel_run(self, run_id: str, now: int) -> RunRecord:
+    async def cancel_run(self, run_id: str, now: int) -> RunRecord:
         """Pending or leased → cancelled; already cancelled is returned as is.
 
         Raise ``NotFoundError`` / ``ConflictError`` (completed or failed).
         """
 
     @abstractmethod
-    def delete_run(self, run_id: str) -> RunRecord:
+    async def delete_run(self, run_id: str) -> RunRecord:
         """Delete a run with its steps and logs; ``ConflictError`` while it is leased."""
 
     @abstractmethod
-    def purge_runs(self, completed_before: int, limit: int | None) -> int:
+    async def purge_runs(self, completed_before: int, limit: int | None) -> int:
         """Delete terminal runs that ended before the given time; return how many."""
 
     # --- worker ----------------------------------------------------------------
     @abstractmethod
-    def claim_run(
+    async def claim_run(
         self, *, worker_id: str, job_names: Sequence[str], now: int, lease_until: int
     ) -> RunRecord | None:
         """Lease the oldest runnable run: pending and available, or leased with an expired
@@ -179,16 +198,19 @@ class Store(ABC):
         Increments the lease generation and the attempt count."""
 
     @abstractmethod
-    def renew_leases(
+    async def renew_leases(
         self, leases: Sequence[tuple[str, int]], now: int, lease_until: int, *, cancelled: bool = False
     ) -> list[str]:
         """Extend (run id, generation) leases; return the ids whose lease is no longer ours.
+
+        A lease that has expired by ``now`` is no longer ours even if nobody took the run
+        over yet: another run of its concurrency key may already have been claimed.
 
         With ``cancelled``, extend the leases of cancelled runs whose handlers are still
         stopping, so they keep holding their concurrency keys."""
 
     @abstractmethod
-    def release_run(self, run_id: str, generation: int, now: int) -> None:
+    async def release_run(self, run_id: str, generation: int, now: int) -> None:
         """Give a lease up so any worker may resume the run at once (fenced).
 
         A leased run goes back to 'pending' (it stays 'leased' with an expired lease
@@ -196,17 +218,17 @@ class Store(ABC):
         stays cancelled."""
 
     @abstractmethod
-    def expire_leases(self, now: int) -> int:
+    async def expire_leases(self, now: int) -> int:
         """Expire every live lease, so leased runs can be claimed at once; return how many.
 
         Only for a caller that knows no other worker is alive (the browser's leader lock)."""
 
     @abstractmethod
-    def record_step(self, step: StepRecord, generation: int) -> bool:
+    async def record_step(self, step: StepRecord, generation: int) -> bool:
         """Persist a completed step (fenced); it replaces a failed one at its position."""
 
     @abstractmethod
-    def wait_run(
+    async def wait_run(
         self,
         run_id: str,
         generation: int,
@@ -225,24 +247,24 @@ class Store(ABC):
         ``until`` is due."""
 
     @abstractmethod
-    def count_step_attempts(self, run_id: str) -> dict[int, tuple[int, int]]:
+    async def count_step_attempts(self, run_id: str) -> dict[int, tuple[int, int]]:
         """Per step position: (failed attempts in all, failed attempts since the last resume)."""
 
     @abstractmethod
-    def resume_run(self, run_id: str, now: int) -> RunRecord:
+    async def resume_run(self, run_id: str, now: int) -> RunRecord:
         """Failed or cancelled → pending (attempt count kept), in one transaction that turns the
         failed step's row into an attempt record and starts a fresh retry budget. Raise
         ``NotFoundError``, or ``ConflictError`` for any other status, for a cancelled run whose
         handler is still stopping, or when another run of its concurrency key is pending."""
 
     @abstractmethod
-    def fork_run(self, new: NewRun, source_id: str, from_step: str) -> RunRecord:
+    async def fork_run(self, new: NewRun, source_id: str, from_step: str) -> RunRecord:
         """Create ``new`` holding copies of ``source_id``'s completed steps recorded before the
         step ``from_step``, in one transaction. ``NotFoundError`` if ``from_step`` is not a
         recorded step of the source; ``ConflictError`` if a step to copy lost its output."""
 
     @abstractmethod
-    def send_signal(
+    async def send_signal(
         self, run_id: str, name: str, payload_json: str, signal_id: str | None, now: int
     ) -> tuple[str, RunRecord]:
         """Store a signal for a run; return its disposition and the run, in one transaction:
@@ -251,26 +273,26 @@ class Store(ABC):
         later ``wait_for_signal``). ``NotFoundError``; ``ConflictError`` for a finished run."""
 
     @abstractmethod
-    def next_signal(self, run_id: str, name: str) -> tuple[int, str] | None:
+    async def next_signal(self, run_id: str, name: str) -> tuple[int, str] | None:
         """The oldest unconsumed signal ``name`` of the run: (its id, payload JSON)."""
 
     @abstractmethod
-    def consume_signal(self, signal_key: int, step: StepRecord, generation: int, now: int) -> bool:
+    async def consume_signal(self, signal_key: int, step: StepRecord, generation: int, now: int) -> bool:
         """Record the wait's outcome ``step`` and mark the signal consumed, in one transaction
         (fenced; ``False`` if the lease was lost or another execution took the signal)."""
 
     @abstractmethod
-    def reject_signal(self, signal_key: int, generation: int, log: LogRecord) -> bool:
+    async def reject_signal(self, signal_key: int, generation: int, log: LogRecord) -> bool:
         """Drop an unconsumed signal whose payload the waiting handler's type refused, and
         append ``log`` (why), in one transaction; fenced like ``consume_signal``. The signal's
         ``signal_id`` may then be sent again with a valid payload."""
 
     @abstractmethod
-    def list_step_attempts(self, run_id: str) -> list[StepRecord]:
+    async def list_step_attempts(self, run_id: str) -> list[StepRecord]:
         """The failed attempts that were retried, by position then attempt number."""
 
     @abstractmethod
-    def set_progress(
+    async def set_progress(
         self,
         run_id: str,
         generation: int,
@@ -282,7 +304,7 @@ class Store(ABC):
         """Fenced."""
 
     @abstractmethod
-    def finish_run(
+    async def finish_run(
         self,
         run_id: str,
         generation: int,
@@ -298,11 +320,15 @@ class Store(ABC):
 
     # --- steps and logs ----------------------------------------------------------
     @abstractmethod
-    def list_steps(self, run_id: str, *, completed_only: bool = False) -> list[StepRecord]:
+    async def list_steps(self, run_id: str, *, completed_only: bool = False) -> list[StepRecord]:
         """In execution order."""
 
     @abstractmethod
-    def append_log(self, log: LogRecord) -> None: ...
+    async def append_log(self, log: LogRecord) -> None: ...
 
     @abstractmethod
-    def list_logs(self, run_id: str) -> list[LogRecord]: ...
+    async def list_logs(self, run_id: str) -> list[LogRecord]: ...
+
+
+def _no_op() -> None:
+    return None
