@@ -148,7 +148,7 @@ def _import_object(spec: str, what: str) -> Any:
         raise CliError(f"module {module_name!r} has no attribute {attribute!r}", EXIT_USAGE) from None
 
 
-def load_durably(app: str, *, writes: bool = False) -> Durably:
+async def load_durably(app: str, *, writes: bool = False) -> Durably:
     """The ``Durably`` an APP argument names, not started yet.
 
     A URL gives a client that never executes runs (it has no jobs). With ``writes``
@@ -165,7 +165,7 @@ def load_durably(app: str, *, writes: bool = False) -> Durably:
         except ValidationError as exc:
             raise CliError(str(exc), EXIT_USAGE) from None
         if writes:
-            _refuse_foreign_database(app)
+            await _refuse_foreign_database(app)
         return durably
     found = _import_object(app, "APP")
     if callable(found) and not isinstance(found, Durably):
@@ -175,14 +175,14 @@ def load_durably(app: str, *, writes: bool = False) -> Durably:
     return found
 
 
-def _refuse_foreign_database(url: str) -> None:
+async def _refuse_foreign_database(url: str) -> None:
     """A ``CliError`` when ``url`` names a database without a durably-web schema (checked read-only)."""
     try:
         store = open_store(url, read_only=True)
     except DurablyError:
         return  # the writing open reports what is wrong (or works: an in-memory database)
     try:
-        store.check_schema()
+        await store.check_schema()
     except SchemaVersionError as exc:
         if exc.found is None:
             raise CliError(
@@ -192,7 +192,7 @@ def _refuse_foreign_database(url: str) -> None:
     except DurablyError:
         return
     finally:
-        store.close()
+        await store.close()
 
 
 def _require_jobs(app: str, command: str) -> None:
@@ -492,7 +492,7 @@ async def cmd_trigger(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(f"--input is not valid JSON: {exc}", EXIT_USAGE) from None
     labels = _labels(args.label)
-    async with opened(load_durably(args.app), worker=False) as durably:
+    async with opened(await load_durably(args.app), worker=False) as durably:
         run = await durably.trigger(
             args.job,
             payload,
@@ -531,7 +531,7 @@ def _print_outcome(run: Run) -> None:
 
 async def cmd_runs(args: argparse.Namespace) -> int:
     statuses = [part for value in args.status or () for part in value.split(",") if part] or None
-    async with opened(load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
+    async with opened(await load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
         runs = await durably.get_runs(
             status=statuses, job_name=args.job or None, labels=_labels(args.label), limit=args.limit
         )
@@ -561,7 +561,7 @@ async def cmd_runs(args: argparse.Namespace) -> int:
 
 
 async def cmd_show(args: argparse.Namespace) -> int:
-    async with opened(load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
+    async with opened(await load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
         run = await durably.get_run(args.run_id)
         steps = await durably.get_steps(run.id)
         attempts = await durably.get_step_attempts(run.id)
@@ -615,7 +615,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
 
 
 async def cmd_cancel(args: argparse.Namespace) -> int:
-    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
+    async with opened(await load_durably(args.app, writes=True), worker=False) as durably:
         run = await durably.cancel(args.run_id)
     _out(f"run {_p(run.id)}: {run.status}")
     return 0
@@ -623,7 +623,7 @@ async def cmd_cancel(args: argparse.Namespace) -> int:
 
 async def cmd_retrigger(args: argparse.Namespace) -> int:
     # A database URL is enough: the new run reuses the stored input (see Durably.retrigger).
-    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
+    async with opened(await load_durably(args.app, writes=True), worker=False) as durably:
         run = await durably.retrigger(args.run_id)
     _say(f"run {_p(run.id)} of {_p(run.job_name)}: {run.disposition} (retrigger of {_p(args.run_id)})")
     _out(_p(run.id))
@@ -635,7 +635,7 @@ async def cmd_signal(args: argparse.Namespace) -> int:
         payload = json.loads(args.payload)
     except ValueError as exc:
         raise CliError(f"--payload is not valid JSON: {exc}", EXIT_USAGE) from None
-    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
+    async with opened(await load_durably(args.app, writes=True), worker=False) as durably:
         run = await durably.get_run(args.run_id)  # NotFoundError before anything is written
         disposition = await durably.send_signal(args.run_id, args.name, payload, signal_id=args.signal_id)
         job = durably.jobs.get(run.job_name)
@@ -661,7 +661,7 @@ async def cmd_signal(args: argparse.Namespace) -> int:
 
 
 async def cmd_resume(args: argparse.Namespace) -> int:
-    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
+    async with opened(await load_durably(args.app, writes=True), worker=False) as durably:
         before = await durably.get_run(args.run_id)
         run = await durably.resume_run(args.run_id)
     _say(
@@ -673,7 +673,7 @@ async def cmd_resume(args: argparse.Namespace) -> int:
 
 
 async def cmd_fork(args: argparse.Namespace) -> int:
-    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
+    async with opened(await load_durably(args.app, writes=True), worker=False) as durably:
         run = await durably.fork_run(args.run_id, from_step=args.from_step)
         copied = [step.name for step in await durably.get_steps(run.id)]
     listed = f" ({', '.join(_p(repr(name)) for name in copied)})" if copied else ""
@@ -687,14 +687,14 @@ async def cmd_fork(args: argparse.Namespace) -> int:
 
 
 async def cmd_delete(args: argparse.Namespace) -> int:
-    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
+    async with opened(await load_durably(args.app, writes=True), worker=False) as durably:
         await durably.delete_run(args.run_id)
     _out(f"run {_p(args.run_id)}: deleted")
     return 0
 
 
 async def cmd_purge(args: argparse.Namespace) -> int:
-    async with opened(load_durably(args.app, writes=True), worker=False) as durably:
+    async with opened(await load_durably(args.app, writes=True), worker=False) as durably:
         count = await durably.purge_runs(older_than=args.older_than.seconds)
     _out(f"purged {count} run(s) that ended more than {_p(args.older_than.text)} ago")
     return 0
@@ -702,7 +702,7 @@ async def cmd_purge(args: argparse.Namespace) -> int:
 
 async def cmd_migrate(args: argparse.Namespace) -> int:
     """Open the database for writing, which creates or upgrades its schema, and say so."""
-    async with opened(load_durably(args.app), worker=False):
+    async with opened(await load_durably(args.app), worker=False):
         pass
     _out(f"{_p(args.app)}: the database schema is up to date")
     return 0
@@ -711,7 +711,7 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
 async def cmd_watch(args: argparse.Namespace) -> int:
     """Poll the database, so runs executed by any process (a worker elsewhere) are followed."""
     tty = sys.stdout.isatty()
-    async with opened(load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
+    async with opened(await load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
         run = await durably.get_run(args.run_id)
         _out(f"watching run {_p(run.id)} of {_p(run.job_name)} ({run.status})", flush=True)
         printed_logs = 0
@@ -829,7 +829,7 @@ def _report_run_events(durably: Durably) -> dict[str, str]:
 
 async def cmd_worker(args: argparse.Namespace) -> int:
     _require_jobs(args.app, "worker")
-    durably = load_durably(args.app)
+    durably = await load_durably(args.app)
     stop = asyncio.Event()
     # Before opening: a signal that arrives while the database opens still stops gracefully.
     _install_stop_handlers(stop.set, durably.lease_duration)
@@ -934,7 +934,7 @@ async def cmd_serve(args: argparse.Namespace) -> int:
             yield
 
     no_worker = _is_url(args.app)  # a database URL: no job definitions to run
-    durably = load_durably(args.app, writes=True)
+    durably = await load_durably(args.app, writes=True)
     auth = _import_object(args.auth, "--auth") if args.auth else None
     # Loopback unless --host says otherwise, with or without --auth: exposing the API
     # is a decision to type, not a side effect of adding an auth hook.

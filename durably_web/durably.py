@@ -18,7 +18,7 @@ from typing import Any, Literal
 from pydantic import ValidationError as PydanticValidationError
 
 from . import ids
-from .engine import Worker
+from .engine import Worker, WorkerConfig
 from .errors import (
     ConflictError,
     DurablyError,
@@ -45,6 +45,7 @@ from .models import (
 )
 from .serialization import _NO_TYPE, encode
 from .storage import NewRun, RunFilter, RunRecord, Store, open_store
+from .storage.base import WouldBlock
 
 logger = logging.getLogger("durably_web")
 
@@ -186,19 +187,34 @@ class Durably:
             store = open_store(self._database, read_only=self.read_only)
         try:
             if self.read_only:
-                store.check_schema()
+                await store.check_schema()
             else:
-                store.migrate()
+                await store.migrate()
+            if self.sole_worker and self._start_worker:
+                # Nothing else can be running these runs: resume them now, not after lease expiry.
+                await store.expire_leases(self.now_ms())
         except BaseException:
-            store.close()
+            await store.close()
             raise
         self._store = store
-        if self.sole_worker and self._start_worker:
-            # Nothing else can be running these runs: resume them now, not after lease expiry.
-            store.expire_leases(self.now_ms())
         if self._start_worker:
-            self._worker = Worker(self)
-            self._worker.start()
+            self._worker = Worker(
+                store=store,
+                jobs=self.jobs,
+                config=WorkerConfig(
+                    polling_interval=self.polling_interval,
+                    lease_duration=self.lease_duration,
+                    lease_renew_interval=self.lease_renew_interval,
+                    max_concurrent_runs=self.max_concurrent_runs,
+                    run_sync_in_thread=self.run_sync_in_thread,
+                    preserve_steps=self.preserve_steps,
+                    retain_runs=self.retain_runs,
+                ),
+                events=self,
+                now_ms=self.now_ms,
+                report_error=self.report_worker_error,
+            )
+            await self._worker.start()
         return self
 
     async def stop(self) -> None:
@@ -210,7 +226,7 @@ class Durably:
             self._worker = None
         await self.bus.drain(self.shutdown_timeout)  # async listeners' tasks end here too
         store, self._store = self._store, None
-        store.close()
+        await store.close()
 
     async def __aenter__(self) -> Durably:
         return await self.init()
@@ -255,20 +271,36 @@ class Durably:
         ``max_buffered`` (events) and ``max_buffered_bytes`` (their JSON size) bound what
         waits for a slow consumer (see ``EventBuffer``: progress coalesces, anything more
         raises ``SubscriptionOverflowError``); ``None`` keeps every event.
-        """
-        record = self.store.get_run(_run_id(run_id))
-        if record is None:
-            raise NotFoundError(f"run {run_id!r} not found")
 
-        def poll() -> Event | None:
-            current = self.store.get_run(run_id)
+        It listens from this call on, so no event is missed between a trigger and the first
+        ``async for`` step. An unknown run raises ``NotFoundError`` here when the store can
+        answer at once (SQLite), otherwise on the first step (a network database); a run
+        that had already finished yields its terminal event at once.
+        """
+        store = self.store
+        job_name: str | None = None
+        try:
+            known = store.get_run_nowait(_run_id(run_id))
+        except WouldBlock:
+            known = None
+        else:
+            if known is None:
+                raise NotFoundError(f"run {run_id!r} not found")
+            job_name = known.job_name
+
+        async def poll(first: bool) -> Event | None:
+            nonlocal job_name
+            current = await self.store.get_run(run_id)
             if current is None:
-                return self._event("run:delete", run_id, record.job_name, {})
+                if first and job_name is None:
+                    raise NotFoundError(f"run {run_id!r} not found")
+                return self._event("run:delete", run_id, job_name, {})
+            job_name = current.job_name
             if current.status in TERMINAL_STATUSES:
                 return self._terminal_event(current)
             return None
 
-        subscription = RunSubscription(
+        return RunSubscription(
             self.bus,
             run_id,
             poll,
@@ -276,9 +308,10 @@ class Durably:
             max_buffered=max_buffered,
             max_buffered_bytes=max_buffered_bytes,
         )
-        if record.status in TERMINAL_STATUSES:
-            subscription._offer(self._terminal_event(record))
-        return subscription
+
+    def wants(self, event_type: str) -> bool:
+        """Whether any listener takes ``event_type`` (so the worker builds the event at all)."""
+        return self.bus.wants(event_type)
 
     def emit(self, event_type: str, run_id: str | None, job_name: str | None, data: dict[str, Any]) -> None:
         if self.bus.wants(event_type):
@@ -354,23 +387,18 @@ class Durably:
         self, news: list[NewRun], accept_existing: Callable[[Run], bool] | None = None
     ) -> list[Run]:
         if accept_existing is None:
-            results = self.store.create_runs(news)
+            results = await self.store.create_runs(news)
         else:
             verdict = accept_existing
             try:
-                results = self.store.create_runs(
+                results = await self.store.create_runs(
                     news, accept_existing=lambda record: bool(verdict(self._to_run(record)))
                 )
             except ExistingRunRefusedError as exc:
                 raise ExistingRunRefusedError(
                     str(exc), records=exc.records, runs=[self._to_run(r) for r in exc.records]
                 ) from None
-        await self._wait_durable()
         return self._created(results)
-
-    async def _wait_durable(self) -> None:
-        if self.store.deferred_durability:
-            await self.store.wait_durable()
 
     def _created(self, results: list[tuple[RunRecord, str]]) -> list[Run]:
         runs = []
@@ -491,7 +519,7 @@ class Durably:
         deadline = None if limit is None else loop.time() + limit
         try:
             while True:
-                record = self.store.get_run(run_id)
+                record = await self.store.get_run(run_id)
                 if record is None:
                     raise NotFoundError(f"run {run_id!r} not found")
                 if record.status in TERMINAL_STATUSES:
@@ -513,7 +541,7 @@ class Durably:
 
     # --- queries ------------------------------------------------------------------------------
     async def get_run(self, run_id: str) -> Run:
-        record = self.store.get_run(_run_id(run_id))
+        record = await self.store.get_run(_run_id(run_id))
         if record is None:
             raise NotFoundError(f"run {run_id!r} not found")
         return self._to_run(record)
@@ -538,7 +566,7 @@ class Durably:
         for name, value in (("limit", limit), ("offset", offset)):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**62:
                 raise ValidationError(f"{name} must be a non-negative int, not {value!r}")
-        records = self.store.list_runs(
+        records = await self.store.list_runs(
             RunFilter(
                 statuses=statuses,
                 job_names=_one_or_many("job_name", job_name),
@@ -551,7 +579,7 @@ class Durably:
 
     async def get_steps(self, run_id: str) -> list[Step]:
         """The run's recorded steps in execution order (completed, and the failed one if any)."""
-        self._require(run_id)
+        await self._require(run_id)
         return [
             Step(
                 run_id=s.run_id,
@@ -564,13 +592,13 @@ class Durably:
                 completed_at=from_ms(s.completed_at),  # type: ignore[arg-type]
                 kind=s.kind,  # type: ignore[arg-type]
             )
-            for s in self.store.list_steps(run_id)
+            for s in await self.store.list_steps(run_id)
         ]
 
     async def get_step_attempts(self, run_id: str) -> list[StepAttempt]:
         """Every attempt of every ``step.run`` step, by position then attempt number: each
         retried failure, and the attempt that ended the step (completed, or failed for good)."""
-        self._require(run_id)
+        await self._require(run_id)
         attempts = [
             StepAttempt(
                 run_id=s.run_id,
@@ -582,14 +610,14 @@ class Durably:
                 started_at=from_ms(s.started_at),  # type: ignore[arg-type]
                 completed_at=from_ms(s.completed_at),  # type: ignore[arg-type]
             )
-            for s in [*self.store.list_step_attempts(run_id), *self.store.list_steps(run_id)]
+            for s in [*await self.store.list_step_attempts(run_id), *await self.store.list_steps(run_id)]
             if s.kind == "run"
         ]
         attempts.sort(key=lambda a: (a.index, a.attempt))
         return attempts
 
     async def get_logs(self, run_id: str) -> list[LogEntry]:
-        self._require(run_id)
+        await self._require(run_id)
         return [
             LogEntry(
                 run_id=log.run_id,
@@ -599,7 +627,7 @@ class Durably:
                 data=None if log.data_json is None else json.loads(log.data_json),
                 created_at=from_ms(log.created_at),  # type: ignore[arg-type]
             )
-            for log in self.store.list_logs(run_id)
+            for log in await self.store.list_logs(run_id)
         ]
 
     # --- management --------------------------------------------------------------------------------
@@ -607,9 +635,8 @@ class Durably:
         """Cancel a pending or running run; a running handler is stopped within one
         lease-renew interval (at once when it runs in this process)."""
         self._check_writable("cancel a run")
-        before = self._require(run_id)
-        record = self.store.cancel_run(run_id, self.now_ms())
-        await self._wait_durable()
+        before = await self._require(run_id)
+        record = await self.store.cancel_run(run_id, self.now_ms())
         if before.status != "cancelled":
             if self._worker is not None and run_id in self._worker.active:
                 self._worker.active[run_id].stop("cancelled")
@@ -628,7 +655,7 @@ class Durably:
         executed), a payload that fails it raises ``ValidationError`` and nothing is stored.
         """
         self._check_writable("send a signal")
-        record = self._require(run_id)
+        record = await self._require(run_id)
         if not _is_storable_text(name, MAX_KEY_LENGTH):
             raise ValidationError(f"signal name must be a non-empty string of at most {MAX_KEY_LENGTH} chars")
         if signal_id is not None and not _is_storable_text(signal_id, MAX_KEY_LENGTH):
@@ -647,8 +674,9 @@ class Durably:
             raise ValidationError(f"invalid payload for signal {name!r}: {exc}") from None
         if len(payload_json.encode()) > self.max_payload_bytes:
             raise ValidationError(f"signal payload is larger than max_payload_bytes={self.max_payload_bytes}")
-        disposition, record = self.store.send_signal(run_id, name, payload_json, signal_id, self.now_ms())
-        await self._wait_durable()
+        disposition, record = await self.store.send_signal(
+            run_id, name, payload_json, signal_id, self.now_ms()
+        )
         if disposition != "duplicate":
             self.emit(
                 "signal:received",
@@ -671,18 +699,15 @@ class Durably:
         stopping, and when another run of its concurrency key is pending.
         """
         self._check_writable("resume a run")
-        before = self._require(run_id)
-        record = self.store.resume_run(run_id, self.now_ms())
-        await self._wait_durable()
+        before = await self._require(run_id)
+        record = await self.store.resume_run(run_id, self.now_ms())
         data = {"attempt": record.attempt, "previous_status": before.status}
         self.emit("run:resume", run_id, record.job_name, data)
         if self._worker is not None:
             self._worker.wake()
         return self._to_run(record)
 
-    async def fork_run(
-        self, run_id: str, *, from_step: str, labels: Mapping[str, str] | None = None
-    ) -> Run:
+    async def fork_run(self, run_id: str, *, from_step: str, labels: Mapping[str, str] | None = None) -> Run:
         """A new run of the same job, input and labels (re-validated, as in ``retrigger``) holding
         copies of the source's completed steps recorded before ``from_step``: those replay,
         ``from_step`` and everything after it run again. ``forked_from`` links it to the source.
@@ -692,7 +717,7 @@ class Durably:
         labels (the HTTP API passes the labels its ``on_trigger`` hook admitted).
         """
         self._check_writable("fork a run")
-        record = self._require(run_id)
+        record = await self._require(run_id)
         if not isinstance(from_step, str) or not from_step:
             raise ValidationError(f"from_step must be a step name, not {from_step!r}")
         input_json = record.input_json
@@ -709,8 +734,7 @@ class Durably:
             created_at=self.now_ms(),
             forked_from=record.id,
         )
-        created = self.store.fork_run(new, record.id, from_step)
-        await self._wait_durable()
+        created = await self.store.fork_run(new, record.id, from_step)
         return self._created([(created, "created")])[0]
 
     async def retrigger(self, run_id: str) -> Run:
@@ -722,7 +746,7 @@ class Durably:
         and the worker that executes the new run decodes it with its job's model
         (a run whose input no longer fits fails with the ``ValidationError``).
         """
-        record = self._require(run_id)
+        record = await self._require(run_id)
         if record.job_name in self.jobs:
             new = self._new_run(
                 self.jobs[record.job_name],
@@ -749,8 +773,7 @@ class Durably:
     async def delete_run(self, run_id: str) -> None:
         """Delete a run that is not leased, with its steps and logs."""
         self._check_writable("delete a run")
-        record = self.store.delete_run(_run_id(run_id))
-        await self._wait_durable()
+        record = await self.store.delete_run(_run_id(run_id))
         self.emit("run:delete", record.id, record.job_name, {"labels": record.labels})
 
     async def purge_runs(self, *, older_than: Seconds, limit: int | None = None) -> int:
@@ -761,7 +784,7 @@ class Durably:
             isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit < 2**62
         ):
             raise ValidationError(f"limit must be a non-negative int, not {limit!r}")
-        return self.store.purge_runs(self.now_ms() - int(age * 1000), limit)  # type: ignore[operator]
+        return await self.store.purge_runs(self.now_ms() - int(age * 1000), limit)  # type: ignore[operator]
 
     def _check_writable(self, operation: str) -> None:
         if self.read_only:
@@ -770,8 +793,8 @@ class Durably:
                 "open it without read_only to change anything"
             )
 
-    def _require(self, run_id: str) -> RunRecord:
-        record = self.store.get_run(_run_id(run_id))
+    async def _require(self, run_id: str) -> RunRecord:
+        record = await self.store.get_run(_run_id(run_id))
         if record is None:
             raise NotFoundError(f"run {run_id!r} not found")
         return record

@@ -12,18 +12,50 @@ import asyncio
 import json
 import os
 import socket
-from typing import TYPE_CHECKING, Any, NoReturn
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, NoReturn, Protocol
 
 from . import ids
 from .errors import CancelledError, LeaseLostError, StorageError
 from .job import JobDefinition
 from .models import ErrorInfo, Progress, from_ms
 from .step import StepContext, _error_json
-from .storage.base import NEVER_MS, LogRecord, RunRecord, StepRecord
+from .storage.base import NEVER_MS, LogRecord, RunRecord, StepRecord, Store
 from .threads import SyncStepThreads
 
-if TYPE_CHECKING:
-    from .durably import Durably
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """The worker's settings (validated by ``Durably``); seconds unless named otherwise."""
+
+    polling_interval: float
+    lease_duration: float
+    lease_renew_interval: float
+    max_concurrent_runs: int
+    run_sync_in_thread: bool
+    preserve_steps: bool
+    retain_runs: float | None
+
+
+class EventSink(Protocol):
+    """Where the worker's events go (``Durably``'s event bus)."""
+
+    def wants(self, event_type: str) -> bool:
+        """Whether anyone listens for ``event_type`` (an event nobody wants is not built)."""
+
+    def emit(
+        self, event_type: str, run_id: str | None, job_name: str | None, data: dict[str, Any]
+    ) -> None: ...
+
+
+class ErrorReporter(Protocol):
+    """Told about errors that are not a job's own (storage failures, lost leases)."""
+
+    def __call__(
+        self, exc: BaseException, *, run_id: str | None = None, job_name: str | None = None
+    ) -> None: ...
 
 
 class _ShutdownSignal(BaseException):
@@ -31,8 +63,6 @@ class _ShutdownSignal(BaseException):
 
     A BaseException so that handlers catching ``Exception`` do not swallow it.
     """
-
-
 
 
 class _Suspend(BaseException):
@@ -46,7 +76,10 @@ class RunExecution:
 
     def __init__(self, worker: Worker, record: RunRecord, job: JobDefinition[Any, Any]) -> None:
         self._worker = worker
-        self._durably = worker.durably
+        self._store = worker.store
+        self._events = worker.events
+        self._report_error = worker.report_error
+        self.now_ms = worker.now_ms
         self.record = record
         self.job = job
         self.run_id = record.id
@@ -58,17 +91,22 @@ class RunExecution:
         # concurrency key until that thread is done.
         self.sync_step_done = asyncio.Event()
         self.sync_step_done.set()
-        self.deferred_durability = worker.durably.store.deferred_durability
+        # Progress and log lines come from synchronous calls (step.progress, step.log), also
+        # from a sync step's thread: they are queued and written in order by one task, and
+        # every checkpoint waits for them first (a fenced write that failed is raised there).
+        self._writes: deque[Callable[[], Awaitable[None]]] = deque()
+        self._writer: asyncio.Task[None] | None = None
+        self._write_error: BaseException | None = None
         self.stop_reason: str | None = None  # "cancelled" | "lease-lost" | "shutdown"
         self.failed_step: StepRecord | None = None
         self.task: asyncio.Task[None] | None = None
         self._task_cancelled = False
 
-    def now_ms(self) -> int:
-        return self._durably.now_ms()
-
     def emit(self, event_type: str, data: dict[str, Any]) -> None:
-        self._durably.emit(event_type, self.run_id, self.job_name, data)
+        self._events.emit(event_type, self.run_id, self.job_name, data)
+
+    def wants(self, event_type: str) -> bool:
+        return self._events.wants(event_type)
 
     def stop(self, reason: str) -> None:
         if self.stop_reason in (None, "shutdown"):
@@ -94,33 +132,32 @@ class RunExecution:
             {"step_name": step.name, "step_index": step.index, "error": ErrorInfo.from_exception(exc)},
         )
 
-    async def wait_durable(self) -> None:
-        await self._durably.store.wait_durable()
+    async def next_signal(self, name: str) -> tuple[int, str] | None:
+        return await self._store.next_signal(self.run_id, name)
 
-    def next_signal(self, name: str) -> tuple[int, str] | None:
-        return self._durably.store.next_signal(self.run_id, name)
-
-    def consume_signal(self, key: int, step: StepRecord) -> bool:
-        if self._durably.store.consume_signal(key, step, self.generation, self.now_ms()):
+    async def consume_signal(self, key: int, step: StepRecord) -> bool:
+        await self.flush_writes()
+        if await self._store.consume_signal(key, step, self.generation, self.now_ms()):
             return True
-        current = self._durably.store.get_run(self.run_id)
+        current = await self._store.get_run(self.run_id)
         if current is not None and current.status == "leased" and current.lease_generation == self.generation:
             return False  # the signal was taken; look for the next one
-        raise self.fence_error(f"signal {step.name!r}")
+        raise await self.fence_error(f"signal {step.name!r}")
 
-    def reject_signal(self, key: int, log: LogRecord, data: Any) -> None:
+    async def reject_signal(self, key: int, log: LogRecord, data: Any) -> None:
         """Drop a signal the wait's type refused, with a warning in the run's log, so that a
         bad payload from a sender that could not validate it never fails the run."""
-        if self._durably.store.reject_signal(key, self.generation, log):
+        await self.flush_writes()
+        if await self._store.reject_signal(key, self.generation, log):
             self.emit(
                 "log:write",
                 {"level": log.level, "message": log.message, "data": data, "step_name": log.step_name},
             )
             return
-        current = self._durably.store.get_run(self.run_id)
+        current = await self._store.get_run(self.run_id)
         if current is not None and current.status == "leased" and current.lease_generation == self.generation:
             return  # taken or dropped meanwhile; look for the next one
-        raise self.fence_error(f"signal {log.step_name!r}")
+        raise await self.fence_error(f"signal {log.step_name!r}")
 
     async def retry_step(self, failed: StepRecord, exc: BaseException, delay: float) -> NoReturn:
         """The failed attempt is recorded and the run waits ``delay`` seconds for the next
@@ -165,8 +202,8 @@ class RunExecution:
     ) -> NoReturn:
         """Make the run 'waiting' until ``until`` (ms): it gives up its lease and worker slot,
         and any worker claims it once due. Never returns: raises ``_Suspend``."""
-        durably = self._durably
-        ok = durably.store.wait_run(
+        await self.flush_writes()
+        ok = await self._store.wait_run(
             self.run_id,
             self.generation,
             until=until,
@@ -178,9 +215,7 @@ class RunExecution:
             deadline=deadline,
         )
         if not ok:
-            raise self.fence_error(f"{reason} of step {step_name!r}")
-        if self.deferred_durability:
-            await durably.store.wait_durable()
+            raise await self.fence_error(f"{reason} of step {step_name!r}")
         if retry_event is not None:
             self.emit("step:retry", retry_event)
         due_at = None if until >= NEVER_MS else from_ms(until)  # a signal wait without timeout
@@ -189,10 +224,11 @@ class RunExecution:
             self._worker.wake_at(until)
         raise _Suspend
 
-    def record_step(self, step: StepRecord) -> None:
-        if not self._durably.store.record_step(step, self.generation):
-            raise self.fence_error(f"step {step.name!r}")
-        if self._durably.bus.wants("step:complete"):
+    async def record_step(self, step: StepRecord) -> None:
+        await self.flush_writes()
+        if not await self._store.record_step(step, self.generation):
+            raise await self.fence_error(f"step {step.name!r}")
+        if self._events.wants("step:complete"):
             self.emit(
                 "step:complete",
                 {
@@ -204,20 +240,70 @@ class RunExecution:
             )
 
     def set_progress(self, current: int, total: int | None, message: str | None) -> None:
-        store = self._durably.store
-        if not store.set_progress(self.run_id, self.generation, current, total, message, self.now_ms()):
-            raise self.fence_error("progress")
-        self.emit("run:progress", {"progress": Progress(current, total, message)})
+        """Queue a progress write (on the loop's thread); ``run:progress`` follows it. Once
+        the run is known to be lost or cancelled, refuse at once, as a fenced write would."""
+        if self.stop_reason == "lease-lost":
+            raise LeaseLostError(f"run {self.run_id}: lease lost; progress not recorded")
+        if self.stop_reason == "cancelled":
+            raise CancelledError(f"run {self.run_id} was cancelled; progress not recorded")
+
+        async def write() -> None:
+            now = self.now_ms()
+            if not await self._store.set_progress(self.run_id, self.generation, current, total, message, now):
+                raise await self.fence_error("progress")
+            self.emit("run:progress", {"progress": Progress(current, total, message)})
+
+        self._queue_write(write)
 
     def write_log(self, log: LogRecord, data: Any) -> None:
-        self._durably.store.append_log(log)
-        self.emit(
-            "log:write",
-            {"level": log.level, "message": log.message, "data": data, "step_name": log.step_name},
-        )
+        """Queue a log line (on the loop's thread); ``log:write`` follows it."""
 
-    def fence_error(self, what: str) -> Exception:
-        current = self._durably.store.get_run(self.run_id)
+        async def write() -> None:
+            await self._store.append_log(log)
+            self.emit(
+                "log:write",
+                {"level": log.level, "message": log.message, "data": data, "step_name": log.step_name},
+            )
+
+        self._queue_write(write)
+
+    def _queue_write(self, write: Callable[[], Awaitable[None]]) -> None:
+        self._writes.append(write)
+        if self._writer is None:
+            self._writer = asyncio.get_running_loop().create_task(
+                self._drain_writes(), name=f"durably-writes-{self.run_id}"
+            )
+
+    async def _drain_writes(self) -> None:
+        try:
+            while self._writes:
+                await self._writes.popleft()()
+        except BaseException as exc:
+            self._writes.clear()  # after a fenced write failed, nothing more of ours lands
+            if self._write_error is None:
+                self._write_error = exc
+        finally:
+            self._writer = None
+
+    async def flush_writes(self) -> None:
+        """Wait for queued progress and log writes; raise the first one's failure."""
+        writer = self._writer
+        if writer is not None:
+            # Shielded: a cancelled run still writes what it reported before the cancel.
+            await asyncio.shield(writer)
+        if self._write_error is not None:
+            error, self._write_error = self._write_error, None
+            raise error
+
+    async def _settle_writes(self) -> None:
+        """At the end of an execution: let queued writes finish, whatever they raise."""
+        writer = self._writer
+        if writer is not None:
+            await asyncio.wait([writer])
+        self._write_error = None
+
+    async def fence_error(self, what: str) -> Exception:
+        current = await self._store.get_run(self.run_id)
         if current is None or current.status == "cancelled":
             self.stop_reason = "cancelled"
             return CancelledError(f"run {self.run_id} was cancelled or deleted; {what} not recorded")
@@ -229,37 +315,44 @@ class RunExecution:
 
     # --- the run itself ------------------------------------------------------------------
     async def execute(self) -> None:
-        durably = self._durably
-        store = durably.store
         try:
-            recorded = {step.index: step for step in store.list_steps(self.run_id, completed_only=True)}
+            await self._execute()
+        finally:
+            await self._settle_writes()
+
+    async def _execute(self) -> None:
+        store = self._store
+        try:
+            steps = await store.list_steps(self.run_id, completed_only=True)
+            recorded = {step.index: step for step in steps}
             # A first execution has no earlier attempts: spare the query on the hot path.
-            failed_attempts = store.count_step_attempts(self.run_id) if self.attempt > 1 else {}
+            failed_attempts = await store.count_step_attempts(self.run_id) if self.attempt > 1 else {}
             self.emit("run:leased", {"attempt": self.attempt, "replayed_steps": len(recorded)})
             step = StepContext(self, recorded, failed_attempts)
             payload = self.job.decode_input(self.record.input_json)
             result = await self.job.handler(step, payload)
             step._end_replay()  # a handler that only replayed may still have progress to record
+            await self.flush_writes()
             output_json = self.job.encode_output(result)
             await self._finish("completed", output_json=output_json, error=None)
         except asyncio.CancelledError:
             if self.stop_reason == "cancelled":
                 await self._stopped_after_cancel()
             elif self.stop_reason != "lease-lost":
-                self._release()
+                await self._release()
         except _Suspend:
             pass  # the run is waiting (persisted); nothing of it is ours any more
         except _ShutdownSignal:
-            self._release()
+            await self._release()
         except (CancelledError, LeaseLostError) as exc:
             if isinstance(exc, LeaseLostError):
-                durably.report_worker_error(exc, run_id=self.run_id, job_name=self.job_name)
+                self._report_error(exc, run_id=self.run_id, job_name=self.job_name)
             elif self.stop_reason == "cancelled":
                 await self._stopped_after_cancel()
         except StorageError as exc:
             # The database failed, not the job: leave the run to be retried.
-            durably.report_worker_error(exc, run_id=self.run_id, job_name=self.job_name)
-            self._release()
+            self._report_error(exc, run_id=self.run_id, job_name=self.job_name)
+            await self._release()
         except Exception as exc:
             if self.stop_reason == "cancelled":
                 await self._stopped_after_cancel()  # the handler turned our stop into its own error
@@ -269,35 +362,34 @@ class RunExecution:
     async def _stopped_after_cancel(self) -> None:
         """Free the run's concurrency key once nothing of the handler runs any more."""
         await self.sync_step_done.wait()
-        self._release()
+        await self._release()
 
     async def _finish(self, status: str, *, output_json: str | None, error: BaseException | None) -> None:
-        durably = self._durably
         failed_step = self.failed_step if error is not None else None
         try:
-            ok = durably.store.finish_run(
+            if error is not None:
+                await self._settle_writes()  # the failure's own log lines, if any, land first
+            ok = await self._store.finish_run(
                 self.run_id,
                 self.generation,
                 status=status,
                 output_json=output_json,
                 error_json=None if error is None else _error_json(error),
                 failed_step=failed_step,
-                drop_step_outputs=not durably.preserve_steps,
+                drop_step_outputs=not self._worker.config.preserve_steps,
                 now=self.now_ms(),
             )
-            if ok and self.deferred_durability:
-                await durably.store.wait_durable()
         except StorageError as exc:
-            durably.report_worker_error(exc, run_id=self.run_id, job_name=self.job_name)
-            self._release()
+            self._report_error(exc, run_id=self.run_id, job_name=self.job_name)
+            await self._release()
             return
         if not ok:
-            fence = self.fence_error(f"{status} outcome")
+            fence = await self.fence_error(f"{status} outcome")
             if isinstance(fence, LeaseLostError):
-                durably.report_worker_error(fence, run_id=self.run_id, job_name=self.job_name)
+                self._report_error(fence, run_id=self.run_id, job_name=self.job_name)
             return
         if status == "completed":
-            output = self.job.decode_output(output_json) if durably.bus.wants("run:complete") else None
+            output = self.job.decode_output(output_json) if self._events.wants("run:complete") else None
             self.emit("run:complete", {"output": output})
         else:
             assert error is not None
@@ -306,18 +398,38 @@ class RunExecution:
                 data["step_name"] = failed_step.name
             self.emit("run:fail", data)
 
-    def _release(self) -> None:
+    async def _release(self) -> None:
+        await self._settle_writes()  # what the handler reported before it stopped lands first
         try:
-            self._durably.store.release_run(self.run_id, self.generation, self.now_ms())
+            await self._store.release_run(self.run_id, self.generation, self.now_ms())
         except StorageError as exc:
-            self._durably.report_worker_error(exc, run_id=self.run_id, job_name=self.job_name)
+            self._report_error(exc, run_id=self.run_id, job_name=self.job_name)
 
 
 class Worker:
-    """Claims and executes runs of the jobs registered on one ``Durably``."""
+    """Claims and executes runs of the registered jobs on one store.
 
-    def __init__(self, durably: Durably) -> None:
-        self.durably = durably
+    It knows only what it is given: the store, the job registry (a live mapping: jobs
+    registered later are claimed too), its settings, where events go, the clock and
+    where to report errors that are not a job's own.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        jobs: Mapping[str, JobDefinition[Any, Any]],
+        config: WorkerConfig,
+        events: EventSink,
+        now_ms: Callable[[], int],
+        report_error: ErrorReporter,
+    ) -> None:
+        self.store = store
+        self.jobs = jobs
+        self.config = config
+        self.events = events
+        self.now_ms = now_ms
+        self.report_error = report_error
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{ids.new_id()[-8:]}"
         self.active: dict[str, RunExecution] = {}
         self._wake = asyncio.Event()
@@ -325,14 +437,19 @@ class Worker:
         self._stopping = False
         self._loop_task: asyncio.Task[None] | None = None
         self._renew_task: asyncio.Task[None] | None = None
-        self._last_purge = 0.0
+        self._stop_watching: Callable[[], None] | None = None
+        self._last_purge_ms = 0
         self.sync_threads: SyncStepThreads | None = None
         self._timers: set[asyncio.TimerHandle] = set()
 
-    def start(self) -> None:
+    async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        if self.durably.run_sync_in_thread:
+        if self.config.run_sync_in_thread:
             self.sync_threads = SyncStepThreads(self._loop)
+        if self.store.notifies_changes:
+            # Another process's new run, release, resume or signal wakes the claim loop at
+            # once; polling stays as the fallback.
+            self._stop_watching = await self.store.watch_changes(lambda run_id, status: self._wake.set())
         self._loop_task = asyncio.create_task(self._claim_loop(), name="durably-worker")
         self._renew_task = asyncio.create_task(self._renew_loop(), name="durably-lease-renewal")
 
@@ -346,7 +463,7 @@ class Worker:
         if self._loop is None or self._stopping:
             return
         # A millisecond late, so the claim query's clock reading is past the due time.
-        delay = max(0.0, (until_ms - self.durably.now_ms() + 1) / 1000)
+        delay = max(0.0, (until_ms - self.now_ms() + 1) / 1000)
         handle: asyncio.TimerHandle | None = None
 
         def fire() -> None:
@@ -357,37 +474,36 @@ class Worker:
         self._timers.add(handle)
 
     async def _claim_loop(self) -> None:
-        durably = self.durably
         while not self._stopping:
             self._wake.clear()
             try:
-                self._claim_available()
-                self._purge_if_due()
+                await self._claim_available()
+                await self._purge_if_due()
             except Exception as exc:
-                durably.report_worker_error(exc)
+                self.report_error(exc)
             try:
                 # asyncio.timeout, not wait_for: no task per poll (wait_for wraps one in 3.11).
-                async with asyncio.timeout(durably.polling_interval):
+                async with asyncio.timeout(self.config.polling_interval):
                     await self._wake.wait()
             except TimeoutError:
                 pass
 
-    def _claim_available(self) -> None:
-        durably = self.durably
-        job_names = list(durably.jobs)
+    async def _claim_available(self) -> None:
+        job_names = list(self.jobs)
         if not job_names:
             return
-        while not self._stopping and len(self.active) < durably.max_concurrent_runs:
-            now = durably.now_ms()
-            record = durably.store.claim_run(
-                worker_id=self.worker_id,
-                job_names=job_names,
-                now=now,
-                lease_until=now + int(durably.lease_duration * 1000),
+        lease_ms = int(self.config.lease_duration * 1000)
+        while not self._stopping and len(self.active) < self.config.max_concurrent_runs:
+            now = self.now_ms()
+            record = await self.store.claim_run(
+                worker_id=self.worker_id, job_names=job_names, now=now, lease_until=now + lease_ms
             )
             if record is None:
                 return
-            execution = RunExecution(self, record, durably.jobs[record.job_name])
+            if self._stopping:  # stop() began while the claim was in flight: hand it back
+                await self.store.release_run(record.id, record.lease_generation, self.now_ms())
+                return
+            execution = RunExecution(self, record, self.jobs[record.job_name])
             self.active[record.id] = execution
             execution.task = asyncio.create_task(self._run(execution), name=f"durably-run-{record.id}")
 
@@ -404,60 +520,65 @@ class Worker:
             if self._loop is not None and not self._loop.is_closed():
                 self._wake.set()
 
-    def _purge_if_due(self) -> None:
-        durably = self.durably
-        if durably.retain_runs is None:
+    async def _purge_if_due(self) -> None:
+        retain = self.config.retain_runs
+        if retain is None:
             return
-        now = durably.clock()
-        if now - self._last_purge < min(60.0, durably.retain_runs):
+        now = self.now_ms()
+        if now - self._last_purge_ms < min(60.0, retain) * 1000:
             return
-        self._last_purge = now
-        durably.store.purge_runs(durably.now_ms() - int(durably.retain_runs * 1000), limit=1000)
+        self._last_purge_ms = now
+        await self.store.purge_runs(now - int(retain * 1000), limit=1000)
 
     async def _renew_loop(self) -> None:
-        durably = self.durably
+        lease_ms = int(self.config.lease_duration * 1000)
         while not self._stopping:
-            await asyncio.sleep(durably.lease_renew_interval)
+            await asyncio.sleep(self.config.lease_renew_interval)
             if not self.active:
                 continue
             try:
-                now = durably.now_ms()
-                until = now + int(durably.lease_duration * 1000)
+                now = self.now_ms()
+                until = now + lease_ms
                 active = self.active.items()
                 running = [(i, ex.generation) for i, ex in active if ex.stop_reason in (None, "shutdown")]
                 stopping = [(i, ex.generation) for i, ex in active if ex.stop_reason == "cancelled"]
-                lost = durably.store.renew_leases(running, now, until) if running else []
+                lost = await self.store.renew_leases(running, now, until) if running else []
                 if stopping:
-                    durably.store.renew_leases(stopping, now, until, cancelled=True)
+                    await self.store.renew_leases(stopping, now, until, cancelled=True)
             except Exception as exc:
-                durably.report_worker_error(exc)
+                self.report_error(exc)
                 continue
             for run_id in lost:
                 execution = self.active.get(run_id)
                 if execution is not None:
-                    fence = execution.fence_error("lease renewal")
+                    fence = await execution.fence_error("lease renewal")
                     if isinstance(fence, LeaseLostError):  # a cancel is not an error; a takeover is
-                        durably.report_worker_error(fence, run_id=run_id, job_name=execution.job_name)
+                        self.report_error(fence, run_id=run_id, job_name=execution.job_name)
                     execution.stop("cancelled" if isinstance(fence, CancelledError) else "lease-lost")
 
     async def stop(self, timeout: float) -> None:
         """Stop claiming; let handlers stop at their next step boundary, then release leases.
 
         When this returns, no task this worker started is left (claim loop, lease
-        renewal, runs) and the sync-step threads have exited, unless one is still
-        blocked inside a step after ``timeout`` (it is reported; a thread cannot be
-        interrupted).
+        renewal, runs, their queued writes) and the sync-step threads have exited,
+        unless one is still blocked inside a step after ``timeout`` (it is reported; a
+        thread cannot be interrupted).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         self._stopping = True
         self._wake.set()
+        if self._stop_watching is not None:
+            self._stop_watching()
+            self._stop_watching = None
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
         background = [task for task in (self._loop_task, self._renew_task) if task is not None]
-        for task in background:
-            task.cancel()
+        # The claim loop is not cancelled mid-claim (a claimed run would keep its lease until
+        # it expired): it sees _stopping and ends by itself; only its wait is cut short.
+        if self._renew_task is not None:
+            self._renew_task.cancel()
         executions = list(self.active.values())
         for execution in executions:
             execution.stop("shutdown")
@@ -468,15 +589,24 @@ class Worker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-        # A cancelled task is only done once it has run its except/finally clauses.
         if background:
-            await asyncio.wait(background)
+            _, pending = await asyncio.wait(background, timeout=max(0.0, deadline - loop.time()))
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        # Runs claimed by the claim loop after the first look at self.active.
+        late = [ex.task for ex in self.active.values() if ex.task is not None and not ex.task.done()]
+        for execution in list(self.active.values()):
+            execution.stop("shutdown")
+        if late:
+            await asyncio.wait(late)
         if self.sync_threads is not None:
             threads, self.sync_threads = self.sync_threads, None
             # Idle threads exit within microseconds; leave them a moment even when the
             # handlers used up the timeout.
             if not await threads.shutdown(max(1.0, deadline - loop.time())):
-                self.durably.report_worker_error(
+                self.report_error(
                     RuntimeError(
                         "a sync step is still running in its thread after the shutdown timeout; "
                         "the thread ends when the step's callable returns"

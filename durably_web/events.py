@@ -6,7 +6,7 @@ import asyncio
 import inspect
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -231,7 +231,7 @@ class RunSubscription:
         self,
         bus: EventBus,
         run_id: str,
-        poll: Callable[[], Event | None],
+        poll: Callable[[bool], Awaitable[Event | None]],
         poll_interval: float,
         *,
         max_buffered: int | None = None,
@@ -242,6 +242,7 @@ class RunSubscription:
         self._poll = poll
         self._poll_interval = poll_interval
         self._done = False
+        self._looked_up = False
         self._unsubscribe = bus.on(ALL, self._offer)
 
     @property
@@ -261,6 +262,19 @@ class RunSubscription:
     async def __anext__(self) -> Event:
         if self._done:
             raise StopAsyncIteration
+        if not self._looked_up:
+            # The first step looks the run up (``poll(True)`` raises NotFoundError for an
+            # unknown one) unless its events already arrived; a run that had already
+            # finished yields its terminal event.
+            self._looked_up = True
+            if not len(self._buffer):
+                try:
+                    terminal = await self._poll(True)
+                except BaseException:
+                    self.close()
+                    raise
+                if terminal is not None:
+                    self._buffer.put(terminal)
         while True:
             try:
                 event = await self._buffer.get(self._poll_interval)
@@ -268,7 +282,7 @@ class RunSubscription:
                 self.close()
                 raise
             if event is None:
-                synthesised = self._poll()
+                synthesised = await self._poll(False)
                 if synthesised is None:
                     continue
                 event = synthesised

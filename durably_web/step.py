@@ -9,7 +9,7 @@ import json
 import math
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 
 from .errors import NonDeterministicReplayError, StepError, WaitTimeoutError
 from .models import ErrorInfo
@@ -18,9 +18,46 @@ from .serialization import _NO_TYPE, decode, encode, return_type_of
 from .storage.base import NEVER_MS, LogRecord, StepRecord
 
 if TYPE_CHECKING:
-    from .engine import RunExecution
+    from .job import JobDefinition
+    from .storage.base import RunRecord
+    from .threads import SyncStepThreads
 
 T = TypeVar("T")
+
+
+class StepHost(Protocol):
+    """What a ``StepContext`` needs from the execution of its run (``engine.RunExecution``):
+    the run as claimed, the clock, events, and the fenced writes of checkpoints, waits,
+    signals, progress and logs."""
+
+    run_id: str
+    job_name: str
+    attempt: int
+    record: RunRecord
+    job: JobDefinition[Any, Any]
+    sync_threads: SyncStepThreads | None
+    sync_step_done: asyncio.Event
+
+    def now_ms(self) -> int: ...
+    def emit(self, event_type: str, data: dict[str, Any]) -> None: ...
+    def check_can_start_step(self, name: str) -> None: ...
+    def step_failed(self, step: StepRecord, exc: BaseException) -> None: ...
+    async def record_step(self, step: StepRecord) -> None: ...
+    async def retry_step(self, failed: StepRecord, exc: BaseException, delay: float) -> NoReturn: ...
+    async def wait_until(
+        self,
+        until: int,
+        *,
+        reason: str,
+        step_name: str,
+        step: StepRecord | None = None,
+        deadline: int | None = None,
+    ) -> NoReturn: ...
+    async def next_signal(self, name: str) -> tuple[int, str] | None: ...
+    async def consume_signal(self, key: int, step: StepRecord) -> bool: ...
+    async def reject_signal(self, key: int, log: LogRecord, data: Any) -> None: ...
+    def set_progress(self, current: int, total: int | None, message: str | None) -> None: ...
+    def write_log(self, log: LogRecord, data: Any) -> None: ...
 
 
 class StepContext:
@@ -33,7 +70,7 @@ class StepContext:
 
     def __init__(
         self,
-        execution: RunExecution,
+        execution: StepHost,
         recorded: dict[int, StepRecord],
         failed_attempts: dict[int, tuple[int, int]] | None = None,
     ) -> None:
@@ -156,7 +193,7 @@ class StepContext:
             raise
         finally:
             self._current_step = None
-        execution.record_step(
+        await execution.record_step(
             StepRecord(
                 run_id=self.run_id,
                 index=index,
@@ -169,8 +206,6 @@ class StepContext:
                 attempt=attempt,
             )
         )
-        if execution.deferred_durability:
-            await execution.wait_durable()
         return value
 
     async def sleep(self, name: str, duration: float | int | timedelta) -> None:
@@ -224,9 +259,7 @@ class StepContext:
             kind="sleep",
         )
         if due <= now:  # overdue: a checkpoint, no wait
-            execution.record_step(step)
-            if execution.deferred_durability:
-                await execution.wait_durable()
+            await execution.record_step(step)
             return
         # The checkpoint (with its due time) and the waiting state commit together.
         await execution.wait_until(due, reason="sleep", step_name=name, step=step)
@@ -276,25 +309,21 @@ class StepContext:
         else:
             deadline = None if limit is None else now + int(limit * 1000)
         while True:
-            found = execution.next_signal(name)
+            found = await execution.next_signal(name)
             if found is not None:
                 key, payload_json = found
                 refusal = self._payload_refusal(payload_json, tp)
                 if refusal is not None:
-                    self._reject_signal(key, name, refusal)
+                    await self._reject_signal(key, name, refusal)
                     continue
                 outcome = f'{{"payload":{payload_json}}}'
                 step = self._signal_step(index, name, outcome, now)
-                if not execution.consume_signal(key, step):
+                if not await execution.consume_signal(key, step):
                     continue  # taken meanwhile (cannot happen under our lease) or fenced
-                if execution.deferred_durability:
-                    await execution.wait_durable()
                 return self._signal_outcome(name, outcome, tp)
             if deadline is not None and execution.now_ms() >= deadline:
                 outcome = '{"timeout":true}'
-                execution.record_step(self._signal_step(index, name, outcome, now))
-                if execution.deferred_durability:
-                    await execution.wait_durable()
+                await execution.record_step(self._signal_step(index, name, outcome, now))
                 return self._signal_outcome(name, outcome, tp)
             await execution.wait_until(
                 NEVER_MS if deadline is None else deadline,
@@ -317,10 +346,10 @@ class StepContext:
             return f"{type(exc).__name__}: {exc}"
         return None
 
-    def _reject_signal(self, key: int, name: str, reason: str) -> None:
+    async def _reject_signal(self, key: int, name: str, reason: str) -> None:
         execution = self._execution
         message = f"signal {name!r} rejected: its payload does not fit the wait's type; the run keeps waiting"
-        execution.reject_signal(
+        await execution.reject_signal(
             key,
             LogRecord(
                 run_id=self.run_id,

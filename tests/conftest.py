@@ -55,3 +55,19 @@ def sql(db_path: Path) -> Callable[..., list[tuple[Any, ...]]]:
             conn.close()
 
     return run
+
+
+#: The backends the storage contract suite runs against (tests/test_store_contract.py).
+STORE_BACKENDS = ["sqlite-file", "sqlite-memory"]
+
+
+@pytest.fixture(params=STORE_BACKENDS)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Any]:
+    """A migrated, empty store of one backend, closed at teardown."""
+    from durably_web.storage import open_store
+
+    urls = {"sqlite-file": f"sqlite:///{tmp_path / 'contract.db'}", "sqlite-memory": "sqlite://:memory:"}
+    opened = open_store(urls[request.param])
+    await opened.migrate()
+    yield opened
+    await opened.close()

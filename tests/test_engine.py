@@ -531,10 +531,12 @@ async def test_sole_worker_resumes_runs_of_a_dead_owner_without_waiting_for_expi
     store = open_store(db_url)
     try:
         now = int(time.time() * 1000)
-        claimed = store.claim_run(worker_id="dead", job_names=["owned"], now=now, lease_until=now + 3_600_000)
+        claimed = await store.claim_run(
+            worker_id="dead", job_names=["owned"], now=now, lease_until=now + 3_600_000
+        )
         assert claimed is not None and claimed.id == run.id
     finally:
-        store.close()
+        await store.close()
     # An ordinary worker respects the live lease...
     ordinary = await make_durably(job)
     await asyncio.sleep(0.2)  # ten polling intervals

@@ -70,7 +70,7 @@ async def test_a_read_only_durably_reads_and_refuses_every_write(db_url: str, db
                 await write()
         # Below Durably, the connection itself refuses to write.
         with pytest.raises(StorageError, match="readonly"):
-            reader.store.purge_runs(reader.now_ms(), None)
+            await reader.store.purge_runs(reader.now_ms(), None)
     assert _digest(db_path) == before
 
 
@@ -133,25 +133,25 @@ async def test_read_only_opens_refuse_what_is_not_this_schema_and_change_nothing
         assert await reader.get_runs() == []
 
 
-def test_an_in_memory_database_cannot_be_read_only() -> None:
+async def test_an_in_memory_database_cannot_be_read_only() -> None:
     with pytest.raises(ValidationError, match="cannot be opened read-only"):
         open_store("sqlite://:memory:", read_only=True)
     store = open_store("sqlite://:memory:")  # the writing open still works
-    store.migrate()
-    store.check_schema()
-    store.close()
+    await store.migrate()
+    await store.check_schema()
+    await store.close()
 
 
-def test_a_read_only_store_keeps_the_journal_mode(db_path: Path, db_url: str) -> None:
+async def test_a_read_only_store_keeps_the_journal_mode(db_path: Path, db_url: str) -> None:
     store = open_store(db_url)
-    store.migrate()
-    store.close()
+    await store.migrate()
+    await store.close()
     conn = sqlite3.connect(db_path)
     conn.execute("PRAGMA journal_mode = DELETE")
     conn.close()
     reader = open_store(f"{db_url}?journal_mode=wal", read_only=True)
-    reader.check_schema()
-    reader.close()
+    await reader.check_schema()
+    await reader.close()
     conn = sqlite3.connect(db_path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
     conn.close()

@@ -405,16 +405,18 @@ async def test_wait_run_is_fenced_and_writes_the_attempt_with_the_waiting_state(
     run = await client.trigger(job, None)
     store = client.store
     now = client.now_ms()
-    claimed = store.claim_run(worker_id="w", job_names=["fenced-wait"], now=now, lease_until=now + 60_000)
+    claimed = await store.claim_run(
+        worker_id="w", job_names=["fenced-wait"], now=now, lease_until=now + 60_000
+    )
     assert claimed is not None and claimed.id == run.id
     failed = StepRecord(run.id, 0, "s", "failed", None, '{"type":"OSError"}', now, now, attempt=1)
     stale = claimed.lease_generation - 1
-    assert not store.wait_run(
+    assert not await store.wait_run(
         run.id, stale, until=now + 5000, reason="retry", step_name="s", now=now, failed_attempt=failed
     )
     assert sql("SELECT COUNT(*) FROM durably_step_attempts") == [(0,)]
     assert sql("SELECT status FROM durably_runs") == [("leased",)]
-    assert store.wait_run(
+    assert await store.wait_run(
         run.id,
         claimed.lease_generation,
         until=now + 5000,
@@ -428,6 +430,11 @@ async def test_wait_run_is_fenced_and_writes_the_attempt_with_the_waiting_state(
     ]
     assert sql("SELECT seq, attempt FROM durably_step_attempts") == [(0, 1)]
     # Not claimable before its time, claimable at it.
-    assert store.claim_run(worker_id="w", job_names=["fenced-wait"], now=now + 4999, lease_until=now) is None
-    again = store.claim_run(worker_id="w", job_names=["fenced-wait"], now=now + 5000, lease_until=now + 9000)
+    assert (
+        await store.claim_run(worker_id="w", job_names=["fenced-wait"], now=now + 4999, lease_until=now)
+        is None
+    )
+    again = await store.claim_run(
+        worker_id="w", job_names=["fenced-wait"], now=now + 5000, lease_until=now + 9000
+    )
     assert again is not None and again.attempt == 2

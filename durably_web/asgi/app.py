@@ -740,7 +740,7 @@ class _Api:
         ctx = await self._authenticate(request)
         runs_filter = await self._scope(ctx, _filter_from_query(request))
         # Straight from the store: summaries need no decoded input or output.
-        records = self.durably.store.list_runs(
+        records = await self.durably.store.list_runs(
             RunFilter(
                 statuses=runs_filter.status,
                 job_names=runs_filter.job,
@@ -1000,7 +1000,7 @@ class _Api:
 
         unsubscribers = [self.durably.on(kind, offer) for kind in RUN_LEVEL_EVENT_TYPES]
 
-        def is_visible(event: Event) -> bool:
+        async def is_visible(event: Event) -> bool:
             run_id = event.run_id
             if run_id is None:
                 return False
@@ -1009,7 +1009,7 @@ class _Api:
                     labels = event.data.get("labels") or {}
                     known(run_id, runs_filter.matches(event.job_name, labels))
                 else:
-                    record = self.durably.store.get_run(run_id)
+                    record = await self.durably.store.get_run(run_id)
                     if record is not None:
                         self._remember(run_id, record.job_name, record.labels)
                     meta = self._meta.get(run_id)
@@ -1023,7 +1023,7 @@ class _Api:
                     event = await buffer.get()
                 except SubscriptionOverflowError:
                     return _reset_event(None)
-                if event is not None and is_visible(event):
+                if event is not None and await is_visible(event):
                     return event
 
         try:
@@ -1038,7 +1038,7 @@ class _Api:
                 data = _light(self._scrub(event.to_dict()))
                 data.pop("output", None)  # a list carries summaries: GET /runs/{id} has the output
                 if event.type != "run:delete" and event.run_id is not None:
-                    record = self.durably.store.get_run(event.run_id)
+                    record = await self.durably.store.get_run(event.run_id)
                     data["run"] = None if record is None else run_summary(record)
                 if event.type in TERMINAL_EVENT_TYPES and event.run_id is not None:
                     visible.pop(event.run_id, None)

@@ -79,4 +79,4 @@ def _open_sqlite(url: str, rest: str, *, read_only: bool) -> Store:
     except BaseException:
         conn.close()
         raise
-    return SQLiteStore(conn)
+    return SQLiteStore(conn, busy_timeout_ms=busy_timeout_ms)

@@ -97,6 +97,10 @@ class RunFilter:
     offset: int = 0
 
 
+class WouldBlock(Exception):
+    """A ``*_nowait`` store call cannot answer without waiting."""
+
+
 ChangeListener = Callable[[str, str], None]
 """Called with (run id, new status) when any process changes a run (see ``watch_changes``)."""
 
@@ -168,6 +172,13 @@ class Store(ABC):
 
     @abstractmethod
     async def get_run(self, run_id: str) -> RunRecord | None: ...
+
+    def get_run_nowait(self, run_id: str) -> RunRecord | None:
+        """``get_run`` answered without awaiting, for the few synchronous API calls that want
+        an answer at once (``Durably.subscribe`` refusing an unknown run). Raise
+        ``WouldBlock`` when that is not possible now (a network backend always, a locked
+        SQLite database); the caller then asks ``get_run`` later."""
+        raise WouldBlock
 
     @abstractmethod
     async def list_runs(self, run_filter: RunFilter) -> list[RunRecord]:

@@ -295,7 +295,7 @@ class DurablyModel(RuleBasedStateMachine):
                 # Not runner.close(): that would cancel the dead instances' tasks and let their
                 # cleanup run. A killed process runs nothing more; just drop its connections.
                 for instance in instances:
-                    instance._store.close()  # type: ignore[union-attr]
+                    instance._store.connection.close()  # type: ignore[union-attr]
                 loop = runner.get_loop()
                 # Nor does it report anything: its pending tasks are dropped silently, not
                 # logged as "Task was destroyed but it is pending!" when collected.

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
+from ...errors import StorageError
+
 Row = dict[str, Any]
 Params = Mapping[str, Any]
 
@@ -112,7 +114,16 @@ class StdlibSqlConnection:
         self._conn.close()
 
 
-def _storage_error(exc: sqlite3.Error, context: str = "SQLite error") -> Exception:
-    from ...errors import StorageError
+class SqliteBusyError(StorageError):
+    """Another connection holds the lock this statement needs (``SQLITE_BUSY``); the store
+    tries the whole call again later instead of blocking in SQLite's busy handler."""
 
+
+_BUSY_CODES = {sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED}
+
+
+def _storage_error(exc: sqlite3.Error, context: str = "SQLite error") -> Exception:
+    # The primary result code is the low byte (SQLITE_BUSY_SNAPSHOT is BUSY | 2 << 8).
+    if getattr(exc, "sqlite_errorcode", 0) & 0xFF in _BUSY_CODES:
+        return SqliteBusyError(f"{context}: {exc}")
     return StorageError(f"{context}: {exc}")

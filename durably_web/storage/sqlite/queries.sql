@@ -95,9 +95,12 @@ RETURNING *
 
 -- name: renew_lease
 -- :status is 'leased', or 'cancelled' for a run whose handler is still winding
--- down (its lease keeps the concurrency key held until release_run).
+-- down (its lease keeps the concurrency key held until release_run). An expired lease
+-- is not renewed even when nobody has taken the run over yet: once it lapsed, another
+-- run of its concurrency key may have been claimed, and both would run.
 UPDATE durably_runs SET lease_expires_at = :lease_until
 WHERE id = :id AND status = :status AND lease_generation = :generation
+  AND lease_expires_at > :now
 
 -- name: release_run
 -- A worker that stops gracefully hands the run back: 'pending' again, claimable at

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from importlib import resources
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ...errors import ConflictError, ExistingRunRefusedError, NotFoundError, SchemaVersionError, StorageError
-from ..base import LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store
-from .connection import Row, SqlConnection
+from ..base import LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store, WouldBlock
+from .connection import Row, SqlConnection, SqliteBusyError
 
 _NAME_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -80,22 +83,84 @@ class _Rollback(Exception):
     """Raised inside a transaction to undo it (the caller reports ``False``)."""
 
 
+P = ParamSpec("P")
+R = TypeVar("R")
+SyncMethod = Callable[Concatenate["SQLiteStore", P], R]
+AsyncMethod = Callable[Concatenate["SQLiteStore", P], Coroutine[Any, Any, R]]
+
+#: The first and the longest pause between two tries at a database another process has locked.
+_FIRST_BUSY_PAUSE = 0.001
+_LONGEST_BUSY_PAUSE = 0.05
+
+
+def _sqlite_call(*, durable: bool) -> Callable[[SyncMethod[P, R]], AsyncMethod[P, R]]:
+    """Make one synchronous store method (a whole transaction) a coroutine of the interface.
+
+    SQLite answers in-process, so the call runs at once and the coroutine finishes without
+    suspending. The busy handler is off: when another process holds the write lock, the
+    connection raises ``SqliteBusyError`` at once, and the whole call is tried again after an
+    ``asyncio.sleep`` (so the event loop keeps renewing leases and serving requests meanwhile),
+    until ``busy_timeout`` has passed. ``durable`` writes also wait for a connection that
+    persists asynchronously (the browser's IndexedDB mode) before they return.
+    """
+
+    def wrap(method: SyncMethod[P, R]) -> AsyncMethod[P, R]:
+        @functools.wraps(method)
+        async def call(self: SQLiteStore, *args: P.args, **kwargs: P.kwargs) -> R:
+            try:
+                result = method(self, *args, **kwargs)
+            except SqliteBusyError:
+                result = await self._retry_while_busy(functools.partial(method, self, *args, **kwargs))
+            if durable and self._wait_durable is not None:
+                await self._wait_durable()
+            return result
+
+        return call
+
+    return wrap
+
+
 class SQLiteStore(Store):
-    def __init__(self, conn: SqlConnection) -> None:
+    def __init__(self, conn: SqlConnection, *, busy_timeout_ms: int = 5000) -> None:
         self._conn = conn
+        self._busy_timeout = busy_timeout_ms / 1000
+        # Our own retry loop replaces SQLite's busy handler, which would block the thread
+        # (and with it the event loop) for up to busy_timeout.
+        conn.execute("PRAGMA busy_timeout = 0")
         # A connection that persists asynchronously (browser IndexedDB) offers wait_durable().
         self._wait_durable = getattr(conn, "wait_durable", None)
-        self.deferred_durability = self._wait_durable is not None
+
+    @property
+    def busy_timeout_ms(self) -> int:
+        """How long a call waits for a lock another connection holds before ``StorageError``."""
+        return int(self._busy_timeout * 1000)
 
     async def wait_durable(self) -> None:
         if self._wait_durable is not None:
             await self._wait_durable()
+
+    async def _retry_while_busy(self, attempt: Callable[[], R]) -> R:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._busy_timeout
+        pause = _FIRST_BUSY_PAUSE
+        while True:
+            await asyncio.sleep(pause)
+            try:
+                return attempt()
+            except SqliteBusyError as exc:
+                if loop.time() >= deadline:
+                    raise StorageError(
+                        f"the SQLite database stayed locked by another connection for longer than "
+                        f"busy_timeout ({int(self._busy_timeout * 1000)} ms): {exc}"
+                    ) from exc
+            pause = min(pause * 2, _LONGEST_BUSY_PAUSE)
 
     @property
     def connection(self) -> SqlConnection:
         return self._conn
 
     # --- schema -------------------------------------------------------------------
+    @_sqlite_call(durable=False)
     def migrate(self) -> None:
         conn = self._conn
         conn.execute(Q["create_migrations_table"])
@@ -119,6 +184,8 @@ class SQLiteStore(Store):
                         f"INSERT INTO durably_migrations (version, applied_at) VALUES ({version}, {now});"
                         "\nCOMMIT;"
                     )
+                except SqliteBusyError:
+                    raise  # tried again as a whole (another process is migrating right now)
                 except StorageError:
                     # Another process may have applied it first; only that is acceptable.
                     if self._schema_version() < version:
@@ -126,6 +193,7 @@ class SQLiteStore(Store):
         finally:
             conn.execute("PRAGMA foreign_keys = ON")
 
+    @_sqlite_call(durable=False)
     def check_schema(self) -> None:
         """Like :meth:`migrate`, but only reads: fail unless the schema is exactly this version's."""
         try:
@@ -157,10 +225,12 @@ class SQLiteStore(Store):
         row = self._conn.fetch_one(Q["schema_version"])
         return int(row["version"]) if row else 0
 
+    @_sqlite_call(durable=False)
     def close(self) -> None:
         self._conn.close()
 
     # --- runs ------------------------------------------------------------------------
+    @_sqlite_call(durable=True)
     def create_runs(
         self,
         runs: Sequence[NewRun],
@@ -227,10 +297,21 @@ class SQLiteStore(Store):
                 )
         return results
 
+    @_sqlite_call(durable=False)
     def get_run(self, run_id: str) -> RunRecord | None:
+        return self._get_run(run_id)
+
+    def get_run_nowait(self, run_id: str) -> RunRecord | None:
+        try:
+            return self._get_run(run_id)
+        except SqliteBusyError:
+            raise WouldBlock from None
+
+    def _get_run(self, run_id: str) -> RunRecord | None:
         row = self._conn.fetch_one(Q["get_run"], {"id": run_id})
         return None if row is None else _run(row)
 
+    @_sqlite_call(durable=False)
     def list_runs(self, run_filter: RunFilter) -> list[RunRecord]:
         rows = self._conn.fetch_all(
             Q["list_runs"],
@@ -244,6 +325,7 @@ class SQLiteStore(Store):
         )
         return [_run(row) for row in rows]
 
+    @_sqlite_call(durable=True)
     def cancel_run(self, run_id: str, now: int) -> RunRecord:
         with self._conn.transaction():
             record = self._require(run_id)
@@ -254,6 +336,7 @@ class SQLiteStore(Store):
                 record = self._require(run_id)
         return record
 
+    @_sqlite_call(durable=True)
     def delete_run(self, run_id: str) -> RunRecord:
         with self._conn.transaction():
             record = self._require(run_id)
@@ -262,18 +345,20 @@ class SQLiteStore(Store):
             self._conn.execute(Q["delete_run"], {"id": run_id})
         return record
 
+    @_sqlite_call(durable=False)
     def purge_runs(self, completed_before: int, limit: int | None) -> int:
         return self._conn.execute(
             Q["purge_runs"], {"before": completed_before, "limit": -1 if limit is None else limit}
         )
 
     def _require(self, run_id: str) -> RunRecord:
-        record = self.get_run(run_id)
+        record = self._get_run(run_id)
         if record is None:
             raise NotFoundError(f"run {run_id!r} not found")
         return record
 
     # --- worker ------------------------------------------------------------------------
+    @_sqlite_call(durable=False)
     def claim_run(
         self, *, worker_id: str, job_names: Sequence[str], now: int, lease_until: int
     ) -> RunRecord | None:
@@ -292,6 +377,7 @@ class SQLiteStore(Store):
             )
         return None if row is None else _run(row)
 
+    @_sqlite_call(durable=False)
     def renew_leases(
         self, leases: Sequence[tuple[str, int]], now: int, lease_until: int, *, cancelled: bool = False
     ) -> list[str]:
@@ -301,19 +387,31 @@ class SQLiteStore(Store):
             for run_id, generation in leases:
                 changed = self._conn.execute(
                     Q["renew_lease"],
-                    {"id": run_id, "generation": generation, "lease_until": lease_until, "status": status},
+                    {
+                        "id": run_id,
+                        "generation": generation,
+                        "lease_until": lease_until,
+                        "status": status,
+                        "now": now,
+                    },
                 )
                 if changed == 0:
                     lost.append(run_id)
         return lost
 
+    @_sqlite_call(durable=False)
     def release_run(self, run_id: str, generation: int, now: int) -> None:
         self._conn.execute(Q["release_run"], {"id": run_id, "generation": generation, "now": now})
 
+    @_sqlite_call(durable=False)
     def expire_leases(self, now: int) -> int:
         return self._conn.execute(Q["expire_leases"], {"now": now})
 
+    @_sqlite_call(durable=True)
     def record_step(self, step: StepRecord, generation: int) -> bool:
+        return self._record_step(step, generation)
+
+    def _record_step(self, step: StepRecord, generation: int) -> bool:
         return (
             self._conn.execute(
                 Q["record_step"],
@@ -334,6 +432,7 @@ class SQLiteStore(Store):
             == 1
         )
 
+    @_sqlite_call(durable=True)
     def wait_run(
         self,
         run_id: str,
@@ -349,7 +448,7 @@ class SQLiteStore(Store):
     ) -> bool:
         conn = self._conn
         with conn.transaction():
-            if step is not None and not self.record_step(step, generation):
+            if step is not None and not self._record_step(step, generation):
                 return False
             changed = conn.execute(
                 Q["wait_run"],
@@ -380,6 +479,7 @@ class SQLiteStore(Store):
                 )
         return True
 
+    @_sqlite_call(durable=True)
     def send_signal(
         self, run_id: str, name: str, payload_json: str, signal_id: str | None, now: int
     ) -> tuple[str, RunRecord]:
@@ -399,33 +499,38 @@ class SQLiteStore(Store):
             woken = conn.execute(Q["wake_for_signal"], {"run_id": run_id, "name": name, "now": now})
             return ("delivered" if woken else "stored"), self._require(run_id)
 
+    @_sqlite_call(durable=False)
     def next_signal(self, run_id: str, name: str) -> tuple[int, str] | None:
         row = self._conn.fetch_one(Q["next_signal"], {"run_id": run_id, "name": name})
         return None if row is None else (int(row["id"]), row["payload"])
 
+    @_sqlite_call(durable=True)
     def consume_signal(self, signal_key: int, step: StepRecord, generation: int, now: int) -> bool:
         conn = self._conn
         try:
             with conn.transaction():
                 if conn.execute(Q["consume_signal"], {"id": signal_key, "now": now}) == 0:
                     return False
-                if not self.record_step(step, generation):
+                if not self._record_step(step, generation):
                     raise _Rollback  # the lease is gone: the signal stays for its new owner
         except _Rollback:
             return False
         return True
 
+    @_sqlite_call(durable=True)
     def reject_signal(self, signal_key: int, generation: int, log: LogRecord) -> bool:
         with self._conn.transaction():
             if self._conn.execute(Q["reject_signal"], {"id": signal_key, "generation": generation}) == 0:
                 return False
-            self.append_log(log)
+            self._append_log(log)
         return True
 
+    @_sqlite_call(durable=False)
     def count_step_attempts(self, run_id: str) -> dict[int, tuple[int, int]]:
         rows = self._conn.fetch_all(Q["count_step_attempts"], {"run_id": run_id})
         return {row["seq"]: (int(row["total"]), int(row["current"] or 0)) for row in rows}
 
+    @_sqlite_call(durable=True)
     def resume_run(self, run_id: str, now: int) -> RunRecord:
         conn = self._conn
         with conn.transaction():
@@ -452,11 +557,12 @@ class SQLiteStore(Store):
             conn.execute(Q["resume_run"], {"id": run_id, "now": now})
             return self._require(run_id)
 
+    @_sqlite_call(durable=True)
     def fork_run(self, new: NewRun, source_id: str, from_step: str) -> RunRecord:
         conn = self._conn
         with conn.transaction():
             self._require(source_id)
-            steps = self.list_steps(source_id)
+            steps = self._list_steps(source_id)
             point = next((s for s in steps if s.name == from_step), None)
             if point is None:
                 raise NotFoundError(
@@ -490,6 +596,7 @@ class SQLiteStore(Store):
             )
         return record
 
+    @_sqlite_call(durable=False)
     def list_step_attempts(self, run_id: str) -> list[StepRecord]:
         return [
             StepRecord(
@@ -506,6 +613,7 @@ class SQLiteStore(Store):
             for row in self._conn.fetch_all(Q["list_step_attempts"], {"run_id": run_id})
         ]
 
+    @_sqlite_call(durable=False)
     def set_progress(
         self,
         run_id: str,
@@ -525,6 +633,7 @@ class SQLiteStore(Store):
         }
         return self._conn.execute(Q["set_progress"], params) == 1
 
+    @_sqlite_call(durable=True)
     def finish_run(
         self,
         run_id: str,
@@ -570,11 +679,19 @@ class SQLiteStore(Store):
         return True
 
     # --- steps and logs --------------------------------------------------------------------
+    @_sqlite_call(durable=False)
     def list_steps(self, run_id: str, *, completed_only: bool = False) -> list[StepRecord]:
+        return self._list_steps(run_id, completed_only=completed_only)
+
+    def _list_steps(self, run_id: str, *, completed_only: bool = False) -> list[StepRecord]:
         query = Q["list_completed_steps"] if completed_only else Q["list_steps"]
         return [_step(row) for row in self._conn.fetch_all(query, {"run_id": run_id})]
 
+    @_sqlite_call(durable=False)
     def append_log(self, log: LogRecord) -> None:
+        self._append_log(log)
+
+    def _append_log(self, log: LogRecord) -> None:
         self._conn.execute(
             Q["append_log"],
             {
@@ -587,6 +704,7 @@ class SQLiteStore(Store):
             },
         )
 
+    @_sqlite_call(durable=False)
     def list_logs(self, run_id: str) -> list[LogRecord]:
         return [
             LogRecord(
