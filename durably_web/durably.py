@@ -158,6 +158,10 @@ class Durably:
         self.bus = EventBus()
         self._store: Store | None = None
         self._worker: Worker | None = None
+        # Runs changed by other processes, reported by a store that notifies (PostgreSQL).
+        self._changes: asyncio.Queue[tuple[str, str]] | None = None
+        self._changes_task: asyncio.Task[None] | None = None
+        self._stop_watching: Callable[[], None] | None = None
         self.jobs: dict[str, JobDefinition[Any, Any]] = {}
         for job in jobs:
             self.register(job)
@@ -197,6 +201,8 @@ class Durably:
             await store.close()
             raise
         self._store = store
+        if store.notifies_changes:
+            await self._watch_other_processes(store)
         if self._start_worker:
             self._worker = Worker(
                 store=store,
@@ -224,9 +230,61 @@ class Durably:
         if self._worker is not None:
             await self._worker.stop(self.shutdown_timeout)
             self._worker = None
+        if self._stop_watching is not None:
+            self._stop_watching()
+            self._stop_watching = None
+        if self._changes_task is not None:
+            self._changes_task.cancel()
+            await asyncio.wait([self._changes_task])
+            self._changes_task = self._changes = None
         await self.bus.drain(self.shutdown_timeout)  # async listeners' tasks end here too
         store, self._store = self._store, None
         await store.close()
+
+    async def _watch_other_processes(self, store: Store) -> None:
+        """Turn the store's change notifications into events on this bus, so listeners,
+        ``subscribe``, ``wait_for_run`` and the HTTP run list see runs that other processes
+        (workers on other hosts) trigger, execute and finish, as they happen."""
+        changes: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
+        self._changes = changes
+        self._stop_watching = await store.watch_changes(
+            lambda run_id, status: changes.put_nowait((run_id, status))
+        )
+        self._changes_task = asyncio.create_task(self._emit_changes(changes), name="durably-changes")
+
+    async def _emit_changes(self, changes: asyncio.Queue[tuple[str, str]]) -> None:
+        while True:
+            run_id, status = await changes.get()
+            if not run_id:  # reconnected: anything may have changed meanwhile; pollers catch up
+                continue
+            try:
+                event = await self._change_event(run_id, status)
+            except Exception as exc:  # the database is down: the run's pollers still see it later
+                logger.debug("durably-web: could not read run %s after a notification: %s", run_id, exc)
+                continue
+            if event is not None and self.bus.wants(event.type):
+                self.bus.emit(event)
+
+    async def _change_event(self, run_id: str, status: str) -> Event | None:
+        if status == "deleted":
+            return self._event("run:delete", run_id, None, {})
+        record = await self.store.get_run(run_id)
+        if record is None or record.status != status:
+            return None  # changed again since: that change has its own notification
+        if record.status in TERMINAL_STATUSES:
+            return self._terminal_event(record)
+        if record.status == "leased":
+            return self._event("run:leased", run_id, record.job_name, {"attempt": record.attempt})
+        if record.status == "waiting":
+            due_at = None if record.wake_at is None else from_ms(record.wake_at)
+            data = {"reason": record.wait_reason, "step_name": record.wait_step, "due_at": due_at}
+            return self._event("run:waiting", run_id, record.job_name, data)
+        if record.status == "pending" and record.attempt == 0:
+            run = self._to_run(record)
+            return self._event(
+                "run:trigger", run_id, run.job_name, {"input": run.input, "labels": run.labels}
+            )
+        return None
 
     async def __aenter__(self) -> Durably:
         return await self.init()

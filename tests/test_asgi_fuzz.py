@@ -184,7 +184,9 @@ def _is_not_json(raw: bytes) -> bool:
 
 
 malformed_text = st.one_of(
-    st.binary(min_size=1, max_size=200).filter(_is_not_json),
+    # Not whitespace alone: the server reads that as no body, which routes without a
+    # required body (retrigger, resume) rightly accept.
+    st.binary(min_size=1, max_size=200).filter(lambda raw: _is_not_json(raw) and raw.strip() != b""),
     st.sampled_from([
         b"{", b'{"job": NaN}', b'{"job": Infinity}', b'{"job": "\\ud800"}', b"\xff\xfe{}", b"[" * 50_000,
         b'{"job": "fuzz-echo",}', b"{'job': 'fuzz-echo'}", b'{"job": "fuzz-echo"} trailing',

@@ -125,10 +125,12 @@ class Store(ABC):
     notifies_changes: bool = False
 
     async def watch_changes(self, listener: ChangeListener) -> Callable[[], None]:
-        """Call ``listener(run_id, status)`` on this event loop whenever a run is created
-        or changes status in any process, and return a function that stops it. Runs that
-        become claimable (created, released, resumed, signalled) wake idle workers this way.
-        Backends with ``notifies_changes = False`` never call it."""
+        """Call ``listener(run_id, status)`` on this event loop whenever another store
+        instance (another process, another host) creates a run, changes its status (also a
+        signal delivered to a waiting run) or deletes it (status ``"deleted"``), and return
+        a function that stops it. Changes made through this instance are not reported: its
+        caller's own events cover them. Runs that become claimable wake idle workers this
+        way. Backends with ``notifies_changes = False`` never call it."""
         return _no_op
 
     async def wait_durable(self) -> None:

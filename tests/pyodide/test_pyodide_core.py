@@ -37,6 +37,9 @@ NEEDS_CPYTHON: dict[str, str] = {
     "tests/test_storage.py::test_writers_wait_for_a_locked_database_up_to_the_busy_timeout": (
         f"{_THREADS} (a threading.Timer releases the lock; MEMFS SQLite has no file locking either)"
     ),
+    "tests/test_storage.py::test_waiting_for_a_locked_database_does_not_freeze_the_event_loop": (
+        f"{_THREADS} (a threading.Timer releases the lock; MEMFS SQLite has no file locking either)"
+    ),
     "tests/test_engine.py::test_abandoned_run_is_reclaimed_after_lease_expiry_and_resumes": (
         "subprocess: a second OS process (tests/crash_jobs.py) runs the job; Pyodide cannot spawn processes"
     ),
