@@ -225,7 +225,8 @@ class RunExecution:
         raise _Suspend
 
     async def record_step(self, step: StepRecord) -> None:
-        await self.flush_writes()
+        if self._writer is not None or self._write_error is not None:  # the hot path skips a call
+            await self.flush_writes()
         if not await self._store.record_step(step, self.generation):
             raise await self.fence_error(f"step {step.name!r}")
         if self._events.wants("step:complete"):
