@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -57,8 +58,11 @@ def sql(db_path: Path) -> Callable[..., list[tuple[Any, ...]]]:
     return run
 
 
-#: The backends the storage contract suite runs against (tests/test_store_contract.py).
+#: The backends the storage contract suite runs against (tests/test_store_contract.py). Inside
+#: Pyodide (tests/pyodide) also the browser's own: SQLiteStore over the sqlite-wasm bridge.
 STORE_BACKENDS = ["sqlite-file", "sqlite-memory"]
+if "_pyodide_core" in sys.modules:
+    STORE_BACKENDS.append("sqlite-wasm")
 
 
 @pytest.fixture(params=STORE_BACKENDS)
@@ -66,8 +70,13 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     """A migrated, empty store of one backend, closed at teardown."""
     from durably_web.storage import open_store
 
-    urls = {"sqlite-file": f"sqlite:///{tmp_path / 'contract.db'}", "sqlite-memory": "sqlite://:memory:"}
-    opened = open_store(urls[request.param])
-    await opened.migrate()
+    if request.param == "sqlite-wasm":
+        from in_pyodide import open_wasm_store  # tests/pyodide/in_pyodide.py: on sys.path there
+
+        opened = await open_wasm_store()
+    else:
+        urls = {"sqlite-file": f"sqlite:///{tmp_path / 'contract.db'}", "sqlite-memory": "sqlite://:memory:"}
+        opened = open_store(urls[request.param])
+        await opened.migrate()
     yield opened
     await opened.close()

@@ -209,8 +209,29 @@ def _chrome_runner(server: dict[str, Any]) -> Any:
         raise
 
 
-def _prepare(runner: Any) -> None:
-    """Load the wheels the tests need and unpack the test payload into /durably."""
+# The browser's SQLite: static/sqlite_bridge.js over sqlite-wasm, both from site/, opened once
+# per runtime (in memory) for in_pyodide.open_wasm_store. Under Node, sqlite-wasm fetches
+# sqlite3.wasm by its file: URL, which Node's fetch refuses, so while it loads, fetch (the main
+# realm's: the module runs there, outside the driver's vm context) reads file: URLs from disk.
+_OPEN_BRIDGE = """
+    const { openSqliteBridge } = await import(%s);
+    globalThis.durablyTestBridge = await openSqliteBridge({ storage: "memory" });
+"""
+_WITH_FILE_FETCH_IN_NODE = """
+    const main = require("vm").runInThisContext("globalThis");
+    const webFetch = main.fetch;
+    main.fetch = async (url, init) => {
+      const parsed = new main.URL(String(url));
+      if (parsed.protocol !== "file:") return webFetch(url, init);
+      const body = await require("fs/promises").readFile(parsed);
+      return new main.Response(body, { headers: { "Content-Type": "application/wasm" } });
+    };
+    try { %s } finally { main.fetch = webFetch; }
+"""
+
+
+def _prepare(runner: Any, site: Path) -> None:
+    """Load the wheels the tests need, unpack the test payload into /durably, open the bridge."""
     runner.load_package(PACKAGES)
     runner.run_js(
         """
@@ -219,6 +240,11 @@ def _prepare(runner: Any) -> None:
         pyodide.unpackArchive(await response.arrayBuffer(), "zip", { extractDir: "/durably" });
         """
     )
+    if runner.browser == "node":
+        opening = _OPEN_BRIDGE % json.dumps((site / "sqlite_bridge.js").as_uri())
+        runner.run_js(_WITH_FILE_FETCH_IN_NODE % opening)
+    else:
+        runner.run_js(_OPEN_BRIDGE % json.dumps("/sqlite_bridge.js"))  # served from site/
 
 
 @pytest.fixture(
@@ -230,7 +256,7 @@ def pyodide_rt(request: pytest.FixtureRequest, pyodide_server: dict[str, Any]) -
     make = _node_runner if request.param == "node" else _chrome_runner
     runner = make(pyodide_server)
     try:
-        _prepare(runner)
+        _prepare(runner, pyodide_server["site"])
         yield runner
     finally:
         runner.quit()

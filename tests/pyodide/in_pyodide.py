@@ -6,6 +6,10 @@ The host side (conftest.py) unpacks a zip into the Pyodide file system:
     /durably/tests/*.py              the core test modules, conftest.py and helpers, unchanged
     /durably/tests/pyodide/in_pyodide.py   this file
 
+and opens the browser's SQLite, ``static/sqlite_bridge.js`` over sqlite-wasm, as
+``globalThis.durablyTestBridge`` (an in-memory database): the ``store`` fixture's
+"sqlite-wasm" backend (:func:`open_wasm_store`) runs tests/test_store_contract.py on it.
+
 pytest, pytest-asyncio and hypothesis (and their dependencies) come from build/test-site/
 (browser-wheels.json's ``test`` group, never in site/), durably-web and pydantic from the
 runtime wheels, via ``pyodide.loadPackage``;
@@ -60,6 +64,38 @@ class SyncLoop(asyncio.BaseEventLoop):
 
     def _write_to_self(self) -> None:
         pass  # call_soon_threadsafe: there are no other threads to wake us from
+
+
+async def open_wasm_store() -> Any:
+    """A migrated, empty ``SQLiteStore`` on ``WasmSqlConnection``, the connection the browser uses.
+
+    Opening a bridge awaits JS promises, which no test can while SyncLoop blocks the JS event
+    loop, so every such store shares the one bridge the host opened: its tables are dropped
+    first (a fresh database, as far as the store can tell), and closing the store closes this
+    connection object but leaves the bridge open for the next test.
+    """
+    import js  # type: ignore[import-not-found]
+
+    from durably_web.storage.sqlite import SQLiteStore, apply_connection_policy
+    from durably_web.storage.sqlite.wasm_connection import WasmSqlConnection
+
+    class SharedBridgeConnection(WasmSqlConnection):
+        def close(self) -> None:
+            self._closed = True
+
+    bridge = getattr(js, "durablyTestBridge", None)
+    if bridge is None:
+        raise RuntimeError("globalThis.durablyTestBridge is missing: tests/pyodide/conftest.py opens it")
+    conn = SharedBridgeConnection(bridge)
+    conn.execute("PRAGMA foreign_keys = OFF")  # so the tables can go in any order
+    tables = conn.fetch_all("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite%'")
+    for row in tables:
+        conn.execute(f'DROP TABLE "{row["name"]}"')
+    # As durably_web.browser.start does; the bridge chose the journal mode.
+    apply_connection_policy(conn, journal_mode=None, synchronous="normal", busy_timeout_ms=5000)
+    store = SQLiteStore(conn)
+    await store.migrate()
+    return store
 
 
 class _LoopFactoryPlugin:

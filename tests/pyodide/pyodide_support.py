@@ -27,6 +27,9 @@ CORE_MODULES = [
     "tests/test_sleep.py",
     "tests/test_signals.py",
     "tests/test_resume.py",
+    # The storage contract, also on the browser's sqlite-wasm connection there (conftest.py's
+    # ``store`` fixture, in_pyodide.open_wasm_store).
+    "tests/test_store_contract.py",
 ]
 # Copied into the Pyodide FS next to the modules, unchanged; plus this directory's
 # in_pyodide.py and parity.py. schema_v1.db: test_retries' upgrade-in-place test opens a copy.
