@@ -55,3 +55,24 @@ def sql(db_path: Path) -> Callable[..., list[tuple[Any, ...]]]:
             conn.close()
 
     return run
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Any:
+    """A throwaway PostgreSQL cluster for the session (``tests/support/postgres.py``); skipped
+    when the server binaries are missing (``apt-get install postgresql``), failed under CI."""
+    from support.postgres import start_test_cluster
+
+    cluster = start_test_cluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_cluster: Any) -> Any:
+    """The URL of a fresh, empty database on the session cluster, dropped after the test."""
+    import uuid
+
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    yield postgres_cluster.create_database(name)
+    postgres_cluster.drop_database(name)
