@@ -206,8 +206,12 @@ class PostgresStore(Store):
             configure=self._configure,
             # A connection the server dropped (a restart) is discarded on checkout, so the
             # call after the server is back gets a fresh one instead of an error.
-            check=AsyncConnectionPool.check_connection,
+            check=self._check,
             timeout=options.pool_timeout,
+            # How long the pool keeps retrying to reconnect (backing off: 1 s, 2 s, 4 s, ...)
+            # before it waits for demand to try again: as long as a call waits for a
+            # connection, so the call after the server is back finds the pool reconnecting.
+            reconnect_timeout=options.pool_timeout,
             name=f"durably-web:{options.schema}",
         )
         try:
@@ -218,6 +222,22 @@ class PostgresStore(Store):
                 raise _storage_error(exc, f"cannot connect to PostgreSQL at {options.display}") from exc
             raise
         return pool
+
+    async def _check(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        """The pool's check on checkout (``check_connection``), plus: after a broken one, check all.
+
+        One broken connection means the server most likely restarted and broke every idle
+        one. The pool retries the checkout after a pause that doubles each time (1 s, 2 s,
+        4 s, ...), so finding them one by one would make the first call after a restart wait
+        seconds per idle connection; checking them all now discards them (the pool opens
+        new ones at once) and the retry gets a fresh connection.
+        """
+        try:
+            await AsyncConnectionPool.check_connection(conn)
+        except Exception:
+            if self._pool is not None:
+                await self._pool.check()
+            raise
 
     async def _configure(self, conn: psycopg.AsyncConnection[Any]) -> None:
         """Every new pool connection: the schema, the statement timeout, read-only if asked."""
