@@ -124,7 +124,12 @@ class Store(ABC):
         """Call ``listener(run_id, status)`` on this event loop whenever a run is created
         or changes status in any process, and return a function that stops it. Runs that
         become claimable (created, released, resumed, signalled) wake idle workers this way.
-        Backends with ``notifies_changes = False`` never call it."""
+        Backends with ``notifies_changes = False`` never call it.
+
+        ``listener("", "")`` (an empty run id and status) means "something may have changed
+        that you were not told about": the backend lost its channel (a database restart) and
+        has just got it back. A listener then looks again (a worker tries to claim, a view
+        reloads). Listeners must be quick and must not raise; one that raises is logged."""
         return _no_op
 
     async def wait_durable(self) -> None:

@@ -132,8 +132,10 @@ async def _one(conn: Connection, name: str, params: dict[str, Any] | None = None
     return await cursor.fetchone()
 
 
-async def _all(conn: Connection, name: str, params: dict[str, Any] | None = None) -> list[Row]:
-    cursor = await conn.execute(Q[name], params)
+async def _all(
+    conn: Connection, name: str, params: dict[str, Any] | None = None, *, prepare: bool | None = None
+) -> list[Row]:
+    cursor = await conn.execute(Q[name], params, prepare=prepare)
     return await cursor.fetchall()
 
 
@@ -151,6 +153,9 @@ class PostgresStore(Store):
     """
 
     notifies_changes = True
+    #: Every write is durable when its COMMIT returns: nothing for ``wait_durable`` to wait for
+    #: (the engine reads this attribute of SQLite's store, which has a deferred mode).
+    deferred_durability = False
 
     def __init__(self, options: PostgresOptions, *, read_only: bool = False) -> None:
         self._options = options
@@ -445,7 +450,10 @@ class PostgresStore(Store):
             "offset": max(run_filter.offset, 0),
         }
         async with self._connection() as conn:
-            rows = await _all(conn, "list_runs", params)
+            # Never prepared: with its optional filters a generic plan (which psycopg's
+            # automatic preparation would get after a few calls) cannot use the partial
+            # and label indexes that the plan for the actual values uses.
+            rows = await _all(conn, "list_runs", params, prepare=False)
         return [_run(row) for row in rows]
 
     async def cancel_run(self, run_id: str, now: int) -> RunRecord:
