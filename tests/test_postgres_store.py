@@ -1401,7 +1401,7 @@ async def test_a_store_and_its_watcher_survive_a_server_restart_while_workers_ar
     try:
         await store.migrate()
         await store.watch_changes(lambda run_id, status: heard.append((run_id, status)))
-        await other.create_runs([new_run("before")])
+        await other.create_runs([new_run("before", job="idle")])  # no worker runs it
         await wait_until(lambda: ("before", "pending") in heard)
 
         # Two workers keep triggering, claiming and finishing runs through the restart.
@@ -1440,7 +1440,7 @@ async def test_a_store_and_its_watcher_survive_a_server_restart_while_workers_ar
             assert time.monotonic() - started < 5
             before = len(done)
             await wait_until(lambda: len(done) >= before + 5, timeout=30)
-            await other.create_runs([new_run("after")])
+            await other.create_runs([new_run("after", job="idle")])
             await wait_until(lambda: ("after", "pending") in heard)
         stop_workers.set()
         await asyncio.gather(*workers)
@@ -1452,3 +1452,35 @@ async def test_a_store_and_its_watcher_survive_a_server_restart_while_workers_ar
     finally:
         await store.close()
         await other.close()
+
+
+async def test_an_app_role_without_create_rights_uses_a_schema_migrated_before(
+    store, postgres_url, postgres_cluster
+):
+    # The owner migrated (the store fixture); the app role may only read and write rows.
+    dbname = postgres_url.rsplit("/", 1)[1]
+    role = f"app_{dbname[-8:]}"
+    await sql(postgres_url, f"CREATE ROLE {role} LOGIN")
+    await sql(
+        postgres_url,
+        f"REVOKE CREATE ON SCHEMA public FROM PUBLIC; REVOKE CREATE ON DATABASE {dbname} FROM PUBLIC",
+    )
+    await sql(postgres_url, f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}")
+    await sql(postgres_url, f"GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role}")
+    app = open_store(f"postgresql://{role}@{postgres_cluster.host}:{postgres_cluster.port}/{dbname}")
+    try:
+        await app.migrate()
+        await app.check_schema()
+        await app.create_runs([new_run("r1")])
+        assert (await claim(app)).id == "r1"
+        await app.append_log(LogRecord("r1", None, "info", "hello", None, 1200))
+        assert (await app.send_signal("r1", "go", "1", None, 1300))[0] == "stored"
+    finally:
+        await app.close()
+        await sql(postgres_url, f"DROP OWNED BY {role}; DROP ROLE {role}")
+
+
+async def test_text_with_a_nul_character_is_a_storage_error_and_nothing_is_written(store):
+    with pytest.raises(StorageError, match="NUL"):
+        await store.create_runs([new_run("r1", labels={"a": "b\0c"})])
+    assert await store.get_run("r1") is None
