@@ -1378,6 +1378,35 @@ async def test_close_stops_the_listener_and_leaves_no_task_or_connection(postgre
         await store.watch_changes(lambda run_id, status: None)
 
 
+async def test_connections_the_server_terminated_are_replaced_and_the_watcher_reconnects(
+    postgres_url, caplog
+):
+    store = open_store(url_with(postgres_url, application_name="durably_kill_test", pool_size=4))
+    heard: list[tuple[str, str]] = []
+    try:
+        await store.migrate()
+        await store.create_runs([new_run("r1")])
+        await asyncio.gather(*(store.list_runs(RunFilter()) for _ in range(12)))  # several idle connections
+        await store.watch_changes(lambda run_id, status: heard.append((run_id, status)))
+        with caplog.at_level(logging.INFO, logger="durably_web"):
+            killed = await sql(
+                postgres_url,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'durably_kill_test'",
+            )
+            assert len(killed) >= 2  # the pool's and the listener's
+            await asyncio.sleep(0.2)  # the server has closed them
+            # Not an error: every broken idle connection is discarded on checkout.
+            assert (await store.get_run("r1")).status == "pending"
+            assert len(await store.list_runs(RunFilter())) == 1
+            await wait_until(lambda: ("", "") in heard)
+        assert "LISTEN connection lost" in caplog.text
+        await store.create_runs([new_run("r2")])
+        await wait_until(lambda: ("r2", "pending") in heard)
+    finally:
+        await store.close()
+
+
 # --- a server restart -----------------------------------------------------------------------------
 
 
