@@ -10,6 +10,7 @@ LISTEN/NOTIFY, and a server restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import itertools
@@ -368,7 +369,7 @@ async def test_statement_timeout_is_set_on_every_connection_and_enforced(postgre
 
 async def test_two_schemas_in_one_database_are_two_separate_stores(postgres_url):
     a = open_store(url_with(postgres_url, schema="a"))
-    b = open_store(url_with(postgres_url, schema="b"))
+    b = open_store(url_with(postgres_url, schema="Beta"))  # quoted: case is kept
     heard_by_a: list[tuple[str, str]] = []
     try:
         await asyncio.gather(a.migrate(), b.migrate())
@@ -391,7 +392,7 @@ async def test_two_schemas_in_one_database_are_two_separate_stores(postgres_url)
         postgres_url,
         "SELECT schemaname, count(*) FROM pg_tables WHERE tablename LIKE 'durably_%%' GROUP BY 1 ORDER BY 1",
     )
-    assert tables == [("a", 7), ("b", 7)]
+    assert tables == [("Beta", 7), ("a", 7)]
 
 
 # --- the contract: runs ---------------------------------------------------------------------------
@@ -1244,6 +1245,60 @@ async def test_claimers_on_many_stores_never_run_two_runs_of_one_key_at_once(pos
         spans.sort()
         for (_, end, first), (start, _, second) in itertools.pairwise(spans):
             assert start >= end, f"{key}: {second} was claimed while {first} still ran"
+
+
+async def test_making_runs_of_one_key_pending_from_many_stores_never_hits_the_unique_index(postgres_url):
+    """Triggers, releases and resumes all make runs of one key pending, and at most one may be.
+
+    Under the keys' advisory locks each one sees the others' pending run and coalesces, stays
+    leased or is refused with ConflictError: a race that reached the unique index would be a
+    StorageError (a driver error), which must never happen.
+    """
+    stores = [open_store(url_with(postgres_url, pool_size=2)) for _ in range(6)]
+    await stores[0].migrate()
+    rng = random.Random(99)
+    errors: list[str] = []
+    counter = 0
+
+    async def worker(store: Store, name: str) -> None:
+        nonlocal counter
+        for _ in range(60):
+            now = int(time.time() * 1000)
+            key = f"k{rng.randrange(2)}"
+            try:
+                action = rng.random()
+                if action < 0.35:
+                    counter += 1
+                    await store.create_runs([new_run(f"{name}-{counter}", key=key, coalesce=True, at=now)])
+                elif action < 0.5:
+                    for record in await store.list_runs(RunFilter(statuses=["cancelled", "failed"], limit=3)):
+                        with contextlib.suppress(ConflictError):
+                            await store.resume_run(record.id, now)
+                else:
+                    record = await store.claim_run(
+                        worker_id=name, job_names=["job"], now=now, lease_until=now + 30_000
+                    )
+                    if record is not None:
+                        choice = rng.random()
+                        if choice < 0.5:
+                            await store.release_run(record.id, record.lease_generation, now)
+                        elif choice < 0.75:
+                            await store.cancel_run(record.id, now)
+                            await store.release_run(record.id, record.lease_generation, now)
+                        else:
+                            await finish(store, record.id, record.lease_generation, status="failed", now=now)
+            except StorageError as exc:
+                errors.append(str(exc))
+
+    try:
+        await asyncio.gather(*(worker(store, f"w{n}") for n, store in enumerate(stores)))
+    finally:
+        await asyncio.gather(*(store.close() for store in stores))
+    assert errors == []
+    pending = await sql(
+        postgres_url, "SELECT concurrency_key, count(*) FROM durably_runs WHERE status = 'pending' GROUP BY 1"
+    )
+    assert all(count == 1 for _, count in pending)
 
 
 async def test_a_claim_passes_over_a_key_whose_lock_another_transaction_holds(store, postgres_url):
