@@ -24,12 +24,23 @@ CREATE TABLE IF NOT EXISTS durably_migrations (
 -- Held until the migration transaction ends: ten workers starting at once migrate one by one.
 SELECT pg_advisory_xact_lock(%(key)s)
 
+-- name: schema_exists
+-- :schema is the quoted identifier (to_regnamespace reads a name as SQL would).
+SELECT to_regnamespace(%(schema)s) IS NOT NULL AS found
+
+-- name: record_migration
+INSERT INTO durably_migrations (version, applied_at) VALUES (%(version)s, %(now)s)
+
 -- name: schema_version
 SELECT COALESCE(MAX(version), 0) AS version FROM durably_migrations
 
 -- name: has_migrations_table
 -- Whether this schema holds a durably-web database at all (read-only opens check before reading).
 SELECT to_regclass('durably_migrations') IS NOT NULL AS found
+
+-- name: ping
+-- The LISTEN connection's health check after a quiet while.
+SELECT 1
 
 -- name: configure_session
 -- Run once per new pool connection (search_path, statement_timeout, read-only default).

@@ -307,12 +307,11 @@ class PostgresStore(Store):
             await conn.execute(Q["lock_migrations"], {"key": MIGRATION_LOCK})
             # Create only what is missing: CREATE … IF NOT EXISTS still needs the privilege
             # to create, which an app role of an already migrated schema may lack.
-            found = await conn.execute(
-                "SELECT to_regnamespace(%(schema)s) IS NOT NULL AS found",
-                {"schema": sql.Identifier(self.schema).as_string(conn)},
-            )
-            if not (await found.fetchone() or {}).get("found"):
-                await conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(self.schema)))
+            schema = sql.Identifier(self.schema)
+            found = await _one(conn, "schema_exists", {"schema": schema.as_string(conn)})
+            if not (found and found["found"]):
+                # Not in queries.sql (nor LISTEN below): an identifier cannot be a parameter.
+                await conn.execute(sql.SQL("CREATE SCHEMA {}").format(schema))
             if not await self._has_migrations_table(conn):
                 await conn.execute(Q["create_migrations_table"])
             current = await self._schema_version(conn)
@@ -323,8 +322,7 @@ class PostgresStore(Store):
                 # No parameters: psycopg sends the whole script in one simple-protocol message.
                 await conn.execute(script.encode("utf-8"), prepare=False)
                 await conn.execute(
-                    "INSERT INTO durably_migrations (version, applied_at) VALUES (%(version)s, %(now)s)",
-                    {"version": version, "now": int(time.time() * 1000)},
+                    Q["record_migration"], {"version": version, "now": int(time.time() * 1000)}
                 )
 
     async def check_schema(self) -> None:
@@ -934,7 +932,7 @@ class PostgresStore(Store):
                         async for notify in notifies:
                             run_id, _, status = notify.payload.rpartition(" ")
                             self._dispatch(run_id, status)
-                    await conn.execute("SELECT 1")  # quiet for a while: still connected?
+                    await conn.execute(Q["ping"])  # quiet for a while: still connected?
                 except psycopg.Error as exc:
                     logger.warning(
                         "PostgreSQL LISTEN connection lost (%s): %s; reconnecting", self._options.display, exc
