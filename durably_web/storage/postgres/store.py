@@ -33,9 +33,10 @@ the data committed when it started. Where that matters:
 * **Signals.** ``send_signal`` and ``wait_run`` both lock the run row first, so a signal
   sent while the run is about to wait is either seen by the wait or wakes it.
 
-Every method that creates a run or changes what a worker may claim sends
-``pg_notify(channel, '<run id> <status>')`` inside its transaction (delivered at commit);
-:meth:`watch_changes` listens on a dedicated connection.
+Every method that creates a run or changes its status, or makes it claimable without
+changing it (a signal delivered, a lease released or expired), sends
+``pg_notify(channel, '<run id> <status>')`` inside its transaction (delivered at commit,
+never for a rolled-back change); :meth:`watch_changes` listens on a dedicated connection.
 """
 
 from __future__ import annotations
