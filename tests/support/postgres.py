@@ -165,7 +165,7 @@ class PostgresCluster:
         import psycopg
 
         with psycopg.connect(self.url(dbname), autocommit=True) as conn:
-            cursor = conn.execute(statement)  # type: ignore[arg-type]
+            cursor = conn.execute(statement)
             return cursor.fetchall() if cursor.description else []
 
     def create_database(self, name: str) -> str:
