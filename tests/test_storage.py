@@ -246,6 +246,7 @@ async def test_memory_database_works_and_is_private(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "url",
     [
+        "postgres://localhost/db?pool_size=0",  # a PostgreSQL URL is valid; a bad option is not
         "sqlite://",
         "sqlite:///",
         "sqlite:relative.db",

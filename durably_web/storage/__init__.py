@@ -3,6 +3,11 @@
 ``sqlite:///relative.db``, ``sqlite:////absolute/path.db`` and
 ``sqlite://:memory:``; SQLite options go in the query string:
 ``?synchronous=full&busy_timeout=10000``.
+
+``postgresql://user:pass@host:port/db`` (or ``postgres://``) opens the PostgreSQL store,
+with ``?pool_size=…&pool_timeout=…&statement_timeout=…&schema=…`` of ours and any libpq
+parameter besides (see ``storage/postgres/options.py`` and docs/postgres.md); it needs
+``pip install 'durably-web[postgres]'``.
 """
 
 from __future__ import annotations
@@ -30,9 +35,36 @@ def open_store(url: str, *, read_only: bool = False) -> Store:
     scheme, _, rest = url.partition("://")
     if scheme == "sqlite":
         return _open_sqlite(url, rest, read_only=read_only)
+    if scheme in ("postgresql", "postgres"):
+        return _open_postgres(url, read_only=read_only)
     raise ValidationError(
-        f"unsupported database URL {url!r}: expected sqlite:///path.db or sqlite://:memory:"
+        f"unsupported database URL {url!r}: expected sqlite:///path.db, sqlite://:memory: "
+        "or postgresql://user@host/database"
     )
+
+
+def _open_postgres(url: str, *, read_only: bool) -> Store:
+    # Validated before psycopg is imported: a bad option is reported as such even without it.
+    from .postgres.options import mask_password, parse_url
+
+    options = parse_url(url)
+    try:
+        import psycopg
+        import psycopg_pool  # noqa: F401
+    except ImportError as exc:
+        raise ValidationError(
+            f"{mask_password(url)!r} needs the PostgreSQL driver, which is not installed ({exc}): "
+            "pip install 'durably-web[postgres]'"
+        ) from None
+    from psycopg.conninfo import conninfo_to_dict
+
+    from .postgres import PostgresStore
+
+    try:
+        conninfo_to_dict(options.conninfo)  # libpq's own check of every parameter left to it
+    except psycopg.Error as exc:
+        raise ValidationError(f"invalid PostgreSQL URL {options.display!r}: {exc}") from None
+    return PostgresStore(options, read_only=read_only)
 
 
 def _open_sqlite(url: str, rest: str, *, read_only: bool) -> Store:

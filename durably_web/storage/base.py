@@ -130,7 +130,12 @@ class Store(ABC):
         signal delivered to a waiting run) or deletes it (status ``"deleted"``), and return
         a function that stops it. Changes made through this instance are not reported: its
         caller's own events cover them. Runs that become claimable wake idle workers this
-        way. Backends with ``notifies_changes = False`` never call it."""
+        way. Backends with ``notifies_changes = False`` never call it.
+
+        ``listener("", "")`` (an empty run id and status) means "something may have changed
+        that you were not told about": the backend lost its channel (a database restart) and
+        has just got it back. A listener then looks again (a worker tries to claim, a view
+        reloads). Listeners must be quick and must not raise; one that raises is logged."""
         return _no_op
 
     async def wait_durable(self) -> None:

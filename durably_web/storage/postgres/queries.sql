@@ -1,0 +1,395 @@
+-- Every statement the PostgreSQL store runs, one per "-- name:" header.
+-- Parameters are psycopg's named placeholders (%(name)s, bound server-side); lists are
+-- passed as arrays, so every statement here is static text. Tables are unqualified:
+-- each connection's search_path is the store's schema.
+--
+-- Changes are announced with pg_notify(%(channel)s, '<run id> <status> <origin>') inside the
+-- transaction that makes them, so a listener hears of a change only once it is committed
+-- (and never of one that was rolled back).
+--
+-- Locking protocol (see store.py for the reasoning): a transaction that may make a run of
+-- concurrency key K pending, or give K a lease, first holds the advisory lock of K
+-- (hashtextextended of the store's lock namespace || K); several are taken in sorted
+-- order, and always before any row lock. claim_run only ever *tries* that lock, so it
+-- never waits for anything and cannot be part of a deadlock.
+
+-- name: create_migrations_table
+-- The schema version record; each applied migration adds its number.
+CREATE TABLE IF NOT EXISTS durably_migrations (
+    version    INTEGER PRIMARY KEY,
+    applied_at BIGINT NOT NULL
+)
+
+-- name: lock_migrations
+-- Held until the migration transaction ends: ten workers starting at once migrate one by one.
+SELECT pg_advisory_xact_lock(%(key)s)
+
+-- name: schema_exists
+-- :schema is the quoted identifier (to_regnamespace reads a name as SQL would).
+SELECT to_regnamespace(%(schema)s) IS NOT NULL AS found
+
+-- name: record_migration
+INSERT INTO durably_migrations (version, applied_at) VALUES (%(version)s, %(now)s)
+
+-- name: schema_version
+SELECT COALESCE(MAX(version), 0) AS version FROM durably_migrations
+
+-- name: has_migrations_table
+-- Whether this schema holds a durably-web database at all (read-only opens check before reading).
+SELECT to_regclass('durably_migrations') IS NOT NULL AS found
+
+-- name: ping
+-- The LISTEN connection's health check after a quiet while.
+SELECT 1
+
+-- name: configure_session
+-- Run once per new pool connection (search_path, statement_timeout, read-only default).
+SELECT set_config(setting.name, setting.value, false)
+FROM unnest(%(names)s::text[], %(values)s::text[]) AS setting (name, value)
+
+-- name: lock_keys
+-- Blocking advisory locks, one per text, taken in the order given (callers sort them).
+SELECT pg_advisory_xact_lock(hashtextextended(lock_text, 0))
+FROM unnest(%(locks)s::text[]) AS lock_text
+
+-- name: lock_concurrency_key_of_run
+-- The advisory lock of one run's concurrency key (no row at all for a run without one).
+SELECT pg_advisory_xact_lock(hashtextextended(%(ns)s || concurrency_key, 0))
+FROM durably_runs WHERE id = %(id)s AND concurrency_key IS NOT NULL
+
+-- name: try_lock
+SELECT pg_try_advisory_xact_lock(hashtextextended(%(lock)s, 0)) AS locked
+
+-- name: find_idempotent_run
+SELECT * FROM durably_runs WHERE job_name = %(job_name)s AND idempotency_key = %(idempotency_key)s
+
+-- name: find_pending_by_concurrency_key
+SELECT * FROM durably_runs WHERE concurrency_key = %(concurrency_key)s AND status = 'pending'
+
+-- name: insert_run
+-- One statement: the run, its label rows and the announcement. ON CONFLICT DO NOTHING: a
+-- unique index that another transaction filled first (idempotency key, pending concurrency
+-- key) returns no row instead of an error, and the caller looks the winner up.
+WITH inserted AS (
+    INSERT INTO durably_runs (
+        id, job_name, status, input, labels, idempotency_key, concurrency_key,
+        available_at, created_at, updated_at, forked_from
+    ) VALUES (
+        %(id)s, %(job_name)s, 'pending', %(input)s, %(labels)s, %(idempotency_key)s, %(concurrency_key)s,
+        %(created_at)s, %(created_at)s, %(created_at)s, %(forked_from)s
+    )
+    ON CONFLICT DO NOTHING
+    RETURNING id
+), labelled AS (
+    INSERT INTO durably_run_labels (run_id, key, value)
+    SELECT inserted.id, label.key, label.value
+    FROM inserted, unnest(%(label_keys)s::text[], %(label_values)s::text[]) AS label (key, value)
+)
+SELECT id, pg_notify(%(channel)s, id || ' pending' || ' ' || %(origin)s) FROM inserted
+
+-- name: get_run
+SELECT * FROM durably_runs WHERE id = %(id)s
+
+-- name: get_run_for_update
+SELECT * FROM durably_runs WHERE id = %(id)s FOR UPDATE
+
+-- name: get_run_for_share
+SELECT * FROM durably_runs WHERE id = %(id)s FOR SHARE
+
+-- name: list_runs
+-- Newest first; a NULL filter matches everything. Labels: every wanted (key, value) pair
+-- must exist for the run; the pairs are looked up through durably_run_labels_pair.
+SELECT * FROM durably_runs AS r
+WHERE (%(statuses)s::text[] IS NULL OR r.status = ANY(%(statuses)s::text[]))
+  AND (%(job_names)s::text[] IS NULL OR r.job_name = ANY(%(job_names)s::text[]))
+  AND (cardinality(%(label_keys)s::text[]) = 0 OR r.id IN (
+        SELECT l.run_id FROM durably_run_labels AS l
+        JOIN unnest(%(label_keys)s::text[], %(label_values)s::text[]) AS wanted (key, value)
+          ON l.key = wanted.key AND l.value = wanted.value
+        GROUP BY l.run_id
+        HAVING count(*) = cardinality(%(label_keys)s::text[])))
+ORDER BY r.id DESC
+LIMIT %(limit)s OFFSET %(offset)s
+
+-- name: cancel_run
+-- The lease is kept: a cancelled run holds its concurrency key until its worker
+-- has stopped the handler (release_run) or the lease runs out. A waiting run has none.
+WITH cancelled AS (
+    UPDATE durably_runs
+    SET status = 'cancelled', completed_at = %(now)s, updated_at = %(now)s
+    WHERE id = %(id)s AND status IN ('pending', 'leased', 'waiting')
+    RETURNING *
+)
+SELECT cancelled.*, pg_notify(%(channel)s, cancelled.id || ' cancelled' || ' ' || %(origin)s) FROM cancelled
+
+-- name: delete_run
+WITH deleted AS (DELETE FROM durably_runs WHERE id = %(id)s RETURNING id)
+SELECT pg_notify(%(channel)s, id || ' deleted ' || %(origin)s) FROM deleted
+
+-- name: purge_runs
+-- SKIP LOCKED: workers purging at the same time share the work instead of queueing.
+WITH purged AS (
+    DELETE FROM durably_runs WHERE id IN (
+        SELECT id FROM durably_runs
+        WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < %(before)s
+        ORDER BY completed_at
+        LIMIT %(limit)s
+        FOR UPDATE SKIP LOCKED)
+    RETURNING id)
+SELECT pg_notify(%(channel)s, id || ' deleted ' || %(origin)s) FROM purged
+
+-- name: find_claimable_run
+-- Oldest first, as SQLite's find_claimable_run: pending or waiting and due, or leased with
+-- an expired lease; a concurrency key blocks while another run holds a live lease on it,
+-- including a cancelled run whose handler has not stopped yet. FOR UPDATE SKIP LOCKED: a
+-- row another claimer (or any writer) has locked is passed over, never waited for, and
+-- the row returned is rechecked against these conditions in its latest committed version.
+-- The concurrency-key condition is only a first filter here (it reads this statement's
+-- snapshot); lease_run checks it again under the key's lock.
+SELECT r.id, r.concurrency_key FROM durably_runs AS r
+WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= %(now)s)
+       OR (r.status = 'leased' AND r.lease_expires_at <= %(now)s))
+  AND r.job_name = ANY(%(job_names)s::text[])
+  AND r.id <> ALL(%(passed_over)s::text[])
+  AND (r.concurrency_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM durably_runs AS other
+        WHERE other.concurrency_key = r.concurrency_key
+          AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > %(now)s
+          AND other.id <> r.id))
+ORDER BY r.id
+LIMIT 1
+FOR UPDATE OF r SKIP LOCKED
+
+-- name: lease_run
+-- The run's row is locked by find_claimable_run. For a run with a concurrency key the
+-- caller holds that key's advisory lock, and this statement's snapshot is newer than that
+-- lock: every lease of the key committed by another claimer is visible, so the check
+-- below is exact.
+WITH leased AS (
+    UPDATE durably_runs
+    SET status = 'leased', lease_owner = %(worker_id)s, lease_generation = lease_generation + 1,
+        lease_expires_at = %(lease_until)s, attempt = attempt + 1,
+        started_at = COALESCE(started_at, %(now)s), updated_at = %(now)s
+    WHERE id = %(id)s
+      AND (concurrency_key IS NULL OR NOT EXISTS (
+            SELECT 1 FROM durably_runs AS other
+            WHERE other.concurrency_key = durably_runs.concurrency_key
+              AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > %(now)s
+              AND other.id <> durably_runs.id))
+    RETURNING *
+)
+SELECT leased.*, pg_notify(%(channel)s, leased.id || ' leased' || ' ' || %(origin)s) FROM leased
+
+-- name: concurrency_keys_of_runs
+SELECT DISTINCT concurrency_key FROM durably_runs
+WHERE id = ANY(%(ids)s::text[]) AND concurrency_key IS NOT NULL
+
+-- name: renew_leases
+-- :status is 'leased', or 'cancelled' for runs whose handlers are still winding down
+-- (their leases keep the concurrency keys held until release_run). A lease that has
+-- expired by :now is not renewed: another run of its key may already have been claimed.
+-- Nor is one whose key another run holds a live lease on: that claim saw this lease
+-- expired (by its clock) after this renewal read the clock. The caller holds the keys'
+-- advisory locks, so no such claim can be in progress.
+UPDATE durably_runs AS r SET lease_expires_at = %(lease_until)s
+FROM unnest(%(ids)s::text[], %(generations)s::bigint[]) AS mine (id, generation)
+WHERE r.id = mine.id AND r.lease_generation = mine.generation AND r.status = %(status)s
+  AND r.lease_expires_at > %(now)s
+  AND (r.concurrency_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM durably_runs AS other
+        WHERE other.concurrency_key = r.concurrency_key
+          AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > %(now)s
+          AND other.id <> r.id))
+RETURNING r.id
+
+-- name: release_run
+-- A worker that stops gracefully hands the run back: 'pending' again, claimable at
+-- once. Only if another run of its concurrency key is already pending (at most one
+-- may be) does it stay 'leased', with its lease expired: just as claimable, and
+-- still first in line. A cancelled run stays cancelled; its lease ends. The caller
+-- holds the key's advisory lock, so no other transaction makes a run of the key
+-- pending meanwhile (the unique index would turn that race into an error).
+WITH released AS (
+    UPDATE durably_runs
+    SET status = CASE
+            WHEN status = 'leased' AND (concurrency_key IS NULL OR NOT EXISTS (
+                SELECT 1 FROM durably_runs AS other
+                WHERE other.concurrency_key = durably_runs.concurrency_key AND other.status = 'pending'))
+            THEN 'pending' ELSE status END,
+        lease_expires_at = %(now)s, lease_owner = NULL, updated_at = %(now)s
+    WHERE id = %(id)s AND status IN ('leased', 'cancelled') AND lease_generation = %(generation)s
+    RETURNING id, status
+)
+SELECT pg_notify(%(channel)s, id || ' ' || status || ' ' || %(origin)s) FROM released
+
+-- name: expire_leases
+WITH expired AS (
+    UPDATE durably_runs SET lease_expires_at = %(now)s, lease_owner = NULL, updated_at = %(now)s
+    WHERE status IN ('leased', 'cancelled') AND lease_expires_at > %(now)s
+    RETURNING id, status
+)
+SELECT pg_notify(%(channel)s, id || ' ' || status || ' ' || %(origin)s) FROM expired
+
+-- name: record_step
+-- One statement, so it is its own committed transaction on the hot path. A failed
+-- row at the same position (a resumed run executing its failed step again) is replaced.
+-- FOR SHARE makes the fence exact: a takeover (claim_run's UPDATE of the run row) either
+-- committed before, and the recheck of the locked row sees the new generation, or waits
+-- until this step is committed, so the new owner's replay reads it.
+INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt)
+SELECT %(run_id)s, %(seq)s, %(name)s, %(status)s, %(output)s, %(error)s, %(started_at)s,
+       %(completed_at)s, %(kind)s, %(attempt)s
+WHERE EXISTS (
+    SELECT 1 FROM durably_runs
+    WHERE id = %(run_id)s AND status = 'leased' AND lease_generation = %(generation)s
+    FOR SHARE)
+ON CONFLICT (run_id, seq) DO UPDATE
+SET name = excluded.name, status = excluded.status, output = excluded.output, error = excluded.error,
+    started_at = excluded.started_at, completed_at = excluded.completed_at, kind = excluded.kind,
+    attempt = excluded.attempt
+WHERE durably_steps.status = 'failed'
+
+-- name: record_failed_step
+INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, attempt)
+VALUES (%(run_id)s, %(seq)s, %(name)s, 'failed', NULL, %(error)s, %(started_at)s, %(completed_at)s, %(attempt)s)
+ON CONFLICT (run_id, seq) DO UPDATE
+SET status = 'failed', error = excluded.error, started_at = excluded.started_at,
+    completed_at = excluded.completed_at, attempt = excluded.attempt
+
+-- name: set_progress
+UPDATE durably_runs
+SET progress_current = %(current)s, progress_total = %(total)s, progress_message = %(message)s,
+    updated_at = %(now)s
+WHERE id = %(id)s AND status = 'leased' AND lease_generation = %(generation)s
+
+-- name: finish_run
+WITH finished AS (
+    UPDATE durably_runs
+    SET status = %(status)s, output = %(output)s, error = %(error)s, completed_at = %(now)s,
+        updated_at = %(now)s, lease_owner = NULL, lease_expires_at = NULL
+    WHERE id = %(id)s AND status = 'leased' AND lease_generation = %(generation)s
+    RETURNING id, status
+)
+SELECT pg_notify(%(channel)s, id || ' ' || status || ' ' || %(origin)s) FROM finished
+
+-- name: lock_leased_run
+-- The fence of a multi-statement write, and the row lock that orders it against
+-- send_signal (which locks the same row first).
+SELECT id FROM durably_runs
+WHERE id = %(id)s AND status = 'leased' AND lease_generation = %(generation)s
+FOR UPDATE
+
+-- name: wait_run
+-- Durable waiting: the leased run gives up its lease and slot and becomes claimable
+-- again at :until (fenced by lock_leased_run, earlier in the transaction). A signal
+-- wait whose signal arrived meanwhile (sent while the run was leased) is due at once:
+-- send_signal locks the run row before writing, so this statement (started after the
+-- lock was taken) sees every signal committed before, and any later one finds the run
+-- waiting and wakes it.
+WITH waiting AS (
+    UPDATE durably_runs
+    SET status = 'waiting',
+        available_at = CASE
+            WHEN %(reason)s = 'signal' AND EXISTS (
+                SELECT 1 FROM durably_signals AS s
+                WHERE s.run_id = %(id)s AND s.name = %(step_name)s AND s.consumed_at IS NULL)
+            THEN %(now)s ELSE %(until)s END,
+        wait_reason = %(reason)s, wait_step = %(step_name)s, wait_deadline = %(deadline)s,
+        lease_owner = NULL, lease_expires_at = NULL, updated_at = %(now)s
+    WHERE id = %(id)s AND status = 'leased' AND lease_generation = %(generation)s
+    RETURNING id
+)
+SELECT pg_notify(%(channel)s, id || ' waiting' || ' ' || %(origin)s) FROM waiting
+
+-- name: find_signal_by_id
+SELECT id FROM durably_signals WHERE run_id = %(run_id)s AND signal_id = %(signal_id)s
+
+-- name: insert_signal
+INSERT INTO durably_signals (run_id, name, signal_id, payload, created_at)
+VALUES (%(run_id)s, %(name)s, %(signal_id)s, %(payload)s, %(now)s)
+
+-- name: wake_for_signal
+-- A run waiting for this very signal is due now (announced: it is claimable again).
+WITH woken AS (
+    UPDATE durably_runs SET available_at = %(now)s, updated_at = %(now)s
+    WHERE id = %(run_id)s AND status = 'waiting' AND wait_reason = 'signal' AND wait_step = %(name)s
+    RETURNING id
+)
+SELECT pg_notify(%(channel)s, id || ' waiting' || ' ' || %(origin)s) FROM woken
+
+-- name: next_signal
+SELECT id, payload FROM durably_signals
+WHERE run_id = %(run_id)s AND name = %(name)s AND consumed_at IS NULL
+ORDER BY id LIMIT 1
+
+-- name: consume_signal
+UPDATE durably_signals SET consumed_at = %(now)s WHERE id = %(id)s AND consumed_at IS NULL
+
+-- name: reject_signal
+-- Only the run's live lease holder may drop a signal (its waiting handler refused the
+-- payload); FOR SHARE fences it exactly, as in record_step.
+DELETE FROM durably_signals
+WHERE id = %(id)s AND consumed_at IS NULL AND EXISTS (
+    SELECT 1 FROM durably_runs
+    WHERE durably_runs.id = durably_signals.run_id AND status = 'leased'
+      AND lease_generation = %(generation)s
+    FOR SHARE)
+
+-- name: insert_step_attempt
+INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at)
+VALUES (%(run_id)s, %(seq)s, %(name)s, %(attempt)s, %(error)s, %(started_at)s, %(completed_at)s)
+ON CONFLICT (run_id, seq, attempt) DO NOTHING
+
+-- name: list_step_attempts
+SELECT * FROM durably_step_attempts WHERE run_id = %(run_id)s ORDER BY seq, attempt
+
+-- name: count_step_attempts
+-- Per position: failed attempts in all (attempt numbering) and since the last resume (retry budget).
+SELECT seq, count(*) AS total, count(*) FILTER (WHERE NOT before_resume) AS current
+FROM durably_step_attempts WHERE run_id = %(run_id)s GROUP BY seq
+
+-- name: resume_run
+-- A failed or cancelled run goes back to pending; its attempt count is kept.
+WITH resumed AS (
+    UPDATE durably_runs
+    SET status = 'pending', available_at = %(now)s, output = NULL, error = NULL, completed_at = NULL,
+        lease_owner = NULL, lease_expires_at = NULL, updated_at = %(now)s
+    WHERE id = %(id)s AND status IN ('failed', 'cancelled')
+    RETURNING *
+)
+SELECT resumed.*, pg_notify(%(channel)s, resumed.id || ' pending' || ' ' || %(origin)s) FROM resumed
+
+-- name: archive_failed_steps
+-- On resume the failed step's row becomes an attempt in the history (the step runs again).
+INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at)
+SELECT run_id, seq, name, attempt, error, started_at, completed_at
+FROM durably_steps WHERE run_id = %(run_id)s AND status = 'failed'
+ON CONFLICT (run_id, seq, attempt) DO NOTHING
+
+-- name: delete_failed_steps
+DELETE FROM durably_steps WHERE run_id = %(run_id)s AND status = 'failed'
+
+-- name: mark_attempts_before_resume
+UPDATE durably_step_attempts SET before_resume = true WHERE run_id = %(run_id)s
+
+-- name: copy_steps_for_fork
+-- fork_run: the source's completed steps before the fork point, at the same positions.
+INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt)
+SELECT %(new_id)s, seq, name, status, output, error, started_at, completed_at, kind, attempt
+FROM durably_steps WHERE run_id = %(source_id)s AND status = 'completed' AND seq < %(before_seq)s
+
+-- name: drop_step_outputs
+UPDATE durably_steps SET output = NULL WHERE run_id = %(run_id)s
+
+-- name: list_steps
+SELECT * FROM durably_steps WHERE run_id = %(run_id)s ORDER BY seq
+
+-- name: list_completed_steps
+SELECT * FROM durably_steps WHERE run_id = %(run_id)s AND status = 'completed' ORDER BY seq
+
+-- name: append_log
+INSERT INTO durably_logs (run_id, step_name, level, message, data, created_at)
+VALUES (%(run_id)s, %(step_name)s, %(level)s, %(message)s, %(data)s, %(created_at)s)
+
+-- name: list_logs
+SELECT * FROM durably_logs WHERE run_id = %(run_id)s ORDER BY id

@@ -1,0 +1,1 @@
+"""Test helpers shared by every suite (throwaway servers, launchers)."""
