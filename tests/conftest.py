@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import sqlite3
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,8 +20,35 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "test.db"
 
 
+#: The backends a module marked ``all_backends`` runs its engine tests on. A test that reads
+#: the SQLite file itself (it takes ``sql`` or ``db_path``) or is marked ``sqlite_only`` stays
+#: on SQLite. Inside Pyodide there is no PostgreSQL (nor any network socket).
+ENGINE_BACKENDS = ["sqlite"] if "_pyodide_core" in sys.modules else ["sqlite", "postgres"]
+_SQLITE_FILE_FIXTURES = {"sql", "db_path"}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    definition = metafunc.definition
+    if not definition.get_closest_marker("all_backends") or definition.get_closest_marker("sqlite_only"):
+        return
+    if "db_url" not in metafunc.fixturenames:
+        return
+    direct = set(inspect.signature(metafunc.function).parameters)
+    if direct & _SQLITE_FILE_FIXTURES:
+        return
+    metafunc.parametrize("backend", ENGINE_BACKENDS, indirect=True)
+
+
 @pytest.fixture
-def db_url(db_path: Path) -> str:
+def backend(request: pytest.FixtureRequest) -> str:
+    """The storage backend of this test: "sqlite" unless the module runs on all backends."""
+    return getattr(request, "param", "sqlite")
+
+
+@pytest.fixture
+def db_url(request: pytest.FixtureRequest, backend: str, db_path: Path) -> str:
+    if backend == "postgres":
+        return str(request.getfixturevalue("postgres_url"))
     # db_path is absolute, so this is sqlite:////abs/path/test.db
     return f"sqlite:///{db_path}"
 

@@ -15,6 +15,8 @@ from helpers import read_lines, start_process, wait_event, wait_for_lines, wait_
 
 from durably_web import CancelledError, Event, LeaseLostError, StepContext, define_job
 
+pytestmark = pytest.mark.all_backends
+
 # --- leases: reclaim and fencing -----------------------------------------------------------------------
 
 

@@ -23,6 +23,8 @@ from durably_web import (
     define_job,
 )
 
+pytestmark = pytest.mark.all_backends
+
 
 class Counter:
     def __init__(self) -> None:

@@ -32,6 +32,8 @@ from durably_web import (
 from durably_web.retry import NO_RETRY
 from durably_web.storage import StepRecord
 
+pytestmark = pytest.mark.all_backends
+
 
 def failing(times: int, exc: type[Exception] = OSError):
     """A step callable that raises ``exc`` on its first ``times`` calls, then returns the call count."""

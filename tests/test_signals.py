@@ -30,6 +30,8 @@ from durably_web import (
     define_job,
 )
 
+pytestmark = pytest.mark.all_backends
+
 
 class Approval(BaseModel):
     by: str

@@ -20,6 +20,8 @@ from helpers import (
 
 from durably_web import Durably, Event, NonDeterministicReplayError, StepContext, define_job
 
+pytestmark = pytest.mark.all_backends
+
 
 async def test_sleep_makes_the_run_wait_then_continue_and_is_recorded_as_a_checkpoint(make_durably, sql):
     clock = FakeClock()

@@ -24,6 +24,8 @@ from pydantic import BaseModel
 from durably_web import StepContext, StepError, define_job
 from durably_web.serialization import _NO_TYPE, decode, encode
 
+pytestmark = pytest.mark.all_backends
+
 # --- types used through return annotations (module level so annotations resolve) ---------------
 
 
