@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 from collections import deque
@@ -56,6 +57,13 @@ class ErrorReporter(Protocol):
     def __call__(
         self, exc: BaseException, *, run_id: str | None = None, job_name: str | None = None
     ) -> None: ...
+
+
+logger = logging.getLogger("durably_web")
+
+#: After a failed claim, the claim loop waits at least this long, doubling per failure in a row.
+_FIRST_CLAIM_BACKOFF = 0.1
+_LONGEST_CLAIM_BACKOFF = 10.0
 
 
 class _ShutdownSignal(BaseException):
@@ -475,16 +483,28 @@ class Worker:
         self._timers.add(handle)
 
     async def _claim_loop(self) -> None:
+        failures = 0  # claims in a row that failed (the database is down or unreachable)
         while not self._stopping:
             self._wake.clear()
             try:
                 await self._claim_available()
                 await self._purge_if_due()
             except Exception as exc:
-                self.report_error(exc)
+                failures += 1
+                if failures == 1 or failures % 10 == 0:  # an outage is reported, not every poll of it
+                    self.report_error(exc)
+            else:
+                if failures:
+                    logger.warning("durably-web worker: storage answers again (%d failed claims)", failures)
+                failures = 0
+            # While claims fail, wait longer each time (up to _LONGEST_CLAIM_BACKOFF) instead of
+            # hammering a database that is restarting; notifications still wake the loop early.
+            wait = self.config.polling_interval
+            if failures:
+                wait = max(wait, min(_FIRST_CLAIM_BACKOFF * 2 ** (failures - 1), _LONGEST_CLAIM_BACKOFF))
             try:
                 # asyncio.timeout, not wait_for: no task per poll (wait_for wraps one in 3.11).
-                async with asyncio.timeout(self.config.polling_interval):
+                async with asyncio.timeout(wait):
                     await self._wake.wait()
             except TimeoutError:
                 pass

@@ -193,7 +193,7 @@ class Store(ABC):
 
     @abstractmethod
     async def cancel_run(self, run_id: str, now: int) -> RunRecord:
-        """Pending or leased → cancelled; already cancelled is returned as is.
+        """Pending, leased or waiting → cancelled; already cancelled is returned as is.
 
         Raise ``NotFoundError`` / ``ConflictError`` (completed or failed).
         """
@@ -262,7 +262,8 @@ class Store(ABC):
         """Leased → 'waiting' until ``until`` (fenced), in one transaction with what it waits
         for: the ``failed_attempt`` to retry (an attempt record) and/or a ``step`` to record
         (a sleep's checkpoint). The lease is given up; ``claim_run`` takes the run again once
-        ``until`` is due."""
+        ``until`` is due. A signal wait (``reason="signal"``) whose signal was stored meanwhile
+        (sent after the handler last looked) is due at once, so no delivery is lost."""
 
     @abstractmethod
     async def count_step_attempts(self, run_id: str) -> dict[int, tuple[int, int]]:
