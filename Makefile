@@ -24,13 +24,14 @@ site: $(VENV)/.installed
 	$(PY) build.py
 	$(PY) build.py test-site
 
+# --timeout: a test that hangs fails (with every thread's traceback) instead of stalling the run.
 test: lint site
-	DURABLY_SKIP_SITE_BUILD=1 $(PY) -m pytest
+	DURABLY_SKIP_SITE_BUILD=1 $(PY) -m pytest --timeout=900
 
 # The tests marked slow, which `make test` leaves out: the browser reload torture (OPFS
 # and IndexedDB) and the browser benchmarks (~6 min together). CI runs them after `make test`.
 test-slow: site
-	DURABLY_SKIP_SITE_BUILD=1 $(PY) -m pytest -m slow
+	DURABLY_SKIP_SITE_BUILD=1 $(PY) -m pytest --timeout=1800 -m slow
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_core.py
