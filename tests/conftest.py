@@ -29,6 +29,8 @@ _SQLITE_FILE_FIXTURES = {"sql", "db_path"}
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     definition = metafunc.definition
+    if len(ENGINE_BACKENDS) == 1:
+        return  # no parameter (inside Pyodide, test ids stay as the NEEDS_CPYTHON list names them)
     if not definition.get_closest_marker("all_backends") or definition.get_closest_marker("sqlite_only"):
         return
     if "db_url" not in metafunc.fixturenames:

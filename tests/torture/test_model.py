@@ -27,7 +27,6 @@ from hypothesis.stateful import (
     initialize,
     invariant,
     multiple,
-    precondition,
     rule,
 )
 
@@ -227,7 +226,9 @@ class DurablyModel(RuleBasedStateMachine):
             if record["status"] in ("pending", "leased"):
                 record["status"] = FINAL[record["job"]]
 
-    @precondition(lambda self: any(r["status"] in ("pending", "leased") for r in self.model.values()))
+    # No precondition: whether runs are still unfinished depends on how far a crashed worker
+    # got, which is timing, and hypothesis needs the same draws to enable the same rules
+    # (FlakyStrategyDefinition otherwise). With nothing unfinished a crash changes nothing.
     @rule(delay=st.sampled_from([0.0, 0.005, 0.01, 0.02, 0.04]))
     def crash(self, delay: float) -> None:
         """Start a worker, let it run a moment, then drop it (and the client) without stop()."""
