@@ -595,6 +595,28 @@ async def test_an_expired_lease_is_claimable_again(store):
     assert second.started_at == first.started_at == 1000  # the first start is kept
 
 
+async def test_a_claim_walks_only_the_unfinished_runs_however_many_have_finished(store, postgres_url):
+    # The planner must see that a claim wants only unfinished runs (durably_runs_active);
+    # walking the primary key instead passes over every finished run older than the first
+    # claimable one, and the claim slows down with every run that completes.
+    from durably_web.storage.postgres.store import Q
+
+    # A backlog behind many finished runs: the planner expects a claimable run soon in any
+    # order, and the primary key's order finds it only after every finished one.
+    await store.create_runs([new_run(f"r{i:04}", at=1000 + i) for i in range(1000)])
+    await sql(postgres_url, "UPDATE durably_runs SET status = 'completed', completed_at = 1 WHERE id < 'r05'")
+    await sql(postgres_url, "ANALYZE durably_runs")
+    params = {
+        "now": 5000,
+        "job_names": ["job"],
+        "passed_over": [],
+    }
+    plan = [row[0] for row in await sql(postgres_url, "EXPLAIN " + Q["find_claimable_run"], params)]
+    scans = [line for line in plan if "Scan" in line and " on durably_runs r" in line]
+    assert scans and not any("durably_runs_pkey" in line for line in scans), plan
+    assert (await claim(store, now=5000)).id == "r0500"
+
+
 async def test_a_concurrency_key_blocks_while_another_run_holds_a_live_lease(store):
     await store.create_runs([new_run("a1", key="k"), new_run("b1", key="other")])
     a1 = await claim(store, now=1000, until=2000)

@@ -146,8 +146,14 @@ SELECT pg_notify(%(channel)s, id || ' deleted ' || %(origin)s) FROM purged
 -- the row returned is rechecked against these conditions in its latest committed version.
 -- The concurrency-key condition is only a first filter here (it reads this statement's
 -- snapshot); lease_run checks it again under the key's lock.
+-- The first condition is implied by the second, but the planner does not see that
+-- through the OR: stated on its own it lets the claim walk durably_runs_active (the
+-- unfinished runs, in id order) instead of the primary key, which passes over every
+-- finished run older than the oldest claimable one, so a claim got slower with every run
+-- that completed (0.2 ms behind 1,000 finished runs, where this takes 0.02 ms).
 SELECT r.id, r.concurrency_key FROM durably_runs AS r
-WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= %(now)s)
+WHERE r.status IN ('pending', 'leased', 'waiting')
+  AND ((r.status IN ('pending', 'waiting') AND r.available_at <= %(now)s)
        OR (r.status = 'leased' AND r.lease_expires_at <= %(now)s))
   AND r.job_name = ANY(%(job_names)s::text[])
   AND r.id <> ALL(%(passed_over)s::text[])
