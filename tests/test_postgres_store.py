@@ -610,10 +610,15 @@ async def test_a_claim_walks_only_the_unfinished_runs_however_many_have_finished
         "now": 5000,
         "job_names": ["job"],
         "passed_over": [],
+        "worker_id": "w1",
+        "lease_until": 9000,
+        "channel": "c",
+        "origin": "o",
     }
-    plan = [row[0] for row in await sql(postgres_url, "EXPLAIN " + Q["find_claimable_run"], params)]
-    scans = [line for line in plan if "Scan" in line and " on durably_runs r" in line]
-    assert scans and not any("durably_runs_pkey" in line for line in scans), plan
+    for name in ("claim_unkeyed_run", "find_claimable_run"):
+        plan = [row[0] for row in await sql(postgres_url, "EXPLAIN " + Q[name], params)]
+        scans = [line for line in plan if "Scan" in line and " on durably_runs r" in line]
+        assert scans and not any("durably_runs_pkey" in line for line in scans), (name, plan)
     assert (await claim(store, now=5000)).id == "r0500"
 
 
@@ -1426,6 +1431,45 @@ async def test_watch_changes_hears_changes_made_by_another_store(store, postgres
         stop()  # twice: harmless
     finally:
         await other.close()
+
+
+async def test_each_claim_and_finish_is_announced_once_on_either_path(store, postgres_url):
+    # A run without a key is claimed (and finished) in one statement; one with a key, or a
+    # failed run with its failed step, in a transaction after the one statement found it.
+    listener = open_store(postgres_url)
+    heard: list[tuple[str, str]] = []
+    try:
+        await listener.watch_changes(lambda run_id, status: heard.append((run_id, status)))
+        await store.create_runs([new_run("k1", key="k"), new_run("u1", at=1001)])
+        keyed = await claim(store)
+        unkeyed = await claim(store)
+        assert (keyed.id, unkeyed.id) == ("k1", "u1")
+        assert await claim(store) is None
+        assert await finish(store, "u1", unkeyed.lease_generation)
+        assert await store.finish_run(
+            "k1",
+            keyed.lease_generation,
+            status="failed",
+            output_json=None,
+            error_json='{"message": "boom"}',
+            failed_step=step("k1", 0, "s", status="failed"),
+            drop_step_outputs=False,
+            now=2000,
+        )
+        assert not await finish(store, "u1", unkeyed.lease_generation)  # already finished
+        expected = [
+            ("k1", "pending"),
+            ("u1", "pending"),
+            ("k1", "leased"),
+            ("u1", "leased"),
+            ("u1", "completed"),
+            ("k1", "failed"),
+        ]
+        await wait_until(lambda: len(heard) >= len(expected))
+        await asyncio.sleep(0.1)  # nothing more arrives
+        assert heard == expected
+    finally:
+        await listener.close()
 
 
 async def test_a_failing_listener_does_not_stop_the_others(store, postgres_url, caplog):
