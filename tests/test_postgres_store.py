@@ -1472,6 +1472,34 @@ async def test_each_claim_and_finish_is_announced_once_on_either_path(store, pos
         await listener.close()
 
 
+async def test_a_durably_reads_a_run_changed_elsewhere_only_for_an_event_it_listens_for(postgres_url):
+    # Each process hears every other one's changes; reading the run for each (to build an
+    # event nobody wants) cost every worker two queries per run done elsewhere.
+    from durably_web import Durably, StepContext, define_job
+
+    @define_job("one-step")
+    async def one_step(step: StepContext, payload: dict) -> None:
+        await step.run("only", lambda: None)
+
+    async with (
+        Durably(postgres_url, worker=False) as watcher,
+        Durably(postgres_url, jobs=[one_step]) as worker,
+    ):
+        reads: list[str] = []
+        read = watcher.store.get_run
+
+        async def counted(run_id: str) -> Any:
+            reads.append(run_id)
+            return await read(run_id)
+
+        watcher.store.get_run = counted  # type: ignore[method-assign]
+        completed: list[str] = []
+        watcher.on("run:complete", lambda event: completed.append(event.run_id))
+        run = await worker.trigger(one_step, {})  # pending, leased, completed: heard by the watcher
+        await wait_until(lambda: completed == [run.id])
+        assert reads == [run.id]  # for run:complete only
+
+
 async def test_a_failing_listener_does_not_stop_the_others(store, postgres_url, caplog):
     heard: list[str] = []
 
