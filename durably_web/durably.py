@@ -56,6 +56,14 @@ MAX_LABEL_VALUE = 512
 MAX_KEY_LENGTH = 255
 MAX_SECONDS = 1e12
 _STATUS_EVENT = {"completed": "run:complete", "failed": "run:fail", "cancelled": "run:cancel"}
+#: The event a change notification of each status can become (``_change_event``).
+_CHANGE_EVENT = {
+    **_STATUS_EVENT,
+    "deleted": "run:delete",
+    "leased": "run:leased",
+    "waiting": "run:waiting",
+    "pending": "run:trigger",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,6 +264,10 @@ class Durably:
         while True:
             run_id, status = await changes.get()
             if not run_id:  # reconnected: anything may have changed meanwhile; pollers catch up
+                continue
+            if not self.bus.wants(_CHANGE_EVENT.get(status, "")):
+                # Nobody here listens for what it would become: spare the read. Every process
+                # hears every change of every other one, two or more per run.
                 continue
             try:
                 event = await self._change_event(run_id, status)

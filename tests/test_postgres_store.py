@@ -595,6 +595,33 @@ async def test_an_expired_lease_is_claimable_again(store):
     assert second.started_at == first.started_at == 1000  # the first start is kept
 
 
+async def test_a_claim_walks_only_the_unfinished_runs_however_many_have_finished(store, postgres_url):
+    # The planner must see that a claim wants only unfinished runs (durably_runs_active);
+    # walking the primary key instead passes over every finished run older than the first
+    # claimable one, and the claim slows down with every run that completes.
+    from durably_web.storage.postgres.store import Q
+
+    # A backlog behind many finished runs: the planner expects a claimable run soon in any
+    # order, and the primary key's order finds it only after every finished one.
+    await store.create_runs([new_run(f"r{i:04}", at=1000 + i) for i in range(1000)])
+    await sql(postgres_url, "UPDATE durably_runs SET status = 'completed', completed_at = 1 WHERE id < 'r05'")
+    await sql(postgres_url, "ANALYZE durably_runs")
+    params = {
+        "now": 5000,
+        "job_names": ["job"],
+        "passed_over": [],
+        "worker_id": "w1",
+        "lease_until": 9000,
+        "channel": "c",
+        "origin": "o",
+    }
+    for name in ("claim_unkeyed_run", "find_claimable_run"):
+        plan = [row[0] for row in await sql(postgres_url, "EXPLAIN " + Q[name], params)]
+        scans = [line for line in plan if "Scan" in line and " on durably_runs r" in line]
+        assert scans and not any("durably_runs_pkey" in line for line in scans), (name, plan)
+    assert (await claim(store, now=5000)).id == "r0500"
+
+
 async def test_a_concurrency_key_blocks_while_another_run_holds_a_live_lease(store):
     await store.create_runs([new_run("a1", key="k"), new_run("b1", key="other")])
     a1 = await claim(store, now=1000, until=2000)
@@ -1214,12 +1241,16 @@ async def test_claimers_on_many_stores_never_run_two_runs_of_one_key_at_once(pos
                 continue
             claimed_at = time.monotonic()
             claims += 1
+            # Live by the clock now, not by this claim's reading (``now``): a run another
+            # worker released since then stays 'leased' (when another run of its key is
+            # pending) with its lease ending at that worker's later reading, and would count
+            # as live against the older one.
             live = await sql(
                 postgres_url,
                 "SELECT concurrency_key, array_agg(id) FROM durably_runs "
                 "WHERE status IN ('leased', 'cancelled') AND lease_expires_at > %s "
                 "GROUP BY concurrency_key HAVING count(*) > 1",
-                (now,),
+                (int(time.time() * 1000),),
             )
             if live:
                 violations.append(live)
@@ -1400,6 +1431,73 @@ async def test_watch_changes_hears_changes_made_by_another_store(store, postgres
         stop()  # twice: harmless
     finally:
         await other.close()
+
+
+async def test_each_claim_and_finish_is_announced_once_on_either_path(store, postgres_url):
+    # A run without a key is claimed (and finished) in one statement; one with a key, or a
+    # failed run with its failed step, in a transaction after the one statement found it.
+    listener = open_store(postgres_url)
+    heard: list[tuple[str, str]] = []
+    try:
+        await listener.watch_changes(lambda run_id, status: heard.append((run_id, status)))
+        await store.create_runs([new_run("k1", key="k"), new_run("u1", at=1001)])
+        keyed = await claim(store)
+        unkeyed = await claim(store)
+        assert (keyed.id, unkeyed.id) == ("k1", "u1")
+        assert await claim(store) is None
+        assert await finish(store, "u1", unkeyed.lease_generation)
+        assert await store.finish_run(
+            "k1",
+            keyed.lease_generation,
+            status="failed",
+            output_json=None,
+            error_json='{"message": "boom"}',
+            failed_step=step("k1", 0, "s", status="failed"),
+            drop_step_outputs=False,
+            now=2000,
+        )
+        assert not await finish(store, "u1", unkeyed.lease_generation)  # already finished
+        expected = [
+            ("k1", "pending"),
+            ("u1", "pending"),
+            ("k1", "leased"),
+            ("u1", "leased"),
+            ("u1", "completed"),
+            ("k1", "failed"),
+        ]
+        await wait_until(lambda: len(heard) >= len(expected))
+        await asyncio.sleep(0.1)  # nothing more arrives
+        assert heard == expected
+    finally:
+        await listener.close()
+
+
+async def test_a_durably_reads_a_run_changed_elsewhere_only_for_an_event_it_listens_for(postgres_url):
+    # Each process hears every other one's changes; reading the run for each (to build an
+    # event nobody wants) cost every worker two queries per run done elsewhere.
+    from durably_web import Durably, StepContext, define_job
+
+    @define_job("one-step")
+    async def one_step(step: StepContext, payload: dict) -> None:
+        await step.run("only", lambda: None)
+
+    async with (
+        Durably(postgres_url, worker=False) as watcher,
+        Durably(postgres_url, jobs=[one_step]) as worker,
+    ):
+        reads: list[str] = []
+        read = watcher.store.get_run
+
+        async def counted(run_id: str) -> Any:
+            reads.append(run_id)
+            return await read(run_id)
+
+        watcher.store.get_run = counted  # type: ignore[method-assign]
+        completed: list[str] = []
+        watcher.on("run:complete", lambda event: completed.append(event.run_id))
+        run = await worker.trigger(one_step, {})  # pending, leased, completed: heard by the watcher
+        await wait_until(lambda: completed == [run.id])
+        assert reads == [run.id]  # for run:complete only
 
 
 async def test_a_failing_listener_does_not_stop_the_others(store, postgres_url, caplog):

@@ -13,7 +13,9 @@ the data committed when it started. Where that matters:
   advisory lock and only then checks the key once more, in a new statement (whose snapshot
   includes every lease committed by whoever held the lock before). It only *tries* the
   lock: a key being claimed or written right now is passed over (the next poll or
-  notification gets it), so a claim never waits and never deadlocks.
+  notification gets it), so a claim never waits and never deadlocks. A run without a
+  key needs none of that: it is found and leased in one statement (one round trip), and
+  only a claim whose oldest candidate has a key goes on to that transaction.
 * **Who else takes a key's lock.** Every transaction that could make a run of the key
   pending (``create_runs``, ``release_run``, ``resume_run``: the database allows one
   pending run per key, and a race would be a unique violation) or keep a lease alive
@@ -522,6 +524,22 @@ class PostgresStore(Store):
         names = list(job_names)
         if not names:
             return None
+        lease = {
+            "worker_id": worker_id,
+            "now": now,
+            "lease_until": lease_until,
+            "channel": self.channel,
+            "origin": self._origin,
+        }
+        # The fast path: a run without a concurrency key (or nothing to claim) takes one
+        # statement, where the transaction below takes four round trips (BEGIN, find,
+        # lease, COMMIT). A claim whose oldest candidate has a key pays one more.
+        async with self._connection() as conn:
+            fast = await _one(conn, "claim_unkeyed_run", {**lease, "job_names": names})
+        if fast is None:
+            return None
+        if fast["id"] is not None:
+            return _run(fast)
         passed_over: list[str] = []
         async with self._transaction() as conn:
             for _ in range(_CLAIM_CANDIDATES):
@@ -540,18 +558,7 @@ class PostgresStore(Store):
                     if not (locked and locked["locked"]):
                         passed_over.append(found["id"])
                         continue
-                row = await _one(
-                    conn,
-                    "lease_run",
-                    {
-                        "id": found["id"],
-                        "worker_id": worker_id,
-                        "now": now,
-                        "lease_until": lease_until,
-                        "channel": self.channel,
-                        "origin": self._origin,
-                    },
-                )
+                row = await _one(conn, "lease_run", {**lease, "id": found["id"]})
                 if row is not None:
                     return _run(row)
                 passed_over.append(found["id"])  # another run of its key was leased meanwhile
@@ -832,22 +839,23 @@ class PostgresStore(Store):
         drop_step_outputs: bool,
         now: int,
     ) -> bool:
+        params = {
+            "id": run_id,
+            "generation": generation,
+            "status": status,
+            "output": output_json,
+            "error": error_json,
+            "now": now,
+            "channel": self.channel,
+            "origin": self._origin,
+        }
+        if failed_step is None and not drop_step_outputs:
+            # The usual end of a run is this one statement: no transaction around it (which
+            # would add BEGIN and COMMIT, two more round trips).
+            async with self._connection() as conn:
+                return await _count(conn, "finish_run", params) == 1
         async with self._transaction() as conn:
-            changed = await _count(
-                conn,
-                "finish_run",
-                {
-                    "id": run_id,
-                    "generation": generation,
-                    "status": status,
-                    "output": output_json,
-                    "error": error_json,
-                    "now": now,
-                    "channel": self.channel,
-                    "origin": self._origin,
-                },
-            )
-            if changed == 0:
+            if await _count(conn, "finish_run", params) == 0:
                 return False
             if failed_step is not None:
                 await conn.execute(
