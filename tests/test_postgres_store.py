@@ -1214,10 +1214,15 @@ async def test_claimers_on_many_stores_never_run_two_runs_of_one_key_at_once(pos
                 continue
             claimed_at = time.monotonic()
             claims += 1
+            # Held leases only (lease_owner set): a run released while another run of its
+            # key was pending stays 'leased' with lease_expires_at = the releaser's clock,
+            # which may be later than this claimer's `now` (read before its claim) without
+            # the lease being live for anyone.
             live = await sql(
                 postgres_url,
                 "SELECT concurrency_key, array_agg(id) FROM durably_runs "
-                "WHERE status IN ('leased', 'cancelled') AND lease_expires_at > %s "
+                "WHERE status IN ('leased', 'cancelled') AND lease_owner IS NOT NULL "
+                "AND lease_expires_at > %s "
                 "GROUP BY concurrency_key HAVING count(*) > 1",
                 (now,),
             )
