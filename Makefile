@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-slow lint site bench torture mutants clean
+.PHONY: demo test test-slow lint site bench torture torture-postgres mutants clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ bench: $(VENV)/.installed
 
 torture: $(VENV)/.installed
 	$(PY) benchmarks/torture.py
+
+# The same torture with the workers on a throwaway PostgreSQL cluster (apt-get install postgresql).
+torture-postgres: $(VENV)/.installed
+	$(PY) benchmarks/torture.py --postgres
 
 # Break the engine on purpose (in a temporary copy) and check the tests catch each break.
 mutants: $(VENV)/.installed

@@ -3,9 +3,13 @@ the side effects the steps record themselves, that nothing was lost or run twice
 steps, durable sleeps and signal waits included: see tests/torture/harness.py).
 
     python benchmarks/torture.py [--kills 200] [--two-process-kills 100] [--seed N] [--keep DIR]
+                                 [--postgres]
 
 Runs the single-worker torture (a restarted worker resumes at once) and the
-two-worker race on one SQLite file, then prints a table. Exits non-zero when
+two-worker race on one SQLite file, then prints a table. With ``--postgres`` both run
+on a throwaway PostgreSQL cluster instead (tests/support/postgres.py: the server
+binaries of ``apt-get install postgresql``), one empty database each; the checker's
+rules are the same. Exits non-zero when
 any invariant was violated. The seed (``--seed``, else ``$DURABLY_TORTURE_SEED``,
 else a random one) is printed with the table and every violation; the
 single-worker torture uses it and the two-worker one ``seed + 1``, so
@@ -97,23 +101,53 @@ def main() -> int:
         "--seed", type=int, default=None, help="random seed (default: $DURABLY_TORTURE_SEED, else random)"
     )
     parser.add_argument(
-        "--keep", type=Path, default=None, help="keep the databases and logs in this directory"
+        "--keep",
+        type=Path,
+        default=None,
+        help="keep the SQLite databases and the logs in this directory (a PostgreSQL cluster is removed)",
+    )
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="run the workers on a throwaway PostgreSQL cluster instead of SQLite files",
     )
     args = parser.parse_args()
     seed = choose_seed(args.seed)
     print(f"seed {seed}", file=sys.stderr, flush=True)
 
+    cluster = None
+    if args.postgres:
+        sys.path.insert(0, str(ROOT / "tests"))
+        from support.postgres import PostgresCluster, PostgresUnavailable
+
+        try:
+            cluster = PostgresCluster().start()
+        except PostgresUnavailable as exc:
+            print(f"--postgres: {exc}", file=sys.stderr)
+            return 2
+        print(f"PostgreSQL cluster {cluster.url()} ({cluster.bin_dir})", file=sys.stderr, flush=True)
+    if cluster is not None:
+        modes = ("1 worker, PostgreSQL", "2 workers, 1 database")
+    else:
+        modes = ("1 worker", "2 workers, 1 file")
     rows: list[tuple[str, TortureResult]] = []
-    with tempfile.TemporaryDirectory(prefix="durably-torture-") as tmp:
-        base = args.keep or Path(tmp)
-        plan = [("1 worker", 1, args.kills), ("2 workers, 1 file", 2, args.two_process_kills)]
-        for n, (mode, processes, kills) in enumerate(plan):
-            if kills <= 0:
-                continue
-            print(f"{mode}: {kills} kills, seed {seed + n} ...", file=sys.stderr, flush=True)
-            result = run_torture(base / f"p{processes}", kills=kills, processes=processes, seed=seed + n)
-            print(f"  {result.summary()}", file=sys.stderr, flush=True)
-            rows.append((mode, result))
+    try:
+        with tempfile.TemporaryDirectory(prefix="durably-torture-") as tmp:
+            base = args.keep or Path(tmp)
+            plan = [(modes[0], 1, args.kills), (modes[1], 2, args.two_process_kills)]
+            for n, (mode, processes, kills) in enumerate(plan):
+                if kills <= 0:
+                    continue
+                print(f"{mode}: {kills} kills, seed {seed + n} ...", file=sys.stderr, flush=True)
+                db_url = cluster.create_database(f"torture_p{processes}") if cluster else None
+                result = run_torture(
+                    base / f"p{processes}", kills=kills, processes=processes, seed=seed + n, db_url=db_url
+                )
+                print(f"  {result.summary()}", file=sys.stderr, flush=True)
+                rows.append((mode, result))
+    finally:
+        if cluster is not None:
+            cluster.stop()
 
     print(table(rows))
     print()
@@ -136,7 +170,7 @@ def main() -> int:
     if failed:
         print(
             f"replay: python benchmarks/torture.py --kills {args.kills} "
-            f"--two-process-kills {args.two_process_kills} --seed {seed}"
+            f"--two-process-kills {args.two_process_kills} --seed {seed}" + (" --postgres" if cluster else "")
         )
     return 1 if failed else 0
 

@@ -94,6 +94,9 @@ class RunExecution:
         self.job_name = record.job_name
         self.attempt = record.attempt
         self.generation = record.lease_generation
+        # Until when (ms, this worker's clock) the database is known to hold our lease: set by
+        # the claim, moved on by every renewal that got through.
+        self.lease_until_ms = record.lease_expires_at
         self.sync_threads = worker.sync_threads
         # Cleared while a sync step's thread runs; a cancelled run keeps its
         # concurrency key until that thread is done.
@@ -132,6 +135,16 @@ class RunExecution:
             raise LeaseLostError(f"run {self.run_id}: lease lost before step {name!r}")
         if self.stop_reason == "shutdown":
             raise _ShutdownSignal
+        if self.lease_until_ms is not None and self.now_ms() >= self.lease_until_ms:
+            # No renewal got through before the lease ran out (the database was unreachable,
+            # or this loop stalled): another worker may own the run by now, and the renewal
+            # loop would only find out later. Starting the step could run it twice, even at
+            # once with its new owner; stop here as a lost lease instead.
+            self.stop_reason = "lease-lost"
+            raise LeaseLostError(
+                f"run {self.run_id}: this worker's lease (generation {self.generation}) ran out "
+                f"before it could be renewed; step {name!r} not started"
+            )
 
     def step_failed(self, step: StepRecord, exc: BaseException) -> None:
         self.failed_step = step
@@ -569,6 +582,10 @@ class Worker:
             except Exception as exc:
                 self.report_error(exc)
                 continue
+            for run_id, generation in running:
+                execution = self.active.get(run_id)
+                if run_id not in lost and execution is not None and execution.generation == generation:
+                    execution.lease_until_ms = until
             for run_id in lost:
                 execution = self.active.get(run_id)
                 if execution is not None:

@@ -126,6 +126,46 @@ async def test_a_worker_whose_lease_was_taken_over_cannot_write(make_durably):
     assert final.status == "completed" and final.progress is None
 
 
+async def test_a_worker_whose_lease_ran_out_unrenewed_starts_no_further_step(make_durably):
+    # Found by tests/test_postgres_workers.py: a worker whose calls (renewals included) were
+    # stuck while the server restarted got its answers back after its lease had expired and
+    # another worker had taken the run over, and went on to execute the run's next step
+    # (fenced at commit, but executed twice). Here the worker's clock jumps past its lease
+    # inside step "a", before the renewal loop (every 10 s) could notice.
+    offset = 0.0
+    executed: list[tuple[int, str]] = []
+
+    @define_job("outlived")
+    async def outlived(step: StepContext, payload: Any) -> str:
+        def a() -> str:
+            nonlocal offset
+            executed.append((step.attempt, "a"))
+            if step.attempt == 1:
+                offset += 60  # the lease (30 s) ran out during this step
+            return "a"
+
+        def b() -> str:
+            executed.append((step.attempt, "b"))
+            return "b"
+
+        return await step.run("a", a) + await step.run("b", b)
+
+    durably = await make_durably(
+        outlived, lease_duration=30, lease_renew_interval=10, clock=lambda: time.time() + offset
+    )
+    errors: list[Event] = []
+    durably.on("worker:error", errors.append)
+    run = await durably.trigger(outlived, None)
+    done = await durably.wait_for_run(run.id, timeout=30)
+    assert done.status == "completed" and done.output == "ab"
+    # "b" did not start under the expired lease: the run was claimed again (here by the
+    # same worker, its lease being expired) and "a" was replayed, not executed.
+    assert executed == [(1, "a"), (2, "b")]
+    assert done.attempt == 2
+    assert [e.data["error"].type for e in errors] == ["LeaseLostError"]
+    assert "ran out before it could be renewed" in errors[0].data["error"].message
+
+
 # --- cancellation -----------------------------------------------------------------
 
 

@@ -1241,14 +1241,15 @@ async def test_claimers_on_many_stores_never_run_two_runs_of_one_key_at_once(pos
                 continue
             claimed_at = time.monotonic()
             claims += 1
-            # Live by the clock now, not by this claim's reading (``now``): a run another
-            # worker released since then stays 'leased' (when another run of its key is
-            # pending) with its lease ending at that worker's later reading, and would count
-            # as live against the older one.
+            # Held leases only (lease_owner set), live by the clock now: a run released while
+            # another run of its key was pending stays 'leased' with lease_expires_at = the
+            # releaser's clock, which may be later than this claimer's earlier reading without
+            # the lease being live for anyone.
             live = await sql(
                 postgres_url,
                 "SELECT concurrency_key, array_agg(id) FROM durably_runs "
-                "WHERE status IN ('leased', 'cancelled') AND lease_expires_at > %s "
+                "WHERE status IN ('leased', 'cancelled') AND lease_owner IS NOT NULL "
+                "AND lease_expires_at > %s "
                 "GROUP BY concurrency_key HAVING count(*) > 1",
                 (int(time.time() * 1000),),
             )

@@ -10,7 +10,8 @@ succeeds or runs out of attempts, short ``step.sleep`` naps, and ``wait_for_sign
 runs whose signals this client sends with a ``signal_id``, before the run reaches
 its wait, while it waits, while no worker is alive, and twice)
 from a client in this process, runs them in worker subprocesses
-(``torture_jobs.py``) on one SQLite file, kills a worker ``kills`` times in a
+(``torture_jobs.py``) on one database (a SQLite file of its own, or the empty
+database ``db_url`` names: PostgreSQL), kills a worker ``kills`` times in a
 row (restarting it each time; some kills aimed at a moment a step is in
 flight), lets the last workers drain the queue, and checks, from the
 side-effect log (every step execution writes a begin line before its side
@@ -78,7 +79,6 @@ import os
 import random
 import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -91,6 +91,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torture_jobs
+from db_state import read_state
 
 from durably_web import ConflictError, Durably
 
@@ -958,6 +959,7 @@ class Torture:
         poll: float = 0.05,
         max_kill_delay: float = 0.6,
         drain_timeout: float = 180.0,
+        db_url: str | None = None,
     ) -> None:
         self.workdir = workdir
         self.kills = kills
@@ -967,8 +969,9 @@ class Torture:
         self.lease = lease
         self.max_kill_delay = max_kill_delay
         self.drain_timeout = drain_timeout
-        self.db_path = workdir / "torture.db"
-        self.db_url = f"sqlite:///{self.db_path}"
+        # By default a SQLite file of its own; any URL the workers can share (an empty
+        # PostgreSQL database) works the same way.
+        self.db_url = db_url or f"sqlite:///{workdir / 'torture.db'}"
         self.log_path = workdir / "side-effects.log"
         self.options = ["--lease", str(lease), "--renew", str(renew), "--poll", str(poll)]
         if processes == 1:
@@ -1339,26 +1342,18 @@ class Torture:
 
     # --- the invariants -------------------------------------------------------------------------
     def check(self) -> None:
-        conn = sqlite3.connect(self.db_path)
-        conn.row_factory = sqlite3.Row
-        try:
-            runs = {row["id"]: dict(row) for row in conn.execute("SELECT * FROM durably_runs")}
-            step_rows = [dict(row) for row in conn.execute("SELECT * FROM durably_steps")]
-            attempt_rows = [dict(row) for row in conn.execute("SELECT * FROM durably_step_attempts")]
-            signal_rows = [dict(row) for row in conn.execute("SELECT * FROM durably_signals")]
-        finally:
-            conn.close()
+        state = read_state(self.db_url)
         check_log(
             read_log(self.log_path),
-            runs,
-            step_rows,
+            state.runs,
+            state.steps,
             self.expected,
             self.killed,
             self.result,
             lease_ns=int(self.lease * 1e9),
             idempotency=self.idempotency,
-            attempt_rows=attempt_rows,
-            signal_rows=signal_rows,
+            attempt_rows=state.attempts,
+            signal_rows=state.signals,
         )
 
 
@@ -1373,10 +1368,12 @@ async def torture(
     poll: float = 0.05,
     max_kill_delay: float = 0.6,
     drain_timeout: float = 180.0,
+    db_url: str | None = None,
 ) -> TortureResult:
     """Run the crash torture in ``workdir`` (created if needed) and return its counts.
 
-    ``seed``: see :func:`choose_seed`; the result names the seed used.
+    ``seed``: see :func:`choose_seed`; the result names the seed used. ``db_url``: the
+    database (empty; default: a new SQLite file in ``workdir``), e.g. a PostgreSQL one.
     """
     harness = Torture(
         Path(workdir),
@@ -1388,6 +1385,7 @@ async def torture(
         poll=poll,
         max_kill_delay=max_kill_delay,
         drain_timeout=drain_timeout,
+        db_url=db_url,
     )
     return await harness.run()
 

@@ -2,6 +2,7 @@
 invariants from the steps' own side-effect log (the long run is benchmarks/torture.py),
 and unit tests of the checker itself on hand-made logs.
 
+The torture runs on a SQLite file and, marked ``postgres``, on a PostgreSQL database.
 Replay a failure with the seed it printed: ``DURABLY_TORTURE_SEED=N pytest tests/torture``.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from typing import Any
 
 import pytest
@@ -22,11 +24,29 @@ from durably_web import Durably, StepContext, define_job
 KILLS = 8
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["single-worker", "two-workers-one-file"])
+@pytest.fixture(
+    scope="module",
+    params=[
+        (1, "sqlite"),
+        (2, "sqlite"),
+        # The same torture with the workers on one PostgreSQL database (the session's cluster).
+        pytest.param((1, "postgres"), marks=pytest.mark.postgres),
+        pytest.param((2, "postgres"), marks=pytest.mark.postgres),
+    ],
+    ids=["single-worker", "two-workers-one-file", "single-worker-postgres", "two-workers-postgres"],
+)
 def torture_result(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> TortureResult:
     """One torture per mode, shared by the assertions below (each states one thing)."""
-    workdir = tmp_path_factory.mktemp(f"torture-{request.param}")
-    return run_torture(workdir, kills=KILLS, processes=request.param)
+    processes, backend = request.param
+    workdir = tmp_path_factory.mktemp(f"torture-{processes}-{backend}")
+    if backend == "sqlite":
+        return run_torture(workdir, kills=KILLS, processes=processes)
+    cluster = request.getfixturevalue("postgres_cluster")
+    name = f"torture_{uuid.uuid4().hex[:12]}"
+    try:
+        return run_torture(workdir, kills=KILLS, processes=processes, db_url=cluster.create_database(name))
+    finally:
+        cluster.drop_database(name)
 
 
 def test_torture_finds_no_violation(torture_result: TortureResult) -> None:

@@ -19,8 +19,9 @@ and, for the durable-waiting jobs (retries, sleeps, signals)::
     A <run_id> <step> <pid> <xid> <step_attempt> <wall_ms>   a retried step's execution (after its B
                                                              line): which attempt of the step it is
     F <run_id> <step> <pid> <xid>                            that execution fails on purpose (E follows)
-    W <run_id> <step> <reason> <due_ms> <after> <pid> <t>    a wait committed (the run:waiting event);
-                                                             after: the failed step attempt of a retry, else 0
+    W <run_id> <step> <reason> <due_ms> <after> <pid> <t>    a wait this process committed (its own
+                                                             run:waiting event); after: the failed
+                                                             step attempt of a retry, else 0
     H <run_id> <wait> <pid> <attempt> <wall_ms> <token>      the handler got past a sleep or a signal
                                                              wait (token: the signal's payload, - for a sleep)
 
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextvars
 import itertools
 import os
 import signal
@@ -182,6 +184,13 @@ def wall_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
+# The run the current task executes, set by the waiting jobs' handlers. The engine emits a
+# run's own events (run:waiting, step:retry) from the task that executes it; on PostgreSQL it
+# also re-emits other processes' changes, from a task of its own, and those W lines belong
+# to the process that committed the wait (it writes them itself).
+EXECUTING: contextvars.ContextVar[str | None] = contextvars.ContextVar("executing", default=None)
+
+
 RETRY_BACKOFF = 2.0
 RETRY_MAX_DELAY = 0.4
 
@@ -226,6 +235,7 @@ RETRY_STEPS = ["s0", "flaky", "s1"]
 
 @define_job("torture-retry", input=RetryIn, output=ChainOut)
 async def retrying(step: StepContext, payload: RetryIn) -> ChainOut:
+    EXECUTING.set(step.run_id)
     policy = RetryPolicy(
         max_attempts=payload.max_attempts,
         initial_delay=payload.delay,
@@ -254,6 +264,7 @@ def sleep_names(naps: int) -> tuple[list[str], list[str]]:
 
 @define_job("torture-sleep", input=SleepIn, output=ChainOut)
 async def sleeper(step: StepContext, payload: SleepIn) -> ChainOut:
+    EXECUTING.set(step.run_id)
     total = (await step.run("s0", effect_sync, step.run_id, "s0", step.attempt, 0.01, False))["v"]
     for i, seconds in enumerate(payload.naps):
         await step.sleep(f"nap-{i}", seconds)
@@ -301,6 +312,7 @@ async def after_signal(run_id: str, name: str, attempt: int, token: str) -> dict
     signals={f"go-{i}": Token for i in range(MAX_WAITS)},
 )
 async def signalled(step: StepContext, payload: SignalIn) -> SignalOut:
+    EXECUTING.set(step.run_id)
     total = (await step.run("s0", effect_sync, step.run_id, "s0", step.attempt, 0.02, False))["v"]
     tokens = []
     for i in range(payload.waits):
@@ -340,16 +352,20 @@ async def serve(args: argparse.Namespace) -> None:
 
     durably.on("worker:error", on_worker_error)
 
-    # The W lines: every committed wait, with its persisted wake-up time. Both events are
-    # emitted (synchronously, in this order) only after the wait's transaction committed.
+    # The W lines: every wait this process committed, with its persisted wake-up time. Both
+    # events are emitted (synchronously, in this order) only after the wait's transaction
+    # committed.
     retried: dict[str, int] = {}
 
     def on_retry(event: Event) -> None:
         assert event.run_id is not None
-        retried[event.run_id] = event.data["attempt"]
+        if EXECUTING.get() == event.run_id:
+            retried[event.run_id] = event.data["attempt"]
 
     def on_waiting(event: Event) -> None:
         assert event.run_id is not None
+        if EXECUTING.get() != event.run_id:
+            return  # another process's wait (PostgreSQL's notifications): it logs it itself
         due = event.data["due_at"]
         due_ms = -1 if due is None else round(due.timestamp() * 1000)
         after = retried.pop(event.run_id, 0) if event.data["reason"] == "retry" else 0
