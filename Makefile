@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: demo test test-slow lint site bench torture torture-postgres mutants clean
+.PHONY: demo test test-slow lint site bench bench-postgres torture torture-postgres mutants clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test-slow: site
 
 bench: $(VENV)/.installed
 	$(PY) benchmarks/bench_core.py
+
+# PostgreSQL next to SQLite (1, 2 and 4 worker processes); starts its own throwaway
+# cluster, so it needs the server binaries (apt-get install postgresql), not a server.
+bench-postgres: $(VENV)/.installed
+	$(PY) benchmarks/bench_postgres.py
 
 torture: $(VENV)/.installed
 	$(PY) benchmarks/torture.py
