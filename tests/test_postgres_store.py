@@ -334,7 +334,7 @@ async def test_pool_size_caps_the_connections(postgres_url):
                 seen.append(rows[0][0])
 
         await asyncio.gather(*(busy() for _ in range(10)))
-        assert 1 <= max(seen) <= 2
+        assert max(seen) <= 2, seen  # never more connections than pool_size
     finally:
         await store.close()
     # close() leaves no connection behind.

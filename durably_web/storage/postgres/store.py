@@ -63,6 +63,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ...errors import ConflictError, ExistingRunRefusedError, NotFoundError, SchemaVersionError, StorageError
 from ..base import ChangeListener, LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store
+from ..rows import new_run_record, run_from_row, step_from_row
 from .options import PostgresOptions
 
 logger = logging.getLogger("durably_web")
@@ -396,7 +397,7 @@ class PostgresStore(Store):
                     row = await _one(conn, "insert_run", self._insert_params(new))
                     if row is not None:
                         inserted.add(new.id)
-                        results.append((_new_run_record(new), "created"))
+                        results.append((new_run_record(new), "created"))
                         continue
                     # A unique index was taken after all. Under the locks above that is only
                     # a writer not following them (an older version?); report what it wrote.
@@ -420,7 +421,7 @@ class PostgresStore(Store):
                 {"job_name": new.job_name, "idempotency_key": new.idempotency_key},
             )
             if row is not None:
-                return _run(row), "idempotent"
+                return run_from_row(row), "idempotent"
         if new.concurrency_key is not None:
             row = await _one(
                 conn, "find_pending_by_concurrency_key", {"concurrency_key": new.concurrency_key}
@@ -431,7 +432,7 @@ class PostgresStore(Store):
                         f"run {row['id']} is already pending for concurrency key "
                         f"{new.concurrency_key!r} (pass coalesce='skip' to reuse it)"
                     )
-                return _run(row), "coalesced"
+                return run_from_row(row), "coalesced"
         return None
 
     def _insert_params(self, new: NewRun, *, keys: bool = True) -> dict[str, Any]:
@@ -453,7 +454,7 @@ class PostgresStore(Store):
     async def get_run(self, run_id: str) -> RunRecord | None:
         async with self._connection() as conn:
             row = await _one(conn, "get_run", {"id": run_id})
-        return None if row is None else _run(row)
+        return None if row is None else run_from_row(row)
 
     async def list_runs(self, run_filter: RunFilter) -> list[RunRecord]:
         params = {
@@ -470,7 +471,7 @@ class PostgresStore(Store):
             # automatic preparation would get after a few calls) cannot use the partial
             # and label indexes that the plan for the actual values uses.
             rows = await _all(conn, "list_runs", params, prepare=False)
-        return [_run(row) for row in rows]
+        return [run_from_row(row) for row in rows]
 
     async def cancel_run(self, run_id: str, now: int) -> RunRecord:
         async with self._transaction() as conn:
@@ -484,7 +485,7 @@ class PostgresStore(Store):
                     {"id": run_id, "now": now, "channel": self.channel, "origin": self._origin},
                 )
                 assert row is not None  # the row is locked and cancellable
-                record = _run(row)
+                record = run_from_row(row)
         return record
 
     async def delete_run(self, run_id: str) -> RunRecord:
@@ -515,7 +516,7 @@ class PostgresStore(Store):
         row = await _one(conn, query, {"id": run_id})
         if row is None:
             raise NotFoundError(f"run {run_id!r} not found")
-        return _run(row)
+        return run_from_row(row)
 
     # --- worker -------------------------------------------------------------------------
     async def claim_run(
@@ -539,7 +540,7 @@ class PostgresStore(Store):
         if fast is None:
             return None
         if fast["id"] is not None:
-            return _run(fast)
+            return run_from_row(fast)
         passed_over: list[str] = []
         async with self._transaction() as conn:
             for _ in range(_CLAIM_CANDIDATES):
@@ -560,7 +561,7 @@ class PostgresStore(Store):
                         continue
                 row = await _one(conn, "lease_run", {**lease, "id": found["id"]})
                 if row is not None:
-                    return _run(row)
+                    return run_from_row(row)
                 passed_over.append(found["id"])  # another run of its key was leased meanwhile
         return None
 
@@ -763,14 +764,14 @@ class PostgresStore(Store):
                 {"id": run_id, "now": now, "channel": self.channel, "origin": self._origin},
             )
             assert row is not None  # locked, and failed or cancelled
-            return _run(row)
+            return run_from_row(row)
 
     async def fork_run(self, new: NewRun, source_id: str, from_step: str) -> RunRecord:
         async with self._transaction() as conn:
             # FOR SHARE: the source cannot finish (dropping its step outputs) or be resumed
             # (deleting its failed step) between the checks below and the copy.
             await self._require(conn, source_id, lock="share")
-            steps = [_step(row) for row in await _all(conn, "list_steps", {"run_id": source_id})]
+            steps = [step_from_row(row) for row in await _all(conn, "list_steps", {"run_id": source_id})]
             point = next((s for s in steps if s.name == from_step), None)
             if point is None:
                 raise NotFoundError(
@@ -787,7 +788,7 @@ class PostgresStore(Store):
                 Q["copy_steps_for_fork"],
                 {"new_id": new.id, "source_id": source_id, "before_seq": point.index},
             )
-        return _new_run_record(new, keys=False)
+        return new_run_record(new, keys=False)
 
     async def list_step_attempts(self, run_id: str) -> list[StepRecord]:
         async with self._connection() as conn:
@@ -880,7 +881,7 @@ class PostgresStore(Store):
             rows = await _all(
                 conn, "list_completed_steps" if completed_only else "list_steps", {"run_id": run_id}
             )
-        return [_step(row) for row in rows]
+        return [step_from_row(row) for row in rows]
 
     async def append_log(self, log: LogRecord) -> None:
         async with self._connection() as conn:
@@ -1007,75 +1008,3 @@ def _has_input(conn: psycopg.AsyncConnection[Any]) -> bool:
 async def _close_quietly(conn: psycopg.AsyncConnection[Any]) -> None:
     with contextlib.suppress(psycopg.Error, OSError):
         await conn.close()
-
-
-def _run(row: Row) -> RunRecord:
-    return RunRecord(
-        id=row["id"],
-        job_name=row["job_name"],
-        status=row["status"],
-        input_json=row["input"],
-        output_json=row["output"],
-        error_json=row["error"],
-        labels=json.loads(row["labels"]),
-        progress_current=row["progress_current"],
-        progress_total=row["progress_total"],
-        progress_message=row["progress_message"],
-        attempt=row["attempt"],
-        idempotency_key=row["idempotency_key"],
-        concurrency_key=row["concurrency_key"],
-        lease_owner=row["lease_owner"],
-        lease_generation=row["lease_generation"],
-        lease_expires_at=row["lease_expires_at"],
-        available_at=row["available_at"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        completed_at=row["completed_at"],
-        updated_at=row["updated_at"],
-        wait_reason=row["wait_reason"],
-        wait_step=row["wait_step"],
-        forked_from=row["forked_from"],
-        wait_deadline=row["wait_deadline"],
-    )
-
-
-def _new_run_record(new: NewRun, *, keys: bool = True) -> RunRecord:
-    return RunRecord(
-        id=new.id,
-        job_name=new.job_name,
-        status="pending",
-        input_json=new.input_json,
-        output_json=None,
-        error_json=None,
-        labels=dict(new.labels),
-        progress_current=None,
-        progress_total=None,
-        progress_message=None,
-        attempt=0,
-        idempotency_key=new.idempotency_key if keys else None,
-        concurrency_key=new.concurrency_key if keys else None,
-        lease_owner=None,
-        lease_generation=0,
-        lease_expires_at=None,
-        available_at=new.created_at,
-        created_at=new.created_at,
-        started_at=None,
-        completed_at=None,
-        updated_at=new.created_at,
-        forked_from=new.forked_from,
-    )
-
-
-def _step(row: Row) -> StepRecord:
-    return StepRecord(
-        run_id=row["run_id"],
-        index=row["seq"],
-        name=row["name"],
-        status=row["status"],
-        output_json=row["output"],
-        error_json=row["error"],
-        started_at=row["started_at"],
-        completed_at=row["completed_at"],
-        kind=row["kind"],
-        attempt=row["attempt"],
-    )

@@ -13,7 +13,8 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ...errors import ConflictError, ExistingRunRefusedError, NotFoundError, SchemaVersionError, StorageError
 from ..base import LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store, WouldBlock
-from .connection import Row, SqlConnection, SqliteBusyError
+from ..rows import new_run_record, run_from_row, step_from_row
+from .connection import SqlConnection, SqliteBusyError
 
 _NAME_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
@@ -257,7 +258,7 @@ class SQLiteStore(Store):
                         {"job_name": new.job_name, "idempotency_key": new.idempotency_key},
                     )
                     if row is not None:
-                        resolve(_run(row), "idempotent")
+                        resolve(run_from_row(row), "idempotent")
                         continue
                 if new.concurrency_key is not None:
                     row = conn.fetch_one(
@@ -270,7 +271,7 @@ class SQLiteStore(Store):
                                 f"run {row['id']} is already pending for concurrency key "
                                 f"{new.concurrency_key!r} (pass coalesce='skip' to reuse it)"
                             )
-                        resolve(_run(row), "coalesced")
+                        resolve(run_from_row(row), "coalesced")
                         continue
                 labels_json = json.dumps(new.labels, separators=(",", ":"))
                 conn.execute(
@@ -289,7 +290,7 @@ class SQLiteStore(Store):
                 if new.labels:
                     conn.execute(Q["insert_labels"], {"run_id": new.id, "labels": labels_json})
                 inserted.add(new.id)
-                results.append((_new_run_record(new), "created"))
+                results.append((new_run_record(new), "created"))
             if refused:
                 # Raising inside the transaction rolls back every insert of this call.
                 raise ExistingRunRefusedError(
@@ -309,7 +310,7 @@ class SQLiteStore(Store):
 
     def _get_run(self, run_id: str) -> RunRecord | None:
         row = self._conn.fetch_one(Q["get_run"], {"id": run_id})
-        return None if row is None else _run(row)
+        return None if row is None else run_from_row(row)
 
     @_sqlite_call(durable=False)
     def list_runs(self, run_filter: RunFilter) -> list[RunRecord]:
@@ -323,7 +324,7 @@ class SQLiteStore(Store):
                 "offset": run_filter.offset,
             },
         )
-        return [_run(row) for row in rows]
+        return [run_from_row(row) for row in rows]
 
     @_sqlite_call(durable=True)
     def cancel_run(self, run_id: str, now: int) -> RunRecord:
@@ -375,7 +376,7 @@ class SQLiteStore(Store):
                 Q["lease_run"],
                 {"id": found["id"], "worker_id": worker_id, "now": now, "lease_until": lease_until},
             )
-        return None if row is None else _run(row)
+        return None if row is None else run_from_row(row)
 
     @_sqlite_call(durable=False)
     def renew_leases(
@@ -589,7 +590,7 @@ class SQLiteStore(Store):
             )
             if new.labels:
                 conn.execute(Q["insert_labels"], {"run_id": new.id, "labels": labels_json})
-            record = _new_run_record(new)
+            record = new_run_record(new)
             conn.execute(
                 Q["copy_steps_for_fork"],
                 {"new_id": new.id, "source_id": source_id, "before_seq": point.index},
@@ -685,7 +686,7 @@ class SQLiteStore(Store):
 
     def _list_steps(self, run_id: str, *, completed_only: bool = False) -> list[StepRecord]:
         query = Q["list_completed_steps"] if completed_only else Q["list_steps"]
-        return [_step(row) for row in self._conn.fetch_all(query, {"run_id": run_id})]
+        return [step_from_row(row) for row in self._conn.fetch_all(query, {"run_id": run_id})]
 
     @_sqlite_call(durable=False)
     def append_log(self, log: LogRecord) -> None:
@@ -721,75 +722,3 @@ class SQLiteStore(Store):
 
 def _json_list(values: Sequence[str] | None) -> str | None:
     return None if values is None else json.dumps(list(values))
-
-
-def _run(row: Row) -> RunRecord:
-    return RunRecord(
-        id=row["id"],
-        job_name=row["job_name"],
-        status=row["status"],
-        input_json=row["input"],
-        output_json=row["output"],
-        error_json=row["error"],
-        labels=json.loads(row["labels"]),
-        progress_current=row["progress_current"],
-        progress_total=row["progress_total"],
-        progress_message=row["progress_message"],
-        attempt=row["attempt"],
-        idempotency_key=row["idempotency_key"],
-        concurrency_key=row["concurrency_key"],
-        lease_owner=row["lease_owner"],
-        lease_generation=row["lease_generation"],
-        lease_expires_at=row["lease_expires_at"],
-        available_at=row["available_at"],
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        completed_at=row["completed_at"],
-        updated_at=row["updated_at"],
-        wait_reason=row["wait_reason"],
-        wait_step=row["wait_step"],
-        forked_from=row["forked_from"],
-        wait_deadline=row["wait_deadline"],
-    )
-
-
-def _new_run_record(new: NewRun) -> RunRecord:
-    return RunRecord(
-        id=new.id,
-        job_name=new.job_name,
-        status="pending",
-        input_json=new.input_json,
-        output_json=None,
-        error_json=None,
-        labels=dict(new.labels),
-        progress_current=None,
-        progress_total=None,
-        progress_message=None,
-        attempt=0,
-        idempotency_key=new.idempotency_key,
-        concurrency_key=new.concurrency_key,
-        lease_owner=None,
-        lease_generation=0,
-        lease_expires_at=None,
-        available_at=new.created_at,
-        created_at=new.created_at,
-        started_at=None,
-        completed_at=None,
-        updated_at=new.created_at,
-        forked_from=new.forked_from,
-    )
-
-
-def _step(row: Row) -> StepRecord:
-    return StepRecord(
-        run_id=row["run_id"],
-        index=row["seq"],
-        name=row["name"],
-        status=row["status"],
-        output_json=row["output"],
-        error_json=row["error"],
-        started_at=row["started_at"],
-        completed_at=row["completed_at"],
-        kind=row["kind"],
-        attempt=row["attempt"],
-    )

@@ -1,0 +1,84 @@
+"""Rows as both SQL backends return them (a dict per row, columns named as in their
+schemas, which match), turned into the records the ``Store`` interface exchanges."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .base import NewRun, RunRecord, StepRecord
+
+Row = dict[str, Any]
+
+
+def run_from_row(row: Row) -> RunRecord:
+    return RunRecord(
+        id=row["id"],
+        job_name=row["job_name"],
+        status=row["status"],
+        input_json=row["input"],
+        output_json=row["output"],
+        error_json=row["error"],
+        labels=json.loads(row["labels"]),
+        progress_current=row["progress_current"],
+        progress_total=row["progress_total"],
+        progress_message=row["progress_message"],
+        attempt=row["attempt"],
+        idempotency_key=row["idempotency_key"],
+        concurrency_key=row["concurrency_key"],
+        lease_owner=row["lease_owner"],
+        lease_generation=row["lease_generation"],
+        lease_expires_at=row["lease_expires_at"],
+        available_at=row["available_at"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        updated_at=row["updated_at"],
+        wait_reason=row["wait_reason"],
+        wait_step=row["wait_step"],
+        forked_from=row["forked_from"],
+        wait_deadline=row["wait_deadline"],
+    )
+
+
+def new_run_record(new: NewRun, *, keys: bool = True) -> RunRecord:
+    """The record of a run just inserted from ``new`` (without its keys when ``keys`` is false)."""
+    return RunRecord(
+        id=new.id,
+        job_name=new.job_name,
+        status="pending",
+        input_json=new.input_json,
+        output_json=None,
+        error_json=None,
+        labels=dict(new.labels),
+        progress_current=None,
+        progress_total=None,
+        progress_message=None,
+        attempt=0,
+        idempotency_key=new.idempotency_key if keys else None,
+        concurrency_key=new.concurrency_key if keys else None,
+        lease_owner=None,
+        lease_generation=0,
+        lease_expires_at=None,
+        available_at=new.created_at,
+        created_at=new.created_at,
+        started_at=None,
+        completed_at=None,
+        updated_at=new.created_at,
+        forked_from=new.forked_from,
+    )
+
+
+def step_from_row(row: Row) -> StepRecord:
+    return StepRecord(
+        run_id=row["run_id"],
+        index=row["seq"],
+        name=row["name"],
+        status=row["status"],
+        output_json=row["output"],
+        error_json=row["error"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        kind=row["kind"],
+        attempt=row["attempt"],
+    )
