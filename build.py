@@ -22,8 +22,9 @@ is ever contacted. It holds:
   site/ itself. Pyodide's own package entries are dropped: the npm package
   ships none of their wheels, and an entry without its file makes
   ``loadPackage`` 404 in a browser (and fall back to the CDN under Node);
-* the hand-written ``static/*`` (page API, worker, SQLite bridge, dashboard) and
-  the demo page sources ``web/*``, both copied to the top of site/.
+* the hand-written ``static/*`` (page API, worker, SQLite bridge, dashboard), the
+  demo page ``index.html`` (the repository's top level) and its assets ``web/*``
+  (script, styles, web app manifest, icons), all copied to the top of site/.
 
 site/ is what users deploy, so it holds only what pages run: no test pages (those
 live in ``tests/browser/pages/``) and no test-only wheels. ``build/test-site/``
@@ -93,6 +94,8 @@ MIME_TYPES = {
     ".zip": "application/zip",
     ".whl": "application/zip",
     ".svg": "image/svg+xml",
+    ".png": "image/png",
+    ".webmanifest": "application/manifest+json",
     ".txt": "text/plain; charset=utf-8",
 }
 
@@ -312,6 +315,9 @@ def build() -> Path:
 
     copy_tree_into(ROOT / "static", staging)
     copy_tree_into(ROOT / "web", staging)
+    # The demo page is the repository's top-level index.html (an installable app with
+    # web/manifest.webmanifest); it reaches the top of site/ like web/*.
+    shutil.copy2(ROOT / "index.html", staging / "index.html")
     # The demo page runs the very jobs module the terminal demo runs.
     shutil.copy2(ROOT / "durably_web" / "demo" / "jobs.py", staging / "demo_jobs.py")
 

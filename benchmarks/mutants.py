@@ -121,7 +121,7 @@ MUTANTS: tuple[Mutant, ...] = (
             'cp static/worker.js site/worker.js && DURABLY_SKIP_SITE_BUILD=1 exec "$PYTHON" -m pytest -q '
             "-p no:cacheprovider tests/browser/test_runtime.py::test_two_tabs_one_leader_and_handover",
         ),
-        also_copy=("static", "site", "build.py", "web", "browser-wheels.json"),
+        also_copy=("static", "site", "build.py", "web", "index.html", "browser-wheels.json"),
     ),
     Mutant(
         # Durable waiting: a retry's backoff is the persisted wake-up time, not "now".

@@ -188,3 +188,24 @@ def test_dashboard_in_local_mode(driver: Any, site_url: Any) -> None:
         what="the Oslo run's three steps (two days, summarize) in the detail",
     )
     assert console_errors(driver) == []
+
+
+def test_demo_is_an_installable_app(driver: Any, site_url: Any) -> None:
+    """Chromium's own installability check passes: manifest (name, start URL, standalone
+    display, 192 and 512 px icons that load) and the page served from it."""
+    url, _ = site_url
+    open_demo(driver, url)
+    manifest = driver.execute_cdp_cmd("Page.getAppManifest", {})
+    assert manifest["url"] == url + "manifest.webmanifest"
+    assert manifest["errors"] == []
+    parsed = manifest["manifest"]  # Chromium's parse of it, with URLs resolved
+    assert parsed["display"] == "kStandalone" and parsed["startUrl"] == url
+    assert {icon["sizes"] for icon in parsed["icons"]} >= {"192x192", "512x512"}
+    errors = wait_until(
+        lambda: (lambda e: e if e == [] else None)(
+            driver.execute_cdp_cmd("Page.getInstallabilityErrors", {})["installabilityErrors"]
+        ),
+        timeout=20,
+        what="Chromium to report no installability errors",
+    )
+    assert errors == []
