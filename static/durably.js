@@ -234,6 +234,10 @@
     if (typeof database !== "string" || !/^[\w.-]+$/.test(database)) {
       throw durablyError({ name: "ValidationError", message: "database must be a plain file name (letters, digits, '.', '_', '-')" });
     }
+    const packages = options.packages ?? [];
+    if (!Array.isArray(packages) || !packages.every((p) => typeof p === "string" && /^[A-Za-z0-9._-]+$/.test(p))) {
+      throw durablyError({ name: "ValidationError", message: "packages must be a list of package names, e.g. [\"python-dateutil\"]" });
+    }
     const base = options.baseUrl ? folderUrl(options.baseUrl) : DurablyWeb._baseUrl;
     if (!base) throw durablyError({ message: "cannot tell where durably.js was loaded from; pass baseUrl" });
 
@@ -244,6 +248,7 @@
       database,
       storage, // "auto" is resolved by the bridge in the leader's worker
       options: options.options || {},
+      packages, // wheels bundled into site/ (packages.json); worker.js refuses any other
     };
     try {
       const started = await client._request({ cmd: "start", config });

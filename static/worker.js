@@ -122,12 +122,15 @@ async function start(cfg) {
   const sources = downloadJobModules(cfg.jobs);
   sources.catch(() => {}); // awaited below; this only keeps an early failure from being "unhandled"
   loadSqlite3().catch(() => {}); // a failure resurfaces, with its message, when the database opens
+  const packages = bundledPackages(cfg.packages || [], base);
+  packages.catch(() => {}); // awaited below, like sources
   pyodide = await loadPyodide({
     indexURL: base,
     stdout: (s) => console.log("[py]", s),
     stderr: (s) => console.warn("[py]", s),
   });
-  await pyodide.loadPackage(["durably-web"], { messageCallback: () => {} });
+  // The job modules' packages load with durably-web, from site/ (pyodide-lock.json), never an index.
+  await pyodide.loadPackage(["durably-web", ...(await packages)], { messageCallback: () => {} });
 
   status("loading-jobs");
   const fetched = await sources;
@@ -169,6 +172,31 @@ function failed(e) {
   } else post({ type: "fatal", error: result.error });
   // Let another tab try; this one cannot serve.
   if (releaseLock) releaseLock();
+}
+
+/** The names in create({packages}), checked against site/packages.json (build.py writes it).
+ *
+ * Only wheels build.py bundled can load: the worker never asks a package index or a
+ * CDN, so it works offline. Pyodide's loadPackage installs them (and their depends)
+ * from pyodide-lock.json, which is what micropip itself does for lock-file packages. */
+async function bundledPackages(names, base) {
+  if (!names.length) return [];
+  const response = await fetch(new URL("packages.json", base));
+  if (!response.ok) throw new Error(`cannot load packages.json: HTTP ${response.status}`);
+  const bundled = (await response.json()).packages || {};
+  const canonical = names.map((n) => String(n).toLowerCase().replace(/[-_.]+/g, "-"));
+  const missing = canonical.filter((n) => !Object.hasOwn(bundled, n));
+  if (missing.length) {
+    throw new ReportedError({
+      name: "ValidationError",
+      message:
+        `package ${missing.map((n) => `"${n}"`).join(", ")} is not bundled with this site ` +
+        `(bundled: ${Object.keys(bundled).join(", ") || "none"}); to add it, list its pure-Python wheel ` +
+        `with version and sha256 in browser-wheels.json's "packages" group and run python build.py`,
+      details: { packages: missing, bundled: Object.keys(bundled) },
+    });
+  }
+  return canonical;
 }
 
 /** Fetch the job modules' source text, in parallel. */
