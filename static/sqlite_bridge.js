@@ -292,6 +292,19 @@ class SqliteBridge {
     return JSON.stringify(this._meta);
   }
 
+  /** The whole database as one SQLite file image (Uint8Array), committed state only.
+   * The caller waits until no transaction is open (inTransaction() false): then the
+   * image sqlite3_serialize reads through the pager holds every committed page, WAL
+   * frames included. Under WAL the log is checkpointed first, so the file in OPFS
+   * and the image agree. (The IndexedDB mode's database is in memory: no WAL.) */
+  exportImage() {
+    if (this.inTransaction()) throw new Error("exportImage() during an open transaction");
+    if (String(this._db.selectValue("PRAGMA journal_mode")).toLowerCase() === "wal") {
+      this._db.exec("PRAGMA wal_checkpoint(TRUNCATE)");
+    }
+    return this._capi.sqlite3_js_db_export(this._pDb);
+  }
+
   close() {
     for (const entry of this._cache.values()) this._capi.sqlite3_finalize(entry.p);
     this._cache.clear();

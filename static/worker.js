@@ -43,6 +43,7 @@ const LEADER_WAIT_MS = 30000;
 // (triggerAndWait is split into trigger + waitForRun when forwarded, see forward()).
 const RESENDABLE = new Set([
   "getRun", "getRuns", "getSteps", "getStepAttempts", "getLogs", "jobs", "waitForRun", "integrityCheck", "storageInfo",
+  "exportDatabase",
 ]);
 
 /** Whether sending the call again to the next leader cannot do anything twice. A signal
@@ -102,15 +103,17 @@ function toErrorResult(e) {
   return errorResult(storage ? "StorageError" : "DurablyError", String((e && e.message) || e));
 }
 
+let bridge = null; // the leader's open database (sqlite_bridge.js), for exportDatabase
+
 // The bridge reports waits for the previous page's OPFS handles through onWait.
-globalThis.openSqliteBridge = (options = {}) =>
-  openSqliteBridge({
+globalThis.openSqliteBridge = async (options = {}) =>
+  (bridge = await openSqliteBridge({
     ...options,
     onWait(info) {
       status("waiting-for-storage", info);
       if (options.onWait) options.onWait(info);
     },
-  });
+  }));
 
 // ------------------------------------------------------------------ start --
 
@@ -307,8 +310,26 @@ function onPythonEvent(json) {
 // -------------------------------------------------------------- the calls --
 
 async function callLocal(method, args) {
+  if (method === "exportDatabase") return exportDatabase();
   try {
     return JSON.parse(await runtimeCall(method, JSON.stringify(args)));
+  } catch (e) {
+    return toErrorResult(e);
+  }
+}
+
+/** exportDatabase(): the leader's database file as bytes (the page makes the Blob).
+ * Engine transactions may span an await, so wait (yielding to the event loop) until
+ * none is open: the image then holds committed state only, consistent as a whole. */
+async function exportDatabase() {
+  try {
+    if (!bridge) throw new Error("exportDatabase() needs an open database");
+    const deadline = Date.now() + 10000;
+    while (bridge.inTransaction()) {
+      if (Date.now() > deadline) return errorResult("ConflictError", "exportDatabase(): a transaction stayed open for 10 s");
+      await new Promise((resolve) => setTimeout(resolve, 1));
+    }
+    return { ok: true, value: bridge.exportImage() };
   } catch (e) {
     return toErrorResult(e);
   }

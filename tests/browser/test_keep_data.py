@@ -21,19 +21,23 @@ for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode(...by
 """
 
 
-def test_storage_info_and_export_of_an_opfs_database(launch_chromium: Any, site_url: Any, tmp_path: Path) -> None:
+def test_storage_info_and_export_of_an_opfs_database(
+    launch_chromium: Any, site_url: Any, tmp_path: Path
+) -> None:
     url, _ = site_url
     drv = launch_chromium()
     drv.get(f"{url}_test/packages.html")
     got = page(
         drv,
         """
-        const durably = await DurablyWeb.create({jobs: ["dateutil_jobs.py"], storage: "opfs", database: "keep.db",
-                                                 packages: ["python-dateutil"], persist: true});
+        const durably = await DurablyWeb.create({
+          jobs: ["dateutil_jobs.py"], storage: "opfs", database: "keep.db",
+          packages: ["python-dateutil"], persist: true});
         window.durably = durably;
         const ids = [];
         for (const months of [1, 2, 3]) {
-          const run = await durably.triggerAndWait("add-months", {date: "2026-01-31", months}, {timeout: 30000});
+          const input = {date: "2026-01-31", months};
+          const run = await durably.triggerAndWait("add-months", input, {timeout: 30000});
           ids.push(run.id);
         }
         const info = await durably.storageInfo();
