@@ -91,6 +91,15 @@
       return new Blob([bytes], { type: "application/vnd.sqlite3" });
     }
 
+    /** Replace the database by a file exportDatabase() made (Blob, ArrayBuffer or bytes). */
+    async importDatabase(data) {
+      let bytes = data;
+      if (typeof Blob !== "undefined" && data instanceof Blob) bytes = new Uint8Array(await data.arrayBuffer());
+      else if (data instanceof ArrayBuffer) bytes = new Uint8Array(data);
+      if (!(bytes instanceof Uint8Array)) throw durablyError({ name: "ValidationError", message: "importDatabase() needs a Blob, ArrayBuffer or Uint8Array" });
+      return this._request({ cmd: "call", method: "importDatabase", args: [bytes] });
+    }
+
     _request(message) {
       if (this._closed) return Promise.reject(durablyError({ message: "this durably-web client is closed" }));
       const id = this._nextId++;

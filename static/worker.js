@@ -32,7 +32,7 @@
 //                  {kind: "event", json}
 
 import { loadPyodide } from "./pyodide.mjs";
-import { loadSqlite3, openSqliteBridge } from "./sqlite_bridge.js";
+import { loadSqlite3, openSqliteBridge, validateDatabaseImage } from "./sqlite_bridge.js";
 
 const JOBS_DIR = "/home/pyodide/durably_jobs";
 // How long a forwarded call waits for a leader to acknowledge it (e.g. during a handover).
@@ -106,14 +106,26 @@ function toErrorResult(e) {
 let bridge = null; // the leader's open database (sqlite_bridge.js), for exportDatabase
 
 // The bridge reports waits for the previous page's OPFS handles through onWait.
-globalThis.openSqliteBridge = async (options = {}) =>
-  (bridge = await openSqliteBridge({
+let pendingImport = null; // importDatabase(): an oo1.DB to copy in before Python sees the database
+
+globalThis.openSqliteBridge = async (options = {}) => {
+  const opened = await openSqliteBridge({
     ...options,
     onWait(info) {
       status("waiting-for-storage", info);
       if (options.onWait) options.onWait(info);
     },
-  }));
+  });
+  if (pendingImport) {
+    try {
+      await opened.importImage(pendingImport); // all or nothing (SQLite's backup API)
+    } catch (e) {
+      opened.close();
+      throw e;
+    }
+  }
+  return (bridge = opened);
+};
 
 // ------------------------------------------------------------------ start --
 
@@ -275,19 +287,7 @@ async function lead() {
   role = "leader";
   post({ type: "role", role });
   status("opening-database");
-  const storage = config.storage;
-  const dbConfig = {
-    storage,
-    filename: storage === "memory" ? ":memory:" : `/${config.database}`,
-    // Applies to OPFS only ("auto" may resolve to it): WAL needs exclusive locking
-    // under opfs-sahpool (the bridge sets it), is ~4x cheaper per commit than the
-    // rollback journal and kept every commit across mid-commit stops.
-    journalMode: storage === "memory" ? null : "wal",
-    synchronous: "full",
-    soleWorker: true, // we hold the lock: runs leased by a dead previous owner resume now
-    options: config.options || {},
-  };
-  runtime = await browser.open_and_start(JSON.stringify(config.paths), JSON.stringify(dbConfig), onPythonEvent);
+  runtime = await browser.open_and_start(JSON.stringify(config.paths), JSON.stringify(databaseConfig()), onPythonEvent);
   runtimeCall = runtime.call;
   openedStorage = (await callLocal("storageInfo", [])).value.storage;
   status("leader", { takeover, storage: openedStorage });
@@ -302,6 +302,21 @@ async function lead() {
   }
 }
 
+function databaseConfig() {
+  const storage = config.storage;
+  return {
+    storage,
+    filename: storage === "memory" ? ":memory:" : `/${config.database}`,
+    // Applies to OPFS only ("auto" may resolve to it): WAL needs exclusive locking
+    // under opfs-sahpool (the bridge sets it), is ~4x cheaper per commit than the
+    // rollback journal and kept every commit across mid-commit stops.
+    journalMode: storage === "memory" ? null : "wal",
+    synchronous: "full",
+    soleWorker: true, // we hold the lock: runs leased by a dead previous owner resume now
+    options: config.options || {},
+  };
+}
+
 function onPythonEvent(json) {
   post({ type: "event", json });
   if (channel) channel.postMessage({ kind: "event", json });
@@ -309,7 +324,11 @@ function onPythonEvent(json) {
 
 // -------------------------------------------------------------- the calls --
 
+let importing = null; // importDatabase() in progress: other calls wait for it
+
 async function callLocal(method, args) {
+  if (method === "importDatabase") return importDatabase(args[0]);
+  while (importing) await importing;
   if (method === "exportDatabase") return exportDatabase();
   try {
     return JSON.parse(await runtimeCall(method, JSON.stringify(args)));
@@ -332,6 +351,53 @@ async function exportDatabase() {
     return { ok: true, value: bridge.exportImage() };
   } catch (e) {
     return toErrorResult(e);
+  }
+}
+
+/** importDatabase(bytes): validate, stop the runtime (handlers stop, leases released,
+ * database closed), reopen it with the bytes copied in (SQLite's backup API: all or
+ * nothing) and start again, so runs in the imported file resume. On any failure the
+ * runtime restarts on the database as it was. The current content is replaced. */
+async function importDatabase(bytes) {
+  while (importing) await importing;
+  let candidate;
+  try {
+    candidate = (await validateDatabaseImage(bytes)).db;
+  } catch (e) {
+    return errorResult("ValidationError", `importDatabase(): ${e.message}; nothing was changed`);
+  }
+  let done;
+  importing = new Promise((resolve) => (done = resolve));
+  try {
+    if (!runtime) return errorResult("ConflictError", "importDatabase(): this tab's runtime is not running");
+    const r = runtime;
+    await r.stop();
+    runtimeCall.destroy();
+    r.destroy();
+    runtime = runtimeCall = null;
+    let failure = null;
+    pendingImport = candidate;
+    try {
+      runtime = await browser.open_and_start(JSON.stringify(config.paths), JSON.stringify(databaseConfig()), onPythonEvent);
+    } catch (e) {
+      failure = e;
+    } finally {
+      pendingImport = null;
+    }
+    if (failure) {
+      runtime = await browser.open_and_start(JSON.stringify(config.paths), JSON.stringify(databaseConfig()), onPythonEvent);
+    }
+    runtimeCall = runtime.call;
+    if (failure) {
+      return errorResult("ConflictError", `importDatabase() failed, the database is unchanged: ${failure.message || failure}`);
+    }
+    return { ok: true, value: null };
+  } catch (e) {
+    return toErrorResult(e);
+  } finally {
+    candidate.close();
+    importing = null;
+    done();
   }
 }
 
