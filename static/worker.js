@@ -362,7 +362,14 @@ async function importDatabase(bytes) {
   while (importing) await importing;
   let candidate;
   try {
-    candidate = (await validateDatabaseImage(bytes)).db;
+    const checked = await validateDatabaseImage(bytes);
+    candidate = checked.db;
+    // The open database is migrated to this code's schema: a newer file would not start.
+    const ours = bridge ? bridge._db.selectValue("SELECT MAX(version) FROM durably_migrations") : null;
+    if (ours != null && checked.schemaVersion > ours) {
+      candidate.close();
+      throw new Error(`the file has schema version ${checked.schemaVersion}, newer than this durably-web's ${ours}`);
+    }
   } catch (e) {
     return errorResult("ValidationError", `importDatabase(): ${e.message}; nothing was changed`);
   }
