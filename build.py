@@ -15,6 +15,10 @@ is ever contacted. It holds:
 * sqlite-wasm's ESM build and ``sqlite3.wasm`` under ``site/sqlite-wasm/``;
 * the ``runtime`` wheels pinned (version and sha256) in ``browser-wheels.json``,
   downloaded once from PyPI into ``build/browser-cache/`` so rebuilds work offline;
+* the ``packages`` wheels of browser-wheels.json (pure-Python libraries job
+  modules may import, e.g. python-dateutil), listed in the lock file and in
+  ``site/packages.json`` but loaded only when a page passes
+  ``create({packages: [...]})``;
 * the project's own wheel, built with ``pip wheel . --no-deps``;
 * ``pyodide-lock.json``: Pyodide's lock file ``info`` (its ABI must match
   pyodide.asm.wasm) with one entry per wheel above, so
@@ -279,6 +283,18 @@ def write_lock(out: Path, entries: list[dict], base_lock: Path | None = None) ->
     (out / "pyodide-lock.json").write_text(json.dumps(lock, indent=1, sort_keys=False) + "\n")
 
 
+def write_packages_index(out: Path, packages: list[dict]) -> None:
+    """site/packages.json: the wheels a page may ask for with create({packages: [...]}).
+
+    The one registry worker.js reads: a name not listed here is refused before
+    anything loads, with a message saying how to bundle it. Each entry is also in
+    pyodide-lock.json, so ``pyodide.loadPackage`` installs it and its depends from
+    site/ itself.
+    """
+    index = {e["name"]: {"version": e["version"], "depends": e["depends"]} for e in packages}
+    (out / "packages.json").write_text(json.dumps({"packages": index}, indent=1, sort_keys=True) + "\n")
+
+
 # -- site ------------------------------------------------------------------------
 
 
@@ -310,8 +326,10 @@ def build() -> Path:
         shutil.copy2(SQLITE_DIR / name, staging / "sqlite-wasm" / name)
 
     entries = third_party_wheels(staging, "runtime")
+    packages = third_party_wheels(staging, "packages")
     entries.append(project_wheel(staging))
-    write_lock(staging, entries)
+    write_lock(staging, entries + packages)
+    write_packages_index(staging, packages)
 
     copy_tree_into(ROOT / "static", staging)
     copy_tree_into(ROOT / "web", staging)

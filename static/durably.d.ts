@@ -269,6 +269,26 @@ export interface CreateOptions {
   baseUrl?: string;
   /** Loading / leadership / storage-wait progress, e.g. to show "waiting for the previous page". */
   onStatus?: (status: StatusUpdate) => void;
+  /**
+   * Pure-Python packages the job modules import, e.g. ["python-dateutil"]. Only wheels
+   * build.py bundled into the site (browser-wheels.json, group "packages"; listed in
+   * site/packages.json) can be named; they load from the site with their dependencies,
+   * never from an index or CDN. Any other name rejects create() with a ValidationError
+   * naming it (details.packages) and saying how to bundle it.
+   */
+  packages?: string[];
+  /**
+   * Ask the browser to keep this origin's storage (navigator.storage.persist(), from the
+   * page). Default: true when `offline` is true, else false. The answer is in storageInfo().
+   */
+  persist?: boolean;
+}
+
+export interface StorageInfo extends Record<string, unknown> {
+  /** navigator.storage.persisted(): whether the browser promised not to evict the data. */
+  persisted: boolean;
+  /** navigator.storage.estimate() in bytes (null where the Storage API is missing). */
+  estimate: { usage: number | null; quota: number | null } | null;
 }
 
 export interface LocalClient extends DurablyClient {
@@ -278,8 +298,21 @@ export interface LocalClient extends DurablyClient {
   readonly storage: Exclude<Storage, "auto">;
   /** `PRAGMA integrity_check` of the database (run by the leader): "ok" when healthy. */
   integrityCheck(): Promise<string>;
-  /** What the storage bridge opened: storage, vfs, filename, journalMode, lockingMode, sqliteVersion, … */
-  storageInfo(): Promise<Record<string, unknown>>;
+  /** What the storage bridge opened: storage, vfs, filename, journalMode, lockingMode, sqliteVersion, …
+   * plus persisted and estimate (answered by the page). */
+  storageInfo(): Promise<StorageInfo>;
+  /** The database file (type application/vnd.sqlite3): a consistent snapshot of committed
+   * state, WAL included, taken by the leader tab. Keep it before the browser evicts the data. */
+  exportDatabase(): Promise<Blob>;
+  /**
+   * Replace the whole database by a file exportDatabase() made. The bytes are checked first
+   * (a SQLite file, integrity_check "ok", durably-web's tables): otherwise ValidationError and
+   * nothing changes. Then the leader stops (handlers stop, leases released), copies the file in
+   * with SQLite's backup API (all or nothing) and starts again; runs of the imported file resume.
+   * The current runs are replaced, not merged. If the copy fails the runtime restarts on the old
+   * data and the call rejects with ConflictError. Other calls wait meanwhile.
+   */
+  importDatabase(data: Blob | ArrayBuffer | Uint8Array): Promise<void>;
 }
 
 export interface ConnectOptions {

@@ -66,6 +66,38 @@
       // A worker that fails to load (bad URL, syntax error) never answers: fail everything.
       worker.onerror = (event) => this._failAll(`durably-web worker failed: ${event.message || "load error"}`);
       for (const method of METHODS) this[method] = (...args) => this._call(method, args);
+      // Answered partly by the page: the Storage API's persistence lives on the page side.
+      this.storageInfo = () => this._storageInfo();
+      this.persisted = null; // the answer of navigator.storage.persist() in create(), if asked
+    }
+
+    /** The worker's storageInfo plus {persisted, estimate} from navigator.storage. */
+    async _storageInfo() {
+      const info = await this._call("storageInfo", []);
+      const storage = typeof navigator !== "undefined" ? navigator.storage : null;
+      let persisted = this.persisted;
+      let estimate = null;
+      if (storage && storage.persisted) persisted = await storage.persisted().catch(() => persisted);
+      if (storage && storage.estimate) {
+        const e = await storage.estimate().catch(() => null);
+        if (e) estimate = { usage: e.usage ?? null, quota: e.quota ?? null };
+      }
+      return { ...info, persisted: !!persisted, estimate };
+    }
+
+    /** The database file as a Blob (a consistent snapshot, from whichever tab leads). */
+    async exportDatabase() {
+      const bytes = await this._request({ cmd: "call", method: "exportDatabase", args: [] });
+      return new Blob([bytes], { type: "application/vnd.sqlite3" });
+    }
+
+    /** Replace the database by a file exportDatabase() made (Blob, ArrayBuffer or bytes). */
+    async importDatabase(data) {
+      let bytes = data;
+      if (typeof Blob !== "undefined" && data instanceof Blob) bytes = new Uint8Array(await data.arrayBuffer());
+      else if (data instanceof ArrayBuffer) bytes = new Uint8Array(data);
+      if (!(bytes instanceof Uint8Array)) throw durablyError({ name: "ValidationError", message: "importDatabase() needs a Blob, ArrayBuffer or Uint8Array" });
+      return this._request({ cmd: "call", method: "importDatabase", args: [bytes] });
     }
 
     _request(message) {
@@ -234,6 +266,10 @@
     if (typeof database !== "string" || !/^[\w.-]+$/.test(database)) {
       throw durablyError({ name: "ValidationError", message: "database must be a plain file name (letters, digits, '.', '_', '-')" });
     }
+    const packages = options.packages ?? [];
+    if (!Array.isArray(packages) || !packages.every((p) => typeof p === "string" && /^[A-Za-z0-9._-]+$/.test(p))) {
+      throw durablyError({ name: "ValidationError", message: "packages must be a list of package names, e.g. [\"python-dateutil\"]" });
+    }
     const base = options.baseUrl ? folderUrl(options.baseUrl) : DurablyWeb._baseUrl;
     if (!base) throw durablyError({ message: "cannot tell where durably.js was loaded from; pass baseUrl" });
 
@@ -244,9 +280,18 @@
       database,
       storage, // "auto" is resolved by the bridge in the leader's worker
       options: options.options || {},
+      packages, // wheels bundled into site/ (packages.json); worker.js refuses any other
     };
+    // persist() must be asked from the page (the worker has no user-visible origin UI);
+    // on by default with offline: true. Asked in parallel with the start; never fatal.
+    const persist = options.persist ?? !!options.offline;
+    const persisting =
+      persist && typeof navigator !== "undefined" && navigator.storage && navigator.storage.persist
+        ? navigator.storage.persist().catch(() => false)
+        : Promise.resolve(null);
     try {
       const started = await client._request({ cmd: "start", config });
+      client.persisted = await persisting;
       client.role = started.role;
       client.storage = started.storage;
       // After the caller's `await create()` continuation, which may attach listeners.

@@ -292,6 +292,35 @@ class SqliteBridge {
     return JSON.stringify(this._meta);
   }
 
+  /** The whole database as one SQLite file image (Uint8Array), committed state only.
+   * The caller waits until no transaction is open (inTransaction() false): then the
+   * image sqlite3_serialize reads through the pager holds every committed page, WAL
+   * frames included. Under WAL the log is checkpointed first, so the file in OPFS
+   * and the image agree. (The IndexedDB mode's database is in memory: no WAL.) */
+  exportImage() {
+    if (this.inTransaction()) throw new Error("exportImage() during an open transaction");
+    if (String(this._db.selectValue("PRAGMA journal_mode")).toLowerCase() === "wal") {
+      this._db.exec("PRAGMA wal_checkpoint(TRUNCATE)");
+    }
+    return this._capi.sqlite3_js_db_export(this._pDb);
+  }
+
+  /** Replace the whole database by ``source`` (an oo1.DB, e.g. from validateDatabaseImage)
+   * with SQLite's backup API: one write transaction, so a failure leaves the old
+   * content as it was. Nobody else may use this connection meanwhile. */
+  async importImage(source) {
+    if (this.inTransaction()) throw new Error("importImage() during an open transaction");
+    const capi = this._capi;
+    const backup = capi.sqlite3_backup_init(this._pDb, "main", source.pointer, "main");
+    if (!backup) throw new Error(`cannot import: ${capi.sqlite3_errmsg(this._pDb)}`);
+    const rc = capi.sqlite3_backup_step(backup, -1);
+    capi.sqlite3_backup_finish(backup);
+    if (rc !== capi.SQLITE_DONE) throw new Error(`cannot import: ${capi.sqlite3_js_rc_str(rc)}`);
+    if (String(this._db.selectValue("PRAGMA journal_mode")).toLowerCase() === "wal") {
+      this._db.exec("PRAGMA wal_checkpoint(TRUNCATE)");
+    }
+  }
+
   close() {
     for (const entry of this._cache.values()) this._capi.sqlite3_finalize(entry.p);
     this._cache.clear();
@@ -701,6 +730,12 @@ class IdbSqliteBridge extends SqliteBridge {
     return this._enqueue(() => this._write(false));
   }
 
+  /** The backup bypasses the redo log: persist the new content as a fresh snapshot. */
+  async importImage(source) {
+    await super.importImage(source);
+    await this.checkpoint();
+  }
+
   /** flush(), and replace the log by a snapshot of the whole database. */
   checkpoint() {
     return this._enqueue(() => this._write(true));
@@ -1074,6 +1109,37 @@ function loadImage(sqlite3, db, image) {
     SQLITE_DESERIALIZE_FREEONCLOSE | SQLITE_DESERIALIZE_RESIZEABLE,
   );
   if (rc) throw new Error(`cannot load the IndexedDB snapshot: ${capi.sqlite3_js_rc_str(rc)}`);
+}
+
+/** Open ``bytes`` as an in-memory SQLite database and check that it is durably-web's:
+ * a SQLite file that passes integrity_check and has the durably_migrations and
+ * durably_runs tables. Returns {db, schemaVersion}; the caller closes db. Throws
+ * with a reason otherwise. */
+export async function validateDatabaseImage(bytes) {
+  const data = bytes instanceof Uint8Array ? bytes : new Uint8Array(bytes);
+  const magic = "SQLite format 3\u0000";
+  if (data.length < 100 || String.fromCharCode(...data.subarray(0, 16)) !== magic) {
+    throw new Error("not a SQLite database file");
+  }
+  const sqlite3 = await loadSqlite3();
+  const db = new sqlite3.oo1.DB(":memory:", "c");
+  try {
+    const copy = data.slice();
+    // A file written in WAL mode says so in bytes 18-19; an in-memory database cannot
+    // open WAL, and the content (checkpointed by exportImage) is the same: mark it rollback.
+    if (copy[18] === 2 && copy[19] === 2) copy[18] = copy[19] = 1;
+    loadImage(sqlite3, db, copy);
+    const check = db.selectValue("PRAGMA integrity_check");
+    if (check !== "ok") throw new Error(`the database is damaged (integrity_check: ${check})`);
+    const tables = db.selectValues("SELECT name FROM sqlite_master WHERE type = 'table'");
+    for (const name of ["durably_migrations", "durably_runs"]) {
+      if (!tables.includes(name)) throw new Error(`not a durably-web database (no table ${name})`);
+    }
+    return { db, schemaVersion: db.selectValue("SELECT MAX(version) FROM durably_migrations") };
+  } catch (e) {
+    db.close();
+    throw e;
+  }
 }
 
 // ------------------------------------------------------------------ auto --

@@ -32,7 +32,7 @@
 //                  {kind: "event", json}
 
 import { loadPyodide } from "./pyodide.mjs";
-import { loadSqlite3, openSqliteBridge } from "./sqlite_bridge.js";
+import { loadSqlite3, openSqliteBridge, validateDatabaseImage } from "./sqlite_bridge.js";
 
 const JOBS_DIR = "/home/pyodide/durably_jobs";
 // How long a forwarded call waits for a leader to acknowledge it (e.g. during a handover).
@@ -43,6 +43,7 @@ const LEADER_WAIT_MS = 30000;
 // (triggerAndWait is split into trigger + waitForRun when forwarded, see forward()).
 const RESENDABLE = new Set([
   "getRun", "getRuns", "getSteps", "getStepAttempts", "getLogs", "jobs", "waitForRun", "integrityCheck", "storageInfo",
+  "exportDatabase",
 ]);
 
 /** Whether sending the call again to the next leader cannot do anything twice. A signal
@@ -102,15 +103,29 @@ function toErrorResult(e) {
   return errorResult(storage ? "StorageError" : "DurablyError", String((e && e.message) || e));
 }
 
+let bridge = null; // the leader's open database (sqlite_bridge.js), for exportDatabase
+
 // The bridge reports waits for the previous page's OPFS handles through onWait.
-globalThis.openSqliteBridge = (options = {}) =>
-  openSqliteBridge({
+let pendingImport = null; // importDatabase(): an oo1.DB to copy in before Python sees the database
+
+globalThis.openSqliteBridge = async (options = {}) => {
+  const opened = await openSqliteBridge({
     ...options,
     onWait(info) {
       status("waiting-for-storage", info);
       if (options.onWait) options.onWait(info);
     },
   });
+  if (pendingImport) {
+    try {
+      await opened.importImage(pendingImport); // all or nothing (SQLite's backup API)
+    } catch (e) {
+      opened.close();
+      throw e;
+    }
+  }
+  return (bridge = opened);
+};
 
 // ------------------------------------------------------------------ start --
 
@@ -122,12 +137,15 @@ async function start(cfg) {
   const sources = downloadJobModules(cfg.jobs);
   sources.catch(() => {}); // awaited below; this only keeps an early failure from being "unhandled"
   loadSqlite3().catch(() => {}); // a failure resurfaces, with its message, when the database opens
+  const packages = bundledPackages(cfg.packages || [], base);
+  packages.catch(() => {}); // awaited below, like sources
   pyodide = await loadPyodide({
     indexURL: base,
     stdout: (s) => console.log("[py]", s),
     stderr: (s) => console.warn("[py]", s),
   });
-  await pyodide.loadPackage(["durably-web"], { messageCallback: () => {} });
+  // The job modules' packages load with durably-web, from site/ (pyodide-lock.json), never an index.
+  await pyodide.loadPackage(["durably-web", ...(await packages)], { messageCallback: () => {} });
 
   status("loading-jobs");
   const fetched = await sources;
@@ -169,6 +187,31 @@ function failed(e) {
   } else post({ type: "fatal", error: result.error });
   // Let another tab try; this one cannot serve.
   if (releaseLock) releaseLock();
+}
+
+/** The names in create({packages}), checked against site/packages.json (build.py writes it).
+ *
+ * Only wheels build.py bundled can load: the worker never asks a package index or a
+ * CDN, so it works offline. Pyodide's loadPackage installs them (and their depends)
+ * from pyodide-lock.json, which is what micropip itself does for lock-file packages. */
+async function bundledPackages(names, base) {
+  if (!names.length) return [];
+  const response = await fetch(new URL("packages.json", base));
+  if (!response.ok) throw new Error(`cannot load packages.json: HTTP ${response.status}`);
+  const bundled = (await response.json()).packages || {};
+  const canonical = names.map((n) => String(n).toLowerCase().replace(/[-_.]+/g, "-"));
+  const missing = canonical.filter((n) => !Object.hasOwn(bundled, n));
+  if (missing.length) {
+    throw new ReportedError({
+      name: "ValidationError",
+      message:
+        `package ${missing.map((n) => `"${n}"`).join(", ")} is not bundled with this site ` +
+        `(bundled: ${Object.keys(bundled).join(", ") || "none"}); to add it, list its pure-Python wheel ` +
+        `with version and sha256 in browser-wheels.json's "packages" group and run python build.py`,
+      details: { packages: missing, bundled: Object.keys(bundled) },
+    });
+  }
+  return canonical;
 }
 
 /** Fetch the job modules' source text, in parallel. */
@@ -244,19 +287,7 @@ async function lead() {
   role = "leader";
   post({ type: "role", role });
   status("opening-database");
-  const storage = config.storage;
-  const dbConfig = {
-    storage,
-    filename: storage === "memory" ? ":memory:" : `/${config.database}`,
-    // Applies to OPFS only ("auto" may resolve to it): WAL needs exclusive locking
-    // under opfs-sahpool (the bridge sets it), is ~4x cheaper per commit than the
-    // rollback journal and kept every commit across mid-commit stops.
-    journalMode: storage === "memory" ? null : "wal",
-    synchronous: "full",
-    soleWorker: true, // we hold the lock: runs leased by a dead previous owner resume now
-    options: config.options || {},
-  };
-  runtime = await browser.open_and_start(JSON.stringify(config.paths), JSON.stringify(dbConfig), onPythonEvent);
+  runtime = await browser.open_and_start(JSON.stringify(config.paths), JSON.stringify(databaseConfig()), onPythonEvent);
   runtimeCall = runtime.call;
   openedStorage = (await callLocal("storageInfo", [])).value.storage;
   status("leader", { takeover, storage: openedStorage });
@@ -271,6 +302,21 @@ async function lead() {
   }
 }
 
+function databaseConfig() {
+  const storage = config.storage;
+  return {
+    storage,
+    filename: storage === "memory" ? ":memory:" : `/${config.database}`,
+    // Applies to OPFS only ("auto" may resolve to it): WAL needs exclusive locking
+    // under opfs-sahpool (the bridge sets it), is ~4x cheaper per commit than the
+    // rollback journal and kept every commit across mid-commit stops.
+    journalMode: storage === "memory" ? null : "wal",
+    synchronous: "full",
+    soleWorker: true, // we hold the lock: runs leased by a dead previous owner resume now
+    options: config.options || {},
+  };
+}
+
 function onPythonEvent(json) {
   post({ type: "event", json });
   if (channel) channel.postMessage({ kind: "event", json });
@@ -278,11 +324,87 @@ function onPythonEvent(json) {
 
 // -------------------------------------------------------------- the calls --
 
+let importing = null; // importDatabase() in progress: other calls wait for it
+
 async function callLocal(method, args) {
+  if (method === "importDatabase") return importDatabase(args[0]);
+  while (importing) await importing;
+  if (method === "exportDatabase") return exportDatabase();
   try {
     return JSON.parse(await runtimeCall(method, JSON.stringify(args)));
   } catch (e) {
     return toErrorResult(e);
+  }
+}
+
+/** exportDatabase(): the leader's database file as bytes (the page makes the Blob).
+ * Engine transactions may span an await, so wait (yielding to the event loop) until
+ * none is open: the image then holds committed state only, consistent as a whole. */
+async function exportDatabase() {
+  try {
+    if (!bridge) throw new Error("exportDatabase() needs an open database");
+    const deadline = Date.now() + 10000;
+    while (bridge.inTransaction()) {
+      if (Date.now() > deadline) return errorResult("ConflictError", "exportDatabase(): a transaction stayed open for 10 s");
+      await new Promise((resolve) => setTimeout(resolve, 1));
+    }
+    return { ok: true, value: bridge.exportImage() };
+  } catch (e) {
+    return toErrorResult(e);
+  }
+}
+
+/** importDatabase(bytes): validate, stop the runtime (handlers stop, leases released,
+ * database closed), reopen it with the bytes copied in (SQLite's backup API: all or
+ * nothing) and start again, so runs in the imported file resume. On any failure the
+ * runtime restarts on the database as it was. The current content is replaced. */
+async function importDatabase(bytes) {
+  while (importing) await importing;
+  let candidate;
+  try {
+    const checked = await validateDatabaseImage(bytes);
+    candidate = checked.db;
+    // The open database is migrated to this code's schema: a newer file would not start.
+    const ours = bridge ? bridge._db.selectValue("SELECT MAX(version) FROM durably_migrations") : null;
+    if (ours != null && checked.schemaVersion > ours) {
+      candidate.close();
+      throw new Error(`the file has schema version ${checked.schemaVersion}, newer than this durably-web's ${ours}`);
+    }
+  } catch (e) {
+    return errorResult("ValidationError", `importDatabase(): ${e.message}; nothing was changed`);
+  }
+  let done;
+  importing = new Promise((resolve) => (done = resolve));
+  try {
+    if (!runtime) return errorResult("ConflictError", "importDatabase(): this tab's runtime is not running");
+    const r = runtime;
+    await r.stop();
+    runtimeCall.destroy();
+    r.destroy();
+    runtime = runtimeCall = null;
+    let failure = null;
+    pendingImport = candidate;
+    try {
+      runtime = await browser.open_and_start(JSON.stringify(config.paths), JSON.stringify(databaseConfig()), onPythonEvent);
+    } catch (e) {
+      failure = e;
+    } finally {
+      pendingImport = null;
+    }
+    if (failure) {
+      runtime = await browser.open_and_start(JSON.stringify(config.paths), JSON.stringify(databaseConfig()), onPythonEvent);
+    }
+    runtimeCall = runtime.call;
+    if (failure) {
+      return errorResult("ConflictError", `importDatabase() failed, the database is unchanged: ${failure.message || failure}`);
+    }
+    return { ok: true, value: null };
+  } catch (e) {
+    return toErrorResult(e);
+  } finally {
+    candidate.close();
+    importing = null;
+    done();
   }
 }
 

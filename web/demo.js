@@ -311,9 +311,28 @@ async function start(event) {
   }
 }
 
+/** Whether the browser promised to keep the data, and how much of the quota it uses. */
+async function showStorage() {
+  const info = await client.storageInfo();
+  const mb = (n) => (n == null ? "?" : `${(n / 1e6).toFixed(1)} MB`);
+  const used = info.estimate ? `${mb(info.estimate.usage)} of ${mb(info.estimate.quota)} used` : "no estimate";
+  $("storage-text").textContent = `Storage ${info.persisted ? "persistent" : "not persistent (the browser may evict it)"} · ${used} · `;
+  $("storage-info").hidden = false;
+}
+
+/** Save the database file (a consistent snapshot) before the browser evicts it. */
+async function exportCopy() {
+  const blob = await client.exportDatabase();
+  const link = document.createElement("a");
+  link.href = URL.createObjectURL(blob);
+  link.download = "demo.db";
+  link.click();
+  setTimeout(() => URL.revokeObjectURL(link.href), 1000);
+}
+
 async function main() {
   try {
-    client = await DurablyWeb.create({ jobs: ["demo_jobs.py"], database: "demo.db", onStatus });
+    client = await DurablyWeb.create({ jobs: ["demo_jobs.py"], database: "demo.db", onStatus, persist: true });
   } catch (error) {
     setRuntime("error", `Could not start the runtime: ${error.name}: ${error.message}`);
     return;
@@ -326,6 +345,8 @@ async function main() {
   client.on("*", (event) => {
     if (event.job_name === JOB && event.type.startsWith("run:") && event.type !== "run:progress") scheduleRecent();
   });
+  showStorage();
+  $("export").addEventListener("click", exportCopy);
   $("start-form").addEventListener("submit", start);
   $("reload").addEventListener("click", () => location.reload());
   $("start").disabled = false;

@@ -1,7 +1,7 @@
 """Pyodide runtimes for the tests in tests/pyodide: pytest-pyodide's runners, build/test-site/ as dist dir.
 
 build/test-site/ (``python build.py test-site``) is site/ plus the test-only wheels
-(pytest, pytest-asyncio, hypothesis, tzdata, ...; the ``test`` group of
+(pytest, pytest-asyncio, hypothesis, ...; the ``test`` group of
 browser-wheels.json) and a lock file listing them: site/, which users deploy,
 never contains them. "site" below means that test copy.
 
