@@ -201,11 +201,13 @@ def test_demo_is_an_installable_app(driver: Any, site_url: Any) -> None:
     parsed = manifest["manifest"]  # Chromium's parse of it, with URLs resolved
     assert parsed["display"] == "kStandalone" and parsed["startUrl"] == url
     assert {icon["sizes"] for icon in parsed["icons"]} >= {"192x192", "512x512"}
-    errors = wait_until(
-        lambda: (lambda e: e if e == [] else None)(
-            driver.execute_cdp_cmd("Page.getInstallabilityErrors", {})["installabilityErrors"]
-        ),
-        timeout=20,
-        what="Chromium to report no installability errors",
-    )
-    assert errors == []
+    seen: list[Any] = []
+
+    def installable() -> bool:
+        seen[:] = driver.execute_cdp_cmd("Page.getInstallabilityErrors", {})["installabilityErrors"]
+        return seen == []
+
+    try:
+        wait_until(installable, timeout=20, what="Chromium to report no installability errors")
+    except AssertionError:
+        raise AssertionError(f"not installable: {seen}") from None
