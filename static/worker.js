@@ -144,8 +144,20 @@ async function start(cfg) {
     stdout: (s) => console.log("[py]", s),
     stderr: (s) => console.warn("[py]", s),
   });
-  // The job modules' packages load with durably-web, from site/ (pyodide-lock.json), never an index.
-  await pyodide.loadPackage(["durably-web", ...(await packages)], { messageCallback: () => {} });
+  const wanted = await packages;
+  await pyodide.loadPackage(["durably-web", ...(wanted.length ? ["micropip"] : [])], { messageCallback: () => {} });
+  if (wanted.length) {
+    // micropip takes a name that site/pyodide-lock.json lists (every name bundledPackages let
+    // through, and their depends) from site/ itself: no index is asked, so it works offline.
+    const micropip = pyodide.pyimport("micropip");
+    const names = pyodide.toPy(wanted);
+    try {
+      await micropip.install(names);
+    } finally {
+      names.destroy();
+      micropip.destroy();
+    }
+  }
 
   status("loading-jobs");
   const fetched = await sources;
@@ -192,8 +204,8 @@ function failed(e) {
 /** The names in create({packages}), checked against site/packages.json (build.py writes it).
  *
  * Only wheels build.py bundled can load: the worker never asks a package index or a
- * CDN, so it works offline. Pyodide's loadPackage installs them (and their depends)
- * from pyodide-lock.json, which is what micropip itself does for lock-file packages. */
+ * CDN, so it works offline. micropip installs them (and their depends) from the wheels
+ * pyodide-lock.json lists, in site/. */
 async function bundledPackages(names, base) {
   if (!names.length) return [];
   const response = await fetch(new URL("packages.json", base));

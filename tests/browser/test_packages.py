@@ -34,6 +34,7 @@ def test_a_job_module_imports_a_bundled_package_offline(
     urls = network_guard.urls(drv)
     assert any("python_dateutil-" in u and u.endswith(".whl") for u in urls), urls
     assert any("six-" in u for u in urls) and any("tzdata-" in u for u in urls), urls
+    assert any("/micropip-" in u for u in urls), urls  # installed by micropip, from the site
     network_guard.check(urls, url)
 
 
