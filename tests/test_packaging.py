@@ -95,3 +95,21 @@ def test_built_site_ships_no_test_files_or_wheels() -> None:
     lock = json.loads((site / "pyodide-lock.json").read_text())
     assert sorted(set(lock["packages"]) & TEST_PACKAGES) == [], "site/'s lock lists test-only packages"
     assert {"durably-web", "pydantic", "pydantic-core"} <= set(lock["packages"])
+
+
+def test_built_site_offers_exactly_the_packages_group() -> None:
+    """site/packages.json (what create({packages}) accepts) is the 'packages' group of
+    browser-wheels.json, each with its wheel in site/ and its lock entry, and micropip,
+    which installs them, is bundled too: nothing needs an index."""
+    site = ROOT / "site"
+    if not (site / "packages.json").exists():
+        pytest.skip("site/ is not built (python build.py)")
+    specs = json.loads((ROOT / "browser-wheels.json").read_text())["wheels"]
+    group = {s["name"]: s for s in specs if s.get("group", "runtime") == "packages"}
+    offered = json.loads((site / "packages.json").read_text())["packages"]
+    assert offered == {name: {"version": s["version"], "depends": s["depends"]} for name, s in group.items()}
+    lock = json.loads((site / "pyodide-lock.json").read_text())["packages"]
+    for name in [*group, "micropip"]:
+        entry = lock[name]
+        assert (site / entry["file_name"]).is_file(), f"{name}: {entry['file_name']} is not in site/"
+        assert all(dep in lock for dep in entry["depends"]), entry
