@@ -65,14 +65,21 @@ def test_storage_info_and_export_of_an_opfs_database(
     assert rows == {run_id: "completed" for run_id in got["ids"]}, rows
 
 
+@pytest.mark.parametrize("storage", ["opfs", "idb"])
 def test_export_then_import_into_a_fresh_profile_keeps_the_runs(
-    launch_chromium: Any, site_url: Any
+    launch_chromium: Any, site_url: Any, storage: str
 ) -> None:
+    """Both persistent storages export and import: the same file moves between them."""
     url, _ = site_url
-    create = """
-        window.durably = await DurablyWeb.create({jobs: ["dateutil_jobs.py"], storage: "opfs",
+    create = (
+        """
+        window.durably = await DurablyWeb.create({jobs: ["dateutil_jobs.py"], storage: "%s",
                                                   database: "moved.db", packages: ["python-dateutil"]});
+        const info = await durably.storageInfo();
+        if (info.storage !== "%s") throw new Error("opened " + info.storage);
     """
+        % (storage, storage)
+    )
     first = launch_chromium()
     first.get(f"{url}_test/packages.html")
     exported = page(
