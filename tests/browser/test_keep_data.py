@@ -73,13 +73,12 @@ def test_export_then_import_into_a_fresh_profile_keeps_the_runs(
     url, _ = site_url
     create = (
         """
-        window.durably = await DurablyWeb.create({jobs: ["dateutil_jobs.py"], storage: "%s",
+        window.durably = await DurablyWeb.create({jobs: ["dateutil_jobs.py"], storage: "STORAGE",
                                                   database: "moved.db", packages: ["python-dateutil"]});
         const info = await durably.storageInfo();
-        if (info.storage !== "%s") throw new Error("opened " + info.storage);
+        if (info.storage !== "STORAGE") throw new Error("opened " + info.storage);
     """
-        % (storage, storage)
-    )
+    ).replace("STORAGE", storage)
     first = launch_chromium()
     first.get(f"{url}_test/packages.html")
     exported = page(
