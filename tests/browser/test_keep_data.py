@@ -69,7 +69,7 @@ def test_storage_info_and_export_of_an_opfs_database(
 def test_export_then_import_into_a_fresh_profile_keeps_the_runs(
     launch_chromium: Any, site_url: Any, storage: str
 ) -> None:
-    """Both persistent storages export and import: the same file moves between them."""
+    """Each persistent storage (OPFS, IndexedDB) exports a file and imports one."""
     url, _ = site_url
     create = (
         """
