@@ -75,21 +75,29 @@ def list_runs_query(
     if statuses is None and jobs is None:
         return f"SELECT * FROM durably_runs ORDER BY id DESC {page}", params
 
+    combinations = [
+        (job, status)
+        for job in (jobs if jobs is not None else [None])
+        for status in (statuses if statuses is not None else (_STATUSES if job is not None else [None]))
+    ]
+    if len(combinations) == 1:  # one walk: no merge
+        (job, status), where = combinations[0], []
+        if job is not None:
+            where.append(f"job_name = {bind(job)}")
+        if status is not None:
+            where.append(f"status = {bind(status)}")
+        return f"SELECT * FROM durably_runs WHERE {' AND '.join(where)} ORDER BY id DESC {page}", params
     branch_limit = "" if unlimited else f" LIMIT {bind(run_filter.limit + offset)}"
     branches: list[str] = []
-    for job in jobs if jobs is not None else [None]:
-        for status in statuses if statuses is not None else (_STATUSES if job is not None else [None]):
-            where = []
-            if job is not None:
-                where.append(f"job_name = {bind(job)}")
-            if status is not None:
-                where.append(f"status = {bind(status)}")
-            branches.append(
-                f"SELECT * FROM (SELECT * FROM durably_runs WHERE {' AND '.join(where)} "
-                f"ORDER BY id DESC{branch_limit}) AS b{len(branches)}"
-            )
-    if len(branches) == 1:
-        inner = branches[0]
-    else:
-        inner = f"SELECT * FROM ({' UNION ALL '.join(branches)}) AS merged"
-    return f"{inner} ORDER BY id DESC {page}", params
+    for job, status in combinations:
+        where = []
+        if job is not None:
+            where.append(f"job_name = {bind(job)}")
+        if status is not None:
+            where.append(f"status = {bind(status)}")
+        branches.append(
+            f"SELECT * FROM (SELECT * FROM durably_runs WHERE {' AND '.join(where)} "
+            f"ORDER BY id DESC{branch_limit}) AS b{len(branches)}"
+        )
+    merged = " UNION ALL ".join(branches)
+    return f"SELECT * FROM ({merged}) AS merged ORDER BY id DESC {page}", params
