@@ -407,8 +407,7 @@ def _state_note(run: Run) -> str | None:
             if run.wake_at is None:
                 return f"waiting for the signal {step} (no timeout); send it with: {command}"
             return (
-                f"waiting for the signal {step} until {due}, when the wait times out; "
-                f"send it with: {command}"
+                f"waiting for the signal {step} until {due}, when the wait times out; send it with: {command}"
             )
         return f"waiting ({run.wait_reason} at step {step}); any worker continues it at {due}"
     return None
@@ -1063,9 +1062,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--limit", type=int, default=50)
     runs.add_argument("--json", action="store_true")
 
-    show = command(
-        "show", cmd_show, "a run with its steps, logs, output and error (read-only: never writes)"
-    )
+    show = command("show", cmd_show, "a run with its steps, logs, output and error (read-only: never writes)")
     show.add_argument("run_id", metavar="RUN_ID")
     show.add_argument("--json", action="store_true")
 

@@ -215,8 +215,8 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
         "/purge": {
             "post": _op(
                 "Delete finished (completed, failed, cancelled) runs that ended more than older_than "
-                "ago (a number of seconds, or a duration string such as \"30d\", \"12h\", \"90m\", "
-                "\"1.5h\"), of every tenant. With auth hooks configured, allowed only when the "
+                'ago (a number of seconds, or a duration string such as "30d", "12h", "90m", '
+                '"1.5h"), of every tenant. With auth hooks configured, allowed only when the '
                 "can_purge hook returns true",
                 {
                     "200": {

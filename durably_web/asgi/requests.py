@@ -112,9 +112,9 @@ class PurgeRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    older_than: Annotated[
-        float, BeforeValidator(_duration_seconds), WithJsonSchema(_DURATION_SCHEMA)
-    ] = Field(ge=0, allow_inf_nan=False)
+    older_than: Annotated[float, BeforeValidator(_duration_seconds), WithJsonSchema(_DURATION_SCHEMA)] = (
+        Field(ge=0, allow_inf_nan=False)
+    )
     limit: int | None = Field(None, ge=0, description="delete at most this many runs (oldest first)")
 
 

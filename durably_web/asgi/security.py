@@ -181,7 +181,7 @@ def _route_path(scope: Scope) -> str:
     path: str = scope.get("path", "")
     root: str = scope.get("root_path", "")
     if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
-        return path[len(root):] or "/"
+        return path[len(root) :] or "/"
     return path
 
 
@@ -297,8 +297,10 @@ class SecurityMiddleware:
         return _json_error(403, "Forbidden", message), None
 
     def _is_public(self, path: str) -> bool:
-        return any(path == public or (public.endswith("/") and path.startswith(public))
-                   for public in self.public_paths)
+        return any(
+            path == public or (public.endswith("/") and path.startswith(public))
+            for public in self.public_paths
+        )
 
     @staticmethod
     def _check_content_type(method: str, headers: dict[str, str]) -> _Refusal | None:
@@ -315,9 +317,8 @@ class SecurityMiddleware:
         if media.strip().lower() == "application/json" and charset in ("", "utf-8", "utf8"):
             return None
         given = headers.get("content-type")
-        message = (
-            f"{method} needs Content-Type: application/json (UTF-8), even without a body; "
-            + (f"got {given!r}" if given else "none was sent")
+        message = f"{method} needs Content-Type: application/json (UTF-8), even without a body; " + (
+            f"got {given!r}" if given else "none was sent"
         )
         return _json_error(415, "UnsupportedMediaType", message)
 
@@ -357,8 +358,9 @@ class SecurityMiddleware:
         if headers.get("access-control-request-private-network", "").strip().lower() == "true":
             # Chromium's Private Network Access: a public page calling a server on this network.
             response.append((b"access-control-allow-private-network", b"true"))
-        await send({"type": "http.response.start", "status": 204,
-                    "headers": self._response_headers(response, None)})
+        await send(
+            {"type": "http.response.start", "status": 204, "headers": self._response_headers(response, None)}
+        )
         await send({"type": "http.response.body", "body": b""})
 
     async def _send_plain(self, send: Send, status: int, body: bytes) -> None:

@@ -96,21 +96,6 @@ SELECT * FROM durably_runs WHERE id = %(id)s FOR UPDATE
 -- name: get_run_for_share
 SELECT * FROM durably_runs WHERE id = %(id)s FOR SHARE
 
--- name: list_runs
--- Newest first; a NULL filter matches everything. Labels: every wanted (key, value) pair
--- must exist for the run; the pairs are looked up through durably_run_labels_pair.
-SELECT * FROM durably_runs AS r
-WHERE (%(statuses)s::text[] IS NULL OR r.status = ANY(%(statuses)s::text[]))
-  AND (%(job_names)s::text[] IS NULL OR r.job_name = ANY(%(job_names)s::text[]))
-  AND (cardinality(%(label_keys)s::text[]) = 0 OR r.id IN (
-        SELECT l.run_id FROM durably_run_labels AS l
-        JOIN unnest(%(label_keys)s::text[], %(label_values)s::text[]) AS wanted (key, value)
-          ON l.key = wanted.key AND l.value = wanted.value
-        GROUP BY l.run_id
-        HAVING count(*) = cardinality(%(label_keys)s::text[])))
-ORDER BY r.id DESC
-LIMIT %(limit)s OFFSET %(offset)s
-
 -- name: cancel_run
 -- The lease is kept: a cancelled run holds its concurrency key until its worker
 -- has stopped the handler (release_run) or the lease runs out. A waiting run has none.

@@ -64,6 +64,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from ...errors import ConflictError, ExistingRunRefusedError, NotFoundError, SchemaVersionError, StorageError
 from ..base import ChangeListener, LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store
 from ..rows import new_run_record, run_from_row, step_from_row
+from ..run_list import list_runs_query
 from .options import PostgresOptions
 
 logger = logging.getLogger("durably_web")
@@ -457,20 +458,13 @@ class PostgresStore(Store):
         return None if row is None else run_from_row(row)
 
     async def list_runs(self, run_filter: RunFilter) -> list[RunRecord]:
-        params = {
-            "statuses": None if run_filter.statuses is None else list(run_filter.statuses),
-            "job_names": None if run_filter.job_names is None else list(run_filter.job_names),
-            "label_keys": list(run_filter.labels),
-            "label_values": list(run_filter.labels.values()),
-            # As SQLite: a negative limit means no limit, a negative offset none.
-            "limit": None if run_filter.limit < 0 else run_filter.limit,
-            "offset": max(run_filter.offset, 0),
-        }
+        # As SQLite: a negative limit means no limit (LIMIT NULL), a negative offset none.
+        sql, params = list_runs_query(run_filter, lambda name: f"%({name})s", no_limit=None)
         async with self._connection() as conn:
-            # Never prepared: with its optional filters a generic plan (which psycopg's
-            # automatic preparation would get after a few calls) cannot use the partial
-            # and label indexes that the plan for the actual values uses.
-            rows = await _all(conn, "list_runs", params, prepare=False)
+            # Never prepared: the statement's text varies with the filter's shape, and a
+            # generic plan could not see which statuses and labels a page asks for.
+            cursor = await conn.execute(sql, params, prepare=False)
+            rows = await cursor.fetchall()
         return [run_from_row(row) for row in rows]
 
     async def cancel_run(self, run_id: str, now: int) -> RunRecord:

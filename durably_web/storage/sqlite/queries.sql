@@ -38,20 +38,6 @@ SELECT :run_id, key, value FROM json_each(:labels)
 -- name: get_run
 SELECT * FROM durably_runs WHERE id = :id
 
--- name: list_runs
--- Newest first; a NULL filter matches everything. Labels: every wanted
--- (key, value) pair must exist for the run.
-SELECT * FROM durably_runs AS r
-WHERE (:statuses IS NULL OR r.status IN (SELECT value FROM json_each(:statuses)))
-  AND (:job_names IS NULL OR r.job_name IN (SELECT value FROM json_each(:job_names)))
-  AND NOT EXISTS (
-        SELECT 1 FROM json_each(:labels) AS wanted
-        WHERE NOT EXISTS (
-            SELECT 1 FROM durably_run_labels AS l
-            WHERE l.run_id = r.id AND l.key = wanted.key AND l.value = wanted.value))
-ORDER BY r.id DESC
-LIMIT :limit OFFSET :offset
-
 -- name: cancel_run
 -- The lease is kept: a cancelled run holds its concurrency key until its worker
 -- has stopped the handler (release_run) or the lease runs out. A waiting run has none.

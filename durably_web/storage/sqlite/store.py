@@ -14,6 +14,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from ...errors import ConflictError, ExistingRunRefusedError, NotFoundError, SchemaVersionError, StorageError
 from ..base import LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store, WouldBlock
 from ..rows import new_run_record, run_from_row, step_from_row
+from ..run_list import list_runs_query
 from .connection import SqlConnection, SqliteBusyError
 
 _NAME_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
@@ -314,17 +315,8 @@ class SQLiteStore(Store):
 
     @_sqlite_call(durable=False)
     def list_runs(self, run_filter: RunFilter) -> list[RunRecord]:
-        rows = self._conn.fetch_all(
-            Q["list_runs"],
-            {
-                "statuses": _json_list(run_filter.statuses),
-                "job_names": _json_list(run_filter.job_names),
-                "labels": json.dumps(run_filter.labels),
-                "limit": run_filter.limit,
-                "offset": run_filter.offset,
-            },
-        )
-        return [run_from_row(row) for row in rows]
+        sql, params = list_runs_query(run_filter, lambda name: f":{name}", no_limit=-1)
+        return [run_from_row(row) for row in self._conn.fetch_all(sql, params)]
 
     @_sqlite_call(durable=True)
     def cancel_run(self, run_id: str, now: int) -> RunRecord:
@@ -718,7 +710,3 @@ class SQLiteStore(Store):
             )
             for row in self._conn.fetch_all(Q["list_logs"], {"run_id": run_id})
         ]
-
-
-def _json_list(values: Sequence[str] | None) -> str | None:
-    return None if values is None else json.dumps(list(values))
