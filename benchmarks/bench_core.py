@@ -6,6 +6,9 @@ Prints, in one run:
   per-step   overhead of a job with N no-op async steps (and sync steps, which
              hop to a thread), i.e. wall time of the run divided by N;
   runs/s     N single-step runs, triggered one by one, until all are complete;
+  get_runs   one page (100 runs) of the run list filtered by a common label, a rare
+             label and a rare status, at --list-small and --list-large runs, and the
+             ratio large / small (an index walk stays near 1; a scan grows with the table);
 and the ratio per-step / floor. Each figure is the median of --repeat runs.
 """
 
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import sqlite3
 import statistics
 import sys
@@ -97,11 +101,66 @@ async def runs_per_second(folder: Path, job, n: int) -> float:
         return n / (time.perf_counter() - start)
 
 
+def fill_runs(path: Path, count: int) -> None:
+    """``count`` finished runs written straight into a migrated database (triggering a
+    million through the API would take minutes and measure triggers, not the list):
+    four orgs as a label, five runs with a rare label, three still leased."""
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executemany(
+            "INSERT INTO durably_runs (id, job_name, status, input, labels, available_at, created_at,"
+            " updated_at)"
+            " VALUES (?, 'report', ?, '{}', ?, 0, 0, 0)",
+            (
+                (f"bench{i:010d}", "leased" if i < 3 else "completed", json.dumps(labels_of(i)))
+                for i in range(count)
+            ),
+        )
+        conn.executemany(
+            "INSERT INTO durably_run_labels (run_id, key, value) VALUES (?, ?, ?)",
+            ((f"bench{i:010d}", k, v) for i in range(count) for k, v in labels_of(i).items()),
+        )
+    conn.close()
+
+
+def labels_of(i: int) -> dict[str, str]:
+    labels = {"org": ("acme", "globex", "initech", "umbrella")[i % 4]}
+    if i < 5:
+        labels["batch"] = "first"
+    return labels
+
+
+LIST_QUERIES = {
+    "a common label (1 in 4 runs)": {"labels": {"org": "globex"}},
+    "a rare label (5 runs)": {"labels": {"batch": "first"}},
+    "a rare status (3 leased runs)": {"status": "leased"},
+}
+
+
+async def list_ms(folder: Path, count: int, repeat: int) -> dict[str, float]:
+    path = folder / f"list{count}.db"
+    async with Durably(f"sqlite:///{path}", worker=False):
+        pass  # migrated
+    fill_runs(path, count)
+    async with Durably(f"sqlite:///{path}", worker=False) as durably:
+        times = {}
+        for name, query in LIST_QUERIES.items():
+            samples = []
+            for _ in range(max(5, repeat * 5)):
+                start = time.perf_counter()
+                await durably.get_runs(limit=100, **query)
+                samples.append((time.perf_counter() - start) * 1000)
+            times[name] = statistics.median(samples)
+        return times
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--runs", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--list-small", type=int, default=10_000)
+    parser.add_argument("--list-large", type=int, default=1_000_000)
     args = parser.parse_args()
     many_steps, many_sync_steps, one_step = make_jobs(args.steps)
 
@@ -134,6 +193,14 @@ async def main() -> None:
         f"  single-step runs, {args.runs} triggered one by one              "
         f"{statistics.median(rates):8.0f} runs/s"
     )
+    with tempfile.TemporaryDirectory(prefix="durably-bench-") as tmp:
+        small = await list_ms(Path(tmp), args.list_small, args.repeat)
+        large = await list_ms(Path(tmp), args.list_large, args.repeat)
+    for name in LIST_QUERIES:
+        print(
+            f"  get_runs, {name:<30} {args.list_small:>9,} runs {small[name]:7.2f} ms"
+            f"  {args.list_large:>9,} runs {large[name]:7.2f} ms   ratio {large[name] / small[name]:4.2f}x"
+        )
 
 
 if __name__ == "__main__":
