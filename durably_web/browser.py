@@ -36,6 +36,7 @@ _DURATION_OPTIONS = {
     "leaseRenewInterval": "lease_renew_interval",
     "retainRuns": "retain_runs",
     "shutdownTimeout": "shutdown_timeout",
+    "offlineRecheckInterval": "offline_recheck_interval",
 }
 _PLAIN_OPTIONS = {"maxConcurrentRuns": "max_concurrent_runs", "preserveSteps": "preserve_steps"}
 
