@@ -31,7 +31,6 @@ from .errors import (
 )
 from .events import TERMINAL_EVENT_TYPES, EventBus, RunSubscription
 from .job import JobDefinition
-from .network import ALWAYS_ONLINE, NetworkStatus
 from .models import (
     RUN_STATUSES,
     TERMINAL_STATUSES,
@@ -44,6 +43,7 @@ from .models import (
     StepAttempt,
     from_ms,
 )
+from .network import ALWAYS_ONLINE, NetworkStatus
 from .serialization import _NO_TYPE, encode
 from .storage import NewRun, RunFilter, RunRecord, Store, open_store
 from .storage.base import WouldBlock

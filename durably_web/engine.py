@@ -215,7 +215,9 @@ class RunExecution:
             },
         )
 
-    async def wait_offline(self, step_name: str, failed: StepRecord | None = None, exc: BaseException | None = None) -> NoReturn:
+    async def wait_offline(
+        self, step_name: str, failed: StepRecord | None = None, exc: BaseException | None = None
+    ) -> NoReturn:
         """The network is down: the run waits (reason ``"offline"``) until the worker hears it
         is back, or the recheck interval has passed. ``failed``, the attempt that hit a network
         error, is recorded with it (flagged ``offline``: it uses up no retry)."""
@@ -504,6 +506,9 @@ class Worker:
             # once; polling stays as the fallback.
             self._stop_watching = await self.store.watch_changes(lambda run_id, status: self._wake.set())
         self._stop_watching_network = self.network.watch(self._on_network_returned)
+        # Runs left waiting for the network by an earlier process (a page reloaded while
+        # offline) continue now if it is there, not at their recheck time.
+        self._network_returned = self.network.online()
         self._loop_task = asyncio.create_task(self._claim_loop(), name="durably-worker")
         self._renew_task = asyncio.create_task(self._renew_loop(), name="durably-lease-renewal")
 

@@ -9,13 +9,22 @@ SQLite files and PostgreSQL.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Callable
 from typing import Any
 
 import pytest
-from helpers import FakeClock, wait_until
+from helpers import FakeClock, finish_process, kill_once_waiting, start_process, timed_lines, wait_until
 
-from durably_web import Durably, NetworkStatus, RetryPolicy, StepContext, StepError, ValidationError, define_job
+from durably_web import (
+    Durably,
+    NetworkStatus,
+    RetryPolicy,
+    StepContext,
+    StepError,
+    ValidationError,
+    define_job,
+)
 from durably_web.browser import durably_options
 
 pytestmark = pytest.mark.all_backends
@@ -203,7 +212,10 @@ async def test_while_online_a_network_error_follows_the_retry_policy(make_durabl
     assert done.status == "failed" and done.error is not None and done.error.type == "ConnectionError"
     assert calls.counts == {"fetch": 2}
     attempts = await durably.get_step_attempts(done.id)
-    assert [(a.attempt, a.status, a.offline) for a in attempts] == [(1, "failed", False), (2, "failed", False)]
+    assert [(a.attempt, a.status, a.offline) for a in attempts] == [
+        (1, "failed", False),
+        (2, "failed", False),
+    ]
 
 
 async def test_an_error_that_is_not_a_network_error_fails_the_step_even_offline(make_durably) -> None:
@@ -303,7 +315,10 @@ async def test_by_default_the_network_is_always_there_and_needs_network_changes_
     done = await durably.trigger_and_wait(plain, None, timeout=30)
     assert done.status == "completed" and calls.counts == {"fetch": 2}
     attempts = await durably.get_step_attempts(done.id)
-    assert [(a.attempt, a.status, a.offline) for a in attempts] == [(1, "failed", False), (2, "completed", False)]
+    assert [(a.attempt, a.status, a.offline) for a in attempts] == [
+        (1, "failed", False),
+        (2, "completed", False),
+    ]
 
 
 async def test_needs_network_must_be_a_bool(make_durably) -> None:
@@ -324,3 +339,52 @@ def test_the_options_are_checked() -> None:
         Durably(network=object())  # type: ignore[arg-type]
     # The page's option, in milliseconds.
     assert durably_options({"offlineRecheckInterval": 5000}) == {"offline_recheck_interval": 5.0}
+
+
+# --- kills -------------------------------------------------------------------------------------
+
+
+@pytest.mark.sqlite_only
+async def test_a_run_waiting_for_the_network_survives_sigkill_and_continues_after_a_restart_online(
+    db_url, db_path, tmp_path
+) -> None:
+    """crash_jobs.py "offline": the network is there while <side effects>.online exists. The
+    first process, offline, fails "fetch" with a network error and is killed while the run
+    waits for the network; the second starts online and continues it at once (the recheck
+    interval is an hour: only the restart's look at the network can wake it), without
+    running "before" again and with the offline attempt costing no retry (max_attempts=1)."""
+    side_effects = tmp_path / "side-effects.txt"
+    first, (run_id, _, _) = await kill_once_waiting(
+        db_url, db_path, side_effects, kind="offline", seconds=3600
+    )
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("SELECT wait_reason, wait_step FROM durably_runs").fetchone() == (
+            "offline",
+            "fetch",
+        )
+        attempts = conn.execute("SELECT name, attempt, offline FROM durably_step_attempts").fetchall()
+    finally:
+        conn.close()
+    assert attempts == [("fetch", 1, 1)]
+
+    (tmp_path / "side-effects.txt.online").touch()
+    second = start_process("wait", db_url, str(side_effects), "--kind", "offline", "--seconds", "3600")
+    result = finish_process(second)
+    assert result["disposition"] == "idempotent" and result["status"] == "completed"
+    assert result["output"] == "fetched"
+    lines = [(name, pid) for name, pid, _ in timed_lines(side_effects)]
+    assert lines == [
+        ("before", first.pid),
+        ("fetch", first.pid),
+        ("fetch", result["pid"]),
+        ("after", result["pid"]),
+    ]
+    async with Durably(db_url, worker=False) as client:
+        attempts = await client.get_step_attempts(run_id)
+    assert [(a.name, a.attempt, a.status, a.offline) for a in attempts] == [
+        ("before", 1, "completed", False),
+        ("fetch", 1, "failed", True),
+        ("fetch", 2, "completed", False),
+        ("after", 1, "completed", False),
+    ]

@@ -1009,7 +1009,8 @@ async def test_wake_offline_runs_makes_every_run_waiting_for_the_network_due_now
 async def test_wake_offline_runs_leaves_every_other_run_alone(store):
     sleeping = await make_run(store, "sleep", "waiting")  # a sleep, due at 101_000
     record = await make_run(store, "retry", "leased")
-    assert await retry_wait(store, record.lease_generation, failed_step("retry", 0, "fetch"), until=50_000, now=1100)
+    failed = failed_step("retry", 0, "fetch")
+    assert await retry_wait(store, record.lease_generation, failed, until=50_000, now=1100)
     record = await make_run(store, "signal", "leased")
     await wait_for_signal(store, "signal", record.lease_generation, 1100)
     record = await make_run(store, "soon", "leased")
@@ -1024,7 +1025,8 @@ async def test_wake_offline_runs_leaves_every_other_run_alone(store):
 async def test_an_offline_attempt_is_listed_and_numbered_but_uses_up_no_retry(store):
     await store.create_runs([new_run("a", 1000)])
     record = await claimed(store, "a", 1000)
-    assert await retry_wait(store, record.lease_generation, failed_step("a", 0, "fetch", attempt=1), until=1010, now=1001)
+    failed = failed_step("a", 0, "fetch", attempt=1)
+    assert await retry_wait(store, record.lease_generation, failed, until=1010, now=1001)
     record = await claimed(store, "a", 1010)
     offline = StepRecord("a", 0, "fetch", "failed", None, ERROR, 1011, 1012, attempt=2, offline=True)
     assert await offline_wait(store, "a", record.lease_generation, until=90_000, now=1012, failed=offline)

@@ -585,7 +585,8 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                 "duration_ms": {"type": "number"},
                 "offline": {
                     "type": "boolean",
-                    "description": "failed with a network error while the browser was offline; used up no retry",
+                    "description": "failed with a network error while the browser was offline "
+                    "(used up no retry)",
                 },
             },
         },

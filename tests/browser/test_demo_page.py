@@ -215,15 +215,16 @@ def test_demo_run_waits_for_the_network(driver: Any, site_url: Any) -> None:
         assert waiting["tags"] == ["ran here"] * 3 + ["needs the network"]
         network.set_offline(False)
         done = wait_until(
-            lambda: (s := page_state(driver))["status"] == "completed" and s, what="the run to complete online"
+            lambda: (s := page_state(driver))["status"] == "completed" and s,
+            what="the run to complete online",
         )
     finally:
         network.close()
     assert (done["online"], done["network"]) == ("true", "Online")
     assert done["tags"] == ["ran here"] * 4 and done["logs"][-1] == "report published to durably-web"
     attempts = driver.execute_async_script(
-        "const done = arguments[1];"
-        " window.demo.client.getStepAttempts(arguments[0]).then((a) => done(a.map((x) => [x.name, x.attempt])));",
+        "const done = arguments[1]; window.demo.client.getStepAttempts(arguments[0])"
+        ".then((a) => done(a.map((x) => [x.name, x.attempt])));",
         run_id,
     )
     assert attempts == [["fetch-day-1", 1], ["fetch-day-2", 1], ["summarize", 1], ["publish", 1]]

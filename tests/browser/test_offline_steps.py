@@ -94,7 +94,10 @@ def test_offline_steps_wait_without_spending_retries_and_continue_online(
         # the server), recorded as an offline attempt that counts against no retry budget.
         assert [run["wait_step"] for run in offline["waiting"]] == ["second", "second", "send"]
         for run_attempts in offline["attempts"][:2]:
-            assert attempts_of(run_attempts) == [("first", 1, "completed", False), ("second", 1, "failed", True)]
+            assert attempts_of(run_attempts) == [
+                ("first", 1, "completed", False),
+                ("second", 1, "failed", True),
+            ]
         # pyfetch raises pyodide.http.AbortError (an OSError), an awaited js.fetch the JS TypeError.
         errors = [a[1]["error"] for a in offline["attempts"][:2]]
         assert [e["type"] for e in errors] == ["AbortError", "JsException"], errors
@@ -121,7 +124,9 @@ def test_offline_steps_wait_without_spending_retries_and_continue_online(
 
     assert done["onLine"] is True
     assert [run["status"] for run in done["done"]] == ["completed"] * 3
-    assert [run["output"] for run in done["done"]] == [{"first": 1, "second": 1, "third": 1}] * 2 + [{"send": 1}]
+    assert [run["output"] for run in done["done"]] == [{"first": 1, "second": 1, "third": 1}] * 2 + [
+        {"send": 1}
+    ]
     for run_attempts in done["attempts"][:2]:
         assert attempts_of(run_attempts) == [
             ("first", 1, "completed", False),
@@ -140,7 +145,9 @@ def test_offline_steps_wait_without_spending_retries_and_continue_online(
     for run_id in ids:
         assert [(r, s) for i, r, s in waits if i == run_id] == [("signal", "go"), ("offline", "second")]
     offline_fails = [e for e in events if e["type"] == "step:fail"]
-    assert {(e["run_id"], e["step_name"], e["offline"]) for e in offline_fails} == {(i, "second", True) for i in ids}
+    assert {(e["run_id"], e["step_name"], e["offline"]) for e in offline_fails} == {
+        (i, "second", True) for i in ids
+    }
     assert not [e for e in events if e["type"] in ("step:retry", "run:fail")]
     assert len([e for e in events if e["type"] == "step:start" and e["run_id"] == early]) == 1
     assert page(driver, "return await durably.integrityCheck()") == "ok"
