@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 
 from .errors import NonDeterministicReplayError, StepError, WaitTimeoutError
 from .models import ErrorInfo
-from .retry import NO_RETRY, RetryPolicy
+from .retry import _NEVER_RETRIED, NO_RETRY, RetryPolicy
 from .serialization import _NO_TYPE, decode, encode, return_type_of
 from .storage.base import NEVER_MS, LogRecord, StepRecord
 
@@ -200,7 +200,10 @@ class StepContext:
         except Exception as exc:
             # Not the step's fault: the request could not leave. Recorded (flagged, so it uses
             # up no retry), and the run waits for the network instead of failing or backing off.
-            offline = not network.online() and network.is_network_error(exc)
+            # A NonRetryableError (or a cancel, a lost lease) still ends the step at once.
+            offline = (
+                not isinstance(exc, _NEVER_RETRIED) and not network.online() and network.is_network_error(exc)
+            )
             failed = StepRecord(
                 run_id=self.run_id,
                 index=index,

@@ -19,6 +19,7 @@ from helpers import FakeClock, finish_process, kill_once_waiting, start_process,
 from durably_web import (
     Durably,
     NetworkStatus,
+    NonRetryableError,
     RetryPolicy,
     StepContext,
     StepError,
@@ -388,3 +389,21 @@ async def test_a_run_waiting_for_the_network_survives_sigkill_and_continues_afte
         ("fetch", 2, "completed", False),
         ("after", 1, "completed", False),
     ]
+
+
+async def test_a_non_retryable_error_fails_even_when_it_wraps_a_network_error_offline(make_durably) -> None:
+    network = SwitchedNetwork(online=False)
+
+    def give_up() -> None:
+        try:
+            raise ConnectionError("Failed to fetch")
+        except ConnectionError as exc:
+            raise NonRetryableError("the caller said: do not wait") from exc
+
+    @define_job("give-up")
+    async def give_up_job(step: StepContext, payload: Any) -> Any:
+        return await step.run("give-up", give_up)
+
+    durably = await make_durably(give_up_job, network=network, offline_recheck_interval=NO_RECHECK)
+    done = await durably.trigger_and_wait(give_up_job, None, timeout=30)
+    assert done.status == "failed" and done.error is not None and done.error.type == "NonRetryableError"
