@@ -31,6 +31,7 @@ from durably_web import (
 )
 from durably_web.retry import NO_RETRY
 from durably_web.storage import StepRecord
+from durably_web.storage.sqlite import SCHEMA_VERSION  # every migration applied
 
 pytestmark = pytest.mark.all_backends
 
@@ -293,7 +294,6 @@ async def test_a_local_retry_continues_without_waiting_for_a_poll(make_durably):
 # --- migration ---------------------------------------------------------------------------------------------
 
 FIXTURE = Path(__file__).with_name("fixtures") / "schema_v1.db"
-SCHEMA_VERSION = 3  # every migration up to the offline-waits one applied
 
 
 async def test_a_database_written_by_the_previous_release_upgrades_in_place(tmp_path):
