@@ -23,6 +23,7 @@ from .errors import (
 )
 from .job import JobDefinition, define_job
 from .models import ErrorInfo, Event, LogEntry, Progress, Run, Step, StepAttempt
+from .network import NetworkStatus
 from .retry import RetryPolicy
 from .step import StepContext
 
@@ -39,6 +40,7 @@ __all__ = [
     "JobDefinition",
     "LeaseLostError",
     "LogEntry",
+    "NetworkStatus",
     "NonDeterministicReplayError",
     "NonRetryableError",
     "NotFoundError",

@@ -25,6 +25,7 @@ from . import errors
 from .durably import Durably
 from .errors import DurablyError, ValidationError
 from .job import JobDefinition
+from .network import ALWAYS_ONLINE
 from .rpc import Dispatcher
 from .storage.sqlite import SQLiteStore, apply_connection_policy
 from .storage.sqlite.connection import SqlConnection
@@ -36,8 +37,84 @@ _DURATION_OPTIONS = {
     "leaseRenewInterval": "lease_renew_interval",
     "retainRuns": "retain_runs",
     "shutdownTimeout": "shutdown_timeout",
+    "offlineRecheckInterval": "offline_recheck_interval",
 }
 _PLAIN_OPTIONS = {"maxConcurrentRuns": "max_concurrent_runs", "preserveSteps": "preserve_steps"}
+
+
+# How a failed fetch reads in each engine's JS TypeError (Chromium, Firefox, Safari).
+_FETCH_FAILURE_MESSAGES = ("Failed to fetch", "NetworkError when attempting to fetch", "Load failed")
+# pyodide.http's OSError subclasses that are not the network failing: a response arrived
+# (an HTTP error status) or the body was read twice.
+_NOT_NETWORK_ERRORS = {"HttpStatusError", "BodyUsedError"}
+
+
+class BrowserNetworkStatus:
+    """The ``NetworkStatus`` of the browser runtime (see ``durably_web.network``).
+
+    ``online()`` is the worker's ``navigator.onLine`` (it follows the browser's state, and
+    DevTools' offline emulation). Chromium fires ``online`` only at the page, never in a
+    dedicated worker, so ``static/durably.js`` forwards the page's events and
+    ``static/worker.js`` calls :meth:`changed` with them (and with the worker's own, in
+    browsers that fire them there).
+    """
+
+    def __init__(self, navigator: Any = None) -> None:
+        self._navigator = navigator  # the worker's, unless a test passes its own
+        self._listeners: list[Callable[[], None]] = []
+
+    def online(self) -> bool:
+        navigator = self._navigator
+        if navigator is None:
+            import js  # type: ignore[import-not-found]
+
+            navigator = js.navigator
+        return bool(navigator.onLine)
+
+    def is_network_error(self, exc: BaseException) -> bool:
+        """A request that never got an answer, anywhere in ``exc``'s chain of causes (a job may
+        wrap the fetch's error in its own): ``pyodide.http.pyfetch`` raises an ``OSError``
+        (its ``AbortError``, "Failed to fetch") and so do its XHR calls and the standard
+        library's sockets (``ConnectionError``, ``TimeoutError``); an awaited ``js.fetch``
+        raises the JS ``TypeError`` itself. An HTTP error status is an answer, not this."""
+        seen: set[int] = set()
+        current: BaseException | None = exc
+        while current is not None and id(current) not in seen:
+            seen.add(id(current))
+            if _is_one_network_error(current):
+                return True
+            current = current.__cause__ or current.__context__
+        return False
+
+    def watch(self, on_online: Callable[[], None]) -> Callable[[], None]:
+        self._listeners.append(on_online)
+
+        def stop() -> None:
+            if on_online in self._listeners:
+                self._listeners.remove(on_online)
+
+        return stop
+
+    def changed(self, online: bool) -> None:
+        """The browser went online or offline (worker.js calls this on the event)."""
+        if online:
+            for listener in list(self._listeners):
+                listener()
+
+
+def _is_one_network_error(exc: BaseException) -> bool:
+    cls = type(exc)
+    if cls.__module__.startswith("pyodide") and cls.__name__ in _NOT_NETWORK_ERRORS:
+        return False
+    if isinstance(exc, OSError):
+        return True
+    if any(base.__name__ == "JsException" for base in cls.__mro__):
+        name = getattr(exc, "name", "")
+        message = str(getattr(exc, "message", exc))
+        return name == "NetworkError" or (
+            name == "TypeError" and any(text in message for text in _FETCH_FAILURE_MESSAGES)
+        )
+    return False
 
 
 class JobModuleError(DurablyError):
@@ -170,10 +247,21 @@ class BrowserRuntime:
     #: Answered here, not by the dispatcher (they need the SQL connection).
     LOCAL_METHODS: tuple[str, ...] = ("integrityCheck", "storageInfo")
 
-    def __init__(self, durably: Durably, connection: SqlConnection | None = None) -> None:
+    def __init__(
+        self,
+        durably: Durably,
+        connection: SqlConnection | None = None,
+        network: BrowserNetworkStatus | None = None,
+    ) -> None:
         self.durably = durably
         self.connection = connection
+        self.network = network
         self._dispatcher = Dispatcher(durably)
+
+    def network_changed(self, online: bool) -> None:
+        """worker.js: the browser went online (runs waiting for the network continue now) or offline."""
+        if self.network is not None:
+            self.network.changed(bool(online))
 
     async def call(self, method: str, args_json: str) -> str:
         try:
@@ -229,17 +317,20 @@ async def start(
     )
     paths = list(job_module_paths)
     jobs = _preloaded[1] if _preloaded is not None and _preloaded[0] == paths else load_job_modules(paths)
+    # Under CPython (this module's own tests) there is no navigator: always online.
+    network = BrowserNetworkStatus() if "_pyodide_core" in sys.modules else None
     durably = Durably(
         SQLiteStore(connection),
         jobs=jobs,
         sole_worker=bool(config.get("soleWorker", False)),
         worker=bool(config.get("worker", True)),
+        network=network or ALWAYS_ONLINE,
         **durably_options(config.get("options") or {}),
     )
     # Listen before init(): a resumed run may emit its first events right away.
     durably.on("*", lambda event: post_event(json.dumps(event.to_dict(), default=str)))
     await durably.init()
-    return BrowserRuntime(durably, connection)
+    return BrowserRuntime(durably, connection, network)
 
 
 # (paths, jobs) imported by preload(), reused by start() for the same paths.

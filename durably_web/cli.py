@@ -361,6 +361,8 @@ def _wakes(run: Run) -> str:
         return f"due now ({run.wait_reason})"
     if run.wait_reason == "signal":
         return f"on signal or {_when(run.wake_at)}"
+    if run.wait_reason == "offline":
+        return f"when online, or check {_when(run.wake_at)}"
     return f"{_when(run.wake_at)} ({run.wait_reason})"
 
 
@@ -371,6 +373,8 @@ def _waiting_for(run: Run) -> str:
         return what
     if _is_due(run):
         return f"{what}, due now"
+    if run.wait_reason == "offline":
+        return f"{what} until online, checked again {_when(run.wake_at)}"
     return f"{what} {'times out' if run.wait_reason == 'signal' else 'until'} {_when(run.wake_at)}"
 
 
@@ -396,12 +400,18 @@ def _state_note(run: Run) -> str | None:
                 "retry": f"waiting to retry step {step} (attempts below)",
                 "sleep": f"sleeping at step {step}",
                 "signal": f"waiting for the signal {step} (it arrived, or the wait timed out)",
+                "offline": f"waiting for the network at step {step}",
             }.get(run.wait_reason or "", f"waiting ({run.wait_reason} at step {step})")
             return f"{what}, due since {due}: the next worker to poll continues it"
         if run.wait_reason == "retry":
             return f"waiting to retry step {step} (attempts below); any worker retries it at {due}"
         if run.wait_reason == "sleep":
             return f"sleeping at step {step}; any worker continues it at {due}"
+        if run.wait_reason == "offline":
+            return (
+                f"waiting for the network at step {step} (the browser was offline; no retry was "
+                f"used up); it continues when the browser is back online, checked again at {due}"
+            )
         if run.wait_reason == "signal":
             command = f"{PROG} signal APP {run.id} {shlex.quote(run.wait_step or '')} --payload JSON"
             if run.wake_at is None:
@@ -474,9 +484,10 @@ def _retried(steps: Sequence[Step], attempts: Sequence[StepAttempt]) -> list[Ste
 
 
 def _attempt_line(attempt: StepAttempt) -> str:
+    offline = " offline (no retry used up)" if attempt.offline else ""
     line = (
         f"{_when(attempt.completed_at)} attempt {attempt.attempt} of step {_p(repr(attempt.name))} "
-        f"{attempt.status} after {_duration(attempt.duration_ms)}"
+        f"{attempt.status}{offline} after {_duration(attempt.duration_ms)}"
     )
     return line + (f": {_p(attempt.error)}" if attempt.error is not None else "")
 

@@ -43,6 +43,7 @@ from .models import (
     StepAttempt,
     from_ms,
 )
+from .network import ALWAYS_ONLINE, NetworkStatus
 from .serialization import _NO_TYPE, encode
 from .storage import NewRun, RunFilter, RunRecord, Store, open_store
 from .storage.base import WouldBlock
@@ -109,6 +110,12 @@ class Durably:
     that nothing is written (not even a migration; its schema must be this
     version's, see ``SchemaVersionError``), no worker runs, and every write
     operation raises ``ReadOnlyError``.
+
+    ``network`` tells the worker whether the network is there (see
+    ``durably_web.network``); the browser runtime passes its own, which makes runs wait
+    (reason ``"offline"``) instead of spending retries on requests that cannot leave,
+    and checks them again every ``offline_recheck_interval`` if no "online" notice came.
+    The default is always online.
     """
 
     def __init__(
@@ -129,6 +136,8 @@ class Durably:
         sole_worker: bool = False,
         read_only: bool = False,
         clock: Callable[[], float] = time.time,
+        offline_recheck_interval: Seconds = 30.0,
+        network: NetworkStatus = ALWAYS_ONLINE,
     ) -> None:
         self.polling_interval: float = _seconds("polling_interval", polling_interval, minimum=0.001)  # type: ignore[assignment]
         self.lease_duration: float = _seconds("lease_duration", lease_duration, minimum=0.05)  # type: ignore[assignment]
@@ -150,6 +159,13 @@ class Durably:
         self.retain_runs = _seconds("retain_runs", retain_runs, allow_none=True)
         self.preserve_steps = bool(preserve_steps)
         self.shutdown_timeout: float = _seconds("shutdown_timeout", shutdown_timeout)  # type: ignore[assignment]
+        self.offline_recheck_interval: float = _seconds(
+            "offline_recheck_interval", offline_recheck_interval, minimum=0.001
+        )  # type: ignore[assignment]
+        for member in ("online", "is_network_error", "watch"):
+            if not callable(getattr(network, member, None)):
+                raise ValidationError(f"network must be a NetworkStatus (no {member}()): {network!r}")
+        self.network = network
         self.run_sync_in_thread = (not _in_pyodide()) if run_sync_in_thread is None else run_sync_in_thread
         if (
             isinstance(max_payload_bytes, bool)
@@ -223,10 +239,12 @@ class Durably:
                     run_sync_in_thread=self.run_sync_in_thread,
                     preserve_steps=self.preserve_steps,
                     retain_runs=self.retain_runs,
+                    offline_recheck_interval=self.offline_recheck_interval,
                 ),
                 events=self,
                 now_ms=self.now_ms,
                 report_error=self.report_worker_error,
+                network=self.network,
             )
             await self._worker.start()
         return self
@@ -667,7 +685,9 @@ class Durably:
 
     async def get_step_attempts(self, run_id: str) -> list[StepAttempt]:
         """Every attempt of every ``step.run`` step, by position then attempt number: each
-        retried failure, and the attempt that ended the step (completed, or failed for good)."""
+        retried failure, and the attempt that ended the step (completed, or failed for good).
+        An attempt that failed for want of the network (``offline``) is listed too; it used
+        up no retry."""
         await self._require(run_id)
         attempts = [
             StepAttempt(
@@ -679,6 +699,7 @@ class Durably:
                 error=_error_info(s.error_json),
                 started_at=from_ms(s.started_at),  # type: ignore[arg-type]
                 completed_at=from_ms(s.completed_at),  # type: ignore[arg-type]
+                offline=s.offline,
             )
             for s in [*await self.store.list_step_attempts(run_id), *await self.store.list_steps(run_id)]
             if s.kind == "run"

@@ -22,6 +22,7 @@ from . import ids
 from .errors import CancelledError, LeaseLostError, StorageError
 from .job import JobDefinition
 from .models import ErrorInfo, Progress, from_ms
+from .network import ALWAYS_ONLINE, NetworkStatus
 from .step import StepContext, _error_json
 from .storage.base import NEVER_MS, LogRecord, RunRecord, StepRecord, Store
 from .threads import SyncStepThreads
@@ -38,6 +39,9 @@ class WorkerConfig:
     run_sync_in_thread: bool
     preserve_steps: bool
     retain_runs: float | None
+    #: A run waiting for the network is tried again after this long even if no "online"
+    #: notice came (one may be missed: a page asleep, a browser that sends none).
+    offline_recheck_interval: float = 30.0
 
 
 class EventSink(Protocol):
@@ -98,6 +102,7 @@ class RunExecution:
         # the claim, moved on by every renewal that got through.
         self.lease_until_ms = record.lease_expires_at
         self.sync_threads = worker.sync_threads
+        self.network = worker.network
         # Cleared while a sync step's thread runs; a cancelled run keeps its
         # concurrency key until that thread is done.
         self.sync_step_done = asyncio.Event()
@@ -208,6 +213,29 @@ class RunExecution:
                 "delay": delay,
                 "error": ErrorInfo.from_exception(exc),
             },
+        )
+
+    async def wait_offline(
+        self, step_name: str, failed: StepRecord | None = None, exc: BaseException | None = None
+    ) -> NoReturn:
+        """The network is down: the run waits (reason ``"offline"``) until the worker hears it
+        is back, or the recheck interval has passed. ``failed``, the attempt that hit a network
+        error, is recorded with it (flagged ``offline``: it uses up no retry)."""
+        if failed is not None and exc is not None:
+            self.emit(
+                "step:fail",
+                {
+                    "step_name": failed.name,
+                    "step_index": failed.index,
+                    "error": ErrorInfo.from_exception(exc),
+                    "attempt": failed.attempt,
+                    "will_retry": True,
+                    "offline": True,
+                },
+            )
+        recheck_ms = int(self._worker.config.offline_recheck_interval * 1000)
+        await self.wait_until(
+            self.now_ms() + recheck_ms, reason="offline", step_name=step_name, failed_attempt=failed
         )
 
     async def wait_until(
@@ -445,6 +473,7 @@ class Worker:
         events: EventSink,
         now_ms: Callable[[], int],
         report_error: ErrorReporter,
+        network: NetworkStatus = ALWAYS_ONLINE,
     ) -> None:
         self.store = store
         self.jobs = jobs
@@ -452,6 +481,7 @@ class Worker:
         self.events = events
         self.now_ms = now_ms
         self.report_error = report_error
+        self.network = network
         self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{ids.new_id()[-8:]}"
         self.active: dict[str, RunExecution] = {}
         self._wake = asyncio.Event()
@@ -463,6 +493,9 @@ class Worker:
         self._last_purge_ms = 0
         self.sync_threads: SyncStepThreads | None = None
         self._timers: set[asyncio.TimerHandle] = set()
+        # Set when the network came back: the claim loop makes the runs waiting for it due.
+        self._network_returned = False
+        self._stop_watching_network: Callable[[], None] | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -472,11 +505,29 @@ class Worker:
             # Another process's new run, release, resume or signal wakes the claim loop at
             # once; polling stays as the fallback.
             self._stop_watching = await self.store.watch_changes(lambda run_id, status: self._wake.set())
+        self._stop_watching_network = self.network.watch(self._on_network_returned)
+        # Runs left waiting for the network by an earlier process (a page reloaded while
+        # offline) continue now if it is there, not at their recheck time.
+        self._network_returned = self.network.online()
         self._loop_task = asyncio.create_task(self._claim_loop(), name="durably-worker")
         self._renew_task = asyncio.create_task(self._renew_loop(), name="durably-lease-renewal")
 
     def wake(self) -> None:
         self._wake.set()
+
+    def _on_network_returned(self) -> None:
+        """The network is back: the claim loop (not this callback, which may come from a
+        browser event) makes the runs waiting for it due, then claims them."""
+        self._network_returned = True
+        self._wake.set()
+
+    async def _wake_offline_runs(self) -> None:
+        self._network_returned = False
+        try:
+            await self.store.wake_offline_runs(self.now_ms())
+        except BaseException:
+            self._network_returned = True  # tried again at the next turn of the loop
+            raise
 
     def wake_at(self, until_ms: int) -> None:
         """Wake the claim loop when a run this worker made wait is due (a loop timer, so a
@@ -500,6 +551,8 @@ class Worker:
         while not self._stopping:
             self._wake.clear()
             try:
+                if self._network_returned:
+                    await self._wake_offline_runs()
                 await self._claim_available()
                 await self._purge_if_due()
             except Exception as exc:
@@ -609,6 +662,9 @@ class Worker:
         if self._stop_watching is not None:
             self._stop_watching()
             self._stop_watching = None
+        if self._stop_watching_network is not None:
+            self._stop_watching_network()
+            self._stop_watching_network = None
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()

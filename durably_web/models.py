@@ -77,7 +77,9 @@ class Run:
     completed_at: datetime | None = None
     updated_at: datetime | None = None
     disposition: Disposition | None = None
-    #: While ``status == "waiting"``: when it continues, why ("retry" | "sleep") and at which step.
+    #: While ``status == "waiting"``: when it continues, why ("retry" | "sleep" | "signal" |
+    #: "offline") and at which step. An "offline" run continues as soon as the network is
+    #: back; ``wake_at`` is then only when it is checked again at the latest.
     wake_at: datetime | None = None
     wait_reason: str | None = None
     wait_step: str | None = None
@@ -153,7 +155,8 @@ class Step:
 @dataclass(frozen=True, slots=True)
 class StepAttempt:
     """One attempt of one step (``get_step_attempts``): every retried failure, and the
-    attempt that ended the step (completed, or failed for good)."""
+    attempt that ended the step (completed, or failed for good). ``offline``: the attempt
+    failed with a network error while the browser was offline; it used up no retry."""
 
     run_id: str
     index: int
@@ -163,6 +166,7 @@ class StepAttempt:
     error: ErrorInfo | None
     started_at: datetime
     completed_at: datetime
+    offline: bool = False
 
     @property
     def duration_ms(self) -> float:
@@ -179,6 +183,7 @@ class StepAttempt:
             "started_at": iso(self.started_at),
             "completed_at": iso(self.completed_at),
             "duration_ms": self.duration_ms,
+            "offline": self.offline,
         }
 
 

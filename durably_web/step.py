@@ -13,12 +13,13 @@ from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 
 from .errors import NonDeterministicReplayError, StepError, WaitTimeoutError
 from .models import ErrorInfo
-from .retry import NO_RETRY, RetryPolicy
+from .retry import _NEVER_RETRIED, NO_RETRY, RetryPolicy
 from .serialization import _NO_TYPE, decode, encode, return_type_of
 from .storage.base import NEVER_MS, LogRecord, StepRecord
 
 if TYPE_CHECKING:
     from .job import JobDefinition
+    from .network import NetworkStatus
     from .storage.base import RunRecord
     from .threads import SyncStepThreads
 
@@ -37,6 +38,7 @@ class StepHost(Protocol):
     job: JobDefinition[Any, Any]
     sync_threads: SyncStepThreads | None
     sync_step_done: asyncio.Event
+    network: NetworkStatus
 
     def now_ms(self) -> int: ...
     def emit(self, event_type: str, data: dict[str, Any]) -> None: ...
@@ -44,6 +46,9 @@ class StepHost(Protocol):
     def step_failed(self, step: StepRecord, exc: BaseException) -> None: ...
     async def record_step(self, step: StepRecord) -> None: ...
     async def retry_step(self, failed: StepRecord, exc: BaseException, delay: float) -> NoReturn: ...
+    async def wait_offline(
+        self, step_name: str, failed: StepRecord | None = None, exc: BaseException | None = None
+    ) -> NoReturn: ...
     async def wait_until(
         self,
         until: int,
@@ -121,11 +126,18 @@ class StepContext:
         *args: Any,
         type: type[T],
         retry: RetryPolicy | None = None,
+        needs_network: bool = False,
         **kwargs: Any,
     ) -> T: ...
     @overload
     async def run(
-        self, name: str, fn: Callable[..., Any], *args: Any, retry: RetryPolicy | None = None, **kwargs: Any
+        self,
+        name: str,
+        fn: Callable[..., Any],
+        *args: Any,
+        retry: RetryPolicy | None = None,
+        needs_network: bool = False,
+        **kwargs: Any,
     ) -> Any: ...
 
     async def run(
@@ -135,6 +147,7 @@ class StepContext:
         *args: Any,
         type: Any = _NO_TYPE,
         retry: RetryPolicy | None = None,
+        needs_network: bool = False,
         **kwargs: Any,
     ) -> Any:
         """Run ``fn(*args, **kwargs)`` as the step ``name`` (sync or async callable).
@@ -143,12 +156,19 @@ class StepContext:
         without either only plain JSON values are accepted. ``retry`` overrides the
         job's ``RetryPolicy`` for this step; a retry's delay is persisted as the run's
         wake-up time (the run is 'waiting' meanwhile), never slept in memory.
+
+        In the browser, a step that fails with a network error while the browser is
+        offline uses up no retry: the run waits (reason ``"offline"``) and tries it again
+        when the network is back. ``needs_network=True`` also keeps the step from being
+        attempted at all while offline. Elsewhere the network counts as always there.
         """
         self._claim_name(name)
         if not callable(fn):
             raise StepError(f"step {name!r}: {fn!r} is not callable")
         if retry is not None and not isinstance(retry, RetryPolicy):
             raise StepError(f"step {name!r}: retry must be a RetryPolicy, not {retry!r}")
+        if not isinstance(needs_network, bool):
+            raise StepError(f"step {name!r}: needs_network must be True or False, not {needs_network!r}")
         index = self._next_index
         self._next_index += 1
         tp = type if type is not _NO_TYPE else return_type_of(fn)
@@ -164,6 +184,11 @@ class StepContext:
         execution.check_can_start_step(name)
         if self._holding_progress:
             self._end_replay()
+        network = execution.network
+        if not network.online() and (needs_network or self._waited_offline_at(name)):
+            # Still offline: a step that needs the network, or the one that failed for want of
+            # it, is not attempted (that would only add a failed attempt per recheck).
+            await execution.wait_offline(name)
         failed_before, failed_this_round = self._failed_attempts.get(index, (0, 0))
         attempt = failed_before + 1
         started_at = execution.now_ms()
@@ -173,6 +198,12 @@ class StepContext:
             value = await self._call(fn, args, kwargs)
             output_json, value = encode(value, tp, what=f"step {name!r}")
         except Exception as exc:
+            # Not the step's fault: the request could not leave. Recorded (flagged, so it uses
+            # up no retry), and the run waits for the network instead of failing or backing off.
+            # A NonRetryableError (or a cancel, a lost lease) still ends the step at once.
+            offline = (
+                not isinstance(exc, _NEVER_RETRIED) and not network.online() and network.is_network_error(exc)
+            )
             failed = StepRecord(
                 run_id=self.run_id,
                 index=index,
@@ -183,7 +214,10 @@ class StepContext:
                 started_at=started_at,
                 completed_at=execution.now_ms(),
                 attempt=attempt,
+                offline=offline,
             )
+            if offline:
+                await execution.wait_offline(name, failed, exc)
             policy = retry if retry is not None else (execution.job.retry or NO_RETRY)
             round_attempt = failed_this_round + 1
             if policy.should_retry(exc, round_attempt):
@@ -207,6 +241,11 @@ class StepContext:
             )
         )
         return value
+
+    def _waited_offline_at(self, name: str) -> bool:
+        """Whether this execution resumed a run that was waiting for the network at ``name``."""
+        record = self._execution.record
+        return record.wait_reason == "offline" and record.wait_step == name
 
     async def sleep(self, name: str, duration: float | int | timedelta) -> None:
         """A durable sleep, the checkpoint ``name``: the run waits (holding no lease and no

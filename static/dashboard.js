@@ -83,7 +83,8 @@ function progressBar(progress, status) {
 }
 
 /** Why a waiting run waits and until when, e.g. "waiting for signal 'approval'",
- *  "retry of 'deliver' at 14:02:05", "sleeping in 'cool-down' until 14:02:05"; "" otherwise. */
+ *  "retry of 'deliver' at 14:02:05", "sleeping in 'cool-down' until 14:02:05",
+ *  "offline: 'upload' waits for the network"; "" otherwise. */
 function waitText(run) {
   if (!run || run.status !== "waiting") return "";
   const step = typeof run.wait_step === "string" ? `'${run.wait_step}'` : null;
@@ -95,6 +96,9 @@ function waitText(run) {
       return `retry of ${step || "a step"} at ${at || "?"}`;
     case "sleep":
       return `sleeping in ${step || "a step"} until ${at || "?"}`;
+    case "offline":
+      // Continues on the browser's "online" event; the wake time is only the next recheck.
+      return `offline: ${step || "a step"} waits for the network${at ? ` · checked again at ${at}` : ""}`;
     default:
       return `waiting${run.wait_reason ? ` (${run.wait_reason})` : ""}${at ? ` until ${at}` : ""}`;
   }
@@ -487,7 +491,7 @@ function onDetailEvent(id, event) {
           const list = d.attempts.get(event.step_index) || [];
           if (!list.some((a) => a.attempt === event.attempt)) {
             list.push({ index: event.step_index, name: event.step_name, attempt: event.attempt,
-              status: "failed", error: event.error || null, duration_ms: null });
+              status: "failed", error: event.error || null, duration_ms: null, offline: !!event.offline });
           }
           d.attempts.set(event.step_index, list);
         }
@@ -739,7 +743,8 @@ function renderAttempts(attempts) {
   return h("ol", { class: "attempts", "aria-label": "attempts" }, attempts.map((a) =>
     h("li", { class: `attempt attempt-${a.status === "completed" ? "completed" : "failed"}` },
       h("span", { class: "attempt-number" }, `attempt ${a.attempt}`),
-      h("span", { class: "attempt-status" }, a.status),
+      // An offline attempt failed for want of the network: it used up no retry.
+      h("span", { class: "attempt-status" }, a.offline ? `${a.status} · offline, not counted` : a.status),
       h("span", { class: "attempt-error" }, a.error ? `${a.error.type}: ${a.error.message}` : ""),
       h("span", { class: "attempt-duration" }, a.duration_ms === null || a.duration_ms === undefined
         ? "" : fmtDuration(a.duration_ms)))));
@@ -788,7 +793,8 @@ function renderSteps(d) {
       h("span", { class: "step-index" }, index + 1),
       h("span", { class: "step-name", title: attempts[0].name }, attempts[0].name),
       h("span", { class: "step-bar" }),
-      h("span", { class: "step-duration" }, d.run.status === "waiting" ? "retrying" : ""),
+      h("span", { class: "step-duration" }, d.run.status !== "waiting" ? ""
+        : d.run.wait_reason === "offline" ? "offline" : "retrying"),
       h("span"),
       renderAttempts(attempts)));
   }

@@ -9,8 +9,14 @@
 
 export type RunStatus = "pending" | "leased" | "waiting" | "completed" | "failed" | "cancelled";
 export type Disposition = "created" | "idempotent" | "coalesced";
-/** Why a run is "waiting": backing off before a step's retry, in step.sleep/sleep_until, or in wait_for_signal. */
-export type WaitReason = "retry" | "sleep" | "signal";
+/**
+ * Why a run is "waiting": backing off before a step's retry, in step.sleep/sleep_until, in
+ * wait_for_signal, or "offline": the browser is offline and a step needs the network
+ * (step.run(..., needs_network=True), or a step that failed with a network error while
+ * offline, which used up no retry). An offline run continues when the browser is back
+ * online; its wake_at is only when it is checked again at the latest (offlineRecheckInterval).
+ */
+export type WaitReason = "retry" | "sleep" | "signal" | "offline";
 /**
  * What sendSignal() did: "delivered" (the run was waiting for it and continues now),
  * "stored" (kept until the run reaches that wait_for_signal) or "duplicate" (this
@@ -121,6 +127,8 @@ export interface StepAttempt {
   started_at: string;
   completed_at: string;
   duration_ms: number;
+  /** The attempt failed with a network error while the browser was offline: it used up no retry. */
+  offline: boolean;
 }
 
 export interface LogEntry {
@@ -142,7 +150,7 @@ export type EventType =
  * An event: the common fields plus the type's own data (e.g. `progress`, `step_name`, `output`, `error`).
  * Durable waiting adds: run:waiting {reason: WaitReason, step_name, due_at: string | null};
  * run:resume {attempt, previous_status}; step:start {attempt}; step:fail of a retried
- * failure {attempt, will_retry: true}; step:retry {step_name, step_index, attempt,
+ * failure {attempt, will_retry: true}, also `offline: true` when it failed for want of the network; step:retry {step_name, step_index, attempt,
  * next_attempt, delay (seconds), error}; signal:received {name, signal_id, disposition}.
  * run:waiting is not terminal: subscribe() goes on until the run ends.
  */
@@ -264,6 +272,8 @@ export interface CreateOptions {
     retainRuns?: number;
     preserveSteps?: boolean;
     shutdownTimeout?: number;
+    /** How often a run waiting for the network is checked again if no "online" event came. Default 30000. */
+    offlineRecheckInterval?: number;
   };
   /** Folder holding worker.js, Pyodide and the wheels. Default: the folder of durably.js. */
   baseUrl?: string;

@@ -69,6 +69,20 @@
       // Answered partly by the page: the Storage API's persistence lives on the page side.
       this.storageInfo = () => this._storageInfo();
       this.persisted = null; // the answer of navigator.storage.persist() in create(), if asked
+      // Chromium fires online/offline at the page only, never in a dedicated worker (whose
+      // navigator.onLine does follow them): pass them on, so that runs waiting for the
+      // network (wait_reason "offline") continue as soon as it is back.
+      this._onNetwork = () => worker.postMessage({ cmd: "network" });
+      if (typeof addEventListener === "function") {
+        addEventListener("online", this._onNetwork);
+        addEventListener("offline", this._onNetwork);
+      }
+    }
+
+    _stopForwardingNetwork() {
+      if (typeof removeEventListener !== "function") return;
+      removeEventListener("online", this._onNetwork);
+      removeEventListener("offline", this._onNetwork);
     }
 
     /** The worker's storageInfo plus {persisted, estimate} from navigator.storage. */
@@ -253,6 +267,7 @@
         await this._request({ cmd: "close" });
       } finally {
         this._closed = true;
+        this._stopForwardingNetwork();
         this._worker.terminate();
         this._failAll("this durably-web client is closed");
       }
@@ -298,6 +313,7 @@
       setTimeout(() => client._flushEarly(), 0);
     } catch (e) {
       client._closed = true;
+      client._stopForwardingNetwork();
       worker.terminate();
       throw e;
     }

@@ -18,6 +18,7 @@
 // takeover only has to open the database.
 //
 // Page -> worker:  {id, cmd: "start", config} | {id, cmd: "call", method, args} | {id, cmd: "close"}
+//                  {cmd: "network"}                 the page saw online/offline (no reply)
 // Worker -> page:  {id, ok: true, value} | {id, ok: false, error: {name, message, details}}
 //                  {type: "event", json}            a Durably event (JSON text)
 //                  {type: "status", state, detail}  loading / storage / leadership progress
@@ -520,6 +521,24 @@ async function close() {
   if (channel) channel.close();
 }
 
+// ---------------------------------------------------------------- network --
+
+/** The browser went online or offline: the leader's runtime makes the runs waiting for the
+ * network due (BrowserNetworkStatus in durably_web/browser.py; it reads navigator.onLine,
+ * which follows the browser's state in a worker too). Chromium fires these events only at
+ * the page, which forwards them ({cmd: "network"}); other browsers also fire them here. */
+function networkChanged() {
+  if (!runtime) return; // a follower: the leader's own page tells its worker
+  const changed = runtime.network_changed; // a new PyProxy per lookup: destroyed after the call
+  try {
+    changed(navigator.onLine);
+  } finally {
+    changed.destroy();
+  }
+}
+self.addEventListener("online", networkChanged);
+self.addEventListener("offline", networkChanged);
+
 // --------------------------------------------------------------- messages --
 
 let started = null;
@@ -541,6 +560,8 @@ self.onmessage = async (event) => {
       return post({ id, ...errorResult("DurablyError", "the durably-web runtime failed to start") });
     }
     post({ id, ...(await dispatch(method, args)) });
+  } else if (cmd === "network") {
+    networkChanged();
   } else if (cmd === "close") {
     try {
       await close();

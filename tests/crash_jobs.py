@@ -10,10 +10,13 @@ doing its work, so a test can count how many times each step really ran.
     python crash_jobs.py serve <db_url> <expected_runs>
         Work on "record" runs until <expected_runs> runs exist and all have ended.
 
-    python crash_jobs.py wait <db_url> <side_effect_file> --kind retry|sleep|signal --seconds S
+    python crash_jobs.py wait <db_url> <side_effect_file> --kind retry|sleep|signal|offline --seconds S
         Trigger (idempotency key "wait") a job whose first attempt of step "flaky" fails and is
-        retried after S seconds (retry), that sleeps S seconds between two steps (sleep), or
-        that waits up to S seconds for the signal "go" between two steps (signal);
+        retried after S seconds (retry), that sleeps S seconds between two steps (sleep), that
+        waits up to S seconds for the signal "go" between two steps (signal), or whose step
+        "fetch" fails with a network error while offline and waits for the network, checked
+        again every S seconds (offline: the network is "online" while the file
+        <side_effect_file>.online exists);
         work until it ends, print the run as JSON. Side-effect lines: "<name> <pid> <unix time>".
 
     python crash_jobs.py serve-waits <db_url> <expected_runs>
@@ -28,10 +31,12 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 
 from pydantic import BaseModel
 
-from durably_web import Durably, RetryPolicy, StepContext, define_job
+from durably_web import Durably, NetworkStatus, RetryPolicy, StepContext, define_job
+from durably_web.network import ALWAYS_ONLINE
 
 STEP_COUNT = 6
 
@@ -146,9 +151,47 @@ async def signalled_job(step: StepContext, payload: WaitIn) -> str:
     return f"go from {by}"
 
 
+class FlagFileNetwork:
+    """A ``NetworkStatus`` that is online while a file exists (the test creates it)."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def online(self) -> bool:
+        return os.path.exists(self.flag)
+
+    def is_network_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, ConnectionError)
+
+    def watch(self, on_online: Callable[[], None]) -> Callable[[], None]:
+        return lambda: None  # no notices: a restart (or the recheck) finds the network back
+
+
+def fetch_step(path: str, flag: str) -> str:
+    timed_line(path, "fetch")
+    if not os.path.exists(flag):
+        raise ConnectionError("fetch: the network is down")
+    return "fetched"
+
+
+# One attempt: only an offline failure (which counts against no retry) lets the run go on.
+@define_job("offline", input=WaitIn, retry=RetryPolicy(max_attempts=1))
+async def offline_job(step: StepContext, payload: WaitIn) -> str:
+    await step.run("before", timed_line, payload.side_effects, "before")
+    fetched = await step.run("fetch", fetch_step, payload.side_effects, payload.side_effects + ".online")
+    await step.run("after", timed_line, payload.side_effects, "after")
+    return fetched
+
+
 async def run_wait(args: argparse.Namespace) -> None:
-    job = {"retry": flaky_job, "sleep": sleepy_job, "signal": signalled_job}[args.kind]
-    async with Durably(args.db_url, jobs=[job], **worker_options(2.0)) as durably:
+    jobs = {"retry": flaky_job, "sleep": sleepy_job, "signal": signalled_job, "offline": offline_job}
+    job = jobs[args.kind]
+    network: NetworkStatus = ALWAYS_ONLINE
+    options: dict[str, float] = {}
+    if args.kind == "offline":
+        network = FlagFileNetwork(args.side_effects + ".online")
+        options["offline_recheck_interval"] = args.seconds
+    async with Durably(args.db_url, jobs=[job], network=network, **options, **worker_options(2.0)) as durably:
         run = await durably.trigger(
             job, WaitIn(side_effects=args.side_effects, seconds=args.seconds), idempotency_key="wait"
         )
@@ -212,7 +255,7 @@ def main() -> None:
     wait_parser = sub.add_parser("wait")
     wait_parser.add_argument("db_url")
     wait_parser.add_argument("side_effects")
-    wait_parser.add_argument("--kind", choices=["retry", "sleep", "signal"], required=True)
+    wait_parser.add_argument("--kind", choices=["retry", "sleep", "signal", "offline"], required=True)
     wait_parser.add_argument("--seconds", type=float, required=True)
     serve_waits_parser = sub.add_parser("serve-waits")
     serve_waits_parser.add_argument("db_url")

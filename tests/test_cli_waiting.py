@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from helpers import FAST, wait_until
@@ -119,7 +120,23 @@ async def hostile(step, payload):
     return await step.wait_for_signal(HOSTILE_SIGNAL)
 
 
-JOBS = [approve, pipeline, flaky, patient, hostile]
+def refused():
+    raise ConnectionError("Failed to fetch")
+
+
+# Offline (a Durably given a NetworkStatus that says so): "upload" is not attempted, and
+# "sync"'s network error waits for the network instead of failing (one attempt allowed).
+@define_job("uploader")
+async def uploader(step, payload):
+    await step.run("upload", call, "upload", needs_network=True)
+
+
+@define_job("syncer", retry=RetryPolicy(max_attempts=1))
+async def syncer(step, payload):
+    await step.run("sync", refused)
+
+
+JOBS = [approve, pipeline, flaky, patient, hostile, uploader, syncer]
 OPTIONS = dict(polling_interval=0.02, lease_duration=5.0, lease_renew_interval=0.2, shutdown_timeout=5.0)
 durably = Durably(f"sqlite:///{{Path(__file__).with_name('app.db')}}", jobs=JOBS, **OPTIONS)
 '''
@@ -164,9 +181,9 @@ class Env:
             timeout=60, env=_env(),
         )
 
-    async def durably(self, *, worker: bool = True) -> Durably:
+    async def durably(self, *, worker: bool = True, **options: Any) -> Durably:
         """A ``Durably`` on the same file in this process, stopped at teardown."""
-        durably = Durably(self.db, jobs=self.jobs.JOBS, worker=worker, **FAST)
+        durably = Durably(self.db, jobs=self.jobs.JOBS, worker=worker, **{**FAST, **options})
         await durably.init()
         self.started.append(durably)
         return durably
@@ -418,6 +435,51 @@ async def test_show_lists_the_attempts_of_retried_steps_and_the_wait(env: Env) -
     assert set(wakes) == {flaky.id, patient.id}
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(sleep\)", wakes[flaky.id])
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d \(retry\)", wakes[patient.id])
+
+
+class Offline:
+    """A NetworkStatus that is always offline (``ConnectionError`` is its network error)."""
+
+    def online(self) -> bool:
+        return False
+
+    def is_network_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, ConnectionError)
+
+    def watch(self, on_online: Callable[[], None]) -> Callable[[], None]:
+        return lambda: None
+
+
+async def test_show_and_runs_say_a_run_waits_for_the_network(env: Env) -> None:
+    durably = await env.durably(network=Offline(), offline_recheck_interval=3600)
+    uploader = await durably.trigger("uploader", None)
+    syncer = await durably.trigger("syncer", None)
+    await _waiting(durably, uploader.id, "upload")
+    await _waiting(durably, syncer.id, "sync")
+    assert "upload" not in env.jobs.CALLS  # needs_network: not attempted offline
+
+    out = (await env.cli("show", env.db, uploader.id)).stdout
+    assert _field(out, "wait reason") == "offline" and _field(out, "wait step") == "upload"
+    assert _field(out, "state").startswith(
+        "waiting for the network at step 'upload' (the browser was offline; no retry was used up); "
+        "it continues when the browser is back online, checked again at "
+    )
+    out = (await env.cli("show", env.db, syncer.id)).stdout
+    assert re.search(
+        r"^attempts of retried steps \(1\):\n\S+ \S+ attempt 1 of step 'sync' failed offline "
+        r"\(no retry used up\) after \S+ ms: ConnectionError: Failed to fetch$",
+        out,
+        re.MULTILINE,
+    ), out
+    data = json.loads((await env.cli("show", env.db, syncer.id, "--json")).stdout)
+    assert [(a["attempt"], a["status"], a["offline"]) for a in data["attempts"]] == [(1, "failed", True)]
+
+    listed = (await env.cli("runs", env.db, "--status", "waiting")).stdout
+    header, *rows = listed.splitlines()
+    wakes = {row.split()[0]: row[header.index("WAKES"):header.index("PROGRESS")].strip() for row in rows}
+    assert set(wakes) == {uploader.id, syncer.id}
+    for wake in wakes.values():
+        assert re.fullmatch(r"when online, or check \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", wake), wake
 
 
 async def test_hostile_signal_names_and_step_text_cannot_drive_the_terminal(env: Env) -> None:

@@ -979,6 +979,75 @@ async def test_count_step_attempts_of_a_run_without_attempts_is_empty(store):
     assert await store.list_step_attempts("a") == []
 
 
+# --- offline waits ----------------------------------------------------------------------------
+
+
+async def offline_wait(
+    store: Store, run_id: str, generation: int, *, until: int, now: int, failed: StepRecord | None = None
+) -> bool:
+    """The leased run waits for the network at "fetch" (checked again at ``until``)."""
+    return await store.wait_run(
+        run_id, generation, until=until, reason="offline", step_name="fetch", now=now, failed_attempt=failed
+    )
+
+
+async def test_wake_offline_runs_makes_every_run_waiting_for_the_network_due_now(store):
+    for run_id in ("a", "b"):
+        record = await make_run(store, run_id, "leased")
+        assert await offline_wait(store, run_id, record.lease_generation, until=90_000, now=1100)
+    assert await claim(store, 2000) is None
+    assert await store.wake_offline_runs(2000) == 2
+    woken = [await get(store, run_id) for run_id in ("a", "b")]
+    assert [(r.status, r.wait_reason, r.wait_step, r.wake_at) for r in woken] == [
+        ("waiting", "offline", "fetch", 2000)
+    ] * 2
+    assert (await claimed(store, "a", 2000)).attempt == 2
+    assert (await claimed(store, "b", 2000)).attempt == 2
+    assert await store.wake_offline_runs(2100) == 0  # nothing waits for the network any more
+
+
+async def test_wake_offline_runs_leaves_every_other_run_alone(store):
+    sleeping = await make_run(store, "sleep", "waiting")  # a sleep, due at 101_000
+    record = await make_run(store, "retry", "leased")
+    failed = failed_step("retry", 0, "fetch")
+    assert await retry_wait(store, record.lease_generation, failed, until=50_000, now=1100)
+    record = await make_run(store, "signal", "leased")
+    await wait_for_signal(store, "signal", record.lease_generation, 1100)
+    record = await make_run(store, "soon", "leased")
+    assert await offline_wait(store, "soon", record.lease_generation, until=1500, now=1100)  # already due
+    others = {status: await make_run(store, status, status) for status in ("pending", "leased", "completed")}
+    before = {run_id: await get(store, run_id) for run_id in ("sleep", "retry", "signal", "soon", *others)}
+    assert await store.wake_offline_runs(2000) == 0
+    assert {run_id: await get(store, run_id) for run_id in before} == before
+    assert sleeping.wake_at == 101_000
+
+
+async def test_an_offline_attempt_is_listed_and_numbered_but_uses_up_no_retry(store):
+    await store.create_runs([new_run("a", 1000)])
+    record = await claimed(store, "a", 1000)
+    failed = failed_step("a", 0, "fetch", attempt=1)
+    assert await retry_wait(store, record.lease_generation, failed, until=1010, now=1001)
+    record = await claimed(store, "a", 1010)
+    offline = StepRecord("a", 0, "fetch", "failed", None, ERROR, 1011, 1012, attempt=2, offline=True)
+    assert await offline_wait(store, "a", record.lease_generation, until=90_000, now=1012, failed=offline)
+    attempts = await store.list_step_attempts("a")
+    assert [(a.attempt, a.offline) for a in attempts] == [(1, False), (2, True)]
+    assert attempts[1] == offline
+    # Two attempts number the step; one counts against its retry budget.
+    assert await store.count_step_attempts("a") == {0: (2, 1)}
+    assert (await get(store, "a")).wait_reason == "offline"
+
+
+async def test_an_offline_wait_of_a_stale_generation_writes_nothing_and_is_not_woken(store):
+    await store.create_runs([new_run("a", 1000)])
+    await claimed(store, "a", 1000, lease=100)
+    current = await claimed(store, "a", 1100, worker="w2")  # generation 2
+    offline = StepRecord("a", 0, "fetch", "failed", None, ERROR, 1150, 1160, offline=True)
+    assert not await offline_wait(store, "a", 1, until=90_000, now=1200, failed=offline)
+    assert await store.wake_offline_runs(1300) == 0
+    assert await store.get_run("a") == current and await store.list_step_attempts("a") == []
+
+
 # --- signals -----------------------------------------------------------------------------
 
 

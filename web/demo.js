@@ -1,12 +1,14 @@
 // demo.js: the demo page (index.html). Starts the local runtime, triggers weather
 // reports, and shows one run live: progress, steps, log lines. After a reload it finds
-// the unfinished run and follows it as it resumes.
+// the unfinished run and follows it as it resumes. It also shows whether the browser is
+// online: offline, a report's "publish" step (needs_network=True) waits for the network.
 //
 // Run data is rendered with textContent / text nodes only (a city name is user input).
 "use strict";
 
 const JOB = "weather-report";
-const ACTIVE = ["pending", "leased"];
+// Unfinished: a "waiting" run (here: for the network) continues by itself later.
+const ACTIVE = ["pending", "leased", "waiting"];
 // Steps that finished before this page was loaded were done by an earlier page (before a
 // reload): the resumed run replays them from storage instead of running them again.
 const PAGE_START = Date.now();
@@ -74,10 +76,28 @@ function readyText() {
 
 // --- the watched run ------------------------------------------------------------------------
 
+// --- online / offline -----------------------------------------------------------------------
+
+/** navigator.onLine, kept current by the online/offline events (the runtime's worker hears
+ *  them too: runs waiting for the network continue as soon as it is back). */
+function showNetwork() {
+  const online = navigator.onLine;
+  $("network").dataset.online = String(online);
+  $("network-text").textContent = online
+    ? "Online"
+    : "Offline: steps that need the network wait for it (the rest go on)";
+}
+
 /** The step names this run will call, known from its input (see demo_jobs.py). */
 function plannedSteps(run) {
   const days = run && run.input && Number.isInteger(run.input.days) ? run.input.days : 0;
-  return [...Array.from({ length: days }, (_, i) => `fetch-day-${i + 1}`), "summarize"];
+  return [...Array.from({ length: days }, (_, i) => `fetch-day-${i + 1}`), "summarize", "publish"];
+}
+
+function statusText(run) {
+  if (run.status === "leased") return "running";
+  if (run.status === "waiting" && run.wait_reason === "offline") return "waiting for the network";
+  return run.status;
 }
 
 async function watch(runId) {
@@ -115,6 +135,10 @@ function onRunEvent(runId, event) {
   switch (event.type) {
     case "run:leased":
       view.run = { ...view.run, status: "leased" };
+      break;
+    case "run:waiting":
+      view.run = { ...view.run, status: "waiting", wait_reason: event.reason, wait_step: event.step_name };
+      view.running = null;
       break;
     case "run:progress":
       view.run = { ...view.run, progress: event.progress };
@@ -174,7 +198,7 @@ function render() {
   $("run-title").textContent = `${input.city ?? "?"}, ${input.days ?? "?"} days`;
   $("run-sub").textContent = `run ${run.id}`;
   const pill = $("run-status");
-  pill.textContent = run.status === "leased" ? "running" : run.status;
+  pill.textContent = statusText(run);
   pill.dataset.status = run.status;
   $("reload-invite").hidden = !active;
 
@@ -189,7 +213,10 @@ function render() {
   const pct = run.status === "completed" ? 100 : p && p.total ? (100 * p.current) / p.total : 0;
   $("progress-fill").style.width = `${Math.min(100, pct).toFixed(1)}%`;
   $("progress-fill").dataset.status = run.status;
-  $("progress-text").textContent = p && p.message ? p.message : active ? "waiting for the worker…" : "";
+  const offline = run.status === "waiting" && run.wait_reason === "offline";
+  $("progress-text").textContent = offline
+    ? `offline: step "${run.wait_step}" waits for the network, and continues once it is back`
+    : p && p.message ? p.message : active ? "waiting for the worker…" : "";
   $("progress-count").textContent = `${view.steps.size} / ${planned.length || "?"} steps`;
 
   renderSteps(planned);
@@ -213,8 +240,11 @@ function renderSteps(planned) {
       return h("li", "step step-running", h("span", "step-icon spinner-small", ""), h("span", "step-name", name),
         h("span", "tag tag-running", "running"), h("span", "step-time", ""));
     }
-    return h("li", "step step-todo", h("span", "step-icon", "○"), h("span", "step-name", name),
-      h("span", "tag"), h("span", "step-time", ""));
+    const run = view.run;
+    const offline = run.status === "waiting" && run.wait_reason === "offline" && run.wait_step === name;
+    return h("li", `step step-todo${offline ? " step-offline" : ""}`, h("span", "step-icon", "○"),
+      h("span", "step-name", name), h("span", offline ? "tag tag-offline" : "tag", offline ? "needs the network" : ""),
+      h("span", "step-time", ""));
   });
   $("steps").replaceChildren(...items);
 }
@@ -274,7 +304,7 @@ async function loadRecent() {
       h("td", "nowrap", run.created_at ? new Date(run.created_at).toLocaleTimeString() : ""),
       h("td", "city", input.city ?? ""),
       h("td", "num", input.days ?? ""),
-      h("td", "", h("span", "pill pill-small", run.status === "leased" ? "running" : run.status)),
+      h("td", "", h("span", "pill pill-small", statusText(run))),
       h("td", "num", o ? `${o.mean_temperature_c} °C` : "—"),
       h("td", "num", o ? `${o.total_rain_mm} mm` : "—"),
       h("td", "num", o ? `day ${o.wettest_day}` : "—"));
@@ -331,6 +361,9 @@ async function exportCopy() {
 }
 
 async function main() {
+  showNetwork();
+  addEventListener("online", showNetwork);
+  addEventListener("offline", showNetwork);
   try {
     client = await DurablyWeb.create({ jobs: ["demo_jobs.py"], database: "demo.db", onStatus, persist: true });
   } catch (error) {
@@ -352,7 +385,7 @@ async function main() {
   $("start").disabled = false;
 
   // After a reload: the run the previous page left unfinished resumes at once; follow it.
-  const unfinished = await client.getRuns({ status: ["pending", "leased"], jobName: JOB, limit: 1 });
+  const unfinished = await client.getRuns({ status: ACTIVE, jobName: JOB, limit: 1 });
   const latest = unfinished[0] || (await client.getRuns({ jobName: JOB, limit: 1 }))[0];
   if (latest) await watch(latest.id);
   await loadRecent();

@@ -123,7 +123,7 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             "updated_at": {"type": ["string", "null"], "format": "date-time"},
             "disposition": {"enum": ["created", "idempotent", "coalesced", None]},
             "wake_at": {"type": ["string", "null"], "format": "date-time"},
-            "wait_reason": {"enum": ["retry", "sleep", "signal", None]},
+            "wait_reason": {"enum": ["retry", "sleep", "signal", "offline", None]},
             "wait_step": {"type": ["string", "null"]},
             "forked_from": {"type": ["string", "null"]},
         },
@@ -583,6 +583,11 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                 "started_at": {"type": "string", "format": "date-time"},
                 "completed_at": {"type": "string", "format": "date-time"},
                 "duration_ms": {"type": "number"},
+                "offline": {
+                    "type": "boolean",
+                    "description": "failed with a network error while the browser was offline "
+                    "(used up no retry)",
+                },
             },
         },
         "LogEntry": {

@@ -3,16 +3,21 @@ Pyodide), so it sticks to portable Python: no threads, no files, asyncio only.
 
 The "weather service" is simulated: readings are derived from a hash of the
 city and day, so the same input always gives the same output in both runtimes.
+The last step, "publish", needs the network (``needs_network=True``): in the browser
+it makes a real request to the demo's own server, so with the browser offline the
+run waits for the network (reason "offline") and finishes once it is back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import sys
 
 from pydantic import BaseModel, Field
 
 from durably_web import StepContext, define_job
+from durably_web.http import get_json
 
 
 class ReportRequest(BaseModel):
@@ -57,6 +62,16 @@ def summarize(city: str, readings: list[DayReading]) -> Report:
     )
 
 
+async def publish(report: Report) -> dict[str, str]:
+    """Stands in for uploading the report. In the browser it asks the server the page came
+    from for the app manifest (a local request that cannot be made offline); the terminal
+    demo has no server, so there it only pretends."""
+    if sys.platform != "emscripten":
+        return {"city": report.city, "published_to": "nowhere (terminal demo)"}
+    manifest = await get_json("manifest.webmanifest")  # next to worker.js in the built site
+    return {"city": report.city, "published_to": str(manifest.get("short_name", "?"))}
+
+
 @define_job("weather-report", input=ReportRequest, output=Report)
 async def weather_report(step: StepContext, request: ReportRequest) -> Report:
     total = request.days + 1
@@ -70,6 +85,10 @@ async def weather_report(step: StepContext, request: ReportRequest) -> Report:
             step.log.info(f"day {day}: {reading.temperature_c} °C, {reading.rain_mm} mm")
     report = await step.run("summarize", summarize, request.city, readings)
     step.progress(total, total, "report ready")
+    restored = step.is_replaying
+    receipt = await step.run("publish", publish, report, needs_network=True)
+    if not restored:
+        step.log.info(f"report published to {receipt['published_to']}")
     return report
 
 

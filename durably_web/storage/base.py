@@ -53,7 +53,7 @@ class RunRecord:
     started_at: int | None
     completed_at: int | None
     updated_at: int
-    wait_reason: str | None = None  # the last wait: "retry" | "sleep" | "signal"
+    wait_reason: str | None = None  # the last wait: "retry" | "sleep" | "signal" | "offline"
     wait_step: str | None = None
     forked_from: str | None = None
     wait_deadline: int | None = None  # a signal wait's timeout (ms), fixed on first execution
@@ -76,6 +76,9 @@ class StepRecord:
     completed_at: int
     kind: str = "run"  # "run" | "sleep" (output: the due time in ms) | "signal" (the outcome)
     attempt: int = 1
+    #: A failed attempt that hit a network error while the browser was offline: kept in the
+    #: history, numbered, but not counted against the step's retry budget.
+    offline: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,8 +269,16 @@ class Store(ABC):
         (sent after the handler last looked) is due at once, so no delivery is lost."""
 
     @abstractmethod
+    async def wake_offline_runs(self, now: int) -> int:
+        """The network is back: every run waiting with reason ``"offline"`` becomes due at
+        ``now`` (one statement, so a run is either still waiting for its recheck time or due;
+        a run that is not waiting for the network is untouched). Returns how many. Other
+        processes are told, as for any run that becomes claimable."""
+
+    @abstractmethod
     async def count_step_attempts(self, run_id: str) -> dict[int, tuple[int, int]]:
-        """Per step position: (failed attempts in all, failed attempts since the last resume)."""
+        """Per step position: (failed attempts in all, failed attempts since the last resume
+        that count against the retry budget: not the ``offline`` ones)."""
 
     @abstractmethod
     async def resume_run(self, run_id: str, now: int) -> RunRecord:

@@ -37,6 +37,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -91,12 +92,31 @@ def _serve(server: ThreadingHTTPServer) -> threading.Thread:
     return thread
 
 
+#: Requests to /_test/hit?step=KEY, counted per KEY (the ``endpoint_hits`` fixture).
+ENDPOINT_HITS: Counter[str] = Counter()
+_ENDPOINT_LOCK = threading.Lock()
+
+
 class _SiteWithTestPages(site_build.SiteHandler):  # type: ignore[misc,name-defined]
     """site/, plus tests/browser/pages/ under /_test/."""
 
     extra_roots = (str(PAGES),)
 
     def do_GET(self) -> None:
+        # /_test/hit?step=KEY: a local HTTP endpoint for job steps to call; it counts the
+        # requests that reached it per KEY and answers {"count": n}, never from a cache.
+        if self.path.startswith("/_test/hit?"):
+            key = parse_qs(urlsplit(self.path).query).get("step", [""])[0]
+            with _ENDPOINT_LOCK:
+                ENDPOINT_HITS[key] += 1
+                body = json.dumps({"count": ENDPOINT_HITS[key]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Cache-Control", "no-store")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
         # /_test/redirect?to=URL answers 302 to URL: the open redirect an app that hosts
         # the dashboard may have (the ?local= redirect test uses it).
         if self.path.startswith("/_test/redirect?"):
@@ -130,6 +150,12 @@ def site_url() -> Iterator[tuple[str, list[str]]]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def endpoint_hits() -> Counter[str]:
+    """How often each /_test/hit?step=KEY was requested (keys hold run ids: no reset needed)."""
+    return ENDPOINT_HITS
 
 
 @pytest.fixture(scope="session")

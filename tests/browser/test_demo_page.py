@@ -1,6 +1,7 @@
 """The demo page (site/index.html) in real headless Chromium: it loads with no console
-errors and no request outside 127.0.0.1, runs a weather report to its output, and after
-a reload in the middle of a run shows the run resuming with its finished steps restored.
+errors and no request outside 127.0.0.1, runs a weather report to its output, after
+a reload in the middle of a run shows the run resuming with its finished steps restored,
+and offline (DevTools' emulation) shows the run waiting for the network at "publish".
 
 Fixtures (built site/, Chromium with a fresh profile, network guard) are in conftest.py.
 """
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from network_emulation import OfflineEmulation
 from pagekit import wait_until
 
 from durably_web.demo.jobs import fetch_reading, summarize
@@ -68,7 +70,9 @@ def page_state(driver: Any) -> dict[str, Any]:
                 resumed: $('resumed').hidden ? null : $('resumed').textContent,
                 steps: q('#steps .step-name'), tags: q('#steps .tag'),
                 logs: q('#log .log-msg'), stats: q('#result .stat-value'),
-                recent: q('#recent-body tr td.city'), runtime: $('runtime-text').textContent}"""
+                recent: q('#recent-body tr td.city'), runtime: $('runtime-text').textContent,
+                network: $('network-text').textContent, online: $('network').dataset.online,
+                progress: $('progress-text').textContent}"""
     )
 
 
@@ -86,7 +90,7 @@ def test_demo_runs_a_report(driver: Any, site_url: Any, network_guard: Any) -> N
 
     run_id = start_report(driver, "Bergen", 3, 0.05)
     wait_until(lambda: page_state(driver)["status"] == "completed", what="the report to complete")
-    wait_until(lambda: len(page_state(driver)["logs"]) == 3, what="the three log lines")
+    wait_until(lambda: len(page_state(driver)["logs"]) == 4, what="the four log lines")
     state = page_state(driver)
     report = expected_report("Bergen", 3)
     assert state["stats"] == [
@@ -95,8 +99,10 @@ def test_demo_runs_a_report(driver: Any, site_url: Any, network_guard: Any) -> N
         f"day {report['wettest_day']}",
         "3",
     ]
-    assert state["steps"] == ["fetch-day-1", "fetch-day-2", "fetch-day-3", "summarize"]
-    assert state["tags"] == ["ran here"] * 4
+    assert state["steps"] == ["fetch-day-1", "fetch-day-2", "fetch-day-3", "summarize", "publish"]
+    assert state["tags"] == ["ran here"] * 5
+    assert (state["online"], state["network"]) == ("true", "Online")
+    assert state["logs"][-1] == "report published to durably-web"  # the manifest's short_name
     assert state["invite"] is False and state["resumed"] is None
     assert state["logs"][0].startswith("day 1: ")
     wait_until(lambda: page_state(driver)["recent"][:1] == ["Bergen"], what="the recent list")
@@ -137,15 +143,15 @@ def test_demo_resumes_after_reload(driver: Any, site_url: Any, artifacts_dir: Pa
 
     wait_until(lambda: page_state(driver)["status"] == "completed", what="the resumed run to complete")
     state = page_state(driver)
-    assert len(state["tags"]) == 9
+    assert len(state["tags"]) == 10
     assert state["tags"].count("restored") == restored_before  # restored steps were not run again
-    assert state["tags"][restored_before:] == ["ran here"] * (9 - restored_before)
+    assert state["tags"][restored_before:] == ["ran here"] * (10 - restored_before)
     report = expected_report("Trondheim", 8)
     assert state["stats"][0] == f"{report['mean_temperature_c']} °C"
     # Each day is logged by the page that fetched it. The last restored day may be logged
     # twice: demo_jobs.py asks step.is_replaying *after* step.run, and that already says
     # False once the last recorded step has been replayed.
-    days = Counter(line.split(":")[0] for line in state["logs"])
+    days = Counter(line.split(":")[0] for line in state["logs"] if line.startswith("day "))
     assert set(days) == {f"day {d}" for d in range(1, 9)}
     assert {day for day, n in days.items() if n > 1} <= {f"day {restored_before}"}
     assert console_errors(driver) == []
@@ -184,9 +190,44 @@ def test_dashboard_in_local_mode(driver: Any, site_url: Any) -> None:
         run_id,
     )
     wait_until(
-        lambda: driver.execute_script("return document.querySelectorAll('#detail .step').length === 3"),
-        what="the Oslo run's three steps (two days, summarize) in the detail",
+        lambda: driver.execute_script("return document.querySelectorAll('#detail .step').length === 4"),
+        what="the Oslo run's four steps (two days, summarize, publish) in the detail",
     )
+    assert console_errors(driver) == []
+
+
+def test_demo_run_waits_for_the_network(driver: Any, site_url: Any) -> None:
+    """Offline, a report computes everything it can, then waits at "publish" (needs_network)
+    and says so; back online it publishes and completes, its other steps not run again."""
+    url, _ = site_url
+    open_demo(driver, url)
+    network = OfflineEmulation(driver)
+    try:
+        network.set_offline(True)
+        wait_until(lambda: page_state(driver)["online"] == "false", what="the page to show offline")
+        assert page_state(driver)["network"].startswith("Offline")
+        run_id = start_report(driver, "Tromsø", 2, 0)
+        waiting = wait_until(
+            lambda: (s := page_state(driver))["status"] == "waiting for the network" and s,
+            what="the run to wait for the network",
+        )
+        assert 'step "publish" waits for the network' in waiting["progress"], waiting
+        assert waiting["tags"] == ["ran here"] * 3 + ["needs the network"]
+        network.set_offline(False)
+        done = wait_until(
+            lambda: (s := page_state(driver))["status"] == "completed" and s,
+            what="the run to complete online",
+        )
+    finally:
+        network.close()
+    assert (done["online"], done["network"]) == ("true", "Online")
+    assert done["tags"] == ["ran here"] * 4 and done["logs"][-1] == "report published to durably-web"
+    attempts = driver.execute_async_script(
+        "const done = arguments[1]; window.demo.client.getStepAttempts(arguments[0])"
+        ".then((a) => done(a.map((x) => [x.name, x.attempt])));",
+        run_id,
+    )
+    assert attempts == [["fetch-day-1", 1], ["fetch-day-2", 1], ["summarize", 1], ["publish", 1]]
     assert console_errors(driver) == []
 
 

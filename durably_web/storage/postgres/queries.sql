@@ -345,6 +345,15 @@ WITH woken AS (
 )
 SELECT pg_notify(%(channel)s, id || ' waiting' || ' ' || %(origin)s) FROM woken
 
+-- name: wake_offline_runs
+-- The network is back: every run waiting for it is due now (announced: claimable again).
+WITH woken AS (
+    UPDATE durably_runs SET available_at = %(now)s, updated_at = %(now)s
+    WHERE status = 'waiting' AND wait_reason = 'offline' AND available_at > %(now)s
+    RETURNING id
+)
+SELECT pg_notify(%(channel)s, id || ' waiting' || ' ' || %(origin)s) FROM woken
+
 -- name: next_signal
 SELECT id, payload FROM durably_signals
 WHERE run_id = %(run_id)s AND name = %(name)s AND consumed_at IS NULL
@@ -364,16 +373,17 @@ WHERE id = %(id)s AND consumed_at IS NULL AND EXISTS (
     FOR SHARE)
 
 -- name: insert_step_attempt
-INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at)
-VALUES (%(run_id)s, %(seq)s, %(name)s, %(attempt)s, %(error)s, %(started_at)s, %(completed_at)s)
+INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at, offline)
+VALUES (%(run_id)s, %(seq)s, %(name)s, %(attempt)s, %(error)s, %(started_at)s, %(completed_at)s, %(offline)s)
 ON CONFLICT (run_id, seq, attempt) DO NOTHING
 
 -- name: list_step_attempts
 SELECT * FROM durably_step_attempts WHERE run_id = %(run_id)s ORDER BY seq, attempt
 
 -- name: count_step_attempts
--- Per position: failed attempts in all (attempt numbering) and since the last resume (retry budget).
-SELECT seq, count(*) AS total, count(*) FILTER (WHERE NOT before_resume) AS current
+-- Per position: failed attempts in all (attempt numbering) and since the last resume (retry
+-- budget). An attempt that failed because the browser was offline numbers, but never counts.
+SELECT seq, count(*) AS total, count(*) FILTER (WHERE NOT before_resume AND NOT offline) AS current
 FROM durably_step_attempts WHERE run_id = %(run_id)s GROUP BY seq
 
 -- name: resume_run

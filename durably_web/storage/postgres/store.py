@@ -669,9 +669,15 @@ class PostgresStore(Store):
                         "error": failed_attempt.error_json,
                         "started_at": failed_attempt.started_at,
                         "completed_at": failed_attempt.completed_at,
+                        "offline": failed_attempt.offline,
                     },
                 )
         return True
+
+    async def wake_offline_runs(self, now: int) -> int:
+        async with self._transaction() as conn:
+            params = {"now": now, "channel": self.channel, "origin": self._origin}
+            return await _count(conn, "wake_offline_runs", params)
 
     async def send_signal(
         self, run_id: str, name: str, payload_json: str, signal_id: str | None, now: int
@@ -798,6 +804,7 @@ class PostgresStore(Store):
                 started_at=row["started_at"],
                 completed_at=row["completed_at"],
                 attempt=row["attempt"],
+                offline=bool(row["offline"]),
             )
             for row in rows
         ]

@@ -166,6 +166,11 @@ VALUES (:run_id, :name, :signal_id, :payload, :now)
 UPDATE durably_runs SET available_at = :now, updated_at = :now
 WHERE id = :run_id AND status = 'waiting' AND wait_reason = 'signal' AND wait_step = :name
 
+-- name: wake_offline_runs
+-- The network is back: every run waiting for it is due now (its recheck time was later).
+UPDATE durably_runs SET available_at = :now, updated_at = :now
+WHERE status = 'waiting' AND wait_reason = 'offline' AND available_at > :now
+
 -- name: next_signal
 SELECT id, payload FROM durably_signals
 WHERE run_id = :run_id AND name = :name AND consumed_at IS NULL
@@ -183,16 +188,17 @@ WHERE id = :id AND consumed_at IS NULL AND EXISTS (
       AND lease_generation = :generation)
 
 -- name: insert_step_attempt
-INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at)
-VALUES (:run_id, :seq, :name, :attempt, :error, :started_at, :completed_at)
+INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at, offline)
+VALUES (:run_id, :seq, :name, :attempt, :error, :started_at, :completed_at, :offline)
 ON CONFLICT (run_id, seq, attempt) DO NOTHING
 
 -- name: list_step_attempts
 SELECT * FROM durably_step_attempts WHERE run_id = :run_id ORDER BY seq, attempt
 
 -- name: count_step_attempts
--- Per position: failed attempts in all (attempt numbering) and since the last resume (retry budget).
-SELECT seq, COUNT(*) AS total, SUM(before_resume = 0) AS current
+-- Per position: failed attempts in all (attempt numbering) and since the last resume (retry
+-- budget). An attempt that failed because the browser was offline numbers, but never counts.
+SELECT seq, COUNT(*) AS total, SUM(before_resume = 0 AND offline = 0) AS current
 FROM durably_step_attempts WHERE run_id = :run_id GROUP BY seq
 
 -- name: resume_run

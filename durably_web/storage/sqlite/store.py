@@ -468,9 +468,14 @@ class SQLiteStore(Store):
                         "error": failed_attempt.error_json,
                         "started_at": failed_attempt.started_at,
                         "completed_at": failed_attempt.completed_at,
+                        "offline": int(failed_attempt.offline),
                     },
                 )
         return True
+
+    @_sqlite_call(durable=True)
+    def wake_offline_runs(self, now: int) -> int:
+        return self._conn.execute(Q["wake_offline_runs"], {"now": now})
 
     @_sqlite_call(durable=True)
     def send_signal(
@@ -602,6 +607,7 @@ class SQLiteStore(Store):
                 started_at=row["started_at"],
                 completed_at=row["completed_at"],
                 attempt=row["attempt"],
+                offline=bool(row["offline"]),
             )
             for row in self._conn.fetch_all(Q["list_step_attempts"], {"run_id": run_id})
         ]

@@ -1,6 +1,7 @@
 // Shared by runtime.html (script tag) and module.html (ES module import).
 // Query: ?db=<database>&storage=<auto|opfs|idb|memory>&lease=<leaseDuration, ms>
 //        &poll=<pollingInterval, ms>&jobs=<comma-separated job modules, default runtime_jobs.py>
+//        &recheck=<offlineRecheckInterval, ms>
 // Sets window.durably once create() resolves, and window.t = {events, statuses,
 // error, ready}; window.effects() reads back, in key order, the step-execution
 // records runtime_jobs.py wrote to IndexedDB (see tests/browser/executions.py).
@@ -10,6 +11,7 @@ globalThis.startTestPage = (DurablyWeb) => {
   const options = {};
   if (params.get("lease")) options.leaseDuration = Number(params.get("lease"));
   if (params.get("poll")) options.pollingInterval = Number(params.get("poll"));
+  if (params.get("recheck")) options.offlineRecheckInterval = Number(params.get("recheck"));
   DurablyWeb.create({
     jobs: (params.get("jobs") || "runtime_jobs.py").split(","),
     database: params.get("db") || "runtime-test.db",

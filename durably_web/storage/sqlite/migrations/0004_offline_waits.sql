@@ -1,0 +1,7 @@
+-- Network-aware steps: a step attempt that failed with a network error while the
+-- browser was offline is kept in the history (offline = 1) but does not count
+-- against the step's retry budget; the run waits with wait_reason 'offline'.
+ALTER TABLE durably_step_attempts ADD COLUMN offline INTEGER NOT NULL DEFAULT 0;
+
+-- wake_offline_runs: the runs waiting for the network, found without a scan.
+CREATE INDEX durably_runs_offline ON durably_runs (id) WHERE status = 'waiting' AND wait_reason = 'offline';
