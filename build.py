@@ -96,6 +96,7 @@ SERVICE_WORKER = "service_worker.js"
 PRECACHE_MANIFEST = "precache-manifest.json"
 # The line of static/service_worker.js that build.py fills in with the build's version.
 VERSION_PLACEHOLDER = "__DURABLY_BUILD_VERSION__"
+REPRODUCIBLE_EPOCH = "315532800"  # 1980-01-01, the earliest time a zip entry can hold
 VERSION_LENGTH = 16  # hex digits of the version (64 bits: the cache is named after it)
 
 MIME_TYPES = {
@@ -261,10 +262,13 @@ def project_wheel(out: Path) -> dict:
     for stale in BUILD.glob("bdist.*"):
         shutil.rmtree(stale, ignore_errors=True)
     log("building the durably-web wheel (pip wheel . --no-deps)")
+    # SOURCE_DATE_EPOCH fixes the zip entries' timestamps: the same sources give the same
+    # wheel bytes, so the build's version (precache-manifest.json) changes only with them.
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(wheel_dir)],
         cwd=ROOT,
         check=True,
+        env={**os.environ, "SOURCE_DATE_EPOCH": REPRODUCIBLE_EPOCH},
     )
     (wheel,) = wheel_dir.glob("*.whl")
     shutil.copy2(wheel, out / wheel.name)
@@ -349,11 +353,7 @@ def build() -> Path:
     shutil.copy2(ROOT / "index.html", staging / "index.html")
     # The demo page runs the very jobs module the terminal demo runs.
     shutil.copy2(ROOT / "durably_web" / "demo" / "jobs.py", staging / "demo_jobs.py")
-    # The demo's files are a page's own files, which the service worker caches
-    # network-first like any page's; everything else is the versioned runtime.
-    demo_files = {"index.html", "demo_jobs.py"}
-    demo_files |= {p.relative_to(ROOT / "web").as_posix() for p in (ROOT / "web").rglob("*") if p.is_file()}
-    manifest = write_precache(staging, page_files=demo_files)
+    manifest = write_precache(staging, page_files=demo_page_files())
 
     old = BUILD / "site.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -364,6 +364,15 @@ def build() -> Path:
     total = sum(p.stat().st_size for p in SITE.rglob("*") if p.is_file())
     log(f"site/ ready: {len(entries)} wheels, {total / 1e6:.1f} MB, version {manifest['version']}")
     return SITE
+
+
+def demo_page_files() -> set[str]:
+    """The demo's files in site/: a page's own files, which the service worker caches
+    network-first like any page's (everything else in site/ is the versioned runtime)."""
+    web = ROOT / "web"
+    return {"index.html", "demo_jobs.py"} | {
+        p.relative_to(web).as_posix() for p in web.rglob("*") if p.is_file() and not p.name.startswith(".")
+    }
 
 
 def precache_manifest(site: Path, page_files: set[str]) -> dict:
