@@ -62,7 +62,9 @@ def test_after_one_visit_the_app_runs_with_the_server_stopped(
     address = f"{url}_test/runtime.html?offline=1&db=offline.db&storage=opfs"
     drv.get(address)
     ready(drv)
-    first = page(drv, 'return (await durably.triggerAndWait("count-steps", {steps: 3}, {timeout: 60000})).id;')
+    first = page(
+        drv, 'return (await durably.triggerAndWait("count-steps", {steps: 3}, {timeout: 60000})).id;'
+    )
     # The precache is complete once the service worker is active and controls the page.
     wait_until(
         lambda: drv.execute_script(
