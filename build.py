@@ -26,9 +26,14 @@ is ever contacted. It holds:
   site/ itself. Pyodide's own package entries are dropped: the npm package
   ships none of their wheels, and an entry without its file makes
   ``loadPackage`` 404 in a browser (and fall back to the CDN under Node);
-* the hand-written ``static/*`` (page API, worker, SQLite bridge, dashboard), the
-  demo page ``index.html`` (the repository's top level) and its assets ``web/*``
-  (script, styles, web app manifest, icons), all copied to the top of site/.
+* the hand-written ``static/*`` (page API, worker, SQLite bridge, dashboard, service
+  worker), the demo page ``index.html`` (the repository's top level) and its assets
+  ``web/*`` (script, styles, web app manifest, icons), all copied to the top of site/;
+* ``precache-manifest.json``: every runtime file of site/ (all of the above but the
+  demo page and its assets, which are the page's own files) with its sha256 and size,
+  and the build's version, a hash of them all. build.py writes the version into
+  ``site/service_worker.js`` too: a new build changes the service worker's bytes, which
+  is how the browser notices it (see docs/browser-build.md, "Offline").
 
 site/ is what users deploy, so it holds only what pages run: no test pages (those
 live in ``tests/browser/pages/``) and no test-only wheels. ``build/test-site/``
@@ -86,6 +91,13 @@ SQLITE_FILES = [
     "sqlite3.wasm",
     "sqlite3-opfs-async-proxy.js",  # only used by the "opfs" VFS (needs COOP/COEP); harmless
 ]
+
+SERVICE_WORKER = "service_worker.js"
+PRECACHE_MANIFEST = "precache-manifest.json"
+# The line of static/service_worker.js that build.py fills in with the build's version.
+VERSION_PLACEHOLDER = "__DURABLY_BUILD_VERSION__"
+REPRODUCIBLE_EPOCH = "315532800"  # 1980-01-01, the earliest time a zip entry can hold
+VERSION_LENGTH = 16  # hex digits of the version (64 bits: the cache is named after it)
 
 MIME_TYPES = {
     ".wasm": "application/wasm",
@@ -250,10 +262,13 @@ def project_wheel(out: Path) -> dict:
     for stale in BUILD.glob("bdist.*"):
         shutil.rmtree(stale, ignore_errors=True)
     log("building the durably-web wheel (pip wheel . --no-deps)")
+    # SOURCE_DATE_EPOCH fixes the zip entries' timestamps: the same sources give the same
+    # wheel bytes, so the build's version (precache-manifest.json) changes only with them.
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(wheel_dir)],
         cwd=ROOT,
         check=True,
+        env={**os.environ, "SOURCE_DATE_EPOCH": REPRODUCIBLE_EPOCH},
     )
     (wheel,) = wheel_dir.glob("*.whl")
     shutil.copy2(wheel, out / wheel.name)
@@ -338,6 +353,7 @@ def build() -> Path:
     shutil.copy2(ROOT / "index.html", staging / "index.html")
     # The demo page runs the very jobs module the terminal demo runs.
     shutil.copy2(ROOT / "durably_web" / "demo" / "jobs.py", staging / "demo_jobs.py")
+    manifest = write_precache(staging, page_files=demo_page_files())
 
     old = BUILD / "site.old"
     shutil.rmtree(old, ignore_errors=True)
@@ -346,8 +362,56 @@ def build() -> Path:
     staging.rename(SITE)
     shutil.rmtree(old, ignore_errors=True)
     total = sum(p.stat().st_size for p in SITE.rglob("*") if p.is_file())
-    log(f"site/ ready: {len(entries)} wheels, {total / 1e6:.1f} MB")
+    log(f"site/ ready: {len(entries)} wheels, {total / 1e6:.1f} MB, version {manifest['version']}")
     return SITE
+
+
+def demo_page_files() -> set[str]:
+    """The demo's files in site/: a page's own files, which the service worker caches
+    network-first like any page's (everything else in site/ is the versioned runtime)."""
+    web = ROOT / "web"
+    return {"index.html", "demo_jobs.py"} | {
+        p.relative_to(web).as_posix() for p in web.rglob("*") if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def precache_manifest(site: Path, page_files: set[str]) -> dict:
+    """The runtime files of ``site`` (sorted paths relative to it, sha256, size) and their version.
+
+    Every file is listed but the service worker, the manifest itself and
+    ``page_files`` (paths relative to ``site``). The version is a hash over each
+    listed file's path and sha256, and over the service worker's source, so any
+    change to what a page runs, or to how it is cached, makes a new version.
+    """
+    skip = {SERVICE_WORKER, PRECACHE_MANIFEST, *page_files}
+    files = []
+    for path in sorted(site.rglob("*")):
+        relative = path.relative_to(site).as_posix()
+        if path.is_file() and relative not in skip and not path.name.startswith("."):
+            files.append({"path": relative, "sha256": sha256_of(path), "size": path.stat().st_size})
+    digest = hashlib.sha256()
+    for entry in files:
+        digest.update(f"{entry['path']}\0{entry['sha256']}\n".encode())
+    worker = site / SERVICE_WORKER
+    digest.update(b"service worker\0" + worker.read_bytes() if worker.exists() else b"")
+    return {"version": digest.hexdigest()[:VERSION_LENGTH], "files": files}
+
+
+def write_precache(site: Path, page_files: set[str]) -> dict:
+    """Write ``site/precache-manifest.json`` and the version into ``site/service_worker.js``.
+
+    ``site/service_worker.js`` must still be the copy of static/'s (with the
+    placeholder): the version covers its source, not its filled-in bytes.
+    """
+    manifest = precache_manifest(site, page_files)
+    worker = site / SERVICE_WORKER
+    source = worker.read_text()
+    if source.count(VERSION_PLACEHOLDER) != 1:
+        raise SystemExit(f"{worker} must hold {VERSION_PLACEHOLDER!r} exactly once")
+    worker.unlink()  # the file may be a hard link (copies of a site): never write through it
+    worker.write_text(source.replace(VERSION_PLACEHOLDER, manifest["version"]))
+    (site / PRECACHE_MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
 
 
 def _test_site_stamp() -> str:

@@ -162,6 +162,15 @@ export interface DurablyEvent {
   [key: string]: unknown;
 }
 
+/** The page-only event of create({offline: true}): `version` is the newer build's. */
+export interface UpdateReadyEvent {
+  type: "update:ready";
+  run_id: null;
+  job_name: null;
+  timestamp: string;
+  version: string;
+}
+
 /** Rejections are Errors whose `name` is the Python error class name. */
 export interface DurablyError extends Error {
   name:
@@ -233,6 +242,8 @@ export interface DurablyClient {
   jobs(): Promise<string[]>;
   /** Listen to one event type, or "*" for all; returns the unsubscribe function. */
   on(type: EventType | "*", listener: (event: DurablyEvent) => void): () => void;
+  /** With offline: true, a newer build is cached and the next load will use it (page-only event). */
+  on(type: "update:ready", listener: (event: UpdateReadyEvent) => void): () => void;
   /** One run's events, ending after its terminal event (run:complete/fail/cancel/delete). */
   subscribe(runId: string): AsyncIterableIterator<DurablyEvent>;
   subscribe(runId: string, listener: (event: DurablyEvent) => void): () => void;
@@ -292,6 +303,15 @@ export interface CreateOptions {
    * page). Default: true when `offline` is true, else false. The answer is in storageInfo().
    */
   persist?: boolean;
+  /**
+   * Register the service worker the build ships (service_worker.js, beside durably.js):
+   * it precaches the whole runtime under a cache named after the build's content hash,
+   * verified file by file, and the page's own files network-first, so after one visit
+   * the app loads and runs with the server gone. A page keeps the version it loaded with;
+   * when a newer build's cache is complete, on("update:ready") fires and the next load
+   * uses it. A page outside durably.js's folder needs the Service-Worker-Allowed header.
+   */
+  offline?: boolean;
 }
 
 export interface StorageInfo extends Record<string, unknown> {

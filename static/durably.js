@@ -7,6 +7,7 @@
 // file was loaded from and talks to it with id-matched messages. The worker
 // decides which tab executes runs (see worker.js); every tab gets every event.
 // DurablyWeb.connect() is the HTTP client of remote.js, loaded on first use.
+// create({offline: true}) registers service_worker.js (the precache) from the same folder.
 (function () {
   "use strict";
   if (globalThis.DurablyWeb) return; // loaded twice (script tag + module import)
@@ -16,6 +17,7 @@
   // signal) is not finished: run:waiting is not terminal, and subscribe() keeps going.
   const TERMINAL = new Set(["run:complete", "run:fail", "run:cancel", "run:delete"]);
   const STORAGES = ["auto", "opfs", "idb", "memory"];
+  const SW_MESSAGE = "durably-web:"; // prefix of service_worker.js's messages
   // The RPC methods of durably_web/rpc.py (tests/test_rpc.py checks the two lists agree).
   const METHODS = [
     "trigger", "triggerAndWait", "batchTrigger", "waitForRun", "getRun", "getRuns", "getSteps",
@@ -77,12 +79,27 @@
         addEventListener("online", this._onNetwork);
         addEventListener("offline", this._onNetwork);
       }
+      this._updateReady = null; // the newer build an update:ready event announced
+      this._stopOffline = null; // detaches the service worker's message listener (offline: true)
     }
 
     _stopForwardingNetwork() {
       if (typeof removeEventListener !== "function") return;
       removeEventListener("online", this._onNetwork);
       removeEventListener("offline", this._onNetwork);
+    }
+
+    /** Messages of service_worker.js to this page (offline: true). */
+    _onServiceWorkerMessage(m) {
+      if (!m || typeof m.type !== "string" || !m.type.startsWith(SW_MESSAGE)) return;
+      const kind = m.type.slice(SW_MESSAGE.length);
+      // "hello": the version this page runs on (null on a first, uncontrolled visit) and the
+      // newest complete one; "update-ready": a newer build's cache just became complete.
+      const older = kind === "hello" ? m.version && m.version !== m.newest : kind === "update-ready";
+      const newest = kind === "hello" ? m.newest : m.version;
+      if (!older || this._updateReady === newest) return;
+      this._updateReady = newest;
+      this._emit({ type: "update:ready", run_id: null, job_name: null, timestamp: new Date().toISOString(), version: newest });
     }
 
     /** The worker's storageInfo plus {persisted, estimate} from navigator.storage. */
@@ -268,6 +285,7 @@
       } finally {
         this._closed = true;
         this._stopForwardingNetwork();
+        if (this._stopOffline) this._stopOffline();
         this._worker.terminate();
         this._failAll("this durably-web client is closed");
       }
@@ -304,6 +322,8 @@
       persist && typeof navigator !== "undefined" && navigator.storage && navigator.storage.persist
         ? navigator.storage.persist().catch(() => false)
         : Promise.resolve(null);
+    // In parallel with the start: the first visit runs from the network; later ones from the cache.
+    if (options.offline) client._stopOffline = startOffline(base, client, config.jobs);
     try {
       const started = await client._request({ cmd: "start", config });
       client.persisted = await persisting;
@@ -314,10 +334,61 @@
     } catch (e) {
       client._closed = true;
       client._stopForwardingNetwork();
+      if (client._stopOffline) client._stopOffline();
       worker.terminate();
       throw e;
     }
     return client;
+  }
+
+  // --- offline: true: the service worker -----------------------------------------
+
+  /**
+   * Register service_worker.js (scope: the site's folder, or the page's folder when the
+   * page lies outside it, which needs the Service-Worker-Allowed header), tell it which
+   * files are the page's own, and relay its update messages to the client. Failures are
+   * warnings: the app still runs from the network. Returns a function that detaches.
+   */
+  function startOffline(base, client, jobUrls) {
+    const sw = typeof navigator !== "undefined" ? navigator.serviceWorker : null;
+    if (!sw) {
+      console.warn("durably-web: offline: true needs service workers (a secure context: https or http://localhost)");
+      return null;
+    }
+    const listener = (event) => client._onServiceWorkerMessage(event.data);
+    sw.addEventListener("message", listener);
+    sw.startMessages();
+    const page = location.href.split("#")[0];
+    const scope = page.startsWith(base) ? base : new URL("./", page).href;
+    let registration = null;
+    const recheck = () => registration && registration.update().catch(() => {});
+    // The browser looks for a new build on each navigation; a long-lived page also when back online.
+    addEventListener("online", recheck);
+    sw.register(new URL("service_worker.js", base).href, { scope })
+      .then((r) => {
+        registration = r;
+        return sw.ready;
+      })
+      .then((ready) => ready.active.postMessage({ type: SW_MESSAGE + "hello", pageFiles: pageFiles(page, jobUrls) }))
+      .catch((e) => {
+        const hint = scope === base ? "" : ` (the page is outside ${base}: serve service_worker.js with "Service-Worker-Allowed: ${new URL(scope).pathname}")`;
+        console.warn(`durably-web: offline: true could not register ${base}service_worker.js${hint}:`, e);
+      });
+    return () => {
+      sw.removeEventListener("message", listener);
+      removeEventListener("online", recheck);
+    };
+  }
+
+  /** The page's own files, cached network-first: the page, its scripts, styles, icons, job modules. */
+  function pageFiles(page, jobUrls) {
+    const urls = [page, ...jobUrls];
+    for (const element of document.querySelectorAll("script[src], link[href]")) {
+      const rel = (element.getAttribute("rel") || "").toLowerCase();
+      if (element.tagName === "LINK" && !/\b(stylesheet|icon|manifest|modulepreload|apple-touch-icon)\b/.test(rel)) continue;
+      urls.push(element.src || element.href);
+    }
+    return urls.filter((url) => url.startsWith(location.origin + "/"));
   }
 
   // --- connect(): remote.js, loaded on first use ------------------------------

@@ -89,3 +89,36 @@ def test_a_taken_port_is_named_with_the_way_out(capsys: pytest.CaptureFixture[st
     assert f"port {port}" in message and "already in use" in message
     assert "--port" in message
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_precache_manifest_lists_the_runtime_and_versions_it_by_content(tmp_path: Path) -> None:
+    """Every runtime file with its sha256 and size; page files, the service worker and the
+    manifest itself left out; the version moves when a listed file or the service worker's
+    source changes, and only then."""
+    import hashlib
+
+    site = tmp_path / "site"
+    (site / "sub").mkdir(parents=True)
+    (site / "worker.js").write_text("worker v1")
+    (site / "sub" / "lib.whl").write_bytes(b"\x00wheel")
+    (site / "index.html").write_text("<p>page</p>")
+    (site / site_build.SERVICE_WORKER).write_text(f"const V = '{site_build.VERSION_PLACEHOLDER}';")
+    (site / site_build.PRECACHE_MANIFEST).write_text("{}")
+    first = site_build.precache_manifest(site, {"index.html"})
+    assert first["files"] == [
+        {"path": "sub/lib.whl", "sha256": hashlib.sha256(b"\x00wheel").hexdigest(), "size": 6},
+        {"path": "worker.js", "sha256": hashlib.sha256(b"worker v1").hexdigest(), "size": 9},
+    ]
+    assert site_build.precache_manifest(site, {"index.html"})["version"] == first["version"]
+    (site / "index.html").write_text("<p>another page</p>")  # a page file: network-first, not versioned
+    assert site_build.precache_manifest(site, {"index.html"})["version"] == first["version"]
+    (site / "worker.js").write_text("worker v2")
+    second = site_build.precache_manifest(site, {"index.html"})
+    assert second["version"] != first["version"]
+    (site / site_build.SERVICE_WORKER).write_text(
+        f"// changed\nconst V = '{site_build.VERSION_PLACEHOLDER}';"
+    )
+    assert site_build.precache_manifest(site, {"index.html"})["version"] not in (
+        first["version"],
+        second["version"],
+    )

@@ -69,9 +69,12 @@ function onStatus({ state, detail }) {
   }
 }
 
+let updateReady = false; // a newer build is cached (offline: true): the next load uses it
+
 function readyText() {
   const where = client.role === "leader" ? "this tab runs the jobs" : "another tab runs the jobs, this one follows";
-  return `Python ready in ${(performance.now() / 1000).toFixed(1)} s · storage: ${client.storage || "?"} · ${where}`;
+  const update = updateReady ? " · a new version is ready: reload to use it" : "";
+  return `Python ready in ${(performance.now() / 1000).toFixed(1)} s · storage: ${client.storage || "?"} · ${where}${update}`;
 }
 
 // --- the watched run ------------------------------------------------------------------------
@@ -365,12 +368,14 @@ async function main() {
   addEventListener("online", showNetwork);
   addEventListener("offline", showNetwork);
   try {
-    client = await DurablyWeb.create({ jobs: ["demo_jobs.py"], database: "demo.db", onStatus, persist: true });
+    // offline: the service worker precaches the app, so after one visit it opens with no network.
+    client = await DurablyWeb.create({ jobs: ["demo_jobs.py"], database: "demo.db", onStatus, offline: true });
   } catch (error) {
     setRuntime("error", `Could not start the runtime: ${error.name}: ${error.message}`);
     return;
   }
   window.demo = { client, view }; // handy in the devtools console (and for the browser tests)
+  client.on("update:ready", () => (updateReady = true));
   setRuntime("ready", readyText());
   // A follower becomes the leader when the leader's tab closes: keep the line true.
   setInterval(() => { if ($("runtime").dataset.state === "ready") $("runtime-text").textContent = readyText(); }, 2000);

@@ -2,6 +2,7 @@
 // Query: ?db=<database>&storage=<auto|opfs|idb|memory>&lease=<leaseDuration, ms>
 //        &poll=<pollingInterval, ms>&jobs=<comma-separated job modules, default runtime_jobs.py>
 //        &recheck=<offlineRecheckInterval, ms>
+//        &offline=1 (create({offline: true}): the service worker precache)
 // Sets window.durably once create() resolves, and window.t = {events, statuses,
 // error, ready}; window.effects() reads back, in key order, the step-execution
 // records runtime_jobs.py wrote to IndexedDB (see tests/browser/executions.py).
@@ -17,6 +18,7 @@ globalThis.startTestPage = (DurablyWeb) => {
     database: params.get("db") || "runtime-test.db",
     storage: params.get("storage") || "auto",
     options,
+    offline: params.get("offline") === "1",
     onStatus: (s) => t.statuses.push({ ...s, at: Date.now() }),
   }).then(
     (durably) => {

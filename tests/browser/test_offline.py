@@ -1,0 +1,92 @@
+"""create({offline: true}) in real headless Chromium: after one visit the service worker
+has precached the runtime and the page's files, so with the HTTP server stopped a reload
+still starts the runtime, lists the earlier runs and completes a new one."""
+
+from __future__ import annotations
+
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from conftest import _serve, _SiteWithTestPages, site_build
+from pagekit import page, wait_until
+
+pytestmark = pytest.mark.browser
+
+
+class StoppableSite:
+    """site/ and the test pages on a port that stays the same across stop() and start()
+    (the origin, and so the service worker's registration and caches, stay too)."""
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.server: ThreadingHTTPServer | None = None
+
+    def start(self) -> str:
+        handler = type("OfflineSiteHandler", (_SiteWithTestPages,), {"quiet": True, "request_log": []})
+        self.server = ThreadingHTTPServer(
+            ("127.0.0.1", self.port), lambda *a: handler(*a, directory=str(site_build.SITE))
+        )
+        self.port = self.server.server_address[1]
+        _serve(self.server)
+        return f"http://127.0.0.1:{self.port}/"
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+
+
+@pytest.fixture
+def stoppable_site(site_url: Any) -> Any:  # site_url: builds site/ once per session
+    site = StoppableSite()
+    yield site
+    site.stop()
+
+
+def ready(drv: Any) -> None:
+    wait_until(
+        lambda: drv.execute_script("return window.t && (window.t.ready || window.t.error)"),
+        timeout=90,
+        what="the runtime to start",
+    )
+    assert drv.execute_script("return window.t.error") is None, drv.execute_script("return window.t.error")
+
+
+def test_after_one_visit_the_app_runs_with_the_server_stopped(
+    launch_chromium: Any, stoppable_site: StoppableSite
+) -> None:
+    url = stoppable_site.start()
+    drv = launch_chromium()
+    address = f"{url}_test/runtime.html?offline=1&db=offline.db&storage=opfs"
+    drv.get(address)
+    ready(drv)
+    first = page(
+        drv, 'return (await durably.triggerAndWait("count-steps", {steps: 3}, {timeout: 60000})).id;'
+    )
+    # The precache is complete once the service worker is active and controls the page.
+    wait_until(
+        lambda: drv.execute_script(
+            "return navigator.serviceWorker.controller !== null || (location.reload(), false);"
+        ),
+        timeout=90,
+        what="the service worker to control the page",
+    )
+    ready(drv)
+    names = page(drv, "return await caches.keys();")
+    assert any(n.startswith("durably-web-") and n != "durably-web-pages" for n in names), names
+
+    stoppable_site.stop()
+    drv.get(address)
+    ready(drv)
+    got = page(
+        drv,
+        """
+        const earlier = (await durably.getRuns()).map((r) => r.id);
+        const run = await durably.triggerAndWait("count-steps", {steps: 3}, {timeout: 60000});
+        return {earlier, status: run.status};
+        """,
+    )
+    assert first in got["earlier"], got
+    assert got["status"] == "completed", got
