@@ -174,13 +174,14 @@ def test_validation_error_reaches_js_with_name_and_details(launch_chromium: Any,
     assert remote == {"kind": "remote", "name": "NotFoundError", "loaded": True}
 
 
-@pytest.mark.parametrize("storage", ["auto", "idb"])
+# offline: the same with create({offline: true}), the reload then served by the service worker.
+@pytest.mark.parametrize(("storage", "offline"), [("auto", ""), ("idb", ""), ("auto", "&offline=1")])
 def test_reload_mid_run_resumes_without_reexecuting_steps(
-    launch_chromium: Any, site_url: Any, storage: str
+    launch_chromium: Any, site_url: Any, storage: str, offline: str
 ) -> None:
     url, _ = site_url
     drv = launch_chromium()
-    open_page(drv, url, f"?storage={storage}&{LONG_LEASE}")
+    open_page(drv, url, f"?storage={storage}&{LONG_LEASE}{offline}")
     expected = "opfs" if storage == "auto" else storage
     assert page(drv, "return durably.storage") == expected
     run = page(drv, "return await durably.trigger('count-steps', {steps: 8, delay: 0.3})")
@@ -252,14 +253,15 @@ def test_runs_survive_closing_and_reopening_the_browser(
     assert page(drv, "return await durably.integrityCheck()") == "ok"
 
 
-def test_two_tabs_one_leader_and_handover(launch_chromium: Any, site_url: Any) -> None:
+@pytest.mark.parametrize("offline", ["", "&offline=1"], ids=["network", "service-worker"])
+def test_two_tabs_one_leader_and_handover(launch_chromium: Any, site_url: Any, offline: str) -> None:
     url, _ = site_url
     drv = launch_chromium()
-    open_page(drv, url, f"?{LONG_LEASE}")
+    open_page(drv, url, f"?{LONG_LEASE}{offline}")
     tab_a = drv.current_window_handle
     drv.switch_to.new_window("tab")
     tab_b = drv.current_window_handle
-    open_page(drv, url, f"?{LONG_LEASE}")
+    open_page(drv, url, f"?{LONG_LEASE}{offline}")
     assert page(drv, "return durably.role") == "follower"
 
     # Runs triggered from either tab execute once, in the leader; both tabs see all events.
