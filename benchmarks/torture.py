@@ -51,6 +51,8 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
         "signals",
         "sig dup",
         "consumed",
+        "offline waits",
+        "offline fails",
         "violations",
         "wall",
     ]
@@ -75,6 +77,8 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
             str(r.signals_sent),
             str(r.signals_duplicate),
             str(r.signals_consumed),
+            str(r.offline_waits),
+            str(r.offline_failures),
             str(len(r.violations)),
             f"{r.wall_time:.1f} s",
         ]

@@ -61,6 +61,11 @@ Durable waiting (:func:`check_waits`; wall-clock times in ms, the engine's clock
   if its wait's checkpoint committed; the handler (on every execution, replays
   included) and the step after the wait got that payload, never before it was
   sent; only a cancelled run refuses a signal it still waits for.
+* network: the harness takes the workers' network down and up at random (a flag file
+  their ``NetworkStatus`` reads); a step that fails with a network error while it is
+  down records an attempt flagged ``offline`` that names an execution which failed for
+  that reason, and uses up no attempt (the job has no retries: one counted failure fails
+  its run, and the run must complete); its runs wait with reason ``offline`` only.
 
 Seeds: ``seed=None`` picks one, and every summary and violation names it;
 passing it back replays the same choices (the timing of a loaded machine is
@@ -100,7 +105,7 @@ CONCURRENCY_KEYS = ("ck-a", "ck-b")
 # One wall clock (time.time) on one machine; 1 ms for the engine's int(time * 1000) against
 # the log's time_ns() // 10**6.
 CLOCK_SLACK_MS = 1
-WAIT_JOBS = ("torture-retry", "torture-sleep", "torture-signal")
+WAIT_JOBS = ("torture-retry", "torture-sleep", "torture-signal", "torture-offline")
 SEED_VARIABLE = "DURABLY_TORTURE_SEED"
 # Long enough that a loaded 2-core machine does not stall a worker's event loop past its
 # lease (a lapse while the worker lives is a takeover of a live run: a violation).
@@ -142,6 +147,8 @@ class TortureResult:
     signals_early: int = 0  # sends "stored" (the run was not waiting for it yet)
     signals_delivered: int = 0  # sends "delivered" (the run was waiting for it)
     signals_consumed: int = 0  # signal waits whose checkpoint committed
+    offline_waits: int = 0  # waits for the network committed (W lines with reason offline)
+    offline_failures: int = 0  # recorded step attempts that failed offline (no retry used up)
     violations: list[str] = field(default_factory=list)
     wall_time: float = 0.0
 
@@ -156,6 +163,7 @@ class TortureResult:
             f"signals_sent={self.signals_sent} (stored={self.signals_early} "
             f"delivered={self.signals_delivered} duplicate={self.signals_duplicate}) "
             f"signals_consumed={self.signals_consumed} "
+            f"offline_waits={self.offline_waits} offline_failures={self.offline_failures} "
             f"violations={len(self.violations)} wall={self.wall_time:.1f}s"
         )
 
@@ -317,6 +325,11 @@ def expected_outcome(exp: Expected) -> tuple[list[str], str, dict[str, Any] | No
             return names, "cancelled", None, None
         if exp.fails >= exp.max_attempts:
             return ["s0"], "failed", None, "flaky"
+        return names, "completed", {"total": total(exp.run_id, names)}, None
+    if exp.job == "torture-offline":
+        names = list(torture_jobs.OFFLINE_STEPS)
+        if exp.cancel_accepted:
+            return names, "cancelled", None, None
         return names, "completed", {"total": total(exp.run_id, names)}, None
     if exp.job in ("torture-sleep", "torture-signal"):
         if exp.job == "torture-sleep":
@@ -697,6 +710,16 @@ def check_waits(
             check_sleeps(exp, rows, waits_of, passed_of, result)
         elif exp.job == "torture-signal":
             check_signals(exp, rows, signals_of.get(exp.run_id, []), passed_of, result)
+        elif exp.job == "torture-offline":
+            check_offline(exp, log, attempts_of, waits_of, result)
+    for wait in log.waits:
+        if wait.reason == "offline":
+            result.offline_waits += 1
+            exp = expected.get(wait.run_id)
+            if exp is not None and exp.job != "torture-offline":
+                result.violations.append(
+                    f"run {wait.run_id} waited for the network at {wait.step!r}: its job needs none"
+                )
     known = {exp.run_id for exp in expected.values() if exp.job == "torture-signal"}
     for run_id in signals_of:
         if run_id not in known:
@@ -806,6 +829,46 @@ def check_retried_step(
                 step_attempt = attempt_of.get(e.xid, (0, 0))[0]
                 if step_attempt > final["attempt"]:
                     violations.append(f"{where}: {e.xid} executed attempt {step_attempt}, past the last one")
+
+
+def check_offline(
+    exp: Expected,
+    log: Log,
+    attempts_of: dict[tuple[str, str], list[dict[str, Any]]],
+    waits_of: dict[tuple[str, str], list[Wait]],
+    result: TortureResult,
+) -> None:
+    """A network-aware run: every recorded failure of its step 'fetch' is flagged offline and
+    names an execution that failed for want of the network and ended; its attempt numbers
+    run 1, 2, ... without a gap; it waited for nothing but the network; its other steps
+    never failed."""
+    violations = result.violations
+    run_id = exp.run_id
+    for (rid, name), _rows in attempts_of.items():
+        if rid == run_id and name != "fetch":
+            violations.append(f"step {run_id}/{name} has recorded failed attempts: it never fails")
+    rows = sorted(attempts_of.get((run_id, "fetch"), []), key=lambda r: r["attempt"])
+    result.offline_failures += len(rows)
+    if [r["attempt"] for r in rows] != list(range(1, len(rows) + 1)):
+        violations.append(f"step {run_id}/fetch: recorded attempts {[r['attempt'] for r in rows]} have a gap")
+    for row in rows:
+        where = f"step {run_id}/fetch attempt {row['attempt']}"
+        if not row.get("offline"):
+            violations.append(f"{where} failed offline but counts against its retries (offline flag unset)")
+        xid = failure_xid(row)
+        execution = log.executions.get(xid) if xid is not None else None
+        if execution is None or execution.run_id != run_id or execution.step != "fetch":
+            violations.append(f"{where}: its error names no execution of that step ({xid})")
+        elif xid not in log.failures or execution.end is None:
+            violations.append(f"{where}: execution {xid} did not fail for want of the network and end")
+        elif log.step_attempts.get(xid, (None, 0))[0] != row["attempt"]:
+            violations.append(f"{where}: execution {xid} ran as attempt {log.step_attempts.get(xid)}")
+    for (rid, name), waits in waits_of.items():
+        if rid != run_id:
+            continue
+        for wait in waits:
+            if wait.reason != "offline" or name != "fetch":
+                violations.append(f"run {run_id} waited ({wait.reason}) at {name!r}: not for the network")
 
 
 def check_sleeps(
@@ -973,7 +1036,10 @@ class Torture:
         # PostgreSQL database) works the same way.
         self.db_url = db_url or f"sqlite:///{workdir / 'torture.db'}"
         self.log_path = workdir / "side-effects.log"
+        # While this file exists the workers' network is down (torture_jobs.FlagFileNetwork).
+        self.offline_flag = workdir / "offline"
         self.options = ["--lease", str(lease), "--renew", str(renew), "--poll", str(poll)]
+        self.options += ["--offline-flag", str(self.offline_flag)]
         if processes == 1:
             # The harness promises one worker at a time: a restarted worker resumes at once.
             self.options.append("--sole")
@@ -988,6 +1054,8 @@ class Torture:
         self.result = TortureResult(seed=seed, kills=0, processes=processes)
         self.client: Durably | None = None
         self.aborted = False  # the drain stopped early: a violation was already in the log
+        # The mix's network-aware runs: the network stays down until both waited for it.
+        self.offline_mix: set[str] = set()
 
     # --- processes ------------------------------------------------------------------------
     def start_worker(self) -> WorkerProcess:
@@ -1117,6 +1185,13 @@ class Torture:
         await self.trigger({"naps": [0.4, 0.15]}, {}, protected=True, job="torture-sleep")
         await self.trigger({"waits": 2}, {}, protected=True, job="torture-signal")
         await self.trigger({"waits": 1}, {}, protected=True, job="torture-signal")  # the same signal_ids
+        # The network is down when the workers start (see run()): one run meets it at its step,
+        # the other declares needs_network and waits before the attempt.
+        for needs_network in (False, True):
+            payload = {"needs_network": needs_network}
+            run_id = await self.trigger(payload, {}, protected=True, job="torture-offline")
+            assert run_id is not None
+            self.offline_mix.add(run_id)
         return await self.trigger({"steps": 10, "delay": 0.05}, {"concurrency_key": "ck-a"}, protected=True)
 
     def plan_signals(self, run_id: str, waits: int, *, mix: bool = False) -> None:
@@ -1195,6 +1270,8 @@ class Torture:
             }
         elif kind == "torture-sleep":
             payload = {"naps": [round(rng.uniform(0.1, 0.5), 3) for _ in range(rng.randint(1, 2))]}
+        elif kind == "torture-offline":
+            payload = {"needs_network": rng.random() < 0.5}
         else:
             payload = {"waits": rng.randint(1, torture_jobs.MAX_WAITS)}
         await self.trigger(payload, {}, job=kind)
@@ -1241,6 +1318,33 @@ class Torture:
             self.result.violations.append(f"cancel({target.id}) returned status {run.status}")
         self.expected[target.id].cancel_accepted = True
 
+    def set_network(self, online: bool) -> None:
+        if online:
+            self.offline_flag.unlink(missing_ok=True)
+        else:
+            self.offline_flag.touch()
+
+    def mix_waited_offline(self) -> bool:
+        waited = {w.run_id for w in read_log(self.log_path).waits if w.reason == "offline"}
+        return self.offline_mix <= waited
+
+    async def toggle_network(self) -> None:
+        """Take the network down or bring it back at random, but not back before the mix's
+        network-aware runs both waited for it (so every torture has an offline wait and an
+        offline failure to check)."""
+        if not self.offline_flag.exists():
+            if self.rng.random() < 0.2:
+                self.set_network(online=False)
+        elif self.rng.random() < 0.5 and self.mix_waited_offline():
+            self.set_network(online=True)
+
+    async def bring_network_back(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        # Polls the side-effect log, as wait_ready does: no event to wait for across processes.
+        while self.offline_flag.exists() and not self.mix_waited_offline() and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        self.set_network(online=True)
+
     async def unfinished(self) -> int:
         assert self.client is not None
         return len(await self.client.get_runs(status=["pending", "leased", "waiting"], limit=10_000))
@@ -1267,6 +1371,7 @@ class Torture:
         await self.client.init()
         try:
             keyed = await self.trigger_mix()
+            self.set_network(online=False)
             for _ in range(self.processes):
                 await self.wait_ready(self.start_worker())
             await self.run_keyed_pair(keyed)
@@ -1278,6 +1383,7 @@ class Torture:
                     await self.cancel_some()
                 if self.rng.random() < 0.3:
                     await self.trigger_some(1)  # a trigger racing the kill
+                await self.toggle_network()
                 await self.send_some()
                 victim = self.rng.choice(self.workers)
                 roll = self.rng.random()
@@ -1295,6 +1401,7 @@ class Torture:
                     await asyncio.sleep(self.rng.uniform(0.0, self.lease * 1.5))
                 await self.wait_ready(self.start_worker())
             await self.send_some(everything=True)  # a signal run cannot end without its signals
+            await self.bring_network_back()  # nor a network-aware run without the network
             await self.drain()
             if self.aborted:
                 for worker in list(self.workers):

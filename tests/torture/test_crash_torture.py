@@ -93,6 +93,16 @@ def test_signals_were_sent_early_and_twice_and_consumed(torture_result: TortureR
     assert r.signals_early > 0 and r.signals_duplicate > 0 and r.signals_consumed >= 2, r.summary()
 
 
+def test_runs_waited_for_the_network_and_failed_offline_without_using_up_attempts(
+    torture_result: TortureResult,
+) -> None:
+    # The network is down when the workers start: the mix's network-aware run without
+    # needs_network fails offline at its step (a recorded attempt flagged offline), the one
+    # with needs_network waits before attempting it; both must complete.
+    r = torture_result
+    assert r.offline_waits >= 2 and r.offline_failures >= 1, r.summary()
+
+
 # --- the checker, on hand-made logs (its durable-waiting rules: test_checker_waits.py) ----------------
 
 LEASE_NS = 3_000_000_000

@@ -1,7 +1,7 @@
 """Jobs and the worker process of the crash-torture harness.
 
     python torture_jobs.py <db_url> <log_file> [--lease S] [--renew S] [--poll S]
-                           [--concurrency N] [--sole]
+                           [--concurrency N] [--sole] [--offline-flag PATH]
 
 starts a worker on ``db_url`` and works until SIGTERM (graceful stop) or
 SIGKILL (the torture). Every step records its side effect itself, by appending
@@ -25,6 +25,10 @@ and, for the durable-waiting jobs (retries, sleeps, signals)::
     H <run_id> <wait> <pid> <attempt> <wall_ms> <token>      the handler got past a sleep or a signal
                                                              wait (token: the signal's payload, - for a sleep)
 
+and, for the network-aware job (``--offline-flag``: the network is down while that file
+exists), ``A``/``F`` lines as above for its step 'fetch', whose failures while offline are
+ConnectionErrors (W lines with reason ``offline`` follow).
+
 ``wall_ms`` is ``time.time_ns() // 10**6``, the clock the engine persists wake-up times
 with (``Durably.now_ms``), so the checker can compare them with the database.
 
@@ -47,6 +51,7 @@ import os
 import signal
 import time
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -324,12 +329,80 @@ async def signalled(step: StepContext, payload: SignalIn) -> SignalOut:
     return SignalOut(total=total, tokens=tokens)
 
 
-JOBS = [chain, child, retrying, sleeper, signalled]
+# --- network-aware steps: offline waits ------------------------------------------------------------
+
+# The harness's flag file: while it exists the network counts as down (set by --offline-flag).
+OFFLINE_FLAG: str | None = None
+OFFLINE_RECHECK = 0.2  # the workers' offline_recheck_interval (s): no "online" notice ever comes
+
+
+class FlagFileNetwork:
+    """The torture's network: down while the harness's flag file exists. It never announces
+    that the network is back, so the workers find out by the recheck timer alone (a browser
+    asleep, or one that sends no ``online`` event)."""
+
+    def __init__(self, flag: str) -> None:
+        self.flag = flag
+
+    def online(self) -> bool:
+        return not os.path.exists(self.flag)
+
+    def is_network_error(self, exc: BaseException) -> bool:
+        return isinstance(exc, ConnectionError)
+
+    def watch(self, on_online: Callable[[], None]) -> Callable[[], None]:
+        return lambda: None
+
+
+class OfflineIn(BaseModel):
+    needs_network: bool  # the step 'fetch' declares it (not attempted while offline)
+
+
+OFFLINE_STEPS = ["s0", "fetch", "s1"]
+
+
+async def fetch_effect(run_id: str, attempt: int) -> dict[str, Any]:
+    """A request that fails with a ConnectionError while the flag file says offline. Its
+    attempt number comes from the database, as flaky_effect's does."""
+    assert DURABLY is not None
+    recorded = await DURABLY.get_step_attempts(run_id)
+    step_attempt = 1 + sum(1 for a in recorded if a.name == "fetch" and a.status == "failed")
+    pid, xid = os.getpid(), new_execution_id()
+    log_line("B", run_id, "fetch", pid, xid, attempt, time.monotonic_ns())
+    log_line("A", run_id, "fetch", pid, xid, step_attempt, wall_ms())
+    try:
+        await asyncio.sleep(0.01)
+        if OFFLINE_FLAG is not None and not FlagFileNetwork(OFFLINE_FLAG).online():
+            log_line("F", run_id, "fetch", pid, xid)
+            raise ConnectionError(f"fetch: no network (attempt {step_attempt}, xid {xid})")
+    finally:
+        log_line("E", run_id, "fetch", pid, xid, attempt, time.monotonic_ns())
+    value = step_value(run_id, "fetch")
+    return {"v": value, "x": xid, "run": run_id, "step": "fetch", "attempt": step_attempt}
+
+
+@define_job("torture-offline", input=OfflineIn, output=ChainOut)
+async def offline_fetcher(step: StepContext, payload: OfflineIn) -> ChainOut:
+    """No retry policy: a network failure that used up an attempt would fail the run."""
+    EXECUTING.set(step.run_id)
+    first = await step.run("s0", effect_sync, step.run_id, "s0", step.attempt, 0.01, False)
+    fetched = await step.run(
+        "fetch", fetch_effect, step.run_id, step.attempt, needs_network=payload.needs_network
+    )
+    last = await step.run("s1", effect_async, step.run_id, "s1", step.attempt, 0.01, False)
+    return ChainOut(total=first["v"] + fetched["v"] + last["v"])
+
+
+JOBS = [chain, child, retrying, sleeper, signalled, offline_fetcher]
 
 
 async def serve(args: argparse.Namespace) -> None:
-    global DURABLY
+    global DURABLY, OFFLINE_FLAG
     open_log(args.log_file)
+    OFFLINE_FLAG = args.offline_flag
+    network: dict[str, Any] = {}
+    if args.offline_flag is not None:
+        network = {"network": FlagFileNetwork(args.offline_flag), "offline_recheck_interval": OFFLINE_RECHECK}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
@@ -342,6 +415,7 @@ async def serve(args: argparse.Namespace) -> None:
         max_concurrent_runs=args.concurrency,
         sole_worker=args.sole,
         shutdown_timeout=2.0,
+        **network,
     )
     DURABLY = durably
 
@@ -388,6 +462,7 @@ def main() -> None:
     parser.add_argument("--poll", type=float, default=0.05)
     parser.add_argument("--concurrency", type=int, default=3)
     parser.add_argument("--sole", action="store_true")
+    parser.add_argument("--offline-flag", default=None)
     asyncio.run(serve(parser.parse_args()))
 
 
