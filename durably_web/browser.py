@@ -76,7 +76,12 @@ class BrowserNetworkStatus:
         wrap the fetch's error in its own): ``pyodide.http.pyfetch`` raises an ``OSError``
         (its ``AbortError``, "Failed to fetch") and so do its XHR calls and the standard
         library's sockets (``ConnectionError``, ``TimeoutError``); an awaited ``js.fetch``
-        raises the JS ``TypeError`` itself. An HTTP error status is an answer, not this."""
+        raises the JS ``TypeError`` itself. An HTTP error status is an answer, not this.
+
+        The implicit ``__context__`` counts too, since jobs often re-raise without ``from``.
+        An unrelated error raised while handling a network error then also waits for the
+        network: the cost is a delay, never a lost attempt, because once online the step
+        runs again and a real bug fails it by its retry policy."""
         seen: set[int] = set()
         current: BaseException | None = exc
         while current is not None and id(current) not in seen:

@@ -21,7 +21,9 @@
 //
 // The page's own files (its HTML, scripts, styles, job modules: anything in scope that
 // is not a runtime file) go network-first into the "durably-web-pages" cache, which
-// answers when the network does not.
+// answers when the network does not, or has not within PAGE_NETWORK_TIMEOUT_MS (a
+// network that connects but never answers must not hang the app; the late answer
+// still refreshes the cache for the next load).
 "use strict";
 
 const BUILD_VERSION = "__DURABLY_BUILD_VERSION__"; // replaced by build.py
@@ -32,6 +34,7 @@ const MANIFEST_URL = new URL("precache-manifest.json", self.location.href).href;
 const COMPLETE_KEY = new URL("precache-manifest.json?complete", self.location.href).href;
 const PRECACHE_LANES = 4; // parallel fetches during install
 const MESSAGE = "durably-web:"; // prefix of the messages exchanged with durably.js
+const PAGE_NETWORK_TIMEOUT_MS = 3000;
 
 const cacheName = (version) => `durably-web-${version}`;
 
@@ -113,7 +116,7 @@ async function respond(event, url) {
     if (hit) return hit;
   }
   if (event.request.mode === "navigate") event.waitUntil(collectGarbage());
-  return networkFirst(event.request);
+  return networkFirst(event);
 }
 
 /** The version the request's client is bound to (binding it first if it is new). */
@@ -136,16 +139,28 @@ async function versionFor(event) {
   return BUILD_VERSION;
 }
 
-async function networkFirst(request) {
+async function networkFirst(event) {
+  const { request } = event;
   const pages = await caches.open(PAGES_CACHE);
-  try {
-    const response = await fetch(request);
+  const fromNetwork = fetch(request).then(async (response) => {
     if (response.ok && response.type === "basic") await pages.put(request.url, response.clone());
     return response;
+  });
+  event.waitUntil(fromNetwork.catch(() => undefined)); // a late answer still updates the cache
+  const cachedCopy = async () =>
+    (await pages.match(request.url)) || (request.mode === "navigate" && (await pages.match(request.url, { ignoreSearch: true })));
+  let timer;
+  const slow = new Promise((resolve) => (timer = setTimeout(resolve, PAGE_NETWORK_TIMEOUT_MS, null)));
+  try {
+    const answer = await Promise.race([fromNetwork, slow]);
+    if (answer) return answer;
+    return (await cachedCopy()) || (await fromNetwork); // nothing cached: keep waiting
   } catch (error) {
-    const cached = (await pages.match(request.url)) || (request.mode === "navigate" && (await pages.match(request.url, { ignoreSearch: true })));
+    const cached = await cachedCopy();
     if (cached) return cached;
     throw error;
+  } finally {
+    clearTimeout(timer);
   }
 }
 

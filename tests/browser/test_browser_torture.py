@@ -139,16 +139,22 @@ def check_concurrency(effects: list[dict[str, Any]], ck_runs: list[str]) -> list
 
 
 @pytest.mark.slow  # ~2 min per storage: make test-slow (CI runs it after make test)
-@pytest.mark.parametrize("storage", ["auto", "idb"])  # "auto": OPFS here
+# "auto": OPFS here. offline: the same with create({offline: true}), every reload after the
+# first served by the service worker's precache.
+@pytest.mark.parametrize(
+    ("storage", "offline"),
+    [("auto", ""), ("idb", ""), ("auto", "&offline=1")],
+    ids=["opfs", "idb", "opfs-service-worker"],
+)
 def test_random_reloads_lose_nothing_and_rerun_only_the_step_in_flight(
-    launch_chromium: Any, site_url: Any, storage: str
+    launch_chromium: Any, site_url: Any, storage: str, offline: str
 ) -> None:
     url, _ = site_url
-    rng = random.Random(f"{SEED}-{storage}")
+    rng = random.Random(f"{SEED}-{storage}{offline}")
     expected_storage = "opfs" if storage == "auto" else storage
     t0 = time.monotonic()
     drv = launch_chromium()
-    drv.get(f"{url}_test/torture_page.html?storage={storage}&db=torture-{storage}.db")
+    drv.get(f"{url}_test/torture_page.html?storage={storage}&db=torture-{storage}.db{offline}")
     wait_ready(drv)
     assert page(drv, "return [durably.role, durably.storage]") == ["leader", expected_storage]
 
@@ -224,6 +230,9 @@ def test_random_reloads_lose_nothing_and_rerun_only_the_step_in_flight(
     # Let every run finish in the last load.
     wait_ready(drv)
     wait_for(drv, "durably.role === 'leader'", timeout=30)
+    if offline:
+        # The variant is only worth its time if the reloads really came from the precache.
+        assert page(drv, "return navigator.serviceWorker.controller !== null"), "no service worker"
     runs = {}
     for run_id in expected_steps:
         run = page(drv, "return await durably.waitForRun(args[0], {timeout: 110000})", run_id)

@@ -1,11 +1,13 @@
 """create({offline: true}) in real headless Chromium: after one visit the service worker
-has precached the runtime and the page's files, so with the HTTP server stopped a reload
-still starts the runtime, lists the earlier runs and completes a new one."""
+has precached the runtime and the page's files, so with the HTTP server stopped (or
+connecting but never answering) a reload still starts the runtime, lists the earlier runs
+and completes a new one."""
 
 from __future__ import annotations
 
 import json
 import shutil
+import socket
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -106,6 +108,23 @@ def test_after_one_visit_the_app_runs_with_the_server_stopped(
     )
     assert first in got["earlier"], got
     assert got["status"] == "completed", got
+
+    # A network that connects but never answers (lie-fi): a socket listening on the site's
+    # port that accepts nothing. The page's own files come from the pages cache once the
+    # service worker has waited PAGE_NETWORK_TIMEOUT_MS for them, instead of hanging.
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    silent.bind(("127.0.0.1", stoppable_site.port))
+    silent.listen(64)
+    try:
+        drv.get(address)
+        ready(drv)
+        status = page(
+            drv, 'return (await durably.triggerAndWait("count-steps", {steps: 2}, {timeout: 60000})).status;'
+        )
+        assert status == "completed"
+    finally:
+        silent.close()
 
 
 def test_a_new_build_is_announced_and_used_from_the_next_load_only(

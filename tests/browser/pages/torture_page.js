@@ -1,4 +1,5 @@
 // The page of tests/browser/test_browser_torture.py. Query: ?db=<database>&storage=<auto|opfs|idb>
+//   &offline=1 (create({offline: true}): every reload served by the service worker)
 // On every load it creates the client (jobs: torture_jobs.py) and sets window.durably once
 // create() resolves, and window.t = {events, statuses, error, ready}; window.effects()
 // reads back, in insertion order, the side effects the steps recorded in IndexedDB.
@@ -10,6 +11,7 @@
     database: params.get("db") || "torture.db",
     storage: params.get("storage") || "auto",
     options: { pollingInterval: 200 },
+    offline: params.get("offline") === "1",
     onStatus: (s) => t.statuses.push({ ...s, at: Date.now() }),
   }).then(
     (durably) => {
