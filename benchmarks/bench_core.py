@@ -6,6 +6,11 @@ Prints, in one run:
   per-step   overhead of a job with N no-op async steps (and sync steps, which
              hop to a thread), i.e. wall time of the run divided by N;
   runs/s     N single-step runs, triggered one by one, until all are complete;
+  per-run    N single-step runs one after another with trigger_and_wait (async and
+             sync step): wall time per run, and its ratio to the floor (a run is
+             four commits: trigger, claim, step, outcome);
+  batch      --batch single-step runs created by one batch_trigger, then drained by
+             one worker: runs/s, and the time per run as a ratio to the floor;
   get_runs   one page (100 runs) of the run list filtered by a common label, a rare
              label and a rare status, at --list-small and --list-large runs, and the
              ratio large / small (an index walk stays near 1; a scan grows with the table);
@@ -50,7 +55,11 @@ def make_jobs(steps: int):
     async def one_step(step: StepContext, payload: dict) -> None:
         await step.run("only", noop)
 
-    return many_steps, many_sync_steps, one_step
+    @define_job("one-sync-step")
+    async def one_sync_step(step: StepContext, payload: dict) -> None:
+        await step.run("only", noop_sync)
+
+    return many_steps, many_sync_steps, one_step, one_sync_step
 
 
 def floor_us(folder: Path, n: int) -> float:
@@ -98,6 +107,40 @@ async def runs_per_second(folder: Path, job, n: int) -> float:
         for _ in range(n):
             await durably.trigger(job, {})
         await asyncio.wait_for(all_done.wait(), 600)
+        return n / (time.perf_counter() - start)
+
+
+async def per_run_us(folder: Path, job, n: int, tag: str) -> float:
+    """Wall time per run of ``n`` single-step runs, each trigger_and_wait'ed before the next."""
+    async with Durably(f"sqlite:///{folder / f'{tag}.db'}", jobs=[job]) as durably:
+        await durably.trigger_and_wait(job, {}, timeout=60)  # warm: migrations, first claim
+        start = time.perf_counter()
+        for _ in range(n):
+            run = await durably.trigger_and_wait(job, {}, timeout=60)
+            assert run.status == "completed", run.error
+        return (time.perf_counter() - start) / n * 1e6
+
+
+async def batch_drain_per_second(folder: Path, job, n: int) -> float:
+    """``n`` runs created by one batch_trigger before the worker starts, drained by one worker."""
+    url = f"sqlite:///{folder / 'batch.db'}"
+    async with Durably(url, jobs=[job], worker=False) as client:
+        for first in range(0, n, 1000):  # one transaction per 1000 runs
+            await client.batch_trigger(job, [{} for _ in range(min(1000, n - first))])
+    durably = Durably(url, jobs=[job], max_concurrent_runs=8)
+    remaining = n
+    all_done = asyncio.Event()
+
+    def on_complete(_event: object) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if remaining == 0:
+            all_done.set()
+
+    durably.on("run:complete", on_complete)
+    start = time.perf_counter()
+    async with durably:  # the worker starts here
+        await asyncio.wait_for(all_done.wait(), 1200)
         return n / (time.perf_counter() - start)
 
 
@@ -161,10 +204,13 @@ async def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--list-small", type=int, default=10_000)
     parser.add_argument("--list-large", type=int, default=1_000_000)
+    parser.add_argument("--per-run", type=int, default=500, help="trigger_and_wait runs (default 500)")
+    parser.add_argument("--batch", type=int, default=20_000, help="batch-triggered runs (default 20,000)")
     args = parser.parse_args()
-    many_steps, many_sync_steps, one_step = make_jobs(args.steps)
+    many_steps, many_sync_steps, one_step, one_sync_step = make_jobs(args.steps)
 
     floors, steps_async, steps_sync, rates = [], [], [], []
+    runs_async, runs_sync, batch_rates = [], [], []
     for attempt in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="durably-bench-") as tmp:
             folder = Path(tmp)
@@ -172,6 +218,10 @@ async def main() -> None:
             steps_async.append(await per_step_us(folder, many_steps, args.steps, f"async{attempt}"))
             steps_sync.append(await per_step_us(folder, many_sync_steps, args.steps, f"sync{attempt}"))
             rates.append(await runs_per_second(folder, one_step, args.runs))
+            runs_async.append(await per_run_us(folder, one_step, args.per_run, f"run-async{attempt}"))
+            runs_sync.append(await per_run_us(folder, one_sync_step, args.per_run, f"run-sync{attempt}"))
+            if attempt == 0:  # minutes at the default size: once is enough
+                batch_rates.append(await batch_drain_per_second(folder, one_step, args.batch))
 
     floor = statistics.median(floors)
     step_async = statistics.median(steps_async)
@@ -192,6 +242,17 @@ async def main() -> None:
     print(
         f"  single-step runs, {args.runs} triggered one by one              "
         f"{statistics.median(rates):8.0f} runs/s"
+    )
+    for what, samples in (("async", runs_async), ("sync", runs_sync)):
+        per_run = statistics.median(samples)
+        print(
+            f"  per 1-step run, trigger_and_wait one after another, {what + ' step':<10} {per_run:8.1f} us"
+            f"   ratio {per_run / floor:4.2f}x floor"
+        )
+    batch_rate = statistics.median(batch_rates)
+    print(
+        f"  {args.batch:,} batch-triggered 1-step runs drained by one worker {batch_rate:8.0f} runs/s"
+        f"   {1e6 / batch_rate:6.1f} us/run, ratio {1e6 / batch_rate / floor:4.2f}x floor"
     )
     with tempfile.TemporaryDirectory(prefix="durably-bench-") as tmp:
         small = await list_ms(Path(tmp), args.list_small, args.repeat)
