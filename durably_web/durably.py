@@ -897,6 +897,7 @@ class Durably:
                 concurrency_key=record.concurrency_key,
                 coalesce=False,
                 created_at=self.now_ms(),
+                priority=record.priority,
             )
         return (await self._create([new]))[0]
 
@@ -968,7 +969,11 @@ MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
 
 def check_priority(priority: Any) -> int:
     """``trigger(priority=)``: an int that both backends store (``ValidationError`` otherwise)."""
-    if isinstance(priority, bool) or not isinstance(priority, int) or not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not MIN_PRIORITY <= priority <= MAX_PRIORITY
+    ):
         raise ValidationError(
             f"priority must be an int from {MIN_PRIORITY} to {MAX_PRIORITY}, not {priority!r}"
         )

@@ -601,7 +601,10 @@ class Worker:
             now = self.now_ms()
             if limits:
                 record = await self.store.claim_run(
-                    worker_id=self.worker_id, job_names=job_names, now=now, lease_until=now + lease_ms,
+                    worker_id=self.worker_id,
+                    job_names=job_names,
+                    now=now,
+                    lease_until=now + lease_ms,
                     limits=limits,
                 )
             else:

@@ -1,17 +1,17 @@
 """Workers in real subprocesses for tests/test_flow_control.py (flow control across processes).
 
-    python flow_jobs.py limited <db_url> <side_effects> <runs>
-        Work on "limited" runs (max_concurrent=1; the test triggers them) until <runs> of them
-        have ended. Each run's step appends "start <pid> <time>" and, 0.05 s later,
-        "end <pid> <time>": two processes' intervals must never overlap.
+python flow_jobs.py limited <db_url> <side_effects> <runs>
+    Work on "limited" runs (max_concurrent=1; the test triggers them) until <runs> of them
+    have ended. Each run's step appends "start <pid> <time>" and, 0.05 s later,
+    "end <pid> <time>": two processes' intervals must never overlap.
 
-    python flow_jobs.py debounce <db_url> <ready_file>
-        Trigger "debounced" (debounce 30 s) three times with concurrency key "k" and inputs
-        1, 2, 3, create <ready_file>, then wait to be killed.
+python flow_jobs.py debounce <db_url> <ready_file>
+    Trigger "debounced" (debounce 30 s) three times with concurrency key "k" and inputs
+    1, 2, 3, create <ready_file>, then wait to be killed.
 
-    python flow_jobs.py rate <db_url> <side_effects>
-        Trigger four "rated" runs (rate_limit (2, 3600 s)) and work: each run's step appends
-        "start <pid>" and then blocks, so two runs are executing when the test kills it.
+python flow_jobs.py rate <db_url> <side_effects>
+    Trigger four "rated" runs (rate_limit (2, 3600 s)) and work: each run's step appends
+    "start <pid>" and then blocks, so two runs are executing when the test kills it.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ async def debounce_mode(args: argparse.Namespace) -> None:
     async with Durably(args.db_url, jobs=[debounced], **FAST) as durably:
         for value in (1, 2, 3):
             await durably.trigger(debounced, value, concurrency_key="k")
-        Path(args.ready_file).touch()
+        Path(args.ready_file).touch()  # noqa: ASYNC240 (one tiny write; the test waits for it)
         await asyncio.sleep(3600)
 
 

@@ -142,7 +142,7 @@ async def test_max_concurrent_holds_across_two_processes(db_url, tmp_path):
             await client.trigger(limited, i)
     processes = [start_flow_process("limited", db_url, str(side_effects), "8") for _ in range(2)]
     for process in processes:
-        out, err = process.communicate(timeout=60)
+        _, err = process.communicate(timeout=60)
         assert process.returncode == 0, err
     lines = [line.split(" ") for line in side_effects.read_text().splitlines()]
     assert len(lines) == 16
@@ -301,8 +301,9 @@ async def test_sigkill_with_a_full_rate_window_keeps_the_limit_after_restart(db_
 
         await step.run("work", work)
 
-    async with Durably(db_url, jobs=[rated], polling_interval=0.02, lease_duration=1.0,
-                       lease_renew_interval=0.1) as durably:
+    async with Durably(
+        db_url, jobs=[rated], polling_interval=0.02, lease_duration=1.0, lease_renew_interval=0.1
+    ) as durably:
         # The two killed runs are taken over once their leases expire (not new starts) ...
         await wait_until(lambda: len(done) == 2, timeout=30)
         await asyncio.sleep(0.3)

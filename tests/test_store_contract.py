@@ -1397,7 +1397,9 @@ async def test_watch_changes_never_reports_this_stores_own_changes(store):
 
 def flow_run(run_id: str, at: int, **options: Any) -> NewRun:
     """``new_run`` with NewRun's flow-control and tracing fields."""
-    base = new_run(run_id, at, job=options.pop("job", JOB), concurrency_key=options.pop("concurrency_key", None))
+    base = new_run(
+        run_id, at, job=options.pop("job", JOB), concurrency_key=options.pop("concurrency_key", None)
+    )
     return NewRun(**{**{name: getattr(base, name) for name in NewRun.__slots__}, **options})
 
 
@@ -1411,8 +1413,12 @@ async def limited_claim(
 
 async def test_contract_claims_take_higher_priority_first_then_the_oldest(store: Store):
     await store.create_runs(
-        [flow_run("r1", 1000), flow_run("r2", 1001, priority=3), flow_run("r3", 1002, priority=3),
-         flow_run("r4", 1003, priority=-2)]
+        [
+            flow_run("r1", 1000),
+            flow_run("r2", 1001, priority=3),
+            flow_run("r3", 1002, priority=3),
+            flow_run("r4", 1003, priority=-2),
+        ]
     )
     claimed_ids = [(await claim(store, 2000)).id for _ in range(4)]  # type: ignore[union-attr]
     assert claimed_ids == ["r2", "r3", "r1", "r4"]
@@ -1421,7 +1427,7 @@ async def test_contract_claims_take_higher_priority_first_then_the_oldest(store:
 
 async def test_contract_the_trace_parent_is_stored_as_given(store: Store):
     parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
-    (created, _), = await store.create_runs([flow_run("r1", 1000, trace_parent=parent)])
+    ((created, _),) = await store.create_runs([flow_run("r1", 1000, trace_parent=parent)])
     assert created.trace_parent == parent
     assert (await store.get_run("r1")).trace_parent == parent  # type: ignore[union-attr]
     assert (await claimed(store, "r1", 2000)).trace_parent == parent
@@ -1431,7 +1437,9 @@ async def test_contract_max_concurrent_passes_over_a_job_at_its_limit(store: Sto
     from durably_web.storage.base import JobLimits
 
     limits = {JOB: JobLimits(max_concurrent=2)}
-    await store.create_runs([flow_run(f"r{i}", 1000 + i) for i in range(4)] + [flow_run("z1", 1010, job="other")])
+    await store.create_runs(
+        [flow_run(f"r{i}", 1000 + i) for i in range(4)] + [flow_run("z1", 1010, job="other")]
+    )
     first = await limited_claim(store, 2000, limits)
     second = await limited_claim(store, 2000, limits, worker="w2")
     assert (first.id, second.id) == ("r0", "r1")  # type: ignore[union-attr]

@@ -14,7 +14,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
-from durably_web import Durably, RetryPolicy, StepContext, define_job
+from durably_web import RetryPolicy, StepContext, define_job
 
 pytestmark = pytest.mark.all_backends
 
@@ -106,7 +106,10 @@ async def test_the_trace_parent_is_stored_with_the_run(make_durably, traced):
         run = await durably.trigger(stored)
     record = await durably.store.get_run(run.id)
     context = span.get_span_context()
-    assert record.trace_parent == f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+    assert (
+        record.trace_parent
+        == f"00-{context.trace_id:032x}-{context.span_id:016x}-{int(context.trace_flags):02x}"
+    )
     untraced = await durably.trigger(stored)  # no current span: nothing to carry
     assert (await durably.store.get_run(untraced.id)).trace_parent is None
 
@@ -121,12 +124,14 @@ async def plain(step, payload):
     return await step.run("one", lambda: 1)
 
 async def main():
-    async with Durably("sqlite:///{tmp_path / 'plain.db'}", jobs=[plain], polling_interval=0.02) as durably:
+    async with Durably("sqlite:///{tmp_path / "plain.db"}", jobs=[plain], polling_interval=0.02) as durably:
         run = await durably.trigger_and_wait(plain, timeout=20)
     loaded = sorted(name for name in sys.modules if name.startswith("opentelemetry"))
     print(json.dumps({{"status": run.status, "loaded": loaded}}))
 
 asyncio.run(main())
 """
-    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
+    )
     assert json.loads(out.stdout) == {"status": "completed", "loaded": []}

@@ -62,7 +62,17 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ...errors import ConflictError, ExistingRunRefusedError, NotFoundError, SchemaVersionError, StorageError
-from ..base import NEVER_MS, ChangeListener, JobLimits, LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store
+from ..base import (
+    NEVER_MS,
+    ChangeListener,
+    JobLimits,
+    LogRecord,
+    NewRun,
+    RunFilter,
+    RunRecord,
+    StepRecord,
+    Store,
+)
 from ..flow import flow_limits_of
 from ..rows import new_run_record, run_from_row, step_from_row
 from ..run_list import list_runs_query
@@ -435,7 +445,12 @@ class PostgresStore(Store):
             row = await _one(
                 conn, "find_pending_by_concurrency_key", {"concurrency_key": new.concurrency_key}
             )
-            if row is not None and new.debounce_ms and row["job_name"] == new.job_name and row["started_at"] is None:
+            if (
+                row is not None
+                and new.debounce_ms
+                and row["job_name"] == new.job_name
+                and row["started_at"] is None
+            ):
                 debounced = await _one(
                     conn,
                     "debounce_run",
@@ -632,7 +647,12 @@ class PostgresStore(Store):
                 found = await _one(
                     conn,
                     "find_claimable_run",
-                    {"now": now, "job_names": names, "passed_over": passed_over, "rate_limited": rate_limited},
+                    {
+                        "now": now,
+                        "job_names": names,
+                        "passed_over": passed_over,
+                        "rate_limited": rate_limited,
+                    },
                 )
                 if found is None:
                     return None
@@ -642,9 +662,9 @@ class PostgresStore(Store):
                     if not (locked and locked["locked"]):
                         passed_over.append(found["id"])
                         continue
-                row = await _one(conn, "lease_run", {**lease, "id": found["id"]})
-                if row is not None:
-                    return run_from_row(row)
+                leased = await _one(conn, "lease_run", {**lease, "id": found["id"]})
+                if leased is not None:
+                    return run_from_row(leased)
                 passed_over.append(found["id"])
         return None
 
@@ -664,7 +684,9 @@ class PostgresStore(Store):
                 over = 0 if counted is None else int(counted["n"]) - limit.rate_count
                 if over >= 0:
                     # The window frees a start once the (over + 1)-th oldest start in it leaves.
-                    start = await _one(conn, "nth_job_start", {"job_name": name, "since": since, "skip": over})
+                    start = await _one(
+                        conn, "nth_job_start", {"job_name": name, "since": since, "skip": over}
+                    )
                     if start is not None:
                         found.append(int(start["started_at"]) + limit.rate_window_ms)
         return min(found) if found else None

@@ -410,7 +410,9 @@ class SQLiteStore(Store):
             )
         return None if row is None else run_from_row(row)
 
-    def _flow_params(self, job_names: Sequence[str], flow: Mapping[str, JobLimits], now: int) -> dict[str, str]:
+    def _flow_params(
+        self, job_names: Sequence[str], flow: Mapping[str, JobLimits], now: int
+    ) -> dict[str, str]:
         """The claim's job list without the jobs at ``max_concurrent``, and the jobs whose
         rate window is full (they start no new run)."""
         conn = self._conn
@@ -438,7 +440,9 @@ class SQLiteStore(Store):
     ) -> int | None:
         conn = self._conn
         found: list[int] = []
-        row = conn.fetch_one(Q["next_pending_available"], {"now": now, "job_names": json.dumps(list(job_names))})
+        row = conn.fetch_one(
+            Q["next_pending_available"], {"now": now, "job_names": json.dumps(list(job_names))}
+        )
         if row is not None and row["at"] is not None:
             found.append(int(row["at"]))
         for name, limit in flow_limits_of(job_names, limits).items():
