@@ -217,7 +217,7 @@ async def test_trigger_dispositions(idle: Durably, client_for: ClientFor) -> Non
         ({"job": "api-echo", "input": {"text": 5}}, ["text"]),
         ({"job": "api-echo", "input": {}}, ["text"]),
         ({"job": "api-echo", "input": {"text": "x" * 101}}, ["text"]),
-        ({"job": "api-echo", "input": {"text": "x"}, "priority": 1}, ["priority"]),
+        ({"job": "api-echo", "input": {"text": "x"}, "urgency": 1}, ["urgency"]),
         ({"job": 7, "input": {"text": "x"}}, ["job"]),
         ({"input": {"text": "x"}}, ["job"]),
         ({"job": "api-echo", "input": {"text": "x"}, "labels": {"k": 1}}, ["labels", "k"]),
