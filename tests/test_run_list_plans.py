@@ -259,7 +259,7 @@ async def test_postgres_claim_walks_the_unfinished_runs_in_priority_order(postgr
     await store.migrate()
     try:
         rows = list(runs(20_000))
-        run_rows, label_rows = rows_for_insert(rows)
+        run_rows, _ = rows_for_insert(rows)
         async with store._connection() as conn:
             async with conn.cursor() as cursor:
                 await cursor.executemany(INSERT_RUN.format("%s"), run_rows)
