@@ -348,8 +348,8 @@ async def test_trigger_batch_with_one_invalid_item_creates_nothing(
 @pytest.mark.parametrize(
     ("body", "where"),
     [
-        ({"job": "api-echo", "items": [{"input": {"text": "x"}}, {"input": {"text": "x"}, "priority": 1}]},
-         ["items", 1, "priority"]),
+        ({"job": "api-echo", "items": [{"input": {"text": "x"}}, {"input": {"text": "x"}, "urgency": 1}]},
+         ["items", 1, "urgency"]),
         ({"job": "api-echo", "items": [{"input": {"text": "x"}}, {"text": "x"}]}, ["items", 1, "input"]),
         ({"job": "api-echo", "items": [{"input": {"text": "x"}, "labels": {"k": 1}}]},
          ["items", 0, "labels", "k"]),
