@@ -237,7 +237,13 @@ async def test_sqlite_claim_and_flow_counts_are_served_by_indexes(tmp_path: Path
         }
         plans = {
             name: " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + Q[name], params))
-            for name in ("find_claimable_run", "count_job_leases", "count_job_starts", "nth_job_start")
+            for name in (
+                "find_claimable_run",
+                "find_claimable_run_rate_limited",
+                "count_job_leases",
+                "count_job_starts",
+                "nth_job_start",
+            )
         }
     finally:
         conn.close()

@@ -70,6 +70,23 @@ WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= :now)
         WHERE other.concurrency_key = r.concurrency_key
           AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > :now
           AND other.id <> r.id))
+ORDER BY r.priority DESC, r.id
+LIMIT 1
+
+-- name: find_claimable_run_rate_limited
+-- find_claimable_run while some of the claim's jobs have a full rate window (a separate
+-- text, so the plain claim, the hot path, tests nothing more per candidate). A concurrency key blocks while another run holds a live lease on
+-- it, including a cancelled run whose handler has not stopped yet. A waiting run
+-- is claimable once its wake-up time (available_at) is due.
+SELECT r.id FROM durably_runs AS r
+WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= :now)
+       OR (r.status = 'leased' AND r.lease_expires_at <= :now))
+  AND r.job_name IN (SELECT value FROM json_each(:job_names))
+  AND (r.concurrency_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM durably_runs AS other
+        WHERE other.concurrency_key = r.concurrency_key
+          AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > :now
+          AND other.id <> r.id))
   -- Flow control: a job whose rate window is full starts no new run (one already started
   -- continues). :rate_limited is '[]' unless the worker has rate-limited jobs.
   AND (r.started_at IS NOT NULL OR r.job_name NOT IN (SELECT value FROM json_each(:rate_limited)))

@@ -82,6 +82,11 @@ def _refuse_newer_schema(current: int) -> None:
         )
 
 
+def _claim_query(params: dict[str, Any]) -> str:
+    """The claim's text: with the rate-window test only while some job's window is full."""
+    return Q["find_claimable_run" if params["rate_limited"] == "[]" else "find_claimable_run_rate_limited"]
+
+
 class _Rollback(Exception):
     """Raised inside a transaction to undo it (the caller reports ``False``)."""
 
@@ -395,13 +400,13 @@ class SQLiteStore(Store):
         if flow:
             params.update(self._flow_params(job_names, flow, now))
         # Peek without the write lock first: an idle worker must not serialise everyone.
-        if conn.fetch_one(Q["find_claimable_run"], params) is None:
+        if conn.fetch_one(_claim_query(params), params) is None:
             return None
         with conn.transaction():
             if flow:
                 # Counted again under the write lock: no other claimer can lease in between.
                 params.update(self._flow_params(job_names, flow, now))
-            found = conn.fetch_one(Q["find_claimable_run"], params)
+            found = conn.fetch_one(_claim_query(params), params)
             if found is None:
                 return None
             row = conn.fetch_one(
