@@ -11,6 +11,9 @@ Prints, in one run:
              four commits: trigger, claim, step, outcome);
   batch      --batch single-step runs created by one batch_trigger, then drained by
              one worker: runs/s, and the time per run as a ratio to the floor;
+  claim      Store.claim_run alone, µs per claim, N pending runs claimed one by one: plain
+             (no limits), and with a max_concurrent and a rate_limit on the job (flow control:
+             its counts are taken in the claim's transaction) -- also alone with --only-claim;
   get_runs   one page (100 runs) of the run list filtered by a common label, a rare
              label and a rare status, at --list-small and --list-large runs, and the
              ratio large / small (an index walk stays near 1; a scan grows with the table);
@@ -197,6 +200,34 @@ async def list_ms(folder: Path, count: int, repeat: int) -> dict[str, float]:
         return times
 
 
+async def claim_us(folder: Path, n: int, tag: str, *, limited: bool) -> float:
+    """µs per ``claim_run`` of ``n`` pending runs, claimed one by one (the engine's hot path
+    for every run start), without or with flow limits on the job."""
+    from durably_web.storage import NewRun, open_store
+
+    store = open_store(f"sqlite:///{folder / f'claim-{tag}.db'}")
+    await store.migrate()
+    try:
+        await store.create_runs(
+            [NewRun(f"r{i:08d}", "one-step", "null", {}, None, None, False, 1000 + i) for i in range(n)]
+        )
+        options = {}
+        if limited:
+            from durably_web.storage.base import JobLimits
+
+            options["limits"] = {"one-step": JobLimits(max_concurrent=n, rate_count=n, rate_window_ms=60_000)}
+        start = time.perf_counter()
+        for i in range(n):
+            now = 10_000 + i
+            record = await store.claim_run(
+                worker_id="bench", job_names=["one-step"], now=now, lease_until=now + 60_000, **options
+            )
+            assert record is not None
+        return (time.perf_counter() - start) / n * 1e6
+    finally:
+        await store.close()
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
@@ -206,7 +237,23 @@ async def main() -> None:
     parser.add_argument("--list-large", type=int, default=1_000_000)
     parser.add_argument("--per-run", type=int, default=500, help="trigger_and_wait runs (default 500)")
     parser.add_argument("--batch", type=int, default=20_000, help="batch-triggered runs (default 20,000)")
+    parser.add_argument("--claims", type=int, default=2000)
+    parser.add_argument("--only-claim", action="store_true", help="print the claim figures only")
     args = parser.parse_args()
+    plain, limited = [], []
+    for attempt in range(args.repeat):
+        with tempfile.TemporaryDirectory(prefix="durably-bench-") as tmp:
+            plain.append(await claim_us(Path(tmp), args.claims, f"plain{attempt}", limited=False))
+            limited.append(await claim_us(Path(tmp), args.claims, f"limited{attempt}", limited=True))
+    claim_lines = [
+        f"  claim_run, {args.claims} pending runs one by one, no limits        "
+        f"{statistics.median(plain):8.1f} us",
+        f"  claim_run, the same with max_concurrent + rate_limit        {statistics.median(limited):8.1f} us",
+    ]
+    if args.only_claim:
+        print(f"durably-web claim benchmark (SQLite {sqlite3.sqlite_version}, median of {args.repeat})")
+        print("\n".join(claim_lines))
+        return
     many_steps, many_sync_steps, one_step, one_sync_step = make_jobs(args.steps)
 
     floors, steps_async, steps_sync, rates = [], [], [], []
@@ -254,6 +301,7 @@ async def main() -> None:
         f"  {args.batch:,} batch-triggered 1-step runs drained by one worker {batch_rate:8.0f} runs/s"
         f"   {1e6 / batch_rate:6.1f} us/run, ratio {1e6 / batch_rate / floor:4.2f}x floor"
     )
+    print("\n".join(claim_lines))
     with tempfile.TemporaryDirectory(prefix="durably-bench-") as tmp:
         small = await list_ms(Path(tmp), args.list_small, args.repeat)
         large = await list_ms(Path(tmp), args.list_large, args.repeat)

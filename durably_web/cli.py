@@ -441,6 +441,10 @@ def _print_run(run: Run, out: TextIO) -> None:
         fields.append(("wake at", wake))
     if run.forked_from is not None:
         fields.append(("forked from", run.forked_from))
+    if run.priority:
+        fields.append(("priority", str(run.priority)))
+    if run.not_before is not None:
+        fields.append(("not before", _until(run.not_before)))
     if run.progress is not None:
         progress = run.progress
         fields.append(("progress", progress_bar(progress.current, progress.total, progress.message)))
@@ -510,6 +514,7 @@ async def cmd_trigger(args: argparse.Namespace) -> int:
             concurrency_key=args.concurrency_key,
             coalesce="skip" if args.coalesce else None,
             labels=labels,
+            priority=args.priority,
         )
         _say(f"run {_p(run.id)} of {_p(run.job_name)}: {run.disposition}")
         if not args.wait:
@@ -1062,6 +1067,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--coalesce", action="store_true", help="reuse a pending run with the same concurrency key"
     )
     trigger.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE")
+    trigger.add_argument(
+        "--priority", type=int, default=0, help="claimed before runs of lower priority (default 0)"
+    )
     trigger.add_argument("--wait", action="store_true", help="wait until a worker finishes the run")
     trigger.add_argument("--timeout", type=_positive_float, help="seconds to --wait at most")
     trigger.add_argument("--json", action="store_true", help="print the run as JSON")

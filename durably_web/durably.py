@@ -76,6 +76,7 @@ class TriggerItem:
     concurrency_key: str | None = None
     coalesce: Literal["skip"] | None = None
     labels: Mapping[str, str] | None = None
+    priority: int = 0
 
 
 def _seconds(
@@ -138,6 +139,7 @@ class Durably:
         clock: Callable[[], float] = time.time,
         offline_recheck_interval: Seconds = 30.0,
         network: NetworkStatus = ALWAYS_ONLINE,
+        tracing: Any = False,
     ) -> None:
         self.polling_interval: float = _seconds("polling_interval", polling_interval, minimum=0.001)  # type: ignore[assignment]
         self.lease_duration: float = _seconds("lease_duration", lease_duration, minimum=0.05)  # type: ignore[assignment]
@@ -189,6 +191,13 @@ class Durably:
         self.jobs: dict[str, JobDefinition[Any, Any]] = {}
         for job in jobs:
             self.register(job)
+        # Tracing (the otel extra), imported only when asked for: without it no module of
+        # OpenTelemetry is loaded. True: the global tracer provider; or a TracerProvider.
+        self._tracer: Any = None
+        if tracing is not False and tracing is not None:
+            from .tracing import RunTracer
+
+            self._tracer = RunTracer(self.bus, None if tracing is True else tracing)
 
     # --- lifecycle ----------------------------------------------------------------
     async def init(self, *, worker: bool | None = None, read_only: bool | None = None) -> Durably:
@@ -256,6 +265,8 @@ class Durably:
         if self._worker is not None:
             await self._worker.stop(self.shutdown_timeout)
             self._worker = None
+        if self._tracer is not None:
+            self._tracer.end_open_spans()  # executions this stop released end their spans
         if self._stop_watching is not None:
             self._stop_watching()
             self._stop_watching = None
@@ -444,6 +455,7 @@ class Durably:
         concurrency_key: str | None,
         coalesce: str | None,
         labels: Mapping[str, str] | None,
+        priority: int = 0,
     ) -> NewRun:
         self._check_writable(f"trigger {job.name!r}")
         _, input_json = job.validate_input(input)
@@ -460,6 +472,12 @@ class Durably:
                 )
         if coalesce not in (None, "skip"):
             raise ValidationError(f"coalesce must be None or 'skip', not {coalesce!r}")
+        check_priority(priority)
+        if job.debounce is not None and concurrency_key is None:
+            raise ValidationError(
+                f"job {job.name!r} is debounced: trigger it with a concurrency_key (the triggers "
+                "that share one become one run)"
+            )
         return NewRun(
             id=ids.new_id(self.now_ms()),
             job_name=job.name,
@@ -469,6 +487,9 @@ class Durably:
             concurrency_key=concurrency_key,
             coalesce=coalesce == "skip",
             created_at=self.now_ms(),
+            priority=priority,
+            trace_parent=None if self._tracer is None else self._tracer.current_trace_parent(),
+            debounce_ms=None if job.debounce is None else int(job.debounce * 1000),
         )
 
     async def _create(
@@ -496,9 +517,17 @@ class Durably:
                 self.emit("run:trigger", run.id, run.job_name, {"input": run.input, "labels": run.labels})
             elif disposition == "coalesced":
                 self.emit("run:coalesced", run.id, run.job_name, {"concurrency_key": run.concurrency_key})
+            elif disposition == "debounced":
+                data = {"concurrency_key": run.concurrency_key, "debounced": True, "input": run.input}
+                self.emit("run:coalesced", run.id, run.job_name, data)
             runs.append(run)
         if self._worker is not None and any(d == "created" for _, d in results):
             self._worker.wake()
+        if self._worker is not None:
+            # A debounced run starts later: this worker's timer takes it then (others poll).
+            for record, disposition in results:
+                if disposition in ("created", "debounced") and record.available_at > record.created_at:
+                    self._worker.wake_at(record.available_at)
         return runs
 
     async def trigger(
@@ -511,6 +540,7 @@ class Durably:
         coalesce: Literal["skip"] | None = None,
         labels: Mapping[str, str] | None = None,
         accept_existing: Callable[[Run], bool] | None = None,
+        priority: int = 0,
     ) -> Run:
         """Validate ``input`` and create a pending run (or return the existing one).
 
@@ -524,9 +554,14 @@ class Durably:
         ``ExistingRunRefusedError`` (with the run in ``runs``) is raised and nothing
         is written. The HTTP API uses it so that a key cannot hand one tenant
         another tenant's run. It is called synchronously and must be quick.
+
+        ``priority`` (an int, default 0): workers claim runs of higher priority first, then
+        the oldest. A run of a debounced job (``define_job(debounce=)``) needs a
+        ``concurrency_key``; a trigger that joins the pending run of its key returns it with
+        disposition "debounced" (its input replaced, its start pushed back).
         """
         definition = self._job(job)
-        new = self._new_run(definition, input, idempotency_key, concurrency_key, coalesce, labels)
+        new = self._new_run(definition, input, idempotency_key, concurrency_key, coalesce, labels, priority)
         return (await self._create([new], accept_existing))[0]
 
     async def batch_trigger(
@@ -536,6 +571,7 @@ class Durably:
         *,
         labels: Mapping[str, str] | None = None,
         accept_existing: Callable[[Run], bool] | None = None,
+        priority: int = 0,
     ) -> list[Run]:
         """Trigger many runs in one transaction: all are created or none is.
 
@@ -561,10 +597,11 @@ class Durably:
                             item.concurrency_key,
                             item.coalesce,
                             item_labels,
+                            item.priority,
                         )
                     )
                 else:
-                    news.append(self._new_run(definition, item, None, None, None, labels))
+                    news.append(self._new_run(definition, item, None, None, None, labels, priority))
             except ValidationError as exc:
                 raise ValidationError(f"batch item {position}: {exc}", exc.errors) from None
         return await self._create(news, accept_existing) if news else []
@@ -579,6 +616,7 @@ class Durably:
         concurrency_key: str | None = None,
         coalesce: Literal["skip"] | None = None,
         labels: Mapping[str, str] | None = None,
+        priority: int = 0,
     ) -> Run:
         """Trigger, then wait until the run ends; returns the final run (check ``status``)."""
         run = await self.trigger(
@@ -588,6 +626,7 @@ class Durably:
             concurrency_key=concurrency_key,
             coalesce=coalesce,
             labels=labels,
+            priority=priority,
         )
         return await self.wait_for_run(run.id, timeout=timeout)
 
@@ -858,6 +897,7 @@ class Durably:
                 concurrency_key=record.concurrency_key,
                 coalesce=False,
                 created_at=self.now_ms(),
+                priority=record.priority,
             )
         return (await self._create([new]))[0]
 
@@ -916,7 +956,28 @@ class Durably:
             wait_reason=record.wait_reason if record.status == "waiting" else None,
             wait_step=record.wait_step if record.status == "waiting" else None,
             forked_from=record.forked_from,
+            priority=record.priority,
+            not_before=from_ms(record.available_at)
+            if record.status == "pending" and record.available_at > record.created_at
+            else None,
         )
+
+
+#: The priorities a run may have (PostgreSQL's INTEGER).
+MIN_PRIORITY, MAX_PRIORITY = -(2**31), 2**31 - 1
+
+
+def check_priority(priority: Any) -> int:
+    """``trigger(priority=)``: an int that both backends store (``ValidationError`` otherwise)."""
+    if (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not MIN_PRIORITY <= priority <= MAX_PRIORITY
+    ):
+        raise ValidationError(
+            f"priority must be an int from {MIN_PRIORITY} to {MAX_PRIORITY}, not {priority!r}"
+        )
+    return priority
 
 
 def _decode(text: str | None, decoder: Callable[[str], Any] | None) -> Any:

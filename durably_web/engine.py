@@ -24,7 +24,7 @@ from .job import JobDefinition
 from .models import ErrorInfo, Progress, from_ms
 from .network import ALWAYS_ONLINE, NetworkStatus
 from .step import StepContext, _error_json
-from .storage.base import NEVER_MS, LogRecord, RunRecord, StepRecord, Store
+from .storage.base import NEVER_MS, JobLimits, LogRecord, RunRecord, StepRecord, Store
 from .threads import SyncStepThreads
 
 
@@ -377,7 +377,10 @@ class RunExecution:
             recorded = {step.index: step for step in steps}
             # A first execution has no earlier attempts: spare the query on the hot path.
             failed_attempts = await store.count_step_attempts(self.run_id) if self.attempt > 1 else {}
-            self.emit("run:leased", {"attempt": self.attempt, "replayed_steps": len(recorded)})
+            leased: dict[str, Any] = {"attempt": self.attempt, "replayed_steps": len(recorded)}
+            if self.record.trace_parent is not None:  # the trigger's trace (durably_web.tracing)
+                leased["trace_parent"] = self.record.trace_parent
+            self.emit("run:leased", leased)
             step = StepContext(self, recorded, failed_attempts)
             payload = self.job.decode_input(self.record.input_json)
             result = await self.job.handler(step, payload)
@@ -496,6 +499,11 @@ class Worker:
         # Set when the network came back: the claim loop makes the runs waiting for it due.
         self._network_returned = False
         self._stop_watching_network: Callable[[], None] | None = None
+        # Flow control (define_job max_concurrent / rate_limit / debounce), see _flow_limits.
+        self._flow: dict[str, JobLimits] = {}
+        self._flow_job_count = -1
+        self._flow_timed = False
+        self._flow_wake_ms: int | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -575,17 +583,37 @@ class Worker:
             except TimeoutError:
                 pass
 
+    def _flow_limits(self) -> dict[str, JobLimits]:
+        """The flow limits of the registered jobs, rebuilt only when a job was registered."""
+        if self._flow_job_count != len(self.jobs):
+            self._flow_job_count = len(self.jobs)
+            self._flow = {name: job.limits for name, job in self.jobs.items() if job.limits is not None}
+            self._flow_timed = bool(self._flow) or any(job.debounce is not None for job in self.jobs.values())
+        return self._flow
+
     async def _claim_available(self) -> None:
         job_names = list(self.jobs)
         if not job_names:
             return
         lease_ms = int(self.config.lease_duration * 1000)
+        limits = self._flow_limits()
         while not self._stopping and len(self.active) < self.config.max_concurrent_runs:
             now = self.now_ms()
-            record = await self.store.claim_run(
-                worker_id=self.worker_id, job_names=job_names, now=now, lease_until=now + lease_ms
-            )
+            if limits:
+                record = await self.store.claim_run(
+                    worker_id=self.worker_id,
+                    job_names=job_names,
+                    now=now,
+                    lease_until=now + lease_ms,
+                    limits=limits,
+                )
+            else:
+                record = await self.store.claim_run(
+                    worker_id=self.worker_id, job_names=job_names, now=now, lease_until=now + lease_ms
+                )
             if record is None:
+                if self._flow_timed:
+                    await self._wake_when_flow_allows(job_names, limits, now)
                 return
             if self._stopping:  # stop() began while the claim was in flight: hand it back
                 await self.store.release_run(record.id, record.lease_generation, self.now_ms())
@@ -593,6 +621,16 @@ class Worker:
             execution = RunExecution(self, record, self.jobs[record.job_name])
             self.active[record.id] = execution
             execution.task = asyncio.create_task(self._run(execution), name=f"durably-run-{record.id}")
+
+    async def _wake_when_flow_allows(
+        self, job_names: list[str], limits: Mapping[str, JobLimits], now: int
+    ) -> None:
+        """Nothing to claim, but a debounced run or a full rate window may allow a claim
+        later without anyone writing: one timer for that moment, not a faster poll."""
+        at = await self.store.next_claimable_at(job_names=job_names, limits=limits, now=now)
+        if at is not None and at != self._flow_wake_ms:
+            self._flow_wake_ms = at
+            self.wake_at(at)
 
     async def _run(self, execution: RunExecution) -> None:
         try:

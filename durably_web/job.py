@@ -14,6 +14,7 @@ from pydantic import ValidationError as PydanticValidationError
 from .errors import ValidationError
 from .retry import RetryPolicy
 from .serialization import adapter_for
+from .storage.base import JobLimits
 
 if TYPE_CHECKING:
     from .step import StepContext
@@ -38,6 +39,24 @@ class JobDefinition(Generic[InputT, OutputT]):
     #: Signal name -> payload type, for ``send_signal`` to validate before storing: declared
     #: with ``define_job(signals=)``, and learned from ``wait_for_signal(type=)`` calls.
     signal_types: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: Flow control (``define_job``): at most this many runs leased at once, across workers.
+    max_concurrent: int | None = None
+    #: At most ``count`` runs started (first claimed) per sliding ``seconds``, across workers.
+    rate_limit: tuple[int, float] | None = None
+    #: Seconds after its last trigger that a run keyed by ``concurrency_key`` starts.
+    debounce: float | None = None
+
+    @property
+    def limits(self) -> JobLimits | None:
+        """What the claim query must honour for this job (``None``: no flow limit)."""
+        if self.max_concurrent is None and self.rate_limit is None:
+            return None
+        count, seconds = self.rate_limit if self.rate_limit is not None else (None, None)
+        return JobLimits(
+            max_concurrent=self.max_concurrent,
+            rate_count=count,
+            rate_window_ms=None if seconds is None else int(seconds * 1000),
+        )
 
     @property
     def input_adapter(self) -> TypeAdapter[Any]:
@@ -89,6 +108,9 @@ def define_job(
     output: Any = None,
     retry: RetryPolicy | None = None,
     signals: dict[str, Any] | None = None,
+    max_concurrent: int | None = None,
+    rate_limit: tuple[int, float] | None = None,
+    debounce: float | None = None,
 ) -> Callable[[Handler[Any, Any]], JobDefinition[Any, Any]]:
     """Decorator turning ``async def handler(step, payload)`` into a job.
 
@@ -97,7 +119,15 @@ def define_job(
     ``retry`` is the default ``RetryPolicy`` of the job's steps (none: a failing
     step fails the run at once). ``signals`` maps signal names to payload types, so that
     ``send_signal`` validates a payload before storing it.
+
+    Flow control, honoured by every worker's claim (see README "Flow control"):
+    ``max_concurrent`` runs leased at once; ``rate_limit=(count, seconds)`` runs started per
+    sliding window (a run continuing after a wait, crash or resume is no new start); and
+    ``debounce`` seconds: triggers with one ``concurrency_key`` become one run with the
+    latest input, started that long after the last of them (a trigger of a debounced job
+    without a concurrency key raises ``ValidationError``).
     """
+    max_concurrent, rate_limit, debounce = _flow_control(name, max_concurrent, rate_limit, debounce)
     if retry is not None and not isinstance(retry, RetryPolicy):
         raise ValidationError(f"job {name!r}: retry must be a RetryPolicy, not {retry!r}")
     if not isinstance(name, str) or not JOB_NAME_PATTERN.match(name):
@@ -116,6 +146,41 @@ def define_job(
             output_type=Any if output is None else output,
             retry=retry,
             signal_types=dict(signals or {}),
+            max_concurrent=max_concurrent,
+            rate_limit=rate_limit,
+            debounce=debounce,
         )
 
     return decorate
+
+
+#: The longest debounce or rate window (a year): beyond that it is a mistake, not a limit.
+_LONGEST_FLOW_WINDOW = 365 * 24 * 3600.0
+
+
+def _positive_seconds(name: str, what: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value <= _LONGEST_FLOW_WINDOW:
+        raise ValidationError(
+            f"job {name!r}: {what} must be a number of seconds above 0 and at most a year, not {value!r}"
+        )
+    return float(value)
+
+
+def _flow_control(
+    name: str, max_concurrent: Any, rate_limit: Any, debounce: Any
+) -> tuple[int | None, tuple[int, float] | None, float | None]:
+    """``define_job``'s flow-control options, checked (``ValidationError`` naming the job)."""
+    if max_concurrent is not None and (
+        isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1
+    ):
+        raise ValidationError(f"job {name!r}: max_concurrent must be a positive int, not {max_concurrent!r}")
+    rate: tuple[int, float] | None = None
+    if rate_limit is not None:
+        if not isinstance(rate_limit, tuple | list) or len(rate_limit) != 2:
+            raise ValidationError(f"job {name!r}: rate_limit must be (count, seconds), not {rate_limit!r}")
+        count, seconds = rate_limit
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValidationError(f"job {name!r}: rate_limit's count must be a positive int, not {count!r}")
+        rate = (count, _positive_seconds(name, "rate_limit's window", seconds))
+    delay = None if debounce is None else _positive_seconds(name, "debounce", debounce)
+    return max_concurrent, rate, delay

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 
 RunStatus = Literal["pending", "leased", "waiting", "completed", "failed", "cancelled"]
-Disposition = Literal["created", "idempotent", "coalesced"]
+Disposition = Literal["created", "idempotent", "coalesced", "debounced"]
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 RUN_STATUSES: frozenset[str] = frozenset({"pending", "leased", "waiting", *TERMINAL_STATUSES})
 
@@ -85,6 +85,11 @@ class Run:
     wait_step: str | None = None
     #: ``fork_run``: the id of the run this one was forked from.
     forked_from: str | None = None
+    #: Flow control: ``trigger(priority=)``; a claim takes higher priorities first.
+    priority: int = 0
+    #: While ``status == "pending"``: the earliest start (a debounced job's run starts
+    #: ``debounce`` seconds after its last trigger); ``None`` when it may start at once.
+    not_before: datetime | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -113,6 +118,8 @@ class Run:
             "wait_reason": self.wait_reason,
             "wait_step": self.wait_step,
             "forked_from": self.forked_from,
+            "priority": self.priority,
+            "not_before": iso(self.not_before),
         }
 
 

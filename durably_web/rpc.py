@@ -41,7 +41,7 @@ def _seconds(ms: Any, name: str) -> float | None:
     return ms / 1000
 
 
-_TRIGGER_OPTIONS = {"idempotencyKey", "concurrencyKey", "coalesce", "labels"}
+_TRIGGER_OPTIONS = {"idempotencyKey", "concurrencyKey", "coalesce", "labels", "priority"}
 
 #: The methods, by their JS names (static/durably.js lists them too; tests/test_rpc.py
 #: checks that the lists agree and that static/durably.d.ts declares each one).
@@ -98,6 +98,7 @@ class Dispatcher:
             "concurrency_key": opts.get("concurrencyKey"),
             "coalesce": opts.get("coalesce"),
             "labels": opts.get("labels"),
+            "priority": opts.get("priority", 0),
         }
 
     async def _trigger(self, job: str, input: Any = None, options: dict[str, Any] | None = None) -> Any:

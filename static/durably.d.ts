@@ -8,7 +8,7 @@
 // milliseconds.
 
 export type RunStatus = "pending" | "leased" | "waiting" | "completed" | "failed" | "cancelled";
-export type Disposition = "created" | "idempotent" | "coalesced";
+export type Disposition = "created" | "idempotent" | "coalesced" | "debounced";
 /**
  * Why a run is "waiting": backing off before a step's retry, in step.sleep/sleep_until, in
  * wait_for_signal, or "offline": the browser is offline and a step needs the network
@@ -62,6 +62,10 @@ export interface Run {
   wait_step: string | null;
   /** forkRun(): the id of the run this one was forked from. */
   forked_from: string | null;
+  /** trigger({priority}): claimed before runs of lower priority, then oldest first. */
+  priority: number;
+  /** While status is "pending": the earliest start (a debounced job's run), else null. */
+  not_before: string | null;
 }
 
 /**
@@ -90,6 +94,7 @@ export interface RunSummary {
   wait_reason: WaitReason | null;
   wait_step: string | null;
   forked_from: string | null;
+  priority: number;
   /** Size of the stored input JSON in bytes (UTF-8); remote only. */
   input_bytes?: number;
   /** Size of the stored output JSON in bytes, null until there is one; remote only. */
@@ -185,6 +190,8 @@ export interface TriggerOptions {
   concurrencyKey?: string;
   coalesce?: "skip";
   labels?: Record<string, string>;
+  /** An integer (default 0): runs of higher priority are claimed first, then the oldest. */
+  priority?: number;
 }
 
 export interface WaitOptions {

@@ -107,13 +107,16 @@
 
   // {input, idempotency_key?, ...}: one trigger's input and options as the server names them.
   function triggerFields(input, options) {
-    const o = checkOptions("options", options, ["idempotencyKey", "concurrencyKey", "coalesce", "labels"]);
+    const o = checkOptions("options", options, [
+      "idempotencyKey", "concurrencyKey", "coalesce", "labels", "priority",
+    ]);
     const body = { input: input === undefined ? null : input };
     // Only the options given: the server rejects nothing it does not need to see.
     if (o.idempotencyKey !== undefined) body.idempotency_key = o.idempotencyKey;
     if (o.concurrencyKey !== undefined) body.concurrency_key = o.concurrencyKey;
     if (o.coalesce !== undefined) body.coalesce = o.coalesce;
     if (o.labels !== undefined) body.labels = o.labels;
+    if (o.priority !== undefined) body.priority = o.priority;
     return body;
   }
 

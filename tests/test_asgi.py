@@ -217,7 +217,7 @@ async def test_trigger_dispositions(idle: Durably, client_for: ClientFor) -> Non
         ({"job": "api-echo", "input": {"text": 5}}, ["text"]),
         ({"job": "api-echo", "input": {}}, ["text"]),
         ({"job": "api-echo", "input": {"text": "x" * 101}}, ["text"]),
-        ({"job": "api-echo", "input": {"text": "x"}, "priority": 1}, ["priority"]),
+        ({"job": "api-echo", "input": {"text": "x"}, "urgency": 1}, ["urgency"]),
         ({"job": 7, "input": {"text": "x"}}, ["job"]),
         ({"input": {"text": "x"}}, ["job"]),
         ({"job": "api-echo", "input": {"text": "x"}, "labels": {"k": 1}}, ["labels", "k"]),
@@ -348,8 +348,8 @@ async def test_trigger_batch_with_one_invalid_item_creates_nothing(
 @pytest.mark.parametrize(
     ("body", "where"),
     [
-        ({"job": "api-echo", "items": [{"input": {"text": "x"}}, {"input": {"text": "x"}, "priority": 1}]},
-         ["items", 1, "priority"]),
+        ({"job": "api-echo", "items": [{"input": {"text": "x"}}, {"input": {"text": "x"}, "urgency": 1}]},
+         ["items", 1, "urgency"]),
         ({"job": "api-echo", "items": [{"input": {"text": "x"}}, {"text": "x"}]}, ["items", 1, "input"]),
         ({"job": "api-echo", "items": [{"input": {"text": "x"}, "labels": {"k": 1}}]},
          ["items", 0, "labels", "k"]),

@@ -610,6 +610,7 @@ async def test_a_claim_walks_only_the_unfinished_runs_however_many_have_finished
         "now": 5000,
         "job_names": ["job"],
         "passed_over": [],
+        "rate_limited": [],
         "worker_id": "w1",
         "lease_until": 9000,
         "channel": "c",

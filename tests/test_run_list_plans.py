@@ -211,3 +211,86 @@ async def test_postgres_lists_the_right_runs_through_indexes(postgres_url: str) 
             assert scans == [], f"{shape}: {json.dumps(plan, indent=1)}"
     finally:
         await store.close()
+
+
+# --- the claim, with priorities and flow control (issue 14) ------------------------------------------
+
+
+async def test_sqlite_claim_and_flow_counts_are_served_by_indexes(tmp_path: Path) -> None:
+    from durably_web.storage.sqlite.store import Q
+
+    path = tmp_path / "claim.db"
+    await sqlite_database(path, 20_000)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(
+            "UPDATE durably_runs SET priority = id % 5, started_at = created_at WHERE status <> 'pending'"
+        )
+        conn.execute("ANALYZE")
+        params = {
+            "now": 10**13,
+            "job_names": '["import", "sync"]',
+            "rate_limited": '["sync"]',
+            "job_name": "sync",
+            "since": 5,
+            "skip": 0,
+        }
+        plans = {
+            name: " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + Q[name], params))
+            for name in (
+                "find_claimable_run",
+                "find_claimable_run_rate_limited",
+                "count_job_leases",
+                "count_job_starts",
+                "nth_job_start",
+            )
+        }
+    finally:
+        conn.close()
+    # The claim finds its candidates through the queue and lease indexes (never a table scan;
+    # the sort over the due candidates was there before priorities, now with priority first).
+    assert "durably_runs_queue" in plans["find_claimable_run"], plans
+    assert "durably_runs_leases" in plans["find_claimable_run"], plans
+    assert "SCAN r" not in plans["find_claimable_run"].replace("SCAN json_each", ""), plans
+    assert "durably_runs_leases" in plans["count_job_leases"], plans
+    assert "durably_runs_job_started" in plans["count_job_starts"], plans
+    assert "durably_runs_job_started" in plans["nth_job_start"], plans
+    assert not any(" SCAN durably_runs" in f" {plan}" for plan in plans.values()), plans
+
+
+async def test_postgres_claim_walks_the_unfinished_runs_in_priority_order(postgres_url: str) -> None:
+    from durably_web.storage.postgres.store import Q
+
+    store = open_store(postgres_url)
+    await store.migrate()
+    try:
+        rows = list(runs(20_000))
+        run_rows, _ = rows_for_insert(rows)
+        async with store._connection() as conn:
+            async with conn.cursor() as cursor:
+                await cursor.executemany(INSERT_RUN.format("%s"), run_rows)
+            await conn.execute("UPDATE durably_runs SET priority = (random() * 4)::int")
+            await conn.execute("ANALYZE durably_runs")
+            params = {
+                "now": 10**13,
+                "job_names": ["import", "sync"],
+                "passed_over": [],
+                "rate_limited": [],
+                "worker_id": "w",
+                "lease_until": 10**13 + 1,
+                "channel": "c",
+                "origin": "o",
+            }
+            for name in ("claim_unkeyed_run", "find_claimable_run"):
+                cursor = await conn.execute("EXPLAIN (FORMAT JSON) " + Q[name], params, prepare=False)
+                (plan,) = (await cursor.fetchone()).values()
+                nodes = list(plan_nodes(plan[0]["Plan"]))
+                on_runs = [
+                    n for n in nodes if n.get("Relation Name") == "durably_runs" and n.get("Alias") == "r"
+                ]
+                # An index walk in claim order that stops at the first claimable run: no sort,
+                # no scan of the table.
+                assert [n.get("Index Name") for n in on_runs] == ["durably_runs_active"], (name, plan)
+                assert not any(n["Node Type"] == "Sort" for n in nodes), (name, plan)
+    finally:
+        await store.close()

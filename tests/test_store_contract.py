@@ -1390,3 +1390,104 @@ async def test_watch_changes_never_reports_this_stores_own_changes(store):
     finally:
         stop()
     assert seen == []
+
+
+# --- flow control (issue 14): priority, job limits, debounce, trace parent -----------------------------
+
+
+def flow_run(run_id: str, at: int, **options: Any) -> NewRun:
+    """``new_run`` with NewRun's flow-control and tracing fields."""
+    base = new_run(
+        run_id, at, job=options.pop("job", JOB), concurrency_key=options.pop("concurrency_key", None)
+    )
+    return NewRun(**{**{name: getattr(base, name) for name in NewRun.__slots__}, **options})
+
+
+async def limited_claim(
+    store: Store, now: int, limits: dict[str, Any], *, worker: str = "w1", lease: int = LEASE
+) -> RunRecord | None:
+    return await store.claim_run(
+        worker_id=worker, job_names=[JOB, "other"], now=now, lease_until=now + lease, limits=limits
+    )
+
+
+async def test_contract_claims_take_higher_priority_first_then_the_oldest(store: Store):
+    await store.create_runs(
+        [
+            flow_run("r1", 1000),
+            flow_run("r2", 1001, priority=3),
+            flow_run("r3", 1002, priority=3),
+            flow_run("r4", 1003, priority=-2),
+        ]
+    )
+    claimed_ids = [(await claim(store, 2000)).id for _ in range(4)]  # type: ignore[union-attr]
+    assert claimed_ids == ["r2", "r3", "r1", "r4"]
+    assert (await store.get_run("r2")).priority == 3  # type: ignore[union-attr]
+
+
+async def test_contract_the_trace_parent_is_stored_as_given(store: Store):
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    ((created, _),) = await store.create_runs([flow_run("r1", 1000, trace_parent=parent)])
+    assert created.trace_parent == parent
+    assert (await store.get_run("r1")).trace_parent == parent  # type: ignore[union-attr]
+    assert (await claimed(store, "r1", 2000)).trace_parent == parent
+
+
+async def test_contract_max_concurrent_passes_over_a_job_at_its_limit(store: Store):
+    from durably_web.storage.base import JobLimits
+
+    limits = {JOB: JobLimits(max_concurrent=2)}
+    await store.create_runs(
+        [flow_run(f"r{i}", 1000 + i) for i in range(4)] + [flow_run("z1", 1010, job="other")]
+    )
+    first = await limited_claim(store, 2000, limits)
+    second = await limited_claim(store, 2000, limits, worker="w2")
+    assert (first.id, second.id) == ("r0", "r1")  # type: ignore[union-attr]
+    assert (await limited_claim(store, 2000, limits)).id == "z1"  # type: ignore[union-attr]
+    assert await limited_claim(store, 2000, limits) is None
+    # Without limits the same worker would take r2: the limit is the claimer's to pass.
+    await finish(store, "r0", first.lease_generation, 2100)  # type: ignore[union-attr]
+    assert (await limited_claim(store, 2200, limits)).id == "r2"  # type: ignore[union-attr]
+    # An expired lease no longer counts: r1's lapsed, so r1 itself (or r3) may be claimed.
+    assert (await limited_claim(store, 2000 + LEASE + 1, limits)).id == "r1"  # type: ignore[union-attr]
+
+
+async def test_contract_a_full_rate_window_holds_back_new_starts_only(store: Store):
+    from durably_web.storage.base import JobLimits
+
+    limits = {JOB: JobLimits(rate_count=2, rate_window_ms=10_000)}
+    await store.create_runs([flow_run(f"r{i}", 1000 + i) for i in range(4)])
+    long = 100_000  # no lease lapses in this test
+    r0 = await limited_claim(store, 2000, limits, lease=long)
+    await limited_claim(store, 3000, limits, lease=long)
+    assert await limited_claim(store, 4000, limits) is None
+    assert await store.next_claimable_at(job_names=[JOB], limits=limits, now=4000) == 12_000
+    # r0 waits and becomes due: claimed again (no new start) though the window is full.
+    assert r0 is not None
+    await store.wait_run("r0", r0.lease_generation, until=5000, reason="sleep", step_name="nap", now=4500)
+    assert (await limited_claim(store, 5000, limits, lease=long)).id == "r0"  # type: ignore[union-attr]
+    assert await limited_claim(store, 11_999, limits) is None
+    assert (await limited_claim(store, 12_000, limits, lease=long)).id == "r2"  # type: ignore[union-attr]
+    assert await limited_claim(store, 12_000, limits) is None
+    assert await store.next_claimable_at(job_names=[JOB], limits=limits, now=12_000) == 13_000
+
+
+async def test_contract_debounce_replaces_the_pending_runs_input_and_pushes_its_start(store: Store):
+    def burst(run_id: str, at: int, value: int) -> NewRun:
+        return flow_run(run_id, at, concurrency_key="k", debounce_ms=5000, input_json=str(value))
+
+    ((first, disposition),) = await store.create_runs([burst("r1", 1000, 1)])
+    assert (disposition, first.available_at) == ("created", 6000)
+    ((again, disposition),) = await store.create_runs([burst("r2", 3000, 2)])
+    assert (again.id, disposition, again.input_json, again.available_at) == ("r1", "debounced", "2", 8000)
+    assert await store.get_run("r2") is None
+    assert await claim(store, 7999) is None
+    assert await store.next_claimable_at(job_names=[JOB], limits={}, now=7000) == 8000
+    leased = await claimed(store, "r1", 8000)
+    assert leased.input_json == "2"
+    # Started: the next trigger is a new run with its own debounce.
+    ((third, disposition),) = await store.create_runs([burst("r3", 9000, 3)])
+    assert (third.id, disposition, third.available_at) == ("r3", "created", 14_000)
+    # Another job's pending run of the key is not debounced into: an ordinary conflict.
+    with pytest.raises(ConflictError):
+        await store.create_runs([flow_run("x1", 9500, job="other", concurrency_key="k", debounce_ms=10)])

@@ -343,6 +343,10 @@ def run_summary(record: RunRecord) -> dict[str, Any]:
         "wait_reason": record.wait_reason if record.status == "waiting" else None,
         "wait_step": record.wait_step if record.status == "waiting" else None,
         "forked_from": record.forked_from,
+        "priority": record.priority,
+        "not_before": iso(from_ms(record.available_at))
+        if record.status == "pending" and record.available_at > record.created_at
+        else None,
     }
 
 
@@ -654,6 +658,7 @@ class _Api:
                             concurrency_key=trigger.concurrency_key,
                             coalesce=trigger.coalesce,
                             labels=trigger.labels,
+                            priority=trigger.priority,
                         )
                         for trigger in triggers
                     ]
@@ -669,6 +674,7 @@ class _Api:
                             coalesce=one.coalesce,
                             labels=one.labels,
                             accept_existing=accept,
+                            priority=one.priority,
                         )
                     ]
             except ExistingRunRefusedError as refused:
@@ -717,6 +723,7 @@ class _Api:
                 concurrency_key=item.concurrency_key,
                 coalesce=item.coalesce,
                 labels=item.labels,
+                priority=item.priority,
             )
             triggers.append(await self._on_trigger(ctx, single))
         if not triggers:  # nothing to create; an unknown job is still a 404
@@ -788,6 +795,7 @@ class _Api:
             input=to_jsonable(run.input),
             concurrency_key=run.concurrency_key,
             labels=dict(run.labels) or None,
+            priority=run.priority,
         )
         return await self._trigger_one(ctx, again)
 

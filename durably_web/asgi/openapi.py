@@ -121,11 +121,13 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             "started_at": {"type": ["string", "null"], "format": "date-time"},
             "completed_at": {"type": ["string", "null"], "format": "date-time"},
             "updated_at": {"type": ["string", "null"], "format": "date-time"},
-            "disposition": {"enum": ["created", "idempotent", "coalesced", None]},
+            "disposition": {"enum": ["created", "idempotent", "coalesced", "debounced", None]},
             "wake_at": {"type": ["string", "null"], "format": "date-time"},
             "wait_reason": {"enum": ["retry", "sleep", "signal", "offline", None]},
             "wait_step": {"type": ["string", "null"]},
             "forked_from": {"type": ["string", "null"]},
+            "priority": {"type": "integer"},
+            "not_before": {"type": ["string", "null"], "format": "date-time"},
         },
     }
     run_properties: dict[str, Any] = run_schema["properties"]  # type: ignore[assignment]
@@ -515,7 +517,7 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             "required": ["id", "disposition", "run"],
             "properties": {
                 "id": {"type": "string"},
-                "disposition": {"enum": ["created", "idempotent", "coalesced"]},
+                "disposition": {"enum": ["created", "idempotent", "coalesced", "debounced"]},
                 "run": _ref("Run"),
             },
         },

@@ -40,6 +40,7 @@ class TriggerRequest(BaseModel):
     concurrency_key: str | None = None
     coalesce: Literal["skip"] | None = None
     labels: dict[str, str] | None = None
+    priority: int = Field(default=0, description="claimed before runs of lower priority (then oldest first)")
 
     def namespaced(self, namespace: str) -> TriggerRequest:
         """A copy whose idempotency and concurrency keys live in ``namespace`` (a tenant's id).
@@ -77,6 +78,7 @@ class TriggerBatchItem(BaseModel):
     concurrency_key: str | None = None
     coalesce: Literal["skip"] | None = None
     labels: dict[str, str] | None = None
+    priority: int = 0
 
 
 class TriggerBatchRequest(BaseModel):

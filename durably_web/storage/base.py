@@ -10,7 +10,7 @@ worker whose lease was taken over cannot write anything more for that run.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 #: The wake-up time of a wait with no deadline (a signal wait without timeout): 9999-12-31.
@@ -28,6 +28,29 @@ class NewRun:
     coalesce: bool
     created_at: int
     forked_from: str | None = None
+    #: Flow control: claimed before runs of lower priority (then oldest first).
+    priority: int = 0
+    #: Tracing: the W3C ``traceparent`` of the span current at trigger time (opaque here).
+    trace_parent: str | None = None
+    #: Debounce (needs ``concurrency_key``): the run starts this long after its last trigger;
+    #: a pending, never started run of the same job and key takes this trigger's input and
+    #: not-before time instead of a new run being created ("debounced").
+    debounce_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class JobLimits:
+    """Flow control of one job, honoured by ``claim_run`` across every worker that passes it.
+
+    ``max_concurrent``: at most this many runs of the job under a live lease (cancelled runs
+    whose handler is still stopping included). ``rate_count`` per ``rate_window_ms``: at most
+    this many runs of the job *started* (first claimed: ``started_at``) in any sliding window
+    of that length; a run claimed again (after a wait, a crash or a resume) is not a new start.
+    """
+
+    max_concurrent: int | None = None
+    rate_count: int | None = None
+    rate_window_ms: int | None = None
 
 
 @dataclass(slots=True)
@@ -57,6 +80,8 @@ class RunRecord:
     wait_step: str | None = None
     forked_from: str | None = None
     wait_deadline: int | None = None  # a signal wait's timeout (ms), fixed on first execution
+    priority: int = 0
+    trace_parent: str | None = None
 
     @property
     def wake_at(self) -> int | None:
@@ -171,7 +196,9 @@ class Store(ABC):
         An existing run with the same (job, idempotency key) is returned as
         "idempotent". A pending run with the same concurrency key is returned as
         "coalesced" when ``coalesce`` is set, otherwise ``ConflictError`` is raised
-        and nothing is written.
+        and nothing is written. With ``debounce_ms``, a pending run of the same job and
+        concurrency key that never started takes the new input and becomes available
+        ``debounce_ms`` after ``created_at`` ("debounced"); a new run starts that late too.
 
         ``accept_existing``, when given, is called inside the transaction with every
         run an item resolves to (idempotent or coalesced) that this call did not
@@ -212,11 +239,30 @@ class Store(ABC):
     # --- worker ----------------------------------------------------------------
     @abstractmethod
     async def claim_run(
-        self, *, worker_id: str, job_names: Sequence[str], now: int, lease_until: int
+        self,
+        *,
+        worker_id: str,
+        job_names: Sequence[str],
+        now: int,
+        lease_until: int,
+        limits: Mapping[str, JobLimits] | None = None,
     ) -> RunRecord | None:
-        """Lease the oldest runnable run: pending and available, or leased with an expired
-        lease; never one whose concurrency key has another run under a live lease.
-        Increments the lease generation and the attempt count."""
+        """Lease the runnable run of highest priority, oldest first among equals: pending and
+        available, or leased with an expired lease; never one whose concurrency key has
+        another run under a live lease. Increments the lease generation and the attempt count.
+
+        ``limits`` (job name -> ``JobLimits``): a job at its ``max_concurrent`` is passed
+        over, and so is a not yet started run of a job whose rate window is full; checked
+        and leased atomically against every other claimer (also in other processes)."""
+
+    async def next_claimable_at(
+        self, *, job_names: Sequence[str], limits: Mapping[str, JobLimits], now: int
+    ) -> int | None:
+        """When (ms, after ``now``) a run of these jobs may become claimable with nobody
+        writing anything: the earliest not-before time of a pending run (a debounce) or the
+        moment a full rate window of one of ``limits`` frees a start. ``None``: no such time.
+        A worker with nothing to claim sets a timer for it instead of polling faster."""
+        return None
 
     @abstractmethod
     async def renew_leases(

@@ -38,6 +38,8 @@ def run_from_row(row: Row) -> RunRecord:
         wait_step=row["wait_step"],
         forked_from=row["forked_from"],
         wait_deadline=row["wait_deadline"],
+        priority=row["priority"],
+        trace_parent=row["trace_parent"],
     )
 
 
@@ -60,12 +62,14 @@ def new_run_record(new: NewRun, *, keys: bool = True) -> RunRecord:
         lease_owner=None,
         lease_generation=0,
         lease_expires_at=None,
-        available_at=new.created_at,
+        available_at=new.created_at + (new.debounce_ms or 0),
         created_at=new.created_at,
         started_at=None,
         completed_at=None,
         updated_at=new.created_at,
         forked_from=new.forked_from,
+        priority=new.priority,
+        trace_parent=new.trace_parent,
     )
 
 

@@ -28,6 +28,7 @@ CORE_MODULES = [
     "tests/test_signals.py",
     "tests/test_resume.py",
     "tests/test_network.py",
+    "tests/test_flow_control.py",
     # The storage contract, also on the browser's sqlite-wasm connection there (conftest.py's
     # ``store`` fixture, in_pyodide.open_wasm_store).
     "tests/test_store_contract.py",
@@ -38,6 +39,7 @@ SUPPORT_FILES = [
     "tests/conftest.py",
     "tests/helpers.py",
     "tests/crash_jobs.py",
+    "tests/flow_jobs.py",
     "tests/fixtures/schema_v1.db",
 ]
 PYODIDE_SIDE_FILES = ["in_pyodide.py", "parity.py"]

@@ -73,10 +73,12 @@ SELECT * FROM durably_runs WHERE concurrency_key = %(concurrency_key)s AND statu
 WITH inserted AS (
     INSERT INTO durably_runs (
         id, job_name, status, input, labels, idempotency_key, concurrency_key,
-        available_at, created_at, updated_at, forked_from
+        available_at, created_at, updated_at, forked_from,
+        priority, trace_parent
     ) VALUES (
         %(id)s, %(job_name)s, 'pending', %(input)s, %(labels)s, %(idempotency_key)s, %(concurrency_key)s,
-        %(created_at)s, %(created_at)s, %(created_at)s, %(forked_from)s
+        %(created_at)s, %(created_at)s, %(created_at)s, %(forked_from)s,
+        %(priority)s, %(trace_parent)s
     )
     ON CONFLICT DO NOTHING
     RETURNING id
@@ -124,7 +126,8 @@ WITH purged AS (
 SELECT pg_notify(%(channel)s, id || ' deleted ' || %(origin)s) FROM purged
 
 -- name: find_claimable_run
--- Oldest first, as SQLite's find_claimable_run: pending or waiting and due, or leased with
+-- Highest priority first, then oldest (durably_runs_active holds the unfinished runs in
+-- that order), as SQLite's find_claimable_run: pending or waiting and due, or leased with
 -- an expired lease; a concurrency key blocks while another run holds a live lease on it,
 -- including a cancelled run whose handler has not stopped yet. FOR UPDATE SKIP LOCKED: a
 -- row another claimer (or any writer) has locked is passed over, never waited for, and
@@ -147,13 +150,15 @@ WHERE r.status IN ('pending', 'leased', 'waiting')
         WHERE other.concurrency_key = r.concurrency_key
           AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > %(now)s
           AND other.id <> r.id))
-ORDER BY r.id
+  -- Flow control (see SQLite's find_claimable_run): empty unless rate-limited jobs are full.
+  AND (r.started_at IS NOT NULL OR r.job_name <> ALL(%(rate_limited)s::text[]))
+ORDER BY r.priority DESC, r.id
 LIMIT 1
 FOR UPDATE OF r SKIP LOCKED
 
 -- name: claim_unkeyed_run
 -- claim_run's fast path, one statement in autocommit (a single round trip): the candidate
--- find_claimable_run would pick (oldest first), leased at once if it has no concurrency
+-- find_claimable_run would pick (highest priority, then oldest), leased at once if it has no concurrency
 -- key (nothing else to check: its row is locked and rechecked, as in find_claimable_run).
 -- A candidate with a key is only reported (candidate_key) and left alone: claim_run
 -- then claims in a transaction, under the key's advisory lock. The lease's columns are
@@ -172,7 +177,8 @@ WITH candidate AS MATERIALIZED (
             WHERE other.concurrency_key = r.concurrency_key
               AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > %(now)s
               AND other.id <> r.id))
-    ORDER BY r.id
+      AND (r.started_at IS NOT NULL OR r.job_name <> ALL(%(rate_limited)s::text[]))
+    ORDER BY r.priority DESC, r.id
     LIMIT 1
     FOR UPDATE OF r SKIP LOCKED
 ), leased AS (
@@ -431,3 +437,42 @@ VALUES (%(run_id)s, %(step_name)s, %(level)s, %(message)s, %(data)s, %(created_a
 
 -- name: list_logs
 SELECT * FROM durably_logs WHERE run_id = %(run_id)s ORDER BY id
+
+
+-- name: debounce_run
+-- A trigger of a debounced job joins the pending run of its job and concurrency key that
+-- never started (create_runs holds the key's advisory lock, so no claim of it is in
+-- flight): the latest input wins and the start moves to available_at.
+UPDATE durably_runs SET input = %(input)s, available_at = %(available_at)s, updated_at = %(now)s
+WHERE id = %(id)s AND status = 'pending' AND started_at IS NULL
+RETURNING *
+
+-- name: delay_new_run
+-- A new run of a debounced job starts only once its debounce has passed with no further trigger.
+UPDATE durably_runs SET available_at = %(available_at)s WHERE id = %(id)s
+
+-- name: count_job_flow
+-- The claim's limited jobs, under their advisory locks (so every lease committed by an
+-- earlier claimer of them is in this statement's snapshot): per job, its runs under a live
+-- lease (durably_runs_leases: live leases are few) and its runs first claimed after
+-- since (durably_runs_job_started; since is far in the future for a job without rate_limit).
+SELECT job.name,
+       (SELECT COUNT(*) FROM durably_runs AS r
+        WHERE r.status IN ('leased', 'cancelled') AND r.lease_expires_at > %(now)s
+          AND r.job_name = job.name) AS leased,
+       (SELECT COUNT(*) FROM durably_runs AS r
+        WHERE r.job_name = job.name AND r.started_at > job.since) AS started
+FROM unnest(%(job_names)s::text[], %(sinces)s::bigint[]) AS job (name, since)
+
+-- name: count_job_starts
+SELECT COUNT(*) AS n FROM durably_runs WHERE job_name = %(job_name)s AND started_at > %(since)s
+
+-- name: nth_job_start
+-- The start whose leaving the window frees a rate-limited job: the (skip + 1)-th oldest since since.
+SELECT started_at FROM durably_runs WHERE job_name = %(job_name)s AND started_at > %(since)s
+ORDER BY started_at LIMIT 1 OFFSET %(skip)s
+
+-- name: next_pending_available
+-- The earliest not-before time of a pending run still in the future (a debounce).
+SELECT MIN(available_at) AS at FROM durably_runs
+WHERE status = 'pending' AND available_at > %(now)s AND job_name = ANY(%(job_names)s::text[])

@@ -52,7 +52,7 @@ import re
 import select
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -62,7 +62,18 @@ from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from ...errors import ConflictError, ExistingRunRefusedError, NotFoundError, SchemaVersionError, StorageError
-from ..base import ChangeListener, LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store
+from ..base import (
+    NEVER_MS,
+    ChangeListener,
+    JobLimits,
+    LogRecord,
+    NewRun,
+    RunFilter,
+    RunRecord,
+    StepRecord,
+    Store,
+)
+from ..flow import flow_limits_of
 from ..rows import new_run_record, run_from_row, step_from_row
 from ..run_list import list_runs_query
 from .options import PostgresOptions
@@ -175,6 +186,8 @@ class PostgresStore(Store):
         # two schemas never wait for each other's keys. \x1f (unit separator) cannot occur in
         # a schema name and will not in practice in a job name.
         self._concurrency_ns = f"durably-web\x1f{options.schema}\x1fc\x1f"
+        # Flow control: one advisory lock per limited job, taken by claims of that job.
+        self._job_limit_ns = f"durably-web\x1f{options.schema}\x1fj\x1f"
         self._idempotency_ns = f"durably-web\x1f{options.schema}\x1fi\x1f"
         self._pool: AsyncConnectionPool[Connection] | None = None
         self._opening = asyncio.Lock()
@@ -397,6 +410,11 @@ class PostgresStore(Store):
                 if existing is None:
                     row = await _one(conn, "insert_run", self._insert_params(new))
                     if row is not None:
+                        if new.debounce_ms:
+                            await conn.execute(
+                                Q["delay_new_run"],
+                                {"id": new.id, "available_at": new.created_at + new.debounce_ms},
+                            )
                         inserted.add(new.id)
                         results.append((new_run_record(new), "created"))
                         continue
@@ -427,6 +445,24 @@ class PostgresStore(Store):
             row = await _one(
                 conn, "find_pending_by_concurrency_key", {"concurrency_key": new.concurrency_key}
             )
+            if (
+                row is not None
+                and new.debounce_ms
+                and row["job_name"] == new.job_name
+                and row["started_at"] is None
+            ):
+                debounced = await _one(
+                    conn,
+                    "debounce_run",
+                    {
+                        "id": row["id"],
+                        "input": new.input_json,
+                        "available_at": new.created_at + new.debounce_ms,
+                        "now": new.created_at,
+                    },
+                )
+                if debounced is not None:  # the key's lock is held: no claim took it meanwhile
+                    return run_from_row(debounced), "debounced"
             if row is not None:
                 if not new.coalesce:
                     raise ConflictError(
@@ -448,6 +484,8 @@ class PostgresStore(Store):
             "concurrency_key": new.concurrency_key if keys else None,
             "created_at": new.created_at,
             "forked_from": new.forked_from,
+            "priority": new.priority,
+            "trace_parent": new.trace_parent,
             "channel": self.channel,
             "origin": self._origin,
         }
@@ -514,7 +552,13 @@ class PostgresStore(Store):
 
     # --- worker -------------------------------------------------------------------------
     async def claim_run(
-        self, *, worker_id: str, job_names: Sequence[str], now: int, lease_until: int
+        self,
+        *,
+        worker_id: str,
+        job_names: Sequence[str],
+        now: int,
+        lease_until: int,
+        limits: Mapping[str, JobLimits] | None = None,
     ) -> RunRecord | None:
         names = list(job_names)
         if not names:
@@ -525,7 +569,11 @@ class PostgresStore(Store):
             "lease_until": lease_until,
             "channel": self.channel,
             "origin": self._origin,
+            "rate_limited": [],
         }
+        flow = flow_limits_of(names, limits)
+        if flow:
+            return await self._claim_limited(names, flow, lease, now)
         # The fast path: a run without a concurrency key (or nothing to claim) takes one
         # statement, where the transaction below takes four round trips (BEGIN, find,
         # lease, COMMIT). A claim whose oldest candidate has a key pays one more.
@@ -539,7 +587,9 @@ class PostgresStore(Store):
         async with self._transaction() as conn:
             for _ in range(_CLAIM_CANDIDATES):
                 found = await _one(
-                    conn, "find_claimable_run", {"now": now, "job_names": names, "passed_over": passed_over}
+                    conn,
+                    "find_claimable_run",
+                    {"now": now, "job_names": names, "passed_over": passed_over, "rate_limited": []},
                 )
                 if found is None:
                     return None
@@ -558,6 +608,88 @@ class PostgresStore(Store):
                     return run_from_row(row)
                 passed_over.append(found["id"])  # another run of its key was leased meanwhile
         return None
+
+    async def _claim_limited(
+        self, names: list[str], flow: Mapping[str, JobLimits], lease: dict[str, Any], now: int
+    ) -> RunRecord | None:
+        """A claim where some jobs have flow limits, in one transaction holding each limited
+        job's advisory lock (blocking, in sorted order, before any row or key lock): two
+        claimers of a limited job take turns, and each counts the other's committed leases
+        and starts. A job at ``max_concurrent`` is left out; a job whose rate window is full
+        starts no new run. Then as the keyed claim (concurrency keys only *tried*)."""
+        async with self._transaction() as conn:
+            await conn.execute(Q["lock_keys"], {"locks": [self._job_limit_ns + name for name in flow]})
+            counts = await _all(
+                conn,
+                "count_job_flow",
+                {
+                    "now": now,
+                    "job_names": list(flow),
+                    "sinces": [
+                        NEVER_MS if limit.rate_window_ms is None else now - limit.rate_window_ms
+                        for limit in flow.values()
+                    ],
+                },
+            )
+            full: set[str] = set()
+            rate_limited: list[str] = []
+            for row in counts:
+                limit = flow[row["name"]]
+                if limit.max_concurrent is not None and row["leased"] >= limit.max_concurrent:
+                    full.add(row["name"])
+                elif limit.rate_count is not None and row["started"] >= limit.rate_count:
+                    rate_limited.append(row["name"])
+            names = [name for name in names if name not in full]
+            if not names:
+                return None
+            passed_over: list[str] = []
+            for _ in range(_CLAIM_CANDIDATES):
+                found = await _one(
+                    conn,
+                    "find_claimable_run",
+                    {
+                        "now": now,
+                        "job_names": names,
+                        "passed_over": passed_over,
+                        "rate_limited": rate_limited,
+                    },
+                )
+                if found is None:
+                    return None
+                key = found["concurrency_key"]
+                if key is not None:
+                    locked = await _one(conn, "try_lock", {"lock": self._concurrency_ns + key})
+                    if not (locked and locked["locked"]):
+                        passed_over.append(found["id"])
+                        continue
+                leased = await _one(conn, "lease_run", {**lease, "id": found["id"]})
+                if leased is not None:
+                    return run_from_row(leased)
+                passed_over.append(found["id"])
+        return None
+
+    async def next_claimable_at(
+        self, *, job_names: Sequence[str], limits: Mapping[str, JobLimits], now: int
+    ) -> int | None:
+        found: list[int] = []
+        async with self._connection() as conn:
+            row = await _one(conn, "next_pending_available", {"now": now, "job_names": list(job_names)})
+            if row is not None and row["at"] is not None:
+                found.append(int(row["at"]))
+            for name, limit in flow_limits_of(job_names, limits).items():
+                if limit.rate_count is None or limit.rate_window_ms is None:
+                    continue
+                since = now - limit.rate_window_ms
+                counted = await _one(conn, "count_job_starts", {"job_name": name, "since": since})
+                over = 0 if counted is None else int(counted["n"]) - limit.rate_count
+                if over >= 0:
+                    # The window frees a start once the (over + 1)-th oldest start in it leaves.
+                    start = await _one(
+                        conn, "nth_job_start", {"job_name": name, "since": since, "skip": over}
+                    )
+                    if start is not None:
+                        found.append(int(start["started_at"]) + limit.rate_window_ms)
+        return min(found) if found else None
 
     async def renew_leases(
         self, leases: Sequence[tuple[str, int]], now: int, lease_until: int, *, cancelled: bool = False

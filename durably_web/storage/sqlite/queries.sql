@@ -25,10 +25,12 @@ SELECT * FROM durably_runs WHERE concurrency_key = :concurrency_key AND status =
 -- name: insert_run
 INSERT INTO durably_runs (
     id, job_name, status, input, labels, idempotency_key, concurrency_key,
-    available_at, created_at, updated_at, forked_from
+    available_at, created_at, updated_at, forked_from,
+    priority, trace_parent
 ) VALUES (
     :id, :job_name, 'pending', :input, :labels, :idempotency_key, :concurrency_key,
-    :created_at, :created_at, :created_at, :forked_from
+    :created_at, :created_at, :created_at, :forked_from,
+    :priority, :trace_parent
 )
 
 -- name: insert_labels
@@ -56,7 +58,7 @@ DELETE FROM durably_runs WHERE id IN (
     LIMIT :limit)
 
 -- name: find_claimable_run
--- Oldest first. A concurrency key blocks while another run holds a live lease on
+-- Highest priority first, then oldest. A concurrency key blocks while another run holds a live lease on
 -- it, including a cancelled run whose handler has not stopped yet. A waiting run
 -- is claimable once its wake-up time (available_at) is due.
 SELECT r.id FROM durably_runs AS r
@@ -68,7 +70,27 @@ WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= :now)
         WHERE other.concurrency_key = r.concurrency_key
           AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > :now
           AND other.id <> r.id))
-ORDER BY r.id
+ORDER BY r.priority DESC, r.id
+LIMIT 1
+
+-- name: find_claimable_run_rate_limited
+-- find_claimable_run while some of the claim's jobs have a full rate window (a separate
+-- text, so the plain claim, the hot path, tests nothing more per candidate). A concurrency key blocks while another run holds a live lease on
+-- it, including a cancelled run whose handler has not stopped yet. A waiting run
+-- is claimable once its wake-up time (available_at) is due.
+SELECT r.id FROM durably_runs AS r
+WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= :now)
+       OR (r.status = 'leased' AND r.lease_expires_at <= :now))
+  AND r.job_name IN (SELECT value FROM json_each(:job_names))
+  AND (r.concurrency_key IS NULL OR NOT EXISTS (
+        SELECT 1 FROM durably_runs AS other
+        WHERE other.concurrency_key = r.concurrency_key
+          AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > :now
+          AND other.id <> r.id))
+  -- Flow control: a job whose rate window is full starts no new run (one already started
+  -- continues). :rate_limited is '[]' unless the worker has rate-limited jobs.
+  AND (r.started_at IS NOT NULL OR r.job_name NOT IN (SELECT value FROM json_each(:rate_limited)))
+ORDER BY r.priority DESC, r.id
 LIMIT 1
 
 -- name: lease_run
@@ -242,3 +264,36 @@ VALUES (:run_id, :step_name, :level, :message, :data, :created_at)
 
 -- name: list_logs
 SELECT * FROM durably_logs WHERE run_id = :run_id ORDER BY id
+
+
+-- name: debounce_run
+-- A trigger of a debounced job joins the pending run of its job and concurrency key that
+-- never started: the latest input wins and the start moves to :available_at.
+UPDATE durably_runs SET input = :input, available_at = :available_at, updated_at = :now
+WHERE id = :id AND status = 'pending' AND started_at IS NULL
+RETURNING *
+
+-- name: delay_new_run
+-- A new run of a debounced job starts only once its debounce has passed with no further trigger.
+UPDATE durably_runs SET available_at = :available_at WHERE id = :id
+
+-- name: count_job_leases
+-- max_concurrent: the runs of one job under a live lease (a cancelled run whose handler is
+-- still stopping holds its lease too). Served by durably_runs_leases: live leases are few.
+SELECT COUNT(*) AS n FROM durably_runs
+WHERE status IN ('leased', 'cancelled') AND lease_expires_at > :now AND job_name = :job_name
+
+-- name: count_job_starts
+-- rate_limit: the runs of one job first claimed after :since (durably_runs_job_started).
+SELECT COUNT(*) AS n FROM durably_runs WHERE job_name = :job_name AND started_at > :since
+
+-- name: nth_job_start
+-- The start whose leaving the window frees a rate-limited job: the (:skip + 1)-th oldest since :since.
+SELECT started_at FROM durably_runs WHERE job_name = :job_name AND started_at > :since
+ORDER BY started_at LIMIT 1 OFFSET :skip
+
+-- name: next_pending_available
+-- The earliest not-before time of a pending run still in the future (a debounce).
+SELECT MIN(available_at) AS at FROM durably_runs
+WHERE status = 'pending' AND available_at > :now
+  AND job_name IN (SELECT value FROM json_each(:job_names))

@@ -7,12 +7,13 @@ import functools
 import json
 import re
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from importlib import resources
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ...errors import ConflictError, ExistingRunRefusedError, NotFoundError, SchemaVersionError, StorageError
-from ..base import LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store, WouldBlock
+from ..base import JobLimits, LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store, WouldBlock
+from ..flow import flow_limits_of
 from ..rows import new_run_record, run_from_row, step_from_row
 from ..run_list import list_runs_query
 from .connection import SqlConnection, SqliteBusyError
@@ -79,6 +80,11 @@ def _refuse_newer_schema(current: int) -> None:
             found=current,
             expected=SCHEMA_VERSION,
         )
+
+
+def _claim_query(params: dict[str, Any]) -> str:
+    """The claim's text: with the rate-window test only while some job's window is full."""
+    return Q["find_claimable_run" if params["rate_limited"] == "[]" else "find_claimable_run_rate_limited"]
 
 
 class _Rollback(Exception):
@@ -266,6 +272,19 @@ class SQLiteStore(Store):
                         Q["find_pending_by_concurrency_key"],
                         {"concurrency_key": new.concurrency_key},
                     )
+                    if row is not None and self._debounces(new, row):
+                        debounced = conn.fetch_one(
+                            Q["debounce_run"],
+                            {
+                                "id": row["id"],
+                                "input": new.input_json,
+                                "available_at": new.created_at + (new.debounce_ms or 0),
+                                "now": new.created_at,
+                            },
+                        )
+                        assert debounced is not None  # found pending and unstarted in this transaction
+                        resolve(run_from_row(debounced), "debounced")
+                        continue
                     if row is not None:
                         if not new.coalesce:
                             raise ConflictError(
@@ -286,8 +305,15 @@ class SQLiteStore(Store):
                         "concurrency_key": new.concurrency_key,
                         "created_at": new.created_at,
                         "forked_from": new.forked_from,
+                        "priority": new.priority,
+                        "trace_parent": new.trace_parent,
                     },
                 )
+                if new.debounce_ms:
+                    conn.execute(
+                        Q["delay_new_run"],
+                        {"id": new.id, "available_at": new.created_at + new.debounce_ms},
+                    )
                 if new.labels:
                     conn.execute(Q["insert_labels"], {"run_id": new.id, "labels": labels_json})
                 inserted.add(new.id)
@@ -298,6 +324,13 @@ class SQLiteStore(Store):
                     f"{len(refused)} existing run(s) a key resolved to were refused", records=refused
                 )
         return results
+
+    @staticmethod
+    def _debounces(new: NewRun, pending: Any) -> bool:
+        """Whether a trigger joins this pending run of its concurrency key: the job is
+        debounced, the run is of the same job and has never started (once it has, the
+        trigger is an ordinary one: a run that started is not changed)."""
+        return bool(new.debounce_ms) and pending["job_name"] == new.job_name and pending["started_at"] is None
 
     @_sqlite_call(durable=False)
     def get_run(self, run_id: str) -> RunRecord | None:
@@ -353,15 +386,27 @@ class SQLiteStore(Store):
     # --- worker ------------------------------------------------------------------------
     @_sqlite_call(durable=False)
     def claim_run(
-        self, *, worker_id: str, job_names: Sequence[str], now: int, lease_until: int
+        self,
+        *,
+        worker_id: str,
+        job_names: Sequence[str],
+        now: int,
+        lease_until: int,
+        limits: Mapping[str, JobLimits] | None = None,
     ) -> RunRecord | None:
         conn = self._conn
-        params = {"now": now, "job_names": json.dumps(list(job_names))}
+        flow = flow_limits_of(job_names, limits)
+        params = {"now": now, "job_names": json.dumps(list(job_names)), "rate_limited": "[]"}
+        if flow:
+            params.update(self._flow_params(job_names, flow, now))
         # Peek without the write lock first: an idle worker must not serialise everyone.
-        if conn.fetch_one(Q["find_claimable_run"], params) is None:
+        if conn.fetch_one(_claim_query(params), params) is None:
             return None
         with conn.transaction():
-            found = conn.fetch_one(Q["find_claimable_run"], params)
+            if flow:
+                # Counted again under the write lock: no other claimer can lease in between.
+                params.update(self._flow_params(job_names, flow, now))
+            found = conn.fetch_one(_claim_query(params), params)
             if found is None:
                 return None
             row = conn.fetch_one(
@@ -369,6 +414,54 @@ class SQLiteStore(Store):
                 {"id": found["id"], "worker_id": worker_id, "now": now, "lease_until": lease_until},
             )
         return None if row is None else run_from_row(row)
+
+    def _flow_params(
+        self, job_names: Sequence[str], flow: Mapping[str, JobLimits], now: int
+    ) -> dict[str, str]:
+        """The claim's job list without the jobs at ``max_concurrent``, and the jobs whose
+        rate window is full (they start no new run)."""
+        conn = self._conn
+        full: set[str] = set()
+        rate_limited = []
+        for name, limit in flow.items():
+            if limit.max_concurrent is not None:
+                row = conn.fetch_one(Q["count_job_leases"], {"job_name": name, "now": now})
+                if row is not None and row["n"] >= limit.max_concurrent:
+                    full.add(name)
+                    continue
+            if limit.rate_count is not None and limit.rate_window_ms is not None:
+                since = now - limit.rate_window_ms
+                row = conn.fetch_one(Q["count_job_starts"], {"job_name": name, "since": since})
+                if row is not None and row["n"] >= limit.rate_count:
+                    rate_limited.append(name)
+        return {
+            "job_names": json.dumps([name for name in job_names if name not in full]),
+            "rate_limited": json.dumps(rate_limited),
+        }
+
+    @_sqlite_call(durable=False)
+    def next_claimable_at(
+        self, *, job_names: Sequence[str], limits: Mapping[str, JobLimits], now: int
+    ) -> int | None:
+        conn = self._conn
+        found: list[int] = []
+        row = conn.fetch_one(
+            Q["next_pending_available"], {"now": now, "job_names": json.dumps(list(job_names))}
+        )
+        if row is not None and row["at"] is not None:
+            found.append(int(row["at"]))
+        for name, limit in flow_limits_of(job_names, limits).items():
+            if limit.rate_count is None or limit.rate_window_ms is None:
+                continue
+            since = now - limit.rate_window_ms
+            counted = conn.fetch_one(Q["count_job_starts"], {"job_name": name, "since": since})
+            over = 0 if counted is None else int(counted["n"]) - limit.rate_count
+            if over >= 0:
+                # The window frees a start once the (over + 1)-th oldest start in it leaves.
+                start = conn.fetch_one(Q["nth_job_start"], {"job_name": name, "since": since, "skip": over})
+                if start is not None:
+                    found.append(int(start["started_at"]) + limit.rate_window_ms)
+        return min(found) if found else None
 
     @_sqlite_call(durable=False)
     def renew_leases(
@@ -583,6 +676,8 @@ class SQLiteStore(Store):
                     "concurrency_key": None,
                     "created_at": new.created_at,
                     "forked_from": new.forked_from,
+                    "priority": new.priority,
+                    "trace_parent": new.trace_parent,
                 },
             )
             if new.labels:
