@@ -269,9 +269,10 @@ class Store(ABC):
         """Leased → 'waiting' until ``until`` (fenced), in one transaction with what it waits
         for: the ``failed_attempt`` to retry (an attempt record) and/or a ``step`` to record
         (a sleep's checkpoint). ``failed_attempts``: more attempt records written in the same
-        transaction (the retried branches of a ``step.all``). The lease is given up; ``claim_run`` takes the run again once
-        ``until`` is due. A signal wait (``reason="signal"``) whose signal was stored meanwhile
-        (sent after the handler last looked) is due at once, so no delivery is lost."""
+        transaction (the retried branches of a ``step.all``). The lease is given up;
+        ``claim_run`` takes the run again once ``until`` is due. A signal wait
+        (``reason="signal"``) whose signal was stored meanwhile (sent after the handler last
+        looked) is due at once, so no delivery is lost."""
 
     @abstractmethod
     async def wake_offline_runs(self, now: int) -> int:

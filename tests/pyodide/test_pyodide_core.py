@@ -67,7 +67,7 @@ NEEDS_CPYTHON: dict[str, str] = {
     "tests/test_parallel_steps.py::test_sync_branches_run_at_once_in_the_workers_threads": (
         f"{_THREADS} (two sync branches meet at a threading.Barrier; in Pyodide they run in turn)"
     ),
-    "tests/test_parallel_steps.py::test_sigkill_during_a_step_all_then_restart_runs_only_the_unfinished_branch": (
+    "tests/test_parallel_steps.py::test_sigkill_during_a_step_all_then_restart_runs_only_the_unfinished_branch": (  # noqa: E501
         f"{_SIGKILL} (a crash_jobs.py worker is killed while one branch of its step.all is blocked)"
     ),
     "tests/test_attempt_metadata.py::test_metadata_over_http_rpc_and_the_cli": (
