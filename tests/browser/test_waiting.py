@@ -313,7 +313,8 @@ def test_a_reload_during_a_step_all_runs_only_its_unfinished_branch_again(
         driver,
         """
         const done = await durably.waitForRun(args[0], {timeout: args[1]});
-        return {done, steps: await durably.getSteps(args[0]), attempts: await durably.getStepAttempts(args[0])};
+        const [steps, attempts] = [await durably.getSteps(args[0]), await durably.getStepAttempts(args[0])];
+        return {done, steps, attempts};
         """,
         run_id,
         DEADLINE_MS,
@@ -331,7 +332,12 @@ def test_a_reload_during_a_step_all_runs_only_its_unfinished_branch_again(
     (second_load,) = loads - {first_load}
     # "quick" ran once, before the reload; "held" began then and ran again after it, alone.
     assert sorted(ran) == sorted(
-        [("quick", first_load, 1), ("held", first_load, 1), ("held", second_load, 2), ("after", second_load, 2)]
+        [
+            ("quick", first_load, 1),
+            ("held", first_load, 1),
+            ("held", second_load, 2),
+            ("after", second_load, 2),
+        ]
     )
     check_one_page_load_at_a_time(driver, [run_id])
     assert page(driver, "return await durably.integrityCheck()") == "ok"
