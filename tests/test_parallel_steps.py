@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 import threading
 from typing import Any
 
@@ -13,6 +12,7 @@ from helpers import finish_process, read_lines, start_process, wait_event, wait_
 from pydantic import BaseModel
 
 from durably_web import (
+    Durably,
     Event,
     NonRetryableError,
     RetryPolicy,
@@ -435,37 +435,39 @@ async def test_bad_step_all_arguments_are_refused_with_a_step_error(make_durably
 # --- a real kill ------------------------------------------------------------------------------------
 
 
-def completed_steps(db_path: Any) -> list[str]:
-    conn = sqlite3.connect(db_path, timeout=10)
-    try:
-        return [row[0] for row in conn.execute("SELECT name FROM durably_steps WHERE status = 'completed'")]
-    except sqlite3.OperationalError:  # the schema is not there yet
+async def completed_steps(client: Durably) -> list[str]:
+    runs = await client.get_runs()
+    if not runs:
         return []
-    finally:
-        conn.close()
+    return [s.name for s in await client.get_steps(runs[0].id) if s.status == "completed"]
 
 
-async def test_sigkill_during_a_step_all_then_restart_runs_only_the_unfinished_branch(
-    db_url, db_path, tmp_path
-):
+async def test_sigkill_during_a_step_all_then_restart_runs_only_the_unfinished_branch(db_url, tmp_path):
     side_effects = tmp_path / "side-effects.txt"
     first = start_process("parallel", db_url, str(side_effects))
     try:
 
-        def fast_recorded_slow_blocked() -> bool:
+        def started() -> bool:
             if first.poll() is not None:
                 raise AssertionError(f"worker exited early: {first.communicate()}")
-            names = [name for name, _ in read_lines(side_effects)]
-            return "slow" in names and "fast" in completed_steps(db_path)
+            return bool(read_lines(side_effects))  # past its migration: the schema is there
 
-        await wait_until(fast_recorded_slow_blocked, timeout=30)
-        first.send_signal(signal.SIGKILL)
-        assert first.wait(10) == -signal.SIGKILL
+        await wait_until(started, timeout=30)
+        async with Durably(db_url, worker=False) as client:
+
+            async def fast_recorded_slow_blocked() -> bool:
+                started()
+                names = [name for name, _ in read_lines(side_effects)]
+                return "slow" in names and "fast" in await completed_steps(client)
+
+            await wait_until(fast_recorded_slow_blocked, timeout=30)
+            first.send_signal(signal.SIGKILL)
+            assert first.wait(10) == -signal.SIGKILL
+            assert await completed_steps(client) == ["fast"]
     finally:
         if first.poll() is None:
             first.kill()
         first.communicate()
-    assert completed_steps(db_path) == ["fast"]
 
     second = start_process("parallel", db_url, str(side_effects))
     result = finish_process(second)
