@@ -25,11 +25,12 @@ from .job import JobDefinition, define_job
 from .models import ErrorInfo, Event, LogEntry, Progress, Run, Step, StepAttempt
 from .network import NetworkStatus
 from .retry import RetryPolicy
-from .step import StepContext
+from .step import AttemptNumber, StepBranch, StepContext
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttemptNumber",
     "CancelledError",
     "ConflictError",
     "Durably",
@@ -51,6 +52,7 @@ __all__ = [
     "SchemaVersionError",
     "Step",
     "StepAttempt",
+    "StepBranch",
     "StepContext",
     "StepError",
     "StorageError",

@@ -615,6 +615,15 @@ async def cmd_show(args: argparse.Namespace) -> int:
         _out(f"\nattempts of retried steps ({len(retried)}):", file=out)
         for attempt in retried:
             _out(_attempt_line(attempt), file=out)
+    noted = [attempt for attempt in attempts if attempt.metadata is not None]
+    if noted:
+        _out(f"\nattempt metadata ({len(noted)}):", file=out)
+        for attempt in noted:
+            _out(
+                f"attempt {attempt.attempt} of step {_p(repr(attempt.name))}: "
+                f"{_json(attempt.metadata, indent=None)}",
+                file=out,
+            )
     if logs:
         _out(f"\nlogs ({len(logs)}):", file=out)
         for log in logs:

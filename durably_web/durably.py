@@ -726,7 +726,8 @@ class Durably:
         """Every attempt of every ``step.run`` step, by position then attempt number: each
         retried failure, and the attempt that ended the step (completed, or failed for good).
         An attempt that failed for want of the network (``offline``) is listed too; it used
-        up no retry."""
+        up no retry. ``metadata``: what the step attached to the attempt
+        (``step.attempt.set_metadata``), kept when step outputs are dropped."""
         await self._require(run_id)
         attempts = [
             StepAttempt(
@@ -739,6 +740,7 @@ class Durably:
                 started_at=from_ms(s.started_at),  # type: ignore[arg-type]
                 completed_at=from_ms(s.completed_at),  # type: ignore[arg-type]
                 offline=s.offline,
+                metadata=None if s.metadata_json is None else json.loads(s.metadata_json),
             )
             for s in [*await self.store.list_step_attempts(run_id), *await self.store.list_steps(run_id)]
             if s.kind == "run"

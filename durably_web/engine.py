@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
@@ -215,6 +215,78 @@ class RunExecution:
             },
         )
 
+    async def wait_for_branches(
+        self,
+        retries: Sequence[tuple[StepRecord, BaseException, float]],
+        offline_failures: Sequence[tuple[StepRecord, BaseException]],
+        offline_step: str | None,
+    ) -> NoReturn:
+        """Some branches of a ``step.all`` wait, once every other branch has finished and been
+        recorded: those to retry (attempt record, error, delay) and, when ``offline_step`` names
+        a branch that waits for the network, those that failed for want of it. Their attempts
+        are recorded in the one transaction that makes the run wait: for the network (reason
+        ``"offline"``, at ``offline_step``) if any branch needs it, else until the earliest
+        retry is due (reason ``"retry"``, at that branch). Every waiting branch runs again
+        when the run continues."""
+        for failed, exc in offline_failures:
+            self.emit(
+                "step:fail",
+                {
+                    "step_name": failed.name,
+                    "step_index": failed.index,
+                    "error": ErrorInfo.from_exception(exc),
+                    "attempt": failed.attempt,
+                    "will_retry": True,
+                    "offline": True,
+                },
+            )
+        retry_events = []
+        for failed, exc, delay in retries:
+            error = ErrorInfo.from_exception(exc)
+            self.emit(
+                "step:fail",
+                {
+                    "step_name": failed.name,
+                    "step_index": failed.index,
+                    "error": error,
+                    "attempt": failed.attempt,
+                    "will_retry": True,
+                },
+            )
+            retry_events.append(
+                {
+                    "step_name": failed.name,
+                    "step_index": failed.index,
+                    "attempt": failed.attempt,
+                    "next_attempt": failed.attempt + 1,
+                    "delay": delay,
+                    "error": error,
+                }
+            )
+        attempts = [failed for failed, _ in offline_failures] + [failed for failed, _, _ in retries]
+        now = self.now_ms()
+        if offline_step is not None:
+            until = now + int(self._worker.config.offline_recheck_interval * 1000)
+            reason, step_name = "offline", offline_step
+        else:
+            soonest, _, delay = min(retries, key=lambda retry: (retry[2], retry[0].index))
+            until = now + int(delay * 1000)
+            reason, step_name = "retry", soonest.name
+        await self.wait_until(
+            until,
+            reason=reason,
+            step_name=step_name,
+            failed_attempts=attempts,
+            retry_events=retry_events,
+        )
+
+    async def record_failed_step(self, step: StepRecord) -> None:
+        """Keep a failed step in the run's history without ending the run (a ``step.all``
+        branch that failed for good; the run's failure, if it comes to that, rewrites it)."""
+        await self.flush_writes()
+        if not await self._store.record_step(step, self.generation):
+            raise await self.fence_error(f"step {step.name!r}")
+
     async def wait_offline(
         self, step_name: str, failed: StepRecord | None = None, exc: BaseException | None = None
     ) -> NoReturn:
@@ -248,6 +320,8 @@ class RunExecution:
         failed_attempt: StepRecord | None = None,
         retry_event: dict[str, Any] | None = None,
         deadline: int | None = None,
+        failed_attempts: Sequence[StepRecord] = (),
+        retry_events: Sequence[dict[str, Any]] = (),
     ) -> NoReturn:
         """Make the run 'waiting' until ``until`` (ms): it gives up its lease and worker slot,
         and any worker claims it once due. Never returns: raises ``_Suspend``."""
@@ -262,11 +336,12 @@ class RunExecution:
             failed_attempt=failed_attempt,
             step=step,
             deadline=deadline,
+            failed_attempts=failed_attempts,
         )
         if not ok:
             raise await self.fence_error(f"{reason} of step {step_name!r}")
-        if retry_event is not None:
-            self.emit("step:retry", retry_event)
+        for event in [*([] if retry_event is None else [retry_event]), *retry_events]:
+            self.emit("step:retry", event)
         due_at = None if until >= NEVER_MS else from_ms(until)  # a signal wait without timeout
         self.emit("run:waiting", {"reason": reason, "step_name": step_name, "due_at": due_at})
         if until < NEVER_MS:

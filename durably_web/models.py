@@ -163,7 +163,9 @@ class Step:
 class StepAttempt:
     """One attempt of one step (``get_step_attempts``): every retried failure, and the
     attempt that ended the step (completed, or failed for good). ``offline``: the attempt
-    failed with a network error while the browser was offline; it used up no retry."""
+    failed with a network error while the browser was offline; it used up no retry.
+    ``metadata``: the JSON object the step attached to this attempt
+    (``step.attempt.set_metadata``), or ``None``."""
 
     run_id: str
     index: int
@@ -174,6 +176,7 @@ class StepAttempt:
     started_at: datetime
     completed_at: datetime
     offline: bool = False
+    metadata: dict[str, Any] | None = None
 
     @property
     def duration_ms(self) -> float:
@@ -191,6 +194,7 @@ class StepAttempt:
             "completed_at": iso(self.completed_at),
             "duration_ms": self.duration_ms,
             "offline": self.offline,
+            "metadata": self.metadata,
         }
 
 

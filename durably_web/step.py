@@ -4,26 +4,109 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import inspect
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 
-from .errors import NonDeterministicReplayError, StepError, WaitTimeoutError
+from .errors import (
+    CancelledError,
+    LeaseLostError,
+    NonDeterministicReplayError,
+    StepError,
+    ValidationError,
+    WaitTimeoutError,
+)
 from .models import ErrorInfo
 from .retry import _NEVER_RETRIED, NO_RETRY, RetryPolicy
 from .serialization import _NO_TYPE, decode, encode, return_type_of
 from .storage.base import NEVER_MS, LogRecord, StepRecord
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .job import JobDefinition
     from .network import NetworkStatus
     from .storage.base import RunRecord
     from .threads import SyncStepThreads
 
 T = TypeVar("T")
+
+#: The largest ``step.attempt.set_metadata`` value, as UTF-8 JSON: metadata is a note about
+#: an attempt (a model, token counts), not a place for outputs.
+MAX_ATTEMPT_METADATA_BYTES = 64 * 1024
+
+
+@dataclass(slots=True)
+class _AttemptState:
+    """The step attempt running in this context: what ``step.log`` names and what
+    ``step.attempt.set_metadata`` writes to."""
+
+    owner: StepContext
+    name: str
+    metadata: dict[str, Any] | None = None
+    metadata_json: str | None = None
+
+
+# A context variable, not an attribute of the StepContext: the branches of a step.all run at
+# once (as tasks, or in threads, which get a copy of the context), each with its own attempt.
+_CURRENT_ATTEMPT: contextvars.ContextVar[_AttemptState | None] = contextvars.ContextVar(
+    "durably_current_attempt", default=None
+)
+
+
+class AttemptNumber(int):
+    """``step.attempt``: the run's attempt number, an ``int`` (1 on the first execution, 2 after
+    a crash or a retry's wait...), which can also attach metadata to the attempt of the step
+    running now: ``step.attempt.set_metadata({"model": "m1", "tokens": 812})``."""
+
+    _step: StepContext
+
+    def __new__(cls, value: int, step: StepContext) -> AttemptNumber:
+        number = super().__new__(cls, value)
+        number._step = step
+        return number
+
+    def set_metadata(self, metadata: Mapping[str, Any]) -> None:
+        """Attach JSON to the attempt of the step that is running (call it inside the step's
+        function). Each call adds its keys (a key set again takes the new value). The metadata
+        is stored with the attempt, completed or failed, returned by ``get_step_attempts``,
+        and kept when step outputs are dropped (``preserve_steps=False``). ``StepError``
+        outside a step; ``ValidationError`` for a value that is not a JSON object or is larger
+        than ``MAX_ATTEMPT_METADATA_BYTES``."""
+        self._step._set_attempt_metadata(metadata)
+
+
+@dataclass(frozen=True, slots=True)
+class StepBranch:
+    """One branch of ``step.all`` with options, made by ``step.branch(fn, *args, **kwargs)``."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    type: Any = _NO_TYPE
+    retry: RetryPolicy | None = None
+    needs_network: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Done:
+    value: Any
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """An attempt that failed: recorded as ``record``; ``retry_delay`` when its policy retries
+    it, ``offline`` when it failed for want of the network (no retry used up)."""
+
+    record: StepRecord
+    error: Exception
+    offline: bool
+    retry_delay: float | None
 
 
 class StepHost(Protocol):
@@ -39,12 +122,20 @@ class StepHost(Protocol):
     sync_threads: SyncStepThreads | None
     sync_step_done: asyncio.Event
     network: NetworkStatus
+    failed_step: StepRecord | None
 
     def now_ms(self) -> int: ...
     def emit(self, event_type: str, data: dict[str, Any]) -> None: ...
     def check_can_start_step(self, name: str) -> None: ...
     def step_failed(self, step: StepRecord, exc: BaseException) -> None: ...
     async def record_step(self, step: StepRecord) -> None: ...
+    async def record_failed_step(self, step: StepRecord) -> None: ...
+    async def wait_for_branches(
+        self,
+        retries: Sequence[tuple[StepRecord, BaseException, float]],
+        offline_failures: Sequence[tuple[StepRecord, BaseException]],
+        offline_step: str | None,
+    ) -> NoReturn: ...
     async def retry_step(self, failed: StepRecord, exc: BaseException, delay: float) -> NoReturn: ...
     async def wait_offline(
         self, step_name: str, failed: StepRecord | None = None, exc: BaseException | None = None
@@ -89,7 +180,7 @@ class StepContext:
         self._recorded_names = {step.name: step.index for step in recorded.values()}
         self._next_index = 0
         self._names: set[str] = set()
-        self._current_step: str | None = None
+        self._sync_steps_running = 0  # sync branches of a step.all may run in several threads
         self.log = StepLogger(self)
         self._loop = asyncio.get_running_loop()
         # A resumed handler runs again from the top and calls step.progress() again for
@@ -110,8 +201,35 @@ class StepContext:
         return self._execution.job_name
 
     @property
-    def attempt(self) -> int:
-        return self._execution.attempt
+    def attempt(self) -> AttemptNumber:
+        """The run's attempt number (an ``int``); ``step.attempt.set_metadata({...})`` attaches
+        JSON to the attempt of the step running now (see ``AttemptNumber``)."""
+        return AttemptNumber(self._execution.attempt, self)
+
+    def _set_attempt_metadata(self, metadata: Mapping[str, Any]) -> None:
+        state = _CURRENT_ATTEMPT.get()
+        if state is None or state.owner is not self:
+            raise StepError(
+                f"run {self.run_id}: step.attempt.set_metadata() was called outside a step; call it "
+                "inside the function that step.run or step.all runs"
+            )
+        if not isinstance(metadata, Mapping) or not all(isinstance(key, str) for key in metadata):
+            raise ValidationError(
+                f"step {state.name!r}: attempt metadata must be a JSON object (a dict with str keys), "
+                f"not {metadata!r}"
+            )
+        merged = {**(state.metadata or {}), **metadata}
+        try:
+            encoded = json.dumps(merged, allow_nan=False, separators=(",", ":"), ensure_ascii=False)
+        except (TypeError, ValueError) as exc:
+            raise ValidationError(f"step {state.name!r}: attempt metadata is not JSON: {exc}") from exc
+        size = len(encoded.encode())
+        if size > MAX_ATTEMPT_METADATA_BYTES:
+            raise ValidationError(
+                f"step {state.name!r}: attempt metadata is {size} bytes as JSON; at most "
+                f"{MAX_ATTEMPT_METADATA_BYTES} are kept"
+            )
+        state.metadata, state.metadata_json = merged, encoded
 
     @property
     def is_replaying(self) -> bool:
@@ -184,23 +302,48 @@ class StepContext:
         execution.check_can_start_step(name)
         if self._holding_progress:
             self._end_replay()
-        network = execution.network
-        if not network.online() and (needs_network or self._waited_offline_at(name)):
+        if not execution.network.online() and (needs_network or self._waited_offline_at(name)):
             # Still offline: a step that needs the network, or the one that failed for want of
             # it, is not attempted (that would only add a failed attempt per recheck).
             await execution.wait_offline(name)
+        outcome = await self._attempt(index, name, fn, args, kwargs, tp, retry)
+        if isinstance(outcome, _Done):
+            return outcome.value
+        if outcome.offline:
+            # Not the step's fault: the request could not leave. Recorded (flagged, so it uses
+            # up no retry), and the run waits for the network instead of failing or backing off.
+            await execution.wait_offline(name, outcome.record, outcome.error)
+        if outcome.retry_delay is not None:
+            # Persisted with the attempt record in one transaction; raises _Suspend.
+            await execution.retry_step(outcome.record, outcome.error, outcome.retry_delay)
+        execution.step_failed(outcome.record, outcome.error)
+        raise outcome.error
+
+    async def _attempt(
+        self,
+        index: int,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        tp: Any,
+        retry: RetryPolicy | None,
+    ) -> _Done | _Failed:
+        """One attempt of the step at ``index``: a success is recorded before this returns; a
+        failure is returned with what its retry policy and the network make of it."""
+        execution = self._execution
         failed_before, failed_this_round = self._failed_attempts.get(index, (0, 0))
         attempt = failed_before + 1
         started_at = execution.now_ms()
         execution.emit("step:start", {"step_name": name, "step_index": index, "attempt": attempt})
-        self._current_step = name
+        state = _AttemptState(self, name)
+        token = _CURRENT_ATTEMPT.set(state)
         try:
             value = await self._call(fn, args, kwargs)
             output_json, value = encode(value, tp, what=f"step {name!r}")
         except Exception as exc:
-            # Not the step's fault: the request could not leave. Recorded (flagged, so it uses
-            # up no retry), and the run waits for the network instead of failing or backing off.
-            # A NonRetryableError (or a cancel, a lost lease) still ends the step at once.
+            # A NonRetryableError (or a cancel, a lost lease) ends the step at once, even offline.
+            network = execution.network
             offline = (
                 not isinstance(exc, _NEVER_RETRIED) and not network.online() and network.is_network_error(exc)
             )
@@ -215,18 +358,16 @@ class StepContext:
                 completed_at=execution.now_ms(),
                 attempt=attempt,
                 offline=offline,
+                metadata_json=state.metadata_json,
             )
-            if offline:
-                await execution.wait_offline(name, failed, exc)
             policy = retry if retry is not None else (execution.job.retry or NO_RETRY)
             round_attempt = failed_this_round + 1
-            if policy.should_retry(exc, round_attempt):
-                # Persisted with the attempt record in one transaction; raises _Suspend.
-                await execution.retry_step(failed, exc, policy.delay_before(round_attempt + 1))
-            execution.step_failed(failed, exc)
-            raise
+            delay = None
+            if not offline and policy.should_retry(exc, round_attempt):
+                delay = policy.delay_before(round_attempt + 1)
+            return _Failed(failed, exc, offline, delay)
         finally:
-            self._current_step = None
+            _CURRENT_ATTEMPT.reset(token)
         await execution.record_step(
             StepRecord(
                 run_id=self.run_id,
@@ -238,9 +379,142 @@ class StepContext:
                 started_at=started_at,
                 completed_at=execution.now_ms(),
                 attempt=attempt,
+                metadata_json=state.metadata_json,
             )
         )
-        return value
+        return _Done(value)
+
+    @staticmethod
+    def branch(
+        fn: Callable[..., Any],
+        *args: Any,
+        type: Any = _NO_TYPE,
+        retry: RetryPolicy | None = None,
+        needs_network: bool = False,
+        **kwargs: Any,
+    ) -> StepBranch:
+        """A ``step.all`` branch with keyword arguments or options: ``fn(*args, **kwargs)``, its
+        result typed by ``type`` (else ``fn``'s return annotation), retried by ``retry`` (else
+        the job's policy), not attempted while offline with ``needs_network`` — the options of
+        ``step.run``."""
+        return StepBranch(fn, args, kwargs, type, retry, needs_network)
+
+    async def all(self, branches: Mapping[str, Any]) -> dict[str, Any]:
+        """Run several steps at once and return ``{name: result}`` in the mapping's order.
+
+        Each key is a branch's step name; each value is ``(fn, *args)``, a bare callable, or
+        ``step.branch(fn, *args, retry=..., type=..., needs_network=..., **kwargs)``. Each branch
+        is an ordinary step (checkpointed on its own, at the next position in the mapping's
+        order): async branches run as tasks, sync ones in the worker's threads (one after the
+        other where there are none, as in Pyodide). After a crash only the branches that were
+        not recorded run again.
+
+        The join waits for every branch. A cancel or a lost lease stops every branch and is
+        raised; otherwise the first branch (by position) that failed for good is raised, its
+        siblings' results recorded. Branches to retry (their own ``retry`` policy) or waiting
+        for the network do not hold the others up: once every other branch has finished, the
+        run waits (reason ``"retry"``, until the soonest retry, or ``"offline"``) and then runs
+        all of them again. A branch that failed for good ends the ``step.all`` without
+        retrying the others.
+        """
+        if not isinstance(branches, Mapping):
+            raise StepError(f"step.all takes a mapping of step name -> branch, not {branches!r}")
+        specs = [(name, _as_branch(name, value)) for name, value in branches.items()]
+        for name, _ in specs:
+            self._claim_name(name)
+        first = self._next_index
+        self._next_index += len(specs)
+        results: dict[str, Any] = {}
+        pending: list[tuple[int, str, StepBranch, Any]] = []
+        for offset, (name, spec) in enumerate(specs):
+            index = first + offset
+            tp = spec.type if spec.type is not _NO_TYPE else return_type_of(spec.fn)
+            recorded = self._recorded.get(index)
+            if recorded is not None:
+                if recorded.name != name or recorded.kind != "run":
+                    self._replay_mismatch(index, recorded, name, "run")
+                results[name] = decode(recorded.output_json, tp)
+            else:
+                self._check_not_recorded_elsewhere(name, index)
+                pending.append((index, name, spec, tp))
+        if pending:
+            results.update(await self._run_branches(pending, [name for name, _ in specs]))
+        return {name: results[name] for name, _ in specs}
+
+    async def _run_branches(
+        self, pending: list[tuple[int, str, StepBranch, Any]], names: list[str]
+    ) -> dict[str, Any]:
+        execution = self._execution
+        execution.check_can_start_step(pending[0][1])
+        if self._holding_progress:
+            self._end_replay()
+        # Still offline: branches that need the network, or all of them when the run was
+        # waiting for it at one of them, are not attempted (see run()).
+        record = execution.record
+        waited_offline = record.wait_reason == "offline" and record.wait_step in names
+        skipped: list[str] = []
+        to_run = pending
+        if not execution.network.online():
+            skipped = [name for _, name, spec, _ in pending if spec.needs_network or waited_offline]
+            to_run = [branch for branch in pending if branch[1] not in skipped]
+        outcomes = await self._join(to_run)
+        values = {name: outcome.value for name, outcome in outcomes.items() if isinstance(outcome, _Done)}
+        failures = [o for o in outcomes.values() if isinstance(o, _Failed)]
+        failures.sort(key=lambda failure: failure.record.index)
+        for_good = [f for f in failures if not f.offline and f.retry_delay is None]
+        if for_good:
+            for failure in failures:
+                await execution.record_failed_step(failure.record)
+                execution.step_failed(failure.record, failure.error)
+            raised = for_good[0]
+            execution.failed_step = raised.record
+            raise raised.error
+        offline = [(f.record, f.error) for f in failures if f.offline]
+        retries = [(f.record, f.error, f.retry_delay) for f in failures if f.retry_delay is not None]
+        if skipped or offline or retries:
+            offline_step = skipped[0] if skipped else (offline[0][0].name if offline else None)
+            await execution.wait_for_branches(retries, offline, offline_step)
+        return values
+
+    async def _join(self, branches: list[tuple[int, str, StepBranch, Any]]) -> dict[str, _Done | _Failed]:
+        """Run the branches at once, each as a task; wait for all of them. A branch that raises
+        (a cancel, a lost lease, a store failure: what stops the run, not the step's own
+        failure) stops the others, and a cancel or lost lease is raised before anything else."""
+        loop = asyncio.get_running_loop()
+        tasks = {
+            loop.create_task(
+                self._branch(index, name, spec, tp), name=f"durably-branch-{self.run_id}-{name}"
+            ): (index, name)
+            for index, name, spec, tp in branches
+        }
+        waiting = set(tasks)
+        try:
+            while waiting:
+                done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if any(not task.cancelled() and task.exception() is not None for task in done):
+                    break
+        finally:
+            # Also when this (the run's task) is cancelled: no branch outlives the step.all.
+            for task in waiting:
+                task.cancel()
+            if waiting:
+                await asyncio.wait(waiting)
+            # Every branch's exception is looked at (else asyncio reports it as never retrieved).
+            errors = sorted(
+                (tasks[task][0], error)
+                for task in tasks
+                if not task.cancelled() and (error := task.exception()) is not None
+            )
+        if errors:
+            stops: list[BaseException] = [
+                error for _, error in errors if isinstance(error, CancelledError | LeaseLostError)
+            ]
+            raise (stops or [error for _, error in errors])[0]
+        return {tasks[task][1]: task.result() for task in tasks}
+
+    async def _branch(self, index: int, name: str, spec: StepBranch, tp: Any) -> _Done | _Failed:
+        self._execution.check_can_start_step(name)
+        return await self._attempt(index, name, spec.fn, spec.args, spec.kwargs, tp, spec.retry)
 
     def _waited_offline_at(self, name: str) -> bool:
         """Whether this execution resumed a run that was waiting for the network at ``name``."""
@@ -449,10 +723,18 @@ class StepContext:
             return await fn(*args, **kwargs)
         threads = self._execution.sync_threads
         if threads is not None:
-            # A blocking callable must not starve the event loop (lease renewal, cancel).
+            # A blocking callable must not starve the event loop (lease renewal, cancel). The
+            # event is set once no sync step of this run is in a thread (step.all runs several).
             done = self._execution.sync_step_done
             done.clear()
-            result = await threads.run(fn, args, kwargs, on_done=done.set)
+            self._sync_steps_running += 1
+
+            def finished() -> None:
+                self._sync_steps_running -= 1
+                if self._sync_steps_running == 0:
+                    done.set()
+
+            result = await threads.run(fn, args, kwargs, on_done=finished)
         else:
             result = fn(*args, **kwargs)
         if inspect.isawaitable(result):
@@ -499,15 +781,19 @@ class StepContext:
         return future.result()
 
     def _write_log(self, level: str, message: str, data: Any) -> None:
-        self._on_loop(self._write_log_now, level, message, data)
+        # Read here, in the caller's context (a branch's task, a sync step's thread), not on
+        # the loop's side of _on_loop.
+        state = _CURRENT_ATTEMPT.get()
+        step_name = state.name if state is not None and state.owner is self else None
+        self._on_loop(self._write_log_now, level, message, data, step_name)
 
-    def _write_log_now(self, level: str, message: str, data: Any) -> None:
+    def _write_log_now(self, level: str, message: str, data: Any, step_name: str | None) -> None:
         execution = self._execution
         data_json = None if data is None else json.dumps(data, default=str)
         execution.write_log(
             LogRecord(
                 run_id=self.run_id,
-                step_name=self._current_step,
+                step_name=step_name,
                 level=level,
                 message=str(message),
                 data_json=data_json,
@@ -536,6 +822,27 @@ class StepLogger:
 
     def error(self, message: str, data: Any = None) -> None:
         self._step._write_log("error", message, data)
+
+
+def _as_branch(name: Any, value: Any) -> StepBranch:
+    """A ``step.all`` value as a branch: ``(fn, *args)``, a bare callable or a ``StepBranch``."""
+    if isinstance(value, StepBranch):
+        spec = value
+    elif isinstance(value, tuple) and value:
+        spec = StepBranch(value[0], value[1:])
+    elif callable(value):
+        spec = StepBranch(value)
+    else:
+        raise StepError(
+            f"step.all branch {name!r}: expected (fn, *args), a callable or step.branch(...), not {value!r}"
+        )
+    if not callable(spec.fn):
+        raise StepError(f"step.all branch {name!r}: {spec.fn!r} is not callable")
+    if spec.retry is not None and not isinstance(spec.retry, RetryPolicy):
+        raise StepError(f"step.all branch {name!r}: retry must be a RetryPolicy, not {spec.retry!r}")
+    if not isinstance(spec.needs_network, bool):
+        raise StepError(f"step.all branch {name!r}: needs_network must be True or False")
+    return spec
 
 
 def _error_json(exc: BaseException) -> str:

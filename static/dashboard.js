@@ -747,7 +747,13 @@ function renderAttempts(attempts) {
       h("span", { class: "attempt-status" }, a.offline ? `${a.status} · offline, not counted` : a.status),
       h("span", { class: "attempt-error" }, a.error ? `${a.error.type}: ${a.error.message}` : ""),
       h("span", { class: "attempt-duration" }, a.duration_ms === null || a.duration_ms === undefined
-        ? "" : fmtDuration(a.duration_ms)))));
+        ? "" : fmtDuration(a.duration_ms)),
+      a.metadata ? h("div", { class: "attempt-metadata" }, fmtMetadata(a.metadata)) : null)));
+}
+
+/** What a step attached to an attempt (step.attempt.set_metadata), as one line of text. */
+function fmtMetadata(metadata) {
+  return Object.entries(metadata).map(([key, value]) => `${key}: ${JSON.stringify(value)}`).join(" · ");
 }
 
 function forkButton(run, step) {
@@ -781,6 +787,9 @@ function renderSteps(d) {
       forkButton(d.run, s),
       note ? h("div", { class: "step-note" }, note) : null,
       s.error ? h("div", { class: "step-error" }, `${s.error.type}: ${s.error.message}`) : null,
+      // A step tried once shows its attempt's metadata here; a retried one, per attempt below.
+      !retried(s.index) && attemptsOf(s.index)[0]?.metadata
+        ? h("div", { class: "step-metadata" }, fmtMetadata(attemptsOf(s.index)[0].metadata)) : null,
       retried(s.index) ? renderAttempts(attemptsOf(s.index)) : null);
   });
   // Attempts of a step with no record yet: it failed and waits for its retry, or runs again.

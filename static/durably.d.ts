@@ -134,6 +134,11 @@ export interface StepAttempt {
   duration_ms: number;
   /** The attempt failed with a network error while the browser was offline: it used up no retry. */
   offline: boolean;
+  /**
+   * The JSON object the step attached to this attempt (Python: `step.attempt.set_metadata({...})`,
+   * e.g. an LLM call's model and token counts), or null. Kept when step outputs are dropped.
+   */
+  metadata: Record<string, unknown> | null;
 }
 
 export interface LogEntry {

@@ -19,6 +19,11 @@ doing its work, so a test can count how many times each step really ran.
         <side_effect_file>.online exists);
         work until it ends, print the run as JSON. Side-effect lines: "<name> <pid> <unix time>".
 
+    python crash_jobs.py parallel <db_url> <side_effect_file>
+        Trigger (idempotency key "parallel") a job whose step.all has a branch "fast" that
+        returns at once and a branch "slow" that blocks (a minute) on its first execution
+        only, then a step "after"; work until it ends, print the run as JSON.
+
     python crash_jobs.py serve-waits <db_url> <expected_runs>
         Work on "flaky" runs (triggered by the test) until <expected_runs> runs have ended.
 """
@@ -183,6 +188,47 @@ async def offline_job(step: StepContext, payload: WaitIn) -> str:
     return fetched
 
 
+class ParallelIn(BaseModel):
+    side_effects: str
+
+
+def fast_branch(path: str) -> str:
+    append_line(path, f"fast {os.getpid()}")
+    return "fast"
+
+
+def slow_branch(path: str) -> str:
+    append_line(path, f"slow {os.getpid()}")
+    with open(path, encoding="utf-8") as handle:
+        first = sum(1 for line in handle if line.startswith("slow ")) == 1
+    if first:
+        time.sleep(60)  # the test kills this process meanwhile
+    return "slow"
+
+
+def after_branches(path: str) -> int:
+    append_line(path, f"after {os.getpid()}")
+    with open(path, encoding="utf-8") as handle:
+        return sum(1 for line in handle if line.startswith("slow "))
+
+
+@define_job("parallel", input=ParallelIn)
+async def parallel_job(step: StepContext, payload: ParallelIn) -> dict[str, object]:
+    results = await step.all(
+        {"fast": (fast_branch, payload.side_effects), "slow": (slow_branch, payload.side_effects)}
+    )
+    return {**results, "after": await step.run("after", after_branches, payload.side_effects)}
+
+
+async def run_parallel(args: argparse.Namespace) -> None:
+    async with Durably(args.db_url, jobs=[parallel_job], **worker_options(1.0)) as durably:
+        run = await durably.trigger(
+            parallel_job, ParallelIn(side_effects=args.side_effects), idempotency_key="parallel"
+        )
+        done = await durably.wait_for_run(run.id, timeout=60)
+        print(json.dumps({**done.to_dict(), "pid": os.getpid(), "disposition": run.disposition}), flush=True)
+
+
 async def run_wait(args: argparse.Namespace) -> None:
     jobs = {"retry": flaky_job, "sleep": sleepy_job, "signal": signalled_job, "offline": offline_job}
     job = jobs[args.kind]
@@ -260,8 +306,17 @@ def main() -> None:
     serve_waits_parser = sub.add_parser("serve-waits")
     serve_waits_parser.add_argument("db_url")
     serve_waits_parser.add_argument("expected_runs", type=int)
+    parallel_parser = sub.add_parser("parallel")
+    parallel_parser.add_argument("db_url")
+    parallel_parser.add_argument("side_effects")
     args = parser.parse_args()
-    modes = {"steps": run_steps, "serve": serve, "wait": run_wait, "serve-waits": serve_waits}
+    modes = {
+        "steps": run_steps,
+        "serve": serve,
+        "wait": run_wait,
+        "serve-waits": serve_waits,
+        "parallel": run_parallel,
+    }
     asyncio.run(modes[args.mode](args))
 
 

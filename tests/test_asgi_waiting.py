@@ -423,7 +423,7 @@ async def test_attempts_list_every_retried_failure(working: Durably, client_for:
     assert attempts[0]["error"]["message"] == "first attempt fails" and attempts[1]["error"] is None
     assert set(attempts[0]) == {
         "run_id", "index", "name", "attempt", "status", "error", "started_at", "completed_at", "duration_ms",
-        "offline",
+        "offline", "metadata",
     }
     # GET /steps keeps one row per step
     assert len((await client.get(f"/runs/{run.id}/steps")).json()["steps"]) == 1
@@ -775,7 +775,7 @@ async def test_the_openapi_document_describes_the_waiting_routes(
     assert listed["properties"]["attempts"]["items"]["$ref"].endswith("/StepAttempt")
     assert set(schemas["StepAttempt"]["properties"]) == {
         "run_id", "index", "name", "attempt", "status", "error", "started_at", "completed_at", "duration_ms",
-        "offline",
+        "offline", "metadata",
     }
 
     for operation in (signal, fork, resume):

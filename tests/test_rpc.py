@@ -81,7 +81,7 @@ async def test_send_signal_get_step_attempts_with_js_names(make_durably: Any) ->
     ]
     assert attempts[1]["error"]["message"] == "flaky"
     fields = {"run_id", "index", "name", "attempt", "status", "error", "started_at", "completed_at"}
-    assert set(attempts[0]) == fields | {"duration_ms", "offline"}
+    assert set(attempts[0]) == fields | {"duration_ms", "offline", "metadata"}
     kinds = [(s["name"], s["kind"]) for s in await call(dispatcher, "getSteps", run["id"])]
     assert kinds == [("first", "run"), ("second", "run"), ("approval", "signal")]
 

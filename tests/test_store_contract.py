@@ -1491,3 +1491,109 @@ async def test_contract_debounce_replaces_the_pending_runs_input_and_pushes_its_
     # Another job's pending run of the key is not debounced into: an ordinary conflict.
     with pytest.raises(ConflictError):
         await store.create_runs([flow_run("x1", 9500, job="other", concurrency_key="k", debounce_ms=10)])
+# --- attempt metadata (step.attempt.set_metadata) and step.all's waits -------------------------------
+
+META = '{"model":"m1","tokens":812}'
+
+
+def with_metadata(record: StepRecord, metadata_json: str | None = META) -> StepRecord:
+    return StepRecord(
+        record.run_id,
+        record.index,
+        record.name,
+        record.status,
+        record.output_json,
+        record.error_json,
+        record.started_at,
+        record.completed_at,
+        kind=record.kind,
+        attempt=record.attempt,
+        offline=record.offline,
+        metadata_json=metadata_json,
+    )
+
+
+async def test_a_steps_metadata_round_trips_and_survives_dropping_the_outputs(store):
+    record = await make_run(store, "a", "leased")
+    plain, noted = step("a", 0, "plain", output='"x"'), with_metadata(step("a", 1, "llm", output='"big"'))
+    for s in (plain, noted):
+        assert await store.record_step(s, record.lease_generation)
+    assert await store.list_steps("a") == [plain, noted]
+    assert await finish(store, "a", record.lease_generation, 1500, drop_step_outputs=True)
+    assert [(s.name, s.output_json, s.metadata_json) for s in await store.list_steps("a")] == [
+        ("plain", None, None),
+        ("llm", None, META),
+    ]
+
+
+async def test_failed_attempts_keep_their_metadata_through_the_wait_the_failure_and_a_resume(store):
+    await store.create_runs([new_run("a", 1000)])
+    record = await claimed(store, "a", 1000)
+    first = with_metadata(failed_step("a", 0, "llm", attempt=1), '{"try":1}')
+    assert await retry_wait(store, record.lease_generation, first, until=1200, now=1100)
+    assert await store.list_step_attempts("a") == [first]
+    record = await claimed(store, "a", 1200)
+    last = with_metadata(failed_step("a", 0, "llm", attempt=2, at=1300), '{"try":2}')
+    assert await finish(store, "a", record.lease_generation, 1400, status="failed", failed=last)
+    assert await store.list_steps("a") == [last]
+    await store.resume_run("a", 2000)  # the failed step's row becomes an attempt, metadata and all
+    assert [(a.attempt, a.metadata_json) for a in await store.list_step_attempts("a")] == [
+        (1, '{"try":1}'),
+        (2, '{"try":2}'),
+    ]
+
+
+async def test_a_fork_copies_the_steps_metadata(store):
+    record = await make_run(store, "src", "leased")
+    assert await store.record_step(with_metadata(step("src", 0, "llm")), record.lease_generation)
+    assert await store.record_step(step("src", 1, "after"), record.lease_generation)
+    await store.fork_run(new_run("fork", 2000, forked_from="src"), "src", "after")
+    assert [(s.name, s.metadata_json) for s in await store.list_steps("fork")] == [("llm", META)]
+
+
+async def test_wait_run_writes_several_failed_attempts_in_one_transaction(store):
+    record = await make_run(store, "a", "leased")
+    first = with_metadata(failed_step("a", 0, "users", attempt=1))
+    second = failed_step("a", 2, "teams", attempt=3)
+    assert await store.wait_run(
+        "a",
+        record.lease_generation,
+        until=5000,
+        reason="retry",
+        step_name="users",
+        now=1100,
+        failed_attempts=[first, second],
+    )
+    assert await store.list_step_attempts("a") == [first, second]
+    assert await store.count_step_attempts("a") == {0: (1, 1), 2: (1, 1)}
+    waiting = await get(store, "a")
+    assert (waiting.status, waiting.wait_reason, waiting.wait_step, waiting.wake_at) == (
+        "waiting",
+        "retry",
+        "users",
+        5000,
+    )
+
+
+async def test_wait_run_with_a_stale_generation_writes_none_of_its_failed_attempts(store):
+    await store.create_runs([new_run("a", 1000)])
+    await claimed(store, "a", 1000, lease=100)
+    await claimed(store, "a", 1100, worker="w2")  # generation 2
+    attempts = [failed_step("a", 0, "users"), failed_step("a", 1, "teams")]
+    assert not await store.wait_run(
+        "a", 1, until=5000, reason="retry", step_name="users", now=1200, failed_attempts=attempts
+    )
+    assert await store.list_step_attempts("a") == []
+
+
+async def test_a_failed_step_recorded_while_leased_is_replaced_by_its_completed_retry(store):
+    # step.all keeps a branch that failed for good as a failed row; the run may go on, and a
+    # later execution of that position (after a resume or a crash) replaces it.
+    record = await make_run(store, "a", "leased")
+    failed = with_metadata(failed_step("a", 1, "teams"))
+    assert await store.record_step(failed, record.lease_generation)
+    assert await store.list_steps("a") == [failed]
+    assert await store.list_steps("a", completed_only=True) == []
+    done = step("a", 1, "teams", attempt=2)
+    assert await store.record_step(done, record.lease_generation)
+    assert await store.list_steps("a") == [done]

@@ -590,6 +590,10 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                     "description": "failed with a network error while the browser was offline "
                     "(used up no retry)",
                 },
+                "metadata": {
+                    "type": ["object", "null"],
+                    "description": "what the step attached to this attempt (step.attempt.set_metadata)",
+                },
             },
         },
         "LogEntry": {

@@ -104,6 +104,9 @@ class StepRecord:
     #: A failed attempt that hit a network error while the browser was offline: kept in the
     #: history, numbered, but not counted against the step's retry budget.
     offline: bool = False
+    #: JSON the step attached to this attempt (``step.attempt.set_metadata``); kept when
+    #: step outputs are dropped.
+    metadata_json: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,12 +310,15 @@ class Store(ABC):
         failed_attempt: StepRecord | None = None,
         step: StepRecord | None = None,
         deadline: int | None = None,
+        failed_attempts: Sequence[StepRecord] = (),
     ) -> bool:
         """Leased → 'waiting' until ``until`` (fenced), in one transaction with what it waits
         for: the ``failed_attempt`` to retry (an attempt record) and/or a ``step`` to record
-        (a sleep's checkpoint). The lease is given up; ``claim_run`` takes the run again once
-        ``until`` is due. A signal wait (``reason="signal"``) whose signal was stored meanwhile
-        (sent after the handler last looked) is due at once, so no delivery is lost."""
+        (a sleep's checkpoint). ``failed_attempts``: more attempt records written in the same
+        transaction (the retried branches of a ``step.all``). The lease is given up;
+        ``claim_run`` takes the run again once ``until`` is due. A signal wait
+        (``reason="signal"``) whose signal was stored meanwhile (sent after the handler last
+        looked) is due at once, so no delivery is lost."""
 
     @abstractmethod
     async def wake_offline_runs(self, now: int) -> int:

@@ -85,4 +85,5 @@ def step_from_row(row: Row) -> StepRecord:
         completed_at=row["completed_at"],
         kind=row["kind"],
         attempt=row["attempt"],
+        metadata_json=row["metadata"],
     )

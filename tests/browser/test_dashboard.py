@@ -131,7 +131,18 @@ async def nap(step: StepContext, payload: Any) -> None:
     await step.sleep("cool-down", 3600)
 
 
-JOBS = [slow_report, send_invoice, approval, flaky, fail_once, nap]
+def _summarize(step: StepContext) -> str:
+    step.attempt.set_metadata({"model": XSS, "tokens": 812})
+    return "summary"
+
+
+@define_job("noted")
+async def noted(step: StepContext, payload: Any) -> dict[str, Any]:
+    """A step.all whose branch "summarize" attaches attempt metadata (with XSS in it)."""
+    return await step.all({"summarize": (_summarize, step), "classify": lambda: "plain"})
+
+
+JOBS = [slow_report, send_invoice, approval, flaky, fail_once, nap, noted]
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -640,6 +651,7 @@ def detail(driver: Any) -> dict[str, Any]:
                 name: s.dataset.step, cls: s.className,
                 kind: s.querySelector('.step-kind')?.textContent ?? null,
                 note: s.querySelector('.step-note')?.textContent ?? null,
+                metadata: s.querySelector('.step-metadata')?.textContent ?? null,
                 attempts: [...s.querySelectorAll('.attempt')].map((a) =>
                   [...a.children].map((c) => c.textContent))})),
             };"""
@@ -1120,3 +1132,19 @@ def test_a_job_module_that_raises_on_import_names_its_line(driver: Any, site_url
     assert shown["head"].startswith(f"KeyError: job module {url}_test/import_error_jobs.py, line 6: "), shown
     assert 'REGION = SETTINGS["region"]' in shown["traceback"], shown
     assert "importlib" not in shown["traceback"], "the import machinery's frames are noise"
+
+
+def test_a_step_all_shows_its_branches_and_their_attempt_metadata_as_text(
+    driver: Any, server: ServerThread, api: httpx.Client
+) -> None:
+    open_dashboard(driver, server)
+    run = trigger(api, "noted", None)
+    wait_status(api, run, "completed")
+    click_row(driver, run)
+    wait_until(lambda: any(s["metadata"] for s in detail(driver)["steps"]), what="the attempt metadata")
+    steps = detail(driver)["steps"]
+    assert [(s["name"], s["metadata"]) for s in steps] == [
+        ("summarize", f"model: {json.dumps(XSS)} · tokens: 812"),
+        ("classify", None),
+    ]
+    page_is_unharmed(driver)

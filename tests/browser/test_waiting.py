@@ -1,5 +1,6 @@
 """Durable waiting in real headless Chromium: sleeps, signals and retry backoffs outlive a
-page reload, and the JS API's sendSignal, resumeRun, forkRun and getStepAttempts.
+page reload, a step.all reloaded between its branches, and the JS API's sendSignal, resumeRun, forkRun
+and getStepAttempts.
 
 The page is pages/runtime.html with the job modules runtime_jobs.py and waiting_jobs.py
 (whose steps record every execution in IndexedDB, see tests/browser/executions.py), on a
@@ -287,3 +288,56 @@ def test_sleep_signal_and_retry_backoff_survive_a_reload(driver: Any, site_url: 
     assert page(driver, "return await durably.integrityCheck()") == "ok"
     first_step = min(e["at"] for e in after["events"] if e["type"] == "step:start")
     print(f"\n{storage}: reload -> first step of a woken run {first_step - reloaded_at:.0f} ms")
+
+
+@pytest.mark.parametrize("storage", ["opfs", pytest.param("idb", marks=pytest.mark.slow)])
+def test_a_reload_during_a_step_all_runs_only_its_unfinished_branch_again(
+    driver: Any, site_url: Any, storage: str
+) -> None:
+    url, _ = site_url
+    open_page(driver, url, storage, f"parallel-{storage}.db")
+    run_id = page(
+        driver,
+        POLL_JS
+        + """
+        const run = await durably.trigger("parallel-reload", {});
+        // "quick" is recorded while "held" is still running: the reload comes in between.
+        await poll(async () => (await durably.getSteps(run.id)).some((s) => s.name === "quick"), "quick");
+        await poll(async () => (await effects()).some((r) => r.run === run.id && r.step === "held"), "held");
+        return run.id;
+        """,
+    )
+    driver.refresh()
+    wait_ready(driver)
+    after = page(
+        driver,
+        """
+        const done = await durably.waitForRun(args[0], {timeout: args[1]});
+        const [steps, attempts] = [await durably.getSteps(args[0]), await durably.getStepAttempts(args[0])];
+        return {done, steps, attempts};
+        """,
+        run_id,
+        DEADLINE_MS,
+    )
+    assert after["done"]["status"] == "completed", after["done"]
+    assert after["done"]["output"] == {"results": {"quick": "quick", "held": "held"}, "after": 2}
+    assert [(s["index"], s["name"]) for s in after["steps"]] == [(0, "quick"), (1, "held"), (2, "after")]
+    metadata = {a["name"]: a["metadata"] for a in after["attempts"]}
+    assert metadata == {"quick": {"model": "m1", "tokens": 812}, "held": None, "after": None}
+
+    ran = executions(driver, run_id)
+    (first_load,) = {load for step, load, _ in ran if step == "quick"}
+    loads = {load for _, load, _ in ran}
+    assert len(loads) == 2, ran
+    (second_load,) = loads - {first_load}
+    # "quick" ran once, before the reload; "held" began then and ran again after it, alone.
+    assert sorted(ran) == sorted(
+        [
+            ("quick", first_load, 1),
+            ("held", first_load, 1),
+            ("held", second_load, 2),
+            ("after", second_load, 2),
+        ]
+    )
+    check_one_page_load_at_a_time(driver, [run_id])
+    assert page(driver, "return await durably.integrityCheck()") == "ok"

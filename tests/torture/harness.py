@@ -8,7 +8,8 @@ blocking step outlasts the lease, so they survive only if the lease is renewed,
 and durable waits: a step retried under a ``RetryPolicy`` that fails N times then
 succeeds or runs out of attempts, short ``step.sleep`` naps, and ``wait_for_signal``
 runs whose signals this client sends with a ``signal_id``, before the run reaches
-its wait, while it waits, while no worker is alive, and twice)
+its wait, while it waits, while no worker is alive, and twice, and ``step.all`` runs whose
+sync and async branches run at once, one of them sometimes failing on purpose)
 from a client in this process, runs them in worker subprocesses
 (``torture_jobs.py``) on one database (a SQLite file of its own, or the empty
 database ``db_url`` names: PostgreSQL), kills a worker ``kills`` times in a
@@ -204,6 +205,8 @@ class Expected:
     naps: list[float] = field(default_factory=list)  # torture-sleep: the sleeps' seconds
     waits: int = 0  # torture-signal: the signal waits go-0 ..
     signals: list[SentSignal] = field(default_factory=list)  # every send to this run, in order
+    branches: int = 0  # torture-parallel: the step.all's branches ...
+    fail_branch: int = -1  # ... and the one that fails on purpose
 
     def winners(self) -> dict[str, SentSignal]:
         """Per signal name, the send a wait must consume: the first one stored."""
@@ -343,6 +346,15 @@ def expected_outcome(exp: Expected) -> tuple[list[str], str, dict[str, Any] | No
         if exp.cancel_accepted:
             return names, "cancelled", None, None
         return names, "completed", output, None
+    if exp.job == "torture-parallel":
+        names = torture_jobs.parallel_names(exp.branches)
+        if exp.cancel_accepted:
+            return names, "cancelled", None, None
+        if exp.fail_branch >= 0:
+            # The failing branch's siblings are recorded all the same; s1 is never reached.
+            failing = f"p{exp.fail_branch}"
+            return [n for n in names if n not in (failing, "s1")], "failed", None, failing
+        return names, "completed", {"total": total(exp.run_id, names)}, None
     names = [f"s{i}" for i in range(exp.steps)]
     if exp.spawn and exp.steps > 1:
         names.append("spawn")
@@ -1144,6 +1156,8 @@ class Torture:
                 retry_delay=payload.get("delay", 0.0) if job == "torture-retry" else 0.0,
                 naps=list(payload.get("naps", [])),
                 waits=payload.get("waits", 0),
+                branches=payload.get("branches", 0),
+                fail_branch=payload.get("fail_branch", -1),
             )
             if job == "torture-signal":
                 self.plan_signals(run.id, payload["waits"], mix=protected)
@@ -1192,6 +1206,9 @@ class Torture:
             run_id = await self.trigger(payload, {}, protected=True, job="torture-offline")
             assert run_id is not None
             self.offline_mix.add(run_id)
+        # Parallel steps: a step.all that completes, one whose branch fails (siblings recorded).
+        await self.trigger({"branches": 4, "delay": 0.05}, {}, protected=True, job="torture-parallel")
+        await self.trigger({"branches": 3, "fail_branch": 1}, {}, protected=True, job="torture-parallel")
         return await self.trigger({"steps": 10, "delay": 0.05}, {"concurrency_key": "ck-a"}, protected=True)
 
     def plan_signals(self, run_id: str, waits: int, *, mix: bool = False) -> None:
@@ -1280,6 +1297,13 @@ class Torture:
         for _ in range(count):
             if self.rng.random() < 0.3:
                 await self.trigger_waiting_kind()
+                continue
+            if self.rng.random() < 0.15:
+                branches = self.rng.randint(2, 5)
+                payload = {"branches": branches, "delay": self.rng.choice([0.005, 0.02, 0.05])}
+                if self.rng.random() < 0.2:
+                    payload["fail_branch"] = self.rng.randrange(branches)
+                await self.trigger(payload, {}, job="torture-parallel")
                 continue
             roll = self.rng.random()
             steps = self.rng.randint(3, 12)

@@ -296,3 +296,42 @@ async def test_cancelled_run_in_flight_step_does_not_overlap_the_next_run_of_its
     assert spans["second"][0] >= spans["first"][1], (
         "the next run of the key started before the cancelled one stopped"
     )
+
+
+# --- the checker on a step.all (torture-parallel) ---------------------------------------------------
+
+
+def parallel_failed_run(run_id: str) -> dict[str, Any]:
+    return {
+        "id": run_id,
+        "job_name": "torture-parallel",
+        "status": "failed",
+        "output": None,
+        "idempotency_key": None,
+        "concurrency_key": None,
+        "attempt": 1,
+    }
+
+
+def parallel_check(step_rows: list[dict[str, Any]]) -> TortureResult:
+    """A torture-parallel run R1 of branches p0, p1, p2 whose p1 fails on purpose: s0 and
+    every branch ran to their end in one attempt."""
+    runs = {"R1": parallel_failed_run("R1")}
+    expected = {"R1": Expected(run_id="R1", job="torture-parallel", branches=3, fail_branch=1)}
+    lines = [f"B R1 {name} 100 x{i} 1 {1000 + i}" for i, name in enumerate(["s0", "p0", "p1", "p2"])]
+    lines += [f"E R1 {name} 100 x{i} 1 {2000 + i}" for i, name in enumerate(["s0", "p0", "p1", "p2"])]
+    result = TortureResult()
+    check_log(parse_log("\n".join(lines) + "\n"), runs, step_rows, expected, {}, result, lease_ns=LEASE_NS)
+    return result
+
+
+def test_checker_accepts_a_failed_step_all_whose_siblings_were_recorded() -> None:
+    failed = {"run_id": "R1", "name": "p1", "status": "failed", "output": None}
+    rows = [committed("R1", "s0", "x0"), committed("R1", "p0", "x1"), failed, committed("R1", "p2", "x3")]
+    assert parallel_check(rows).violations == []
+
+
+def test_checker_rejects_a_failed_step_all_that_lost_a_siblings_result() -> None:
+    failed = {"run_id": "R1", "name": "p1", "status": "failed", "output": None}
+    result = parallel_check([committed("R1", "s0", "x0"), committed("R1", "p0", "x1"), failed])
+    assert any("lacks committed steps ['p2']" in v for v in result.violations), result.violations

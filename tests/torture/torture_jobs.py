@@ -393,7 +393,44 @@ async def offline_fetcher(step: StepContext, payload: OfflineIn) -> ChainOut:
     return ChainOut(total=first["v"] + fetched["v"] + last["v"])
 
 
-JOBS = [chain, child, retrying, sleeper, signalled, offline_fetcher]
+# --- parallel steps (step.all) ---------------------------------------------------------------------
+
+
+class ParallelIn(BaseModel):
+    branches: int  # s0, then the branches p0 .. p{branches-1} in one step.all, then s1
+    delay: float = 0.02
+    fail_branch: int = -1  # this branch fails on purpose: the run fails, its siblings are recorded
+
+
+def parallel_names(branches: int) -> list[str]:
+    """Every step of a torture-parallel run, in position order (all add to its total)."""
+    return ["s0", *(f"p{i}" for i in range(branches)), "s1"]
+
+
+@define_job("torture-parallel", input=ParallelIn, output=ChainOut)
+async def parallel(step: StepContext, payload: ParallelIn) -> ChainOut:
+    run_id = step.run_id
+    total = (await step.run("s0", effect_sync, run_id, "s0", step.attempt, 0.01, False))["v"]
+    # Sync and async branches alternate: threads and tasks at once, each branch its own step.
+    results = await step.all(
+        {
+            f"p{i}": (
+                effect_sync if i % 2 == 0 else effect_async,
+                run_id,
+                f"p{i}",
+                step.attempt,
+                payload.delay * (1 + i % 3),
+                i == payload.fail_branch,
+            )
+            for i in range(payload.branches)
+        }
+    )
+    total += sum(result["v"] for result in results.values())
+    total += (await step.run("s1", effect_async, run_id, "s1", step.attempt, 0.01, False))["v"]
+    return ChainOut(total=total)
+
+
+JOBS = [chain, child, retrying, sleeper, signalled, offline_fetcher, parallel]
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -270,9 +270,10 @@ SELECT pg_notify(%(channel)s, id || ' ' || status || ' ' || %(origin)s) FROM exp
 -- FOR SHARE makes the fence exact: a takeover (claim_run's UPDATE of the run row) either
 -- committed before, and the recheck of the locked row sees the new generation, or waits
 -- until this step is committed, so the new owner's replay reads it.
-INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt)
+INSERT INTO durably_steps (
+    run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt, metadata)
 SELECT %(run_id)s, %(seq)s, %(name)s, %(status)s, %(output)s, %(error)s, %(started_at)s,
-       %(completed_at)s, %(kind)s, %(attempt)s
+       %(completed_at)s, %(kind)s, %(attempt)s, %(metadata)s
 WHERE EXISTS (
     SELECT 1 FROM durably_runs
     WHERE id = %(run_id)s AND status = 'leased' AND lease_generation = %(generation)s
@@ -280,15 +281,16 @@ WHERE EXISTS (
 ON CONFLICT (run_id, seq) DO UPDATE
 SET name = excluded.name, status = excluded.status, output = excluded.output, error = excluded.error,
     started_at = excluded.started_at, completed_at = excluded.completed_at, kind = excluded.kind,
-    attempt = excluded.attempt
+    attempt = excluded.attempt, metadata = excluded.metadata
 WHERE durably_steps.status = 'failed'
 
 -- name: record_failed_step
-INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, attempt)
-VALUES (%(run_id)s, %(seq)s, %(name)s, 'failed', NULL, %(error)s, %(started_at)s, %(completed_at)s, %(attempt)s)
+INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, attempt, metadata)
+VALUES (%(run_id)s, %(seq)s, %(name)s, 'failed', NULL, %(error)s, %(started_at)s, %(completed_at)s, %(attempt)s,
+        %(metadata)s)
 ON CONFLICT (run_id, seq) DO UPDATE
 SET status = 'failed', error = excluded.error, started_at = excluded.started_at,
-    completed_at = excluded.completed_at, attempt = excluded.attempt
+    completed_at = excluded.completed_at, attempt = excluded.attempt, metadata = excluded.metadata
 
 -- name: set_progress
 UPDATE durably_runs
@@ -379,8 +381,9 @@ WHERE id = %(id)s AND consumed_at IS NULL AND EXISTS (
     FOR SHARE)
 
 -- name: insert_step_attempt
-INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at, offline)
-VALUES (%(run_id)s, %(seq)s, %(name)s, %(attempt)s, %(error)s, %(started_at)s, %(completed_at)s, %(offline)s)
+INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at, offline, metadata)
+VALUES (%(run_id)s, %(seq)s, %(name)s, %(attempt)s, %(error)s, %(started_at)s, %(completed_at)s, %(offline)s,
+        %(metadata)s)
 ON CONFLICT (run_id, seq, attempt) DO NOTHING
 
 -- name: list_step_attempts
@@ -405,8 +408,8 @@ SELECT resumed.*, pg_notify(%(channel)s, resumed.id || ' pending' || ' ' || %(or
 
 -- name: archive_failed_steps
 -- On resume the failed step's row becomes an attempt in the history (the step runs again).
-INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at)
-SELECT run_id, seq, name, attempt, error, started_at, completed_at
+INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at, metadata)
+SELECT run_id, seq, name, attempt, error, started_at, completed_at, metadata
 FROM durably_steps WHERE run_id = %(run_id)s AND status = 'failed'
 ON CONFLICT (run_id, seq, attempt) DO NOTHING
 
@@ -418,8 +421,9 @@ UPDATE durably_step_attempts SET before_resume = true WHERE run_id = %(run_id)s
 
 -- name: copy_steps_for_fork
 -- fork_run: the source's completed steps before the fork point, at the same positions.
-INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt)
-SELECT %(new_id)s, seq, name, status, output, error, started_at, completed_at, kind, attempt
+INSERT INTO durably_steps (
+    run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt, metadata)
+SELECT %(new_id)s, seq, name, status, output, error, started_at, completed_at, kind, attempt, metadata
 FROM durably_steps WHERE run_id = %(source_id)s AND status = 'completed' AND seq < %(before_seq)s
 
 -- name: drop_step_outputs

@@ -755,6 +755,7 @@ class PostgresStore(Store):
             "completed_at": step.completed_at,
             "kind": step.kind,
             "attempt": step.attempt,
+            "metadata": step.metadata_json,
             "generation": generation,
         }
         return await _count(conn, "record_step", params) == 1
@@ -771,6 +772,7 @@ class PostgresStore(Store):
         failed_attempt: StepRecord | None = None,
         step: StepRecord | None = None,
         deadline: int | None = None,
+        failed_attempts: Sequence[StepRecord] = (),
     ) -> bool:
         async with self._transaction() as conn:
             if await _one(conn, "lock_leased_run", {"id": run_id, "generation": generation}) is None:
@@ -790,18 +792,19 @@ class PostgresStore(Store):
             }
             if await _count(conn, "wait_run", params) == 0:
                 return False
-            if failed_attempt is not None:
+            for attempt in [*([] if failed_attempt is None else [failed_attempt]), *failed_attempts]:
                 await conn.execute(
                     Q["insert_step_attempt"],
                     {
                         "run_id": run_id,
-                        "seq": failed_attempt.index,
-                        "name": failed_attempt.name,
-                        "attempt": failed_attempt.attempt,
-                        "error": failed_attempt.error_json,
-                        "started_at": failed_attempt.started_at,
-                        "completed_at": failed_attempt.completed_at,
-                        "offline": failed_attempt.offline,
+                        "seq": attempt.index,
+                        "name": attempt.name,
+                        "attempt": attempt.attempt,
+                        "error": attempt.error_json,
+                        "started_at": attempt.started_at,
+                        "completed_at": attempt.completed_at,
+                        "offline": attempt.offline,
+                        "metadata": attempt.metadata_json,
                     },
                 )
         return True
@@ -937,6 +940,7 @@ class PostgresStore(Store):
                 completed_at=row["completed_at"],
                 attempt=row["attempt"],
                 offline=bool(row["offline"]),
+                metadata_json=row["metadata"],
             )
             for row in rows
         ]
@@ -1002,6 +1006,7 @@ class PostgresStore(Store):
                         "started_at": failed_step.started_at,
                         "completed_at": failed_step.completed_at,
                         "attempt": failed_step.attempt,
+                        "metadata": failed_step.metadata_json,
                     },
                 )
             if drop_step_outputs:

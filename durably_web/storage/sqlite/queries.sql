@@ -131,23 +131,25 @@ WHERE status IN ('leased', 'cancelled') AND lease_expires_at > :now
 -- name: record_step
 -- One statement, so it is its own committed transaction on the hot path. A failed
 -- row at the same position (a resumed run executing its failed step again) is replaced.
-INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt)
-SELECT :run_id, :seq, :name, :status, :output, :error, :started_at, :completed_at, :kind, :attempt
+INSERT INTO durably_steps (
+    run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt, metadata)
+SELECT :run_id, :seq, :name, :status, :output, :error, :started_at, :completed_at, :kind, :attempt, :metadata
 WHERE EXISTS (
     SELECT 1 FROM durably_runs
     WHERE id = :run_id AND status = 'leased' AND lease_generation = :generation)
 ON CONFLICT (run_id, seq) DO UPDATE
 SET name = excluded.name, status = excluded.status, output = excluded.output, error = excluded.error,
     started_at = excluded.started_at, completed_at = excluded.completed_at, kind = excluded.kind,
-    attempt = excluded.attempt
+    attempt = excluded.attempt, metadata = excluded.metadata
 WHERE durably_steps.status = 'failed'
 
 -- name: record_failed_step
-INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, attempt)
-VALUES (:run_id, :seq, :name, 'failed', NULL, :error, :started_at, :completed_at, :attempt)
+INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, attempt, metadata)
+VALUES (:run_id, :seq, :name, 'failed', NULL, :error, :started_at, :completed_at, :attempt,
+        :metadata)
 ON CONFLICT (run_id, seq) DO UPDATE
 SET status = 'failed', error = excluded.error, started_at = excluded.started_at,
-    completed_at = excluded.completed_at, attempt = excluded.attempt
+    completed_at = excluded.completed_at, attempt = excluded.attempt, metadata = excluded.metadata
 
 -- name: set_progress
 UPDATE durably_runs
@@ -210,8 +212,9 @@ WHERE id = :id AND consumed_at IS NULL AND EXISTS (
       AND lease_generation = :generation)
 
 -- name: insert_step_attempt
-INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at, offline)
-VALUES (:run_id, :seq, :name, :attempt, :error, :started_at, :completed_at, :offline)
+INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at, offline, metadata)
+VALUES (:run_id, :seq, :name, :attempt, :error, :started_at, :completed_at, :offline,
+        :metadata)
 ON CONFLICT (run_id, seq, attempt) DO NOTHING
 
 -- name: list_step_attempts
@@ -232,8 +235,8 @@ WHERE id = :id AND status IN ('failed', 'cancelled')
 
 -- name: archive_failed_steps
 -- On resume the failed step's row becomes an attempt in the history (the step runs again).
-INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at)
-SELECT run_id, seq, name, attempt, error, started_at, completed_at
+INSERT INTO durably_step_attempts (run_id, seq, name, attempt, error, started_at, completed_at, metadata)
+SELECT run_id, seq, name, attempt, error, started_at, completed_at, metadata
 FROM durably_steps WHERE run_id = :run_id AND status = 'failed'
 ON CONFLICT (run_id, seq, attempt) DO NOTHING
 
@@ -245,8 +248,9 @@ UPDATE durably_step_attempts SET before_resume = 1 WHERE run_id = :run_id
 
 -- name: copy_steps_for_fork
 -- fork_run: the source's completed steps before the fork point, at the same positions.
-INSERT INTO durably_steps (run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt)
-SELECT :new_id, seq, name, status, output, error, started_at, completed_at, kind, attempt
+INSERT INTO durably_steps (
+    run_id, seq, name, status, output, error, started_at, completed_at, kind, attempt, metadata)
+SELECT :new_id, seq, name, status, output, error, started_at, completed_at, kind, attempt, metadata
 FROM durably_steps WHERE run_id = :source_id AND status = 'completed' AND seq < :before_seq
 
 -- name: drop_step_outputs

@@ -512,6 +512,7 @@ class SQLiteStore(Store):
                     "completed_at": step.completed_at,
                     "kind": step.kind,
                     "attempt": step.attempt,
+                    "metadata": step.metadata_json,
                     "generation": generation,
                 },
             )
@@ -531,6 +532,7 @@ class SQLiteStore(Store):
         failed_attempt: StepRecord | None = None,
         step: StepRecord | None = None,
         deadline: int | None = None,
+        failed_attempts: Sequence[StepRecord] = (),
     ) -> bool:
         conn = self._conn
         with conn.transaction():
@@ -550,20 +552,9 @@ class SQLiteStore(Store):
             )
             if changed == 0:
                 return False
-            if failed_attempt is not None:
-                conn.execute(
-                    Q["insert_step_attempt"],
-                    {
-                        "run_id": run_id,
-                        "seq": failed_attempt.index,
-                        "name": failed_attempt.name,
-                        "attempt": failed_attempt.attempt,
-                        "error": failed_attempt.error_json,
-                        "started_at": failed_attempt.started_at,
-                        "completed_at": failed_attempt.completed_at,
-                        "offline": int(failed_attempt.offline),
-                    },
-                )
+            attempts = [*([] if failed_attempt is None else [failed_attempt]), *failed_attempts]
+            for attempt in attempts:
+                conn.execute(Q["insert_step_attempt"], _attempt_params(run_id, attempt))
         return True
 
     @_sqlite_call(durable=True)
@@ -703,6 +694,7 @@ class SQLiteStore(Store):
                 completed_at=row["completed_at"],
                 attempt=row["attempt"],
                 offline=bool(row["offline"]),
+                metadata_json=row["metadata"],
             )
             for row in self._conn.fetch_all(Q["list_step_attempts"], {"run_id": run_id})
         ]
@@ -766,6 +758,7 @@ class SQLiteStore(Store):
                         "started_at": failed_step.started_at,
                         "completed_at": failed_step.completed_at,
                         "attempt": failed_step.attempt,
+                        "metadata": failed_step.metadata_json,
                     },
                 )
             if drop_step_outputs:
@@ -811,3 +804,17 @@ class SQLiteStore(Store):
             )
             for row in self._conn.fetch_all(Q["list_logs"], {"run_id": run_id})
         ]
+
+
+def _attempt_params(run_id: str, attempt: StepRecord) -> dict[str, Any]:
+    return {
+        "run_id": run_id,
+        "seq": attempt.index,
+        "name": attempt.name,
+        "attempt": attempt.attempt,
+        "error": attempt.error_json,
+        "started_at": attempt.started_at,
+        "completed_at": attempt.completed_at,
+        "offline": int(attempt.offline),
+        "metadata": attempt.metadata_json,
+    }

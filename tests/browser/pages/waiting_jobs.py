@@ -10,6 +10,7 @@ under its file name first, so ``import runtime_jobs`` finds the one already load
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -77,3 +78,26 @@ async def fail_once(step: StepContext, payload: Any) -> dict[str, Any]:
     await executed(step, "check", check)
     await executed(step, "s2", lambda: 2)
     return {"attempt": step.attempt}
+
+
+@define_job("parallel-reload")
+async def parallel_reload(step: StepContext, payload: Any) -> dict[str, Any]:
+    """A step.all whose branch "quick" completes at once (noting attempt metadata) while "held"
+    blocks on the run's first attempt: the test reloads the page then, and the next page load
+    must run only "held" again."""
+
+    async def quick() -> str:
+        await record_effect("B", step.run_id, "quick", step.attempt)
+        step.attempt.set_metadata({"model": "m1", "tokens": 812})
+        await record_effect("E", step.run_id, "quick", step.attempt)
+        return "quick"
+
+    async def held() -> str:
+        await record_effect("B", step.run_id, "held", step.attempt)
+        if step.attempt == 1:
+            await asyncio.Event().wait()  # until the page goes away
+        await record_effect("E", step.run_id, "held", step.attempt)
+        return "held"
+
+    results = await step.all({"quick": quick, "held": held})
+    return {"results": results, "after": await executed(step, "after", lambda: int(step.attempt))}
