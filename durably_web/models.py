@@ -85,6 +85,10 @@ class Run:
     wait_step: str | None = None
     #: ``fork_run``: the id of the run this one was forked from.
     forked_from: str | None = None
+    #: A child run (``step.start_child``): the id of the run that started it.
+    parent_run_id: str | None = None
+    #: While waiting with ``wait_reason == "child"``: the child run it waits for.
+    wait_child_id: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -113,6 +117,8 @@ class Run:
             "wait_reason": self.wait_reason,
             "wait_step": self.wait_step,
             "forked_from": self.forked_from,
+            "parent_run_id": self.parent_run_id,
+            "wait_child_id": self.wait_child_id,
         }
 
 
@@ -130,8 +136,10 @@ class Step:
     completed_at: datetime
     #: "run" (``step.run``), "sleep" (``step.sleep``/``sleep_until``; output: the due time in
     #: ms since the epoch) or "signal" (``wait_for_signal``; output: ``{"payload": ...}`` or
-    #: ``{"timeout": true}``).
-    kind: Literal["run", "sleep", "signal"] = "run"
+    #: ``{"timeout": true}``), "child" (``start_child``; output: the ``ChildRun`` handle as
+    #: ``{"run_id": ..., "job_name": ...}``) or "child_wait" (``wait_for_child``; output:
+    #: ``{"output": ...}``, the child's output).
+    kind: Literal["run", "sleep", "signal", "child", "child_wait"] = "run"
 
     @property
     def duration_ms(self) -> float:
@@ -246,3 +254,13 @@ def to_jsonable(value: Any) -> Any:
     from pydantic_core import to_jsonable_python
 
     return to_jsonable_python(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ChildRun:
+    """What ``step.start_child`` returns: the handle of the child run it started (and
+    recorded, so a replay returns the same handle). Pass it to ``step.wait_for_child``;
+    ``run_id`` also finds the child through ``get_run`` and ``get_runs(parent_run_id=)``."""
+
+    run_id: str
+    job_name: str

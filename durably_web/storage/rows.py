@@ -38,6 +38,8 @@ def run_from_row(row: Row) -> RunRecord:
         wait_step=row["wait_step"],
         forked_from=row["forked_from"],
         wait_deadline=row["wait_deadline"],
+        parent_run_id=row["parent_run_id"],
+        wait_child_id=row["wait_child_id"],
     )
 
 
@@ -66,6 +68,7 @@ def new_run_record(new: NewRun, *, keys: bool = True) -> RunRecord:
         completed_at=None,
         updated_at=new.created_at,
         forked_from=new.forked_from,
+        parent_run_id=new.parent_run_id,
     )
 
 
