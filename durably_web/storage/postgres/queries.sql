@@ -373,7 +373,7 @@ SELECT pg_notify(%(channel)s, id || ' waiting' || ' ' || %(origin)s) FROM woken
 -- The run and every descendant (also below children that ended), locked deepest first:
 -- the order every child-outcome writer follows (child, then parent).
 WITH RECURSIVE tree (id, depth) AS (
-    SELECT %(id)s::text, 0
+    SELECT id, 0 FROM durably_runs WHERE id = %(id)s
     UNION ALL
     SELECT c.id, tree.depth + 1 FROM durably_runs AS c JOIN tree ON c.parent_run_id = tree.id
 )
