@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
     from .step import StepContext
 
+
 def _handle_json(handle: ChildRun) -> str:
     return json.dumps({"run_id": handle.run_id, "job_name": handle.job_name}, separators=(",", ":"))
 
@@ -209,7 +210,10 @@ def _child_error(parent_id: str, child_id: str, status: str | None, record: Any)
         )
     detail = f": {error}" if error is not None else ""
     return ChildRunFailedError(
-        f"run {parent_id}: child run {child_id} failed{detail}", child_run_id=child_id, status=status, error=error
+        f"run {parent_id}: child run {child_id} failed{detail}",
+        child_run_id=child_id,
+        status=status,
+        error=error,
     )
 
 

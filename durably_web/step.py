@@ -545,7 +545,9 @@ class StepContext:
         validated against the job's input type first (``ValidationError``). ``labels`` and
         ``concurrency_key`` are the child's own, as for ``trigger`` (a concurrency key with
         another pending run raises ``ConflictError``, and nothing is written)."""
-        return await children.start_child(self, name, job, input, labels=labels, concurrency_key=concurrency_key)
+        return await children.start_child(
+            self, name, job, input, labels=labels, concurrency_key=concurrency_key
+        )
 
     @overload
     async def wait_for_child(self, name: str, child: ChildRun | str, *, type: type[T]) -> T: ...

@@ -231,14 +231,16 @@ async def child_job(step: StepContext, payload: ChildIn) -> ChildOut:
 @define_job("parent", input=ChildIn, output=ChildOut)
 async def parent_job(step: StepContext, payload: ChildIn) -> ChildOut:
     child = await step.start_child("start", child_job, {"side_effects": payload.side_effects})
-    await step.run("between", blocked_line, payload.side_effects, "between", payload.side_effects + ".between")
+    gate = payload.side_effects + ".between"
+    await step.run("between", blocked_line, payload.side_effects, "between", gate)
     out: ChildOut = await step.wait_for_child("wait", child)
     return out
 
 
 async def run_child(args: argparse.Namespace) -> None:
     async with Durably(args.db_url, jobs=[parent_job, child_job], **worker_options(2.0)) as durably:
-        run = await durably.trigger(parent_job, ChildIn(side_effects=args.side_effects), idempotency_key="child")
+        payload = ChildIn(side_effects=args.side_effects)
+        run = await durably.trigger(parent_job, payload, idempotency_key="child")
         done = await durably.wait_for_run(run.id, timeout=60)
         print(json.dumps({**done.to_dict(), "pid": os.getpid(), "disposition": run.disposition}), flush=True)
 

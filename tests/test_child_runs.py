@@ -330,6 +330,12 @@ def _rows(db_path: Path, query: str) -> list[tuple[Any, ...]]:
         conn.close()
 
 
+def _open_gates(side_effects: Path, *names: str) -> None:
+    """Create the files the crash_jobs 'child' steps block on (see tests/crash_jobs.py)."""
+    for name in names:
+        Path(f"{side_effects}.{name}").touch()
+
+
 async def _kill_when(first: Any, ready: Any) -> None:
     def check() -> Any:
         if first.poll() is not None:
@@ -349,16 +355,13 @@ async def test_sigkill_between_start_child_and_wait_for_child_then_restart_has_o
     side_effects = tmp_path / "side-effects.txt"
     first = start_process("child", db_url, str(side_effects))
     # Killed inside "between": the child is started (and recorded), the wait not reached yet.
-    await _kill_when(
-        first, lambda: {name for name, _, _ in timed_lines(side_effects)} >= {"between", "work"}
-    )
+    await _kill_when(first, lambda: {name for name, _, _ in timed_lines(side_effects)} >= {"between", "work"})
     assert _rows(db_path, "SELECT job_name, parent_run_id IS NOT NULL FROM durably_runs ORDER BY id") == [
         ("parent", 0),
         ("child", 1),
     ]
     assert _rows(db_path, "SELECT name, kind FROM durably_steps ORDER BY seq") == [("start", "child")]
-    Path(f"{side_effects}.between").touch()
-    Path(f"{side_effects}.child").touch()
+    _open_gates(side_effects, "between", "child")
     second = start_process("child", db_url, str(side_effects))
     result = finish_process(second)
     assert result["disposition"] == "idempotent" and result["status"] == "completed"
@@ -367,7 +370,7 @@ async def test_sigkill_between_start_child_and_wait_for_child_then_restart_has_o
         db_path, "SELECT parent_run_id, id FROM durably_runs WHERE job_name = 'child'"
     )
     assert parent_id == result["id"]
-    assert _rows(db_path, "SELECT status FROM durably_runs WHERE id = '%s'" % child_id) == [("completed",)]
+    assert _rows(db_path, f"SELECT status FROM durably_runs WHERE id = '{child_id}'") == [("completed",)]
     names = [(name, pid) for name, pid, _ in timed_lines(side_effects)]
     # Each interrupted step ran again in the second process; nothing else ran twice.
     assert sorted(names) == sorted(
@@ -375,20 +378,24 @@ async def test_sigkill_between_start_child_and_wait_for_child_then_restart_has_o
     )
 
 
-async def test_sigkill_while_a_parent_waits_for_its_child_then_restart_completes_both(db_url, db_path, tmp_path):
+async def test_sigkill_while_a_parent_waits_for_its_child_then_restart_completes_both(
+    db_url, db_path, tmp_path
+):
     side_effects = tmp_path / "side-effects.txt"
-    Path(f"{side_effects}.between").touch()
+    _open_gates(side_effects, "between")
     first = start_process("child", db_url, str(side_effects))
     await _kill_when(
         first,
-        lambda: _rows(db_path, "SELECT status, wait_reason FROM durably_runs WHERE job_name = 'parent'")
-        == [("waiting", "child")]
-        and "work" in {name for name, _, _ in timed_lines(side_effects)},
+        lambda: (
+            _rows(db_path, "SELECT status, wait_reason FROM durably_runs WHERE job_name = 'parent'")
+            == [("waiting", "child")]
+            and "work" in {name for name, _, _ in timed_lines(side_effects)}
+        ),
     )
     [(wait_child,)] = _rows(db_path, "SELECT wait_child_id FROM durably_runs WHERE job_name = 'parent'")
     [(child_id,)] = _rows(db_path, "SELECT id FROM durably_runs WHERE job_name = 'child'")
     assert wait_child == child_id
-    Path(f"{side_effects}.child").touch()
+    _open_gates(side_effects, "child")
     second = start_process("child", db_url, str(side_effects))
     result = finish_process(second)
     assert result["status"] == "completed" and result["output"] == {"worked_by": result["pid"]}

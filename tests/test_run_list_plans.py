@@ -88,7 +88,9 @@ INSERT_LABEL = "INSERT INTO durably_run_labels (run_id, key, value) VALUES ({0},
 
 
 def rows_for_insert(rows: list[dict[str, Any]]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    run_rows = [(r["id"], r["job_name"], r["status"], json.dumps(r["labels"]), r["parent_run_id"]) for r in rows]
+    run_rows = [
+        (r["id"], r["job_name"], r["status"], json.dumps(r["labels"]), r["parent_run_id"]) for r in rows
+    ]
     label_rows = [(r["id"], k, v) for r in rows for k, v in r["labels"].items()]
     return run_rows, label_rows
 

@@ -66,7 +66,8 @@ def list_runs_query(
                 "EXISTS (SELECT 1 FROM durably_run_labels AS o WHERE o.run_id = r.id "
                 f"AND o.key = {bind(key)} AND o.value = {bind(value)})"
             )
-        return f"SELECT r.* FROM durably_runs AS r WHERE {' AND '.join(where)} ORDER BY r.id DESC {page}", params
+        sql = f"SELECT r.* FROM durably_runs AS r WHERE {' AND '.join(where)} ORDER BY r.id DESC {page}"
+        return sql, params
 
     if run_filter.labels:
         (key, value), *others = run_filter.labels.items()

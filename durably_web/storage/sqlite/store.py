@@ -492,7 +492,9 @@ class SQLiteStore(Store):
             if changed == 0:
                 return False
             if child_run_id is not None:
-                conn.execute(Q["due_if_child_ended"], {"id": run_id, "child_run_id": child_run_id, "now": now})
+                conn.execute(
+                    Q["due_if_child_ended"], {"id": run_id, "child_run_id": child_run_id, "now": now}
+                )
             if failed_attempt is not None:
                 conn.execute(
                     Q["insert_step_attempt"],
@@ -734,7 +736,9 @@ class SQLiteStore(Store):
                 return False
             parent = conn.fetch_one(Q["get_parent_run_id"], {"id": run_id})
             if parent is not None and parent["parent_run_id"] is not None:
-                conn.execute(Q["wake_parent"], {"id": run_id, "parent_run_id": parent["parent_run_id"], "now": now})
+                conn.execute(
+                    Q["wake_parent"], {"id": run_id, "parent_run_id": parent["parent_run_id"], "now": now}
+                )
             if failed_step is not None:
                 conn.execute(
                     Q["record_failed_step"],
