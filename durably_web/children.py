@@ -72,7 +72,8 @@ async def start_child(
     execution = ctx._execution
     # Validated before anything is written: a bad input raises ValidationError here.
     _, input_json = definition.validate_input(input)
-    clean_labels = _validated_labels(labels)
+    # The parent's labels first (a tenant's child stays the tenant's), then the given ones.
+    clean_labels = {**execution.record.labels, **_validated_labels(labels)}
     if concurrency_key is not None and (not isinstance(concurrency_key, str) or not concurrency_key):
         raise StepError(f"start_child {name!r}: concurrency_key must be a non-empty string")
     execution.check_can_start_step(name)

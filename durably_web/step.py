@@ -542,9 +542,10 @@ class StepContext:
         The child is an ordinary run (its own steps, retries, leases) with ``parent_run_id``
         set to this run. It is created and the checkpoint recorded in one transaction: a
         replay returns the same handle and never starts a second child. ``input`` is
-        validated against the job's input type first (``ValidationError``). ``labels`` and
-        ``concurrency_key`` are the child's own, as for ``trigger`` (a concurrency key with
-        another pending run raises ``ConflictError``, and nothing is written)."""
+        validated against the job's input type first (``ValidationError``). The child gets
+        this run's labels, updated with ``labels``; ``concurrency_key`` is its own, as for
+        ``trigger`` (one with another pending run raises ``ConflictError``, and nothing is
+        written)."""
         return await children.start_child(
             self, name, job, input, labels=labels, concurrency_key=concurrency_key
         )
