@@ -126,7 +126,10 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             "wait_reason": {"enum": ["retry", "sleep", "signal", "offline", "child", None]},
             "wait_step": {"type": ["string", "null"]},
             "forked_from": {"type": ["string", "null"]},
-            "parent_run_id": {"type": ["string", "null"], "description": "a child run: the run that started it"},
+            "parent_run_id": {
+                "type": ["string", "null"],
+                "description": "a child run (step.start_child): the run that started it",
+            },
             "wait_child_id": {"type": ["string", "null"], "description": "waiting for this child run"},
         },
     }
@@ -293,7 +296,8 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                 parameters=[_RUN_ID],
             ),
             "delete": _op(
-                "Delete a run that is not running, with its steps and logs (409 while a child run of it is active)",
+                "Delete a run that is not running, with its steps and logs (409 while a child run "
+                "of it is active)",
                 {
                     "200": {"description": "deleted", "content": _json_content({"type": "object"})},
                     **_ERROR_RESPONSES,
