@@ -51,6 +51,7 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
         "signals",
         "sig dup",
         "consumed",
+        "child runs",
         "violations",
         "wall",
     ]
@@ -75,6 +76,7 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
             str(r.signals_sent),
             str(r.signals_duplicate),
             str(r.signals_consumed),
+            str(r.child_runs),
             str(len(r.violations)),
             f"{r.wall_time:.1f} s",
         ]

@@ -67,7 +67,7 @@ NEEDS_CPYTHON: dict[str, str] = {
     "tests/test_child_runs.py::test_sigkill_between_start_child_and_wait_for_child_then_restart_has_one_child": (  # noqa: E501
         f"{_SIGKILL} (a crash_jobs.py worker is killed between start_child and wait_for_child)"
     ),
-    "tests/test_child_runs.py::test_sigkill_while_a_parent_waits_for_its_child_then_restart_completes_both": (  # noqa: E501
+    "tests/test_child_runs.py::test_sigkill_while_a_parent_waits_for_its_child_then_restart_completes_both": (
         f"{_SIGKILL} (a crash_jobs.py worker is killed while the parent waits for its child)"
     ),
 }
