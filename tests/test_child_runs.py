@@ -317,6 +317,32 @@ async def test_a_waiting_parent_is_woken_by_a_child_finished_in_another_process(
     assert len(await child_side.get_runs(parent_run_id=run.id)) == 1
 
 
+async def test_no_wake_up_is_lost_when_children_end_while_their_parents_start_waiting(make_durably):
+    """Children that end at once race their parents' waits, on two instances (two workers):
+    a child ending just before its parent's wait commits must make that wait due at once, and
+    one ending just after must wake it. A lost wake-up leaves a parent waiting for ever (a
+    child wait has no wake-up time to poll for), and wait_for_run below fails. The race is
+    real on PostgreSQL (every statement awaits the server: without due_if_child_ended this
+    fails there); SQLite in one process never interleaves the two transactions, and the
+    kill tests cover it across processes."""
+
+    @define_job("quick-child", output=int)
+    async def quick(step: StepContext, payload: int) -> int:
+        return payload * 2
+
+    @define_job("racing-parent", output=int)
+    async def racing(step: StepContext, payload: int) -> int:
+        child = await step.start_child("quick", quick, payload)
+        return int(await step.wait_for_child("quick-done", child))
+
+    parents = await make_durably(racing, max_concurrent_runs=8)
+    children = await make_durably(quick, max_concurrent_runs=8)
+    runs = [await parents.trigger(racing, n) for n in range(40)]
+    done = [await parents.wait_for_run(run.id, timeout=60) for run in runs]
+    assert [(r.status, r.output) for r in done] == [("completed", n * 2) for n in range(40)]
+    assert len(await children.get_runs(job_name="quick-child", status="completed", limit=1000)) == 40
+
+
 # --- kills ------------------------------------------------------------------------------------
 
 
