@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
     from .step import StepContext
 
+#: How often a fork waiting for its source's child looks at it again (ms): the child's outcome
+#: makes only its own parent due.
+_FORK_RECHECK_MS = 5000
+
 
 def _handle_json(handle: ChildRun) -> str:
     return json.dumps({"run_id": handle.run_id, "job_name": handle.job_name}, separators=(",", ":"))
@@ -139,7 +143,9 @@ async def wait_for_child(ctx: StepContext, name: str, child: ChildRun | str, *, 
         ctx._end_replay()
     started_at = execution.now_ms()
     record = await execution.get_run(child_id)
-    if record is not None and record.parent_run_id != ctx.run_id:
+    # A fork (fork_run) that copied the start_child step shares its source's child.
+    forked_from = execution.record.forked_from
+    if record is not None and record.parent_run_id not in (ctx.run_id, forked_from or ctx.run_id):
         raise StepError(f"wait_for_child {name!r}: run {child_id} is not a child of run {ctx.run_id}")
     if record is None or record.status in ("failed", "cancelled"):
         exc = _child_error(ctx.run_id, child_id, None if record is None else record.status, record)
@@ -176,8 +182,11 @@ async def wait_for_child(ctx: StepContext, name: str, child: ChildRun | str, *, 
             )
         )
         return value
-    # Still running: wait without a slot until the child's outcome makes this run due.
-    await execution.wait_until(NEVER_MS, reason="child", step_name=name, child_run_id=child_id)
+    # Still running: wait without a slot until the child's outcome makes this run due. The
+    # outcome wakes the child's parent only; a fork sharing its source's child looks again
+    # every _FORK_RECHECK_MS instead.
+    until = NEVER_MS if record.parent_run_id == ctx.run_id else execution.now_ms() + _FORK_RECHECK_MS
+    await execution.wait_until(until, reason="child", step_name=name, child_run_id=child_id)
 
 
 def _output_type(

@@ -343,6 +343,20 @@ async def test_no_wake_up_is_lost_when_children_end_while_their_parents_start_wa
     assert len(await children.get_runs(job_name="quick-child", status="completed", limit=1000)) == 40
 
 
+async def test_a_fork_that_copied_the_start_shares_its_sources_child(make_durably):
+    invoice = invoice_job()
+    order = order_job(invoice)
+    durably = await make_durably(invoice, order)
+    run = await durably.trigger(order)
+    assert (await durably.wait_for_run(run.id, timeout=30)).status == "completed"
+    [child] = await durably.get_runs(parent_run_id=run.id)
+    fork = await durably.fork_run(run.id, from_step="invoice-done")  # "invoice" is copied
+    done = await durably.wait_for_run(fork.id, timeout=30)
+    assert done.status == "completed" and done.output == 40
+    assert await durably.get_runs(parent_run_id=fork.id) == []  # no second child
+    assert [r.id for r in await durably.get_runs(job_name="invoice")] == [child.id]
+
+
 # --- kills ------------------------------------------------------------------------------------
 
 
