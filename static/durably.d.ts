@@ -161,6 +161,8 @@ export type EventType =
  * run:resume {attempt, previous_status}; step:start {attempt}; step:fail of a retried
  * failure {attempt, will_retry: true}, also `offline: true` when it failed for want of the network; step:retry {step_name, step_index, attempt,
  * next_attempt, delay (seconds), error}; signal:received {name, signal_id, disposition}.
+ * Child runs add: run:waiting {child_run_id} for a wait_for_child; run:trigger {parent_run_id}
+ * for a run started by step.start_child (from the worker that started it).
  * run:waiting is not terminal: subscribe() goes on until the run ends.
  */
 export interface DurablyEvent {
