@@ -214,7 +214,8 @@ class Store(ABC):
         """``cancel_run`` for the run and, in the same transaction, every pending, leased or
         waiting descendant (its children, theirs, …, also below a child that already ended).
         Returns the run first (as ``cancel_run`` does), then each descendant this call
-        cancelled. A parent waiting for the run is made due, as when a child ends."""
+        cancelled, nearest first (a child before its own children). A parent waiting for
+        the run is made due, as when a child ends."""
 
     @abstractmethod
     async def delete_run(self, run_id: str) -> RunRecord:

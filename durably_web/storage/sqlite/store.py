@@ -344,7 +344,7 @@ class SQLiteStore(Store):
                 if row["id"] != run_id and row["status"] in ("pending", "leased", "waiting"):
                     conn.execute(Q["cancel_run"], {"id": row["id"], "now": now})
                     cancelled.append(self._require(row["id"]))
-        return [record, *cancelled]
+        return [record, *reversed(cancelled)]  # nearest first, as PostgreSQL's
 
     def _wake_parent(self, record: RunRecord, now: int) -> None:
         """``record`` ended (or is being deleted): its waiting parent is due now."""
