@@ -53,6 +53,7 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
         "consumed",
         "offline waits",
         "offline fails",
+        "child runs",
         "violations",
         "wall",
     ]
@@ -79,6 +80,7 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
             str(r.signals_consumed),
             str(r.offline_waits),
             str(r.offline_failures),
+            str(r.child_runs),
             str(len(r.violations)),
             f"{r.wall_time:.1f} s",
         ]

@@ -7,6 +7,8 @@ The same job code runs under CPython (SQLite file) and in a browser tab
 from .durably import Durably, TriggerItem
 from .errors import (
     CancelledError,
+    ChildRunCancelledError,
+    ChildRunFailedError,
     ConflictError,
     DurablyError,
     ExistingRunRefusedError,
@@ -22,7 +24,7 @@ from .errors import (
     WaitTimeoutError,
 )
 from .job import JobDefinition, define_job
-from .models import ErrorInfo, Event, LogEntry, Progress, Run, Step, StepAttempt
+from .models import ChildRun, ErrorInfo, Event, LogEntry, Progress, Run, Step, StepAttempt
 from .network import NetworkStatus
 from .retry import RetryPolicy
 from .step import AttemptNumber, StepBranch, StepContext
@@ -32,6 +34,9 @@ __version__ = "0.1.0"
 __all__ = [
     "AttemptNumber",
     "CancelledError",
+    "ChildRun",
+    "ChildRunCancelledError",
+    "ChildRunFailedError",
     "ConflictError",
     "Durably",
     "DurablyError",

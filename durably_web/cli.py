@@ -355,6 +355,8 @@ def _wakes(run: Run) -> str:
     """When a waiting run continues, for the run list ("-" for any other status)."""
     if run.status != "waiting":
         return "-"
+    if run.wait_reason == "child" and run.wait_child_id is not None:
+        return "due now (child)" if _is_due(run) else f"when child {run.wait_child_id} ends"
     if run.wake_at is None:
         return "on signal"
     if _is_due(run):
@@ -395,6 +397,13 @@ def _state_note(run: Run) -> str | None:
     if run.status == "waiting":
         step = repr(run.wait_step)
         due = "?" if run.wake_at is None else _when(run.wake_at)
+        if run.wait_reason == "child":
+            if _is_due(run):
+                return f"its child run {run.wait_child_id} ended: the next worker to poll continues it"
+            return (
+                f"waiting at step {step} for its child run {run.wait_child_id} to end (holding no "
+                f"worker); see it with: {PROG} show APP {run.wait_child_id}"
+            )
         if _is_due(run):
             what = {
                 "retry": f"waiting to retry step {step} (attempts below)",
@@ -437,7 +446,11 @@ def _print_run(run: Run, out: TextIO) -> None:
     if run.status == "waiting":
         fields.append(("wait reason", run.wait_reason or "?"))
         fields.append(("wait step", run.wait_step or "?"))
-        wake = "- (no timeout: when the signal arrives)" if run.wake_at is None else _until(run.wake_at)
+        if run.wait_child_id is not None:
+            fields.append(("wait child", run.wait_child_id))
+            wake = "- (when the child run ends)" if run.wake_at is None else _until(run.wake_at)
+        else:
+            wake = "- (no timeout: when the signal arrives)" if run.wake_at is None else _until(run.wake_at)
         fields.append(("wake at", wake))
     if run.forked_from is not None:
         fields.append(("forked from", run.forked_from))
@@ -445,6 +458,8 @@ def _print_run(run: Run, out: TextIO) -> None:
         fields.append(("priority", str(run.priority)))
     if run.not_before is not None:
         fields.append(("not before", _until(run.not_before)))
+    if run.parent_run_id is not None:
+        fields.append(("parent", run.parent_run_id))
     if run.progress is not None:
         progress = run.progress
         fields.append(("progress", progress_bar(progress.current, progress.total, progress.message)))
@@ -472,6 +487,8 @@ def _step_kind(step: Step, attempts: int) -> str:
         if "payload" in step.output:
             payload = _json(step.output["payload"], indent=None)
             return "signal, received " + (payload if len(payload) <= 60 else payload[:59] + "…")
+    if step.kind == "child" and isinstance(step.output, dict) and isinstance(step.output.get("run_id"), str):
+        return f"child, started {step.output['run_id']}"
     if attempts > 1:
         return f"{step.kind}, {attempts} attempts"
     return step.kind
@@ -548,7 +565,11 @@ async def cmd_runs(args: argparse.Namespace) -> int:
     statuses = [part for value in args.status or () for part in value.split(",") if part] or None
     async with opened(await load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
         runs = await durably.get_runs(
-            status=statuses, job_name=args.job or None, labels=_labels(args.label), limit=args.limit
+            status=statuses,
+            job_name=args.job or None,
+            labels=_labels(args.label),
+            limit=args.limit,
+            parent_run_id=args.parent,
         )
     if args.json:
         _out(_json([run.to_dict() for run in runs]))
@@ -558,19 +579,30 @@ async def cmd_runs(args: argparse.Namespace) -> int:
         return 0
     # A WAKES column only when it has something to say: the list of runs that all ended stays as narrow.
     wakes = any(run.status == "waiting" for run in runs)
+    parents = any(run.parent_run_id is not None for run in runs)  # a PARENT column, likewise
     rows = [
         [
             run.id,
             run.job_name,
             run.status,
             *([_wakes(run)] if wakes else []),
+            *([run.parent_run_id or "-"] if parents else []),
             _progress_text(run),
             _when(run.created_at),
             ",".join(f"{k}={v}" for k, v in sorted(run.labels.items())),
         ]
         for run in runs
     ]
-    headers = ["ID", "JOB", "STATUS", *(["WAKES"] if wakes else []), "PROGRESS", "CREATED", "LABELS"]
+    headers = [
+        "ID",
+        "JOB",
+        "STATUS",
+        *(["WAKES"] if wakes else []),
+        *(["PARENT"] if parents else []),
+        "PROGRESS",
+        "CREATED",
+        "LABELS",
+    ]
     _out(format_table(headers, rows))
     return 0
 
@@ -581,6 +613,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
         steps = await durably.get_steps(run.id)
         attempts = await durably.get_step_attempts(run.id)
         logs = await durably.get_logs(run.id)
+        children = await durably.get_runs(parent_run_id=run.id, limit=1000)
     if args.json:
         _out(
             _json(
@@ -589,6 +622,7 @@ async def cmd_show(args: argparse.Namespace) -> int:
                     "steps": [step.to_dict() for step in steps],
                     "attempts": [attempt.to_dict() for attempt in attempts],
                     "logs": [log.to_dict() for log in logs],
+                    "children": [child.to_dict() for child in children],
                 }
             )
         )
@@ -610,6 +644,10 @@ async def cmd_show(args: argparse.Namespace) -> int:
         ]
         headers = ["#", "STEP", "STATUS", "DURATION", *(["KIND"] if shown_kinds else [])]
         _out(format_table(headers, rows), file=out)
+    if children:
+        _out(f"\nchild runs ({len(children)}):", file=out)
+        rows = [[c.id, c.job_name, c.status, _when(c.created_at)] for c in reversed(children)]
+        _out(format_table(["ID", "JOB", "STATUS", "CREATED"], rows), file=out)
     retried = _retried(steps, attempts)
     if retried:
         _out(f"\nattempts of retried steps ({len(retried)}):", file=out)
@@ -1088,6 +1126,7 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--job", action="append")
     runs.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE")
     runs.add_argument("--limit", type=int, default=50)
+    runs.add_argument("--parent", metavar="RUN_ID", help="only the child runs this run started")
     runs.add_argument("--json", action="store_true")
 
     show = command("show", cmd_show, "a run with its steps, logs, output and error (read-only: never writes)")
@@ -1095,9 +1134,9 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
 
     for name, handler, text in (
-        ("cancel", cmd_cancel, "cancel a pending or running run"),
+        ("cancel", cmd_cancel, "cancel a pending or running run (and its unfinished child runs)"),
         ("retrigger", cmd_retrigger, "a new run with the same input and labels (a database URL will do)"),
-        ("delete", cmd_delete, "delete a run that is not running"),
+        ("delete", cmd_delete, "delete a run that is not running and has no active child runs"),
     ):
         command(name, handler, text).add_argument("run_id", metavar="RUN_ID")
 

@@ -681,8 +681,10 @@ class Durably:
         labels: Mapping[str, str] | None = None,
         limit: int = 100,
         offset: int = 0,
+        parent_run_id: str | None = None,
     ) -> list[Run]:
-        """Runs, newest first, filtered by status(es), job name(s) and exact labels."""
+        """Runs, newest first, filtered by status(es), job name(s) and exact labels; with
+        ``parent_run_id``, only the children that run started (``step.start_child``)."""
         statuses = _one_or_many("status", status)
         if statuses is not None:
             unknown = set(statuses) - RUN_STATUSES
@@ -700,6 +702,7 @@ class Durably:
                 labels=_validate_labels(labels, filtering=True),
                 limit=min(limit, 10_000),
                 offset=offset,
+                parent_run_id=None if parent_run_id is None else _run_id(parent_run_id),
             )
         )
         return [self._to_run(record) for record in records]
@@ -765,14 +768,19 @@ class Durably:
     # --- management --------------------------------------------------------------------------------
     async def cancel(self, run_id: str) -> Run:
         """Cancel a pending or running run; a running handler is stopped within one
-        lease-renew interval (at once when it runs in this process)."""
+        lease-renew interval (at once when it runs in this process). Its child runs that
+        have not ended (and theirs) are cancelled with it, in the same transaction; a
+        parent waiting for this run continues (``ChildRunCancelledError`` there)."""
         self._check_writable("cancel a run")
         before = await self._require(run_id)
-        record = await self.store.cancel_run(run_id, self.now_ms())
-        if before.status != "cancelled":
-            if self._worker is not None and run_id in self._worker.active:
-                self._worker.active[run_id].stop("cancelled")
-            self.emit("run:cancel", run_id, record.job_name, {})
+        record, *descendants = await self.store.cancel_run_tree(run_id, self.now_ms())
+        stopped = [record] if before.status != "cancelled" else []
+        for cancelled in [*stopped, *descendants]:
+            if self._worker is not None and cancelled.id in self._worker.active:
+                self._worker.active[cancelled.id].stop("cancelled")
+            self.emit("run:cancel", cancelled.id, cancelled.job_name, {})
+        if self._worker is not None and (record.parent_run_id is not None or descendants):
+            self._worker.wake()  # a parent waiting for it is due now
         return self._to_run(record)
 
     async def send_signal(
@@ -904,7 +912,8 @@ class Durably:
         return (await self._create([new]))[0]
 
     async def delete_run(self, run_id: str) -> None:
-        """Delete a run that is not leased, with its steps and logs."""
+        """Delete a run that is not leased, with its steps and logs. ``ConflictError`` while
+        it is leased or one of its child runs is still pending, leased or waiting."""
         self._check_writable("delete a run")
         record = await self.store.delete_run(_run_id(run_id))
         self.emit("run:delete", record.id, record.job_name, {"labels": record.labels})
@@ -962,6 +971,8 @@ class Durably:
             not_before=from_ms(record.available_at)
             if record.status == "pending" and record.available_at > record.created_at
             else None,
+            parent_run_id=record.parent_run_id,
+            wait_child_id=record.wait_child_id if record.status == "waiting" else None,
         )
 
 

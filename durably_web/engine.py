@@ -24,7 +24,7 @@ from .job import JobDefinition
 from .models import ErrorInfo, Progress, from_ms
 from .network import ALWAYS_ONLINE, NetworkStatus
 from .step import StepContext, _error_json
-from .storage.base import NEVER_MS, JobLimits, LogRecord, RunRecord, StepRecord, Store
+from .storage.base import NEVER_MS, JobLimits, LogRecord, NewRun, RunRecord, StepRecord, Store
 from .threads import SyncStepThreads
 
 
@@ -322,6 +322,7 @@ class RunExecution:
         deadline: int | None = None,
         failed_attempts: Sequence[StepRecord] = (),
         retry_events: Sequence[dict[str, Any]] = (),
+        child_run_id: str | None = None,
     ) -> NoReturn:
         """Make the run 'waiting' until ``until`` (ms): it gives up its lease and worker slot,
         and any worker claims it once due. Never returns: raises ``_Suspend``."""
@@ -337,13 +338,17 @@ class RunExecution:
             step=step,
             deadline=deadline,
             failed_attempts=failed_attempts,
+            child_run_id=child_run_id,
         )
         if not ok:
             raise await self.fence_error(f"{reason} of step {step_name!r}")
         for event in [*([] if retry_event is None else [retry_event]), *retry_events]:
             self.emit("step:retry", event)
         due_at = None if until >= NEVER_MS else from_ms(until)  # a signal wait without timeout
-        self.emit("run:waiting", {"reason": reason, "step_name": step_name, "due_at": due_at})
+        waiting: dict[str, Any] = {"reason": reason, "step_name": step_name, "due_at": due_at}
+        if child_run_id is not None:
+            waiting["child_run_id"] = child_run_id
+        self.emit("run:waiting", waiting)
         if until < NEVER_MS:
             self._worker.wake_at(until)
         raise _Suspend
@@ -363,6 +368,37 @@ class RunExecution:
                     "duration_ms": step.completed_at - step.started_at,
                 },
             )
+
+    # --- child runs (durably_web/children.py) --------------------------------------------
+    def find_job(self, name: str) -> JobDefinition[Any, Any] | None:
+        return self._worker.jobs.get(name)
+
+    async def get_run(self, run_id: str) -> RunRecord | None:
+        return await self._store.get_run(run_id)
+
+    async def start_child(self, child: NewRun, step: StepRecord) -> None:
+        """Create the child run and record the parent's checkpoint, in one transaction."""
+        await self.flush_writes()
+        if not await self._store.start_child(child, step, self.generation):
+            raise await self.fence_error(f"child run of step {step.name!r}")
+        labels = dict(child.labels)
+        self._events.emit(
+            "run:trigger",
+            child.id,
+            child.job_name,
+            {"input": json.loads(child.input_json), "labels": labels, "parent_run_id": self.run_id},
+        )
+        if self._events.wants("step:complete"):
+            self.emit(
+                "step:complete",
+                {
+                    "step_name": step.name,
+                    "step_index": step.index,
+                    "output": json.loads(step.output_json or "null"),
+                    "duration_ms": step.completed_at - step.started_at,
+                },
+            )
+        self._worker.wake()  # this worker may run the child itself
 
     def set_progress(self, current: int, total: int | None, message: str | None) -> None:
         """Queue a progress write (on the loop's thread); ``run:progress`` follows it. Once
@@ -516,6 +552,8 @@ class RunExecution:
             if isinstance(fence, LeaseLostError):
                 self._report_error(fence, run_id=self.run_id, job_name=self.job_name)
             return
+        if self.record.parent_run_id is not None:
+            self._worker.wake()  # its parent may be due now (the store made it so) and run here
         if status == "completed":
             output = self.job.decode_output(output_json) if self._events.wants("run:complete") else None
             self.emit("run:complete", {"output": output})

@@ -123,3 +123,25 @@ class StorageError(DurablyError):
 
 class WaitTimeoutError(DurablyError, TimeoutError):
     """``wait_for_run`` / ``trigger_and_wait`` gave up before the run ended."""
+
+
+class ChildRunFailedError(DurablyError):
+    """``step.wait_for_child`` found the child run failed: raised in the parent's handler.
+
+    ``child_run_id`` is the child's id, ``status`` its final status (``"failed"``;
+    ``"cancelled"`` for :class:`ChildRunCancelledError`; ``"deleted"`` when the child was
+    deleted before the parent saw its outcome) and ``error`` its ``ErrorInfo`` (``None``
+    when there is none). Like any error, the parent may catch it; uncaught, the parent
+    fails with it at the wait step, and ``resume_run`` on the parent (after resuming the
+    child) waits for the child again."""
+
+    def __init__(self, message: str, *, child_run_id: str, status: str, error: Any = None) -> None:
+        super().__init__(message)
+        self.child_run_id = child_run_id
+        self.status = status
+        self.error = error
+
+
+class ChildRunCancelledError(ChildRunFailedError):
+    """The child run was cancelled (``status == "cancelled"``): catching
+    ``ChildRunFailedError`` catches this too."""

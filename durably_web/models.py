@@ -90,6 +90,10 @@ class Run:
     #: While ``status == "pending"``: the earliest start (a debounced job's run starts
     #: ``debounce`` seconds after its last trigger); ``None`` when it may start at once.
     not_before: datetime | None = None
+    #: A child run (``step.start_child``): the id of the run that started it.
+    parent_run_id: str | None = None
+    #: While waiting with ``wait_reason == "child"``: the child run it waits for.
+    wait_child_id: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -120,6 +124,8 @@ class Run:
             "forked_from": self.forked_from,
             "priority": self.priority,
             "not_before": iso(self.not_before),
+            "parent_run_id": self.parent_run_id,
+            "wait_child_id": self.wait_child_id,
         }
 
 
@@ -137,8 +143,10 @@ class Step:
     completed_at: datetime
     #: "run" (``step.run``), "sleep" (``step.sleep``/``sleep_until``; output: the due time in
     #: ms since the epoch) or "signal" (``wait_for_signal``; output: ``{"payload": ...}`` or
-    #: ``{"timeout": true}``).
-    kind: Literal["run", "sleep", "signal"] = "run"
+    #: ``{"timeout": true}``), "child" (``start_child``; output: the ``ChildRun`` handle as
+    #: ``{"run_id": ..., "job_name": ...}``) or "child_wait" (``wait_for_child``; output:
+    #: ``{"output": ...}``, the child's output).
+    kind: Literal["run", "sleep", "signal", "child", "child_wait"] = "run"
 
     @property
     def duration_ms(self) -> float:
@@ -257,3 +265,13 @@ def to_jsonable(value: Any) -> Any:
     from pydantic_core import to_jsonable_python
 
     return to_jsonable_python(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ChildRun:
+    """What ``step.start_child`` returns: the handle of the child run it started (and
+    recorded, so a replay returns the same handle). Pass it to ``step.wait_for_child``;
+    ``run_id`` also finds the child through ``get_run`` and ``get_runs(parent_run_id=)``."""
+
+    run_id: str
+    job_name: str

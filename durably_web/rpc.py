@@ -133,13 +133,14 @@ class Dispatcher:
         return (await self.durably.get_run(run_id)).to_dict()
 
     async def _getRuns(self, query: dict[str, Any] | None = None) -> Any:
-        opts = _options(query or {}, {"status", "jobName", "labels", "limit", "offset"})
+        opts = _options(query or {}, {"status", "jobName", "labels", "limit", "offset", "parentRunId"})
         runs = await self.durably.get_runs(
             status=opts.get("status"),
             job_name=opts.get("jobName"),
             labels=opts.get("labels"),
             limit=opts.get("limit", 100),
             offset=opts.get("offset", 0),
+            parent_run_id=opts.get("parentRunId"),
         )
         return [run.to_dict() for run in runs]
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, overload
 
+from . import children
 from .errors import (
     CancelledError,
     LeaseLostError,
@@ -30,8 +31,9 @@ if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from .job import JobDefinition
+    from .models import ChildRun
     from .network import NetworkStatus
-    from .storage.base import RunRecord
+    from .storage.base import NewRun, RunRecord
     from .threads import SyncStepThreads
 
 T = TypeVar("T")
@@ -148,12 +150,17 @@ class StepHost(Protocol):
         step_name: str,
         step: StepRecord | None = None,
         deadline: int | None = None,
+        child_run_id: str | None = None,
     ) -> NoReturn: ...
     async def next_signal(self, name: str) -> tuple[int, str] | None: ...
     async def consume_signal(self, key: int, step: StepRecord) -> bool: ...
     async def reject_signal(self, key: int, log: LogRecord, data: Any) -> None: ...
     def set_progress(self, current: int, total: int | None, message: str | None) -> None: ...
     def write_log(self, log: LogRecord, data: Any) -> None: ...
+    # Child runs (durably_web/children.py).
+    def find_job(self, name: str) -> JobDefinition[Any, Any] | None: ...
+    async def get_run(self, run_id: str) -> RunRecord | None: ...
+    async def start_child(self, child: NewRun, step: StepRecord) -> None: ...
 
 
 class StepContext:
@@ -191,6 +198,8 @@ class StepContext:
         self._persisted_progress = (record.progress_current, record.progress_total, record.progress_message)
         self._holding_progress = bool(recorded) or record.progress_current is not None
         self._held_progress: tuple[int, int | None, str | None] | None = None
+        # Child run id -> its job, as start_child was given it: wait_for_child decodes with it.
+        self._child_jobs: dict[str, JobDefinition[Any, Any]] = {}
 
     @property
     def run_id(self) -> str:
@@ -801,6 +810,45 @@ class StepContext:
             ),
             data,
         )
+
+    async def start_child(
+        self,
+        name: str,
+        job: JobDefinition[Any, Any] | str,
+        input: Any = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        concurrency_key: str | None = None,
+    ) -> ChildRun:
+        """Start a child run of ``job`` (a ``JobDefinition`` or a registered job name) with
+        ``input``, as the checkpoint ``name``, and return its handle (``ChildRun``).
+
+        The child is an ordinary run (its own steps, retries, leases) with ``parent_run_id``
+        set to this run. It is created and the checkpoint recorded in one transaction: a
+        replay returns the same handle and never starts a second child. ``input`` is
+        validated against the job's input type first (``ValidationError``). The child gets
+        this run's labels, updated with ``labels``; ``concurrency_key`` is its own, as for
+        ``trigger`` (one with another pending run raises ``ConflictError``, and nothing is
+        written)."""
+        return await children.start_child(
+            self, name, job, input, labels=labels, concurrency_key=concurrency_key
+        )
+
+    @overload
+    async def wait_for_child(self, name: str, child: ChildRun | str, *, type: type[T]) -> T: ...
+    @overload
+    async def wait_for_child(self, name: str, child: ChildRun | str) -> Any: ...
+
+    async def wait_for_child(self, name: str, child: ChildRun | str, *, type: Any = _NO_TYPE) -> Any:
+        """Wait, durably, until the child run ``child`` (a ``ChildRun`` or a child's run id)
+        ends, as the checkpoint ``name``, and return its output decoded with the child job's
+        output type (or ``type``). Meanwhile this run is 'waiting' (reason ``"child"``; no
+        lease, no worker slot); the child's outcome makes it due at once. A child that
+        already ended returns (or raises) at once. A failed child raises
+        ``ChildRunFailedError`` here, a cancelled one ``ChildRunCancelledError`` (a
+        subclass), each with the child's id and ``ErrorInfo``; catch it, or this run fails
+        at this step (resume the child, then this run, to wait again)."""
+        return await children.wait_for_child(self, name, child, type=type)
 
 
 class StepLogger:

@@ -96,6 +96,9 @@ function waitText(run) {
       return `retry of ${step || "a step"} at ${at || "?"}`;
     case "sleep":
       return `sleeping in ${step || "a step"} until ${at || "?"}`;
+    case "child":
+      // Continues when the child run ends (its outcome makes this run due at once).
+      return `waiting in ${step || "a step"} for child run ${run.wait_child_id ? shortId(run.wait_child_id) : "?"}`;
     case "offline":
       // Continues on the browser's "online" event; the wake time is only the next recheck.
       return `offline: ${step || "a step"} waits for the network${at ? ` · checked again at ${at}` : ""}`;
@@ -322,7 +325,10 @@ function renderRow(run) {
     onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); selectRun(run.id); } },
   },
   h("td", null, statusBadge(run.status)),
-  h("td", { class: "job" }, run.job_name),
+  h("td", { class: "job" }, run.job_name,
+    // A child run says whose: the tree shows in the list as in the detail.
+    run.parent_run_id ? h("span", { class: "child-of muted", title: `child run of ${run.parent_run_id}` },
+      ` ↳ ${shortId(run.parent_run_id)}`) : null),
   h("td", { class: "mono", title: run.id }, shortId(run.id)),
   h("td", null, labelChips(run.labels)),
   h("td", { class: "col-progress" },
@@ -425,11 +431,22 @@ async function loadAttempts(id) {
   }
 }
 
-async function loadDetail(id) {
-  let run, steps, logs, attempts;
+/** The run's child runs (step.start_child), oldest first; [] from a server without them. */
+async function loadChildren(id) {
   try {
-    [run, steps, logs, attempts] = await Promise.all([
-      state.client.getRun(id), state.client.getSteps(id), state.client.getLogs(id), loadAttempts(id)]);
+    return (await state.client.getRuns({ parentRunId: id, limit: 1000 })).reverse();
+  } catch (error) {
+    if (error.name === "ValidationError" || error.name === "TypeError") return [];
+    throw error;
+  }
+}
+
+async function loadDetail(id) {
+  let run, steps, logs, attempts, children;
+  try {
+    [run, steps, logs, attempts, children] = await Promise.all([
+      state.client.getRun(id), state.client.getSteps(id), state.client.getLogs(id), loadAttempts(id),
+      loadChildren(id)]);
   } catch (error) {
     if (state.selected !== id) return;
     closeDetailStream();
@@ -444,6 +461,7 @@ async function loadDetail(id) {
     steps: new Map(steps.map((s) => [s.index, s])),
     attempts,
     logs,
+    children,
     current: null,
     unsubscribe: previous ? previous.unsubscribe : null,
   };
@@ -464,7 +482,7 @@ function onDetailEvent(id, event) {
       break;
     case "run:leased":
       d.run = { ...d.run, status: "leased", attempt: event.attempt ?? d.run.attempt,
-        wake_at: null, wait_reason: null, wait_step: null };
+        wake_at: null, wait_reason: null, wait_step: null, wait_child_id: null };
       break;
     case "run:waiting":
     case "signal:received":
@@ -472,7 +490,8 @@ function onDetailEvent(id, event) {
       // The wait's fields, the sleep or signal step it recorded, the attempts: all from the store.
       if (event.type === "run:waiting") {
         d.run = { ...d.run, status: "waiting", wait_reason: event.reason ?? null,
-          wait_step: event.step_name ?? null, wake_at: event.due_at ?? null };
+          wait_step: event.step_name ?? null, wake_at: event.due_at ?? null,
+          wait_child_id: event.child_run_id ?? null };
       }
       d.current = null;
       scheduleDetailReload(id);
@@ -641,6 +660,9 @@ function renderDetail() {
     run.forked_from ? h("div", { class: "meta-wide forked-from" }, h("dt", null, "Forked from"),
       h("dd", null, h("button", { type: "button", class: "link", title: "Show the run this one was forked from",
         onclick: () => selectRun(run.forked_from) }, run.forked_from))) : null,
+    run.parent_run_id ? h("div", { class: "meta-wide parent-run" }, h("dt", null, "Parent run"),
+      h("dd", null, h("button", { type: "button", class: "link", title: "Show the run that started this one",
+        onclick: () => selectRun(run.parent_run_id) }, run.parent_run_id))) : null,
     h("div", { class: "meta-wide" }, h("dt", null, "Labels"), h("dd", null, labelChips(run.labels))));
 
   const progress = h("div", { class: "detail-progress" },
@@ -665,6 +687,7 @@ function renderDetail() {
   if (run.status === "completed") parts.push(section("Output", h("pre", { class: "json" }, json(run.output))));
   parts.push(section("Input", h("pre", { class: "json" }, json(run.input))));
   parts.push(section(`Steps (${d.steps.size})`, renderSteps(d)));
+  if (d.children && d.children.length) parts.push(section(`Child runs (${d.children.length})`, renderChildren(d)));
   parts.push(section(`Logs (${d.logs.length})`, renderLogs(d.logs)));
   // The signal form is kept across renders (what was typed stays); so is its focus.
   const focused = panel.contains(document.activeElement) ? document.activeElement : null;
@@ -818,6 +841,15 @@ function renderSteps(d) {
   }
   if (!rows.length) return h("p", { class: "muted" }, "No steps recorded yet.");
   return h("ol", { class: "steps" }, rows);
+}
+
+/** The run's children under it: status, job and a link to each (the tree, one level at a time). */
+function renderChildren(d) {
+  return h("ul", { class: "child-runs" }, ...d.children.map((child) => h("li", null,
+    statusBadge(child.status), " ", h("span", { class: "job" }, child.job_name), " ",
+    h("button", { type: "button", class: "link mono", title: "Show this child run",
+      "data-child-id": child.id, onclick: () => selectRun(child.id) }, child.id),
+    d.run.wait_child_id === child.id ? h("span", { class: "muted" }, " · waited for") : null)));
 }
 
 function renderLogs(logs) {

@@ -15,8 +15,9 @@ export type Disposition = "created" | "idempotent" | "coalesced" | "debounced";
  * (step.run(..., needs_network=True), or a step that failed with a network error while
  * offline, which used up no retry). An offline run continues when the browser is back
  * online; its wake_at is only when it is checked again at the latest (offlineRecheckInterval).
+ * "child": in step.wait_for_child, until the child run wait_child_id ends.
  */
-export type WaitReason = "retry" | "sleep" | "signal" | "offline";
+export type WaitReason = "retry" | "sleep" | "signal" | "offline" | "child";
 /**
  * What sendSignal() did: "delivered" (the run was waiting for it and continues now),
  * "stored" (kept until the run reaches that wait_for_signal) or "duplicate" (this
@@ -66,6 +67,10 @@ export interface Run {
   priority: number;
   /** While status is "pending": the earliest start (a debounced job's run), else null. */
   not_before: string | null;
+  /** A child run (step.start_child): the id of the run that started it. */
+  parent_run_id: string | null;
+  /** While waiting with wait_reason "child": the child run it waits for. */
+  wait_child_id: string | null;
 }
 
 /**
@@ -95,6 +100,8 @@ export interface RunSummary {
   wait_step: string | null;
   forked_from: string | null;
   priority: number;
+  parent_run_id: string | null;
+  wait_child_id: string | null;
   /** Size of the stored input JSON in bytes (UTF-8); remote only. */
   input_bytes?: number;
   /** Size of the stored output JSON in bytes, null until there is one; remote only. */
@@ -107,9 +114,11 @@ export interface Step {
   name: string;
   /**
    * "run" (step.run), "sleep" (step.sleep / sleep_until; output: its due time in ms since
-   * the epoch) or "signal" (wait_for_signal; output: {payload} or {timeout: true}).
+   * the epoch), "signal" (wait_for_signal; output: {payload} or {timeout: true}), "child"
+   * (start_child; output: the child's handle {run_id, job_name}) or "child_wait"
+   * (wait_for_child; output: {output}, the child's output).
    */
-  kind: "run" | "sleep" | "signal";
+  kind: "run" | "sleep" | "signal" | "child" | "child_wait";
   status: "completed" | "failed";
   output: unknown;
   error: ErrorInfo | null;
@@ -162,6 +171,8 @@ export type EventType =
  * run:resume {attempt, previous_status}; step:start {attempt}; step:fail of a retried
  * failure {attempt, will_retry: true}, also `offline: true` when it failed for want of the network; step:retry {step_name, step_index, attempt,
  * next_attempt, delay (seconds), error}; signal:received {name, signal_id, disposition}.
+ * Child runs add: run:waiting {child_run_id} for a wait_for_child; run:trigger {parent_run_id}
+ * for a run started by step.start_child (from the worker that started it).
  * run:waiting is not terminal: subscribe() goes on until the run ends.
  */
 export interface DurablyEvent {
@@ -210,6 +221,8 @@ export interface RunQuery {
   labels?: Record<string, string>;
   limit?: number;
   offset?: number;
+  /** Only the child runs this run started (step.start_child). */
+  parentRunId?: string;
 }
 
 export interface DurablyClient {
@@ -224,6 +237,7 @@ export interface DurablyClient {
   /** Every attempt of every step.run step, by step position then attempt number. */
   getStepAttempts(runId: string): Promise<StepAttempt[]>;
   getLogs(runId: string): Promise<LogEntry[]>;
+  /** Cancels the run and its child runs that have not ended (and theirs). */
   cancel(runId: string): Promise<Run>;
   /**
    * Send the signal `name` with `payload` (JSON) to a run's wait_for_signal(name). A run that
@@ -247,6 +261,7 @@ export interface DurablyClient {
    */
   forkRun(runId: string, options: { fromStep: string }): Promise<Run>;
   retrigger(runId: string): Promise<Run>;
+  /** Rejects with ConflictError while the run is leased or one of its child runs is active. */
   deleteRun(runId: string): Promise<void>;
   /** Deletes finished runs that ended more than `olderThan` ms ago; resolves to how many. */
   purgeRuns(options: { olderThan: number; limit?: number }): Promise<number>;

@@ -325,13 +325,14 @@
     }
 
     async getRuns(query) {
-      const q = checkOptions("query", query, ["status", "jobName", "labels", "limit", "offset"]);
+      const q = checkOptions("query", query, ["status", "jobName", "labels", "limit", "offset", "parentRunId"]);
       const params = new URLSearchParams();
       for (const status of [].concat(q.status ?? [])) params.append("status", status);
       for (const job of [].concat(q.jobName ?? [])) params.append("job", job);
       for (const [key, value] of Object.entries(q.labels || {})) params.append(`label.${key}`, value);
       if (q.limit !== undefined) params.set("limit", q.limit);
       if (q.offset !== undefined) params.set("offset", q.offset);
+      if (q.parentRunId !== undefined) params.set("parent_run_id", checkRunId(q.parentRunId));
       return (await this._request("GET", "runs", { query: params })).runs;
     }
 

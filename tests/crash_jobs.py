@@ -26,6 +26,12 @@ doing its work, so a test can count how many times each step really ran.
 
     python crash_jobs.py serve-waits <db_url> <expected_runs>
         Work on "flaky" runs (triggered by the test) until <expected_runs> runs have ended.
+
+    python crash_jobs.py child <db_url> <side_effect_file>
+        Trigger (idempotency key "child") a "parent" run that starts a "child" run, runs its step
+        "between" (which blocks until the file <side_effect_file>.between exists) and waits for
+        the child; the child's step "work" blocks until <side_effect_file>.child exists. Work
+        until the parent ends, print it as JSON. Side-effect lines: "<name> <pid> <unix time>".
 """
 
 from __future__ import annotations
@@ -245,6 +251,46 @@ async def run_wait(args: argparse.Namespace) -> None:
         print(json.dumps({**done.to_dict(), "pid": os.getpid(), "disposition": run.disposition}), flush=True)
 
 
+class ChildIn(BaseModel):
+    side_effects: str
+
+
+class ChildOut(BaseModel):
+    worked_by: int
+
+
+def blocked_line(path: str, name: str, gate: str) -> int:
+    """Append a line for ``name``, then block until the file ``gate`` exists (the test kills
+    the process meanwhile, or creates the file)."""
+    timed_line(path, name)
+    while not os.path.exists(gate):
+        time.sleep(0.01)
+    return os.getpid()
+
+
+@define_job("child", input=ChildIn, output=ChildOut)
+async def child_job(step: StepContext, payload: ChildIn) -> ChildOut:
+    pid = await step.run("work", blocked_line, payload.side_effects, "work", payload.side_effects + ".child")
+    return ChildOut(worked_by=pid)
+
+
+@define_job("parent", input=ChildIn, output=ChildOut)
+async def parent_job(step: StepContext, payload: ChildIn) -> ChildOut:
+    child = await step.start_child("start", child_job, {"side_effects": payload.side_effects})
+    gate = payload.side_effects + ".between"
+    await step.run("between", blocked_line, payload.side_effects, "between", gate)
+    out: ChildOut = await step.wait_for_child("wait", child)
+    return out
+
+
+async def run_child(args: argparse.Namespace) -> None:
+    async with Durably(args.db_url, jobs=[parent_job, child_job], **worker_options(2.0)) as durably:
+        payload = ChildIn(side_effects=args.side_effects)
+        run = await durably.trigger(parent_job, payload, idempotency_key="child")
+        done = await durably.wait_for_run(run.id, timeout=60)
+        print(json.dumps({**done.to_dict(), "pid": os.getpid(), "disposition": run.disposition}), flush=True)
+
+
 async def serve_waits(args: argparse.Namespace) -> None:
     options = worker_options(2.0)
     async with Durably(args.db_url, jobs=[flaky_job], max_concurrent_runs=2, **options) as durably:
@@ -309,6 +355,9 @@ def main() -> None:
     parallel_parser = sub.add_parser("parallel")
     parallel_parser.add_argument("db_url")
     parallel_parser.add_argument("side_effects")
+    child_parser = sub.add_parser("child")
+    child_parser.add_argument("db_url")
+    child_parser.add_argument("side_effects")
     args = parser.parse_args()
     modes = {
         "steps": run_steps,
@@ -316,6 +365,7 @@ def main() -> None:
         "wait": run_wait,
         "serve-waits": serve_waits,
         "parallel": run_parallel,
+        "child": run_child,
     }
     asyncio.run(modes[args.mode](args))
 

@@ -24,6 +24,8 @@ JOBS = ["import", "report", "sync"]
 # Skewed as real lists are: mostly finished runs, a few failed, some in flight.
 STATUSES = ["completed"] * 6 + ["failed", "pending", "waiting", "cancelled"]
 ORGS = ["acme", "globex", "initech", "umbrella"]
+#: The one run with children (thirty of them, however many runs there are).
+PARENT = "run000000001"
 
 SHAPES = {
     "everything": RunFilter(limit=20),
@@ -41,6 +43,10 @@ SHAPES = {
     "label and job, second page": RunFilter(
         labels={"org": "initech"}, job_names=["import"], limit=20, offset=20
     ),
+    "a parent's children": RunFilter(parent_run_id=PARENT, limit=20),
+    "a parent's children of a status and label": RunFilter(
+        parent_run_id=PARENT, statuses=["completed"], labels={"org": "acme"}, limit=5
+    ),
 }
 
 
@@ -56,6 +62,7 @@ def runs(count: int) -> Iterator[dict[str, Any]]:
             "job_name": JOBS[i % 3],
             "status": "leased" if i < 3 else STATUSES[(i * 7) % len(STATUSES)],
             "labels": labels,
+            "parent_run_id": PARENT if 10 <= i < 40 else None,
         }
 
 
@@ -67,20 +74,23 @@ def expected(rows: list[dict[str, Any]], f: RunFilter) -> list[str]:
         if (f.statuses is None or r["status"] in f.statuses)
         and (f.job_names is None or r["job_name"] in f.job_names)
         and all(r["labels"].get(k) == v for k, v in f.labels.items())
+        and (f.parent_run_id is None or r["parent_run_id"] == f.parent_run_id)
     ]
     chosen.sort(reverse=True)
     return chosen[f.offset :] if f.limit < 0 else chosen[f.offset : f.offset + f.limit]
 
 
 INSERT_RUN = (
-    "INSERT INTO durably_runs (id, job_name, status, input, labels, available_at, created_at, updated_at) "
-    "VALUES ({0}, {0}, {0}, '{{}}', {0}, 0, 0, 0)"
+    "INSERT INTO durably_runs (id, job_name, status, input, labels, available_at, created_at, updated_at, "
+    "parent_run_id) VALUES ({0}, {0}, {0}, '{{}}', {0}, 0, 0, 0, {0})"
 )
 INSERT_LABEL = "INSERT INTO durably_run_labels (run_id, key, value) VALUES ({0}, {0}, {0})"
 
 
 def rows_for_insert(rows: list[dict[str, Any]]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    run_rows = [(r["id"], r["job_name"], r["status"], json.dumps(r["labels"])) for r in rows]
+    run_rows = [
+        (r["id"], r["job_name"], r["status"], json.dumps(r["labels"]), r["parent_run_id"]) for r in rows
+    ]
     label_rows = [(r["id"], k, v) for r in rows for k, v in r["labels"].items()]
     return run_rows, label_rows
 

@@ -1358,6 +1358,189 @@ async def test_fork_run_refuses_a_run_whose_step_outputs_were_dropped(store):
     assert await store.get_run("t-fork") is None
 
 
+# --- child runs --------------------------------------------------------------------------------
+
+
+def child_run(
+    run_id: str, at: int, parent: str, *, key: str | None = None, labels: dict[str, str] | None = None
+) -> NewRun:
+    return NewRun(run_id, JOB, '{"n": 2}', dict(labels or {}), None, key, False, at, parent_run_id=parent)
+
+
+def start_step(parent: str, child: str, index: int = 0) -> StepRecord:
+    return step(
+        parent, index, f"start-{child}", output=f'{{"run_id":"{child}","job_name":"job"}}', kind="child"
+    )
+
+
+async def started_child(store: Store, parent: str, child: str, now: int, **kwargs: Any) -> int:
+    """``parent`` (created and claimed here) starts ``child``; returns the parent's generation."""
+    await store.create_runs([new_run(parent, now)])
+    record = await claimed(store, parent, now)
+    assert await store.start_child(
+        child_run(child, now + 1, parent, **kwargs), start_step(parent, child), record.lease_generation
+    )
+    return record.lease_generation
+
+
+async def wait_for_child(store: Store, parent: str, child: str, generation: int, now: int) -> bool:
+    return await store.wait_run(
+        parent, generation, until=NEVER_MS, reason="child", step_name="wait", now=now, child_run_id=child
+    )
+
+
+async def test_start_child_creates_the_child_and_records_the_parents_step_together(store):
+    await started_child(store, "p", "c", 1000, labels={"team": "x"}, key="k")
+    child = await get(store, "c")
+    assert (child.status, child.parent_run_id, child.labels, child.concurrency_key) == (
+        "pending",
+        "p",
+        {"team": "x"},
+        "k",
+    )
+    assert child.idempotency_key is None and child.input_json == '{"n": 2}'
+    assert (await get(store, "p")).parent_run_id is None
+    [recorded] = await store.list_steps("p")
+    assert (recorded.name, recorded.kind, recorded.output_json) == (
+        "start-c",
+        "child",
+        '{"run_id":"c","job_name":"job"}',
+    )
+
+
+async def test_start_child_is_fenced_and_writes_nothing_after_the_lease_is_lost(store):
+    await store.create_runs([new_run("p", 1000)])
+    record = await claimed(store, "p", 1000)
+    assert not await store.start_child(
+        child_run("c", 1001, "p"), start_step("p", "c"), record.lease_generation + 1
+    )
+    assert await store.get_run("c") is None and await store.list_steps("p") == []
+
+
+async def test_start_child_with_a_busy_concurrency_key_raises_conflict_and_writes_nothing(store):
+    await store.create_runs([new_run("other", 900, job="other", concurrency_key="k")])
+    await store.create_runs([new_run("p", 1000)])
+    record = await claimed(store, "p", 1000)
+    with pytest.raises(ConflictError):
+        await store.start_child(
+            child_run("c", 1001, "p", key="k"), start_step("p", "c"), record.lease_generation
+        )
+    assert await store.get_run("c") is None and await store.list_steps("p") == []
+
+
+async def test_list_runs_by_parent_lists_only_its_children_newest_first(store):
+    generation = await started_child(store, "p", "c1", 1000)
+    assert await store.start_child(
+        child_run("c2", 1002, "p", labels={"a": "1"}), start_step("p", "c2", 1), generation
+    )
+    await store.create_runs([new_run("x", 1003)])
+    assert [r.id for r in await store.list_runs(RunFilter(parent_run_id="p"))] == ["c2", "c1"]
+    assert [r.id for r in await store.list_runs(RunFilter(parent_run_id="p", labels={"a": "1"}))] == ["c2"]
+    assert [r.id for r in await store.list_runs(RunFilter(parent_run_id="p", statuses=["leased"]))] == []
+    assert [r.id for r in await store.list_runs(RunFilter(parent_run_id="p", limit=1, offset=1))] == ["c1"]
+    assert await store.list_runs(RunFilter(parent_run_id="c1")) == []
+
+
+async def test_a_child_finishing_makes_its_waiting_parent_due_in_the_same_transaction(store):
+    generation = await started_child(store, "p", "c", 1000)
+    assert await wait_for_child(store, "p", "c", generation, 1100)
+    parent = await get(store, "p")
+    assert (parent.status, parent.wait_reason, parent.wait_child_id, parent.available_at) == (
+        "waiting",
+        "child",
+        "c",
+        NEVER_MS,
+    )
+    child = await claimed(store, "c", 1200)
+    assert await claim(store, 1300) is None  # the parent is not due yet
+    assert await finish(store, "c", child.lease_generation, 1400, status="failed")
+    assert (await get(store, "p")).available_at == 1400
+    assert (await claimed(store, "p", 1500)).attempt == 2
+
+
+async def test_a_child_wait_for_a_child_that_already_ended_is_due_at_once(store):
+    generation = await started_child(store, "p", "c", 1000)
+    await store.cancel_run("c", 1050)
+    assert await wait_for_child(store, "p", "c", generation, 1100)
+    assert (await get(store, "p")).available_at == 1100
+
+
+async def test_a_child_wait_for_a_deleted_child_is_due_at_once_and_deleting_a_child_wakes_it(store):
+    generation = await started_child(store, "p", "c", 1000)
+    assert await wait_for_child(store, "p", "c", generation, 1100)
+    await store.delete_run("c")
+    assert (await get(store, "p")).available_at <= 1100
+    await store.create_runs([new_run("q", 2000, job="other")])
+    q = await claimed(store, "q", 2000, jobs=("other",))
+    assert await store.start_child(child_run("d", 2001, "q"), start_step("q", "d"), q.lease_generation)
+    await store.delete_run("d")
+    assert await wait_for_child(store, "q", "d", q.lease_generation, 2100)
+    assert (await get(store, "q")).available_at == 2100
+
+
+async def test_another_runs_outcome_does_not_wake_a_child_wait(store):
+    generation = await started_child(store, "p", "c", 1000)
+    assert await wait_for_child(store, "p", "c", generation, 1100)
+    await store.create_runs([new_run("other", 1150, job="other")])
+    other = await claimed(store, "other", 1200, jobs=("other",))
+    assert await finish(store, "other", other.lease_generation, 1300)
+    await store.cancel_run("c", 1350)  # its own child, now: due
+    assert (await get(store, "p")).available_at == 1350
+
+
+async def test_cancel_run_tree_cancels_every_unfinished_descendant_and_wakes_the_waiting_parent(store):
+    generation = await started_child(store, "r0", "r1", 1000)
+    assert await store.start_child(child_run("r2", 1002, "r0"), start_step("r0", "r2", 1), generation)
+    r1 = await claimed(store, "r1", 1100)
+    assert await store.start_child(
+        child_run("r3", 1101, "r1"), start_step("r1", "r3"), r1.lease_generation
+    )
+    assert await wait_for_child(store, "r1", "r3", r1.lease_generation, 1102)
+    finished = await claimed(store, "r2", 1103)
+    assert await finish(store, "r2", finished.lease_generation, 1104)
+    cancelled = await store.cancel_run_tree("r0", 1200)
+    assert cancelled[0].id == "r0" and cancelled[0].status == "cancelled"
+    assert sorted(r.id for r in cancelled[1:]) == ["r1", "r3"]
+    assert all(r.status == "cancelled" for r in cancelled)
+    assert (await get(store, "r2")).status == "completed"
+    # Cancelled again: as it is, nothing more to cascade.
+    assert [r.id for r in await store.cancel_run_tree("r0", 1300)] == ["r0"]
+    # A child cancelled on its own makes its waiting parent due.
+    generation = await started_child(store, "s0", "s1", 2000)
+    assert await wait_for_child(store, "s0", "s1", generation, 2001)
+    assert [r.id for r in await store.cancel_run_tree("s1", 2100)] == ["s1"]
+    assert (await get(store, "s0")).available_at == 2100
+
+
+async def test_cancel_run_tree_of_an_unknown_or_finished_run_raises(store):
+    with pytest.raises(NotFoundError):
+        await store.cancel_run_tree("nope", 1000)
+    await make_run(store, "a", "completed")
+    with pytest.raises(ConflictError):
+        await store.cancel_run_tree("a", 2000)
+
+
+async def test_delete_run_is_refused_while_a_child_is_active(store):
+    generation = await started_child(store, "p", "c", 1000)
+    assert await wait_for_child(store, "p", "c", generation, 1100)
+    with pytest.raises(ConflictError, match="child"):
+        await store.delete_run("p")
+    child = await claimed(store, "c", 1200)
+    assert await finish(store, "c", child.lease_generation, 1300)
+    parent = await claimed(store, "p", 1400)
+    assert await finish(store, "p", parent.lease_generation, 1500)
+    await store.delete_run("p")
+    assert await store.get_run("p") is None and (await get(store, "c")).parent_run_id == "p"
+
+
+async def test_purge_runs_keeps_a_finished_parent_whose_child_is_active(store):
+    generation = await started_child(store, "p", "c", 1000)
+    assert await finish(store, "p", generation, 1100)
+    assert await store.purge_runs(5000, None) == 0
+    await store.cancel_run("c", 1200)
+    assert await store.purge_runs(5000, None) == 2
+
+
 # --- schema, durability, notifications -------------------------------------------------------
 
 

@@ -347,6 +347,8 @@ def run_summary(record: RunRecord) -> dict[str, Any]:
         "not_before": iso(from_ms(record.available_at))
         if record.status == "pending" and record.available_at > record.created_at
         else None,
+        "parent_run_id": record.parent_run_id,
+        "wait_child_id": record.wait_child_id if record.status == "waiting" else None,
     }
 
 
@@ -470,6 +472,7 @@ def _filter_from_query(request: Request) -> RunsFilter:
         labels=labels,
         limit=_int_param(request, "limit", 100, MAX_LIMIT),
         offset=_int_param(request, "offset", 0, MAX_OFFSET),
+        parent_run_id=params.get("parent_run_id") or None,
     )
 
 
@@ -754,6 +757,7 @@ class _Api:
                 labels=_validate_labels(runs_filter.labels, filtering=True),
                 limit=min(runs_filter.limit, MAX_LIMIT),
                 offset=runs_filter.offset,
+                parent_run_id=runs_filter.parent_run_id,
             )
         )
         return JSONResponse(

@@ -123,11 +123,16 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             "updated_at": {"type": ["string", "null"], "format": "date-time"},
             "disposition": {"enum": ["created", "idempotent", "coalesced", "debounced", None]},
             "wake_at": {"type": ["string", "null"], "format": "date-time"},
-            "wait_reason": {"enum": ["retry", "sleep", "signal", "offline", None]},
+            "wait_reason": {"enum": ["retry", "sleep", "signal", "offline", "child", None]},
             "wait_step": {"type": ["string", "null"]},
             "forked_from": {"type": ["string", "null"]},
             "priority": {"type": "integer"},
             "not_before": {"type": ["string", "null"], "format": "date-time"},
+            "parent_run_id": {
+                "type": ["string", "null"],
+                "description": "a child run (step.start_child): the run that started it",
+            },
+            "wait_child_id": {"type": ["string", "null"], "description": "waiting for this child run"},
         },
     }
     run_properties: dict[str, Any] = run_schema["properties"]  # type: ignore[assignment]
@@ -273,6 +278,12 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                         "in": "query",
                         "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0},
                     },
+                    {
+                        "name": "parent_run_id",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "only the child runs this run started (step.start_child)",
+                    },
                 ],
             )
         },
@@ -287,7 +298,8 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                 parameters=[_RUN_ID],
             ),
             "delete": _op(
-                "Delete a run that is not running, with its steps and logs",
+                "Delete a run that is not running, with its steps and logs (409 while a child run "
+                "of it is active)",
                 {
                     "200": {"description": "deleted", "content": _json_content({"type": "object"})},
                     **_ERROR_RESPONSES,

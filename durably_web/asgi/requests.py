@@ -168,6 +168,8 @@ class RunsFilter:
     labels: Mapping[str, str] = field(default_factory=dict)
     limit: int = 100
     offset: int = 0
+    #: Only the children of this run (``GET /runs?parent_run_id=``); the list only.
+    parent_run_id: str | None = None
 
     def matches(self, job_name: str | None, labels: Mapping[str, str]) -> bool:
         """Whether a run with this job name and these labels is inside the filter (status aside)."""

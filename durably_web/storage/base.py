@@ -36,6 +36,8 @@ class NewRun:
     #: a pending, never started run of the same job and key takes this trigger's input and
     #: not-before time instead of a new run being created ("debounced").
     debounce_ms: int | None = None
+    #: A child run (``step.start_child``): the run whose step started it.
+    parent_run_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,8 @@ class RunRecord:
     wait_deadline: int | None = None  # a signal wait's timeout (ms), fixed on first execution
     priority: int = 0
     trace_parent: str | None = None
+    parent_run_id: str | None = None  # a child run: the run whose step started it
+    wait_child_id: str | None = None  # waiting with reason "child": the child run it waits for
 
     @property
     def wake_at(self) -> int | None:
@@ -99,7 +103,9 @@ class StepRecord:
     error_json: str | None
     started_at: int
     completed_at: int
-    kind: str = "run"  # "run" | "sleep" (output: the due time in ms) | "signal" (the outcome)
+    #: "run" | "sleep" (output: the due time in ms) | "signal" (the outcome) | "child" (output:
+    #: the started child's handle) | "child_wait" (output: the child's outcome)
+    kind: str = "run"
     attempt: int = 1
     #: A failed attempt that hit a network error while the browser was offline: kept in the
     #: history, numbered, but not counted against the step's retry budget.
@@ -126,6 +132,8 @@ class RunFilter:
     labels: dict[str, str] = field(default_factory=dict)
     limit: int = 100
     offset: int = 0
+    #: Only the children of this run (``step.start_child``).
+    parent_run_id: str | None = None
 
 
 class WouldBlock(Exception):
@@ -232,8 +240,18 @@ class Store(ABC):
         """
 
     @abstractmethod
+    async def cancel_run_tree(self, run_id: str, now: int) -> list[RunRecord]:
+        """``cancel_run`` for the run and, in the same transaction, every pending, leased or
+        waiting descendant (its children, theirs, …, also below a child that already ended).
+        Returns the run first (as ``cancel_run`` does), then each descendant this call
+        cancelled, nearest first (a child before its own children). A parent waiting for
+        the run is made due, as when a child ends."""
+
+    @abstractmethod
     async def delete_run(self, run_id: str) -> RunRecord:
-        """Delete a run with its steps and logs; ``ConflictError`` while it is leased."""
+        """Delete a run with its steps and logs; ``ConflictError`` while it is leased or
+        while one of its children is pending, leased or waiting. A parent waiting for the
+        deleted run is made due (it then finds its child gone)."""
 
     @abstractmethod
     async def purge_runs(self, completed_before: int, limit: int | None) -> int:
@@ -311,6 +329,7 @@ class Store(ABC):
         step: StepRecord | None = None,
         deadline: int | None = None,
         failed_attempts: Sequence[StepRecord] = (),
+        child_run_id: str | None = None,
     ) -> bool:
         """Leased → 'waiting' until ``until`` (fenced), in one transaction with what it waits
         for: the ``failed_attempt`` to retry (an attempt record) and/or a ``step`` to record
@@ -318,7 +337,12 @@ class Store(ABC):
         transaction (the retried branches of a ``step.all``). The lease is given up;
         ``claim_run`` takes the run again once ``until`` is due. A signal wait
         (``reason="signal"``) whose signal was stored meanwhile (sent after the handler last
-        looked) is due at once, so no delivery is lost."""
+        looked) is due at once, so no delivery is lost.
+
+        A child wait (``reason="child"``) names the child in ``child_run_id`` (kept as the
+        run's ``wait_child_id``); a child that ended (or vanished) meanwhile makes it due at
+        once, and a child ending later makes it due in the transaction of its outcome
+        (``finish_run``, ``cancel_run_tree``, ``delete_run``), so no wake-up is lost."""
 
     @abstractmethod
     async def wake_offline_runs(self, now: int) -> int:
@@ -370,6 +394,15 @@ class Store(ABC):
         ``signal_id`` may then be sent again with a valid payload."""
 
     @abstractmethod
+    async def start_child(self, child: NewRun, step: StepRecord, generation: int) -> bool:
+        """Create the run ``child`` (its ``parent_run_id`` is ``step.run_id``) and record
+        ``step``, the parent's checkpoint holding the child's handle, in one transaction,
+        fenced on the parent's lease: ``False`` and nothing written once the lease is lost.
+        A kill at any instant leaves either both or neither. ``child`` has no idempotency
+        key; a concurrency key with another pending run raises ``ConflictError``, as in
+        ``create_runs``, and nothing is written."""
+
+    @abstractmethod
     async def list_step_attempts(self, run_id: str) -> list[StepRecord]:
         """The failed attempts that were retried, by position then attempt number."""
 
@@ -398,7 +431,8 @@ class Store(ABC):
         drop_step_outputs: bool,
         now: int,
     ) -> bool:
-        """Move a leased run to completed/failed, with its failed step, in one transaction (fenced)."""
+        """Move a leased run to completed/failed, with its failed step, in one transaction (fenced).
+        A parent waiting for this run (``wait_reason="child"``) is made due in it too."""
 
     # --- steps and logs ----------------------------------------------------------
     @abstractmethod

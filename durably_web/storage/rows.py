@@ -40,6 +40,8 @@ def run_from_row(row: Row) -> RunRecord:
         wait_deadline=row["wait_deadline"],
         priority=row["priority"],
         trace_parent=row["trace_parent"],
+        parent_run_id=row["parent_run_id"],
+        wait_child_id=row["wait_child_id"],
     )
 
 
@@ -70,6 +72,7 @@ def new_run_record(new: NewRun, *, keys: bool = True) -> RunRecord:
         forked_from=new.forked_from,
         priority=new.priority,
         trace_parent=new.trace_parent,
+        parent_run_id=new.parent_run_id,
     )
 
 

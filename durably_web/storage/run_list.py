@@ -12,6 +12,9 @@ order (newest id first), so ``LIMIT`` stops the walk after the page:
   ``limit + offset`` rows, merged and cut once more. A job without a status filter
   walks each status (six small walks beat one scan); a status filter alone uses
   ``(status, id)``.
+* a parent (``parent_run_id``): its children through ``durably_runs_parent
+  (parent_run_id, id)``; statuses, jobs and labels are checked per row it yields
+  (a parent has few children).
 * nothing: the primary key.
 
 The cost then follows the page size (and the offset), not the table: see
@@ -51,6 +54,20 @@ def list_runs_query(
     jobs = None if run_filter.job_names is None else list(dict.fromkeys(run_filter.job_names))
     if statuses == [] or jobs == []:
         return "SELECT * FROM durably_runs WHERE 0 = 1", {}
+
+    if run_filter.parent_run_id is not None:
+        where = [f"r.parent_run_id = {bind(run_filter.parent_run_id)}"]
+        if statuses is not None:
+            where.append(f"r.status IN ({', '.join(bind(s) for s in statuses)})")
+        if jobs is not None:
+            where.append(f"r.job_name IN ({', '.join(bind(j) for j in jobs)})")
+        for key, value in run_filter.labels.items():
+            where.append(
+                "EXISTS (SELECT 1 FROM durably_run_labels AS o WHERE o.run_id = r.id "
+                f"AND o.key = {bind(key)} AND o.value = {bind(value)})"
+            )
+        sql = f"SELECT r.* FROM durably_runs AS r WHERE {' AND '.join(where)} ORDER BY r.id DESC {page}"
+        return sql, params
 
     if run_filter.labels:
         (key, value), *others = run_filter.labels.items()

@@ -142,7 +142,14 @@ async def noted(step: StepContext, payload: Any) -> dict[str, Any]:
     return await step.all({"summarize": (_summarize, step), "classify": lambda: "plain"})
 
 
-JOBS = [slow_report, send_invoice, approval, flaky, fail_once, nap, noted]
+@define_job("tree-parent")
+async def tree_parent(step: StepContext, payload: Any) -> None:
+    """Starts a "nap" child (asleep for an hour) and waits for it: a tree to show."""
+    child = await step.start_child("nap-child", nap, None)
+    await step.wait_for_child("nap-done", child)
+
+
+JOBS = [slow_report, send_invoice, approval, flaky, fail_once, nap, noted, tree_parent]
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -291,7 +298,7 @@ def test_dashboard_loads_and_follows_a_run_live(driver: Any, server: ServerThrea
     jobs = driver.execute_script(
         "return [...document.querySelectorAll('#filter-job option')].map(o => o.value)"
     )
-    assert jobs == ["", "approval", "fail-once", "flaky", "nap", "send-invoice", "slow-report"]
+    assert jobs == ["", "approval", "fail-once", "flaky", "nap", "send-invoice", "slow-report", "tree-parent"]
     driver.execute_script("window.__sameDocument = true")
 
     run_id = trigger(api, "slow-report", {"parts": 5, "delay": 0.4}, labels={"team": "billing"})
@@ -569,7 +576,15 @@ def test_remote_client_api(driver: Any, server: ServerThread) -> None:
     assert reply["ok"], reply.get("error")
     out = reply["out"]
     assert out["kind"] == "remote"
-    assert out["jobs"] == ["approval", "fail-once", "flaky", "nap", "send-invoice", "slow-report"]
+    assert out["jobs"] == [
+        "approval",
+        "fail-once",
+        "flaky",
+        "nap",
+        "send-invoice",
+        "slow-report",
+        "tree-parent",
+    ]
     assert out["trigger"] == {"disposition": "created", "status": "pending", "labels": {"suite": "client"}}
     assert out["again"] == "idempotent:true"
     assert out["events"][-1] == "run:complete"
@@ -1147,4 +1162,39 @@ def test_a_step_all_shows_its_branches_and_their_attempt_metadata_as_text(
         ("summarize", f"model: {json.dumps(XSS)} · tokens: 812"),
         ("classify", None),
     ]
+
+
+def test_a_parent_and_its_child_run_link_to_each_other(
+    driver: Any, server: ServerThread, api: httpx.Client
+) -> None:
+    open_dashboard(driver, server)
+    parent_id = trigger(api, "tree-parent", None)
+    wait_status(api, parent_id, "waiting")
+    [child] = api.get("runs", params={"parent_run_id": parent_id}).json()["runs"]
+    wait_status(api, child["id"], "waiting")
+    # The child's row in the list names its parent.
+    wait_until(lambda: row_status(driver, child["id"]) == "waiting", what="the child's row")
+    marker = driver.execute_script(
+        "return document.querySelector(`tr[data-run-id='${arguments[0]}'] .child-of`)?.title ?? null",
+        child["id"],
+    )
+    assert marker == f"child run of {parent_id}"
+    click_row(driver, parent_id)
+    wait_until(lambda: detail_status(driver) == "waiting", what="the waiting parent")
+    assert detail(driver)["wait"] == f"waiting in 'nap-done' for child run …{child['id'][-8:]}"
+    children = driver.execute_script(
+        "return [...document.querySelectorAll('#detail .child-runs li')].map((li) => li.textContent)"
+    )
+    assert len(children) == 1 and child["id"] in children[0] and "waited for" in children[0]
+    driver.execute_script(
+        "document.querySelector(`#detail .child-runs button[data-child-id='${arguments[0]}']`).click()",
+        child["id"],
+    )
+    wait_until(lambda: detail(driver)["id"] == child["id"], what="the child to be shown")
+    driver.execute_script("document.querySelector('#detail .parent-run button').click()")
+    wait_until(lambda: detail(driver)["id"] == parent_id, what="the parent to be shown again")
+    # The child is cancelled with it: nothing sleeps on after the test.
+    cancelled = api.post(f"runs/{parent_id}/cancel", headers={"Content-Type": "application/json"})
+    assert cancelled.status_code == 200, cancelled.text
+    wait_status(api, child["id"], "cancelled")
     page_is_unharmed(driver)

@@ -31,6 +31,7 @@ CORE_MODULES = [
     "tests/test_flow_control.py",
     "tests/test_parallel_steps.py",
     "tests/test_attempt_metadata.py",
+    "tests/test_child_runs.py",
     # The storage contract, also on the browser's sqlite-wasm connection there (conftest.py's
     # ``store`` fixture, in_pyodide.open_wasm_store).
     "tests/test_store_contract.py",

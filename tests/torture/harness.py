@@ -8,8 +8,9 @@ blocking step outlasts the lease, so they survive only if the lease is renewed,
 and durable waits: a step retried under a ``RetryPolicy`` that fails N times then
 succeeds or runs out of attempts, short ``step.sleep`` naps, and ``wait_for_signal``
 runs whose signals this client sends with a ``signal_id``, before the run reaches
-its wait, while it waits, while no worker is alive, and twice, and ``step.all`` runs whose
-sync and async branches run at once, one of them sometimes failing on purpose)
+its wait, while it waits, while no worker is alive, and twice; ``step.all`` runs whose
+sync and async branches run at once, one of them sometimes failing on purpose; and parents
+that start a child run with ``step.start_child`` and wait for it with ``wait_for_child``)
 from a client in this process, runs them in worker subprocesses
 (``torture_jobs.py``) on one database (a SQLite file of its own, or the empty
 database ``db_url`` names: PostgreSQL), kills a worker ``kills`` times in a
@@ -36,6 +37,9 @@ database:
 * every step that began also ended, unless its process was killed;
 * no second run for a duplicate idempotency key (ours, and the child runs a
   re-executed step triggers with a key derived from its run);
+* every ``torture-parent`` run started exactly one child run (``parent_run_id`` its id,
+  however often it was killed between ``start_child`` and ``wait_for_child``), and its
+  output is that child's (its id and total);
 * no overlap in time between side effects of different runs sharing a
   concurrency key (a killed process's in-flight step ends at its kill);
 * every ``LeaseLostError`` a worker reported is for a run that another
@@ -150,6 +154,7 @@ class TortureResult:
     signals_consumed: int = 0  # signal waits whose checkpoint committed
     offline_waits: int = 0  # waits for the network committed (W lines with reason offline)
     offline_failures: int = 0  # recorded step attempts that failed offline (no retry used up)
+    child_runs: int = 0  # runs started with step.start_child (one per torture-parent run)
     violations: list[str] = field(default_factory=list)
     wall_time: float = 0.0
 
@@ -163,7 +168,7 @@ class TortureResult:
             f"retried={self.retried} slept={self.slept} waits={self.waits} "
             f"signals_sent={self.signals_sent} (stored={self.signals_early} "
             f"delivered={self.signals_delivered} duplicate={self.signals_duplicate}) "
-            f"signals_consumed={self.signals_consumed} "
+            f"signals_consumed={self.signals_consumed} child_runs={self.child_runs} "
             f"offline_waits={self.offline_waits} offline_failures={self.offline_failures} "
             f"violations={len(self.violations)} wall={self.wall_time:.1f}s"
         )
@@ -602,6 +607,20 @@ def check_runs(
             key = row["idempotency_key"]
             if run_id not in children or key != f"spawn:{children[run_id]}":
                 violations.append(f"child run {run_id} (key {key!r}) was not seen being spawned")
+    # Child runs (step.start_child): exactly one per torture-parent run, linked to it.
+    subruns: dict[str, list[str]] = defaultdict(list)
+    for run_id, row in runs.items():
+        if row["job_name"] == "torture-subrun":
+            parent = row.get("parent_run_id")
+            if parent not in expected or expected[parent].job != "torture-parent":
+                violations.append(f"child run {run_id} has parent {parent!r}, not an accepted torture-parent")
+            else:
+                subruns[parent].append(run_id)
+                children[run_id] = parent
+                result.child_runs += 1
+    for run_id, exp in expected.items():
+        if exp.job == "torture-parent" and run_id in runs and len(subruns[run_id]) != 1:
+            violations.append(f"run {run_id} started {len(subruns[run_id])} child runs: {subruns[run_id]}")
 
     for run_id in runs:
         if run_id not in expected and run_id not in children:
@@ -631,6 +650,15 @@ def check_runs(
                 "total": torture_jobs.expected_total(run_id, torture_jobs.CHILD_STEPS)
             }
             want_failed: str | None = None
+        elif run_id in expected and expected[run_id].job == "torture-parent":
+            # Its output is its one child's: the child's id and total (an extra or missing
+            # child is reported above, and then no output can be right).
+            child_id = subruns[run_id][0] if len(subruns[run_id]) == 1 else "?"
+            names, want_status, want_failed = torture_jobs.PARENT_STEPS, "completed", None
+            want_output = {
+                "total": torture_jobs.expected_total(child_id, torture_jobs.CHILD_STEPS),
+                "child": child_id,
+            }
         elif run_id in expected:
             names, want_status, want_output, want_failed = expected_outcome(expected[run_id])
         else:
@@ -1209,6 +1237,9 @@ class Torture:
         # Parallel steps: a step.all that completes, one whose branch fails (siblings recorded).
         await self.trigger({"branches": 4, "delay": 0.05}, {}, protected=True, job="torture-parallel")
         await self.trigger({"branches": 3, "fail_branch": 1}, {}, protected=True, job="torture-parallel")
+        # Child runs: a parent starts one, runs a step, waits for it (killed anywhere in between).
+        await self.trigger({"delay": 0.05}, {}, protected=True, job="torture-parent")
+        await self.trigger({"delay": 0.2}, {}, protected=True, job="torture-parent")
         return await self.trigger({"steps": 10, "delay": 0.05}, {"concurrency_key": "ck-a"}, protected=True)
 
     def plan_signals(self, run_id: str, waits: int, *, mix: bool = False) -> None:

@@ -430,7 +430,38 @@ async def parallel(step: StepContext, payload: ParallelIn) -> ChainOut:
     return ChainOut(total=total)
 
 
-JOBS = [chain, child, retrying, sleeper, signalled, offline_fetcher, parallel]
+# --- child runs: step.start_child / step.wait_for_child ---------------------------------------
+
+
+class ParentIn(BaseModel):
+    delay: float = 0.02  # the step p0 between starting the child and waiting for it
+
+
+class ParentOut(BaseModel):
+    total: int  # the child's total: what wait_for_child returned
+    child: str
+
+
+#: The checkpoints of a torture-parent run: the child started, a step, the child waited for.
+PARENT_STEPS = ["child", "p0", "child-done"]
+
+
+@define_job("torture-subrun", input=ChildIn, output=ChainOut)
+async def subrun(step: StepContext, payload: ChildIn) -> ChainOut:
+    first = await step.run("c0", effect_sync, step.run_id, "c0", step.attempt, 0.01, False)
+    second = await step.run("c1", effect_async, step.run_id, "c1", step.attempt, 0.01, False)
+    return ChainOut(total=first["v"] + second["v"])
+
+
+@define_job("torture-parent", input=ParentIn, output=ParentOut)
+async def parent(step: StepContext, payload: ParentIn) -> ParentOut:
+    handle = await step.start_child("child", subrun, {"parent": step.run_id})
+    await step.run("p0", effect_async, step.run_id, "p0", step.attempt, payload.delay, False)
+    out: ChainOut = await step.wait_for_child("child-done", handle)
+    return ParentOut(total=out.total, child=handle.run_id)
+
+
+JOBS = [chain, child, retrying, sleeper, signalled, offline_fetcher, parallel, subrun, parent]
 
 
 async def serve(args: argparse.Namespace) -> None:

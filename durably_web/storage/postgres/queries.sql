@@ -74,11 +74,11 @@ WITH inserted AS (
     INSERT INTO durably_runs (
         id, job_name, status, input, labels, idempotency_key, concurrency_key,
         available_at, created_at, updated_at, forked_from,
-        priority, trace_parent
+        priority, trace_parent, parent_run_id
     ) VALUES (
         %(id)s, %(job_name)s, 'pending', %(input)s, %(labels)s, %(idempotency_key)s, %(concurrency_key)s,
         %(created_at)s, %(created_at)s, %(created_at)s, %(forked_from)s,
-        %(priority)s, %(trace_parent)s
+        %(priority)s, %(trace_parent)s, %(parent_run_id)s
     )
     ON CONFLICT DO NOTHING
     RETURNING id
@@ -119,6 +119,9 @@ WITH purged AS (
     DELETE FROM durably_runs WHERE id IN (
         SELECT id FROM durably_runs
         WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < %(before)s
+          AND NOT EXISTS (  -- as delete_run: never a parent whose children are still active
+            SELECT 1 FROM durably_runs AS c
+            WHERE c.parent_run_id = durably_runs.id AND c.status IN ('pending', 'leased', 'waiting'))
         ORDER BY completed_at
         LIMIT %(limit)s
         FOR UPDATE SKIP LOCKED)
@@ -299,11 +302,14 @@ SET progress_current = %(current)s, progress_total = %(total)s, progress_message
 WHERE id = %(id)s AND status = 'leased' AND lease_generation = %(generation)s
 
 -- name: finish_run
+-- %(with_parent)s false: only a run without a parent (the one-statement path); a child's
+-- outcome goes through a transaction that wakes its parent in a second statement.
 WITH finished AS (
     UPDATE durably_runs
     SET status = %(status)s, output = %(output)s, error = %(error)s, completed_at = %(now)s,
         updated_at = %(now)s, lease_owner = NULL, lease_expires_at = NULL
     WHERE id = %(id)s AND status = 'leased' AND lease_generation = %(generation)s
+      AND (%(with_parent)s OR parent_run_id IS NULL)
     RETURNING id, status
 )
 SELECT pg_notify(%(channel)s, id || ' ' || status || ' ' || %(origin)s) FROM finished
@@ -331,11 +337,62 @@ WITH waiting AS (
                 WHERE s.run_id = %(id)s AND s.name = %(step_name)s AND s.consumed_at IS NULL)
             THEN %(now)s ELSE %(until)s END,
         wait_reason = %(reason)s, wait_step = %(step_name)s, wait_deadline = %(deadline)s,
-        lease_owner = NULL, lease_expires_at = NULL, updated_at = %(now)s
+        lease_owner = NULL, lease_expires_at = NULL, updated_at = %(now)s,
+        wait_child_id = %(child_run_id)s
     WHERE id = %(id)s AND status = 'leased' AND lease_generation = %(generation)s
     RETURNING id
 )
 SELECT pg_notify(%(channel)s, id || ' waiting' || ' ' || %(origin)s) FROM waiting
+
+-- name: lock_child_for_wait
+-- A child wait locks the child's row before the parent's (every writer of a child's outcome
+-- locks the child, then wakes the parent: one order, no deadlock). A child ending meanwhile
+-- has then either committed (due_if_child_ended, a later statement, sees it) or waits for
+-- this transaction (and then finds the parent waiting).
+SELECT id FROM durably_runs WHERE id = %(child_run_id)s FOR SHARE
+
+-- name: due_if_child_ended
+-- The child ended (or was deleted) before the wait was written: the wait is due at once.
+WITH woken AS (
+    UPDATE durably_runs SET available_at = %(now)s
+    WHERE id = %(id)s AND status = 'waiting' AND wait_reason = 'child'
+      AND wait_child_id = %(child_run_id)s
+      AND NOT EXISTS (
+        SELECT 1 FROM durably_runs AS c
+        WHERE c.id = %(child_run_id)s AND c.status IN ('pending', 'leased', 'waiting'))
+    RETURNING id
+)
+SELECT pg_notify(%(channel)s, id || ' waiting' || ' ' || %(origin)s) FROM woken
+
+-- name: wake_parent
+-- The run %(id)s ended or is being deleted (its row locked by this transaction): a parent
+-- waiting for it is due now, announced as claimable. A statement of its own, so that its
+-- snapshot includes a parent's wait committed while this transaction waited for the child.
+WITH woken AS (
+    UPDATE durably_runs AS p SET available_at = %(now)s, updated_at = %(now)s
+    FROM durably_runs AS c
+    WHERE c.id = %(id)s AND p.id = c.parent_run_id AND p.status = 'waiting'
+      AND p.wait_reason = 'child' AND p.wait_child_id = c.id
+    RETURNING p.id
+)
+SELECT pg_notify(%(channel)s, id || ' waiting' || ' ' || %(origin)s) FROM woken
+
+-- name: lock_run_tree
+-- The run and every descendant (also below children that ended), locked deepest first:
+-- the order every child-outcome writer follows (child, then parent).
+WITH RECURSIVE tree (id, depth) AS (
+    SELECT id, 0 FROM durably_runs WHERE id = %(id)s
+    UNION ALL
+    SELECT c.id, tree.depth + 1 FROM durably_runs AS c JOIN tree ON c.parent_run_id = tree.id
+)
+SELECT r.* FROM tree JOIN durably_runs AS r ON r.id = tree.id
+ORDER BY tree.depth DESC, r.id
+FOR UPDATE OF r
+
+-- name: find_active_child
+SELECT id, status FROM durably_runs
+WHERE parent_run_id = %(id)s AND status IN ('pending', 'leased', 'waiting')
+LIMIT 1
 
 -- name: find_signal_by_id
 SELECT id FROM durably_signals WHERE run_id = %(run_id)s AND signal_id = %(signal_id)s

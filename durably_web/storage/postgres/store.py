@@ -486,6 +486,7 @@ class PostgresStore(Store):
             "forked_from": new.forked_from,
             "priority": new.priority,
             "trace_parent": new.trace_parent,
+            "parent_run_id": new.parent_run_id,
             "channel": self.channel,
             "origin": self._origin,
         }
@@ -506,25 +507,48 @@ class PostgresStore(Store):
         return [run_from_row(row) for row in rows]
 
     async def cancel_run(self, run_id: str, now: int) -> RunRecord:
+        return (await self.cancel_run_tree(run_id, now))[0]
+
+    async def cancel_run_tree(self, run_id: str, now: int) -> list[RunRecord]:
+        notify = {"now": now, "channel": self.channel, "origin": self._origin}
         async with self._transaction() as conn:
-            record = await self._require(conn, run_id, lock="update")
+            # Every row of the tree locked deepest first (lock_run_tree), the run itself last.
+            cursor = await conn.execute(Q["lock_run_tree"], {"id": run_id})
+            tree = [run_from_row(row) for row in await cursor.fetchall()]
+            if not tree or tree[-1].id != run_id:
+                raise NotFoundError(f"run {run_id!r} not found")
+            record = tree[-1]
             if record.status in ("completed", "failed"):
                 raise ConflictError(f"run {run_id} is already {record.status}; it cannot be cancelled")
+            cancelled: list[RunRecord] = []
+            for node in tree[:-1]:
+                if node.status in ("pending", "leased", "waiting"):
+                    row = await _one(conn, "cancel_run", {"id": node.id, **notify})
+                    assert row is not None  # the row is locked and cancellable
+                    cancelled.append(run_from_row(row))
             if record.status != "cancelled":
-                row = await _one(
-                    conn,
-                    "cancel_run",
-                    {"id": run_id, "now": now, "channel": self.channel, "origin": self._origin},
-                )
-                assert row is not None  # the row is locked and cancellable
+                row = await _one(conn, "cancel_run", {"id": run_id, **notify})
+                assert row is not None
                 record = run_from_row(row)
-        return record
+                await conn.execute(Q["wake_parent"], {"id": run_id, **notify})
+        return [record, *reversed(cancelled)]
 
     async def delete_run(self, run_id: str) -> RunRecord:
         async with self._transaction() as conn:
             record = await self._require(conn, run_id, lock="update")
             if record.status == "leased":
                 raise ConflictError(f"run {run_id} is running (leased); cancel it before deleting it")
+            child = await _one(conn, "find_active_child", {"id": run_id})
+            if child is not None:
+                raise ConflictError(
+                    f"run {run_id} has a child run still {child['status']} ({child['id']}); "
+                    "cancel the run (which cancels its children) or wait for them before deleting it"
+                )
+            # No clock here: the parent is due from the deleted run's last change (a past time).
+            await conn.execute(
+                Q["wake_parent"],
+                {"id": run_id, "now": record.updated_at, "channel": self.channel, "origin": self._origin},
+            )
             await conn.execute(
                 Q["delete_run"], {"id": run_id, "channel": self.channel, "origin": self._origin}
             )
@@ -773,8 +797,11 @@ class PostgresStore(Store):
         step: StepRecord | None = None,
         deadline: int | None = None,
         failed_attempts: Sequence[StepRecord] = (),
+        child_run_id: str | None = None,
     ) -> bool:
         async with self._transaction() as conn:
+            if child_run_id is not None:
+                await conn.execute(Q["lock_child_for_wait"], {"child_run_id": child_run_id})
             if await _one(conn, "lock_leased_run", {"id": run_id, "generation": generation}) is None:
                 return False
             if step is not None and not await self._record_step(conn, step, generation):
@@ -789,9 +816,12 @@ class PostgresStore(Store):
                 "now": now,
                 "channel": self.channel,
                 "origin": self._origin,
+                "child_run_id": child_run_id,
             }
             if await _count(conn, "wait_run", params) == 0:
                 return False
+            if child_run_id is not None:
+                await conn.execute(Q["due_if_child_ended"], params)
             for attempt in [*([] if failed_attempt is None else [failed_attempt]), *failed_attempts]:
                 await conn.execute(
                     Q["insert_step_attempt"],
@@ -925,6 +955,28 @@ class PostgresStore(Store):
             )
         return new_run_record(new, keys=False)
 
+    async def start_child(self, child: NewRun, step: StepRecord, generation: int) -> bool:
+        async with self._transaction() as conn:
+            if child.concurrency_key is not None:  # key locks before any row lock, as create_runs
+                await conn.execute(Q["lock_keys"], {"locks": [self._concurrency_ns + child.concurrency_key]})
+            # The fence (the parent row FOR SHARE) and the checkpoint, first.
+            if not await self._record_step(conn, step, generation):
+                return False
+            if child.concurrency_key is not None:
+                row = await _one(
+                    conn, "find_pending_by_concurrency_key", {"concurrency_key": child.concurrency_key}
+                )
+                if row is not None:
+                    raise ConflictError(
+                        f"run {row['id']} is already pending for concurrency key "
+                        f"{child.concurrency_key!r}; child run not started"
+                    )
+            params = self._insert_params(child)
+            params["idempotency_key"] = None
+            if await _one(conn, "insert_run", params) is None:
+                raise StorageError(f"cannot create child run {child.id!r}: a run with this id already exists")
+        return True
+
     async def list_step_attempts(self, run_id: str) -> list[StepRecord]:
         async with self._connection() as conn:
             rows = await _all(conn, "list_step_attempts", {"run_id": run_id})
@@ -986,15 +1038,22 @@ class PostgresStore(Store):
             "now": now,
             "channel": self.channel,
             "origin": self._origin,
+            "with_parent": False,
         }
         if failed_step is None and not drop_step_outputs:
             # The usual end of a run is this one statement: no transaction around it (which
-            # would add BEGIN and COMMIT, two more round trips).
+            # would add BEGIN and COMMIT, two more round trips). Not a child run's: nothing
+            # changes then, and the transaction below (which wakes its parent) ends it.
             async with self._connection() as conn:
-                return await _count(conn, "finish_run", params) == 1
+                if await _count(conn, "finish_run", params) == 1:
+                    return True
+        params["with_parent"] = True
         async with self._transaction() as conn:
             if await _count(conn, "finish_run", params) == 0:
                 return False
+            # A statement after the outcome's: a parent's wait that committed while this one
+            # waited for the child's row lock is in its snapshot (see lock_child_for_wait).
+            await conn.execute(Q["wake_parent"], params)
             if failed_step is not None:
                 await conn.execute(
                     Q["record_failed_step"],

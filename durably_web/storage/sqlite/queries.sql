@@ -26,11 +26,11 @@ SELECT * FROM durably_runs WHERE concurrency_key = :concurrency_key AND status =
 INSERT INTO durably_runs (
     id, job_name, status, input, labels, idempotency_key, concurrency_key,
     available_at, created_at, updated_at, forked_from,
-    priority, trace_parent
+    priority, trace_parent, parent_run_id
 ) VALUES (
     :id, :job_name, 'pending', :input, :labels, :idempotency_key, :concurrency_key,
     :created_at, :created_at, :created_at, :forked_from,
-    :priority, :trace_parent
+    :priority, :trace_parent, :parent_run_id
 )
 
 -- name: insert_labels
@@ -54,6 +54,9 @@ DELETE FROM durably_runs WHERE id = :id
 DELETE FROM durably_runs WHERE id IN (
     SELECT id FROM durably_runs
     WHERE status IN ('completed', 'failed', 'cancelled') AND completed_at < :before
+      AND NOT EXISTS (  -- as delete_run: never a parent whose children are still active
+        SELECT 1 FROM durably_runs AS c
+        WHERE c.parent_run_id = durably_runs.id AND c.status IN ('pending', 'leased', 'waiting'))
     ORDER BY completed_at
     LIMIT :limit)
 
@@ -175,8 +178,17 @@ SET status = 'waiting',
             WHERE s.run_id = :id AND s.name = :step_name AND s.consumed_at IS NULL)
         THEN :now ELSE :until END,
     wait_reason = :reason, wait_step = :step_name, wait_deadline = :deadline,
-    lease_owner = NULL, lease_expires_at = NULL, updated_at = :now
+    lease_owner = NULL, lease_expires_at = NULL, updated_at = :now, wait_child_id = :child_run_id
 WHERE id = :id AND status = 'leased' AND lease_generation = :generation
+
+-- name: due_if_child_ended
+-- A child wait whose child ended (or was deleted) before the wait was written is due at
+-- once (same transaction as wait_run): the child's own wake-up found the parent still leased.
+UPDATE durably_runs SET available_at = :now
+WHERE id = :id AND status = 'waiting' AND wait_reason = 'child' AND wait_child_id = :child_run_id
+  AND NOT EXISTS (
+    SELECT 1 FROM durably_runs AS c
+    WHERE c.id = :child_run_id AND c.status IN ('pending', 'leased', 'waiting'))
 
 -- name: find_signal_by_id
 SELECT id FROM durably_signals WHERE run_id = :run_id AND signal_id = :signal_id
@@ -189,6 +201,29 @@ VALUES (:run_id, :name, :signal_id, :payload, :now)
 -- A run waiting for this very signal is due now.
 UPDATE durably_runs SET available_at = :now, updated_at = :now
 WHERE id = :run_id AND status = 'waiting' AND wait_reason = 'signal' AND wait_step = :name
+
+-- name: get_parent_run_id
+SELECT parent_run_id FROM durably_runs WHERE id = :id
+
+-- name: wake_parent
+-- The run :id ended (or was deleted): a parent waiting for it is due now, in the same
+-- transaction as the outcome. Found through the child's parent_run_id (primary key).
+UPDATE durably_runs SET available_at = :now, updated_at = :now
+WHERE id = :parent_run_id AND status = 'waiting' AND wait_reason = 'child' AND wait_child_id = :id
+
+-- name: run_tree
+-- The run :id and all its descendants (also below children that ended), deepest first.
+WITH RECURSIVE tree (id, depth) AS (
+    SELECT :id, 0
+    UNION ALL
+    SELECT c.id, tree.depth + 1 FROM durably_runs AS c JOIN tree ON c.parent_run_id = tree.id
+)
+SELECT r.* FROM tree JOIN durably_runs AS r ON r.id = tree.id ORDER BY tree.depth DESC, r.id
+
+-- name: find_active_child
+SELECT id, status FROM durably_runs
+WHERE parent_run_id = :id AND status IN ('pending', 'leased', 'waiting')
+LIMIT 1
 
 -- name: wake_offline_runs
 -- The network is back: every run waiting for it is due now (its recheck time was later).

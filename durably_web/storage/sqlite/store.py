@@ -307,6 +307,7 @@ class SQLiteStore(Store):
                         "forked_from": new.forked_from,
                         "priority": new.priority,
                         "trace_parent": new.trace_parent,
+                        "parent_run_id": new.parent_run_id,
                     },
                 )
                 if new.debounce_ms:
@@ -353,14 +354,37 @@ class SQLiteStore(Store):
 
     @_sqlite_call(durable=True)
     def cancel_run(self, run_id: str, now: int) -> RunRecord:
-        with self._conn.transaction():
+        return self._cancel_tree(run_id, now)[0]
+
+    @_sqlite_call(durable=True)
+    def cancel_run_tree(self, run_id: str, now: int) -> list[RunRecord]:
+        return self._cancel_tree(run_id, now)
+
+    def _cancel_tree(self, run_id: str, now: int) -> list[RunRecord]:
+        conn = self._conn
+        with conn.transaction():
             record = self._require(run_id)
             if record.status in ("completed", "failed"):
                 raise ConflictError(f"run {run_id} is already {record.status}; it cannot be cancelled")
+            cancelled: list[RunRecord] = []
             if record.status != "cancelled":
-                self._conn.execute(Q["cancel_run"], {"id": run_id, "now": now})
+                conn.execute(Q["cancel_run"], {"id": run_id, "now": now})
                 record = self._require(run_id)
-        return record
+                self._wake_parent(record, now)
+            # Descendants, also those of a cancelled run (one cancelled before its children
+            # were cascaded, or by an older version): cancelling twice cascades again.
+            for row in conn.fetch_all(Q["run_tree"], {"id": run_id}):
+                if row["id"] != run_id and row["status"] in ("pending", "leased", "waiting"):
+                    conn.execute(Q["cancel_run"], {"id": row["id"], "now": now})
+                    cancelled.append(self._require(row["id"]))
+        return [record, *reversed(cancelled)]  # nearest first, as PostgreSQL's
+
+    def _wake_parent(self, record: RunRecord, now: int) -> None:
+        """``record`` ended (or is being deleted): its waiting parent is due now."""
+        if record.parent_run_id is not None:
+            self._conn.execute(
+                Q["wake_parent"], {"id": record.id, "parent_run_id": record.parent_run_id, "now": now}
+            )
 
     @_sqlite_call(durable=True)
     def delete_run(self, run_id: str) -> RunRecord:
@@ -368,7 +392,15 @@ class SQLiteStore(Store):
             record = self._require(run_id)
             if record.status == "leased":
                 raise ConflictError(f"run {run_id} is running (leased); cancel it before deleting it")
+            child = self._conn.fetch_one(Q["find_active_child"], {"id": run_id})
+            if child is not None:
+                raise ConflictError(
+                    f"run {run_id} has a child run still {child['status']} ({child['id']}); "
+                    "cancel the run (which cancels its children) or wait for them before deleting it"
+                )
             self._conn.execute(Q["delete_run"], {"id": run_id})
+            # No clock here: the parent is due from the deleted run's last change (a past time).
+            self._wake_parent(record, record.updated_at)
         return record
 
     @_sqlite_call(durable=False)
@@ -533,6 +565,7 @@ class SQLiteStore(Store):
         step: StepRecord | None = None,
         deadline: int | None = None,
         failed_attempts: Sequence[StepRecord] = (),
+        child_run_id: str | None = None,
     ) -> bool:
         conn = self._conn
         with conn.transaction():
@@ -548,10 +581,15 @@ class SQLiteStore(Store):
                     "step_name": step_name,
                     "deadline": deadline,
                     "now": now,
+                    "child_run_id": child_run_id,
                 },
             )
             if changed == 0:
                 return False
+            if child_run_id is not None:
+                conn.execute(
+                    Q["due_if_child_ended"], {"id": run_id, "child_run_id": child_run_id, "now": now}
+                )
             attempts = [*([] if failed_attempt is None else [failed_attempt]), *failed_attempts]
             for attempt in attempts:
                 conn.execute(Q["insert_step_attempt"], _attempt_params(run_id, attempt))
@@ -669,6 +707,7 @@ class SQLiteStore(Store):
                     "forked_from": new.forked_from,
                     "priority": new.priority,
                     "trace_parent": new.trace_parent,
+                    "parent_run_id": new.parent_run_id,
                 },
             )
             if new.labels:
@@ -679,6 +718,41 @@ class SQLiteStore(Store):
                 {"new_id": new.id, "source_id": source_id, "before_seq": point.index},
             )
         return record
+
+    @_sqlite_call(durable=True)
+    def start_child(self, child: NewRun, step: StepRecord, generation: int) -> bool:
+        conn = self._conn
+        with conn.transaction():
+            # The fence first: a parent that lost its lease starts nothing.
+            if not self._record_step(step, generation):
+                return False
+            if child.concurrency_key is not None:
+                row = conn.fetch_one(
+                    Q["find_pending_by_concurrency_key"], {"concurrency_key": child.concurrency_key}
+                )
+                if row is not None:
+                    raise ConflictError(
+                        f"run {row['id']} is already pending for concurrency key "
+                        f"{child.concurrency_key!r}; child run not started"
+                    )
+            labels_json = json.dumps(child.labels, separators=(",", ":"))
+            conn.execute(
+                Q["insert_run"],
+                {
+                    "id": child.id,
+                    "job_name": child.job_name,
+                    "input": child.input_json,
+                    "labels": labels_json,
+                    "idempotency_key": None,
+                    "concurrency_key": child.concurrency_key,
+                    "created_at": child.created_at,
+                    "forked_from": None,
+                    "parent_run_id": child.parent_run_id,
+                },
+            )
+            if child.labels:
+                conn.execute(Q["insert_labels"], {"run_id": child.id, "labels": labels_json})
+        return True
 
     @_sqlite_call(durable=False)
     def list_step_attempts(self, run_id: str) -> list[StepRecord]:
@@ -747,6 +821,11 @@ class SQLiteStore(Store):
             )
             if changed == 0:
                 return False
+            parent = conn.fetch_one(Q["get_parent_run_id"], {"id": run_id})
+            if parent is not None and parent["parent_run_id"] is not None:
+                conn.execute(
+                    Q["wake_parent"], {"id": run_id, "parent_run_id": parent["parent_run_id"], "now": now}
+                )
             if failed_step is not None:
                 conn.execute(
                     Q["record_failed_step"],
