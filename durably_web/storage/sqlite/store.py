@@ -293,23 +293,9 @@ class SQLiteStore(Store):
                             )
                         resolve(run_from_row(row), "coalesced")
                         continue
-                labels_json = json.dumps(new.labels, separators=(",", ":"))
-                conn.execute(
-                    Q["insert_run"],
-                    {
-                        "id": new.id,
-                        "job_name": new.job_name,
-                        "input": new.input_json,
-                        "labels": labels_json,
-                        "idempotency_key": new.idempotency_key,
-                        "concurrency_key": new.concurrency_key,
-                        "created_at": new.created_at,
-                        "forked_from": new.forked_from,
-                        "priority": new.priority,
-                        "trace_parent": new.trace_parent,
-                        "parent_run_id": new.parent_run_id,
-                    },
-                )
+                params = _insert_run_params(new)
+                labels_json = params["labels"]
+                conn.execute(Q["insert_run"], params)
                 if new.debounce_ms:
                     conn.execute(
                         Q["delay_new_run"],
@@ -693,23 +679,9 @@ class SQLiteStore(Store):
                     f"run {source_id}'s step outputs were dropped (preserve_steps=False); it cannot be forked"
                 )
             # A fork has no idempotency or concurrency key, so it is a plain insert.
-            labels_json = json.dumps(new.labels, separators=(",", ":"))
-            conn.execute(
-                Q["insert_run"],
-                {
-                    "id": new.id,
-                    "job_name": new.job_name,
-                    "input": new.input_json,
-                    "labels": labels_json,
-                    "idempotency_key": None,
-                    "concurrency_key": None,
-                    "created_at": new.created_at,
-                    "forked_from": new.forked_from,
-                    "priority": new.priority,
-                    "trace_parent": new.trace_parent,
-                    "parent_run_id": new.parent_run_id,
-                },
-            )
+            params = _insert_run_params(new, keys=False)
+            labels_json = params["labels"]
+            conn.execute(Q["insert_run"], params)
             if new.labels:
                 conn.execute(Q["insert_labels"], {"run_id": new.id, "labels": labels_json})
             record = new_run_record(new)
@@ -735,21 +707,9 @@ class SQLiteStore(Store):
                         f"run {row['id']} is already pending for concurrency key "
                         f"{child.concurrency_key!r}; child run not started"
                     )
-            labels_json = json.dumps(child.labels, separators=(",", ":"))
-            conn.execute(
-                Q["insert_run"],
-                {
-                    "id": child.id,
-                    "job_name": child.job_name,
-                    "input": child.input_json,
-                    "labels": labels_json,
-                    "idempotency_key": None,
-                    "concurrency_key": child.concurrency_key,
-                    "created_at": child.created_at,
-                    "forked_from": None,
-                    "parent_run_id": child.parent_run_id,
-                },
-            )
+            params = {**_insert_run_params(child), "idempotency_key": None, "forked_from": None}
+            labels_json = params["labels"]
+            conn.execute(Q["insert_run"], params)
             if child.labels:
                 conn.execute(Q["insert_labels"], {"run_id": child.id, "labels": labels_json})
         return True
@@ -883,6 +843,24 @@ class SQLiteStore(Store):
             )
             for row in self._conn.fetch_all(Q["list_logs"], {"run_id": run_id})
         ]
+
+
+def _insert_run_params(new: NewRun, *, keys: bool = True) -> dict[str, Any]:
+    """The parameters of ``insert_run`` for ``new`` (``keys=False``: without its idempotency
+    and concurrency keys, as a fork is inserted): one place for every column a new run has."""
+    return {
+        "id": new.id,
+        "job_name": new.job_name,
+        "input": new.input_json,
+        "labels": json.dumps(new.labels, separators=(",", ":")),
+        "idempotency_key": new.idempotency_key if keys else None,
+        "concurrency_key": new.concurrency_key if keys else None,
+        "created_at": new.created_at,
+        "forked_from": new.forked_from,
+        "priority": new.priority,
+        "trace_parent": new.trace_parent,
+        "parent_run_id": new.parent_run_id,
+    }
 
 
 def _attempt_params(run_id: str, attempt: StepRecord) -> dict[str, Any]:
