@@ -578,6 +578,8 @@ async def test_run_lists_are_summaries_and_the_run_route_is_whole(
         "wait_reason",
         "wait_step",
         "forked_from",
+        "priority",
+        "not_before",
         "parent_run_id",
         "wait_child_id",
     }
