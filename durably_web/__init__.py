@@ -15,10 +15,12 @@ from .errors import (
     NonRetryableError,
     NotFoundError,
     ReadOnlyError,
+    RunTimeoutError,
     SchemaVersionError,
     StepError,
     StorageError,
     ValidationError,
+    VersionMismatchError,
     WaitTimeoutError,
 )
 from .job import JobDefinition, define_job
@@ -48,6 +50,7 @@ __all__ = [
     "ReadOnlyError",
     "RetryPolicy",
     "Run",
+    "RunTimeoutError",
     "SchemaVersionError",
     "Step",
     "StepAttempt",
@@ -56,6 +59,7 @@ __all__ = [
     "StorageError",
     "TriggerItem",
     "ValidationError",
+    "VersionMismatchError",
     "WaitTimeoutError",
     "define_job",
 ]

@@ -30,7 +30,7 @@ from .errors import (
     WaitTimeoutError,
 )
 from .events import TERMINAL_EVENT_TYPES, EventBus, RunSubscription
-from .job import JobDefinition
+from .job import JobDefinition, validate_timeout
 from .models import (
     RUN_STATUSES,
     TERMINAL_STATUSES,
@@ -76,6 +76,8 @@ class TriggerItem:
     concurrency_key: str | None = None
     coalesce: Literal["skip"] | None = None
     labels: Mapping[str, str] | None = None
+    #: This run's deadline in seconds (overrides the job's ``timeout``), as in ``trigger``.
+    timeout: Seconds | str | None = None
 
 
 def _seconds(
@@ -444,6 +446,7 @@ class Durably:
         concurrency_key: str | None,
         coalesce: str | None,
         labels: Mapping[str, str] | None,
+        timeout: Seconds | str | None = None,
     ) -> NewRun:
         self._check_writable(f"trigger {job.name!r}")
         _, input_json = job.validate_input(input)
@@ -460,6 +463,8 @@ class Durably:
                 )
         if coalesce not in (None, "skip"):
             raise ValidationError(f"coalesce must be None or 'skip', not {coalesce!r}")
+        seconds = validate_timeout("timeout", timeout) if timeout is not None else job.timeout
+        now = self.now_ms()
         return NewRun(
             id=ids.new_id(self.now_ms()),
             job_name=job.name,
@@ -468,7 +473,9 @@ class Durably:
             idempotency_key=idempotency_key,
             concurrency_key=concurrency_key,
             coalesce=coalesce == "skip",
-            created_at=self.now_ms(),
+            created_at=now,
+            deadline_at=_deadline(now, seconds),
+            version=job.version,
         )
 
     async def _create(
@@ -499,6 +506,10 @@ class Durably:
             runs.append(run)
         if self._worker is not None and any(d == "created" for _, d in results):
             self._worker.wake()
+            for record, disposition in results:
+                if disposition == "created" and record.deadline_at is not None:
+                    # So a run still pending at its deadline fails then, not at the next poll.
+                    self._worker.wake_at(record.deadline_at)
         return runs
 
     async def trigger(
@@ -511,8 +522,13 @@ class Durably:
         coalesce: Literal["skip"] | None = None,
         labels: Mapping[str, str] | None = None,
         accept_existing: Callable[[Run], bool] | None = None,
+        timeout: Seconds | str | None = None,
     ) -> Run:
         """Validate ``input`` and create a pending run (or return the existing one).
+
+        ``timeout`` (seconds, a ``timedelta`` or a duration text such as ``"10m"``) sets this
+        run's deadline, overriding the job's ``timeout``: counted from now, waits included;
+        past it the run fails with ``RunTimeoutError`` (``Run.deadline_at``).
 
         ``disposition`` tells which: "created", "idempotent" (same idempotency
         key) or "coalesced" (a pending run with the same concurrency key and
@@ -526,7 +542,7 @@ class Durably:
         another tenant's run. It is called synchronously and must be quick.
         """
         definition = self._job(job)
-        new = self._new_run(definition, input, idempotency_key, concurrency_key, coalesce, labels)
+        new = self._new_run(definition, input, idempotency_key, concurrency_key, coalesce, labels, timeout)
         return (await self._create([new], accept_existing))[0]
 
     async def batch_trigger(
@@ -561,6 +577,7 @@ class Durably:
                             item.concurrency_key,
                             item.coalesce,
                             item_labels,
+                            item.timeout,
                         )
                     )
                 else:
@@ -579,8 +596,13 @@ class Durably:
         concurrency_key: str | None = None,
         coalesce: Literal["skip"] | None = None,
         labels: Mapping[str, str] | None = None,
+        run_timeout: Seconds | str | None = None,
     ) -> Run:
-        """Trigger, then wait until the run ends; returns the final run (check ``status``)."""
+        """Trigger, then wait until the run ends; returns the final run (check ``status``).
+
+        ``timeout`` is how long this call waits (``WaitTimeoutError``; the run goes on);
+        ``run_timeout`` is the run's own deadline, ``trigger``'s ``timeout`` (past it the run
+        fails with ``RunTimeoutError``)."""
         run = await self.trigger(
             job,
             input,
@@ -588,6 +610,7 @@ class Durably:
             concurrency_key=concurrency_key,
             coalesce=coalesce,
             labels=labels,
+            timeout=run_timeout,
         )
         return await self.wait_for_run(run.id, timeout=timeout)
 
@@ -642,8 +665,11 @@ class Durably:
         labels: Mapping[str, str] | None = None,
         limit: int = 100,
         offset: int = 0,
+        version: str | Sequence[str] | None = None,
     ) -> list[Run]:
-        """Runs, newest first, filtered by status(es), job name(s) and exact labels."""
+        """Runs, newest first, filtered by status(es), job name(s), exact labels and the job
+        version(s) that started them (``version``: with the unfinished statuses, what is still
+        in flight per version during a deploy)."""
         statuses = _one_or_many("status", status)
         if statuses is not None:
             unknown = set(statuses) - RUN_STATUSES
@@ -661,6 +687,7 @@ class Durably:
                 labels=_validate_labels(labels, filtering=True),
                 limit=min(limit, 10_000),
                 offset=offset,
+                versions=_one_or_many("version", version),
             )
         )
         return [self._to_run(record) for record in records]
@@ -824,6 +851,8 @@ class Durably:
             coalesce=False,
             created_at=self.now_ms(),
             forked_from=record.id,
+            deadline_at=_carried_deadline(record, self.now_ms()),
+            version=self.jobs[record.job_name].version if record.job_name in self.jobs else None,
         )
         created = await self.store.fork_run(new, record.id, from_step)
         return self._created([(created, "created")])[0]
@@ -846,6 +875,7 @@ class Durably:
                 record.concurrency_key,
                 None,
                 record.labels,
+                _carried_timeout(record),
             )
         else:
             self._check_writable(f"retrigger a run of {record.job_name!r}")
@@ -858,6 +888,7 @@ class Durably:
                 concurrency_key=record.concurrency_key,
                 coalesce=False,
                 created_at=self.now_ms(),
+                deadline_at=_carried_deadline(record, self.now_ms()),
             )
         return (await self._create([new]))[0]
 
@@ -916,7 +947,22 @@ class Durably:
             wait_reason=record.wait_reason if record.status == "waiting" else None,
             wait_step=record.wait_step if record.status == "waiting" else None,
             forked_from=record.forked_from,
+            deadline_at=from_ms(record.deadline_at),
+            version=record.version,
         )
+
+
+def _deadline(created_at: int, timeout: float | None) -> int | None:
+    return None if timeout is None else created_at + int(timeout * 1000)
+
+
+def _carried_timeout(record: RunRecord) -> float | None:
+    """A retriggered or forked run gets the source's timeout, counted from its own trigger."""
+    return None if record.deadline_at is None else max(record.deadline_at - record.created_at, 1) / 1000
+
+
+def _carried_deadline(record: RunRecord, now: int) -> int | None:
+    return _deadline(now, _carried_timeout(record))
 
 
 def _decode(text: str | None, decoder: Callable[[str], Any] | None) -> Any:

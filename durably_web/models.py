@@ -85,6 +85,11 @@ class Run:
     wait_step: str | None = None
     #: ``fork_run``: the id of the run this one was forked from.
     forked_from: str | None = None
+    #: When the run fails with ``RunTimeoutError`` if it has not ended (``timeout=``), or None.
+    deadline_at: datetime | None = None
+    #: The job version that started the run (``define_job(version=)``, else a hash of the
+    #: handler's code); before its first claim, the version the triggering process had.
+    version: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -113,6 +118,8 @@ class Run:
             "wait_reason": self.wait_reason,
             "wait_step": self.wait_step,
             "forked_from": self.forked_from,
+            "deadline_at": iso(self.deadline_at),
+            "version": self.version,
         }
 
 

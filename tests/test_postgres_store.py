@@ -614,6 +614,8 @@ async def test_a_claim_walks_only_the_unfinished_runs_however_many_have_finished
         "lease_until": 9000,
         "channel": "c",
         "origin": "o",
+        "versions": "{}",
+        "pinned_versions": '{"job": "v1"}',
     }
     for name in ("claim_unkeyed_run", "find_claimable_run"):
         plan = [row[0] for row in await sql(postgres_url, "EXPLAIN " + Q[name], params)]

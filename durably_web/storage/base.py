@@ -10,7 +10,7 @@ worker whose lease was taken over cannot write anything more for that run.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 #: The wake-up time of a wait with no deadline (a signal wait without timeout): 9999-12-31.
@@ -28,6 +28,11 @@ class NewRun:
     coalesce: bool
     created_at: int
     forked_from: str | None = None
+    #: When the run fails with RunTimeoutError (ms; created_at + its timeout), or None.
+    deadline_at: int | None = None
+    #: The job's version as the triggering process knows it (None: it does not know the
+    #: job); the first claim records the claiming worker's version instead.
+    version: str | None = None
 
 
 @dataclass(slots=True)
@@ -57,6 +62,8 @@ class RunRecord:
     wait_step: str | None = None
     forked_from: str | None = None
     wait_deadline: int | None = None  # a signal wait's timeout (ms), fixed on first execution
+    deadline_at: int | None = None  # the run's own deadline (ms): past it, it fails (timeout=)
+    version: str | None = None  # the job version that started it (before that: the trigger's)
 
     @property
     def wake_at(self) -> int | None:
@@ -98,6 +105,7 @@ class RunFilter:
     labels: dict[str, str] = field(default_factory=dict)
     limit: int = 100
     offset: int = 0
+    versions: Sequence[str] | None = None
 
 
 class WouldBlock(Exception):
@@ -212,11 +220,34 @@ class Store(ABC):
     # --- worker ----------------------------------------------------------------
     @abstractmethod
     async def claim_run(
-        self, *, worker_id: str, job_names: Sequence[str], now: int, lease_until: int
+        self,
+        *,
+        worker_id: str,
+        job_names: Sequence[str],
+        now: int,
+        lease_until: int,
+        versions: Mapping[str, str] | None = None,
+        pinned_versions: Mapping[str, str] | None = None,
     ) -> RunRecord | None:
         """Lease the oldest runnable run: pending and available, or leased with an expired
         lease; never one whose concurrency key has another run under a live lease.
-        Increments the lease generation and the attempt count."""
+        Increments the lease generation and the attempt count.
+
+        ``versions`` (job name -> this worker's version of it) is recorded as the run's
+        ``version`` when this claim is its first (``started_at`` still unset). A started run
+        of a job in ``pinned_versions`` (job name -> version) is passed over unless it was
+        started by that version (or before versions were recorded): a worker never claims
+        what it must leave for another version, so nothing is claimed and released again."""
+
+    @abstractmethod
+    async def fail_overdue_runs(
+        self, now: int, *, error_json: str, drop_step_outputs: bool
+    ) -> list[RunRecord]:
+        """Fail every unfinished run whose ``deadline_at`` has passed by ``now`` and that no
+        worker holds a live lease on (pending, waiting, or leased with an expired lease: a
+        worker holding a live lease stops the handler itself), with ``error_json``, in one
+        transaction; return the failed runs. Cheap when none is due (an index on the
+        deadline). Other processes are told, as for any finished run."""
 
     @abstractmethod
     async def renew_leases(

@@ -38,6 +38,8 @@ def run_from_row(row: Row) -> RunRecord:
         wait_step=row["wait_step"],
         forked_from=row["forked_from"],
         wait_deadline=row["wait_deadline"],
+        deadline_at=row["deadline_at"],
+        version=row["version"],
     )
 
 
@@ -66,6 +68,8 @@ def new_run_record(new: NewRun, *, keys: bool = True) -> RunRecord:
         completed_at=None,
         updated_at=new.created_at,
         forked_from=new.forked_from,
+        deadline_at=new.deadline_at,
+        version=new.version,
     )
 
 

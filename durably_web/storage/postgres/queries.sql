@@ -73,10 +73,10 @@ SELECT * FROM durably_runs WHERE concurrency_key = %(concurrency_key)s AND statu
 WITH inserted AS (
     INSERT INTO durably_runs (
         id, job_name, status, input, labels, idempotency_key, concurrency_key,
-        available_at, created_at, updated_at, forked_from
+        available_at, created_at, updated_at, forked_from, deadline_at, version
     ) VALUES (
         %(id)s, %(job_name)s, 'pending', %(input)s, %(labels)s, %(idempotency_key)s, %(concurrency_key)s,
-        %(created_at)s, %(created_at)s, %(created_at)s, %(forked_from)s
+        %(created_at)s, %(created_at)s, %(created_at)s, %(forked_from)s, %(deadline_at)s, %(version)s
     )
     ON CONFLICT DO NOTHING
     RETURNING id
@@ -147,6 +147,10 @@ WHERE r.status IN ('pending', 'leased', 'waiting')
         WHERE other.concurrency_key = r.concurrency_key
           AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > %(now)s
           AND other.id <> r.id))
+  -- Safe deploys: a started run of a job this worker pins to its version (pinned_versions,
+  -- a JSON object job -> version) is left for a worker of the version that started it.
+  AND (r.started_at IS NULL OR r.version IS NULL
+       OR COALESCE(%(pinned_versions)s::jsonb ->> r.job_name, r.version) = r.version)
 ORDER BY r.id
 LIMIT 1
 FOR UPDATE OF r SKIP LOCKED
@@ -172,6 +176,10 @@ WITH candidate AS MATERIALIZED (
             WHERE other.concurrency_key = r.concurrency_key
               AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > %(now)s
               AND other.id <> r.id))
+      -- Safe deploys: a started run of a job this worker pins to its version (pinned_versions,
+      -- a JSON object job -> version) is left for a worker of the version that started it.
+      AND (r.started_at IS NULL OR r.version IS NULL
+           OR COALESCE(%(pinned_versions)s::jsonb ->> r.job_name, r.version) = r.version)
     ORDER BY r.id
     LIMIT 1
     FOR UPDATE OF r SKIP LOCKED
@@ -179,6 +187,8 @@ WITH candidate AS MATERIALIZED (
     UPDATE durably_runs
     SET status = 'leased', lease_owner = %(worker_id)s, lease_generation = lease_generation + 1,
         lease_expires_at = %(lease_until)s, attempt = attempt + 1,
+        version = CASE WHEN started_at IS NULL
+            THEN COALESCE(%(versions)s::jsonb ->> job_name, version) ELSE version END,
         started_at = COALESCE(started_at, %(now)s), updated_at = %(now)s
     FROM candidate
     WHERE durably_runs.id = candidate.id AND candidate.concurrency_key IS NULL
@@ -197,6 +207,8 @@ WITH leased AS (
     UPDATE durably_runs
     SET status = 'leased', lease_owner = %(worker_id)s, lease_generation = lease_generation + 1,
         lease_expires_at = %(lease_until)s, attempt = attempt + 1,
+        version = CASE WHEN started_at IS NULL
+            THEN COALESCE(%(versions)s::jsonb ->> job_name, version) ELSE version END,
         started_at = COALESCE(started_at, %(now)s), updated_at = %(now)s
     WHERE id = %(id)s
       AND (concurrency_key IS NULL OR NOT EXISTS (
@@ -353,6 +365,29 @@ WITH woken AS (
     RETURNING id
 )
 SELECT pg_notify(%(channel)s, id || ' waiting' || ' ' || %(origin)s) FROM woken
+
+-- name: fail_overdue_runs
+-- Unfinished runs past their deadline that no live lease covers (a worker holding one stops
+-- the handler itself), failed and announced in one statement. The status list repeats
+-- durably_runs_deadline's, so that partial index serves it; SKIP LOCKED passes over a run a
+-- claimer has locked this instant (the next turn, or its new owner, fails it).
+WITH overdue AS (
+    SELECT id FROM durably_runs
+    WHERE deadline_at <= %(now)s AND status IN ('pending', 'leased', 'waiting')
+      AND (status <> 'leased' OR lease_expires_at <= %(now)s)
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+), failed AS (
+    UPDATE durably_runs
+    SET status = 'failed', error = %(error)s, completed_at = %(now)s, updated_at = %(now)s,
+        lease_owner = NULL, lease_expires_at = NULL
+    FROM overdue WHERE durably_runs.id = overdue.id
+    RETURNING durably_runs.*
+)
+SELECT failed.*, pg_notify(%(channel)s, failed.id || ' failed' || ' ' || %(origin)s) FROM failed
+
+-- name: drop_step_outputs_of_runs
+UPDATE durably_steps SET output = NULL WHERE run_id = ANY(%(ids)s::text[])
 
 -- name: next_signal
 SELECT id, payload FROM durably_signals

@@ -52,7 +52,7 @@ import re
 import select
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from importlib import resources
 from typing import Any
 
@@ -448,6 +448,8 @@ class PostgresStore(Store):
             "concurrency_key": new.concurrency_key if keys else None,
             "created_at": new.created_at,
             "forked_from": new.forked_from,
+            "deadline_at": new.deadline_at,
+            "version": new.version,
             "channel": self.channel,
             "origin": self._origin,
         }
@@ -514,23 +516,32 @@ class PostgresStore(Store):
 
     # --- worker -------------------------------------------------------------------------
     async def claim_run(
-        self, *, worker_id: str, job_names: Sequence[str], now: int, lease_until: int
+        self,
+        *,
+        worker_id: str,
+        job_names: Sequence[str],
+        now: int,
+        lease_until: int,
+        versions: Mapping[str, str] | None = None,
+        pinned_versions: Mapping[str, str] | None = None,
     ) -> RunRecord | None:
         names = list(job_names)
         if not names:
             return None
+        pinned = json.dumps(dict(pinned_versions or {}))
         lease = {
             "worker_id": worker_id,
             "now": now,
             "lease_until": lease_until,
             "channel": self.channel,
             "origin": self._origin,
+            "versions": json.dumps(dict(versions or {})),
         }
         # The fast path: a run without a concurrency key (or nothing to claim) takes one
         # statement, where the transaction below takes four round trips (BEGIN, find,
         # lease, COMMIT). A claim whose oldest candidate has a key pays one more.
         async with self._connection() as conn:
-            fast = await _one(conn, "claim_unkeyed_run", {**lease, "job_names": names})
+            fast = await _one(conn, "claim_unkeyed_run", {**lease, "job_names": names, "pinned_versions": pinned})
         if fast is None:
             return None
         if fast["id"] is not None:
@@ -539,7 +550,9 @@ class PostgresStore(Store):
         async with self._transaction() as conn:
             for _ in range(_CLAIM_CANDIDATES):
                 found = await _one(
-                    conn, "find_claimable_run", {"now": now, "job_names": names, "passed_over": passed_over}
+                    conn,
+                    "find_claimable_run",
+                    {"now": now, "job_names": names, "passed_over": passed_over, "pinned_versions": pinned},
                 )
                 if found is None:
                     return None
@@ -678,6 +691,19 @@ class PostgresStore(Store):
         async with self._transaction() as conn:
             params = {"now": now, "channel": self.channel, "origin": self._origin}
             return await _count(conn, "wake_offline_runs", params)
+
+    async def fail_overdue_runs(self, now: int, *, error_json: str, drop_step_outputs: bool) -> list[RunRecord]:
+        params = {"now": now, "error": error_json, "channel": self.channel, "origin": self._origin}
+        if not drop_step_outputs:
+            # One statement in autocommit: on every poll, and almost always "none due".
+            async with self._connection() as conn:
+                rows = await _all(conn, "fail_overdue_runs", params)
+            return [run_from_row(row) for row in rows]
+        async with self._transaction() as conn:
+            rows = await _all(conn, "fail_overdue_runs", params)
+            if rows:
+                await conn.execute(Q["drop_step_outputs_of_runs"], {"ids": [row["id"] for row in rows]})
+        return [run_from_row(row) for row in rows]
 
     async def send_signal(
         self, run_id: str, name: str, payload_json: str, signal_id: str | None, now: int

@@ -7,7 +7,7 @@ import functools
 import json
 import re
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from importlib import resources
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -286,6 +286,8 @@ class SQLiteStore(Store):
                         "concurrency_key": new.concurrency_key,
                         "created_at": new.created_at,
                         "forked_from": new.forked_from,
+                        "deadline_at": new.deadline_at,
+                        "version": new.version,
                     },
                 )
                 if new.labels:
@@ -353,10 +355,21 @@ class SQLiteStore(Store):
     # --- worker ------------------------------------------------------------------------
     @_sqlite_call(durable=False)
     def claim_run(
-        self, *, worker_id: str, job_names: Sequence[str], now: int, lease_until: int
+        self,
+        *,
+        worker_id: str,
+        job_names: Sequence[str],
+        now: int,
+        lease_until: int,
+        versions: Mapping[str, str] | None = None,
+        pinned_versions: Mapping[str, str] | None = None,
     ) -> RunRecord | None:
         conn = self._conn
-        params = {"now": now, "job_names": json.dumps(list(job_names))}
+        params = {
+            "now": now,
+            "job_names": json.dumps(list(job_names)),
+            "pinned_versions": json.dumps(dict(pinned_versions or {})),
+        }
         # Peek without the write lock first: an idle worker must not serialise everyone.
         if conn.fetch_one(Q["find_claimable_run"], params) is None:
             return None
@@ -366,9 +379,32 @@ class SQLiteStore(Store):
                 return None
             row = conn.fetch_one(
                 Q["lease_run"],
-                {"id": found["id"], "worker_id": worker_id, "now": now, "lease_until": lease_until},
+                {
+                    "id": found["id"],
+                    "worker_id": worker_id,
+                    "now": now,
+                    "lease_until": lease_until,
+                    "versions": json.dumps(dict(versions or {})),
+                },
             )
         return None if row is None else run_from_row(row)
+
+    @_sqlite_call(durable=True)
+    def fail_overdue_runs(self, now: int, *, error_json: str, drop_step_outputs: bool) -> list[RunRecord]:
+        conn = self._conn
+        # Peek without the write lock first: the usual answer is "none", on every poll.
+        if not conn.fetch_all(Q["find_overdue_runs"], {"now": now}):
+            return []
+        failed = []
+        with conn.transaction():
+            for found in conn.fetch_all(Q["find_overdue_runs"], {"now": now}):
+                row = conn.fetch_one(Q["fail_overdue_run"], {"id": found["id"], "now": now, "error": error_json})
+                if row is None:
+                    continue
+                failed.append(run_from_row(row))
+                if drop_step_outputs:
+                    conn.execute(Q["drop_step_outputs"], {"run_id": found["id"]})
+        return failed
 
     @_sqlite_call(durable=False)
     def renew_leases(
@@ -583,6 +619,8 @@ class SQLiteStore(Store):
                     "concurrency_key": None,
                     "created_at": new.created_at,
                     "forked_from": new.forked_from,
+                    "deadline_at": new.deadline_at,
+                    "version": new.version,
                 },
             )
             if new.labels:
