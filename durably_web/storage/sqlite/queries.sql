@@ -166,8 +166,9 @@ WHERE id = :id AND status = 'leased' AND lease_generation = :generation
 -- name: find_overdue_runs
 -- Unfinished runs past their deadline that no live lease covers (a worker holding one stops
 -- the handler itself). The status list repeats durably_runs_deadline's, so that partial
--- index serves it.
-SELECT id FROM durably_runs
+-- index serves it; INDEXED BY, as the planner would otherwise walk every unfinished run by
+-- status (it cannot know few have deadlines), and so a schema that lost the index fails loudly.
+SELECT id FROM durably_runs INDEXED BY durably_runs_deadline
 WHERE deadline_at <= :now AND status IN ('pending', 'leased', 'waiting')
   AND (status <> 'leased' OR lease_expires_at <= :now)
 
