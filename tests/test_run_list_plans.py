@@ -41,6 +41,10 @@ SHAPES = {
     "label and job, second page": RunFilter(
         labels={"org": "initech"}, job_names=["import"], limit=20, offset=20
     ),
+    "one version": RunFilter(versions=["v1"], limit=20),
+    "a version still in flight": RunFilter(versions=["v2"], statuses=["pending", "leased", "waiting"], limit=20),
+    "two versions of one job": RunFilter(versions=["v1", "v2"], job_names=["sync"], limit=20),
+    "a version and a label": RunFilter(versions=["v2"], labels={"org": "globex"}, limit=20),
 }
 
 
@@ -56,6 +60,8 @@ def runs(count: int) -> Iterator[dict[str, Any]]:
             "job_name": JOBS[i % 3],
             "status": "leased" if i < 3 else STATUSES[(i * 7) % len(STATUSES)],
             "labels": labels,
+            # Most runs by the current version, some by the one before, a few from before versions.
+            "version": None if i % 11 == 0 else ("v2" if i % 4 == 1 else "v1"),
         }
 
 
@@ -67,20 +73,21 @@ def expected(rows: list[dict[str, Any]], f: RunFilter) -> list[str]:
         if (f.statuses is None or r["status"] in f.statuses)
         and (f.job_names is None or r["job_name"] in f.job_names)
         and all(r["labels"].get(k) == v for k, v in f.labels.items())
+        and (f.versions is None or r["version"] in f.versions)
     ]
     chosen.sort(reverse=True)
     return chosen[f.offset :] if f.limit < 0 else chosen[f.offset : f.offset + f.limit]
 
 
 INSERT_RUN = (
-    "INSERT INTO durably_runs (id, job_name, status, input, labels, available_at, created_at, updated_at) "
-    "VALUES ({0}, {0}, {0}, '{{}}', {0}, 0, 0, 0)"
+    "INSERT INTO durably_runs (id, job_name, status, input, labels, available_at, created_at, updated_at, "
+    "version) VALUES ({0}, {0}, {0}, '{{}}', {0}, 0, 0, 0, {0})"
 )
 INSERT_LABEL = "INSERT INTO durably_run_labels (run_id, key, value) VALUES ({0}, {0}, {0})"
 
 
 def rows_for_insert(rows: list[dict[str, Any]]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
-    run_rows = [(r["id"], r["job_name"], r["status"], json.dumps(r["labels"])) for r in rows]
+    run_rows = [(r["id"], r["job_name"], r["status"], json.dumps(r["labels"]), r["version"]) for r in rows]
     label_rows = [(r["id"], k, v) for r in rows for k, v in r["labels"].items()]
     return run_rows, label_rows
 
