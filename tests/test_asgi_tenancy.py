@@ -578,6 +578,8 @@ async def test_run_lists_are_summaries_and_the_run_route_is_whole(
         "wait_reason",
         "wait_step",
         "forked_from",
+        "deadline_at",
+        "version",
     }
     assert by_id[failed.id]["error"] == {"type": "RuntimeError", "message": "boom"}
     whole = (await client.get(f"/runs/{held.id}")).json()

@@ -343,6 +343,8 @@ def run_summary(record: RunRecord) -> dict[str, Any]:
         "wait_reason": record.wait_reason if record.status == "waiting" else None,
         "wait_step": record.wait_step if record.status == "waiting" else None,
         "forked_from": record.forked_from,
+        "deadline_at": iso(from_ms(record.deadline_at)),
+        "version": record.version,
     }
 
 
@@ -466,6 +468,7 @@ def _filter_from_query(request: Request) -> RunsFilter:
         labels=labels,
         limit=_int_param(request, "limit", 100, MAX_LIMIT),
         offset=_int_param(request, "offset", 0, MAX_OFFSET),
+        version=_split_values(params.getlist("version")),
     )
 
 
@@ -654,6 +657,7 @@ class _Api:
                             concurrency_key=trigger.concurrency_key,
                             coalesce=trigger.coalesce,
                             labels=trigger.labels,
+                            timeout=trigger.timeout,
                         )
                         for trigger in triggers
                     ]
@@ -669,6 +673,7 @@ class _Api:
                             coalesce=one.coalesce,
                             labels=one.labels,
                             accept_existing=accept,
+                            timeout=one.timeout,
                         )
                     ]
             except ExistingRunRefusedError as refused:
@@ -717,6 +722,7 @@ class _Api:
                 concurrency_key=item.concurrency_key,
                 coalesce=item.coalesce,
                 labels=item.labels,
+                timeout=item.timeout,
             )
             triggers.append(await self._on_trigger(ctx, single))
         if not triggers:  # nothing to create; an unknown job is still a 404
@@ -747,6 +753,7 @@ class _Api:
                 labels=_validate_labels(runs_filter.labels, filtering=True),
                 limit=min(runs_filter.limit, MAX_LIMIT),
                 offset=runs_filter.offset,
+                versions=runs_filter.version,
             )
         )
         return JSONResponse(
@@ -788,6 +795,10 @@ class _Api:
             input=to_jsonable(run.input),
             concurrency_key=run.concurrency_key,
             labels=dict(run.labels) or None,
+            # The same timeout, counted from the new run's trigger (as Durably.retrigger does).
+            timeout=None
+            if run.deadline_at is None or run.created_at is None
+            else max((run.deadline_at - run.created_at).total_seconds(), 0.001),
         )
         return await self._trigger_one(ctx, again)
 

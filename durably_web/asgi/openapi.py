@@ -126,6 +126,15 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             "wait_reason": {"enum": ["retry", "sleep", "signal", "offline", None]},
             "wait_step": {"type": ["string", "null"]},
             "forked_from": {"type": ["string", "null"]},
+            "deadline_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "when the run fails with RunTimeoutError if it has not ended (timeout)",
+            },
+            "version": {
+                "type": ["string", "null"],
+                "description": "the job version that started the run (before that: the trigger's)",
+            },
         },
     }
     run_properties: dict[str, Any] = run_schema["properties"]  # type: ignore[assignment]
@@ -260,6 +269,12 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                         "in": "query",
                         "schema": {"type": "array", "items": {"enum": sorted(RUN_STATUSES)}},
                         "description": "status(es); repeat or comma-separate",
+                    },
+                    {
+                        "name": "version",
+                        "in": "query",
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "description": "the job version(s) that started the runs; repeat or comma-separate",
                     },
                     {
                         "name": "limit",

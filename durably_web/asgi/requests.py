@@ -29,6 +29,28 @@ RUN_LEVEL_EVENT_TYPES: tuple[str, ...] = (
 )
 
 
+def _duration_or_none(value: Any) -> Any:
+    return parse_duration(value) if isinstance(value, str) else value
+
+
+#: ``timeout`` of a trigger: the run's deadline, in seconds or a duration string ("10m").
+_RunTimeout = Annotated[
+    Annotated[float, Field(gt=0, allow_inf_nan=False)] | None,
+    BeforeValidator(_duration_or_none),
+    WithJsonSchema(
+        {
+            "description": "the run's deadline from now, waits included (overrides the job's "
+            f"timeout; past it the run fails with RunTimeoutError): {DURATION_FORMS}",
+            "oneOf": [
+                {"type": "number", "exclusiveMinimum": 0},
+                {"type": "string", "pattern": DURATION_PATTERN, "examples": ["10m", "1h", "90"]},
+                {"type": "null"},
+            ],
+        }
+    ),
+]
+
+
 class TriggerRequest(BaseModel):
     """Body of ``POST /trigger``. Strict: unknown fields and coerced types are rejected."""
 
@@ -40,6 +62,7 @@ class TriggerRequest(BaseModel):
     concurrency_key: str | None = None
     coalesce: Literal["skip"] | None = None
     labels: dict[str, str] | None = None
+    timeout: _RunTimeout = None
 
     def namespaced(self, namespace: str) -> TriggerRequest:
         """A copy whose idempotency and concurrency keys live in ``namespace`` (a tenant's id).
@@ -77,6 +100,7 @@ class TriggerBatchItem(BaseModel):
     concurrency_key: str | None = None
     coalesce: Literal["skip"] | None = None
     labels: dict[str, str] | None = None
+    timeout: _RunTimeout = None
 
 
 class TriggerBatchRequest(BaseModel):
@@ -166,6 +190,8 @@ class RunsFilter:
     labels: Mapping[str, str] = field(default_factory=dict)
     limit: int = 100
     offset: int = 0
+    #: ``version`` (repeated or comma-separated): the job version(s) that started the runs.
+    version: tuple[str, ...] | None = None
 
     def matches(self, job_name: str | None, labels: Mapping[str, str]) -> bool:
         """Whether a run with this job name and these labels is inside the filter (status aside)."""
