@@ -62,6 +62,10 @@ export interface Run {
   wait_step: string | null;
   /** forkRun(): the id of the run this one was forked from. */
   forked_from: string | null;
+  /** When the run fails with a RunTimeoutError if it has not ended (the job's or trigger's timeout). */
+  deadline_at: string | null;
+  /** The job version that started the run (define_job(version=), else a hash of the handler's code). */
+  version: string | null;
 }
 
 /**
@@ -90,6 +94,8 @@ export interface RunSummary {
   wait_reason: WaitReason | null;
   wait_step: string | null;
   forked_from: string | null;
+  deadline_at: string | null;
+  version: string | null;
   /** Size of the stored input JSON in bytes (UTF-8); remote only. */
   input_bytes?: number;
   /** Size of the stored output JSON in bytes, null until there is one; remote only. */
@@ -175,7 +181,8 @@ export interface UpdateReadyEvent {
 export interface DurablyError extends Error {
   name:
     | "DurablyError" | "ValidationError" | "NotFoundError" | "ConflictError" | "CancelledError"
-    | "LeaseLostError" | "StepError" | "StorageError" | "WaitTimeoutError" | "SchemaVersionError";
+    | "LeaseLostError" | "StepError" | "StorageError" | "WaitTimeoutError" | "SchemaVersionError"
+    | "RunTimeoutError" | "VersionMismatchError";
   /** pydantic's error details for ValidationError, otherwise null. */
   details: unknown[] | null;
 }
@@ -185,6 +192,18 @@ export interface TriggerOptions {
   concurrencyKey?: string;
   coalesce?: "skip";
   labels?: Record<string, string>;
+  /**
+   * Milliseconds: the run's deadline, counted from now, waits included (overrides the job's
+   * timeout). Past it the run fails with a RunTimeoutError (see Run.deadline_at).
+   */
+  timeout?: number;
+}
+
+export interface TriggerAndWaitOptions extends Omit<TriggerOptions, "timeout"> {
+  /** Milliseconds this call waits; rejects with a WaitTimeoutError when exceeded (the run goes on). */
+  timeout?: number;
+  /** Milliseconds: the run's own deadline (trigger()'s timeout option). */
+  runTimeout?: number;
 }
 
 export interface WaitOptions {
@@ -198,11 +217,13 @@ export interface RunQuery {
   labels?: Record<string, string>;
   limit?: number;
   offset?: number;
+  /** The job version(s) that started the runs (with the unfinished statuses: what is in flight). */
+  version?: string | string[];
 }
 
 export interface DurablyClient {
   trigger(job: string, input?: unknown, options?: TriggerOptions): Promise<Run>;
-  triggerAndWait(job: string, input?: unknown, options?: TriggerOptions & WaitOptions): Promise<Run>;
+  triggerAndWait(job: string, input?: unknown, options?: TriggerAndWaitOptions): Promise<Run>;
   batchTrigger(job: string, items: Array<unknown | { input: unknown; options?: TriggerOptions }>): Promise<Run[]>;
   waitForRun(runId: string, options?: WaitOptions): Promise<Run>;
   getRun(runId: string): Promise<Run>;
