@@ -441,6 +441,10 @@ def _print_run(run: Run, out: TextIO) -> None:
         fields.append(("wake at", wake))
     if run.forked_from is not None:
         fields.append(("forked from", run.forked_from))
+    if run.deadline_at is not None:
+        fields.append(("deadline", _until(run.deadline_at) if not run.is_terminal else _when(run.deadline_at)))
+    if run.version is not None:
+        fields.append(("version", run.version))
     if run.progress is not None:
         progress = run.progress
         fields.append(("progress", progress_bar(progress.current, progress.total, progress.message)))
@@ -510,6 +514,7 @@ async def cmd_trigger(args: argparse.Namespace) -> int:
             concurrency_key=args.concurrency_key,
             coalesce="skip" if args.coalesce else None,
             labels=labels,
+            timeout=None if args.run_timeout is None else args.run_timeout.seconds,
         )
         _say(f"run {_p(run.id)} of {_p(run.job_name)}: {run.disposition}")
         if not args.wait:
@@ -542,8 +547,13 @@ def _print_outcome(run: Run) -> None:
 async def cmd_runs(args: argparse.Namespace) -> int:
     statuses = [part for value in args.status or () for part in value.split(",") if part] or None
     async with opened(await load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
+        versions = [part for value in args.version or () for part in value.split(",") if part] or None
         runs = await durably.get_runs(
-            status=statuses, job_name=args.job or None, labels=_labels(args.label), limit=args.limit
+            status=statuses,
+            job_name=args.job or None,
+            labels=_labels(args.label),
+            limit=args.limit,
+            version=versions,
         )
     if args.json:
         _out(_json([run.to_dict() for run in runs]))
@@ -1064,6 +1074,13 @@ def build_parser() -> argparse.ArgumentParser:
     trigger.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE")
     trigger.add_argument("--wait", action="store_true", help="wait until a worker finishes the run")
     trigger.add_argument("--timeout", type=_positive_float, help="seconds to --wait at most")
+    trigger.add_argument(
+        "--run-timeout",
+        type=Duration.parse,
+        metavar="DURATION",
+        help="the run's deadline, waits included (overrides the job's timeout; past it the run "
+        f"fails with RunTimeoutError): {DURATION_FORMS}",
+    )
     trigger.add_argument("--json", action="store_true", help="print the run as JSON")
 
     runs = command("runs", cmd_runs, "list runs, newest first (read-only: never writes to the database)")
@@ -1071,6 +1088,12 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--job", action="append")
     runs.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE")
     runs.add_argument("--limit", type=int, default=50)
+    runs.add_argument(
+        "--version",
+        action="append",
+        help="the job version(s) that started the runs, repeat or comma-separate (with "
+        "--status pending,leased,waiting: what a deploy still has in flight)",
+    )
     runs.add_argument("--json", action="store_true")
 
     show = command("show", cmd_show, "a run with its steps, logs, output and error (read-only: never writes)")
