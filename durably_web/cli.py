@@ -442,7 +442,8 @@ def _print_run(run: Run, out: TextIO) -> None:
     if run.forked_from is not None:
         fields.append(("forked from", run.forked_from))
     if run.deadline_at is not None:
-        fields.append(("deadline", _until(run.deadline_at) if not run.is_terminal else _when(run.deadline_at)))
+        deadline = _when(run.deadline_at) if run.is_terminal else _until(run.deadline_at)
+        fields.append(("deadline", deadline))
     if run.version is not None:
         fields.append(("version", run.version))
     if run.progress is not None:

@@ -732,14 +732,13 @@ class Worker:
                 active = self.active.items()
                 # A timed-out run keeps its lease while its handler winds down (a sync step's
                 # thread), so no other worker takes it over before it is failed.
-                running = [
-                    (i, ex.generation) for i, ex in active if ex.stop_reason in (None, "shutdown", "timed-out")
-                ]
-                for execution in list(self.active.values()):
+                renewed = (None, "shutdown", "timed-out")
+                running = [(i, ex.generation) for i, ex in active if ex.stop_reason in renewed]
+                for ex in list(self.active.values()):
                     # Deadlines by the clock too: the loop timer follows the loop's own time,
                     # which an injected clock (or a suspended laptop) does not move along.
-                    if execution.deadline_ms is not None and now >= execution.deadline_ms:
-                        execution.deadline_passed()
+                    if ex.deadline_ms is not None and now >= ex.deadline_ms:
+                        ex.deadline_passed()
                 stopping = [(i, ex.generation) for i, ex in active if ex.stop_reason == "cancelled"]
                 lost = await self.store.renew_leases(running, now, until) if running else []
                 if stopping:

@@ -122,7 +122,9 @@ class Dispatcher:
             opts["timeout"] = opts.pop("runTimeout")
         kwargs = self._trigger_kwargs(opts)
         run_timeout = kwargs.pop("timeout")
-        run = await self.durably.trigger_and_wait(job, input, timeout=timeout, run_timeout=run_timeout, **kwargs)
+        run = await self.durably.trigger_and_wait(
+            job, input, timeout=timeout, run_timeout=run_timeout, **kwargs
+        )
         return run.to_dict()
 
     async def _batchTrigger(self, job: str, items: list[Any]) -> Any:

@@ -210,7 +210,10 @@ async def deadline_job(step: StepContext, payload: DeadlineIn) -> str:
 async def run_deadline(args: argparse.Namespace) -> None:
     async with Durably(args.db_url, jobs=[deadline_job], **worker_options(2.0)) as durably:
         run = await durably.trigger(
-            deadline_job, DeadlineIn(side_effects=args.side_effects), idempotency_key="deadline", timeout=args.timeout
+            deadline_job,
+            DeadlineIn(side_effects=args.side_effects),
+            idempotency_key="deadline",
+            timeout=args.timeout,
         )
         done = await durably.wait_for_run(run.id, timeout=60)
         print(json.dumps({**done.to_dict(), "pid": os.getpid(), "disposition": run.disposition}), flush=True)

@@ -139,7 +139,9 @@ async def kill_once_waiting_versioned(
 ) -> tuple[str, str, str, int]:
     """Start a crash_jobs 'versioned' worker at ``version``, SIGKILL it once its run sleeps;
     return the run's (id, status, version, attempt) row then."""
-    first = start_process("versioned", db_url, str(side_effects), "--version", version, "--seconds", str(seconds))
+    first = start_process(
+        "versioned", db_url, str(side_effects), "--version", version, "--seconds", str(seconds)
+    )
     try:
 
         def waiting() -> Any:

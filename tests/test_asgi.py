@@ -1004,10 +1004,13 @@ async def test_purge_refuses_anything_but_true(idle: Durably, client_for: Client
     assert len(await idle.get_runs()) == 1
 
 
+
 # --- deadlines and versions ----------------------------------------------------------------------
 
 
-async def test_trigger_takes_a_run_timeout_and_lists_filter_by_version(make_durably: Any, client_for: ClientFor) -> None:
+async def test_trigger_takes_a_run_timeout_and_lists_filter_by_version(
+    make_durably: Any, client_for: ClientFor
+) -> None:
     @define_job("api-versioned", version="7", timeout="1h")
     async def versioned_job(step: StepContext, payload: Any) -> None: ...
 
@@ -1028,14 +1031,14 @@ async def test_trigger_takes_a_run_timeout_and_lists_filter_by_version(make_dura
         "/trigger/batch", json={"job": "api-versioned", "items": [{"input": None, "timeout": "2m"}]}
     )
     [item] = batch.json()["runs"]
-    assert datetime.fromisoformat(item["deadline_at"]) - datetime.fromisoformat(item["created_at"]) == timedelta(
-        minutes=2
-    )
+    assert datetime.fromisoformat(item["deadline_at"]) - datetime.fromisoformat(
+        item["created_at"]
+    ) == timedelta(minutes=2)
     listed = (await client.get("/runs", params={"version": "7"})).json()["runs"]
     assert [r["id"] for r in listed] == [item["id"], shorter["id"], by_default["id"]]
     assert all(r["version"] == "7" and r["deadline_at"] for r in listed)
     assert (await client.get("/runs", params={"version": "8,9"})).json()["runs"] == []
     again = (await client.post(f"/runs/{shorter['id']}/retrigger")).json()["run"]
-    assert datetime.fromisoformat(again["deadline_at"]) - datetime.fromisoformat(again["created_at"]) == timedelta(
-        seconds=90
-    )
+    assert datetime.fromisoformat(again["deadline_at"]) - datetime.fromisoformat(
+        again["created_at"]
+    ) == timedelta(seconds=90)

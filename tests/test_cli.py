@@ -820,7 +820,9 @@ def test_a_worker_whose_terminal_went_away_still_stops_on_sigint(workdir: Path) 
             process.wait(timeout=30)
 
 
-def test_trigger_run_timeout_and_runs_by_version(cli: Callable[..., subprocess.CompletedProcess[str]]) -> None:
+def test_trigger_run_timeout_and_runs_by_version(
+    cli: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
     made = cli("trigger", APP, "greet", "--input", '{"name": "ada"}', "--run-timeout", "10m", "--json")
     assert made.returncode == 0, made.stderr
     run = json.loads(made.stdout)

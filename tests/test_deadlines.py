@@ -345,7 +345,9 @@ def test_finding_overdue_runs_uses_the_deadline_index(tmp_path: Path):
     asyncio.run(migrate())
     conn = sqlite3.connect(tmp_path / "plan.db")
     try:
-        plan = " ".join(row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + Q["find_overdue_runs"], {"now": 5}))
+        plan = " ".join(
+            row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + Q["find_overdue_runs"], {"now": 5})
+        )
     finally:
         conn.close()
     assert "durably_runs_deadline" in plan, plan
@@ -355,7 +357,9 @@ def test_finding_overdue_runs_uses_the_deadline_index(tmp_path: Path):
 
 
 @pytest.mark.sqlite_only
-async def test_a_worker_killed_in_a_step_leaves_the_deadline_to_the_next_worker(db_path: Path, tmp_path: Path):
+async def test_a_worker_killed_in_a_step_leaves_the_deadline_to_the_next_worker(
+    db_path: Path, tmp_path: Path
+):
     db_url = f"sqlite:///{db_path}"
     side_effects = tmp_path / "effects.txt"
     first = start_process("deadline", db_url, str(side_effects), "--timeout", "3")

@@ -159,6 +159,7 @@ def test_durably_js_and_d_ts_share_the_event_and_status_names_and_the_version() 
         assert re.search(rf"\n  {method}\(", declared.group(1)), f"DurablyClient lacks {method}()"
 
 
+
 @define_job("rpc-deadline", version="3")
 async def rpc_deadline(step: StepContext, payload: Any) -> Any:
     return await step.run("one", lambda: "done")
@@ -172,12 +173,16 @@ async def test_trigger_timeout_run_timeout_and_get_runs_version_with_js_names(ma
     assert run["version"] == "3"
     created, deadline = datetime.fromisoformat(run["created_at"]), datetime.fromisoformat(run["deadline_at"])
     assert deadline - created == timedelta(seconds=90)
-    done = await call(dispatcher, "triggerAndWait", "rpc-deadline", None, {"timeout": 30_000, "runTimeout": 60_000})
-    assert done["status"] == "completed"
-    assert datetime.fromisoformat(done["deadline_at"]) - datetime.fromisoformat(done["created_at"]) == timedelta(
-        seconds=60
+    done = await call(
+        dispatcher, "triggerAndWait", "rpc-deadline", None, {"timeout": 30_000, "runTimeout": 60_000}
     )
-    assert (await error(dispatcher, "trigger", "rpc-deadline", None, {"timeout": 0}))["name"] == "ValidationError"
+    assert done["status"] == "completed"
+    assert datetime.fromisoformat(done["deadline_at"]) - datetime.fromisoformat(
+        done["created_at"]
+    ) == timedelta(seconds=60)
+    assert (await error(dispatcher, "trigger", "rpc-deadline", None, {"timeout": 0}))[
+        "name"
+    ] == "ValidationError"
     listed = await call(dispatcher, "getRuns", {"version": "3"})
     assert {r["id"] for r in listed} == {run["id"], done["id"]}
     assert await call(dispatcher, "getRuns", {"version": ["4"]}) == []

@@ -42,7 +42,9 @@ SHAPES = {
         labels={"org": "initech"}, job_names=["import"], limit=20, offset=20
     ),
     "one version": RunFilter(versions=["v1"], limit=20),
-    "a version still in flight": RunFilter(versions=["v2"], statuses=["pending", "leased", "waiting"], limit=20),
+    "a version still in flight": RunFilter(
+        versions=["v2"], statuses=["pending", "leased", "waiting"], limit=20
+    ),
     "two versions of one job": RunFilter(versions=["v1", "v2"], job_names=["sync"], limit=20),
     "a version and a label": RunFilter(versions=["v2"], labels={"org": "globex"}, limit=20),
 }

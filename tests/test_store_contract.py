@@ -1392,6 +1392,7 @@ async def test_watch_changes_never_reports_this_stores_own_changes(store):
     assert seen == []
 
 
+
 # --- deadlines (fail_overdue_runs) -------------------------------------------------------------------
 
 TIMEOUT_ERROR = '{"type": "RunTimeoutError", "message": "past its deadline"}'
@@ -1469,7 +1470,9 @@ async def test_fail_overdue_runs_drops_step_outputs_when_asked(store):
 # --- versions (claim_run's versions / pinned_versions) --------------------------------------------------
 
 
-async def claim_as(store: Store, now: int, version: str, *, pinned: bool = True, lease: int = LEASE) -> RunRecord | None:
+async def claim_as(
+    store: Store, now: int, version: str, *, pinned: bool = True, lease: int = LEASE
+) -> RunRecord | None:
     return await store.claim_run(
         worker_id=f"w-{version}",
         job_names=[JOB],
@@ -1493,7 +1496,9 @@ async def test_a_pinned_claim_passes_over_runs_another_version_started(store):
     await store.create_runs([new_run("r1", 1000), new_run("r2", 1001)])
     started = await claim_as(store, 1000, "v1")
     assert started is not None and started.id == "r1" and started.version == "v1"
-    assert await store.wait_run("r1", started.lease_generation, until=1500, reason="sleep", step_name="nap", now=1001)
+    assert await store.wait_run(
+        "r1", started.lease_generation, until=1500, reason="sleep", step_name="nap", now=1001
+    )
     # Due again at 1500. Version 2 skips it (no lease, no attempt counted) and takes r2.
     other = await claim_as(store, 2000, "v2")
     assert other is not None and other.id == "r2" and other.version == "v2"
@@ -1511,7 +1516,9 @@ async def test_a_run_started_before_versions_were_recorded_goes_to_any_version(s
     await store.create_runs([new_run("r1", 1000)])
     record = await claim(store, 1000)  # no versions given: none recorded
     assert record is not None and record.version is None
-    assert await store.wait_run("r1", record.lease_generation, until=1500, reason="sleep", step_name="nap", now=1001)
+    assert await store.wait_run(
+        "r1", record.lease_generation, until=1500, reason="sleep", step_name="nap", now=1001
+    )
     taken = await claim_as(store, 2000, "v9")
     assert taken is not None and taken.id == "r1" and taken.version is None
 

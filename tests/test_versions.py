@@ -28,7 +28,7 @@ def versioned(version: str | None, *, policy: str = "leave", order: tuple[str, .
     @define_job("deploy", version=version, on_version_mismatch=policy)  # type: ignore[arg-type]
     async def deploy(step: StepContext, payload: Any) -> str:
         for name in order:
-            await step.run(name, lambda: name)
+            await step.run(name, lambda name=name: name)
         await step.sleep("pause", timedelta(hours=1))
         await step.run("after", lambda: version)
         return f"finished by {version}"
@@ -51,7 +51,10 @@ def test_an_explicit_version_is_kept_and_a_bad_one_or_policy_refused():
 def _compiled(source: str, name: str, *, leading_lines: int = 0, filename: str = "jobs.py") -> Any:
     namespace: dict[str, Any] = {}
     # dont_inherit: not this module's "from __future__ import annotations" (a flag of the code).
-    exec(compile("\n" * leading_lines + textwrap.dedent(source), filename, "exec", dont_inherit=True), namespace)
+    exec(
+        compile("\n" * leading_lines + textwrap.dedent(source), filename, "exec", dont_inherit=True),
+        namespace,
+    )
     return namespace[name]
 
 
@@ -92,7 +95,9 @@ def test_the_code_hash_is_the_same_in_another_process_with_other_string_hashing(
     seen = set()
     for seed in ("1", "2", "12345"):
         env = {**os.environ, "PYTHONHASHSEED": seed}
-        out = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run(
+            [sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True
+        )
         seen.add(out.stdout.strip())
     assert seen == {here}
 
@@ -126,7 +131,9 @@ async def test_a_worker_of_another_version_leaves_a_started_run_to_its_own_versi
     await asyncio.sleep(0.3)  # many claim loop turns: the old run is never claimed, not even briefly
     left = await new.get_run(run.id)
     assert left.status == "waiting" and left.attempt == 1 and left.version == "1"
-    assert [r.id for r in await new.get_runs(version="1", status=["pending", "leased", "waiting"])] == [run.id]
+    assert [r.id for r in await new.get_runs(version="1", status=["pending", "leased", "waiting"])] == [
+        run.id
+    ]
 
     back = await make_durably(versioned("1"), clock=clock)  # a worker of version 1 takes it
     done = await back.wait_for_run(run.id, timeout=30)
@@ -204,9 +211,13 @@ async def test_after_a_kill_a_worker_of_another_version_never_claims_the_run(db_
     row = await kill_once_waiting_versioned(db_url, db_path, side_effects, version="1", seconds=0.5)
     assert row[1:] == ("waiting", "1", 1)  # status, version, attempt: persisted before the kill
     # Version 2 works well past the wake-up time and leaves the run alone.
-    other = finish_process(start_process("versioned", db_url, str(side_effects), "--version", "2", "--serve", "2"))
+    other = finish_process(
+        start_process("versioned", db_url, str(side_effects), "--version", "2", "--serve", "2")
+    )
     assert (other["status"], other["version"], other["attempt"]) == ("waiting", "1", 1)
-    done = finish_process(start_process("versioned", db_url, str(side_effects), "--version", "1", "--seconds", "0.5"))
+    done = finish_process(
+        start_process("versioned", db_url, str(side_effects), "--version", "1", "--seconds", "0.5")
+    )
     assert done["status"] == "completed" and done["output"] == "1" and done["attempt"] == 2
     names = [line.split(" ")[0] for line in side_effects.read_text().splitlines()]
     assert names == ["first", "second"]

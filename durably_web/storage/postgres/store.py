@@ -541,7 +541,9 @@ class PostgresStore(Store):
         # statement, where the transaction below takes four round trips (BEGIN, find,
         # lease, COMMIT). A claim whose oldest candidate has a key pays one more.
         async with self._connection() as conn:
-            fast = await _one(conn, "claim_unkeyed_run", {**lease, "job_names": names, "pinned_versions": pinned})
+            fast = await _one(
+                conn, "claim_unkeyed_run", {**lease, "job_names": names, "pinned_versions": pinned}
+            )
         if fast is None:
             return None
         if fast["id"] is not None:
@@ -692,7 +694,9 @@ class PostgresStore(Store):
             params = {"now": now, "channel": self.channel, "origin": self._origin}
             return await _count(conn, "wake_offline_runs", params)
 
-    async def fail_overdue_runs(self, now: int, *, error_json: str, drop_step_outputs: bool) -> list[RunRecord]:
+    async def fail_overdue_runs(
+        self, now: int, *, error_json: str, drop_step_outputs: bool
+    ) -> list[RunRecord]:
         params = {"now": now, "error": error_json, "channel": self.channel, "origin": self._origin}
         if not drop_step_outputs:
             # One statement in autocommit: on every poll, and almost always "none due".

@@ -398,7 +398,8 @@ class SQLiteStore(Store):
         failed = []
         with conn.transaction():
             for found in conn.fetch_all(Q["find_overdue_runs"], {"now": now}):
-                row = conn.fetch_one(Q["fail_overdue_run"], {"id": found["id"], "now": now, "error": error_json})
+                params = {"id": found["id"], "now": now, "error": error_json}
+                row = conn.fetch_one(Q["fail_overdue_run"], params)
                 if row is None:
                     continue
                 failed.append(run_from_row(row))
