@@ -101,6 +101,8 @@ CONCURRENCY_KEYS = ("ck-a", "ck-b")
 # the log's time_ns() // 10**6.
 CLOCK_SLACK_MS = 1
 WAIT_JOBS = ("torture-retry", "torture-sleep", "torture-signal")
+#: A job with a deadline: timed out on purpose when triggered with a timeout below its nap.
+DEADLINE_JOB = "torture-deadline"
 SEED_VARIABLE = "DURABLY_TORTURE_SEED"
 # Long enough that a loaded 2-core machine does not stall a worker's event loop past its
 # lease (a lapse while the worker lives is a takeover of a live run: a violation).
@@ -196,6 +198,13 @@ class Expected:
     naps: list[float] = field(default_factory=list)  # torture-sleep: the sleeps' seconds
     waits: int = 0  # torture-signal: the signal waits go-0 ..
     signals: list[SentSignal] = field(default_factory=list)  # every send to this run, in order
+    nap: float = 0.0  # torture-deadline: the sleep's seconds ...
+    timeout: float | None = None  # ... and the trigger's timeout (None: the job's 120 s)
+
+    @property
+    def times_out(self) -> bool:
+        """A torture-deadline run whose deadline comes before it can wake: it must time out."""
+        return self.job == DEADLINE_JOB and self.timeout is not None and self.timeout < self.nap
 
     def winners(self) -> dict[str, SentSignal]:
         """Per signal name, the send a wait must consume: the first one stored."""
@@ -318,6 +327,11 @@ def expected_outcome(exp: Expected) -> tuple[list[str], str, dict[str, Any] | No
         if exp.fails >= exp.max_attempts:
             return ["s0"], "failed", None, "flaky"
         return names, "completed", {"total": total(exp.run_id, names)}, None
+    if exp.job == DEADLINE_JOB:
+        names = list(torture_jobs.DEADLINE_STEPS)
+        if exp.times_out:  # intentional: nothing need have run, no step fails
+            return [], "failed", None, None
+        return names, "completed", {"total": total(exp.run_id, ["s0", "s1"])}, None
     if exp.job in ("torture-sleep", "torture-signal"):
         if exp.job == "torture-sleep":
             names, values = torture_jobs.sleep_names(len(exp.naps))
@@ -507,6 +521,8 @@ def check_log(
                 lost.remove(last)  # the failing execution itself
             elif run_status == "cancelled" and row is None:
                 lost.remove(last)  # in flight when the cancel stopped its run
+            elif run_status == "failed" and row is None and _timed_out(runs[run_id]):
+                lost.remove(last)  # in flight when the deadline stopped its run
             elif run_status == "completed":
                 violations.append(f"step {run_id}/{name} ran but its completed run has no record of it")
         for e in lost:
@@ -620,12 +636,39 @@ def check_runs(
                 violations.append(f"run {run_id} output {output} != {want_output}")
         if status == "failed":
             failed = [n for n, r in recorded.items() if r["status"] == "failed"]
-            if failed != [want_failed]:
+            if failed != ([want_failed] if want_failed is not None else []):
                 violations.append(f"failed run {run_id} recorded failed steps {failed}, not {[want_failed]}")
+        if run_id in expected and expected[run_id].job == DEADLINE_JOB:
+            check_deadline(expected[run_id], row, recorded, violations)
         if status in ("completed", "failed"):
             missing = [n for n in names if recorded.get(n, {}).get("status") != "completed"]
             if missing:
                 violations.append(f"{status} run {run_id} lacks committed steps {missing}")
+
+
+def _timed_out(row: dict[str, Any]) -> bool:
+    return bool(row.get("error")) and json.loads(row["error"]).get("type") == "RunTimeoutError"
+
+
+def check_deadline(
+    exp: Expected, row: dict[str, Any], recorded: dict[str, dict[str, Any]], violations: list[str]
+) -> None:
+    """A timed-out run failed with RunTimeoutError, not before its deadline and never past
+    its nap; a run in time ended before its deadline. Both have the deadline stored."""
+    where = f"deadline run {exp.run_id}"
+    deadline_at, completed_at = row.get("deadline_at"), row.get("completed_at")
+    if deadline_at is None or completed_at is None:
+        violations.append(f"{where}: deadline_at {deadline_at}, completed_at {completed_at}")
+        return
+    if exp.times_out:
+        if not _timed_out(row):
+            violations.append(f"{where} should have timed out; error {row.get('error')}")
+        if completed_at < deadline_at:
+            violations.append(f"{where} was failed at {completed_at}, before its deadline {deadline_at}")
+        if "s1" in recorded:
+            violations.append(f"{where} committed s1, after a nap that outlasts its deadline")
+    elif completed_at > deadline_at:
+        violations.append(f"{where} completed at {completed_at}, after its deadline {deadline_at}")
 
 
 def check_concurrency(
@@ -685,7 +728,7 @@ def check_waits(
         signals_of[row["run_id"]].append(row)
     for (run_id, name), waits in waits_of.items():
         exp = expected.get(run_id)
-        if exp is None or exp.job not in WAIT_JOBS:
+        if exp is None or (exp.job not in WAIT_JOBS and exp.job != DEADLINE_JOB):
             result.violations.append(
                 f"run {run_id} committed a {waits[0].reason} wait at {name!r}: its job never waits"
             )
@@ -1076,6 +1119,8 @@ class Torture:
                 retry_delay=payload.get("delay", 0.0) if job == "torture-retry" else 0.0,
                 naps=list(payload.get("naps", [])),
                 waits=payload.get("waits", 0),
+                nap=payload.get("nap", 0.0),
+                timeout=options.get("timeout"),
             )
             if job == "torture-signal":
                 self.plan_signals(run.id, payload["waits"], mix=protected)
@@ -1117,6 +1162,10 @@ class Torture:
         await self.trigger({"naps": [0.4, 0.15]}, {}, protected=True, job="torture-sleep")
         await self.trigger({"waits": 2}, {}, protected=True, job="torture-signal")
         await self.trigger({"waits": 1}, {}, protected=True, job="torture-signal")  # the same signal_ids
+        # Deadlines: one times out on purpose during its sleep (whoever is alive then), one
+        # with the job's own deadline (120 s) completes.
+        await self.trigger({"nap": 5.0}, {"timeout": 0.6}, protected=True, job=DEADLINE_JOB)
+        await self.trigger({"nap": 0.2}, {}, protected=True, job=DEADLINE_JOB)
         return await self.trigger({"steps": 10, "delay": 0.05}, {"concurrency_key": "ck-a"}, protected=True)
 
     def plan_signals(self, run_id: str, waits: int, *, mix: bool = False) -> None:
