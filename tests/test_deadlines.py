@@ -335,21 +335,17 @@ async def test_trigger_and_wait_keeps_timeout_as_the_callers_wait_and_run_timeou
 
 
 @pytest.mark.sqlite_only
-def test_finding_overdue_runs_uses_the_deadline_index(tmp_path: Path):
+async def test_finding_overdue_runs_uses_the_deadline_index(tmp_path: Path):
     from durably_web.storage.sqlite.store import Q
 
-    async def migrate() -> None:
-        async with Durably(f"sqlite:///{tmp_path / 'plan.db'}", worker=False):
-            pass
-
-    asyncio.run(migrate())
+    async with Durably(f"sqlite:///{tmp_path / 'plan.db'}", worker=False):
+        pass
     conn = sqlite3.connect(tmp_path / "plan.db")
     try:
-        plan = " ".join(
-            row[-1] for row in conn.execute("EXPLAIN QUERY PLAN " + Q["find_overdue_runs"], {"now": 5})
-        )
+        rows = conn.execute("EXPLAIN QUERY PLAN " + Q["find_overdue_runs"], {"now": 5}).fetchall()
     finally:
         conn.close()
+    plan = " ".join(row[-1] for row in rows)
     assert "durably_runs_deadline" in plan, plan
 
 
