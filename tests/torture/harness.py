@@ -146,6 +146,7 @@ class TortureResult:
     signals_consumed: int = 0  # signal waits whose checkpoint committed
     violations: list[str] = field(default_factory=list)
     wall_time: float = 0.0
+    timed_out: int = 0  # runs failed with RunTimeoutError at their deadline, as intended
 
     def summary(self) -> str:
         return (
@@ -157,7 +158,7 @@ class TortureResult:
             f"retried={self.retried} slept={self.slept} waits={self.waits} "
             f"signals_sent={self.signals_sent} (stored={self.signals_early} "
             f"delivered={self.signals_delivered} duplicate={self.signals_duplicate}) "
-            f"signals_consumed={self.signals_consumed} "
+            f"signals_consumed={self.signals_consumed} timed_out={self.timed_out} "
             f"violations={len(self.violations)} wall={self.wall_time:.1f}s"
         )
 
@@ -639,7 +640,7 @@ def check_runs(
             if failed != ([want_failed] if want_failed is not None else []):
                 violations.append(f"failed run {run_id} recorded failed steps {failed}, not {[want_failed]}")
         if run_id in expected and expected[run_id].job == DEADLINE_JOB:
-            check_deadline(expected[run_id], row, recorded, violations)
+            check_deadline(expected[run_id], row, recorded, result)
         if status in ("completed", "failed"):
             missing = [n for n in names if recorded.get(n, {}).get("status") != "completed"]
             if missing:
@@ -651,10 +652,11 @@ def _timed_out(row: dict[str, Any]) -> bool:
 
 
 def check_deadline(
-    exp: Expected, row: dict[str, Any], recorded: dict[str, dict[str, Any]], violations: list[str]
+    exp: Expected, row: dict[str, Any], recorded: dict[str, dict[str, Any]], result: TortureResult
 ) -> None:
     """A timed-out run failed with RunTimeoutError, not before its deadline and never past
     its nap; a run in time ended before its deadline. Both have the deadline stored."""
+    violations = result.violations
     where = f"deadline run {exp.run_id}"
     deadline_at, completed_at = row.get("deadline_at"), row.get("completed_at")
     if deadline_at is None or completed_at is None:
@@ -663,6 +665,8 @@ def check_deadline(
     if exp.times_out:
         if not _timed_out(row):
             violations.append(f"{where} should have timed out; error {row.get('error')}")
+        else:
+            result.timed_out += 1
         if completed_at < deadline_at:
             violations.append(f"{where} was failed at {completed_at}, before its deadline {deadline_at}")
         if "s1" in recorded:

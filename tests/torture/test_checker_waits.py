@@ -363,7 +363,8 @@ def deadline_scenario(*, completed_at: int = WALL + 601, error: str = TIMEOUT_ER
 
 
 def test_a_run_that_timed_out_on_purpose_is_accepted() -> None:
-    assert deadline_scenario().check().violations == []
+    result = deadline_scenario().check()
+    assert result.violations == [] and result.timed_out == 1
 
 
 def test_a_timed_out_run_with_its_step_in_flight_at_the_deadline_is_accepted() -> None:

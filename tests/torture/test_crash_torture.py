@@ -93,6 +93,11 @@ def test_signals_were_sent_early_and_twice_and_consumed(torture_result: TortureR
     assert r.signals_early > 0 and r.signals_duplicate > 0 and r.signals_consumed >= 2, r.summary()
 
 
+def test_a_run_timed_out_at_its_deadline_as_intended(torture_result: TortureResult) -> None:
+    # The mix's torture-deadline run sleeps 5 s under a 0.6 s timeout; whoever is alive fails it.
+    assert torture_result.timed_out >= 1, torture_result.summary()
+
+
 # --- the checker, on hand-made logs (its durable-waiting rules: test_checker_waits.py) ----------------
 
 LEASE_NS = 3_000_000_000
