@@ -50,6 +50,10 @@ class JobDefinition(Generic[InputT, OutputT]):
     #: What a worker does with a run that another version started (see ``versions.py``).
     on_version_mismatch: VersionMismatchPolicy = "leave"
 
+    def __post_init__(self) -> None:
+        if not self.version:  # built directly rather than by define_job: the code's hash
+            object.__setattr__(self, "version", code_version(self.handler))
+
     @property
     def input_adapter(self) -> TypeAdapter[Any]:
         return adapter_for(self.input_type)
