@@ -1133,7 +1133,8 @@ const caught = async (promise) => {
   const run = await c.trigger("nap", null, {timeout: 90000});
   out.deadlineSeconds = (Date.parse(run.deadline_at) - Date.parse(run.created_at)) / 1000;
   out.version = run.version;
-  const waited = await c.triggerAndWait("slow-report", {parts: 1, delay: 0}, {timeout: 20000, runTimeout: 60000});
+  const waited = await c.triggerAndWait("slow-report", {parts: 1, delay: 0},
+                                        {timeout: 20000, runTimeout: 60000});
   out.waitedSeconds = (Date.parse(waited.deadline_at) - Date.parse(waited.created_at)) / 1000;
   out.byVersion = (await c.getRuns({version: run.version})).map((r) => r.id).includes(run.id);
   out.otherVersion = (await c.getRuns({version: ["no-such-version"]})).length;
