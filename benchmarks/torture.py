@@ -54,6 +54,7 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
         "offline waits",
         "offline fails",
         "child runs",
+        "timed out",
         "violations",
         "wall",
     ]
@@ -81,6 +82,7 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
             str(r.offline_waits),
             str(r.offline_failures),
             str(r.child_runs),
+            str(r.timed_out),
             str(len(r.violations)),
             f"{r.wall_time:.1f} s",
         ]
@@ -165,7 +167,9 @@ def main() -> int:
     print("  a violation).")
     print("retried: failed step attempts recorded and retried after their backoff. slept: sleep")
     print("  checkpoints. signals / sig dup / consumed: send_signal calls, those reported duplicate (a")
-    print("  signal_id sent again), signal waits that consumed theirs.")
+    print("  signal_id sent again), signal waits that consumed theirs. timed out: runs failed with")
+    print("  RunTimeoutError at their deadline on purpose (the mix's run whose timeout is shorter")
+    print("  than its sleep).")
     failed = False
     for mode, result in rows:
         for violation in result.violations:

@@ -17,10 +17,12 @@ from .errors import (
     NonRetryableError,
     NotFoundError,
     ReadOnlyError,
+    RunTimeoutError,
     SchemaVersionError,
     StepError,
     StorageError,
     ValidationError,
+    VersionMismatchError,
     WaitTimeoutError,
 )
 from .job import JobDefinition, define_job
@@ -54,6 +56,7 @@ __all__ = [
     "ReadOnlyError",
     "RetryPolicy",
     "Run",
+    "RunTimeoutError",
     "SchemaVersionError",
     "Step",
     "StepAttempt",
@@ -63,6 +66,7 @@ __all__ = [
     "StorageError",
     "TriggerItem",
     "ValidationError",
+    "VersionMismatchError",
     "WaitTimeoutError",
     "define_job",
 ]

@@ -460,6 +460,11 @@ def _print_run(run: Run, out: TextIO) -> None:
         fields.append(("not before", _until(run.not_before)))
     if run.parent_run_id is not None:
         fields.append(("parent", run.parent_run_id))
+    if run.deadline_at is not None:
+        deadline = _when(run.deadline_at) if run.is_terminal else _until(run.deadline_at)
+        fields.append(("deadline", deadline))
+    if run.version is not None:
+        fields.append(("version", run.version))
     if run.progress is not None:
         progress = run.progress
         fields.append(("progress", progress_bar(progress.current, progress.total, progress.message)))
@@ -532,6 +537,7 @@ async def cmd_trigger(args: argparse.Namespace) -> int:
             coalesce="skip" if args.coalesce else None,
             labels=labels,
             priority=args.priority,
+            timeout=None if args.run_timeout is None else args.run_timeout.seconds,
         )
         _say(f"run {_p(run.id)} of {_p(run.job_name)}: {run.disposition}")
         if not args.wait:
@@ -564,12 +570,14 @@ def _print_outcome(run: Run) -> None:
 async def cmd_runs(args: argparse.Namespace) -> int:
     statuses = [part for value in args.status or () for part in value.split(",") if part] or None
     async with opened(await load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
+        versions = [part for value in args.version or () for part in value.split(",") if part] or None
         runs = await durably.get_runs(
             status=statuses,
             job_name=args.job or None,
             labels=_labels(args.label),
             limit=args.limit,
             parent_run_id=args.parent,
+            version=versions,
         )
     if args.json:
         _out(_json([run.to_dict() for run in runs]))
@@ -1119,6 +1127,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     trigger.add_argument("--wait", action="store_true", help="wait until a worker finishes the run")
     trigger.add_argument("--timeout", type=_positive_float, help="seconds to --wait at most")
+    trigger.add_argument(
+        "--run-timeout",
+        type=Duration.parse,
+        metavar="DURATION",
+        help="the run's deadline, waits included (overrides the job's timeout; past it the run "
+        f"fails with RunTimeoutError): {DURATION_FORMS}",
+    )
     trigger.add_argument("--json", action="store_true", help="print the run as JSON")
 
     runs = command("runs", cmd_runs, "list runs, newest first (read-only: never writes to the database)")
@@ -1127,6 +1142,12 @@ def build_parser() -> argparse.ArgumentParser:
     runs.add_argument("--label", action="append", type=_label, metavar="KEY=VALUE")
     runs.add_argument("--limit", type=int, default=50)
     runs.add_argument("--parent", metavar="RUN_ID", help="only the child runs this run started")
+    runs.add_argument(
+        "--version",
+        action="append",
+        help="the job version(s) that started the runs, repeat or comma-separate (with "
+        "--status pending,leased,waiting: what a deploy still has in flight)",
+    )
     runs.add_argument("--json", action="store_true")
 
     show = command("show", cmd_show, "a run with its steps, logs, output and error (read-only: never writes)")

@@ -30,7 +30,7 @@ from .errors import (
     WaitTimeoutError,
 )
 from .events import TERMINAL_EVENT_TYPES, EventBus, RunSubscription
-from .job import JobDefinition
+from .job import JobDefinition, validate_timeout
 from .models import (
     RUN_STATUSES,
     TERMINAL_STATUSES,
@@ -77,6 +77,8 @@ class TriggerItem:
     coalesce: Literal["skip"] | None = None
     labels: Mapping[str, str] | None = None
     priority: int = 0
+    #: This run's deadline in seconds (overrides the job's ``timeout``), as in ``trigger``.
+    timeout: Seconds | str | None = None
 
 
 def _seconds(
@@ -456,6 +458,7 @@ class Durably:
         coalesce: str | None,
         labels: Mapping[str, str] | None,
         priority: int = 0,
+        timeout: Seconds | str | None = None,
     ) -> NewRun:
         self._check_writable(f"trigger {job.name!r}")
         _, input_json = job.validate_input(input)
@@ -478,6 +481,8 @@ class Durably:
                 f"job {job.name!r} is debounced: trigger it with a concurrency_key (the triggers "
                 "that share one become one run)"
             )
+        seconds = validate_timeout("timeout", timeout) if timeout is not None else job.timeout
+        now = self.now_ms()
         return NewRun(
             id=ids.new_id(self.now_ms()),
             job_name=job.name,
@@ -486,10 +491,12 @@ class Durably:
             idempotency_key=idempotency_key,
             concurrency_key=concurrency_key,
             coalesce=coalesce == "skip",
-            created_at=self.now_ms(),
+            created_at=now,
             priority=priority,
             trace_parent=None if self._tracer is None else self._tracer.current_trace_parent(),
             debounce_ms=None if job.debounce is None else int(job.debounce * 1000),
+            deadline_at=_deadline(now, seconds),
+            version=job.version,
         )
 
     async def _create(
@@ -524,10 +531,13 @@ class Durably:
         if self._worker is not None and any(d == "created" for _, d in results):
             self._worker.wake()
         if self._worker is not None:
-            # A debounced run starts later: this worker's timer takes it then (others poll).
             for record, disposition in results:
                 if disposition in ("created", "debounced") and record.available_at > record.created_at:
+                    # A debounced run starts later: this worker's timer takes it then (others poll).
                     self._worker.wake_at(record.available_at)
+                if disposition == "created" and record.deadline_at is not None:
+                    # So a run still pending at its deadline fails then, not at the next poll.
+                    self._worker.wake_at(record.deadline_at)
         return runs
 
     async def trigger(
@@ -541,8 +551,13 @@ class Durably:
         labels: Mapping[str, str] | None = None,
         accept_existing: Callable[[Run], bool] | None = None,
         priority: int = 0,
+        timeout: Seconds | str | None = None,
     ) -> Run:
         """Validate ``input`` and create a pending run (or return the existing one).
+
+        ``timeout`` (seconds, a ``timedelta`` or a duration text such as ``"10m"``) sets this
+        run's deadline, overriding the job's ``timeout``: counted from now, waits included;
+        past it the run fails with ``RunTimeoutError`` (``Run.deadline_at``).
 
         ``disposition`` tells which: "created", "idempotent" (same idempotency
         key) or "coalesced" (a pending run with the same concurrency key and
@@ -561,7 +576,9 @@ class Durably:
         disposition "debounced" (its input replaced, its start pushed back).
         """
         definition = self._job(job)
-        new = self._new_run(definition, input, idempotency_key, concurrency_key, coalesce, labels, priority)
+        new = self._new_run(
+            definition, input, idempotency_key, concurrency_key, coalesce, labels, priority, timeout
+        )
         return (await self._create([new], accept_existing))[0]
 
     async def batch_trigger(
@@ -598,6 +615,7 @@ class Durably:
                             item.coalesce,
                             item_labels,
                             item.priority,
+                            item.timeout,
                         )
                     )
                 else:
@@ -617,8 +635,13 @@ class Durably:
         coalesce: Literal["skip"] | None = None,
         labels: Mapping[str, str] | None = None,
         priority: int = 0,
+        run_timeout: Seconds | str | None = None,
     ) -> Run:
-        """Trigger, then wait until the run ends; returns the final run (check ``status``)."""
+        """Trigger, then wait until the run ends; returns the final run (check ``status``).
+
+        ``timeout`` is how long this call waits (``WaitTimeoutError``; the run goes on);
+        ``run_timeout`` is the run's own deadline, ``trigger``'s ``timeout`` (past it the run
+        fails with ``RunTimeoutError``)."""
         run = await self.trigger(
             job,
             input,
@@ -627,6 +650,7 @@ class Durably:
             coalesce=coalesce,
             labels=labels,
             priority=priority,
+            timeout=run_timeout,
         )
         return await self.wait_for_run(run.id, timeout=timeout)
 
@@ -682,9 +706,12 @@ class Durably:
         limit: int = 100,
         offset: int = 0,
         parent_run_id: str | None = None,
+        version: str | Sequence[str] | None = None,
     ) -> list[Run]:
-        """Runs, newest first, filtered by status(es), job name(s) and exact labels; with
-        ``parent_run_id``, only the children that run started (``step.start_child``)."""
+        """Runs, newest first, filtered by status(es), job name(s), exact labels and the job
+        version(s) that started them (``version``: with the unfinished statuses, what is still
+        in flight per version during a deploy); with ``parent_run_id``, only the children that
+        run started (``step.start_child``)."""
         statuses = _one_or_many("status", status)
         if statuses is not None:
             unknown = set(statuses) - RUN_STATUSES
@@ -703,6 +730,7 @@ class Durably:
                 limit=min(limit, 10_000),
                 offset=offset,
                 parent_run_id=None if parent_run_id is None else _run_id(parent_run_id),
+                versions=_one_or_many("version", version),
             )
         )
         return [self._to_run(record) for record in records]
@@ -873,6 +901,8 @@ class Durably:
             coalesce=False,
             created_at=self.now_ms(),
             forked_from=record.id,
+            deadline_at=_carried_deadline(record, self.now_ms()),
+            version=self.jobs[record.job_name].version if record.job_name in self.jobs else None,
         )
         created = await self.store.fork_run(new, record.id, from_step)
         return self._created([(created, "created")])[0]
@@ -895,6 +925,8 @@ class Durably:
                 record.concurrency_key,
                 None,
                 record.labels,
+                record.priority,
+                _carried_timeout(record),
             )
         else:
             self._check_writable(f"retrigger a run of {record.job_name!r}")
@@ -908,6 +940,7 @@ class Durably:
                 coalesce=False,
                 created_at=self.now_ms(),
                 priority=record.priority,
+                deadline_at=_carried_deadline(record, self.now_ms()),
             )
         return (await self._create([new]))[0]
 
@@ -973,6 +1006,8 @@ class Durably:
             else None,
             parent_run_id=record.parent_run_id,
             wait_child_id=record.wait_child_id if record.status == "waiting" else None,
+            deadline_at=from_ms(record.deadline_at),
+            version=record.version,
         )
 
 
@@ -991,6 +1026,19 @@ def check_priority(priority: Any) -> int:
             f"priority must be an int from {MIN_PRIORITY} to {MAX_PRIORITY}, not {priority!r}"
         )
     return priority
+
+
+def _deadline(created_at: int, timeout: float | None) -> int | None:
+    return None if timeout is None else created_at + int(timeout * 1000)
+
+
+def _carried_timeout(record: RunRecord) -> float | None:
+    """A retriggered or forked run gets the source's timeout, counted from its own trigger."""
+    return None if record.deadline_at is None else max(record.deadline_at - record.created_at, 1) / 1000
+
+
+def _carried_deadline(record: RunRecord, now: int) -> int | None:
+    return _deadline(now, _carried_timeout(record))
 
 
 def _decode(text: str | None, decoder: Callable[[str], Any] | None) -> Any:

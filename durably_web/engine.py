@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, NoReturn, Protocol
 
 from . import ids
-from .errors import CancelledError, LeaseLostError, StorageError
+from .errors import CancelledError, LeaseLostError, RunTimeoutError, StorageError, VersionMismatchError
 from .job import JobDefinition
 from .models import ErrorInfo, Progress, from_ms
 from .network import ALWAYS_ONLINE, NetworkStatus
@@ -70,6 +70,13 @@ _FIRST_CLAIM_BACKOFF = 0.1
 _LONGEST_CLAIM_BACKOFF = 10.0
 
 
+def _overdue_error() -> RunTimeoutError:
+    return RunTimeoutError("the run passed its deadline while no worker was executing it")
+
+
+_OVERDUE_ERROR_JSON = _error_json(_overdue_error())
+
+
 class _ShutdownSignal(BaseException):
     """Raised at a step boundary when the worker is stopping; the run is released, not failed.
 
@@ -113,7 +120,14 @@ class RunExecution:
         self._writes: deque[Callable[[], Awaitable[None]]] = deque()
         self._writer: asyncio.Task[None] | None = None
         self._write_error: BaseException | None = None
-        self.stop_reason: str | None = None  # "cancelled" | "lease-lost" | "shutdown"
+        self.stop_reason: str | None = None  # "cancelled" | "lease-lost" | "shutdown" | "timed-out"
+        #: The run's deadline (ms, ``timeout=``): a loop timer (``Worker``) stops the handler at
+        #: it, and every step boundary checks it against the clock.
+        self.deadline_ms = record.deadline_at
+        self.deadline_timer: asyncio.TimerHandle | None = None
+        # Set once the execution writes its end (an outcome, a wait): a deadline that passes
+        # from then on is left to that write, or to the claim loop for a waiting run.
+        self._ending = False
         self.failed_step: StepRecord | None = None
         self.task: asyncio.Task[None] | None = None
         self._task_cancelled = False
@@ -133,7 +147,29 @@ class RunExecution:
             self.task.cancel()
 
     # --- called by StepContext ------------------------------------------------------
+    def deadline_passed(self) -> None:
+        """The run's deadline is here: stop the handler (a step in flight is cancelled; a sync
+        step's thread cannot be, so the run fails once it returns, its result unrecorded)."""
+        if not self._ending and self.stop_reason in (None, "shutdown"):
+            self.stop("timed-out")
+
+    def _past_deadline(self) -> bool:
+        if self.stop_reason == "timed-out":
+            return True
+        if self.deadline_ms is not None and self.now_ms() >= self.deadline_ms:
+            if self.stop_reason is None or self.stop_reason == "shutdown":
+                self.stop_reason = "timed-out"
+            return self.stop_reason == "timed-out"
+        return False
+
+    def timeout_error(self, what: str) -> RunTimeoutError:
+        return RunTimeoutError(
+            f"run {self.run_id} passed its deadline ({from_ms(self.deadline_ms)}); {what}"
+        )
+
     def check_can_start_step(self, name: str) -> None:
+        if self._past_deadline():
+            raise self.timeout_error(f"step {name!r} not started")
         if self.stop_reason == "cancelled":
             raise CancelledError(f"run {self.run_id} was cancelled before step {name!r}")
         if self.stop_reason == "lease-lost":
@@ -327,6 +363,9 @@ class RunExecution:
         """Make the run 'waiting' until ``until`` (ms): it gives up its lease and worker slot,
         and any worker claims it once due. Never returns: raises ``_Suspend``."""
         await self.flush_writes()
+        if self._past_deadline():
+            raise self.timeout_error(f"{reason} of step {step_name!r} not recorded")
+        self._ending = True
         ok = await self._store.wait_run(
             self.run_id,
             self.generation,
@@ -351,11 +390,17 @@ class RunExecution:
         self.emit("run:waiting", waiting)
         if until < NEVER_MS:
             self._worker.wake_at(until)
+        if self.deadline_ms is not None and self.deadline_ms < until:
+            self._worker.wake_at(self.deadline_ms)  # the claim loop fails it then (fail_overdue_runs)
         raise _Suspend
 
     async def record_step(self, step: StepRecord) -> None:
         if self._writer is not None or self._write_error is not None:  # the hot path skips a call
             await self.flush_writes()
+        if self.deadline_ms is not None and self._past_deadline():
+            # A step that ended after the deadline (a sync step, which nothing can interrupt)
+            # is not recorded: the run fails as of its deadline.
+            raise self.timeout_error(f"step {step.name!r} ended after it and is not recorded")
         if not await self._store.record_step(step, self.generation):
             raise await self.fence_error(f"step {step.name!r}")
         if self._events.wants("step:complete"):
@@ -492,16 +537,38 @@ class RunExecution:
             if self.record.trace_parent is not None:  # the trigger's trace (durably_web.tracing)
                 leased["trace_parent"] = self.record.trace_parent
             self.emit("run:leased", leased)
+            if self._past_deadline():  # claimed after its deadline passed: nothing of it runs
+                await self._fail_timed_out("no handler started")
+                return
+            started_by = self.record.version
+            if started_by is not None and started_by != self.job.version:
+                # Claimed although another version started it: the claim query leaves such runs
+                # to their own version unless this job continues or fails them.
+                if self.job.on_version_mismatch == "fail":
+                    error = VersionMismatchError(
+                        f"run {self.run_id} of job {self.job_name!r} was started by version "
+                        f"{started_by!r}; this worker runs version {self.job.version!r}"
+                    )
+                    await self._finish("failed", output_json=None, error=error)
+                    return
+                if self.job.on_version_mismatch == "leave":  # a store that ignored pinned_versions
+                    await self._release()
+                    return
             step = StepContext(self, recorded, failed_attempts)
             payload = self.job.decode_input(self.record.input_json)
             result = await self.job.handler(step, payload)
             step._end_replay()  # a handler that only replayed may still have progress to record
             await self.flush_writes()
+            if self._past_deadline():  # the handler swallowed RunTimeoutError and returned
+                await self._fail_timed_out("its output is not recorded")
+                return
             output_json = self.job.encode_output(result)
             await self._finish("completed", output_json=output_json, error=None)
         except asyncio.CancelledError:
             if self.stop_reason == "cancelled":
                 await self._stopped_after_cancel()
+            elif self.stop_reason == "timed-out":
+                await self._fail_timed_out("the handler was stopped")
             elif self.stop_reason != "lease-lost":
                 await self._release()
         except _Suspend:
@@ -518,7 +585,9 @@ class RunExecution:
             self._report_error(exc, run_id=self.run_id, job_name=self.job_name)
             await self._release()
         except Exception as exc:
-            if self.stop_reason == "cancelled":
+            if self.stop_reason == "timed-out":
+                await self._fail_timed_out("the handler was stopped")  # whatever it made of it
+            elif self.stop_reason == "cancelled":
                 await self._stopped_after_cancel()  # the handler turned our stop into its own error
             elif self.stop_reason != "lease-lost":
                 await self._finish("failed", output_json=None, error=exc)
@@ -528,7 +597,15 @@ class RunExecution:
         await self.sync_step_done.wait()
         await self._release()
 
+    async def _fail_timed_out(self, what: str) -> None:
+        """Fail the run with ``RunTimeoutError`` once nothing of its handler runs any more (a
+        sync step's thread is waited for: the run fails at that boundary)."""
+        await self.sync_step_done.wait()
+        self.failed_step = None
+        await self._finish("failed", output_json=None, error=self.timeout_error(what))
+
     async def _finish(self, status: str, *, output_json: str | None, error: BaseException | None) -> None:
+        self._ending = True
         failed_step = self.failed_step if error is not None else None
         try:
             if error is not None:
@@ -674,6 +751,7 @@ class Worker:
             try:
                 if self._network_returned:
                     await self._wake_offline_runs()
+                await self._fail_overdue_runs()
                 await self._claim_available()
                 await self._purge_if_due()
             except Exception as exc:
@@ -703,6 +781,16 @@ class Worker:
             self._flow = {name: job.limits for name, job in self.jobs.items() if job.limits is not None}
             self._flow_timed = bool(self._flow) or any(job.debounce is not None for job in self.jobs.values())
         return self._flow
+    async def _fail_overdue_runs(self) -> None:
+        """Deadlines of runs no worker is executing (waiting, pending, abandoned): whichever
+        worker's claim loop comes first fails them, also one that started after they passed."""
+        failed = await self.store.fail_overdue_runs(
+            self.now_ms(), error_json=_OVERDUE_ERROR_JSON, drop_step_outputs=not self.config.preserve_steps
+        )
+        if failed and self.events.wants("run:fail"):
+            error = ErrorInfo.from_exception(_overdue_error())
+            for record in failed:
+                self.events.emit("run:fail", record.id, record.job_name, {"error": error})
 
     async def _claim_available(self) -> None:
         job_names = list(self.jobs)
@@ -710,20 +798,21 @@ class Worker:
             return
         lease_ms = int(self.config.lease_duration * 1000)
         limits = self._flow_limits()
+        # Safe deploys: this worker's version of each job (recorded by a first claim), and the
+        # jobs whose started runs it leaves to the version that started them.
+        versions = {name: job.version for name, job in self.jobs.items()}
+        pinned = {name: job.version for name, job in self.jobs.items() if job.on_version_mismatch == "leave"}
         while not self._stopping and len(self.active) < self.config.max_concurrent_runs:
             now = self.now_ms()
-            if limits:
-                record = await self.store.claim_run(
-                    worker_id=self.worker_id,
-                    job_names=job_names,
-                    now=now,
-                    lease_until=now + lease_ms,
-                    limits=limits,
-                )
-            else:
-                record = await self.store.claim_run(
-                    worker_id=self.worker_id, job_names=job_names, now=now, lease_until=now + lease_ms
-                )
+            record = await self.store.claim_run(
+                worker_id=self.worker_id,
+                job_names=job_names,
+                now=now,
+                lease_until=now + lease_ms,
+                versions=versions,
+                pinned_versions=pinned,
+                limits=limits or None,
+            )
             if record is None:
                 if self._flow_timed:
                     await self._wake_when_flow_allows(job_names, limits, now)
@@ -734,6 +823,9 @@ class Worker:
             execution = RunExecution(self, record, self.jobs[record.job_name])
             self.active[record.id] = execution
             execution.task = asyncio.create_task(self._run(execution), name=f"durably-run-{record.id}")
+            if record.deadline_at is not None and self._loop is not None:
+                delay = max(0.0, (record.deadline_at - now) / 1000)
+                execution.deadline_timer = self._loop.call_later(delay, execution.deadline_passed)
 
     async def _wake_when_flow_allows(
         self, job_names: list[str], limits: Mapping[str, JobLimits], now: int
@@ -749,6 +841,8 @@ class Worker:
         try:
             await execution.execute()
         finally:
+            if execution.deadline_timer is not None:
+                execution.deadline_timer.cancel()
             # Only this execution's entry: after a lease lapse this worker may have
             # claimed the run again, and the new execution must stay renewed.
             if self.active.get(execution.run_id) is execution:
@@ -778,7 +872,15 @@ class Worker:
                 now = self.now_ms()
                 until = now + lease_ms
                 active = self.active.items()
-                running = [(i, ex.generation) for i, ex in active if ex.stop_reason in (None, "shutdown")]
+                # A timed-out run keeps its lease while its handler winds down (a sync step's
+                # thread), so no other worker takes it over before it is failed.
+                renewed = (None, "shutdown", "timed-out")
+                running = [(i, ex.generation) for i, ex in active if ex.stop_reason in renewed]
+                for ex in list(self.active.values()):
+                    # Deadlines by the clock too: the loop timer follows the loop's own time,
+                    # which an injected clock (or a suspended laptop) does not move along.
+                    if ex.deadline_ms is not None and now >= ex.deadline_ms:
+                        ex.deadline_passed()
                 stopping = [(i, ex.generation) for i, ex in active if ex.stop_reason == "cancelled"]
                 lost = await self.store.renew_leases(running, now, until) if running else []
                 if stopping:

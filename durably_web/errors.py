@@ -145,3 +145,15 @@ class ChildRunFailedError(DurablyError):
 class ChildRunCancelledError(ChildRunFailedError):
     """The child run was cancelled (``status == "cancelled"``): catching
     ``ChildRunFailedError`` catches this too."""
+class RunTimeoutError(DurablyError):
+    """The run passed its deadline (``timeout=`` on the job or the trigger) and was failed.
+
+    The deadline counts the run's whole life from its trigger, waits included (sleeps,
+    signal waits, retry back-offs, time spent pending). It is stored with the run
+    (``Run.deadline_at``), so any worker enforces it, also one started after it passed.
+    """
+
+
+class VersionMismatchError(DurablyError):
+    """A run started by one version of its job was claimed by a worker with another, whose
+    job says ``on_version_mismatch="fail"``: the run is failed instead of mixing code."""

@@ -6,15 +6,18 @@ import inspect
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import TypeAdapter
 from pydantic import ValidationError as PydanticValidationError
 
+from .durations import parse_duration
 from .errors import ValidationError
 from .retry import RetryPolicy
 from .serialization import adapter_for
 from .storage.base import JobLimits
+from .versions import MAX_VERSION_LENGTH, VERSION_MISMATCH_POLICIES, VersionMismatchPolicy, code_version
 
 if TYPE_CHECKING:
     from .step import StepContext
@@ -57,6 +60,18 @@ class JobDefinition(Generic[InputT, OutputT]):
             rate_count=count,
             rate_window_ms=None if seconds is None else int(seconds * 1000),
         )
+    #: The run deadline in seconds from the trigger (``trigger(timeout=)`` overrides it);
+    #: None: no deadline.
+    timeout: float | None = None
+    #: What runs of this job record as their version: ``define_job(version=)``, else a hash
+    #: of the handler's code (``durably_web.versions.code_version``).
+    version: str = ""
+    #: What a worker does with a run that another version started (see ``versions.py``).
+    on_version_mismatch: VersionMismatchPolicy = "leave"
+
+    def __post_init__(self) -> None:
+        if not self.version:  # built directly rather than by define_job: the code's hash
+            object.__setattr__(self, "version", code_version(self.handler))
 
     @property
     def input_adapter(self) -> TypeAdapter[Any]:
@@ -111,6 +126,9 @@ def define_job(
     max_concurrent: int | None = None,
     rate_limit: tuple[int, float] | None = None,
     debounce: float | None = None,
+    timeout: float | int | str | timedelta | None = None,
+    version: str | None = None,
+    on_version_mismatch: VersionMismatchPolicy = "leave",
 ) -> Callable[[Handler[Any, Any]], JobDefinition[Any, Any]]:
     """Decorator turning ``async def handler(step, payload)`` into a job.
 
@@ -126,6 +144,12 @@ def define_job(
     ``debounce`` seconds: triggers with one ``concurrency_key`` become one run with the
     latest input, started that long after the last of them (a trigger of a debounced job
     without a concurrency key raises ``ValidationError``).
+    ``timeout`` (seconds, or a duration such as ``"10m"``) is each run's deadline counted
+    from its trigger, waits included: past it the run fails with ``RunTimeoutError``.
+    ``version`` names this code's version (default: a hash of the handler's code); a run
+    records the version that started it, and ``on_version_mismatch`` says what a worker of
+    another version does with it: "leave" it for a worker of its version (the default),
+    "continue" it, or "fail" it with ``VersionMismatchError``.
     """
     max_concurrent, rate_limit, debounce = _flow_control(name, max_concurrent, rate_limit, debounce)
     if retry is not None and not isinstance(retry, RetryPolicy):
@@ -134,6 +158,17 @@ def define_job(
         raise ValidationError(
             f"invalid job name {name!r}: use 1-128 letters, digits and _ . : - / "
             "starting with a letter or digit"
+        )
+    deadline_seconds = validate_timeout(f"job {name!r}: timeout", timeout)
+    if version is not None and not _is_version(version):
+        raise ValidationError(
+            f"job {name!r}: version must be a non-empty string of at most {MAX_VERSION_LENGTH} "
+            f"printable characters, not {version!r}"
+        )
+    if on_version_mismatch not in VERSION_MISMATCH_POLICIES:
+        raise ValidationError(
+            f"job {name!r}: on_version_mismatch must be one of {list(VERSION_MISMATCH_POLICIES)}, "
+            f"not {on_version_mismatch!r}"
         )
 
     def decorate(handler: Handler[Any, Any]) -> JobDefinition[Any, Any]:
@@ -149,6 +184,9 @@ def define_job(
             max_concurrent=max_concurrent,
             rate_limit=rate_limit,
             debounce=debounce,
+            timeout=deadline_seconds,
+            version=version if version is not None else code_version(handler),
+            on_version_mismatch=on_version_mismatch,
         )
 
     return decorate
@@ -184,3 +222,25 @@ def _flow_control(
         rate = (count, _positive_seconds(name, "rate_limit's window", seconds))
     delay = None if debounce is None else _positive_seconds(name, "debounce", debounce)
     return max_concurrent, rate, delay
+def validate_timeout(what: str, value: Any) -> float | None:
+    """A run deadline's length in seconds (None: no deadline); ``ValidationError`` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise ValidationError(f"{what}: {exc}") from None
+    if seconds <= 0:
+        raise ValidationError(f"{what} must be more than 0 seconds, not {value!r}")
+    return seconds
+
+
+def _is_version(value: Any) -> bool:
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_VERSION_LENGTH
+        and value.isprintable()
+        and value.strip() == value
+    )

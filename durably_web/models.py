@@ -94,6 +94,11 @@ class Run:
     parent_run_id: str | None = None
     #: While waiting with ``wait_reason == "child"``: the child run it waits for.
     wait_child_id: str | None = None
+    #: When the run fails with ``RunTimeoutError`` if it has not ended (``timeout=``), or None.
+    deadline_at: datetime | None = None
+    #: The job version that started the run (``define_job(version=)``, else a hash of the
+    #: handler's code); before its first claim, the version the triggering process had.
+    version: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -126,6 +131,8 @@ class Run:
             "not_before": iso(self.not_before),
             "parent_run_id": self.parent_run_id,
             "wait_child_id": self.wait_child_id,
+            "deadline_at": iso(self.deadline_at),
+            "version": self.version,
         }
 
 

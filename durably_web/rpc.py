@@ -33,6 +33,13 @@ def _options(params: dict[str, Any], allowed: set[str]) -> dict[str, Any]:
     return params
 
 
+def _positive_seconds(ms: Any, name: str) -> float | None:
+    seconds = _seconds(ms, name)
+    if seconds is not None and not seconds > 0:
+        raise ValidationError(f"{name} must be a positive number of milliseconds")
+    return seconds
+
+
 def _seconds(ms: Any, name: str) -> float | None:
     if ms is None:
         return None
@@ -41,7 +48,9 @@ def _seconds(ms: Any, name: str) -> float | None:
     return ms / 1000
 
 
-_TRIGGER_OPTIONS = {"idempotencyKey", "concurrencyKey", "coalesce", "labels", "priority"}
+#: ``timeout`` (ms): the run's deadline, ``trigger(timeout=)``; triggerAndWait calls it
+#: ``runTimeout``, its ``timeout`` being how long the call waits (as in Python).
+_TRIGGER_OPTIONS = {"idempotencyKey", "concurrencyKey", "coalesce", "labels", "priority", "timeout"}
 
 #: The methods, by their JS names (static/durably.js lists them too; tests/test_rpc.py
 #: checks that the lists agree and that static/durably.d.ts declares each one).
@@ -99,6 +108,7 @@ class Dispatcher:
             "coalesce": opts.get("coalesce"),
             "labels": opts.get("labels"),
             "priority": opts.get("priority", 0),
+            "timeout": _positive_seconds(opts.get("timeout"), "timeout"),
         }
 
     async def _trigger(self, job: str, input: Any = None, options: dict[str, Any] | None = None) -> Any:
@@ -109,7 +119,13 @@ class Dispatcher:
     ) -> Any:
         opts = dict(options or {})
         timeout = _seconds(opts.pop("timeout", None), "timeout")
-        run = await self.durably.trigger_and_wait(job, input, timeout=timeout, **self._trigger_kwargs(opts))
+        if "runTimeout" in opts:
+            opts["timeout"] = opts.pop("runTimeout")
+        kwargs = self._trigger_kwargs(opts)
+        run_timeout = kwargs.pop("timeout")
+        run = await self.durably.trigger_and_wait(
+            job, input, timeout=timeout, run_timeout=run_timeout, **kwargs
+        )
         return run.to_dict()
 
     async def _batchTrigger(self, job: str, items: list[Any]) -> Any:
@@ -133,7 +149,9 @@ class Dispatcher:
         return (await self.durably.get_run(run_id)).to_dict()
 
     async def _getRuns(self, query: dict[str, Any] | None = None) -> Any:
-        opts = _options(query or {}, {"status", "jobName", "labels", "limit", "offset", "parentRunId"})
+        opts = _options(
+            query or {}, {"status", "jobName", "labels", "limit", "offset", "parentRunId", "version"}
+        )
         runs = await self.durably.get_runs(
             status=opts.get("status"),
             job_name=opts.get("jobName"),
@@ -141,6 +159,7 @@ class Dispatcher:
             limit=opts.get("limit", 100),
             offset=opts.get("offset", 0),
             parent_run_id=opts.get("parentRunId"),
+            version=opts.get("version"),
         )
         return [run.to_dict() for run in runs]
 

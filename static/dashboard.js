@@ -292,6 +292,8 @@ function currentQuery() {
   if ($("filter-job").value) query.jobName = $("filter-job").value;
   const labels = parseLabels($("filter-label").value);
   if (Object.keys(labels).length) query.labels = labels;
+  const version = $("filter-version").value.trim();
+  if (version) query.version = version;
   return query;
 }
 
@@ -655,7 +657,9 @@ function renderDetail() {
   const meta = h("dl", { class: "meta" },
     [["Attempt", run.attempt], ["Created", fmtTime(run.created_at)], ["Started", fmtTime(run.started_at)],
       ["Finished", fmtTime(run.completed_at)], ["Duration", fmtDuration(runDuration(run))],
-      ["Idempotency key", run.idempotency_key || "—"], ["Concurrency key", run.concurrency_key || "—"]]
+      ["Idempotency key", run.idempotency_key || "—"], ["Concurrency key", run.concurrency_key || "—"],
+      // timeout=: past the deadline the run fails with RunTimeoutError, waits included.
+      ["Deadline", run.deadline_at ? fmtTime(run.deadline_at) : "—"], ["Version", run.version || "—"]]
       .map(([k, v]) => h("div", null, h("dt", null, k), h("dd", null, v ?? "—"))),
     run.forked_from ? h("div", { class: "meta-wide forked-from" }, h("dt", null, "Forked from"),
       h("dd", null, h("button", { type: "button", class: "link", title: "Show the run this one was forked from",
@@ -940,10 +944,12 @@ async function main() {
 
   for (const id of ["filter-status", "filter-job"]) $(id).addEventListener("change", () => scheduleRefresh(0));
   let typing = null;
-  $("filter-label").addEventListener("input", () => {
-    clearTimeout(typing);
-    typing = setTimeout(() => scheduleRefresh(0), 300);
-  });
+  for (const id of ["filter-label", "filter-version"]) {
+    $(id).addEventListener("input", () => {
+      clearTimeout(typing);
+      typing = setTimeout(() => scheduleRefresh(0), 300);
+    });
+  }
   $("filters").addEventListener("submit", (e) => { e.preventDefault(); scheduleRefresh(0); });
   $("refresh").addEventListener("click", () => scheduleRefresh(0));
   $("more").addEventListener("click", () => { state.limit += PAGE; scheduleRefresh(0); });

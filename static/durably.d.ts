@@ -71,6 +71,10 @@ export interface Run {
   parent_run_id: string | null;
   /** While waiting with wait_reason "child": the child run it waits for. */
   wait_child_id: string | null;
+  /** When the run fails with a RunTimeoutError if it has not ended (the job's or trigger's timeout). */
+  deadline_at: string | null;
+  /** The job version that started the run (define_job(version=), else a hash of the handler's code). */
+  version: string | null;
 }
 
 /**
@@ -102,6 +106,8 @@ export interface RunSummary {
   priority: number;
   parent_run_id: string | null;
   wait_child_id: string | null;
+  deadline_at: string | null;
+  version: string | null;
   /** Size of the stored input JSON in bytes (UTF-8); remote only. */
   input_bytes?: number;
   /** Size of the stored output JSON in bytes, null until there is one; remote only. */
@@ -196,7 +202,8 @@ export interface UpdateReadyEvent {
 export interface DurablyError extends Error {
   name:
     | "DurablyError" | "ValidationError" | "NotFoundError" | "ConflictError" | "CancelledError"
-    | "LeaseLostError" | "StepError" | "StorageError" | "WaitTimeoutError" | "SchemaVersionError";
+    | "LeaseLostError" | "StepError" | "StorageError" | "WaitTimeoutError" | "SchemaVersionError"
+    | "RunTimeoutError" | "VersionMismatchError";
   /** pydantic's error details for ValidationError, otherwise null. */
   details: unknown[] | null;
 }
@@ -208,6 +215,18 @@ export interface TriggerOptions {
   labels?: Record<string, string>;
   /** An integer (default 0): runs of higher priority are claimed first, then the oldest. */
   priority?: number;
+  /**
+   * Milliseconds: the run's deadline, counted from now, waits included (overrides the job's
+   * timeout). Past it the run fails with a RunTimeoutError (see Run.deadline_at).
+   */
+  timeout?: number;
+}
+
+export interface TriggerAndWaitOptions extends Omit<TriggerOptions, "timeout"> {
+  /** Milliseconds this call waits; rejects with a WaitTimeoutError when exceeded (the run goes on). */
+  timeout?: number;
+  /** Milliseconds: the run's own deadline (trigger()'s timeout option). */
+  runTimeout?: number;
 }
 
 export interface WaitOptions {
@@ -223,11 +242,13 @@ export interface RunQuery {
   offset?: number;
   /** Only the child runs this run started (step.start_child). */
   parentRunId?: string;
+  /** The job version(s) that started the runs (with the unfinished statuses: what is in flight). */
+  version?: string | string[];
 }
 
 export interface DurablyClient {
   trigger(job: string, input?: unknown, options?: TriggerOptions): Promise<Run>;
-  triggerAndWait(job: string, input?: unknown, options?: TriggerOptions & WaitOptions): Promise<Run>;
+  triggerAndWait(job: string, input?: unknown, options?: TriggerAndWaitOptions): Promise<Run>;
   batchTrigger(job: string, items: Array<unknown | { input: unknown; options?: TriggerOptions }>): Promise<Run[]>;
   waitForRun(runId: string, options?: WaitOptions): Promise<Run>;
   getRun(runId: string): Promise<Run>;

@@ -108,7 +108,7 @@
   // {input, idempotency_key?, ...}: one trigger's input and options as the server names them.
   function triggerFields(input, options) {
     const o = checkOptions("options", options, [
-      "idempotencyKey", "concurrencyKey", "coalesce", "labels", "priority",
+      "idempotencyKey", "concurrencyKey", "coalesce", "labels", "priority", "timeout",
     ]);
     const body = { input: input === undefined ? null : input };
     // Only the options given: the server rejects nothing it does not need to see.
@@ -117,6 +117,13 @@
     if (o.coalesce !== undefined) body.coalesce = o.coalesce;
     if (o.labels !== undefined) body.labels = o.labels;
     if (o.priority !== undefined) body.priority = o.priority;
+    // The run's deadline: milliseconds here, as every JS duration; seconds on the wire.
+    if (o.timeout !== undefined && o.timeout !== null) {
+      if (typeof o.timeout !== "number" || !(o.timeout > 0)) {
+        throw durablyError("ValidationError", "timeout must be a positive number of milliseconds");
+      }
+      body.timeout = o.timeout / 1000;
+    }
     return body;
   }
 
@@ -255,9 +262,10 @@
     }
 
     async triggerAndWait(job, input, options) {
-      const { timeout, ...rest } = options || {};
+      // timeout: how long this call waits; runTimeout: the run's own deadline (trigger's timeout).
+      const { timeout, runTimeout, ...rest } = options || {};
       checkTimeout(timeout);
-      const run = await this.trigger(job, input, rest);
+      const run = await this.trigger(job, input, runTimeout === undefined ? rest : { ...rest, timeout: runTimeout });
       return this.waitForRun(run.id, { timeout });
     }
 
@@ -325,10 +333,13 @@
     }
 
     async getRuns(query) {
-      const q = checkOptions("query", query, ["status", "jobName", "labels", "limit", "offset", "parentRunId"]);
+      const q = checkOptions("query", query, [
+        "status", "jobName", "labels", "limit", "offset", "parentRunId", "version",
+      ]);
       const params = new URLSearchParams();
       for (const status of [].concat(q.status ?? [])) params.append("status", status);
       for (const job of [].concat(q.jobName ?? [])) params.append("job", job);
+      for (const version of [].concat(q.version ?? [])) params.append("version", version);
       for (const [key, value] of Object.entries(q.labels || {})) params.append(`label.${key}`, value);
       if (q.limit !== undefined) params.set("limit", q.limit);
       if (q.offset !== undefined) params.set("offset", q.offset);

@@ -437,7 +437,9 @@ async function forward(method, args) {
   if (method === "triggerAndWait") {
     // Split, so a handover during the (long) wait can be resent safely.
     const [job, input, options = {}] = args;
-    const { timeout, ...triggerOptions } = options || {};
+    // runTimeout (the run's deadline) is trigger's timeout; timeout is how long this call waits.
+    const { timeout, runTimeout, ...rest } = options || {};
+    const triggerOptions = runTimeout === undefined ? rest : { ...rest, timeout: runTimeout };
     const triggered = await dispatch("trigger", [job, input, triggerOptions]);
     if (!triggered.ok) return triggered;
     return dispatch("waitForRun", [triggered.value.id, timeout == null ? {} : { timeout }]);

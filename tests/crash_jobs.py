@@ -32,6 +32,14 @@ doing its work, so a test can count how many times each step really ran.
         "between" (which blocks until the file <side_effect_file>.between exists) and waits for
         the child; the child's step "work" blocks until <side_effect_file>.child exists. Work
         until the parent ends, print it as JSON. Side-effect lines: "<name> <pid> <unix time>".
+    python crash_jobs.py deadline <db_url> <side_effect_file> --timeout S
+        Trigger (idempotency key "deadline", run deadline S seconds) a job whose step "long"
+        writes its line and then waits a minute; work until the run ends, print it as JSON.
+
+    python crash_jobs.py versioned <db_url> <side_effect_file> --version V --seconds S [--serve S2]
+        The job "versioned" at version V (step "first", a sleep of S seconds, step "second"):
+        trigger it (idempotency key "versioned") and work until it ends, printing the run; or,
+        with --serve, only work for S2 seconds (without triggering), then print the run.
 """
 
 from __future__ import annotations
@@ -46,7 +54,7 @@ from collections.abc import Callable
 
 from pydantic import BaseModel
 
-from durably_web import Durably, NetworkStatus, RetryPolicy, StepContext, define_job
+from durably_web import Durably, JobDefinition, NetworkStatus, RetryPolicy, StepContext, define_job
 from durably_web.network import ALWAYS_ONLINE
 
 STEP_COUNT = 6
@@ -235,6 +243,59 @@ async def run_parallel(args: argparse.Namespace) -> None:
         print(json.dumps({**done.to_dict(), "pid": os.getpid(), "disposition": run.disposition}), flush=True)
 
 
+class DeadlineIn(BaseModel):
+    side_effects: str
+
+
+async def long_step(path: str) -> str:
+    timed_line(path, "long")
+    await asyncio.sleep(60)  # cancelled at the deadline (if a worker is alive then)
+    return "done"
+
+
+@define_job("deadline-job", input=DeadlineIn)
+async def deadline_job(step: StepContext, payload: DeadlineIn) -> str:
+    return await step.run("long", long_step, payload.side_effects)
+
+
+async def run_deadline(args: argparse.Namespace) -> None:
+    async with Durably(args.db_url, jobs=[deadline_job], **worker_options(2.0)) as durably:
+        run = await durably.trigger(
+            deadline_job,
+            DeadlineIn(side_effects=args.side_effects),
+            idempotency_key="deadline",
+            timeout=args.timeout,
+        )
+        done = await durably.wait_for_run(run.id, timeout=60)
+        print(json.dumps({**done.to_dict(), "pid": os.getpid(), "disposition": run.disposition}), flush=True)
+
+
+def versioned_job_at(version: str) -> JobDefinition[WaitIn, str]:
+    @define_job("versioned", input=WaitIn, version=version)
+    async def versioned(step: StepContext, payload: WaitIn) -> str:
+        await step.run("first", timed_line, payload.side_effects, "first")
+        await step.sleep("pause", payload.seconds)
+        await step.run("second", timed_line, payload.side_effects, "second")
+        return version
+
+    return versioned
+
+
+async def run_versioned(args: argparse.Namespace) -> None:
+    job = versioned_job_at(args.version)
+    async with Durably(args.db_url, jobs=[job], **worker_options(2.0)) as durably:
+        if args.serve is not None:
+            await asyncio.sleep(args.serve)  # a worker of this version, only working
+            [run] = await durably.get_runs(job_name="versioned")
+            print(json.dumps({**run.to_dict(), "pid": os.getpid()}), flush=True)
+            return
+        run = await durably.trigger(
+            job, WaitIn(side_effects=args.side_effects, seconds=args.seconds), idempotency_key="versioned"
+        )
+        done = await durably.wait_for_run(run.id, timeout=60)
+        print(json.dumps({**done.to_dict(), "pid": os.getpid()}), flush=True)
+
+
 async def run_wait(args: argparse.Namespace) -> None:
     jobs = {"retry": flaky_job, "sleep": sleepy_job, "signal": signalled_job, "offline": offline_job}
     job = jobs[args.kind]
@@ -358,6 +419,16 @@ def main() -> None:
     child_parser = sub.add_parser("child")
     child_parser.add_argument("db_url")
     child_parser.add_argument("side_effects")
+    deadline_parser = sub.add_parser("deadline")
+    deadline_parser.add_argument("db_url")
+    deadline_parser.add_argument("side_effects")
+    deadline_parser.add_argument("--timeout", type=float, required=True)
+    versioned_parser = sub.add_parser("versioned")
+    versioned_parser.add_argument("db_url")
+    versioned_parser.add_argument("side_effects")
+    versioned_parser.add_argument("--version", required=True)
+    versioned_parser.add_argument("--seconds", type=float, default=1.0)
+    versioned_parser.add_argument("--serve", type=float, default=None)
     args = parser.parse_args()
     modes = {
         "steps": run_steps,
@@ -366,6 +437,8 @@ def main() -> None:
         "serve-waits": serve_waits,
         "parallel": run_parallel,
         "child": run_child,
+        "deadline": run_deadline,
+        "versioned": run_versioned,
     }
     asyncio.run(modes[args.mode](args))
 

@@ -132,3 +132,35 @@ async def kill_once_waiting(
             first.kill()
         first.communicate()
     return first, row
+
+
+async def kill_once_waiting_versioned(
+    db_url: str, db_path: Path, side_effects: Path, *, version: str, seconds: float
+) -> tuple[str, str, str, int]:
+    """Start a crash_jobs 'versioned' worker at ``version``, SIGKILL it once its run sleeps;
+    return the run's (id, status, version, attempt) row then."""
+    first = start_process(
+        "versioned", db_url, str(side_effects), "--version", version, "--seconds", str(seconds)
+    )
+    try:
+
+        def waiting() -> Any:
+            if first.poll() is not None:
+                raise AssertionError(f"worker exited early: {first.communicate()}")
+            conn = sqlite3.connect(db_path, timeout=10)
+            try:
+                row = conn.execute("SELECT id, status, version, attempt FROM durably_runs").fetchone()
+            except sqlite3.OperationalError:  # the schema is not there yet
+                return None
+            finally:
+                conn.close()
+            return row if row is not None and row[1] == "waiting" else None
+
+        row = await wait_until(waiting, timeout=30)
+        first.send_signal(signal.SIGKILL)
+        assert first.wait(10) == -signal.SIGKILL
+    finally:
+        if first.poll() is None:
+            first.kill()
+        first.communicate()
+    return row

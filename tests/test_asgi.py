@@ -6,7 +6,7 @@ import asyncio
 import dataclasses
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -1002,3 +1002,43 @@ async def test_purge_refuses_anything_but_true(idle: Durably, client_for: Client
     response = await (await client_for(idle, auth=Sloppy())).post("/purge", json={"older_than": 0})
     assert response.status_code == 403
     assert len(await idle.get_runs()) == 1
+
+
+
+# --- deadlines and versions ----------------------------------------------------------------------
+
+
+async def test_trigger_takes_a_run_timeout_and_lists_filter_by_version(
+    make_durably: Any, client_for: ClientFor
+) -> None:
+    @define_job("api-versioned", version="7", timeout="1h")
+    async def versioned_job(step: StepContext, payload: Any) -> None: ...
+
+    durably = await make_durably(*JOBS, versioned_job, worker=False)
+    client = await client_for(durably)
+    by_default = (await client.post("/trigger", json={"job": "api-versioned"})).json()["run"]
+    shorter = (await client.post("/trigger", json={"job": "api-versioned", "timeout": "90s"})).json()["run"]
+    body = {"job": "api-echo", "input": {"text": "a"}, "timeout": 5}
+    seconds = (await client.post("/trigger", json=body)).json()["run"]
+    for run, timeout in ((by_default, 3600), (shorter, 90), (seconds, 5)):
+        created = datetime.fromisoformat(run["created_at"])
+        assert datetime.fromisoformat(run["deadline_at"]) - created == timedelta(seconds=timeout)
+    assert by_default["version"] == "7"
+    for bad in (0, -5, "soon", True):
+        refused = await client.post("/trigger", json={"job": "api-versioned", "timeout": bad})
+        assert refused.status_code == 400, (bad, refused.text)
+    batch = await client.post(
+        "/trigger/batch", json={"job": "api-versioned", "items": [{"input": None, "timeout": "2m"}]}
+    )
+    [item] = batch.json()["runs"]
+    assert datetime.fromisoformat(item["deadline_at"]) - datetime.fromisoformat(
+        item["created_at"]
+    ) == timedelta(minutes=2)
+    listed = (await client.get("/runs", params={"version": "7"})).json()["runs"]
+    assert [r["id"] for r in listed] == [item["id"], shorter["id"], by_default["id"]]
+    assert all(r["version"] == "7" and r["deadline_at"] for r in listed)
+    assert (await client.get("/runs", params={"version": "8,9"})).json()["runs"] == []
+    again = (await client.post(f"/runs/{shorter['id']}/retrigger")).json()["run"]
+    assert datetime.fromisoformat(again["deadline_at"]) - datetime.fromisoformat(
+        again["created_at"]
+    ) == timedelta(seconds=90)

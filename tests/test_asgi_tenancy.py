@@ -582,6 +582,8 @@ async def test_run_lists_are_summaries_and_the_run_route_is_whole(
         "not_before",
         "parent_run_id",
         "wait_child_id",
+        "deadline_at",
+        "version",
     }
     assert by_id[failed.id]["error"] == {"type": "RuntimeError", "message": "boom"}
     whole = (await client.get(f"/runs/{held.id}")).json()

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -817,3 +818,24 @@ def test_a_worker_whose_terminal_went_away_still_stops_on_sigint(workdir: Path) 
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+
+
+def test_trigger_run_timeout_and_runs_by_version(
+    cli: Callable[..., subprocess.CompletedProcess[str]],
+) -> None:
+    made = cli("trigger", APP, "greet", "--input", '{"name": "ada"}', "--run-timeout", "10m", "--json")
+    assert made.returncode == 0, made.stderr
+    run = json.loads(made.stdout)
+    created = datetime.fromisoformat(run["created_at"])
+    assert datetime.fromisoformat(run["deadline_at"]) - created == timedelta(minutes=10)
+    version = run["version"]
+    assert re.fullmatch(r"[0-9a-f]{12}", version)  # greet has no version=: its code's hash
+    bad = cli("trigger", APP, "greet", "--input", '{"name": "x"}', "--run-timeout", "soon")
+    assert bad.returncode == 2 and "--run-timeout" in bad.stderr
+    shown = cli("show", DB, run["id"])
+    assert re.search(r"^deadline\s+\S", shown.stdout, re.MULTILINE), shown.stdout
+    assert re.search(rf"^version\s+{version}$", shown.stdout, re.MULTILINE), shown.stdout
+    listed = cli("runs", DB, "--version", version, "--status", "pending,leased,waiting", "--json")
+    assert [r["id"] for r in json.loads(listed.stdout)] == [run["id"]]
+    other = cli("runs", DB, "--version", "no-such-version")
+    assert other.returncode == 0 and "no runs match" in other.stderr

@@ -615,12 +615,32 @@ async def test_a_claim_walks_only_the_unfinished_runs_however_many_have_finished
         "lease_until": 9000,
         "channel": "c",
         "origin": "o",
+        "versions": "{}",
+        "pinned_versions": '{"job": "v1"}',
     }
     for name in ("claim_unkeyed_run", "find_claimable_run"):
         plan = [row[0] for row in await sql(postgres_url, "EXPLAIN " + Q[name], params)]
         scans = [line for line in plan if "Scan" in line and " on durably_runs r" in line]
         assert scans and not any("durably_runs_pkey" in line for line in scans), (name, plan)
     assert (await claim(store, now=5000)).id == "r0500"
+
+
+async def test_finding_overdue_runs_is_an_index_probe_however_many_runs_there_are(store, postgres_url):
+    # Every claim loop turn asks fail_overdue_runs; with none due it must not scan the runs.
+    from durably_web.storage.postgres.store import Q
+
+    await store.create_runs([new_run(f"r{i:04}", at=1000 + i) for i in range(2000)])
+    await sql(postgres_url, "UPDATE durably_runs SET deadline_at = 900000 WHERE id < 'r0010'")
+    await sql(postgres_url, "ANALYZE durably_runs")
+    params = {"now": 5000, "error": "{}", "channel": "c", "origin": "o"}
+    plan = [row[0] for row in await sql(postgres_url, "EXPLAIN " + Q["fail_overdue_runs"], params)]
+    # The deadline index finds the candidates; the update reaches each by its primary key.
+    assert any("Index Scan using durably_runs_deadline" in line for line in plan), plan
+    assert not any("Seq Scan" in line for line in plan), plan
+    error = '{"type": "RunTimeoutError", "message": "late"}'
+    assert await store.fail_overdue_runs(5000, error_json=error, drop_step_outputs=False) == []
+    failed = await store.fail_overdue_runs(900_000, error_json=error, drop_step_outputs=False)
+    assert sorted(r.id for r in failed) == [f"r{i:04}" for i in range(10)]
 
 
 async def test_a_concurrency_key_blocks_while_another_run_holds_a_live_lease(store):

@@ -157,3 +157,32 @@ def test_durably_js_and_d_ts_share_the_event_and_status_names_and_the_version() 
     assert declared
     for method in METHODS:
         assert re.search(rf"\n  {method}\(", declared.group(1)), f"DurablyClient lacks {method}()"
+
+
+
+@define_job("rpc-deadline", version="3")
+async def rpc_deadline(step: StepContext, payload: Any) -> Any:
+    return await step.run("one", lambda: "done")
+
+
+async def test_trigger_timeout_run_timeout_and_get_runs_version_with_js_names(make_durably: Any) -> None:
+    from datetime import datetime, timedelta
+
+    dispatcher = Dispatcher(await make_durably(rpc_deadline))
+    run = await call(dispatcher, "trigger", "rpc-deadline", None, {"timeout": 90_000})
+    assert run["version"] == "3"
+    created, deadline = datetime.fromisoformat(run["created_at"]), datetime.fromisoformat(run["deadline_at"])
+    assert deadline - created == timedelta(seconds=90)
+    done = await call(
+        dispatcher, "triggerAndWait", "rpc-deadline", None, {"timeout": 30_000, "runTimeout": 60_000}
+    )
+    assert done["status"] == "completed"
+    assert datetime.fromisoformat(done["deadline_at"]) - datetime.fromisoformat(
+        done["created_at"]
+    ) == timedelta(seconds=60)
+    assert (await error(dispatcher, "trigger", "rpc-deadline", None, {"timeout": 0}))[
+        "name"
+    ] == "ValidationError"
+    listed = await call(dispatcher, "getRuns", {"version": "3"})
+    assert {r["id"] for r in listed} == {run["id"], done["id"]}
+    assert await call(dispatcher, "getRuns", {"version": ["4"]}) == []

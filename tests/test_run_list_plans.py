@@ -47,6 +47,12 @@ SHAPES = {
     "a parent's children of a status and label": RunFilter(
         parent_run_id=PARENT, statuses=["completed"], labels={"org": "acme"}, limit=5
     ),
+    "one version": RunFilter(versions=["v1"], limit=20),
+    "a version still in flight": RunFilter(
+        versions=["v2"], statuses=["pending", "leased", "waiting"], limit=20
+    ),
+    "two versions of one job": RunFilter(versions=["v1", "v2"], job_names=["sync"], limit=20),
+    "a version and a label": RunFilter(versions=["v2"], labels={"org": "globex"}, limit=20),
 }
 
 
@@ -63,6 +69,8 @@ def runs(count: int) -> Iterator[dict[str, Any]]:
             "status": "leased" if i < 3 else STATUSES[(i * 7) % len(STATUSES)],
             "labels": labels,
             "parent_run_id": PARENT if 10 <= i < 40 else None,
+            # Most runs by the current version, some by the one before, a few from before versions.
+            "version": None if i % 11 == 0 else ("v2" if i % 4 == 1 else "v1"),
         }
 
 
@@ -75,6 +83,7 @@ def expected(rows: list[dict[str, Any]], f: RunFilter) -> list[str]:
         and (f.job_names is None or r["job_name"] in f.job_names)
         and all(r["labels"].get(k) == v for k, v in f.labels.items())
         and (f.parent_run_id is None or r["parent_run_id"] == f.parent_run_id)
+        and (f.versions is None or r["version"] in f.versions)
     ]
     chosen.sort(reverse=True)
     return chosen[f.offset :] if f.limit < 0 else chosen[f.offset : f.offset + f.limit]
@@ -82,14 +91,15 @@ def expected(rows: list[dict[str, Any]], f: RunFilter) -> list[str]:
 
 INSERT_RUN = (
     "INSERT INTO durably_runs (id, job_name, status, input, labels, available_at, created_at, updated_at, "
-    "parent_run_id) VALUES ({0}, {0}, {0}, '{{}}', {0}, 0, 0, 0, {0})"
+    "parent_run_id, version) VALUES ({0}, {0}, {0}, '{{}}', {0}, 0, 0, 0, {0}, {0})"
 )
 INSERT_LABEL = "INSERT INTO durably_run_labels (run_id, key, value) VALUES ({0}, {0}, {0})"
 
 
 def rows_for_insert(rows: list[dict[str, Any]]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
     run_rows = [
-        (r["id"], r["job_name"], r["status"], json.dumps(r["labels"]), r["parent_run_id"]) for r in rows
+        (r["id"], r["job_name"], r["status"], json.dumps(r["labels"]), r["parent_run_id"], r["version"])
+        for r in rows
     ]
     label_rows = [(r["id"], k, v) for r in rows for k, v in r["labels"].items()]
     return run_rows, label_rows

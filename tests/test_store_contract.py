@@ -1780,3 +1780,152 @@ async def test_a_failed_step_recorded_while_leased_is_replaced_by_its_completed_
     done = step("a", 1, "teams", attempt=2)
     assert await store.record_step(done, record.lease_generation)
     assert await store.list_steps("a") == [done]
+
+
+
+# --- deadlines (fail_overdue_runs) -------------------------------------------------------------------
+
+TIMEOUT_ERROR = '{"type": "RunTimeoutError", "message": "past its deadline"}'
+
+
+def with_deadline(
+    run_id: str, at: int, deadline_at: int | None, *, version: str | None = None, **kwargs: Any
+) -> NewRun:
+    base = new_run(run_id, at, **kwargs)
+    return NewRun(
+        base.id,
+        base.job_name,
+        base.input_json,
+        base.labels,
+        base.idempotency_key,
+        base.concurrency_key,
+        base.coalesce,
+        base.created_at,
+        deadline_at=deadline_at,
+        version=version,
+    )
+
+
+async def overdue(store: Store, now: int, *, drop: bool = False) -> list[str]:
+    failed = await store.fail_overdue_runs(now, error_json=TIMEOUT_ERROR, drop_step_outputs=drop)
+    return sorted(record.id for record in failed)
+
+
+async def test_a_deadline_is_stored_with_the_run_and_nothing_is_due_before_it(store):
+    [(created, _)] = await store.create_runs([with_deadline("r1", 1000, 5000)])
+    assert created.deadline_at == 5000 and (await get(store, "r1")).deadline_at == 5000
+    await store.create_runs([with_deadline("r2", 1000, None)])
+    assert (await get(store, "r2")).deadline_at is None
+    assert await overdue(store, 4999) == []
+    assert (await get(store, "r1")).status == "pending"
+    assert await overdue(store, 5000) == ["r1"]  # due at the deadline itself
+    failed = await get(store, "r1")
+    assert (failed.status, failed.error_json, failed.completed_at) == ("failed", TIMEOUT_ERROR, 5000)
+    assert (await get(store, "r2")).status == "pending"  # no deadline, never due
+
+
+async def test_fail_overdue_runs_takes_pending_waiting_and_abandoned_runs_but_not_a_live_lease(store):
+    await store.create_runs([with_deadline(f"r{i}", 1000, 2000) for i in range(1, 6)])
+    live = await claimed(store, "r1", 1000, lease=5000)  # leased until 6000: its worker stops it
+    abandoned = await claimed(store, "r2", 1000, lease=500)  # lease ran out at 1500
+    sleeping = await claimed(store, "r3", 1000)
+    assert await store.wait_run(
+        "r3", sleeping.lease_generation, until=90_000, reason="sleep", step_name="nap", now=1001
+    )
+    finished = await claimed(store, "r4", 1000)
+    assert await finish(store, "r4", finished.lease_generation, 1001)
+    # r5 stays pending.
+    assert await overdue(store, 3000) == ["r2", "r3", "r5"]
+    assert (await get(store, "r1")).status == "leased"
+    assert (await get(store, "r4")).status == "completed"
+    # Fenced: the abandoned run's old lease holder can write nothing more.
+    assert not await store.record_step(step("r2", 0, "late"), abandoned.lease_generation)
+    assert not await finish(store, "r2", abandoned.lease_generation, 3001)
+    assert (await get(store, "r2")).error_json == TIMEOUT_ERROR
+    # Once the live lease has expired too, it is due as well; a second call finds nothing new.
+    assert await overdue(store, 7000) == ["r1"]
+    assert not await finish(store, "r1", live.lease_generation, 7001)
+    assert await overdue(store, 8000) == []
+
+
+async def test_fail_overdue_runs_drops_step_outputs_when_asked(store):
+    await store.create_runs([with_deadline("r1", 1000, 2000)])
+    record = await claimed(store, "r1", 1000, lease=100)
+    assert await store.record_step(step("r1", 0, "one", output='"kept?"'), record.lease_generation)
+    assert await overdue(store, 3000, drop=True) == ["r1"]
+    [kept] = await store.list_steps("r1")
+    assert kept.name == "one" and kept.output_json is None
+
+
+# --- versions (claim_run's versions / pinned_versions) --------------------------------------------------
+
+
+async def claim_as(
+    store: Store, now: int, version: str, *, pinned: bool = True, lease: int = LEASE
+) -> RunRecord | None:
+    return await store.claim_run(
+        worker_id=f"w-{version}",
+        job_names=[JOB],
+        now=now,
+        lease_until=now + lease,
+        versions={JOB: version},
+        pinned_versions={JOB: version} if pinned else None,
+    )
+
+
+async def test_the_first_claim_records_its_version_and_later_claims_keep_it(store):
+    await store.create_runs([with_deadline("r1", 1000, None, version="trigger-v")])
+    assert (await get(store, "r1")).version == "trigger-v"
+    first = await claim_as(store, 1000, "v1", pinned=False, lease=10)
+    assert first is not None and first.version == "v1"  # a pending run goes to any version
+    again = await claim_as(store, 2000, "v2", pinned=False)  # its lease expired; not pinned
+    assert again is not None and again.id == "r1" and again.version == "v1"
+
+
+async def test_a_pinned_claim_passes_over_runs_another_version_started(store):
+    await store.create_runs([new_run("r1", 1000), new_run("r2", 1001)])
+    started = await claim_as(store, 1000, "v1")
+    assert started is not None and started.id == "r1" and started.version == "v1"
+    assert await store.wait_run(
+        "r1", started.lease_generation, until=1500, reason="sleep", step_name="nap", now=1001
+    )
+    # Due again at 1500. Version 2 skips it (no lease, no attempt counted) and takes r2.
+    other = await claim_as(store, 2000, "v2")
+    assert other is not None and other.id == "r2" and other.version == "v2"
+    assert await claim_as(store, 2001, "v2") is None
+    untouched = await get(store, "r1")
+    assert (untouched.status, untouched.attempt, untouched.lease_generation) == ("waiting", 1, 1)
+    # Its own version takes it; so does an unpinned worker (continue / fail).
+    mine = await claim_as(store, 2002, "v1", lease=10)
+    assert mine is not None and mine.id == "r1" and mine.version == "v1"
+    unpinned = await claim_as(store, 3000, "v2", pinned=False)
+    assert unpinned is not None and unpinned.id == "r1" and unpinned.version == "v1"
+
+
+async def test_a_run_started_before_versions_were_recorded_goes_to_any_version(store):
+    await store.create_runs([new_run("r1", 1000)])
+    record = await claim(store, 1000)  # no versions given: none recorded
+    assert record is not None and record.version is None
+    assert await store.wait_run(
+        "r1", record.lease_generation, until=1500, reason="sleep", step_name="nap", now=1001
+    )
+    taken = await claim_as(store, 2000, "v9")
+    assert taken is not None and taken.id == "r1" and taken.version is None
+
+
+async def test_list_runs_filters_by_version(store):
+    await store.create_runs(
+        [
+            with_deadline("r1", 1000, None, version="1"),
+            with_deadline("r2", 1001, None, version="2"),
+            with_deadline("r3", 1002, None, version="1", job="other"),
+            new_run("r4", 1003),
+        ]
+    )
+    ids = lambda records: [r.id for r in records]  # noqa: E731
+    assert ids(await store.list_runs(RunFilter(versions=["1"]))) == ["r3", "r1"]
+    assert ids(await store.list_runs(RunFilter(versions=["1", "2"], job_names=[JOB]))) == ["r2", "r1"]
+    assert ids(await store.list_runs(RunFilter(versions=["2"], statuses=["pending"]))) == ["r2"]
+    assert ids(await store.list_runs(RunFilter(versions=["1"], labels={"x": "y"}))) == []
+    assert ids(await store.list_runs(RunFilter(versions=["1"], limit=1, offset=1))) == ["r1"]
+    assert ids(await store.list_runs(RunFilter(versions=[]))) == []

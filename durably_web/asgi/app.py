@@ -349,6 +349,8 @@ def run_summary(record: RunRecord) -> dict[str, Any]:
         else None,
         "parent_run_id": record.parent_run_id,
         "wait_child_id": record.wait_child_id if record.status == "waiting" else None,
+        "deadline_at": iso(from_ms(record.deadline_at)),
+        "version": record.version,
     }
 
 
@@ -473,6 +475,7 @@ def _filter_from_query(request: Request) -> RunsFilter:
         limit=_int_param(request, "limit", 100, MAX_LIMIT),
         offset=_int_param(request, "offset", 0, MAX_OFFSET),
         parent_run_id=params.get("parent_run_id") or None,
+        version=_split_values(params.getlist("version")),
     )
 
 
@@ -662,6 +665,7 @@ class _Api:
                             coalesce=trigger.coalesce,
                             labels=trigger.labels,
                             priority=trigger.priority,
+                            timeout=trigger.timeout,
                         )
                         for trigger in triggers
                     ]
@@ -678,6 +682,7 @@ class _Api:
                             labels=one.labels,
                             accept_existing=accept,
                             priority=one.priority,
+                            timeout=one.timeout,
                         )
                     ]
             except ExistingRunRefusedError as refused:
@@ -727,6 +732,7 @@ class _Api:
                 coalesce=item.coalesce,
                 labels=item.labels,
                 priority=item.priority,
+                timeout=item.timeout,
             )
             triggers.append(await self._on_trigger(ctx, single))
         if not triggers:  # nothing to create; an unknown job is still a 404
@@ -758,6 +764,7 @@ class _Api:
                 limit=min(runs_filter.limit, MAX_LIMIT),
                 offset=runs_filter.offset,
                 parent_run_id=runs_filter.parent_run_id,
+                versions=runs_filter.version,
             )
         )
         return JSONResponse(
@@ -800,6 +807,10 @@ class _Api:
             concurrency_key=run.concurrency_key,
             labels=dict(run.labels) or None,
             priority=run.priority,
+            # The same timeout, counted from the new run's trigger (as Durably.retrigger does).
+            timeout=None
+            if run.deadline_at is None or run.created_at is None
+            else max((run.deadline_at - run.created_at).total_seconds(), 0.001),
         )
         return await self._trigger_one(ctx, again)
 

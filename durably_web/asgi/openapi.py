@@ -133,6 +133,15 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                 "description": "a child run (step.start_child): the run that started it",
             },
             "wait_child_id": {"type": ["string", "null"], "description": "waiting for this child run"},
+            "deadline_at": {
+                "type": ["string", "null"],
+                "format": "date-time",
+                "description": "when the run fails with RunTimeoutError if it has not ended (timeout)",
+            },
+            "version": {
+                "type": ["string", "null"],
+                "description": "the job version that started the run (before that: the trigger's)",
+            },
         },
     }
     run_properties: dict[str, Any] = run_schema["properties"]  # type: ignore[assignment]
@@ -267,6 +276,12 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                         "in": "query",
                         "schema": {"type": "array", "items": {"enum": sorted(RUN_STATUSES)}},
                         "description": "status(es); repeat or comma-separate",
+                    },
+                    {
+                        "name": "version",
+                        "in": "query",
+                        "schema": {"type": "array", "items": {"type": "string"}},
+                        "description": "the job version(s) that started the runs; repeat or comma-separate",
                     },
                     {
                         "name": "limit",

@@ -29,6 +29,28 @@ RUN_LEVEL_EVENT_TYPES: tuple[str, ...] = (
 )
 
 
+def _duration_or_none(value: Any) -> Any:
+    return parse_duration(value) if isinstance(value, str) else value
+
+
+#: ``timeout`` of a trigger: the run's deadline, in seconds or a duration string ("10m").
+_RunTimeout = Annotated[
+    Annotated[float, Field(gt=0, allow_inf_nan=False)] | None,
+    BeforeValidator(_duration_or_none),
+    WithJsonSchema(
+        {
+            "description": "the run's deadline from now, waits included (overrides the job's "
+            f"timeout; past it the run fails with RunTimeoutError): {DURATION_FORMS}",
+            "oneOf": [
+                {"type": "number", "exclusiveMinimum": 0},
+                {"type": "string", "pattern": DURATION_PATTERN, "examples": ["10m", "1h", "90"]},
+                {"type": "null"},
+            ],
+        }
+    ),
+]
+
+
 class TriggerRequest(BaseModel):
     """Body of ``POST /trigger``. Strict: unknown fields and coerced types are rejected."""
 
@@ -41,6 +63,7 @@ class TriggerRequest(BaseModel):
     coalesce: Literal["skip"] | None = None
     labels: dict[str, str] | None = None
     priority: int = Field(default=0, description="claimed before runs of lower priority (then oldest first)")
+    timeout: _RunTimeout = None
 
     def namespaced(self, namespace: str) -> TriggerRequest:
         """A copy whose idempotency and concurrency keys live in ``namespace`` (a tenant's id).
@@ -79,6 +102,7 @@ class TriggerBatchItem(BaseModel):
     coalesce: Literal["skip"] | None = None
     labels: dict[str, str] | None = None
     priority: int = 0
+    timeout: _RunTimeout = None
 
 
 class TriggerBatchRequest(BaseModel):
@@ -170,6 +194,8 @@ class RunsFilter:
     offset: int = 0
     #: Only the children of this run (``GET /runs?parent_run_id=``); the list only.
     parent_run_id: str | None = None
+    #: ``version`` (repeated or comma-separated): the job version(s) that started the runs.
+    version: tuple[str, ...] | None = None
 
     def matches(self, job_name: str | None, labels: Mapping[str, str]) -> bool:
         """Whether a run with this job name and these labels is inside the filter (status aside)."""

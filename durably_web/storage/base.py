@@ -38,6 +38,11 @@ class NewRun:
     debounce_ms: int | None = None
     #: A child run (``step.start_child``): the run whose step started it.
     parent_run_id: str | None = None
+    #: When the run fails with RunTimeoutError (ms; created_at + its timeout), or None.
+    deadline_at: int | None = None
+    #: The job's version as the triggering process knows it (None: it does not know the
+    #: job); the first claim records the claiming worker's version instead.
+    version: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +91,8 @@ class RunRecord:
     trace_parent: str | None = None
     parent_run_id: str | None = None  # a child run: the run whose step started it
     wait_child_id: str | None = None  # waiting with reason "child": the child run it waits for
+    deadline_at: int | None = None  # the run's own deadline (ms): past it, it fails (timeout=)
+    version: str | None = None  # the job version that started it (before that: the trigger's)
 
     @property
     def wake_at(self) -> int | None:
@@ -134,6 +141,7 @@ class RunFilter:
     offset: int = 0
     #: Only the children of this run (``step.start_child``).
     parent_run_id: str | None = None
+    versions: Sequence[str] | None = None
 
 
 class WouldBlock(Exception):
@@ -267,6 +275,8 @@ class Store(ABC):
         now: int,
         lease_until: int,
         limits: Mapping[str, JobLimits] | None = None,
+        versions: Mapping[str, str] | None = None,
+        pinned_versions: Mapping[str, str] | None = None,
     ) -> RunRecord | None:
         """Lease the runnable run of highest priority, oldest first among equals: pending and
         available, or leased with an expired lease; never one whose concurrency key has
@@ -274,7 +284,13 @@ class Store(ABC):
 
         ``limits`` (job name -> ``JobLimits``): a job at its ``max_concurrent`` is passed
         over, and so is a not yet started run of a job whose rate window is full; checked
-        and leased atomically against every other claimer (also in other processes)."""
+        and leased atomically against every other claimer (also in other processes).
+
+        ``versions`` (job name -> this worker's version of it) is recorded as the run's
+        ``version`` when this claim is its first (``started_at`` still unset). A started run
+        of a job in ``pinned_versions`` (job name -> version) is passed over unless it was
+        started by that version (or before versions were recorded): a worker never claims
+        what it must leave for another version, so nothing is claimed and released again."""
 
     async def next_claimable_at(
         self, *, job_names: Sequence[str], limits: Mapping[str, JobLimits], now: int
@@ -284,6 +300,16 @@ class Store(ABC):
         moment a full rate window of one of ``limits`` frees a start. ``None``: no such time.
         A worker with nothing to claim sets a timer for it instead of polling faster."""
         return None
+
+    @abstractmethod
+    async def fail_overdue_runs(
+        self, now: int, *, error_json: str, drop_step_outputs: bool
+    ) -> list[RunRecord]:
+        """Fail every unfinished run whose ``deadline_at`` has passed by ``now`` and that no
+        worker holds a live lease on (pending, waiting, or leased with an expired lease: a
+        worker holding a live lease stops the handler itself), with ``error_json``, in one
+        transaction; return the failed runs. Cheap when none is due (an index on the
+        deadline). Other processes are told, as for any finished run."""
 
     @abstractmethod
     async def renew_leases(

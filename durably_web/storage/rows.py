@@ -42,6 +42,8 @@ def run_from_row(row: Row) -> RunRecord:
         trace_parent=row["trace_parent"],
         parent_run_id=row["parent_run_id"],
         wait_child_id=row["wait_child_id"],
+        deadline_at=row["deadline_at"],
+        version=row["version"],
     )
 
 
@@ -73,6 +75,8 @@ def new_run_record(new: NewRun, *, keys: bool = True) -> RunRecord:
         priority=new.priority,
         trace_parent=new.trace_parent,
         parent_run_id=new.parent_run_id,
+        deadline_at=new.deadline_at,
+        version=new.version,
     )
 
 

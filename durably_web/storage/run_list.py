@@ -15,6 +15,8 @@ order (newest id first), so ``LIMIT`` stops the walk after the page:
 * a parent (``parent_run_id``): its children through ``durably_runs_parent
   (parent_run_id, id)``; statuses, jobs and labels are checked per row it yields
   (a parent has few children).
+* versions (``get_runs(version=)``): like jobs, one branch per (version, status), each a
+  walk of ``durably_runs (version, status, id)``; a job filter beside it is checked per row.
 * nothing: the primary key.
 
 The cost then follows the page size (and the offset), not the table: see
@@ -52,7 +54,8 @@ def list_runs_query(
     page = f"LIMIT {bind(no_limit if unlimited else run_filter.limit)} OFFSET {bind(offset)}"
     statuses = None if run_filter.statuses is None else list(dict.fromkeys(run_filter.statuses))
     jobs = None if run_filter.job_names is None else list(dict.fromkeys(run_filter.job_names))
-    if statuses == [] or jobs == []:
+    versions = None if run_filter.versions is None else list(dict.fromkeys(run_filter.versions))
+    if statuses == [] or jobs == [] or versions == []:
         return "SELECT * FROM durably_runs WHERE 0 = 1", {}
 
     if run_filter.parent_run_id is not None:
@@ -81,6 +84,8 @@ def list_runs_query(
             where.append(f"r.status IN ({', '.join(bind(s) for s in statuses)})")
         if jobs is not None:
             where.append(f"r.job_name IN ({', '.join(bind(j) for j in jobs)})")
+        if versions is not None:
+            where.append(f"r.version IN ({', '.join(bind(v) for v in versions)})")
         # CROSS JOIN keeps the label index as the outer loop (SQLite never reorders it;
         # PostgreSQL does not need telling): its run_id order is the list order.
         sql = (
@@ -88,6 +93,9 @@ def list_runs_query(
             f"WHERE r.id = l.run_id AND {' AND '.join(where)} ORDER BY l.run_id DESC {page}"
         )
         return sql, params
+
+    if versions is not None:
+        return _by_version(versions, statuses, jobs, run_filter, bind, page, unlimited), params
 
     if statuses is None and jobs is None:
         return f"SELECT * FROM durably_runs ORDER BY id DESC {page}", params
@@ -118,3 +126,26 @@ def list_runs_query(
         )
     merged = " UNION ALL ".join(branches)
     return f"SELECT * FROM ({merged}) AS merged ORDER BY id DESC {page}", params
+
+
+def _by_version(
+    versions: list[str],
+    statuses: list[str] | None,
+    jobs: list[str] | None,
+    run_filter: RunFilter,
+    bind: Callable[[Any], str],
+    page: str,
+    unlimited: bool,
+) -> str:
+    """A version filter drives: one walk of ``(version, status, id)`` per combination."""
+    job_check = "" if jobs is None else f" AND job_name IN ({', '.join(bind(j) for j in jobs)})"
+    branch_limit = "" if unlimited else f" LIMIT {bind(run_filter.limit + max(run_filter.offset, 0))}"
+    branches = [
+        f"SELECT * FROM (SELECT * FROM durably_runs WHERE version = {bind(version)} "
+        f"AND status = {bind(status)}{job_check} ORDER BY id DESC{branch_limit}) AS b{position}"
+        for position, (version, status) in enumerate(
+            (version, status) for version in versions for status in (statuses or _STATUSES)
+        )
+    ]
+    merged = " UNION ALL ".join(branches)
+    return f"SELECT * FROM ({merged}) AS merged ORDER BY id DESC {page}"

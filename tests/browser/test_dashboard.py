@@ -1198,3 +1198,63 @@ def test_a_parent_and_its_child_run_link_to_each_other(
     assert cancelled.status_code == 200, cancelled.text
     wait_status(api, child["id"], "cancelled")
     page_is_unharmed(driver)
+
+
+DEADLINE_CLIENT_SCRIPT = r"""
+const done = arguments[arguments.length - 1];
+const c = DurablyWebRemote.connect(arguments[0]);
+const caught = async (promise) => {
+  try { await promise; return null; } catch (e) { return {name: e.name, message: e.message}; }
+};
+(async () => {
+  const out = {};
+  const run = await c.trigger("nap", null, {timeout: 90000});
+  out.deadlineSeconds = (Date.parse(run.deadline_at) - Date.parse(run.created_at)) / 1000;
+  out.version = run.version;
+  const waited = await c.triggerAndWait("slow-report", {parts: 1, delay: 0},
+                                        {timeout: 20000, runTimeout: 60000});
+  out.waitedSeconds = (Date.parse(waited.deadline_at) - Date.parse(waited.created_at)) / 1000;
+  out.byVersion = (await c.getRuns({version: run.version})).map((r) => r.id).includes(run.id);
+  out.otherVersion = (await c.getRuns({version: ["no-such-version"]})).length;
+  out.badTimeout = await caught(c.trigger("nap", null, {timeout: -1}));
+  await c.cancel(run.id);
+  done({ok: true, out});
+})().catch((e) => done({ok: false, error: String(e && e.stack || e)}));
+"""
+
+
+def test_deadline_and_version_in_the_dashboard_and_the_remote_client(
+    driver: Any, server: ServerThread, api: httpx.Client
+) -> None:
+    open_dashboard(driver, server)
+    run_id = trigger(api, "nap", None, timeout="1h")
+    run = wait_status(api, run_id, "waiting")
+    assert run["deadline_at"] and run["version"]
+    click_row(driver, run_id)
+    meta = driver.execute_script(
+        "return Object.fromEntries([...document.querySelectorAll('#detail .meta > div')]"
+        "  .map((d) => [d.querySelector('dt').textContent, d.querySelector('dd').textContent]))"
+    )
+    assert meta["Version"] == run["version"] and meta["Deadline"] not in ("", "—"), meta
+    version = driver.execute_script("return document.getElementById('filter-version')")
+    assert version is not None
+    driver.execute_script(
+        "const v = document.getElementById('filter-version'); v.value = 'no-such-version';"
+        "v.dispatchEvent(new Event('input'))"
+    )
+    wait_until(lambda: row_status(driver, run_id) is None, what="the version filter to hide the run")
+    driver.execute_script(
+        "const v = document.getElementById('filter-version'); v.value = arguments[0];"
+        "v.dispatchEvent(new Event('input'))",
+        run["version"],
+    )
+    wait_until(lambda: row_status(driver, run_id) == "waiting", what="the version filter to show the run")
+
+    reply = driver.execute_async_script(DEADLINE_CLIENT_SCRIPT, server.base)
+    assert reply["ok"], reply.get("error")
+    out = reply["out"]
+    assert out["deadlineSeconds"] == 90 and out["waitedSeconds"] == 60
+    assert out["version"] == run["version"] and out["byVersion"] is True and out["otherVersion"] == 0
+    assert out["badTimeout"]["name"] == "ValidationError"
+    api.post(f"runs/{run_id}/cancel")
+    assert console_errors(driver) == []

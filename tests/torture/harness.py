@@ -111,6 +111,8 @@ CONCURRENCY_KEYS = ("ck-a", "ck-b")
 # the log's time_ns() // 10**6.
 CLOCK_SLACK_MS = 1
 WAIT_JOBS = ("torture-retry", "torture-sleep", "torture-signal", "torture-offline")
+#: A job with a deadline: timed out on purpose when triggered with a timeout below its nap.
+DEADLINE_JOB = "torture-deadline"
 SEED_VARIABLE = "DURABLY_TORTURE_SEED"
 # Long enough that a loaded 2-core machine does not stall a worker's event loop past its
 # lease (a lapse while the worker lives is a takeover of a live run: a violation).
@@ -157,6 +159,7 @@ class TortureResult:
     child_runs: int = 0  # runs started with step.start_child (one per torture-parent run)
     violations: list[str] = field(default_factory=list)
     wall_time: float = 0.0
+    timed_out: int = 0  # runs failed with RunTimeoutError at their deadline, as intended
 
     def summary(self) -> str:
         return (
@@ -170,6 +173,7 @@ class TortureResult:
             f"delivered={self.signals_delivered} duplicate={self.signals_duplicate}) "
             f"signals_consumed={self.signals_consumed} child_runs={self.child_runs} "
             f"offline_waits={self.offline_waits} offline_failures={self.offline_failures} "
+            f"timed_out={self.timed_out} "
             f"violations={len(self.violations)} wall={self.wall_time:.1f}s"
         )
 
@@ -212,6 +216,13 @@ class Expected:
     signals: list[SentSignal] = field(default_factory=list)  # every send to this run, in order
     branches: int = 0  # torture-parallel: the step.all's branches ...
     fail_branch: int = -1  # ... and the one that fails on purpose
+    nap: float = 0.0  # torture-deadline: the sleep's seconds ...
+    timeout: float | None = None  # ... and the trigger's timeout (None: the job's 120 s)
+
+    @property
+    def times_out(self) -> bool:
+        """A torture-deadline run whose deadline comes before it can wake: it must time out."""
+        return self.job == DEADLINE_JOB and self.timeout is not None and self.timeout < self.nap
 
     def winners(self) -> dict[str, SentSignal]:
         """Per signal name, the send a wait must consume: the first one stored."""
@@ -339,6 +350,11 @@ def expected_outcome(exp: Expected) -> tuple[list[str], str, dict[str, Any] | No
         if exp.cancel_accepted:
             return names, "cancelled", None, None
         return names, "completed", {"total": total(exp.run_id, names)}, None
+    if exp.job == DEADLINE_JOB:
+        names = list(torture_jobs.DEADLINE_STEPS)
+        if exp.times_out:  # intentional: nothing need have run, no step fails
+            return [], "failed", None, None
+        return names, "completed", {"total": total(exp.run_id, ["s0", "s1"])}, None
     if exp.job in ("torture-sleep", "torture-signal"):
         if exp.job == "torture-sleep":
             names, values = torture_jobs.sleep_names(len(exp.naps))
@@ -537,6 +553,8 @@ def check_log(
                 lost.remove(last)  # the failing execution itself
             elif run_status == "cancelled" and row is None:
                 lost.remove(last)  # in flight when the cancel stopped its run
+            elif run_status == "failed" and row is None and _timed_out(runs[run_id]):
+                lost.remove(last)  # in flight when the deadline stopped its run
             elif run_status == "completed":
                 violations.append(f"step {run_id}/{name} ran but its completed run has no record of it")
         for e in lost:
@@ -673,12 +691,42 @@ def check_runs(
                 violations.append(f"run {run_id} output {output} != {want_output}")
         if status == "failed":
             failed = [n for n, r in recorded.items() if r["status"] == "failed"]
-            if failed != [want_failed]:
+            if failed != ([want_failed] if want_failed is not None else []):
                 violations.append(f"failed run {run_id} recorded failed steps {failed}, not {[want_failed]}")
+        if run_id in expected and expected[run_id].job == DEADLINE_JOB:
+            check_deadline(expected[run_id], row, recorded, result)
         if status in ("completed", "failed"):
             missing = [n for n in names if recorded.get(n, {}).get("status") != "completed"]
             if missing:
                 violations.append(f"{status} run {run_id} lacks committed steps {missing}")
+
+
+def _timed_out(row: dict[str, Any]) -> bool:
+    return bool(row.get("error")) and json.loads(row["error"]).get("type") == "RunTimeoutError"
+
+
+def check_deadline(
+    exp: Expected, row: dict[str, Any], recorded: dict[str, dict[str, Any]], result: TortureResult
+) -> None:
+    """A timed-out run failed with RunTimeoutError, not before its deadline and never past
+    its nap; a run in time ended before its deadline. Both have the deadline stored."""
+    violations = result.violations
+    where = f"deadline run {exp.run_id}"
+    deadline_at, completed_at = row.get("deadline_at"), row.get("completed_at")
+    if deadline_at is None or completed_at is None:
+        violations.append(f"{where}: deadline_at {deadline_at}, completed_at {completed_at}")
+        return
+    if exp.times_out:
+        if not _timed_out(row):
+            violations.append(f"{where} should have timed out; error {row.get('error')}")
+        else:
+            result.timed_out += 1
+        if completed_at < deadline_at:
+            violations.append(f"{where} was failed at {completed_at}, before its deadline {deadline_at}")
+        if "s1" in recorded:
+            violations.append(f"{where} committed s1, after a nap that outlasts its deadline")
+    elif completed_at > deadline_at:
+        violations.append(f"{where} completed at {completed_at}, after its deadline {deadline_at}")
 
 
 def check_concurrency(
@@ -738,7 +786,7 @@ def check_waits(
         signals_of[row["run_id"]].append(row)
     for (run_id, name), waits in waits_of.items():
         exp = expected.get(run_id)
-        if exp is None or exp.job not in WAIT_JOBS:
+        if exp is None or (exp.job not in WAIT_JOBS and exp.job != DEADLINE_JOB):
             result.violations.append(
                 f"run {run_id} committed a {waits[0].reason} wait at {name!r}: its job never waits"
             )
@@ -1186,6 +1234,8 @@ class Torture:
                 waits=payload.get("waits", 0),
                 branches=payload.get("branches", 0),
                 fail_branch=payload.get("fail_branch", -1),
+                nap=payload.get("nap", 0.0),
+                timeout=options.get("timeout"),
             )
             if job == "torture-signal":
                 self.plan_signals(run.id, payload["waits"], mix=protected)
@@ -1240,6 +1290,10 @@ class Torture:
         # Child runs: a parent starts one, runs a step, waits for it (killed anywhere in between).
         await self.trigger({"delay": 0.05}, {}, protected=True, job="torture-parent")
         await self.trigger({"delay": 0.2}, {}, protected=True, job="torture-parent")
+        # Deadlines: one times out on purpose during its sleep (whoever is alive then), one
+        # with the job's own deadline (120 s) completes.
+        await self.trigger({"nap": 5.0}, {"timeout": 0.6}, protected=True, job=DEADLINE_JOB)
+        await self.trigger({"nap": 0.2}, {}, protected=True, job=DEADLINE_JOB)
         return await self.trigger({"steps": 10, "delay": 0.05}, {"concurrency_key": "ck-a"}, protected=True)
 
     def plan_signals(self, run_id: str, waits: int, *, mix: bool = False) -> None:

@@ -339,3 +339,58 @@ def test_a_refused_signal_of_a_run_still_waiting_is_reported() -> None:
 
     result = signal_scenario(breaks=refused).check()
     assert has(result, "refused signal go-0"), result.violations
+
+
+# --- deadlines -------------------------------------------------------------------------------------
+# torture-deadline with a nap of 5 s and a trigger timeout of 0.6 s: the run fails with
+# RunTimeoutError during its sleep, at its deadline WALL + 600. That is intentional.
+
+TIMEOUT_ERROR = json.dumps({"type": "RunTimeoutError", "message": "passed its deadline"})
+
+
+def deadline_scenario(*, completed_at: int = WALL + 601, error: str = TIMEOUT_ERROR) -> Scenario:
+    lines = [*executed("s0", "x0", 1, 1000), f"W R1 nap sleep {WALL + 5000} 0 100 2000"]
+    nap = {"run_id": "R1", "name": "nap", "status": "completed", "kind": "sleep", "output": str(WALL + 5000)}
+    steps = [step_row("s0", "x0"), {**nap, "started_at": WALL}]
+    run = {
+        **run_row("torture-deadline", None, status="failed"),
+        "error": error,
+        "deadline_at": WALL + 600,
+        "completed_at": completed_at,
+    }
+    expected = Expected(run_id="R1", job="torture-deadline", nap=5.0, timeout=0.6)
+    return Scenario(lines, steps, run, expected)
+
+
+def test_a_run_that_timed_out_on_purpose_is_accepted() -> None:
+    result = deadline_scenario().check()
+    assert result.violations == [] and result.timed_out == 1
+
+
+def test_a_timed_out_run_with_its_step_in_flight_at_the_deadline_is_accepted() -> None:
+    scenario = deadline_scenario()
+    scenario.lines = scenario.lines[:2]  # s0 ran (its E line: written when cancelled too), no row
+    scenario.steps = []
+    assert scenario.check().violations == []
+
+
+def test_a_deadline_run_failed_before_its_deadline_or_by_another_error_is_reported() -> None:
+    early = deadline_scenario(completed_at=WALL + 300).check()
+    assert has(early, "before its deadline"), early.violations
+    other = deadline_scenario(error=json.dumps({"type": "StepFailure", "message": "no"})).check()
+    assert has(other, "should have timed out"), other.violations
+
+
+def test_a_run_in_time_that_ended_after_its_deadline_is_reported() -> None:
+    scenario = deadline_scenario()
+    scenario.expected.timeout = None  # the job's 120 s: it should have completed in time
+    scenario.lines += [f"H R1 nap 100 2 {WALL + 5001} -", *executed("s1", "x1", 2, 3000)]
+    scenario.steps.append(step_row("s1", "x1"))
+    total = step_value("R1", "s0") + step_value("R1", "s1")
+    scenario.run = {
+        **run_row("torture-deadline", {"total": total}),
+        "deadline_at": WALL + 600,
+        "completed_at": WALL + 5002,
+    }
+    result = scenario.check()
+    assert has(result, "after its deadline"), result.violations

@@ -103,6 +103,11 @@ def test_runs_waited_for_the_network_and_failed_offline_without_using_up_attempt
     assert r.offline_waits >= 2 and r.offline_failures >= 1, r.summary()
 
 
+def test_a_run_timed_out_at_its_deadline_as_intended(torture_result: TortureResult) -> None:
+    # The mix's torture-deadline run sleeps 5 s under a 0.6 s timeout; whoever is alive fails it.
+    assert torture_result.timed_out >= 1, torture_result.summary()
+
+
 # --- the checker, on hand-made logs (its durable-waiting rules: test_checker_waits.py) ----------------
 
 LEASE_NS = 3_000_000_000

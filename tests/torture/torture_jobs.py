@@ -461,7 +461,27 @@ async def parent(step: StepContext, payload: ParentIn) -> ParentOut:
     return ParentOut(total=out.total, child=handle.run_id)
 
 
-JOBS = [chain, child, retrying, sleeper, signalled, offline_fetcher, parallel, subrun, parent]
+class DeadlineIn(BaseModel):
+    nap: float  # seconds of the sleep between s0 and s1
+
+
+DEADLINE_STEPS = ["s0", "nap", "s1"]
+
+
+@define_job("torture-deadline", input=DeadlineIn, output=ChainOut, timeout=120)
+async def deadlined(step: StepContext, payload: DeadlineIn) -> ChainOut:
+    """A run with a deadline (the job's 120 s, or the trigger's): triggered with a timeout
+    shorter than its nap it must fail with RunTimeoutError, whoever is alive at the deadline;
+    otherwise it completes like any run, kills and all."""
+    EXECUTING.set(step.run_id)
+    first = await step.run("s0", effect_sync, step.run_id, "s0", step.attempt, 0.01, False)
+    await step.sleep("nap", payload.nap)
+    log_line("H", step.run_id, "nap", os.getpid(), step.attempt, wall_ms(), "-")
+    last = await step.run("s1", effect_async, step.run_id, "s1", step.attempt, 0.01, False)
+    return ChainOut(total=first["v"] + last["v"])
+
+
+JOBS = [chain, child, retrying, sleeper, signalled, offline_fetcher, parallel, subrun, parent, deadlined]
 
 
 async def serve(args: argparse.Namespace) -> None:

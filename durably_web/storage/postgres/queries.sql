@@ -74,11 +74,11 @@ WITH inserted AS (
     INSERT INTO durably_runs (
         id, job_name, status, input, labels, idempotency_key, concurrency_key,
         available_at, created_at, updated_at, forked_from,
-        priority, trace_parent, parent_run_id
+        priority, trace_parent, parent_run_id, deadline_at, version
     ) VALUES (
         %(id)s, %(job_name)s, 'pending', %(input)s, %(labels)s, %(idempotency_key)s, %(concurrency_key)s,
         %(created_at)s, %(created_at)s, %(created_at)s, %(forked_from)s,
-        %(priority)s, %(trace_parent)s, %(parent_run_id)s
+        %(priority)s, %(trace_parent)s, %(parent_run_id)s, %(deadline_at)s, %(version)s
     )
     ON CONFLICT DO NOTHING
     RETURNING id
@@ -155,6 +155,10 @@ WHERE r.status IN ('pending', 'leased', 'waiting')
           AND other.id <> r.id))
   -- Flow control (see SQLite's find_claimable_run): empty unless rate-limited jobs are full.
   AND (r.started_at IS NOT NULL OR r.job_name <> ALL(%(rate_limited)s::text[]))
+  -- Safe deploys: a started run of a job this worker pins to its version (pinned_versions,
+  -- a JSON object job -> version) is left for a worker of the version that started it.
+  AND (r.started_at IS NULL OR r.version IS NULL
+       OR COALESCE(%(pinned_versions)s::jsonb ->> r.job_name, r.version) = r.version)
 ORDER BY r.priority DESC, r.id
 LIMIT 1
 FOR UPDATE OF r SKIP LOCKED
@@ -181,6 +185,10 @@ WITH candidate AS MATERIALIZED (
               AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > %(now)s
               AND other.id <> r.id))
       AND (r.started_at IS NOT NULL OR r.job_name <> ALL(%(rate_limited)s::text[]))
+      -- Safe deploys: a started run of a job this worker pins to its version (pinned_versions,
+      -- a JSON object job -> version) is left for a worker of the version that started it.
+      AND (r.started_at IS NULL OR r.version IS NULL
+           OR COALESCE(%(pinned_versions)s::jsonb ->> r.job_name, r.version) = r.version)
     ORDER BY r.priority DESC, r.id
     LIMIT 1
     FOR UPDATE OF r SKIP LOCKED
@@ -188,6 +196,8 @@ WITH candidate AS MATERIALIZED (
     UPDATE durably_runs
     SET status = 'leased', lease_owner = %(worker_id)s, lease_generation = lease_generation + 1,
         lease_expires_at = %(lease_until)s, attempt = attempt + 1,
+        version = CASE WHEN started_at IS NULL
+            THEN COALESCE(%(versions)s::jsonb ->> job_name, version) ELSE version END,
         started_at = COALESCE(started_at, %(now)s), updated_at = %(now)s
     FROM candidate
     WHERE durably_runs.id = candidate.id AND candidate.concurrency_key IS NULL
@@ -206,6 +216,8 @@ WITH leased AS (
     UPDATE durably_runs
     SET status = 'leased', lease_owner = %(worker_id)s, lease_generation = lease_generation + 1,
         lease_expires_at = %(lease_until)s, attempt = attempt + 1,
+        version = CASE WHEN started_at IS NULL
+            THEN COALESCE(%(versions)s::jsonb ->> job_name, version) ELSE version END,
         started_at = COALESCE(started_at, %(now)s), updated_at = %(now)s
     WHERE id = %(id)s
       AND (concurrency_key IS NULL OR NOT EXISTS (
@@ -418,6 +430,29 @@ WITH woken AS (
     RETURNING id
 )
 SELECT pg_notify(%(channel)s, id || ' waiting' || ' ' || %(origin)s) FROM woken
+
+-- name: fail_overdue_runs
+-- Unfinished runs past their deadline that no live lease covers (a worker holding one stops
+-- the handler itself), failed and announced in one statement. The status list repeats
+-- durably_runs_deadline's, so that partial index serves it; SKIP LOCKED passes over a run a
+-- claimer has locked this instant (the next turn, or its new owner, fails it).
+WITH overdue AS (
+    SELECT id FROM durably_runs
+    WHERE deadline_at <= %(now)s AND status IN ('pending', 'leased', 'waiting')
+      AND (status <> 'leased' OR lease_expires_at <= %(now)s)
+    ORDER BY id
+    FOR UPDATE SKIP LOCKED
+), failed AS (
+    UPDATE durably_runs
+    SET status = 'failed', error = %(error)s, completed_at = %(now)s, updated_at = %(now)s,
+        lease_owner = NULL, lease_expires_at = NULL
+    FROM overdue WHERE durably_runs.id = overdue.id
+    RETURNING durably_runs.*
+)
+SELECT failed.*, pg_notify(%(channel)s, failed.id || ' failed' || ' ' || %(origin)s) FROM failed
+
+-- name: drop_step_outputs_of_runs
+UPDATE durably_steps SET output = NULL WHERE run_id = ANY(%(ids)s::text[])
 
 -- name: next_signal
 SELECT id, payload FROM durably_signals

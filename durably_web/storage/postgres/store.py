@@ -487,6 +487,8 @@ class PostgresStore(Store):
             "priority": new.priority,
             "trace_parent": new.trace_parent,
             "parent_run_id": new.parent_run_id,
+            "deadline_at": new.deadline_at,
+            "version": new.version,
             "channel": self.channel,
             "origin": self._origin,
         }
@@ -583,10 +585,13 @@ class PostgresStore(Store):
         now: int,
         lease_until: int,
         limits: Mapping[str, JobLimits] | None = None,
+        versions: Mapping[str, str] | None = None,
+        pinned_versions: Mapping[str, str] | None = None,
     ) -> RunRecord | None:
         names = list(job_names)
         if not names:
             return None
+        pinned = json.dumps(dict(pinned_versions or {}))
         lease = {
             "worker_id": worker_id,
             "now": now,
@@ -594,6 +599,8 @@ class PostgresStore(Store):
             "channel": self.channel,
             "origin": self._origin,
             "rate_limited": [],
+            "versions": json.dumps(dict(versions or {})),
+            "pinned_versions": pinned,
         }
         flow = flow_limits_of(names, limits)
         if flow:
@@ -602,7 +609,9 @@ class PostgresStore(Store):
         # statement, where the transaction below takes four round trips (BEGIN, find,
         # lease, COMMIT). A claim whose oldest candidate has a key pays one more.
         async with self._connection() as conn:
-            fast = await _one(conn, "claim_unkeyed_run", {**lease, "job_names": names})
+            fast = await _one(
+                conn, "claim_unkeyed_run", {**lease, "job_names": names, "pinned_versions": pinned}
+            )
         if fast is None:
             return None
         if fast["id"] is not None:
@@ -613,7 +622,13 @@ class PostgresStore(Store):
                 found = await _one(
                     conn,
                     "find_claimable_run",
-                    {"now": now, "job_names": names, "passed_over": passed_over, "rate_limited": []},
+                    {
+                        "now": now,
+                        "job_names": names,
+                        "passed_over": passed_over,
+                        "rate_limited": [],
+                        "pinned_versions": pinned,
+                    },
                 )
                 if found is None:
                     return None
@@ -676,6 +691,7 @@ class PostgresStore(Store):
                         "job_names": names,
                         "passed_over": passed_over,
                         "rate_limited": rate_limited,
+                        "pinned_versions": lease["pinned_versions"],
                     },
                 )
                 if found is None:
@@ -843,6 +859,21 @@ class PostgresStore(Store):
         async with self._transaction() as conn:
             params = {"now": now, "channel": self.channel, "origin": self._origin}
             return await _count(conn, "wake_offline_runs", params)
+
+    async def fail_overdue_runs(
+        self, now: int, *, error_json: str, drop_step_outputs: bool
+    ) -> list[RunRecord]:
+        params = {"now": now, "error": error_json, "channel": self.channel, "origin": self._origin}
+        if not drop_step_outputs:
+            # One statement in autocommit: on every poll, and almost always "none due".
+            async with self._connection() as conn:
+                rows = await _all(conn, "fail_overdue_runs", params)
+            return [run_from_row(row) for row in rows]
+        async with self._transaction() as conn:
+            rows = await _all(conn, "fail_overdue_runs", params)
+            if rows:
+                await conn.execute(Q["drop_step_outputs_of_runs"], {"ids": [row["id"] for row in rows]})
+        return [run_from_row(row) for row in rows]
 
     async def send_signal(
         self, run_id: str, name: str, payload_json: str, signal_id: str | None, now: int

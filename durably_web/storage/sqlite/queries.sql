@@ -26,11 +26,11 @@ SELECT * FROM durably_runs WHERE concurrency_key = :concurrency_key AND status =
 INSERT INTO durably_runs (
     id, job_name, status, input, labels, idempotency_key, concurrency_key,
     available_at, created_at, updated_at, forked_from,
-    priority, trace_parent, parent_run_id
+    priority, trace_parent, parent_run_id, deadline_at, version
 ) VALUES (
     :id, :job_name, 'pending', :input, :labels, :idempotency_key, :concurrency_key,
     :created_at, :created_at, :created_at, :forked_from,
-    :priority, :trace_parent, :parent_run_id
+    :priority, :trace_parent, :parent_run_id, :deadline_at, :version
 )
 
 -- name: insert_labels
@@ -73,6 +73,11 @@ WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= :now)
         WHERE other.concurrency_key = r.concurrency_key
           AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > :now
           AND other.id <> r.id))
+  -- Safe deploys: a started run of a job this worker pins to its version (:pinned_versions,
+  -- a JSON object job -> version) is left for a worker of the version that started it.
+  AND (r.started_at IS NULL OR r.version IS NULL OR NOT EXISTS (
+        SELECT 1 FROM json_each(:pinned_versions) AS pin
+        WHERE pin.key = r.job_name AND pin.value <> r.version))
 ORDER BY r.priority DESC, r.id
 LIMIT 1
 
@@ -93,13 +98,21 @@ WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= :now)
   -- Flow control: a job whose rate window is full starts no new run (one already started
   -- continues). :rate_limited is '[]' unless the worker has rate-limited jobs.
   AND (r.started_at IS NOT NULL OR r.job_name NOT IN (SELECT value FROM json_each(:rate_limited)))
+  -- Safe deploys, as in find_claimable_run.
+  AND (r.started_at IS NULL OR r.version IS NULL OR NOT EXISTS (
+        SELECT 1 FROM json_each(:pinned_versions) AS pin
+        WHERE pin.key = r.job_name AND pin.value <> r.version))
 ORDER BY r.priority DESC, r.id
 LIMIT 1
 
 -- name: lease_run
+-- The first claim records the claiming worker's version of the job (:versions, a JSON
+-- object job -> version); a resumed run keeps the version that started it.
 UPDATE durably_runs
 SET status = 'leased', lease_owner = :worker_id, lease_generation = lease_generation + 1,
     lease_expires_at = :lease_until, attempt = attempt + 1,
+    version = CASE WHEN started_at IS NULL THEN COALESCE(
+        (SELECT value FROM json_each(:versions) WHERE key = job_name), version) ELSE version END,
     started_at = COALESCE(started_at, :now), updated_at = :now
 WHERE id = :id
 RETURNING *
@@ -189,6 +202,22 @@ WHERE id = :id AND status = 'waiting' AND wait_reason = 'child' AND wait_child_i
   AND NOT EXISTS (
     SELECT 1 FROM durably_runs AS c
     WHERE c.id = :child_run_id AND c.status IN ('pending', 'leased', 'waiting'))
+-- name: find_overdue_runs
+-- Unfinished runs past their deadline that no live lease covers (a worker holding one stops
+-- the handler itself). The status list repeats durably_runs_deadline's, so that partial
+-- index serves it; INDEXED BY, as the planner would otherwise walk every unfinished run by
+-- status (it cannot know few have deadlines), and so a schema that lost the index fails loudly.
+SELECT id FROM durably_runs INDEXED BY durably_runs_deadline
+WHERE deadline_at <= :now AND status IN ('pending', 'leased', 'waiting')
+  AND (status <> 'leased' OR lease_expires_at <= :now)
+
+-- name: fail_overdue_run
+UPDATE durably_runs
+SET status = 'failed', error = :error, completed_at = :now, updated_at = :now,
+    lease_owner = NULL, lease_expires_at = NULL
+WHERE id = :id AND deadline_at <= :now AND status IN ('pending', 'leased', 'waiting')
+  AND (status <> 'leased' OR lease_expires_at <= :now)
+RETURNING *
 
 -- name: find_signal_by_id
 SELECT id FROM durably_signals WHERE run_id = :run_id AND signal_id = :signal_id

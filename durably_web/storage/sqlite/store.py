@@ -411,10 +411,17 @@ class SQLiteStore(Store):
         now: int,
         lease_until: int,
         limits: Mapping[str, JobLimits] | None = None,
+        versions: Mapping[str, str] | None = None,
+        pinned_versions: Mapping[str, str] | None = None,
     ) -> RunRecord | None:
         conn = self._conn
         flow = flow_limits_of(job_names, limits)
-        params = {"now": now, "job_names": json.dumps(list(job_names)), "rate_limited": "[]"}
+        params = {
+            "now": now,
+            "job_names": json.dumps(list(job_names)),
+            "rate_limited": "[]",
+            "pinned_versions": json.dumps(dict(pinned_versions or {})),
+        }
         if flow:
             params.update(self._flow_params(job_names, flow, now))
         # Peek without the write lock first: an idle worker must not serialise everyone.
@@ -429,7 +436,13 @@ class SQLiteStore(Store):
                 return None
             row = conn.fetch_one(
                 Q["lease_run"],
-                {"id": found["id"], "worker_id": worker_id, "now": now, "lease_until": lease_until},
+                {
+                    "id": found["id"],
+                    "worker_id": worker_id,
+                    "now": now,
+                    "lease_until": lease_until,
+                    "versions": json.dumps(dict(versions or {})),
+                },
             )
         return None if row is None else run_from_row(row)
 
@@ -480,6 +493,23 @@ class SQLiteStore(Store):
                 if start is not None:
                     found.append(int(start["started_at"]) + limit.rate_window_ms)
         return min(found) if found else None
+    @_sqlite_call(durable=True)
+    def fail_overdue_runs(self, now: int, *, error_json: str, drop_step_outputs: bool) -> list[RunRecord]:
+        conn = self._conn
+        # Peek without the write lock first: the usual answer is "none", on every poll.
+        if not conn.fetch_all(Q["find_overdue_runs"], {"now": now}):
+            return []
+        failed = []
+        with conn.transaction():
+            for found in conn.fetch_all(Q["find_overdue_runs"], {"now": now}):
+                params = {"id": found["id"], "now": now, "error": error_json}
+                row = conn.fetch_one(Q["fail_overdue_run"], params)
+                if row is None:
+                    continue
+                failed.append(run_from_row(row))
+                if drop_step_outputs:
+                    conn.execute(Q["drop_step_outputs"], {"run_id": found["id"]})
+        return failed
 
     @_sqlite_call(durable=False)
     def renew_leases(
@@ -860,6 +890,8 @@ def _insert_run_params(new: NewRun, *, keys: bool = True) -> dict[str, Any]:
         "priority": new.priority,
         "trace_parent": new.trace_parent,
         "parent_run_id": new.parent_run_id,
+        "deadline_at": new.deadline_at,
+        "version": new.version,
     }
 
 
