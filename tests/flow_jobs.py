@@ -54,7 +54,7 @@ async def debounced(step: StepContext, payload: int) -> int:
 
 
 def rated_job(side_effects: str):  # type: ignore[no-untyped-def]
-    @define_job("rated", rate_limit=(2, 3600))
+    @define_job("rated", rate_limit=(2, 3600), version="rated-1")
     async def rated(step: StepContext, payload: int) -> None:
         async def work() -> None:
             append_line(side_effects, f"start {os.getpid()}")

@@ -294,7 +294,8 @@ async def test_sigkill_with_a_full_rate_window_keeps_the_limit_after_restart(db_
 
     done: list[int] = []
 
-    @define_job("rated", rate_limit=(2, 3600))
+    # The version flow_jobs.py's "rated" has: runs it started are left to that version (safe deploys).
+    @define_job("rated", rate_limit=(2, 3600), version="rated-1")
     async def rated(step: StepContext, payload: int) -> None:
         async def work() -> None:
             done.append(payload)

@@ -251,6 +251,7 @@ async def test_sqlite_claim_and_flow_counts_are_served_by_indexes(tmp_path: Path
             "now": 10**13,
             "job_names": '["import", "sync"]',
             "rate_limited": '["sync"]',
+            "pinned_versions": '{"sync": "v1"}',
             "job_name": "sync",
             "since": 5,
             "skip": 0,
@@ -300,6 +301,8 @@ async def test_postgres_claim_walks_the_unfinished_runs_in_priority_order(postgr
                 "lease_until": 10**13 + 1,
                 "channel": "c",
                 "origin": "o",
+                "versions": "{}",
+                "pinned_versions": '{"sync": "v1"}',
             }
             for name in ("claim_unkeyed_run", "find_claimable_run"):
                 cursor = await conn.execute("EXPLAIN (FORMAT JSON) " + Q[name], params, prepare=False)
