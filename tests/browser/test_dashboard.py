@@ -291,7 +291,7 @@ def test_dashboard_loads_and_follows_a_run_live(driver: Any, server: ServerThrea
     jobs = driver.execute_script(
         "return [...document.querySelectorAll('#filter-job option')].map(o => o.value)"
     )
-    assert jobs == ["", "approval", "fail-once", "flaky", "nap", "send-invoice", "slow-report"]
+    assert jobs == ["", "approval", "fail-once", "flaky", "nap", "noted", "send-invoice", "slow-report"]
     driver.execute_script("window.__sameDocument = true")
 
     run_id = trigger(api, "slow-report", {"parts": 5, "delay": 0.4}, labels={"team": "billing"})
@@ -569,7 +569,7 @@ def test_remote_client_api(driver: Any, server: ServerThread) -> None:
     assert reply["ok"], reply.get("error")
     out = reply["out"]
     assert out["kind"] == "remote"
-    assert out["jobs"] == ["approval", "fail-once", "flaky", "nap", "send-invoice", "slow-report"]
+    assert out["jobs"] == ["approval", "fail-once", "flaky", "nap", "noted", "send-invoice", "slow-report"]
     assert out["trigger"] == {"disposition": "created", "status": "pending", "labels": {"suite": "client"}}
     assert out["again"] == "idempotent:true"
     assert out["events"][-1] == "run:complete"
