@@ -100,7 +100,9 @@ def _is_plain_json(value: Any) -> bool:
         return all(_is_plain_json(item) for item in value)
     if kind is dict:
         return all(type(k) is str and _is_plain_json(v) for k, v in value.items())
-    return False
+    # An int subclass that stores as its int and means nothing more (step.attempt, an
+    # AttemptNumber), unlike an IntEnum, which would not come back as itself.
+    return getattr(kind, "_stored_as_int", False) is True
 
 
 def encode(value: Any, tp: Any, *, what: str) -> tuple[str, Any]:

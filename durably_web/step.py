@@ -67,6 +67,8 @@ class AttemptNumber(int):
     running now: ``step.attempt.set_metadata({"model": "m1", "tokens": 812})``."""
 
     _step: StepContext
+    #: A step may return it (or put it in its result): it is stored, and replayed, as its int.
+    _stored_as_int = True
 
     def __new__(cls, value: int, step: StepContext) -> AttemptNumber:
         number = super().__new__(cls, value)

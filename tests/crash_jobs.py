@@ -10,13 +10,15 @@ doing its work, so a test can count how many times each step really ran.
     python crash_jobs.py serve <db_url> <expected_runs>
         Work on "record" runs until <expected_runs> runs exist and all have ended.
 
-    python crash_jobs.py wait <db_url> <side_effect_file> --kind retry|sleep|signal|offline --seconds S
+    python crash_jobs.py wait <db_url> <side_effect_file> --kind retry|sleep|signal|offline|parallel-retry
+                              --seconds S
         Trigger (idempotency key "wait") a job whose first attempt of step "flaky" fails and is
         retried after S seconds (retry), that sleeps S seconds between two steps (sleep), that
         waits up to S seconds for the signal "go" between two steps (signal), or whose step
         "fetch" fails with a network error while offline and waits for the network, checked
         again every S seconds (offline: the network is "online" while the file
-        <side_effect_file>.online exists);
+        <side_effect_file>.online exists), or whose step.all's branch "flaky" fails once and is
+        retried after S seconds while its sibling "steady" completes (parallel-retry);
         work until it ends, print the run as JSON. Side-effect lines: "<name> <pid> <unix time>".
 
     python crash_jobs.py parallel <db_url> <side_effect_file>
@@ -296,8 +298,28 @@ async def run_versioned(args: argparse.Namespace) -> None:
         print(json.dumps({**done.to_dict(), "pid": os.getpid()}), flush=True)
 
 
+@define_job("parallel-retry", input=WaitIn)
+async def parallel_retry_job(step: StepContext, payload: WaitIn) -> dict[str, str]:
+    """A step.all whose branch "flaky" fails its first attempt and is retried after S seconds,
+    while its sibling "steady" completes."""
+    path = payload.side_effects
+    retry = RetryPolicy(max_attempts=3, initial_delay=payload.seconds)
+    return await step.all(
+        {
+            "steady": lambda: str(timed_line(path, "steady")),
+            "flaky": step.branch(flaky_step, path, "flaky", retry=retry),
+        }
+    )
+
+
 async def run_wait(args: argparse.Namespace) -> None:
-    jobs = {"retry": flaky_job, "sleep": sleepy_job, "signal": signalled_job, "offline": offline_job}
+    jobs = {
+        "retry": flaky_job,
+        "sleep": sleepy_job,
+        "signal": signalled_job,
+        "offline": offline_job,
+        "parallel-retry": parallel_retry_job,
+    }
     job = jobs[args.kind]
     network: NetworkStatus = ALWAYS_ONLINE
     options: dict[str, float] = {}
@@ -408,7 +430,8 @@ def main() -> None:
     wait_parser = sub.add_parser("wait")
     wait_parser.add_argument("db_url")
     wait_parser.add_argument("side_effects")
-    wait_parser.add_argument("--kind", choices=["retry", "sleep", "signal", "offline"], required=True)
+    kinds = ["retry", "sleep", "signal", "offline", "parallel-retry"]
+    wait_parser.add_argument("--kind", choices=kinds, required=True)
     wait_parser.add_argument("--seconds", type=float, required=True)
     serve_waits_parser = sub.add_parser("serve-waits")
     serve_waits_parser.add_argument("db_url")

@@ -32,13 +32,18 @@ async def test_step_attempt_is_still_the_runs_attempt_number(make_durably):
     seen: list[Any] = []
 
     @define_job("attempt-int")
-    async def job(step: StepContext, payload: Any) -> int:
+    async def job(step: StepContext, payload: Any) -> Any:
         seen.append(step.attempt)
-        return step.attempt + 1
+        # A step may return it, alone or inside its result, untyped: it is stored as its int.
+        stored = await step.run("attempt", lambda: step.attempt)
+        nested = await step.run("nested", lambda: {"attempts": [step.attempt]})
+        return {"next": step.attempt + 1, "stored": stored, "nested": nested}
 
     durably = await make_durably(job)
     done = await durably.trigger_and_wait(job, None, timeout=30)
-    assert done.output == 2
+    assert done.status == "completed", done.error
+    assert done.output == {"next": 2, "stored": 1, "nested": {"attempts": [1]}}
+    assert [s.output for s in await durably.get_steps(done.id)] == [1, {"attempts": [1]}]
     attempt = seen[0]
     assert isinstance(attempt, int) and isinstance(attempt, AttemptNumber)
     assert attempt == 1 and attempt * 3 == 3 and f"{attempt}" == "1" and json.dumps(attempt) == "1"

@@ -5,10 +5,19 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 from typing import Any
 
 import pytest
-from helpers import finish_process, read_lines, start_process, wait_event, wait_until
+from helpers import (
+    finish_process,
+    kill_once_waiting,
+    read_lines,
+    start_process,
+    timed_lines,
+    wait_event,
+    wait_until,
+)
 from pydantic import BaseModel
 
 from durably_web import (
@@ -477,3 +486,26 @@ async def test_sigkill_during_a_step_all_then_restart_runs_only_the_unfinished_b
     assert sorted(lines) == sorted(
         [("fast", first.pid), ("slow", first.pid), ("slow", result["pid"]), ("after", result["pid"])]
     )
+
+
+async def test_sigkill_while_a_step_all_waits_for_a_branch_retry_then_restart_retries_only_it(
+    db_url, db_path, tmp_path
+):
+    side_effects = tmp_path / "side-effects.txt"
+    first, (run_id, _, due_ms) = await kill_once_waiting(
+        db_url, db_path, side_effects, kind="parallel-retry", seconds=3
+    )
+    assert time.time() < due_ms / 1000, "the backoff ended before the kill; nothing was tested"
+    second = start_process("wait", db_url, str(side_effects), "--kind", "parallel-retry", "--seconds", "3")
+    result = finish_process(second)
+    assert result["disposition"] == "idempotent" and result["status"] == "completed"
+    assert result["output"] == {"steady": "1", "flaky": "ok"}
+    lines = timed_lines(side_effects)
+    assert sorted((name, pid) for name, pid, _ in lines) == sorted(
+        [("steady", first.pid), ("flaky", first.pid), ("flaky", result["pid"])]
+    )
+    retried_at = next(at for name, pid, at in lines if name == "flaky" and pid == result["pid"])
+    assert retried_at >= due_ms / 1000 - 0.01  # at the persisted time, not at the restart
+    async with Durably(db_url, worker=False) as client:
+        attempts = [(a.name, a.attempt, a.status) for a in await client.get_step_attempts(run_id)]
+    assert attempts == [("steady", 1, "completed"), ("flaky", 1, "failed"), ("flaky", 2, "completed")]

@@ -298,7 +298,17 @@ def test_dashboard_loads_and_follows_a_run_live(driver: Any, server: ServerThrea
     jobs = driver.execute_script(
         "return [...document.querySelectorAll('#filter-job option')].map(o => o.value)"
     )
-    assert jobs == ["", "approval", "fail-once", "flaky", "nap", "send-invoice", "slow-report", "tree-parent"]
+    assert jobs == [
+        "",
+        "approval",
+        "fail-once",
+        "flaky",
+        "nap",
+        "noted",
+        "send-invoice",
+        "slow-report",
+        "tree-parent",
+    ]
     driver.execute_script("window.__sameDocument = true")
 
     run_id = trigger(api, "slow-report", {"parts": 5, "delay": 0.4}, labels={"team": "billing"})
@@ -581,6 +591,7 @@ def test_remote_client_api(driver: Any, server: ServerThread) -> None:
         "fail-once",
         "flaky",
         "nap",
+        "noted",
         "send-invoice",
         "slow-report",
         "tree-parent",

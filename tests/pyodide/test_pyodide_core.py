@@ -79,6 +79,9 @@ NEEDS_CPYTHON: dict[str, str] = {
     "tests/test_parallel_steps.py::test_sigkill_during_a_step_all_then_restart_runs_only_the_unfinished_branch": (  # noqa: E501
         f"{_SIGKILL} (a crash_jobs.py worker is killed while one branch of its step.all is blocked)"
     ),
+    "tests/test_parallel_steps.py::test_sigkill_while_a_step_all_waits_for_a_branch_retry_then_restart_retries_only_it": (  # noqa: E501
+        f"{_SIGKILL} (a crash_jobs.py worker is killed while its step.all waits to retry a branch)"
+    ),
     "tests/test_attempt_metadata.py::test_metadata_over_http_rpc_and_the_cli": (
         "the HTTP app (httpx's ASGI transport) and the CLI are CPython surfaces"
     ),
