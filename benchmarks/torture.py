@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "torture"))
 
 from harness import TortureResult, choose_seed, run_torture  # noqa: E402
+from torture_jobs import LIMITED_MAX  # noqa: E402
 
 
 def table(rows: list[tuple[str, TortureResult]]) -> str:
@@ -53,6 +54,8 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
         "consumed",
         "offline waits",
         "offline fails",
+        "limited",
+        "peak",
         "violations",
         "wall",
     ]
@@ -79,6 +82,8 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
             str(r.signals_consumed),
             str(r.offline_waits),
             str(r.offline_failures),
+            str(r.limited_runs),
+            f"{r.limited_peak}/{LIMITED_MAX}",
             str(len(r.violations)),
             f"{r.wall_time:.1f} s",
         ]
@@ -164,6 +169,8 @@ def main() -> int:
     print("retried: failed step attempts recorded and retried after their backoff. slept: sleep")
     print("  checkpoints. signals / sig dup / consumed: send_signal calls, those reported duplicate (a")
     print("  signal_id sent again), signal waits that consumed theirs.")
+    print(f"limited / peak: runs of a job with max_concurrent={LIMITED_MAX} (triggered in bursts, some with")
+    print("  a priority) / the most of them with a side effect live at once, across the workers.")
     failed = False
     for mode, result in rows:
         for violation in result.violations:

@@ -960,6 +960,7 @@ class Durably:
             not_before=from_ms(record.available_at)
             if record.status == "pending" and record.available_at > record.created_at
             else None,
+            trace_parent=record.trace_parent,
         )
 
 

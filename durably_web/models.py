@@ -90,6 +90,9 @@ class Run:
     #: While ``status == "pending"``: the earliest start (a debounced job's run starts
     #: ``debounce`` seconds after its last trigger); ``None`` when it may start at once.
     not_before: datetime | None = None
+    #: Tracing: the W3C ``traceparent`` the trigger carried (its current span's, or an HTTP
+    #: trigger's header), the parent of the run's spans; ``None`` without one.
+    trace_parent: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -120,6 +123,7 @@ class Run:
             "forked_from": self.forked_from,
             "priority": self.priority,
             "not_before": iso(self.not_before),
+            "trace_parent": self.trace_parent,
         }
 
 

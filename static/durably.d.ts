@@ -66,6 +66,8 @@ export interface Run {
   priority: number;
   /** While status is "pending": the earliest start (a debounced job's run), else null. */
   not_before: string | null;
+  /** Tracing: the W3C traceparent the trigger carried (the parent of the run's spans), else null. */
+  trace_parent: string | null;
 }
 
 /**

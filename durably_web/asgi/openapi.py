@@ -128,6 +128,7 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             "forked_from": {"type": ["string", "null"]},
             "priority": {"type": "integer"},
             "not_before": {"type": ["string", "null"], "format": "date-time"},
+            "trace_parent": {"type": ["string", "null"], "description": "W3C traceparent (tracing on)"},
         },
     }
     run_properties: dict[str, Any] = run_schema["properties"]  # type: ignore[assignment]
@@ -531,8 +532,8 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                 **{
                     name: schema
                     for name, schema in run_properties.items()
-                    # Lists show no input, output or traceback (GET /runs/{run_id} has them).
-                    if name not in ("input", "output", "error", "disposition")
+                    # Lists show no input, output, traceback or trace parent (GET /runs/{run_id} has them).
+                    if name not in ("input", "output", "error", "disposition", "trace_parent")
                 },
                 "error": {
                     "oneOf": [
