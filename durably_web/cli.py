@@ -445,6 +445,8 @@ def _print_run(run: Run, out: TextIO) -> None:
         fields.append(("priority", str(run.priority)))
     if run.not_before is not None:
         fields.append(("not before", _until(run.not_before)))
+    if run.trace_parent is not None:
+        fields.append(("trace parent", run.trace_parent))
     if run.progress is not None:
         progress = run.progress
         fields.append(("progress", progress_bar(progress.current, progress.total, progress.message)))

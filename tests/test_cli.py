@@ -817,3 +817,48 @@ def test_a_worker_whose_terminal_went_away_still_stops_on_sigint(workdir: Path) 
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
+
+
+FLOW_MODULE = '''
+from durably_web import Durably, define_job
+
+
+@define_job("settle", debounce=600)
+async def settle(step, payload):
+    return payload
+
+
+@define_job("plain")
+async def plain(step, payload):
+    return payload
+
+
+durably = Durably("sqlite:///flow.db", jobs=[settle, plain], polling_interval=0.05)
+'''
+
+
+def test_trigger_priority_and_debounce_and_what_show_prints(
+    workdir: Path, cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    (workdir / "flowjobs.py").write_text(FLOW_MODULE)
+    app = "flowjobs:durably"
+    urgent = cli("trigger", app, "plain", "--input", '"now"', "--priority", "7", "--json")
+    assert urgent.returncode == 0, urgent.stderr
+    assert json.loads(urgent.stdout)["priority"] == 7
+    shown = cli("show", app, json.loads(urgent.stdout)["id"])
+    assert re.search(r"^priority\s+7$", shown.stdout, re.MULTILINE), shown.stdout
+    plain = cli("trigger", app, "plain", "--input", '"later"')
+    assert "priority" not in cli("show", app, plain.stdout.strip()).stdout  # 0 is not worth a line
+    bad = cli("trigger", app, "plain", "--priority", "high")
+    assert bad.returncode == 2
+
+    first = cli("trigger", app, "settle", "--input", '{"v": 1}', "--concurrency-key", "doc:1")
+    assert first.returncode == 0 and "created" in first.stderr, first.stderr
+    second = cli("trigger", app, "settle", "--input", '{"v": 2}', "--concurrency-key", "doc:1")
+    assert second.returncode == 0 and "debounced" in second.stderr, second.stderr
+    assert second.stdout.strip() == first.stdout.strip()
+    details = cli("show", app, first.stdout.strip())
+    assert re.search(r"^not before\s+\S", details.stdout, re.MULTILINE), details.stdout
+    assert '"v": 2' in details.stdout and '"v": 1' not in details.stdout  # the latest input won
+    keyless = cli("trigger", app, "settle", "--input", "1")
+    assert keyless.returncode != 0 and "concurrency_key" in keyless.stderr
