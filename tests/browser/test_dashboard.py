@@ -31,6 +31,8 @@ from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.routing import Mount
 
+from opentelemetry.sdk.trace import TracerProvider
+
 from durably_web import Durably, RetryPolicy, StepContext, define_job
 from durably_web.asgi import create_app
 
@@ -131,7 +133,13 @@ async def nap(step: StepContext, payload: Any) -> None:
     await step.sleep("cool-down", 3600)
 
 
-JOBS = [slow_report, send_invoice, approval, flaky, fail_once, nap]
+@define_job("settle", debounce=3600)
+async def settle(step: StepContext, payload: Any) -> Any:
+    """Debounced for an hour: its run stays pending (held back) while the test looks at it."""
+    return payload
+
+
+JOBS = [slow_report, send_invoice, approval, flaky, fail_once, nap, settle]
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -170,6 +178,8 @@ class ServerThread(threading.Thread):
             lease_renew_interval=0.5,
             shutdown_timeout=2.0,
             max_concurrent_runs=8,
+            # Tracing on (no exporter needed): an HTTP trigger's traceparent header is stored.
+            tracing=TracerProvider(),
         )
         await durably.init()
         app = Starlette(routes=[Mount(PREFIX, app=create_app(durably, sse_throttle=0.05))])
@@ -280,7 +290,7 @@ def test_dashboard_loads_and_follows_a_run_live(driver: Any, server: ServerThrea
     jobs = driver.execute_script(
         "return [...document.querySelectorAll('#filter-job option')].map(o => o.value)"
     )
-    assert jobs == ["", "approval", "fail-once", "flaky", "nap", "send-invoice", "slow-report"]
+    assert jobs == ["", "approval", "fail-once", "flaky", "nap", "send-invoice", "settle", "slow-report"]
     driver.execute_script("window.__sameDocument = true")
 
     run_id = trigger(api, "slow-report", {"parts": 5, "delay": 0.4}, labels={"team": "billing"})
@@ -496,7 +506,7 @@ const caught = async (promise) => {
     {input: {customer: "D", amount: 4}, options: {concurrencyKey: "batch-ck"}},
     {input: {customer: "E", amount: 5}, options: {concurrencyKey: "batch-ck"}}]));
   out.batchBadOption = await caught(c.batchTrigger("send-invoice", [
-    {customer: "F", amount: 6}, {input: {customer: "G", amount: 7}, options: {priority: 1}}]));
+    {customer: "F", amount: 6}, {input: {customer: "G", amount: 7}, options: {urgency: 1}}]));  // not an option (priority is one now)
   // all or nothing: none of the refused batches left a run behind
   // list items are summaries (no input): the inputs come from getRun
   const listed = await c.getRuns({jobName: "send-invoice", limit: 1000});
@@ -558,7 +568,7 @@ def test_remote_client_api(driver: Any, server: ServerThread) -> None:
     assert reply["ok"], reply.get("error")
     out = reply["out"]
     assert out["kind"] == "remote"
-    assert out["jobs"] == ["approval", "fail-once", "flaky", "nap", "send-invoice", "slow-report"]
+    assert out["jobs"] == ["approval", "fail-once", "flaky", "nap", "send-invoice", "settle", "slow-report"]
     assert out["trigger"] == {"disposition": "created", "status": "pending", "labels": {"suite": "client"}}
     assert out["again"] == "idempotent:true"
     assert out["events"][-1] == "run:complete"
@@ -1120,3 +1130,118 @@ def test_a_job_module_that_raises_on_import_names_its_line(driver: Any, site_url
     assert shown["head"].startswith(f"KeyError: job module {url}_test/import_error_jobs.py, line 6: "), shown
     assert 'REGION = SETTINGS["region"]' in shown["traceback"], shown
     assert "importlib" not in shown["traceback"], "the import machinery's frames are noise"
+
+
+# -- flow control and tracing: priority, a held-back start, "debounced", the trace parent ----------
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def row_texts(driver: Any, run_id: str) -> dict[str, Any]:
+    return dict(
+        driver.execute_script(
+            """const row = document.querySelector(`tr[data-run-id='${arguments[0]}']`);
+            if (!row) return {};
+            return {priority: row.querySelector('.chip-priority')?.textContent ?? null,
+                    startsAfter: row.querySelector('.starts-after')?.textContent ?? null};""",
+            run_id,
+        )
+    )
+
+
+def meta_texts(driver: Any) -> dict[str, Any]:
+    return dict(
+        driver.execute_script(
+            """const d = document.getElementById('detail');
+            const text = (sel) => d.querySelector(sel)?.textContent ?? null;
+            return {priority: text('.meta-priority dd'), startsAfter: text('.meta-starts-after dd'),
+                    traceParent: text('.trace-parent dd')};"""
+        )
+    )
+
+
+def test_priority_held_back_start_debounce_and_trace_parent_show(
+    driver: Any, server: ServerThread, api: httpx.Client
+) -> None:
+    open_dashboard(driver, server)
+    response = api.post(
+        "trigger",
+        json={"job": "settle", "input": {"v": 1}, "concurrency_key": "doc:ui", "priority": 4},
+        headers={"traceparent": TRACEPARENT},
+    )
+    assert response.status_code == 201, response.text
+    run_id = response.json()["id"]
+    wait_until(lambda: row_texts(driver, run_id).get("priority") == "p+4", what="the priority chip")
+    assert (row_texts(driver, run_id)["startsAfter"] or "").startswith("starts after ")
+    click_row(driver, run_id)
+    shown = meta_texts(driver)
+    assert shown["priority"] == "4" and shown["traceParent"] == TRACEPARENT
+    assert shown["startsAfter"] not in (None, "", "—")
+
+    # The trigger form: the same key again is debounced into that run, and the toast says so.
+    driver.execute_script(
+        """document.getElementById('new-run').click();
+        document.getElementById('trigger-job').value = 'settle';
+        document.getElementById('trigger-input').value = '{"v": 2}';
+        document.getElementById('trigger-concurrency-key').value = 'doc:ui';
+        document.getElementById('trigger-form').requestSubmit();"""
+    )
+    wait_until(
+        lambda: (driver.execute_script("return document.getElementById('toast').textContent") or "").startswith(
+            "Debounced into the pending run (latest input wins; starts after "
+        ),
+        what="the debounced toast",
+    )
+    assert api.get(f"runs/{run_id}").json()["input"] == {"v": 2}
+    assert api.get("runs", params={"job": "settle"}).json()["runs"][0]["id"] == run_id
+
+    # A run of priority 0 without a trace parent shows neither; a bad priority is refused in the page.
+    plain = trigger(api, "nap", None)
+    wait_until(lambda: row_status(driver, plain), what="the plain row")
+    assert row_texts(driver, plain)["priority"] is None
+    click_row(driver, plain)
+    assert meta_texts(driver) == {"priority": None, "startsAfter": None, "traceParent": None}
+    # The form's priority field takes whole numbers only (a fraction never reaches the server).
+    refused = driver.execute_script(
+        """const p = document.getElementById('trigger-priority'); p.value = '1.5';
+        return p.validity.stepMismatch && !document.getElementById('trigger-form').checkValidity();"""
+    )
+    assert refused
+    api.post(f"runs/{plain}/cancel")
+    page_is_unharmed(driver)
+
+
+FLOW_CLIENT_SCRIPT = r"""
+const done = arguments[arguments.length - 1];
+const c = DurablyWebRemote.connect(arguments[0]);
+const out = {};
+(async () => {
+  const first = await c.trigger("settle", {v: 1}, {concurrencyKey: "doc:js", priority: -2});
+  const second = await c.trigger("settle", {v: 2}, {concurrencyKey: "doc:js", priority: 9});
+  const run = await c.getRun(first.id);
+  out.dispositions = [first.disposition, second.disposition];
+  out.same = second.id === first.id;
+  out.input = run.input;
+  out.priority = run.priority;  // the first trigger's: a debounce keeps it
+  out.notBefore = typeof run.not_before === "string";
+  out.summaryPriority = (await c.getRuns({jobName: "settle"})).find((r) => r.id === first.id).priority;
+  try { await c.trigger("nap", null, {priority: "high"}); out.badPriority = null; }
+  catch (e) { out.badPriority = e.name; }
+  try { await c.trigger("settle", {v: 3}); out.keyless = null; }
+  catch (e) { out.keyless = [e.name, e.message]; }
+  await c.cancel(first.id);
+  done({ok: true, out});
+})().catch((e) => done({ok: false, error: String(e && e.stack || e)}));
+"""
+
+
+def test_remote_client_priority_and_debounce(driver: Any, server: ServerThread) -> None:
+    open_dashboard(driver, server)
+    reply = driver.execute_async_script(FLOW_CLIENT_SCRIPT, server.base)
+    assert reply["ok"], reply.get("error")
+    out = reply["out"]
+    assert out["dispositions"] == ["created", "debounced"] and out["same"] is True
+    assert out["input"] == {"v": 2} and out["priority"] == -2 and out["notBefore"] is True
+    assert out["summaryPriority"] == -2
+    assert out["badPriority"] == "ValidationError"
+    assert out["keyless"][0] == "ValidationError" and "concurrency_key" in out["keyless"][1]
