@@ -569,7 +569,6 @@ class PostgresStore(Store):
             "lease_until": lease_until,
             "channel": self.channel,
             "origin": self._origin,
-            "rate_limited": [],
         }
         flow = flow_limits_of(names, limits)
         if flow:
