@@ -26,7 +26,9 @@ async def test_runs_triggered_over_http_are_claimed_in_priority_order(make_durab
     async with api_client(create_app(client_side)) as client:
         ids = []
         for name, priority in (("low", -1), ("plain", 0), ("urgent-1", 5), ("plain-2", 0), ("urgent-2", 5)):
-            response = await client.post("/trigger", json={"job": "ordered", "input": name, "priority": priority})
+            response = await client.post(
+                "/trigger", json={"job": "ordered", "input": name, "priority": priority}
+            )
             assert response.status_code == 201, response.text
             assert response.json()["run"]["priority"] == priority
             ids.append(response.json()["id"])

@@ -158,7 +158,9 @@ async def test_an_http_trigger_takes_the_requests_traceparent_header_as_the_runs
 
     durably = await make_durably(via_http, tracing=provider)
     async with api_client(create_app(durably)) as client:
-        response = await client.post("/trigger", json={"job": "via-http"}, headers={"traceparent": TRACEPARENT})
+        response = await client.post(
+            "/trigger", json={"job": "via-http"}, headers={"traceparent": TRACEPARENT}
+        )
         assert response.status_code == 201, response.text
         run_id = response.json()["id"]
         assert (await durably.wait_for_run(run_id, timeout=20)).status == "completed"
@@ -182,7 +184,8 @@ async def test_a_current_span_wins_over_the_header_and_batch_and_retrigger_take_
     durably = await make_durably(kept, tracing=provider, worker=False)
     header = {"traceparent": TRACEPARENT}
     async with api_client(create_app(durably)) as client:
-        batch = await client.post("/trigger/batch", json={"job": "kept", "items": [{"input": 1}, {"input": 2}]}, headers=header)
+        items = [{"input": 1}, {"input": 2}]
+        batch = await client.post("/trigger/batch", json={"job": "kept", "items": items}, headers=header)
         assert batch.status_code == 201, batch.text
         for run in batch.json()["runs"]:
             assert (await durably.get_run(run["id"])).trace_parent == TRACEPARENT

@@ -26,12 +26,11 @@ from urllib.parse import quote
 import httpx
 import pytest
 import uvicorn
+from opentelemetry.sdk.trace import TracerProvider
 from pagekit import page, wait_until
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
 from starlette.routing import Mount
-
-from opentelemetry.sdk.trace import TracerProvider
 
 from durably_web import Durably, RetryPolicy, StepContext, define_job
 from durably_web.asgi import create_app
@@ -506,7 +505,8 @@ const caught = async (promise) => {
     {input: {customer: "D", amount: 4}, options: {concurrencyKey: "batch-ck"}},
     {input: {customer: "E", amount: 5}, options: {concurrencyKey: "batch-ck"}}]));
   out.batchBadOption = await caught(c.batchTrigger("send-invoice", [
-    {customer: "F", amount: 6}, {input: {customer: "G", amount: 7}, options: {urgency: 1}}]));  // not an option (priority is one now)
+    // urgency is no option (priority is one now)
+    {customer: "F", amount: 6}, {input: {customer: "G", amount: 7}, options: {urgency: 1}}]));
   // all or nothing: none of the refused batches left a run behind
   // list items are summaries (no input): the inputs come from getRun
   const listed = await c.getRuns({jobName: "send-invoice", limit: 1000});
@@ -1186,8 +1186,9 @@ def test_priority_held_back_start_debounce_and_trace_parent_show(
         document.getElementById('trigger-concurrency-key').value = 'doc:ui';
         document.getElementById('trigger-form').requestSubmit();"""
     )
+    toast = "return document.getElementById('toast').textContent"
     wait_until(
-        lambda: (driver.execute_script("return document.getElementById('toast').textContent") or "").startswith(
+        lambda: (driver.execute_script(toast) or "").startswith(
             "Debounced into the pending run (latest input wins; starts after "
         ),
         what="the debounced toast",
