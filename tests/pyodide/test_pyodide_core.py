@@ -78,7 +78,6 @@ NEEDS_CPYTHON: dict[str, str] = {
 # 201 pass under CPython in the engine modules (on SQLite), minus the 14 above: 187. The storage
 # contract (tests/test_store_contract.py) adds its 125 tests once per store backend; in Pyodide
 # there are three (sqlite-file and sqlite-memory on stdlib sqlite3, sqlite-wasm on the browser's): 375.
-# tests/test_flow_control.py: 20 on SQLite, minus its 3 process tests above: 17 (node and Chromium).
 MIN_PASSED = 187 + 375 + 17
 
 
