@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests" / "torture"))
 
 from harness import TortureResult, choose_seed, run_torture  # noqa: E402
+from torture_jobs import LIMITED_MAX  # noqa: E402
 
 
 def table(rows: list[tuple[str, TortureResult]]) -> str:
@@ -55,6 +56,8 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
         "offline fails",
         "child runs",
         "timed out",
+        "limited",
+        "peak",
         "violations",
         "wall",
     ]
@@ -83,6 +86,8 @@ def table(rows: list[tuple[str, TortureResult]]) -> str:
             str(r.offline_failures),
             str(r.child_runs),
             str(r.timed_out),
+            str(r.limited_runs),
+            f"{r.limited_peak}/{LIMITED_MAX}",
             str(len(r.violations)),
             f"{r.wall_time:.1f} s",
         ]
@@ -170,6 +175,8 @@ def main() -> int:
     print("  signal_id sent again), signal waits that consumed theirs. timed out: runs failed with")
     print("  RunTimeoutError at their deadline on purpose (the mix's run whose timeout is shorter")
     print("  than its sleep).")
+    print(f"limited / peak: runs of a job with max_concurrent={LIMITED_MAX} (triggered in bursts, some with")
+    print("  a priority) / the most of them with a side effect live at once, across the workers.")
     failed = False
     for mode, result in rows:
         for violation in result.violations:

@@ -465,6 +465,8 @@ def _print_run(run: Run, out: TextIO) -> None:
         fields.append(("deadline", deadline))
     if run.version is not None:
         fields.append(("version", run.version))
+    if run.trace_parent is not None:
+        fields.append(("trace parent", run.trace_parent))
     if run.progress is not None:
         progress = run.progress
         fields.append(("progress", progress_bar(progress.current, progress.total, progress.message)))

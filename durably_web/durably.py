@@ -1008,6 +1008,7 @@ class Durably:
             wait_child_id=record.wait_child_id if record.status == "waiting" else None,
             deadline_at=from_ms(record.deadline_at),
             version=record.version,
+            trace_parent=record.trace_parent,
         )
 
 

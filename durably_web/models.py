@@ -99,6 +99,9 @@ class Run:
     #: The job version that started the run (``define_job(version=)``, else a hash of the
     #: handler's code); before its first claim, the version the triggering process had.
     version: str | None = None
+    #: Tracing: the W3C ``traceparent`` the trigger carried (its current span's, or an HTTP
+    #: trigger's header), the parent of the run's spans; ``None`` without one.
+    trace_parent: str | None = None
 
     @property
     def is_terminal(self) -> bool:
@@ -133,6 +136,7 @@ class Run:
             "wait_child_id": self.wait_child_id,
             "deadline_at": iso(self.deadline_at),
             "version": self.version,
+            "trace_parent": self.trace_parent,
         }
 
 

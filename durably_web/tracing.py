@@ -6,7 +6,8 @@ The engine knows nothing of it: this is one more listener of the events the work
 anyway, plus one call at trigger time.
 
 * **Trigger**: the W3C ``traceparent`` of the span current in the triggering task (a web
-  request's, say) is stored with the run (``current_trace_parent``).
+  request's, say) is stored with the run (``current_trace_parent``); with no span current,
+  an HTTP trigger's ``traceparent`` header is (``durably_web/traceparent.py``).
 * **Run execution**: each execution of a run (one lease, from ``run:leased`` until it
   completes, fails, waits, is cancelled or released) is a span ``durably.run <job>``,
   a child of the trigger's span, so the request and the job it started share a trace. A
@@ -38,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess witho
 
 from .events import EventBus
 from .models import Event
+from .traceparent import REQUEST_TRACE_PARENT
 
 #: Span attribute names (the ``durably.`` namespace; values as documented in README "Tracing").
 RUN_ID = "durably.run_id"
@@ -73,10 +75,11 @@ class RunTracer:
             bus.on(event_type, self._on_event)
 
     def current_trace_parent(self) -> str | None:
-        """The W3C ``traceparent`` of the span current here, or ``None`` outside any span."""
+        """The W3C ``traceparent`` of the span current here; outside any span, the HTTP
+        request's validated ``traceparent`` header (``REQUEST_TRACE_PARENT``), else ``None``."""
         carrier: dict[str, str] = {}
         _PROPAGATOR.inject(carrier)
-        return carrier.get("traceparent")
+        return carrier.get("traceparent") or REQUEST_TRACE_PARENT.get()
 
     def end_open_spans(self) -> None:
         """End the spans of executions this process stopped without an event (a release at

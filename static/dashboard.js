@@ -107,6 +107,20 @@ function waitText(run) {
   }
 }
 
+/** Flow control: "starts after 14:02:05" for a pending run held back (a debounced job's
+ *  run until its burst of triggers settles); "" otherwise. */
+function startsAfterText(run) {
+  return run && run.status === "pending" && run.not_before ? `starts after ${fmtTime(run.not_before)}` : "";
+}
+
+/** A run's priority as a small chip, only when it is not the default 0. */
+function priorityChip(run) {
+  const priority = run && Number.isInteger(run.priority) ? run.priority : 0;
+  if (!priority) return null;
+  return h("span", { class: "chip chip-priority", title: "priority: claimed before runs of lower priority" },
+    `p${priority > 0 ? "+" : ""}${priority}`);
+}
+
 /** Whether the client has a method (the local runtime and the server grow at their own pace). */
 function supports(method) {
   return Boolean(state.client) && typeof state.client[method] === "function";
@@ -327,7 +341,7 @@ function renderRow(run) {
     onkeydown: (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); selectRun(run.id); } },
   },
   h("td", null, statusBadge(run.status)),
-  h("td", { class: "job" }, run.job_name,
+  h("td", { class: "job" }, run.job_name, priorityChip(run) ? " " : null, priorityChip(run),
     // A child run says whose: the tree shows in the list as in the detail.
     run.parent_run_id ? h("span", { class: "child-of muted", title: `child run of ${run.parent_run_id}` },
       ` ↳ ${shortId(run.parent_run_id)}`) : null),
@@ -337,7 +351,9 @@ function renderRow(run) {
     progressBar(run.progress, run.status),
     run.status === "waiting"
       ? h("span", { class: "progress-text wait-text", title: waitText(run) }, waitText(run))
-      : h("span", { class: "progress-text" }, progressText(run.progress))),
+      : startsAfterText(run)
+        ? h("span", { class: "progress-text starts-after", title: run.not_before }, startsAfterText(run))
+        : h("span", { class: "progress-text" }, progressText(run.progress))),
   h("td", { class: "nowrap", title: run.created_at || "" }, fmtTime(run.created_at)),
   h("td", { class: "num nowrap" }, duration === null ? "—" : fmtDuration(duration)));
   state.rows.set(run.id, row);
@@ -659,8 +675,12 @@ function renderDetail() {
       ["Finished", fmtTime(run.completed_at)], ["Duration", fmtDuration(runDuration(run))],
       ["Idempotency key", run.idempotency_key || "—"], ["Concurrency key", run.concurrency_key || "—"],
       // timeout=: past the deadline the run fails with RunTimeoutError, waits included.
-      ["Deadline", run.deadline_at ? fmtTime(run.deadline_at) : "—"], ["Version", run.version || "—"]]
-      .map(([k, v]) => h("div", null, h("dt", null, k), h("dd", null, v ?? "—"))),
+      ["Deadline", run.deadline_at ? fmtTime(run.deadline_at) : "—"], ["Version", run.version || "—"],
+      ...(run.priority ? [["Priority", String(run.priority), "meta-priority"]] : []),
+      ...(startsAfterText(run) ? [["Starts after", fmtTime(run.not_before), "meta-starts-after"]] : [])]
+      .map(([k, v, cls]) => h("div", { class: cls || null }, h("dt", null, k), h("dd", null, v ?? "—"))),
+    run.trace_parent ? h("div", { class: "meta-wide trace-parent" }, h("dt", null, "Trace parent"),
+      h("dd", { class: "mono", title: "W3C traceparent: the span that triggered this run" }, run.trace_parent)) : null,
     run.forked_from ? h("div", { class: "meta-wide forked-from" }, h("dt", null, "Forked from"),
       h("dd", null, h("button", { type: "button", class: "link", title: "Show the run this one was forked from",
         onclick: () => selectRun(run.forked_from) }, run.forked_from))) : null,
@@ -877,6 +897,16 @@ function toggleTriggerForm(show) {
   if (show) $("trigger-input").focus();
 }
 
+/** What a trigger's disposition means, for the toast after the form's trigger. */
+function triggeredText(run) {
+  if (run.disposition === "created") return "Run triggered";
+  if (run.disposition === "debounced") {
+    const after = startsAfterText(run);
+    return `Debounced into the pending run (latest input wins${after ? `; ${after}` : ""})`;
+  }
+  return `Existing run returned (${run.disposition})`;
+}
+
 async function submitTrigger(event) {
   event.preventDefault();
   const errorBox = $("trigger-error");
@@ -899,9 +929,20 @@ async function submitTrigger(event) {
   const options = {};
   if (Object.keys(labels).length) options.labels = labels;
   if ($("trigger-key").value.trim()) options.idempotencyKey = $("trigger-key").value.trim();
+  if ($("trigger-concurrency-key").value.trim()) options.concurrencyKey = $("trigger-concurrency-key").value.trim();
+  // The input's step="1" already stops a fraction at submit; the check is for the rest.
+  const priority = $("trigger-priority").valueAsNumber;
+  if (!Number.isNaN(priority)) {
+    if (!Number.isInteger(priority)) {
+      errorBox.textContent = "Priority must be a whole number";
+      errorBox.hidden = false;
+      return;
+    }
+    options.priority = priority;
+  }
   try {
     const run = await state.client.trigger($("trigger-job").value, input, options);
-    toast(run.disposition === "created" ? "Run triggered" : `Existing run returned (${run.disposition})`, "ok");
+    toast(triggeredText(run), "ok");
     scheduleRefresh(0);
     await selectRun(run.id);
   } catch (error) {

@@ -75,6 +75,8 @@ export interface Run {
   deadline_at: string | null;
   /** The job version that started the run (define_job(version=), else a hash of the handler's code). */
   version: string | null;
+  /** Tracing: the W3C traceparent the trigger carried (the parent of the run's spans), else null. */
+  trace_parent: string | null;
 }
 
 /**

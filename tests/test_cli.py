@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-JOBS_MODULE = '''
+JOBS_MODULE = """
 import asyncio
 
 from pydantic import BaseModel
@@ -89,9 +89,9 @@ def make_durably():
 not_durably = 42
 unreachable = Durably("sqlite:////nonexistent-dir/deeper/app.db", jobs=[greet])
 fresh = Durably("sqlite:///fresh.db", jobs=[greet])
-'''
+"""
 
-TENANCY_MODULE = '''
+TENANCY_MODULE = """
 from durably_web.asgi import HTTPException
 
 
@@ -103,7 +103,7 @@ class HeaderAuth:
 
 
 auth = HeaderAuth()
-'''
+"""
 
 APP = "clijobs:durably"
 DB = "sqlite:///app.db"
@@ -255,8 +255,17 @@ def test_unreachable_database_exits_1(
 def test_trigger_list_show_cancel_retrigger_delete_purge(
     cli: Callable[..., subprocess.CompletedProcess[str]],
 ) -> None:
-    first = cli("trigger", APP, "greet", "--input", '{"name": "ada"}', "--label", "team=red",
-                "--idempotency-key", "k1")
+    first = cli(
+        "trigger",
+        APP,
+        "greet",
+        "--input",
+        '{"name": "ada"}',
+        "--label",
+        "team=red",
+        "--idempotency-key",
+        "k1",
+    )
     assert first.returncode == 0, first.stderr
     run_id = first.stdout.strip()
     assert re.fullmatch(r"[0-9A-Z]{26}", run_id) and "created" in first.stderr
@@ -270,8 +279,9 @@ def test_trigger_list_show_cancel_retrigger_delete_purge(
     assert keyed_run["status"] == "pending" and keyed_run["concurrency_key"] == "c"
     clash = cli("trigger", APP, "greet", "--input", '{"name": "bo"}', "--concurrency-key", "c")
     assert clash.returncode == 1 and "already pending" in clash.stderr
-    coalesced = cli("trigger", APP, "greet", "--input", '{"name": "bo"}', "--concurrency-key", "c",
-                    "--coalesce")
+    coalesced = cli(
+        "trigger", APP, "greet", "--input", '{"name": "bo"}', "--concurrency-key", "c", "--coalesce"
+    )
     assert coalesced.returncode == 0 and coalesced.stdout.strip() == keyed_run["id"]
     assert "coalesced" in coalesced.stderr
 
@@ -282,8 +292,8 @@ def test_trigger_list_show_cancel_retrigger_delete_purge(
     assert header.split() == ["ID", "JOB", "STATUS", "PROGRESS", "CREATED", "LABELS"]
     assert [line.split()[0] for line in lines[1:]] == [keyed_run["id"], run_id]
     for line in lines[1:]:
-        assert line[header.index("STATUS"):].startswith("pending")
-        assert line[header.index("JOB"):].startswith("greet")
+        assert line[header.index("STATUS") :].startswith("pending")
+        assert line[header.index("JOB") :].startswith("greet")
     assert "team=red" in lines[2]
 
     by_label = cli("runs", DB, "--label", "team=red")
@@ -387,7 +397,10 @@ def test_watch_follows_a_run_executed_by_another_process(
     assert re.search(r"\[#+\.*\] 1/4 +25% tick 0", output)
     assert "[" + "#" * 30 + "] 4/4 100% tick 3" in output
     assert [line.split()[-2] for line in output.splitlines() if line.startswith("INFO")] == [
-        "0", "1", "2", "3",
+        "0",
+        "1",
+        "2",
+        "3",
     ]
     assert "completed; output:\n4" in output
     assert worker.stop(signal.SIGTERM) == 0
@@ -422,8 +435,9 @@ def test_serve_binds_loopback_without_auth_and_runs_jobs(background: Callable[..
 
 
 def test_serve_with_an_auth_hook_and_a_prefix(background: Callable[..., Background]) -> None:
-    server = background("serve", "serve", APP, "--auth", "tenancy:auth", "--prefix", "/api/durably",
-                        "--port", "0")
+    server = background(
+        "serve", "serve", APP, "--auth", "tenancy:auth", "--prefix", "/api/durably", "--port", "0"
+    )
     url = _served_url(server)
     # An auth hook does not expose the server: still loopback unless --host says otherwise.
     assert url.startswith("http://127.0.0.1:") and url.endswith("/api/durably")
@@ -537,8 +551,18 @@ def test_control_characters_in_stored_data_are_escaped_everywhere(
 
     worker = background("worker", "worker", APP)
     worker.wait_for("worker started")
-    failed = cli("trigger", APP, "echo", "--input", json.dumps({"text": NASTY, "fail": True}),
-                 "--label", label, "--wait", "--timeout", "60")
+    failed = cli(
+        "trigger",
+        APP,
+        "echo",
+        "--input",
+        json.dumps({"text": NASTY, "fail": True}),
+        "--label",
+        label,
+        "--wait",
+        "--timeout",
+        "60",
+    )
     assert failed.returncode == 1, failed.stderr
     _assert_escaped(failed)
     failed_id = failed.stdout.splitlines()[0]
@@ -665,8 +689,13 @@ def test_writing_commands_on_a_url_do_not_take_over_another_database(
     conn.commit()
     conn.close()
     before = _fingerprint(workdir, "other.db")
-    for command in (["cancel", "01ANY"], ["retrigger", "01ANY"], ["delete", "01ANY"],
-                    ["purge", "--older-than", "0"], ["serve", "--port", "0"]):
+    for command in (
+        ["cancel", "01ANY"],
+        ["retrigger", "01ANY"],
+        ["delete", "01ANY"],
+        ["purge", "--older-than", "0"],
+        ["serve", "--port", "0"],
+    ):
         result = cli(command[0], "sqlite:///other.db", *command[1:])
         assert result.returncode == 1, result
         assert "not a durably-web database" in result.stderr and "nothing was written" in result.stderr
@@ -693,8 +722,21 @@ def test_read_only_commands_do_not_create_a_missing_database(
 def test_serve_on_all_interfaces_answers_only_the_names_it_is_told(
     background: Callable[..., Background],
 ) -> None:
-    server = background("serve", "serve", APP, "--auth", "tenancy:auth", "--host", "0.0.0.0", "--port", "0",
-                        "--allowed-host", "jobs.example.test", "--allowed-origin", "https://app.example.test")
+    server = background(
+        "serve",
+        "serve",
+        APP,
+        "--auth",
+        "tenancy:auth",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        "0",
+        "--allowed-host",
+        "jobs.example.test",
+        "--allowed-origin",
+        "https://app.example.test",
+    )
     url = _served_url(server)
     output = server.output()
     assert url.startswith("http://0.0.0.0:")
@@ -803,7 +845,11 @@ def test_server_log_lines_are_escaped_too() -> None:
 
 def test_a_worker_whose_terminal_went_away_still_stops_on_sigint(workdir: Path) -> None:
     process = subprocess.Popen(
-        _command("worker", APP), cwd=workdir, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        _command("worker", APP),
+        cwd=workdir,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     try:
@@ -839,3 +885,48 @@ def test_trigger_run_timeout_and_runs_by_version(
     assert [r["id"] for r in json.loads(listed.stdout)] == [run["id"]]
     other = cli("runs", DB, "--version", "no-such-version")
     assert other.returncode == 0 and "no runs match" in other.stderr
+
+
+FLOW_MODULE = """
+from durably_web import Durably, define_job
+
+
+@define_job("settle", debounce=600)
+async def settle(step, payload):
+    return payload
+
+
+@define_job("plain")
+async def plain(step, payload):
+    return payload
+
+
+durably = Durably("sqlite:///flow.db", jobs=[settle, plain], polling_interval=0.05)
+"""
+
+
+def test_trigger_priority_and_debounce_and_what_show_prints(
+    workdir: Path, cli: Callable[..., subprocess.CompletedProcess[str]]
+) -> None:
+    (workdir / "flowjobs.py").write_text(FLOW_MODULE)
+    app = "flowjobs:durably"
+    urgent = cli("trigger", app, "plain", "--input", '"now"', "--priority", "7", "--json")
+    assert urgent.returncode == 0, urgent.stderr
+    assert json.loads(urgent.stdout)["priority"] == 7
+    shown = cli("show", app, json.loads(urgent.stdout)["id"])
+    assert re.search(r"^priority\s+7$", shown.stdout, re.MULTILINE), shown.stdout
+    plain = cli("trigger", app, "plain", "--input", '"later"')
+    assert "priority" not in cli("show", app, plain.stdout.strip()).stdout  # 0 is not worth a line
+    bad = cli("trigger", app, "plain", "--priority", "high")
+    assert bad.returncode == 2
+
+    first = cli("trigger", app, "settle", "--input", '{"v": 1}', "--concurrency-key", "doc:1")
+    assert first.returncode == 0 and "created" in first.stderr, first.stderr
+    second = cli("trigger", app, "settle", "--input", '{"v": 2}', "--concurrency-key", "doc:1")
+    assert second.returncode == 0 and "debounced" in second.stderr, second.stderr
+    assert second.stdout.strip() == first.stdout.strip()
+    details = cli("show", app, first.stdout.strip())
+    assert re.search(r"^not before\s+\S", details.stdout, re.MULTILINE), details.stdout
+    assert '"v": 2' in details.stdout and '"v": 1' not in details.stdout  # the latest input won
+    keyless = cli("trigger", app, "settle", "--input", "1")
+    assert keyless.returncode != 0 and "concurrency_key" in keyless.stderr

@@ -304,6 +304,8 @@ async def test_postgres_claim_walks_the_unfinished_runs_in_priority_order(postgr
                 "versions": "{}",
                 "pinned_versions": '{"sync": "v1"}',
             }
+            # The plain claim (jobs without limits) tests no flow-control condition per candidate.
+            assert "ALL(" not in Q["claim_unkeyed_run"] and "rate_limited" not in Q["claim_unkeyed_run"]
             for name in ("claim_unkeyed_run", "find_claimable_run"):
                 cursor = await conn.execute("EXPLAIN (FORMAT JSON) " + Q[name], params, prepare=False)
                 (plan,) = (await cursor.fetchone()).values()

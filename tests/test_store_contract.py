@@ -1492,9 +1492,7 @@ async def test_cancel_run_tree_cancels_every_unfinished_descendant_and_wakes_the
     generation = await started_child(store, "r0", "r1", 1000)
     assert await store.start_child(child_run("r2", 1002, "r0"), start_step("r0", "r2", 1), generation)
     r1 = await claimed(store, "r1", 1100)
-    assert await store.start_child(
-        child_run("r3", 1101, "r1"), start_step("r1", "r3"), r1.lease_generation
-    )
+    assert await store.start_child(child_run("r3", 1101, "r1"), start_step("r1", "r3"), r1.lease_generation)
     assert await wait_for_child(store, "r1", "r3", r1.lease_generation, 1102)
     finished = await claimed(store, "r2", 1103)
     assert await finish(store, "r2", finished.lease_generation, 1104)
@@ -1674,6 +1672,8 @@ async def test_contract_debounce_replaces_the_pending_runs_input_and_pushes_its_
     # Another job's pending run of the key is not debounced into: an ordinary conflict.
     with pytest.raises(ConflictError):
         await store.create_runs([flow_run("x1", 9500, job="other", concurrency_key="k", debounce_ms=10)])
+
+
 # --- attempt metadata (step.attempt.set_metadata) and step.all's waits -------------------------------
 
 META = '{"model":"m1","tokens":812}'
@@ -1780,7 +1780,6 @@ async def test_a_failed_step_recorded_while_leased_is_replaced_by_its_completed_
     done = step("a", 1, "teams", attempt=2)
     assert await store.record_step(done, record.lease_generation)
     assert await store.list_steps("a") == [done]
-
 
 
 # --- deadlines (fail_overdue_runs) -------------------------------------------------------------------

@@ -9,12 +9,15 @@ import sys
 from typing import Any
 
 import pytest
+from asgi_helpers import api_client
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 
 from durably_web import RetryPolicy, StepContext, define_job
+from durably_web.asgi import create_app
+from durably_web.traceparent import parse_traceparent
 
 pytestmark = pytest.mark.all_backends
 
@@ -135,3 +138,129 @@ asyncio.run(main())
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=True
     )
     assert json.loads(out.stdout) == {"status": "completed", "loaded": []}
+
+
+# --- HTTP: the request's traceparent header -------------------------------------------------------
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{TRACE_ID}-{PARENT_ID}-01"
+
+
+async def test_an_http_trigger_takes_the_requests_traceparent_header_as_the_runs_trace_parent(
+    make_durably, traced
+):
+    provider, exporter = traced
+
+    @define_job("via-http")
+    async def via_http(step: StepContext, payload: Any) -> int:
+        return await step.run("one", lambda: 1)
+
+    durably = await make_durably(via_http, tracing=provider)
+    async with api_client(create_app(durably)) as client:
+        response = await client.post(
+            "/trigger", json={"job": "via-http"}, headers={"traceparent": TRACEPARENT}
+        )
+        assert response.status_code == 201, response.text
+        run_id = response.json()["id"]
+        assert (await durably.wait_for_run(run_id, timeout=20)).status == "completed"
+        shown = (await client.get(f"/runs/{run_id}")).json()
+    assert shown["trace_parent"] == TRACEPARENT
+    assert (await durably.get_run(run_id)).trace_parent == TRACEPARENT
+    await durably.stop()
+    (execution,) = [s for s in exporter.get_finished_spans() if s.name == "durably.run via-http"]
+    # The request and the job it started share the caller's trace, without any ASGI instrumentation.
+    assert f"{execution.context.trace_id:032x}" == TRACE_ID
+    assert f"{execution.parent.span_id:016x}" == PARENT_ID
+
+
+async def test_a_current_span_wins_over_the_header_and_batch_and_retrigger_take_it_too(make_durably, traced):
+    provider, _ = traced
+
+    @define_job("kept")
+    async def kept(step: StepContext, payload: Any) -> None:
+        return None
+
+    durably = await make_durably(kept, tracing=provider, worker=False)
+    header = {"traceparent": TRACEPARENT}
+    async with api_client(create_app(durably)) as client:
+        items = [{"input": 1}, {"input": 2}]
+        batch = await client.post("/trigger/batch", json={"job": "kept", "items": items}, headers=header)
+        assert batch.status_code == 201, batch.text
+        for run in batch.json()["runs"]:
+            assert (await durably.get_run(run["id"])).trace_parent == TRACEPARENT
+        untraced = (await client.post("/trigger", json={"job": "kept"})).json()["id"]
+        again = await client.post(f"/runs/{untraced}/retrigger", headers=header)
+        assert again.status_code == 201, again.text
+        assert (await durably.get_run(again.json()["id"])).trace_parent == TRACEPARENT
+        assert (await durably.get_run(untraced)).trace_parent is None
+        # The ASGI transport runs the app in this task: a span current here is the request's
+        # span (as an instrumented server's would be), and it is the parent, not the header.
+        with provider.get_tracer("web").start_as_current_span("instrumented request") as span:
+            inner = (await client.post("/trigger", json={"job": "kept"}, headers=header)).json()["id"]
+    stored = (await durably.get_run(inner)).trace_parent
+    assert stored is not None and stored.split("-")[1:3] == [
+        f"{span.get_span_context().trace_id:032x}",
+        f"{span.get_span_context().span_id:016x}",
+    ]
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        TRACEPARENT.upper(),  # the recommendation's hex is lowercase
+        f"01-{TRACE_ID}-{PARENT_ID}-01",  # a later version: its layout is not guessed
+        f"ff-{TRACE_ID}-{PARENT_ID}-01",
+        f"00-{'0' * 32}-{PARENT_ID}-01",  # all-zero trace id
+        f"00-{TRACE_ID}-{'0' * 16}-01",  # all-zero parent id
+        f"00-{TRACE_ID}-{PARENT_ID}-01-extra",
+        f" {TRACEPARENT}",
+        f"00-{TRACE_ID[:-1]}-{PARENT_ID}-01",
+        f"00_{TRACE_ID}_{PARENT_ID}_01",
+        "00-not-hex-at-all-but-fifty-five-characters-long-xxxxxxx"[:55],
+        "",
+        "x" * 5000,
+    ],
+)
+async def test_a_malformed_traceparent_header_is_ignored_never_an_error_or_stored(
+    make_durably, traced, header
+):
+    provider, _ = traced
+
+    @define_job("strict")
+    async def strict(step: StepContext, payload: Any) -> None:
+        return None
+
+    durably = await make_durably(strict, tracing=provider, worker=False)
+    async with api_client(create_app(durably)) as client:
+        response = await client.post("/trigger", json={"job": "strict"}, headers={"traceparent": header})
+    assert response.status_code == 201, response.text
+    assert (await durably.get_run(response.json()["id"])).trace_parent is None
+
+
+async def test_two_traceparent_headers_are_ignored_and_without_tracing_none_is_stored(make_durably, traced):
+    provider, _ = traced
+
+    @define_job("plain-http")
+    async def plain_http(step: StepContext, payload: Any) -> None:
+        return None
+
+    traced_durably = await make_durably(plain_http, tracing=provider, worker=False)
+    untraced_durably = await make_durably(plain_http, worker=False)
+    twice = [("traceparent", TRACEPARENT), ("traceparent", f"00-{TRACE_ID}-{'1' * 16}-01")]
+    async with api_client(create_app(traced_durably)) as client:
+        response = await client.post("/trigger", json={"job": "plain-http"}, headers=twice)
+    assert (await traced_durably.get_run(response.json()["id"])).trace_parent is None
+    async with api_client(create_app(untraced_durably)) as client:
+        response = await client.post(
+            "/trigger", json={"job": "plain-http"}, headers={"traceparent": TRACEPARENT}
+        )
+    assert response.status_code == 201
+    assert (await untraced_durably.get_run(response.json()["id"])).trace_parent is None
+
+
+def test_parse_traceparent_accepts_exactly_version_00() -> None:
+    assert parse_traceparent(TRACEPARENT) == TRACEPARENT
+    assert parse_traceparent(f"00-{TRACE_ID}-{PARENT_ID}-00") is not None  # not sampled: still a parent
+    assert parse_traceparent(None) is None
+    assert parse_traceparent(TRACEPARENT + "\n") is None

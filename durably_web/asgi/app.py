@@ -17,6 +17,7 @@ Design notes:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import json
@@ -24,7 +25,7 @@ import math
 import re
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -57,6 +58,7 @@ from ..errors import (
 from ..events import TERMINAL_EVENT_TYPES, EventBuffer
 from ..models import RUN_STATUSES, ErrorInfo, Event, Run, from_ms, iso, to_jsonable
 from ..storage import RunFilter, RunRecord
+from ..traceparent import REQUEST_TRACE_PARENT, parse_traceparent
 from .openapi import openapi_document
 from .requests import (
     MAX_BATCH_ITEMS,
@@ -420,6 +422,20 @@ async def _read_json(request: Request, limit: int) -> Any:
     return value
 
 
+@contextlib.contextmanager
+def _request_trace_parent(request: Request) -> Iterator[None]:
+    """While a trigger route creates runs: the request's W3C ``traceparent`` header, for a
+    Durably with tracing on to store as the runs' trace parent when no span is current
+    (a server without OpenTelemetry's ASGI instrumentation). A malformed header, or more
+    than one, counts as none: it is the caller's tracing, not part of the request."""
+    headers = request.headers.getlist("traceparent")
+    token = REQUEST_TRACE_PARENT.set(parse_traceparent(headers[0]) if len(headers) == 1 else None)
+    try:
+        yield
+    finally:
+        REQUEST_TRACE_PARENT.reset(token)
+
+
 def _parse_model(model: type[BaseModel], value: Any) -> Any:
     try:
         return model.model_validate({} if value is _NO_BODY else value)
@@ -715,7 +731,8 @@ class _Api:
     async def trigger(self, request: Request) -> Response:
         ctx = await self._authenticate(request)
         body = _parse_model(TriggerRequest, await _read_json(request, self.durably.max_payload_bytes + 65536))
-        return await self._trigger_one(ctx, body)
+        with _request_trace_parent(request):
+            return await self._trigger_one(ctx, body)
 
     async def trigger_batch(self, request: Request) -> Response:
         """Many runs of one job in one transaction: all are created (or resolved) or none is."""
@@ -737,7 +754,8 @@ class _Api:
             triggers.append(await self._on_trigger(ctx, single))
         if not triggers:  # nothing to create; an unknown job is still a 404
             return JSONResponse({"runs": await self.durably.batch_trigger(body.job, [])})
-        runs = await self._create_runs(ctx, triggers, batch=True)
+        with _request_trace_parent(request):
+            runs = await self._create_runs(ctx, triggers, batch=True)
         status_code = 201 if any(run.disposition == "created" for run in runs) else 200
         return JSONResponse({"runs": [self._run_dict(run) for run in runs]}, status_code=status_code)
 
@@ -812,7 +830,8 @@ class _Api:
             if run.deadline_at is None or run.created_at is None
             else max((run.deadline_at - run.created_at).total_seconds(), 0.001),
         )
-        return await self._trigger_one(ctx, again)
+        with _request_trace_parent(request):
+            return await self._trigger_one(ctx, again)
 
     async def signal(self, request: Request) -> Response:
         """Send the path's signal to the run: 200 with its disposition (delivered, stored, duplicate)."""

@@ -142,6 +142,7 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                 "type": ["string", "null"],
                 "description": "the job version that started the run (before that: the trigger's)",
             },
+            "trace_parent": {"type": ["string", "null"], "description": "W3C traceparent (tracing on)"},
         },
     }
     run_properties: dict[str, Any] = run_schema["properties"]  # type: ignore[assignment]
@@ -558,8 +559,8 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
                 **{
                     name: schema
                     for name, schema in run_properties.items()
-                    # Lists show no input, output or traceback (GET /runs/{run_id} has them).
-                    if name not in ("input", "output", "error", "disposition")
+                    # Lists show no input, output, traceback or trace parent (GET /runs/{run_id} has them).
+                    if name not in ("input", "output", "error", "disposition", "trace_parent")
                 },
                 "error": {
                     "oneOf": [

@@ -26,6 +26,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 import uvicorn
+from opentelemetry.sdk.trace import TracerProvider
 from pagekit import page, wait_until
 from pydantic import BaseModel, Field
 from starlette.applications import Starlette
@@ -149,7 +150,13 @@ async def tree_parent(step: StepContext, payload: Any) -> None:
     await step.wait_for_child("nap-done", child)
 
 
-JOBS = [slow_report, send_invoice, approval, flaky, fail_once, nap, noted, tree_parent]
+@define_job("settle", debounce=3600)
+async def settle(step: StepContext, payload: Any) -> Any:
+    """Debounced for an hour: its run stays pending (held back) while the test looks at it."""
+    return payload
+
+
+JOBS = [slow_report, send_invoice, approval, flaky, fail_once, nap, noted, tree_parent, settle]
 
 
 # -- the server ----------------------------------------------------------------------------
@@ -188,6 +195,8 @@ class ServerThread(threading.Thread):
             lease_renew_interval=0.5,
             shutdown_timeout=2.0,
             max_concurrent_runs=8,
+            # Tracing on (no exporter needed): an HTTP trigger's traceparent header is stored.
+            tracing=TracerProvider(),
         )
         await durably.init()
         app = Starlette(routes=[Mount(PREFIX, app=create_app(durably, sse_throttle=0.05))])
@@ -306,6 +315,7 @@ def test_dashboard_loads_and_follows_a_run_live(driver: Any, server: ServerThrea
         "nap",
         "noted",
         "send-invoice",
+        "settle",
         "slow-report",
         "tree-parent",
     ]
@@ -524,7 +534,8 @@ const caught = async (promise) => {
     {input: {customer: "D", amount: 4}, options: {concurrencyKey: "batch-ck"}},
     {input: {customer: "E", amount: 5}, options: {concurrencyKey: "batch-ck"}}]));
   out.batchBadOption = await caught(c.batchTrigger("send-invoice", [
-    {customer: "F", amount: 6}, {input: {customer: "G", amount: 7}, options: {priority: 1}}]));
+    // urgency is no option (priority is one now)
+    {customer: "F", amount: 6}, {input: {customer: "G", amount: 7}, options: {urgency: 1}}]));
   // all or nothing: none of the refused batches left a run behind
   // list items are summaries (no input): the inputs come from getRun
   const listed = await c.getRuns({jobName: "send-invoice", limit: 1000});
@@ -593,6 +604,7 @@ def test_remote_client_api(driver: Any, server: ServerThread) -> None:
         "nap",
         "noted",
         "send-invoice",
+        "settle",
         "slow-report",
         "tree-parent",
     ]
@@ -1234,6 +1246,110 @@ const caught = async (promise) => {
 """
 
 
+# -- flow control and tracing: priority, a held-back start, "debounced", the trace parent ----------
+
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+
+
+def row_texts(driver: Any, run_id: str) -> dict[str, Any]:
+    return dict(
+        driver.execute_script(
+            """const row = document.querySelector(`tr[data-run-id='${arguments[0]}']`);
+            if (!row) return {};
+            return {priority: row.querySelector('.chip-priority')?.textContent ?? null,
+                    startsAfter: row.querySelector('.starts-after')?.textContent ?? null};""",
+            run_id,
+        )
+    )
+
+
+def meta_texts(driver: Any) -> dict[str, Any]:
+    return dict(
+        driver.execute_script(
+            """const d = document.getElementById('detail');
+            const text = (sel) => d.querySelector(sel)?.textContent ?? null;
+            return {priority: text('.meta-priority dd'), startsAfter: text('.meta-starts-after dd'),
+                    traceParent: text('.trace-parent dd')};"""
+        )
+    )
+
+
+def test_priority_held_back_start_debounce_and_trace_parent_show(
+    driver: Any, server: ServerThread, api: httpx.Client
+) -> None:
+    open_dashboard(driver, server)
+    response = api.post(
+        "trigger",
+        json={"job": "settle", "input": {"v": 1}, "concurrency_key": "doc:ui", "priority": 4},
+        headers={"traceparent": TRACEPARENT},
+    )
+    assert response.status_code == 201, response.text
+    run_id = response.json()["id"]
+    wait_until(lambda: row_texts(driver, run_id).get("priority") == "p+4", what="the priority chip")
+    assert (row_texts(driver, run_id)["startsAfter"] or "").startswith("starts after ")
+    click_row(driver, run_id)
+    shown = meta_texts(driver)
+    assert shown["priority"] == "4" and shown["traceParent"] == TRACEPARENT
+    assert shown["startsAfter"] not in (None, "", "—")
+
+    # The trigger form: the same key again is debounced into that run, and the toast says so.
+    driver.execute_script(
+        """document.getElementById('new-run').click();
+        document.getElementById('trigger-job').value = 'settle';
+        document.getElementById('trigger-input').value = '{"v": 2}';
+        document.getElementById('trigger-concurrency-key').value = 'doc:ui';
+        document.getElementById('trigger-form').requestSubmit();"""
+    )
+    toast = "return document.getElementById('toast').textContent"
+    wait_until(
+        lambda: (driver.execute_script(toast) or "").startswith(
+            "Debounced into the pending run (latest input wins; starts after "
+        ),
+        what="the debounced toast",
+    )
+    assert api.get(f"runs/{run_id}").json()["input"] == {"v": 2}
+    assert api.get("runs", params={"job": "settle"}).json()["runs"][0]["id"] == run_id
+
+    # A run of priority 0 without a trace parent shows neither; a bad priority is refused in the page.
+    plain = trigger(api, "nap", None)
+    wait_until(lambda: row_status(driver, plain), what="the plain row")
+    assert row_texts(driver, plain)["priority"] is None
+    click_row(driver, plain)
+    assert meta_texts(driver) == {"priority": None, "startsAfter": None, "traceParent": None}
+    # The form's priority field takes whole numbers only (a fraction never reaches the server).
+    refused = driver.execute_script(
+        """const p = document.getElementById('trigger-priority'); p.value = '1.5';
+        return p.validity.stepMismatch && !document.getElementById('trigger-form').checkValidity();"""
+    )
+    assert refused
+    api.post(f"runs/{plain}/cancel")
+    page_is_unharmed(driver)
+
+
+FLOW_CLIENT_SCRIPT = r"""
+const done = arguments[arguments.length - 1];
+const c = DurablyWebRemote.connect(arguments[0]);
+const out = {};
+(async () => {
+  const first = await c.trigger("settle", {v: 1}, {concurrencyKey: "doc:js", priority: -2});
+  const second = await c.trigger("settle", {v: 2}, {concurrencyKey: "doc:js", priority: 9});
+  const run = await c.getRun(first.id);
+  out.dispositions = [first.disposition, second.disposition];
+  out.same = second.id === first.id;
+  out.input = run.input;
+  out.priority = run.priority;  // the first trigger's: a debounce keeps it
+  out.notBefore = typeof run.not_before === "string";
+  out.summaryPriority = (await c.getRuns({jobName: "settle"})).find((r) => r.id === first.id).priority;
+  try { await c.trigger("nap", null, {priority: "high"}); out.badPriority = null; }
+  catch (e) { out.badPriority = e.name; }
+  try { await c.trigger("settle", {v: 3}); out.keyless = null; }
+  catch (e) { out.keyless = [e.name, e.message]; }
+  await c.cancel(first.id);
+  done({ok: true, out});
+})().catch((e) => done({ok: false, error: String(e && e.stack || e)}));
+"""
+
+
 def test_deadline_and_version_in_the_dashboard_and_the_remote_client(
     driver: Any, server: ServerThread, api: httpx.Client
 ) -> None:
@@ -1269,3 +1385,15 @@ def test_deadline_and_version_in_the_dashboard_and_the_remote_client(
     assert out["badTimeout"]["name"] == "ValidationError"
     api.post(f"runs/{run_id}/cancel")
     assert console_errors(driver) == []
+
+
+def test_remote_client_priority_and_debounce(driver: Any, server: ServerThread) -> None:
+    open_dashboard(driver, server)
+    reply = driver.execute_async_script(FLOW_CLIENT_SCRIPT, server.base)
+    assert reply["ok"], reply.get("error")
+    out = reply["out"]
+    assert out["dispositions"] == ["created", "debounced"] and out["same"] is True
+    assert out["input"] == {"v": 2} and out["priority"] == -2 and out["notBefore"] is True
+    assert out["summaryPriority"] == -2
+    assert out["badPriority"] == "ValidationError"
+    assert out["keyless"][0] == "ValidationError" and "concurrency_key" in out["keyless"][1]

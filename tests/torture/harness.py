@@ -43,7 +43,12 @@ database:
 * no overlap in time between side effects of different runs sharing a
   concurrency key (a killed process's in-flight step ends at its kill);
 * every ``LeaseLostError`` a worker reported is for a run that another
-  execution really took over (they are counted: a healthy torture has none).
+  execution really took over (they are counted: a healthy torture has none);
+* flow control: runs of ``torture-limited`` (``max_concurrent=2``, triggered in bursts,
+  some with a priority) never have side effects of more than 2 of them live at once,
+  across every worker process (a killed process's in-flight step ends at its kill), and
+  each completes with its output; the peak is counted (a torture whose limit was never
+  reached tested nothing).
 
 Durable waiting (:func:`check_waits`; wall-clock times in ms, the engine's clock):
 
@@ -157,6 +162,8 @@ class TortureResult:
     offline_waits: int = 0  # waits for the network committed (W lines with reason offline)
     offline_failures: int = 0  # recorded step attempts that failed offline (no retry used up)
     child_runs: int = 0  # runs started with step.start_child (one per torture-parent run)
+    limited_runs: int = 0  # runs of torture-limited (max_concurrent=LIMITED_MAX)
+    limited_peak: int = 0  # the most of them with a side effect live at one moment
     violations: list[str] = field(default_factory=list)
     wall_time: float = 0.0
     timed_out: int = 0  # runs failed with RunTimeoutError at their deadline, as intended
@@ -174,6 +181,7 @@ class TortureResult:
             f"signals_consumed={self.signals_consumed} child_runs={self.child_runs} "
             f"offline_waits={self.offline_waits} offline_failures={self.offline_failures} "
             f"timed_out={self.timed_out} "
+            f"limited_runs={self.limited_runs} limited_peak={self.limited_peak} "
             f"violations={len(self.violations)} wall={self.wall_time:.1f}s"
         )
 
@@ -355,6 +363,11 @@ def expected_outcome(exp: Expected) -> tuple[list[str], str, dict[str, Any] | No
         if exp.times_out:  # intentional: nothing need have run, no step fails
             return [], "failed", None, None
         return names, "completed", {"total": total(exp.run_id, ["s0", "s1"])}, None
+    if exp.job == "torture-limited":
+        names = torture_jobs.chain_value_steps(exp.steps)
+        if exp.cancel_accepted:
+            return names, "cancelled", None, None
+        return names, "completed", {"total": total(exp.run_id, names)}, None
     if exp.job in ("torture-sleep", "torture-signal"):
         if exp.job == "torture-sleep":
             names, values = torture_jobs.sleep_names(len(exp.naps))
@@ -598,6 +611,7 @@ def check_log(
 
     check_runs(log, runs, rows_of, expected, result, idempotency or {})
     check_concurrency(runs, spans, result)
+    check_max_concurrent(runs, spans, result)
     check_waits(log, by_step, rows_of, attempt_rows, list(signal_rows), expected, result)
 
 
@@ -749,6 +763,37 @@ def check_concurrency(
                         f"concurrency key {key}: run {r1} (attempt {a1}, pid {p1}) and run {r2} "
                         f"(attempt {a2}, pid {p2}) overlapped by {(e1 - s2) / 1e6:.1f} ms"
                     )
+
+
+def check_max_concurrent(
+    runs: dict[str, dict[str, Any]], spans: dict[tuple[str, int, int], list[int]], result: TortureResult
+) -> None:
+    """Never more than LIMITED_MAX runs of torture-limited with a side effect live at once.
+
+    A run's execution (run, attempt, process) is live from its first step's begin to its last
+    step's end or its process's kill (``spans``); a step's side effect lies inside the lease
+    that the limit counts, so more live executions than the limit means more leases than
+    the limit. Two executions of one run (a takeover) are one run."""
+    edges: list[tuple[int, int, str]] = []  # (time, +1 begin / -1 end, run id); ends sort first
+    for (run_id, _attempt, _pid), (begin, end) in spans.items():
+        if runs.get(run_id, {}).get("job_name") == "torture-limited":
+            edges += [(begin, 1, run_id), (end, -1, run_id)]
+    result.limited_runs = sum(1 for row in runs.values() if row["job_name"] == "torture-limited")
+    live: dict[str, int] = defaultdict(int)  # run id -> its live executions
+    reported = False
+    for at, change, run_id in sorted(edges):
+        live[run_id] += change
+        if live[run_id] == 0:
+            del live[run_id]
+        result.limited_peak = max(result.limited_peak, len(live))
+        if len(live) > torture_jobs.LIMITED_MAX and not reported:
+            reported = True  # one overlap is reported once, not at each later edge
+            result.violations.append(
+                f"max_concurrent={torture_jobs.LIMITED_MAX}: {len(live)} runs of torture-limited "
+                f"live at once ({sorted(live)}, at t={at})"
+            )
+        elif len(live) <= torture_jobs.LIMITED_MAX:
+            reported = False
 
 
 _FAILURE_XID = re.compile(r"xid (\S+)\)")
@@ -1294,6 +1339,11 @@ class Torture:
         # with the job's own deadline (120 s) completes.
         await self.trigger({"nap": 5.0}, {"timeout": 0.6}, protected=True, job=DEADLINE_JOB)
         await self.trigger({"nap": 0.2}, {}, protected=True, job=DEADLINE_JOB)
+        # Flow control: four runs of a job with max_concurrent=2, two of them ahead by
+        # priority, so the workers' first claims take those two together (the limit is met).
+        for priority in (5, 0, 5, 0):
+            payload = {"steps": 5, "delay": 0.04}
+            await self.trigger(payload, {"priority": priority}, protected=True, job="torture-limited")
         return await self.trigger({"steps": 10, "delay": 0.05}, {"concurrency_key": "ck-a"}, protected=True)
 
     def plan_signals(self, run_id: str, waits: int, *, mix: bool = False) -> None:
@@ -1358,6 +1408,14 @@ class Torture:
                 await self.send(run_id, sent)
             if not plan:
                 self.to_send.pop(run_id, None)
+
+    async def trigger_limited_burst(self, size: int) -> None:
+        """A burst of torture-limited runs (max_concurrent=2), some with a priority: more of
+        them pending at once than the limit lets run. Protected, so each must complete."""
+        for _ in range(size):
+            options = {"priority": self.rng.choice([0, 0, 5, -3])}
+            payload = {"steps": self.rng.randint(3, 6), "delay": self.rng.choice([0.02, 0.04])}
+            await self.trigger(payload, options, protected=True, job="torture-limited")
 
     async def trigger_waiting_kind(self) -> None:
         """One run of a waiting job, its parameters drawn at random."""
@@ -1487,6 +1545,8 @@ class Torture:
             for n in range(self.kills):
                 if await self.unfinished() < 6:
                     await self.trigger_some(self.rng.randint(2, 5))
+                    if self.rng.random() < 0.3:
+                        await self.trigger_limited_burst(self.rng.randint(3, 5))
                 if self.rng.random() < 0.35:
                     await asyncio.sleep(self.rng.uniform(0.0, 0.2))  # let a run get going first
                     await self.cancel_some()

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from harness import Expected, TortureResult, check_log, parse_log, run_torture
 from helpers import wait_until
-from torture_jobs import step_value
+from torture_jobs import LIMITED_MAX, step_value
 
 from durably_web import Durably, StepContext, define_job
 
@@ -106,6 +106,13 @@ def test_runs_waited_for_the_network_and_failed_offline_without_using_up_attempt
 def test_a_run_timed_out_at_its_deadline_as_intended(torture_result: TortureResult) -> None:
     # The mix's torture-deadline run sleeps 5 s under a 0.6 s timeout; whoever is alive fails it.
     assert torture_result.timed_out >= 1, torture_result.summary()
+
+
+def test_the_max_concurrent_limit_was_reached_and_never_passed(torture_result: TortureResult) -> None:
+    # The mix holds four runs of a job with max_concurrent=2, two of them first by priority;
+    # the checker's rule (no third run live at once) is in the violations above.
+    r = torture_result
+    assert r.limited_runs >= 4 and r.limited_peak == LIMITED_MAX, r.summary()
 
 
 # --- the checker, on hand-made logs (its durable-waiting rules: test_checker_waits.py) ----------------
@@ -261,6 +268,46 @@ def test_checker_accepts_runs_of_one_concurrency_key_one_after_the_other() -> No
     lines = ["B RA s0 1 xa 1 100", "E RA s0 1 xa 1 300", "B RB s0 2 xb 1 301", "E RB s0 2 xb 1 400"]
     rows = [committed("RA", "s0", "xa"), committed("RB", "s0", "xb")]
     assert check(lines, rows, runs=runs).violations == []
+
+
+def limited_runs(*run_ids: str, attempts: dict[str, int] | None = None) -> dict[str, dict[str, Any]]:
+    """One-step runs of the job with max_concurrent=LIMITED_MAX."""
+    runs = {run_id: one_step_run(run_id, attempt=(attempts or {}).get(run_id, 1)) for run_id in run_ids}
+    for row in runs.values():
+        row["job_name"] = "torture-limited"
+    return runs
+
+
+def test_checker_rejects_more_runs_of_a_limited_job_at_once_than_its_max_concurrent() -> None:
+    lines = [
+        "B RA s0 1 xa 1 100",
+        "B RB s0 2 xb 1 200",
+        "B RC s0 3 xc 1 250",
+        "E RA s0 1 xa 1 300",
+        "E RB s0 2 xb 1 400",
+        "E RC s0 3 xc 1 500",
+    ]
+    rows = [committed(r, "s0", x) for r, x in (("RA", "xa"), ("RB", "xb"), ("RC", "xc"))]
+    result = check(lines, rows, runs=limited_runs("RA", "RB", "RC"))
+    assert result.limited_peak == 3
+    assert [v for v in result.violations if "max_concurrent=2" in v] != [], result.violations
+
+
+def test_checker_ends_a_killed_limited_runs_step_at_the_kill() -> None:
+    # RA's process is killed at 250 with its step in flight; RC begins after that kill and
+    # RA's next attempt after RB's end: never more than two live at once.
+    lines = [
+        "B RA s0 1 xa 1 100",
+        "B RB s0 2 xb 1 200",
+        "B RC s0 3 xc 1 260",
+        "E RB s0 2 xb 1 300",
+        "B RA s0 4 xa2 2 310",
+        "E RC s0 3 xc 1 400",
+        "E RA s0 4 xa2 2 500",
+    ]
+    rows = [committed(r, "s0", x) for r, x in (("RA", "xa2"), ("RB", "xb"), ("RC", "xc"))]
+    result = check(lines, rows, runs=limited_runs("RA", "RB", "RC", attempts={"RA": 2}), killed={1: 250})
+    assert result.violations == [] and result.limited_peak == 2 and result.limited_runs == 3
 
 
 def test_checker_rejects_a_run_nobody_accepted() -> None:

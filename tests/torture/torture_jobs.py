@@ -29,6 +29,9 @@ and, for the network-aware job (``--offline-flag``: the network is down while th
 exists), ``A``/``F`` lines as above for its step 'fetch', whose failures while offline are
 ConnectionErrors (W lines with reason ``offline`` follow).
 
+The flow-limited job ``torture-limited`` (``max_concurrent=LIMITED_MAX``) writes only B/E
+lines; the checker counts how many of its runs have a side effect live at once.
+
 ``wall_ms`` is ``time.time_ns() // 10**6``, the clock the engine persists wake-up times
 with (``Durably.now_ms``), so the checker can compare them with the database.
 
@@ -481,7 +484,41 @@ async def deadlined(step: StepContext, payload: DeadlineIn) -> ChainOut:
     return ChainOut(total=first["v"] + last["v"])
 
 
-JOBS = [chain, child, retrying, sleeper, signalled, offline_fetcher, parallel, subrun, parent, deadlined]
+# --- flow control: a job with max_concurrent ----------------------------------------------------------
+
+LIMITED_MAX = 2  # torture-limited's max_concurrent: never more of its runs live at once
+
+
+class LimitedIn(BaseModel):
+    steps: int
+    delay: float = 0.04
+
+
+@define_job("torture-limited", input=LimitedIn, output=ChainOut, max_concurrent=LIMITED_MAX)
+async def limited(step: StepContext, payload: LimitedIn) -> ChainOut:
+    """Steps s0 .. s{steps-1}, long enough that its runs' side effects overlap whenever the
+    workers run several at once (the limit is what keeps them to LIMITED_MAX)."""
+    total = 0
+    for i in range(payload.steps):
+        name = f"s{i}"
+        effect = effect_sync if i % 2 == 0 else effect_async
+        total += (await step.run(name, effect, step.run_id, name, step.attempt, payload.delay, False))["v"]
+    return ChainOut(total=total)
+
+
+JOBS = [
+    chain,
+    child,
+    retrying,
+    sleeper,
+    signalled,
+    offline_fetcher,
+    parallel,
+    subrun,
+    parent,
+    deadlined,
+    limited,
+]
 
 
 async def serve(args: argparse.Namespace) -> None:

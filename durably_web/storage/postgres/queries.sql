@@ -172,7 +172,8 @@ FOR UPDATE OF r SKIP LOCKED
 -- NULL unless leased; no row means nothing is claimable. pg_notify sits in a scalar
 -- subquery over leased, so only a lease is announced. MATERIALIZED: both uses of the
 -- candidate are the one row this statement locked. Its conditions are find_claimable_run's
--- (see there why the status is tested twice).
+-- (see there why the status is tested twice) but for flow control's: it claims only for
+-- jobs without limits (a claim with limited jobs is _claim_limited's, in a transaction).
 WITH candidate AS MATERIALIZED (
     SELECT r.id, r.concurrency_key FROM durably_runs AS r
     WHERE r.status IN ('pending', 'leased', 'waiting')
@@ -184,7 +185,6 @@ WITH candidate AS MATERIALIZED (
             WHERE other.concurrency_key = r.concurrency_key
               AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > %(now)s
               AND other.id <> r.id))
-      AND (r.started_at IS NOT NULL OR r.job_name <> ALL(%(rate_limited)s::text[]))
       -- Safe deploys: a started run of a job this worker pins to its version (pinned_versions,
       -- a JSON object job -> version) is left for a worker of the version that started it.
       AND (r.started_at IS NULL OR r.version IS NULL

@@ -598,7 +598,6 @@ class PostgresStore(Store):
             "lease_until": lease_until,
             "channel": self.channel,
             "origin": self._origin,
-            "rate_limited": [],
             "versions": json.dumps(dict(versions or {})),
             "pinned_versions": pinned,
         }
