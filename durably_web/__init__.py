@@ -22,7 +22,7 @@ from .errors import (
     WaitTimeoutError,
 )
 from .job import JobDefinition, define_job
-from .models import ErrorInfo, Event, LogEntry, Progress, Run, Step, StepAttempt
+from .models import ErrorInfo, Event, LogEntry, Progress, Run, Schedule, Step, StepAttempt
 from .network import NetworkStatus
 from .retry import RetryPolicy
 from .step import StepContext
@@ -48,6 +48,7 @@ __all__ = [
     "ReadOnlyError",
     "RetryPolicy",
     "Run",
+    "Schedule",
     "SchemaVersionError",
     "Step",
     "StepAttempt",

@@ -474,6 +474,7 @@ class Worker:
         now_ms: Callable[[], int],
         report_error: ErrorReporter,
         network: NetworkStatus = ALWAYS_ONLINE,
+        schedules: Callable[[], Awaitable[int | None]] | None = None,
     ) -> None:
         self.store = store
         self.jobs = jobs
@@ -496,6 +497,11 @@ class Worker:
         # Set when the network came back: the claim loop makes the runs waiting for it due.
         self._network_returned = False
         self._stop_watching_network: Callable[[], None] | None = None
+        # Fires due schedule ticks and returns the next one (ms); looked at when that tick is
+        # due, or after a polling interval at most (another process may add an earlier one).
+        self.schedules = schedules
+        self._next_schedule_check = 0
+        self._schedule_timer: asyncio.TimerHandle | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -553,6 +559,8 @@ class Worker:
             try:
                 if self._network_returned:
                     await self._wake_offline_runs()
+                if self.schedules is not None and self.now_ms() >= self._next_schedule_check:
+                    await self._fire_schedules(self.schedules)
                 await self._claim_available()
                 await self._purge_if_due()
             except Exception as exc:
@@ -574,6 +582,25 @@ class Worker:
                     await self._wake.wait()
             except TimeoutError:
                 pass
+
+    def schedules_changed(self) -> None:
+        """A schedule was added, changed or resumed here: look at the schedules at once."""
+        self._next_schedule_check = 0
+        self._wake.set()
+
+    async def _fire_schedules(self, fire_due: Callable[[], Awaitable[int | None]]) -> None:
+        # Looked at again in a polling interval even if it fails (the loop reports the error).
+        self._next_schedule_check = self.now_ms() + int(self.config.polling_interval * 1000)
+        next_tick = await fire_due()
+        if next_tick is None:
+            return
+        self._next_schedule_check = min(self._next_schedule_check, next_tick)
+        # One timer, at the next tick (a millisecond late so the clock reads past it).
+        if self._schedule_timer is not None:
+            self._schedule_timer.cancel()
+        if self._loop is not None and not self._stopping:
+            delay = max(0.0, (next_tick - self.now_ms() + 1) / 1000)
+            self._schedule_timer = self._loop.call_later(delay, self._wake.set)
 
     async def _claim_available(self) -> None:
         job_names = list(self.jobs)
@@ -668,6 +695,9 @@ class Worker:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        if self._schedule_timer is not None:
+            self._schedule_timer.cancel()
+            self._schedule_timer = None
         background = [task for task in (self._loop_task, self._renew_task) if task is not None]
         # The claim loop is not cancelled mid-claim (a claimed run would keep its lease until
         # it expired): it sees _stopping and ends by itself; only its wait is cut short.

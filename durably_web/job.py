@@ -16,6 +16,7 @@ from .retry import RetryPolicy
 from .serialization import adapter_for
 
 if TYPE_CHECKING:
+    from .schedules import ScheduleSpec
     from .step import StepContext
 
 InputT = TypeVar("InputT")
@@ -38,6 +39,9 @@ class JobDefinition(Generic[InputT, OutputT]):
     #: Signal name -> payload type, for ``send_signal`` to validate before storing: declared
     #: with ``define_job(signals=)``, and learned from ``wait_for_signal(type=)`` calls.
     signal_types: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: ``define_job(schedule=)``: synced into the schedules table (named after the job) when a
+    #: worker starts with the job registered.
+    schedule: ScheduleSpec | None = None
 
     @property
     def input_adapter(self) -> TypeAdapter[Any]:
@@ -89,6 +93,10 @@ def define_job(
     output: Any = None,
     retry: RetryPolicy | None = None,
     signals: dict[str, Any] | None = None,
+    schedule: str | None = None,
+    timezone: str | None = None,
+    schedule_input: Any = None,
+    catch_up: str = "latest",
 ) -> Callable[[Handler[Any, Any]], JobDefinition[Any, Any]]:
     """Decorator turning ``async def handler(step, payload)`` into a job.
 
@@ -106,16 +114,30 @@ def define_job(
             "starting with a letter or digit"
         )
 
+    spec = None
+    if schedule is not None:
+        from .schedules import ScheduleSpec, check_cron, check_schedule_options
+
+        check_schedule_options(name, catch_up)
+        check_cron(schedule, timezone or "UTC")
+        spec = ScheduleSpec(cron=schedule, timezone=timezone or "UTC", input=schedule_input, catch_up=catch_up)
+    elif timezone is not None or schedule_input is not None or catch_up != "latest":
+        raise ValidationError(f"job {name!r}: timezone, schedule_input and catch_up need schedule=")
+
     def decorate(handler: Handler[Any, Any]) -> JobDefinition[Any, Any]:
         if not inspect.iscoroutinefunction(handler):
             raise TypeError(f"job {name!r}: the handler must be an 'async def' function")
-        return JobDefinition(
+        job = JobDefinition(
             name=name,
             handler=handler,
             input_type=Any if input is None else input,
             output_type=Any if output is None else output,
             retry=retry,
             signal_types=dict(signals or {}),
+            schedule=spec,
         )
+        if spec is not None:
+            job.validate_input(spec.input)  # a schedule whose runs could never start is refused now
+        return job
 
     return decorate
