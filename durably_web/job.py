@@ -120,7 +120,9 @@ def define_job(
 
         check_schedule_options(name, catch_up)
         check_cron(schedule, timezone or "UTC")
-        spec = ScheduleSpec(cron=schedule, timezone=timezone or "UTC", input=schedule_input, catch_up=catch_up)
+        spec = ScheduleSpec(
+            cron=schedule, timezone=timezone or "UTC", input=schedule_input, catch_up=catch_up
+        )
     elif timezone is not None or schedule_input is not None or catch_up != "latest":
         raise ValidationError(f"job {name!r}: timezone, schedule_input and catch_up need schedule=")
 

@@ -96,26 +96,20 @@ def due_ticks(cron: str, timezone: str, first_due: int, now: int, catch_up: str)
     every missed tick, at most ``MAX_CATCH_UP_RUNS`` (the latest).
     """
     tz = zone(timezone)
+    keep = 1 if catch_up == "latest" else MAX_CATCH_UP_RUNS
     ticks = [first_due]
-    it = CronSim(cron, _dt(first_due, tz))
-    scanned = 0
-    while True:
-        candidate = _ms(next(it))
-        if candidate > now:
-            break
-        scanned += 1
-        if scanned > _MAX_TICK_SCAN:
-            # A long downtime of a frequent schedule: jump near now and keep counting from
-            # there (the ticks skipped over are older than any "all" would keep).
-            ticks = [_ms(next(CronSim(cron, _dt((now // 1000 + 1) * 1000, tz), reverse=True)))]
-            it = CronSim(cron, _dt(ticks[0], tz))
-            continue
-        ticks.append(candidate)
-        if len(ticks) > MAX_CATCH_UP_RUNS:
-            del ticks[0]
-    if catch_up == "latest":
-        ticks = ticks[-1:]
-    return ticks, candidate
+    forward = CronSim(cron, _dt(first_due, tz))
+    for _ in range(_MAX_TICK_SCAN):
+        following = _ms(next(forward))
+        if following > now:
+            return ticks[-keep:], following
+        ticks.append(following)
+        del ticks[:-keep]
+    # A long downtime of a frequent schedule: the latest ticks up to now, found backwards (the
+    # ticks skipped over are older than any "all" keeps).
+    backward = CronSim(cron, _dt((now // 1000 + 1) * 1000, tz), reverse=True)
+    latest = sorted(_ms(next(backward)) for _ in range(keep))
+    return latest, next_tick_after(cron, timezone, now)
 
 
 def tick_iso(tick_ms: int) -> str:
@@ -204,7 +198,7 @@ class ScheduleTicker:
         store: Store,
         jobs: Mapping[str, JobDefinition[Any, Any]],
         now_ms: Callable[[], int],
-        created: Callable[[list[tuple[RunRecord, str]]], None],
+        created: Callable[[list[tuple[RunRecord, str]]], object],
         max_payload_bytes: int,
     ) -> None:
         self.store = store
@@ -280,4 +274,3 @@ class ScheduleTicker:
 
 SchedulerHook = Callable[[], Awaitable[int | None]]
 """What the worker's claim loop calls each turn: fire due ticks, return the next one (ms)."""
-
