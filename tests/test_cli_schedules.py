@@ -53,7 +53,8 @@ async def test_schedules_list_pause_resume_delete(tmp_path: Path) -> None:
     assert resumed.stdout.startswith("schedule poll-feed: next tick ")
 
     deleted = cli(tmp_path, "schedules", "delete", url, "nightly")
-    assert deleted.returncode == 0 and "deleted" in deleted.stdout and "runs it created stay" in deleted.stderr
+    assert deleted.returncode == 0 and "deleted" in deleted.stdout
+    assert "runs it created stay" in deleted.stderr
     missing = cli(tmp_path, "schedules", "delete", url, "nightly")
     assert missing.returncode == 1 and "not found" in missing.stderr
     async with Durably(url, worker=False) as durably:
