@@ -428,3 +428,30 @@ async def test_sigkill_at_any_moment_while_ticks_fire_leaves_one_run_per_tick(db
     async with Durably(db_url, worker=False) as client:
         after = distinct_ticks(await scheduled_runs(client, "every-second"))
     assert after[: len(before)] == before and len(after) >= len(before) + 1
+
+
+# --- the RPC of the browser worker (the JS names) ------------------------------------------------
+
+
+async def test_schedules_through_the_rpc_with_js_names(make_durably):
+    from durably_web.rpc import Dispatcher
+
+    clock = FakeClock(START)
+    durably = await make_durably(tick_job, clock=clock, worker=False)
+    rpc = Dispatcher(durably)
+    made = await rpc.call("schedule", ["tick", "*/15 * * * *", {"input": {"a": 1}, "name": "poll-feed"}])
+    assert made["ok"] and made["value"]["name"] == "poll-feed" and made["value"]["input"] == {"a": 1}
+    assert made["value"]["next_tick_at"] == "2027-01-15T10:15:00Z"
+    oslo = await rpc.call("schedule", ["tick", "0 3 * * *", {"timezone": "Europe/Oslo", "catchUp": "all"}])
+    assert oslo["ok"] and (oslo["value"]["name"], oslo["value"]["catch_up"]) == ("tick", "all")
+    listed = await rpc.call("listSchedules", [])
+    assert [s["name"] for s in listed["value"]] == ["poll-feed", "tick"]
+    assert (await rpc.call("pauseSchedule", ["poll-feed"]))["value"]["paused"] is True
+    assert (await rpc.call("resumeSchedule", ["poll-feed"]))["value"]["paused"] is False
+    assert await rpc.call("unschedule", ["tick"]) == {"ok": True, "value": None}
+    bad = await rpc.call("schedule", ["tick", "every day"])
+    assert not bad["ok"] and bad["error"]["name"] == "ValidationError"
+    unknown = await rpc.call("schedule", ["tick", "0 3 * * *", {"zone": "UTC"}])
+    assert not unknown["ok"] and "unknown option" in unknown["error"]["message"]
+    missing = await rpc.call("pauseSchedule", ["tick"])
+    assert not missing["ok"] and missing["error"]["name"] == "NotFoundError"

@@ -28,6 +28,7 @@ CORE_MODULES = [
     "tests/test_signals.py",
     "tests/test_resume.py",
     "tests/test_network.py",
+    "tests/test_schedules.py",
     # The storage contract, also on the browser's sqlite-wasm connection there (conftest.py's
     # ``store`` fixture, in_pyodide.open_wasm_store).
     "tests/test_store_contract.py",
