@@ -896,6 +896,7 @@ class Durably:
             now_ms=self.now_ms,
             created=self._created,
             max_payload_bytes=self.max_payload_bytes,
+            report_error=self.report_worker_error,
         )
 
     async def schedule(

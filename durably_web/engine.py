@@ -502,6 +502,7 @@ class Worker:
         self.schedules = schedules
         self._next_schedule_check = 0
         self._schedule_timer: asyncio.TimerHandle | None = None
+        self._schedules_failing = False
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -560,7 +561,13 @@ class Worker:
                 if self._network_returned:
                     await self._wake_offline_runs()
                 if self.schedules is not None and self.now_ms() >= self._next_schedule_check:
-                    await self._fire_schedules(self.schedules)
+                    try:
+                        await self._fire_schedules(self.schedules)
+                        self._schedules_failing = False
+                    except Exception as exc:  # a schedule's trouble never stops the claims
+                        if not self._schedules_failing:  # an outage is reported once, not every poll
+                            self.report_error(exc)
+                        self._schedules_failing = True
                 await self._claim_available()
                 await self._purge_if_due()
             except Exception as exc:
@@ -592,7 +599,8 @@ class Worker:
         # Looked at again in a polling interval even if it fails (the loop reports the error).
         self._next_schedule_check = self.now_ms() + int(self.config.polling_interval * 1000)
         next_tick = await fire_due()
-        if next_tick is None:
+        if next_tick is None or next_tick <= self.now_ms():
+            # None due later, or one this process could not fire (still due): the next poll.
             return
         self._next_schedule_check = min(self._next_schedule_check, next_tick)
         # One timer, at the next tick (a millisecond late so the clock reads past it).

@@ -200,13 +200,18 @@ class ScheduleTicker:
         now_ms: Callable[[], int],
         created: Callable[[list[tuple[RunRecord, str]]], object],
         max_payload_bytes: int,
+        report_error: Callable[[BaseException], object] = lambda exc: None,
     ) -> None:
         self.store = store
         self.jobs = jobs
         self.now_ms = now_ms
         self.created = created
         self.max_payload_bytes = max_payload_bytes
+        self.report_error = report_error
         self._synced: set[str] = set()
+        # Schedules this process cannot fire (a zone it has no data for, a cron its cronsim
+        # refuses), reported once each rather than at every poll.
+        self._reported: set[tuple[str, str]] = set()
 
     async def sync_definitions(self) -> None:
         """Upsert the schedules of registered jobs not synced yet (each once per process)."""
@@ -232,7 +237,14 @@ class ScheduleTicker:
         await self.sync_definitions()
         now = self.now_ms()
         for schedule in await self.store.due_schedules(now, _DUE_BATCH):
-            await self.fire(schedule, now)
+            try:
+                await self.fire(schedule, now)
+            except ValidationError as exc:
+                # This schedule stays due (another process may fire it); the others go on.
+                key = (schedule.name, str(exc))
+                if key not in self._reported:
+                    self._reported.add(key)
+                    self.report_error(exc)
         return await self.store.next_schedule_tick()
 
     async def fire(self, schedule: ScheduleRecord, now: int) -> list[tuple[RunRecord, str]] | None:

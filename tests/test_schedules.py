@@ -455,3 +455,22 @@ async def test_schedules_through_the_rpc_with_js_names(make_durably):
     assert not unknown["ok"] and "unknown option" in unknown["error"]["message"]
     missing = await rpc.call("pauseSchedule", ["tick"])
     assert not missing["ok"] and missing["error"]["name"] == "NotFoundError"
+
+
+async def test_a_schedule_this_process_cannot_fire_is_reported_once_and_runs_go_on(make_durably, sql):
+    # A row written by a process with other zone data (the browser without tzdata, say).
+    clock = FakeClock(START)
+    durably = await make_durably(tick_job, clock=clock)
+    errors: list[Any] = []
+    durably.on("worker:error", errors.append)
+    await durably.schedule(tick_job, "0 * * * *", name="broken")
+    await durably.schedule(tick_job, "0 * * * *", name="fine")
+    sql("UPDATE durably_schedules SET timezone = 'Nowhere/Unknown' WHERE name = 'broken'")
+    clock.now = START + 3600 + 60
+    await fired_past(durably, "fine", clock.now)
+    run = await durably.trigger(tick_job, "ordinary")
+    assert (await durably.wait_for_run(run.id, timeout=30)).status == "completed"
+    await asyncio.sleep(0.1)  # more polls: the broken schedule is still due, not reported again
+    assert [e["error"].type for e in errors] == ["ValidationError"]
+    assert "Nowhere/Unknown" in errors[0]["error"].message
+    assert await scheduled_runs(durably, "broken") == []
