@@ -222,6 +222,9 @@ class Durably:
             if self.sole_worker and self._start_worker:
                 # Nothing else can be running these runs: resume them now, not after lease expiry.
                 await store.expire_leases(self.now_ms())
+            ticker = self._schedule_ticker(store)
+            if self._start_worker:
+                await ticker.sync_definitions()  # define_job(schedule=) rows exist once init returns
         except BaseException:
             await store.close()
             raise
@@ -229,13 +232,6 @@ class Durably:
         if store.notifies_changes:
             await self._watch_other_processes(store)
         if self._start_worker:
-            ticker = self._schedule_ticker(store)
-            try:
-                await ticker.sync_definitions()  # define_job(schedule=) rows exist once init returns
-            except BaseException:
-                await store.close()
-                self._store = None
-                raise
             self._worker = Worker(
                 store=store,
                 jobs=self.jobs,
