@@ -26,7 +26,7 @@ from .errors import (
     WaitTimeoutError,
 )
 from .job import JobDefinition, define_job
-from .models import ChildRun, ErrorInfo, Event, LogEntry, Progress, Run, Step, StepAttempt
+from .models import ChildRun, ErrorInfo, Event, LogEntry, Progress, Run, Schedule, Step, StepAttempt
 from .network import NetworkStatus
 from .retry import RetryPolicy
 from .step import AttemptNumber, StepBranch, StepContext
@@ -57,6 +57,7 @@ __all__ = [
     "RetryPolicy",
     "Run",
     "RunTimeoutError",
+    "Schedule",
     "SchemaVersionError",
     "Step",
     "StepAttempt",

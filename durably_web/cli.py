@@ -772,6 +772,55 @@ async def cmd_purge(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_schedules_list(args: argparse.Namespace) -> int:
+    async with opened(await load_durably(args.app), worker=False, read_only=True, app=args.app) as durably:
+        schedules = await durably.list_schedules()
+    if args.json:
+        _out(_json([schedule.to_dict() for schedule in schedules]))
+        return 0
+    if not schedules:
+        _say("no schedules")
+        return 0
+    rows = [
+        [
+            s.name,
+            s.job_name,
+            s.cron,
+            s.timezone,
+            "paused" if s.paused else _when(s.next_tick_at),
+            _when(s.last_tick_at) if s.last_tick_at else "-",
+            s.last_run_id or "-",
+            s.catch_up,
+        ]
+        for s in schedules
+    ]
+    headers = ["NAME", "JOB", "CRON", "TIMEZONE", "NEXT TICK", "LAST TICK", "LAST RUN", "CATCH-UP"]
+    _out(format_table(headers, rows))
+    return 0
+
+
+async def cmd_schedules_pause(args: argparse.Namespace) -> int:
+    async with opened(await load_durably(args.app, writes=True), worker=False) as durably:
+        schedule = await durably.pause_schedule(args.name)
+    _out(f"schedule {_p(schedule.name)}: paused")
+    return 0
+
+
+async def cmd_schedules_resume(args: argparse.Namespace) -> int:
+    async with opened(await load_durably(args.app, writes=True), worker=False) as durably:
+        schedule = await durably.resume_schedule(args.name)
+    _out(f"schedule {_p(schedule.name)}: next tick {_when(schedule.next_tick_at)}")
+    return 0
+
+
+async def cmd_schedules_delete(args: argparse.Namespace) -> int:
+    async with opened(await load_durably(args.app, writes=True), worker=False) as durably:
+        await durably.unschedule(args.name)
+    _say("the runs it created stay; a define_job(schedule=) schedule comes back when a worker starts")
+    _out(f"schedule {_p(args.name)}: deleted")
+    return 0
+
+
 async def cmd_migrate(args: argparse.Namespace) -> int:
     """Open the database for writing, which creates or upgrades its schema, and say so."""
     async with opened(await load_durably(args.app), worker=False):
@@ -1199,6 +1248,30 @@ def build_parser() -> argparse.ArgumentParser:
         "create or upgrade the database schema (runs, show and watch never write, so they refuse "
         "a database whose schema is older than this version's)",
     )
+
+    # schedules list|pause|resume|delete [APP] ...: the action first, so that an APP left to
+    # DURABLY_APP is not mistaken for a schedule's name.
+    schedules_help = "list, pause, resume or delete schedules (a database URL will do)"
+    schedules = commands.add_parser("schedules", help=schedules_help, description=schedules_help)
+    actions = schedules.add_subparsers(dest="schedule_action", required=True, metavar="ACTION")
+    for action, handler, text in (
+        ("list", cmd_schedules_list, "every schedule with its next tick (read-only: never writes)"),
+        ("pause", cmd_schedules_pause, "stop a schedule creating runs until resumed"),
+        ("resume", cmd_schedules_resume, "resume a schedule from its next tick after now"),
+        ("delete", cmd_schedules_delete, "delete a schedule (its runs stay)"),
+    ):
+        sub = actions.add_parser(action, help=text, description=text)
+        sub.add_argument(
+            "app",
+            metavar="APP",
+            nargs="?",
+            help="module:attribute or a database URL (default: the DURABLY_APP environment variable)",
+        )
+        if action == "list":
+            sub.add_argument("--json", action="store_true")
+        else:
+            sub.add_argument("name", metavar="NAME", help="the schedule's name")
+        sub.set_defaults(handler=handler)
 
     watch = command(
         "watch", cmd_watch, "follow a run's progress and logs until it ends (read-only: never writes)"

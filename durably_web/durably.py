@@ -39,6 +39,7 @@ from .models import (
     LogEntry,
     Progress,
     Run,
+    Schedule,
     Step,
     StepAttempt,
     from_ms,
@@ -46,7 +47,7 @@ from .models import (
 from .network import ALWAYS_ONLINE, NetworkStatus
 from .serialization import _NO_TYPE, encode
 from .storage import NewRun, RunFilter, RunRecord, Store, open_store
-from .storage.base import WouldBlock
+from .storage.base import ScheduleRecord, WouldBlock
 
 logger = logging.getLogger("durably_web")
 
@@ -232,6 +233,9 @@ class Durably:
             if self.sole_worker and self._start_worker:
                 # Nothing else can be running these runs: resume them now, not after lease expiry.
                 await store.expire_leases(self.now_ms())
+            ticker = self._schedule_ticker(store)
+            if self._start_worker:
+                await ticker.sync_definitions()  # define_job(schedule=) rows exist once init returns
         except BaseException:
             await store.close()
             raise
@@ -256,6 +260,7 @@ class Durably:
                 now_ms=self.now_ms,
                 report_error=self.report_worker_error,
                 network=self.network,
+                schedules=ticker.fire_due,
             )
             await self._worker.start()
         return self
@@ -961,6 +966,115 @@ class Durably:
             raise ValidationError(f"limit must be a non-negative int, not {limit!r}")
         return await self.store.purge_runs(self.now_ms() - int(age * 1000), limit)  # type: ignore[operator]
 
+    # --- schedules ---------------------------------------------------------------------------------
+    def _schedule_ticker(self, store: Store) -> Any:
+        from .schedules import ScheduleTicker
+
+        return ScheduleTicker(
+            store=store,
+            jobs=self.jobs,
+            now_ms=self.now_ms,
+            created=self._created,
+            max_payload_bytes=self.max_payload_bytes,
+            report_error=self.report_worker_error,
+        )
+
+    async def schedule(
+        self,
+        job: str | JobDefinition[Any, Any],
+        cron: str,
+        *,
+        input: Any = None,
+        name: str | None = None,
+        timezone: str = "UTC",
+        catch_up: Literal["latest", "all"] = "latest",
+    ) -> Schedule:
+        """Create or replace the schedule ``name`` (default: the job's name): each tick of
+        ``cron`` (read in ``timezone``, an IANA name) creates a run of ``job`` with ``input``,
+        exactly once across all workers on this database. Ticks fire in any process that runs
+        a worker. ``catch_up`` is what happens to ticks missed while no worker ran: ``"latest"``
+        creates one run (for the latest of them), ``"all"`` one per missed tick (at most 100,
+        the latest). Replacing a schedule keeps whether it is paused, and its next tick unless
+        the cron or the time zone changed. ``ValidationError`` for an invalid cron expression,
+        unknown time zone or input the job refuses."""
+        from .schedules import new_schedule
+
+        self._check_writable("schedule a job")
+        definition = self._job(job)
+        record = new_schedule(
+            definition,
+            cron,
+            input=input,
+            name=definition.name if name is None else name,
+            timezone=timezone,
+            catch_up=catch_up,
+            now=self.now_ms(),
+            max_payload_bytes=self.max_payload_bytes,
+        )
+        stored = await self.store.upsert_schedule(record)
+        self._schedules_changed()
+        return self._to_schedule(stored)
+
+    async def unschedule(self, name: str) -> None:
+        """Delete the schedule ``name`` (the runs it created stay); ``NotFoundError``. A
+        ``define_job(schedule=)`` schedule comes back when a worker starts with that job."""
+        self._check_writable("unschedule")
+        await self.store.delete_schedule(_schedule_name(name))
+
+    async def list_schedules(self) -> list[Schedule]:
+        """Every schedule on this database, by name."""
+        return [self._to_schedule(record) for record in await self.store.list_schedules()]
+
+    async def get_schedule(self, name: str) -> Schedule:
+        record = await self.store.get_schedule(_schedule_name(name))
+        if record is None:
+            raise NotFoundError(f"schedule {name!r} not found")
+        return self._to_schedule(record)
+
+    async def pause_schedule(self, name: str) -> Schedule:
+        """Stop creating runs for ``name`` until ``resume_schedule``; ``NotFoundError``."""
+        self._check_writable("pause a schedule")
+        record = await self.store.set_schedule_paused(_schedule_name(name), True, None, self.now_ms())
+        return self._to_schedule(record)
+
+    async def resume_schedule(self, name: str) -> Schedule:
+        """Create runs for ``name`` again from its next tick after now: ticks that passed while
+        it was paused are skipped, not caught up. ``NotFoundError``."""
+        from .schedules import next_tick_after
+
+        self._check_writable("resume a schedule")
+        current = await self.store.get_schedule(_schedule_name(name))
+        if current is None:
+            raise NotFoundError(f"schedule {name!r} not found")
+        now = self.now_ms()
+        next_tick = None
+        if current.paused:
+            next_tick = next_tick_after(current.cron, current.timezone, now)
+        record = await self.store.set_schedule_paused(current.name, False, next_tick, now)
+        self._schedules_changed()
+        return self._to_schedule(record)
+
+    def _schedules_changed(self) -> None:
+        if self._worker is not None:
+            self._worker.schedules_changed()
+
+    def _to_schedule(self, record: ScheduleRecord) -> Schedule:
+        job = self.jobs.get(record.job_name)
+        return Schedule(
+            name=record.name,
+            job_name=record.job_name,
+            cron=record.cron,
+            timezone=record.timezone,
+            input=_decode(record.input_json, job.decode_input if job else None),
+            catch_up=record.catch_up,  # type: ignore[arg-type]
+            paused=record.paused,
+            next_tick_at=from_ms(record.next_tick_at),  # type: ignore[arg-type]
+            last_tick_at=from_ms(record.last_tick_at),
+            last_run_id=record.last_run_id,
+            created_at=from_ms(record.created_at),
+            updated_at=from_ms(record.updated_at),
+        )
+
     def _check_writable(self, operation: str) -> None:
         if self.read_only:
             raise ReadOnlyError(
@@ -1068,6 +1182,12 @@ def _run_id(run_id: Any) -> str:
     except UnicodeEncodeError:  # lone surrogates: no run can have this id
         raise ValidationError("run id is not valid UTF-8 text") from None
     return run_id
+
+
+def _schedule_name(name: Any) -> str:
+    if not isinstance(name, str) or not _is_storable_text(name, MAX_KEY_LENGTH):
+        raise ValidationError(f"schedule name must be a non-empty string, not {name!r}")
+    return name
 
 
 def _one_or_many(name: str, value: str | Sequence[str] | None) -> list[str] | None:

@@ -667,6 +667,7 @@ class Worker:
         now_ms: Callable[[], int],
         report_error: ErrorReporter,
         network: NetworkStatus = ALWAYS_ONLINE,
+        schedules: Callable[[], Awaitable[int | None]] | None = None,
     ) -> None:
         self.store = store
         self.jobs = jobs
@@ -694,6 +695,12 @@ class Worker:
         self._flow_job_count = -1
         self._flow_timed = False
         self._flow_wake_ms: int | None = None
+        # Fires due schedule ticks and returns the next one (ms); looked at when that tick is
+        # due, or after a polling interval at most (another process may add an earlier one).
+        self.schedules = schedules
+        self._next_schedule_check = 0
+        self._schedule_timer: asyncio.TimerHandle | None = None
+        self._schedules_failing = False
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -752,6 +759,14 @@ class Worker:
                 if self._network_returned:
                     await self._wake_offline_runs()
                 await self._fail_overdue_runs()
+                if self.schedules is not None and self.now_ms() >= self._next_schedule_check:
+                    try:
+                        await self._fire_schedules(self.schedules)
+                        self._schedules_failing = False
+                    except Exception as exc:  # a schedule's trouble never stops the claims
+                        if not self._schedules_failing:  # an outage is reported once, not every poll
+                            self.report_error(exc)
+                        self._schedules_failing = True
                 await self._claim_available()
                 await self._purge_if_due()
             except Exception as exc:
@@ -781,6 +796,27 @@ class Worker:
             self._flow = {name: job.limits for name, job in self.jobs.items() if job.limits is not None}
             self._flow_timed = bool(self._flow) or any(job.debounce is not None for job in self.jobs.values())
         return self._flow
+
+    def schedules_changed(self) -> None:
+        """A schedule was added, changed or resumed here: look at the schedules at once."""
+        self._next_schedule_check = 0
+        self._wake.set()
+
+    async def _fire_schedules(self, fire_due: Callable[[], Awaitable[int | None]]) -> None:
+        # Looked at again in a polling interval even if it fails (the loop reports the error).
+        self._next_schedule_check = self.now_ms() + int(self.config.polling_interval * 1000)
+        next_tick = await fire_due()
+        if next_tick is None or next_tick <= self.now_ms():
+            # None due later, or one this process could not fire (still due): the next poll.
+            return
+        self._next_schedule_check = min(self._next_schedule_check, next_tick)
+        # One timer, at the next tick (a millisecond late so the clock reads past it).
+        if self._schedule_timer is not None:
+            self._schedule_timer.cancel()
+        if self._loop is not None and not self._stopping:
+            delay = max(0.0, (next_tick - self.now_ms() + 1) / 1000)
+            self._schedule_timer = self._loop.call_later(delay, self._wake.set)
+
     async def _fail_overdue_runs(self) -> None:
         """Deadlines of runs no worker is executing (waiting, pending, abandoned): whichever
         worker's claim loop comes first fails them, also one that started after they passed."""
@@ -791,6 +827,7 @@ class Worker:
             error = ErrorInfo.from_exception(_overdue_error())
             for record in failed:
                 self.events.emit("run:fail", record.id, record.job_name, {"error": error})
+
 
     async def _claim_available(self) -> None:
         job_names = list(self.jobs)
@@ -921,6 +958,9 @@ class Worker:
         for timer in self._timers:
             timer.cancel()
         self._timers.clear()
+        if self._schedule_timer is not None:
+            self._schedule_timer.cancel()
+            self._schedule_timer = None
         background = [task for task in (self._loop_task, self._renew_task) if task is not None]
         # The claim loop is not cancelled mid-claim (a claimed run would keep its lease until
         # it expired): it sees _stopping and ends by itself; only its wait is cut short.

@@ -20,6 +20,7 @@ from .storage.base import JobLimits
 from .versions import MAX_VERSION_LENGTH, VERSION_MISMATCH_POLICIES, VersionMismatchPolicy, code_version
 
 if TYPE_CHECKING:
+    from .schedules import ScheduleSpec
     from .step import StepContext
 
 InputT = TypeVar("InputT")
@@ -72,6 +73,9 @@ class JobDefinition(Generic[InputT, OutputT]):
     def __post_init__(self) -> None:
         if not self.version:  # built directly rather than by define_job: the code's hash
             object.__setattr__(self, "version", code_version(self.handler))
+    #: ``define_job(schedule=)``: synced into the schedules table (named after the job) when a
+    #: worker starts with the job registered.
+    schedule: ScheduleSpec | None = None
 
     @property
     def input_adapter(self) -> TypeAdapter[Any]:
@@ -129,6 +133,10 @@ def define_job(
     timeout: float | int | str | timedelta | None = None,
     version: str | None = None,
     on_version_mismatch: VersionMismatchPolicy = "leave",
+    schedule: str | None = None,
+    timezone: str | None = None,
+    schedule_input: Any = None,
+    catch_up: str = "latest",
 ) -> Callable[[Handler[Any, Any]], JobDefinition[Any, Any]]:
     """Decorator turning ``async def handler(step, payload)`` into a job.
 
@@ -171,10 +179,22 @@ def define_job(
             f"not {on_version_mismatch!r}"
         )
 
+    spec = None
+    if schedule is not None:
+        from .schedules import ScheduleSpec, check_cron, check_schedule_options
+
+        check_schedule_options(name, catch_up)
+        check_cron(schedule, timezone or "UTC")
+        spec = ScheduleSpec(
+            cron=schedule, timezone=timezone or "UTC", input=schedule_input, catch_up=catch_up
+        )
+    elif timezone is not None or schedule_input is not None or catch_up != "latest":
+        raise ValidationError(f"job {name!r}: timezone, schedule_input and catch_up need schedule=")
+
     def decorate(handler: Handler[Any, Any]) -> JobDefinition[Any, Any]:
         if not inspect.iscoroutinefunction(handler):
             raise TypeError(f"job {name!r}: the handler must be an 'async def' function")
-        return JobDefinition(
+        job = JobDefinition(
             name=name,
             handler=handler,
             input_type=Any if input is None else input,
@@ -187,7 +207,11 @@ def define_job(
             timeout=deadline_seconds,
             version=version if version is not None else code_version(handler),
             on_version_mismatch=on_version_mismatch,
+            schedule=spec,
         )
+        if spec is not None:
+            job.validate_input(spec.input)  # a schedule whose runs could never start is refused now
+        return job
 
     return decorate
 

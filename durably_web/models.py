@@ -286,3 +286,42 @@ class ChildRun:
 
     run_id: str
     job_name: str
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """A cron schedule: each tick of ``cron`` (in ``timezone``) creates a run of ``job_name``
+    with ``input``. ``next_tick_at`` is when the next run is due; ``last_tick_at`` and
+    ``last_run_id`` tell the tick fired last and its run (labelled ``durably:schedule`` and
+    ``durably:tick``). ``catch_up`` is what a worker does about ticks missed while none ran:
+    ``"latest"`` (one run) or ``"all"`` (one run per tick, at most 100)."""
+
+    name: str
+    job_name: str
+    cron: str
+    timezone: str
+    input: Any
+    catch_up: Literal["latest", "all"]
+    paused: bool
+    next_tick_at: datetime
+    last_tick_at: datetime | None = None
+    last_run_id: str | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (datetimes as ISO 8601 UTC)."""
+        return {
+            "name": self.name,
+            "job_name": self.job_name,
+            "cron": self.cron,
+            "timezone": self.timezone,
+            "input": to_jsonable(self.input),
+            "catch_up": self.catch_up,
+            "paused": self.paused,
+            "next_tick_at": iso(self.next_tick_at),
+            "last_tick_at": iso(self.last_tick_at),
+            "last_run_id": self.last_run_id,
+            "created_at": iso(self.created_at),
+            "updated_at": iso(self.updated_at),
+        }

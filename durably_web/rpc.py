@@ -72,6 +72,11 @@ METHODS: tuple[str, ...] = (
     "deleteRun",
     "purgeRuns",
     "jobs",
+    "schedule",
+    "unschedule",
+    "listSchedules",
+    "pauseSchedule",
+    "resumeSchedule",
 )
 
 
@@ -206,3 +211,28 @@ class Dispatcher:
 
     async def _jobs(self) -> Any:
         return sorted(self.durably.jobs)
+
+    async def _schedule(self, job: str, cron: str, options: dict[str, Any] | None = None) -> Any:
+        opts = _options(options or {}, {"input", "name", "timezone", "catchUp"})
+        schedule = await self.durably.schedule(
+            job,
+            cron,
+            input=opts.get("input"),
+            name=opts.get("name"),
+            timezone=opts.get("timezone", "UTC"),
+            catch_up=opts.get("catchUp", "latest"),
+        )
+        return schedule.to_dict()
+
+    async def _unschedule(self, name: str) -> Any:
+        await self.durably.unschedule(name)
+        return None
+
+    async def _listSchedules(self) -> Any:
+        return [schedule.to_dict() for schedule in await self.durably.list_schedules()]
+
+    async def _pauseSchedule(self, name: str) -> Any:
+        return (await self.durably.pause_schedule(name)).to_dict()
+
+    async def _resumeSchedule(self, name: str) -> Any:
+        return (await self.durably.resume_schedule(name)).to_dict()

@@ -403,6 +403,9 @@ function onRunEvent(event) {
   const d = state.detail;
   if (event.run_id === state.selected && d && !d.unsubscribe && d.run && !ACTIVE.includes(d.run.status) &&
       ["run:resume", "run:leased", "run:waiting"].includes(event.type)) loadDetail(state.selected);
+  // A schedule fired: its next tick and last run changed.
+  const labels = event.labels || (event.run && event.run.labels) || {};
+  if (event.type === "run:trigger" && labels["durably:schedule"] !== undefined) loadSchedules();
   // Progress is frequent: patch the row in place instead of reloading the list.
   if (event.type === "run:progress") {
     const index = state.runs.findIndex((r) => r.id === event.run_id);
@@ -963,6 +966,44 @@ function showStartError(error) {
   document.body.dataset.startError = error.name || "Error";
 }
 
+// --- schedules: a list with pause/resume (shown when the client has schedules) ---------------
+
+function renderSchedule(schedule) {
+  const paused = Boolean(schedule.paused);
+  const toggle = actionButton(paused ? "Resume" : "Pause", "btn-small", true, async () => {
+    if (paused) await state.client.resumeSchedule(schedule.name);
+    else await state.client.pauseSchedule(schedule.name);
+    await loadSchedules();
+  }, paused ? "Create runs again from the next tick after now" : "Stop creating runs until resumed");
+  toggle.dataset.schedule = schedule.name;
+  const lastRun = schedule.last_run_id
+    ? h("button", { type: "button", class: "link", onclick: () => selectRun(schedule.last_run_id) },
+      shortId(schedule.last_run_id))
+    : h("span", { class: "muted" }, "—");
+  const zone = schedule.timezone && schedule.timezone !== "UTC" ? ` (${schedule.timezone})` : "";
+  return h("tr", { class: paused ? "paused" : null, "data-schedule": schedule.name },
+    h("td", { class: "job" }, schedule.name),
+    h("td", null, schedule.job_name),
+    h("td", { class: "mono" }, `${schedule.cron}${zone}`),
+    h("td", null, paused ? "paused" : fmtTime(schedule.next_tick_at)),
+    h("td", null, lastRun),
+    h("td", null, toggle));
+}
+
+async function loadSchedules() {
+  if (!supports("listSchedules")) return;
+  let schedules;
+  try {
+    schedules = await state.client.listSchedules();
+  } catch (error) {
+    // A server whose auth hooks do not let this caller manage schedules: no section at all.
+    $("schedules").hidden = true;
+    return;
+  }
+  $("schedules-body").replaceChildren(...schedules.map(renderSchedule));
+  $("schedules").hidden = schedules.length === 0;
+}
+
 async function main() {
   try {
     state.client = await connect();
@@ -1007,6 +1048,7 @@ async function main() {
 
   state.client.on("*", onRunEvent);
   await loadRuns();
+  await loadSchedules();
   document.body.dataset.ready = "1";
 
   const fromHash = new URLSearchParams(location.hash.slice(1)).get("run");
@@ -1020,6 +1062,7 @@ async function main() {
       setConnection("live", state.connectedText);
     }
     scheduleRefresh(0);
+    loadSchedules();
     // Without a live stream (a finished run, or another process running it) the detail
     // still catches up.
     if (state.selected && state.detail && !state.detail.unsubscribe && state.detail.run &&

@@ -248,6 +248,37 @@ export interface RunQuery {
   version?: string | string[];
 }
 
+/**
+ * A cron schedule (see Durably.schedule): each tick of `cron`, read in `timezone`, creates
+ * one run of `job_name` with `input`, exactly once across all workers; the runs carry the
+ * labels "durably:schedule" (the name) and "durably:tick" (the tick, ISO UTC).
+ */
+export interface Schedule {
+  name: string;
+  job_name: string;
+  cron: string;
+  timezone: string;
+  input: unknown;
+  /** Ticks missed while no worker ran: one run ("latest") or one each ("all", at most 100). */
+  catch_up: "latest" | "all";
+  paused: boolean;
+  next_tick_at: string;
+  last_tick_at: string | null;
+  last_run_id: string | null;
+  created_at: string;
+  updated_at: string;
+}
+
+export interface ScheduleOptions {
+  input?: unknown;
+  /** Default: the job's name. */
+  name?: string;
+  /** An IANA zone such as "Europe/Oslo" (default "UTC"); in the browser worker, other zones
+   *  need the zone data: create({packages: ["tzdata"]}). */
+  timezone?: string;
+  catchUp?: "latest" | "all";
+}
+
 export interface DurablyClient {
   trigger(job: string, input?: unknown, options?: TriggerOptions): Promise<Run>;
   triggerAndWait(job: string, input?: unknown, options?: TriggerAndWaitOptions): Promise<Run>;
@@ -290,6 +321,19 @@ export interface DurablyClient {
   purgeRuns(options: { olderThan: number; limit?: number }): Promise<number>;
   /** Names of the registered jobs. */
   jobs(): Promise<string[]>;
+  /**
+   * Create or replace a schedule: each tick of `cron` creates a run of `job`. Replacing keeps
+   * whether it is paused, and its next tick unless cron or timezone changed. ValidationError
+   * for an invalid cron expression, unknown time zone or input the job refuses.
+   */
+  schedule(job: string, cron: string, options?: ScheduleOptions): Promise<Schedule>;
+  /** Delete a schedule (its runs stay); NotFoundError. */
+  unschedule(name: string): Promise<void>;
+  /** Every schedule, by name. */
+  listSchedules(): Promise<Schedule[]>;
+  pauseSchedule(name: string): Promise<Schedule>;
+  /** Runs again from the next tick after now (ticks missed while paused are skipped). */
+  resumeSchedule(name: string): Promise<Schedule>;
   /** Listen to one event type, or "*" for all; returns the unsubscribe function. */
   on(type: EventType | "*", listener: (event: DurablyEvent) => void): () => void;
   /** With offline: true, a newer build is cached and the next load will use it (page-only event). */

@@ -23,6 +23,7 @@
     "trigger", "triggerAndWait", "batchTrigger", "waitForRun", "getRun", "getRuns", "getSteps",
     "getStepAttempts", "getLogs", "cancel", "sendSignal", "resumeRun", "forkRun", "retrigger",
     "deleteRun", "purgeRuns", "jobs", "integrityCheck", "storageInfo",
+    "schedule", "unschedule", "listSchedules", "pauseSchedule", "resumeSchedule",
   ];
 
   // document.currentScript only exists while a classic script first runs.

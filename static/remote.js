@@ -29,6 +29,9 @@
 //   refused here with a ValidationError.
 // * purgeRuns() is POST purge; a server with auth hooks allows it only to callers
 //   its can_purge hook accepts (otherwise: DurablyError, status 403).
+// * schedule(), unschedule(), listSchedules(), pauseSchedule() and resumeSchedule() use the
+//   schedules routes; a server with auth hooks allows them only to callers its
+//   can_manage_schedules hook accepts (otherwise: DurablyError, status 403).
 // * Errors carry the HTTP `status`; 401/403 (auth hooks) become DurablyError.
 (function (global) {
   "use strict";
@@ -79,6 +82,14 @@
       throw durablyError("ValidationError", "runId must be a non-empty string");
     }
     return encodeURIComponent(runId);
+  }
+
+  // A schedule name as one path segment ("/" travels as %2F; the server takes the rest of the path).
+  function checkScheduleName(name) {
+    if (typeof name !== "string" || name === "") {
+      throw durablyError("ValidationError", "name must be a non-empty string");
+    }
+    return encodeURIComponent(name);
   }
 
   // A signal name as one path segment of runs/{id}/signals/{name}.
@@ -409,6 +420,32 @@
 
     async jobs() {
       return (await this._request("GET", "jobs")).jobs.map((job) => job.name);
+    }
+
+    // --- schedules ------------------------------------------------------------------------
+    schedule(job, cron, options) {
+      const o = checkOptions("options", options, ["input", "name", "timezone", "catchUp"]);
+      const body = { job, cron, input: o.input === undefined ? null : o.input };
+      if (o.name !== undefined && o.name !== null) body.name = o.name;
+      if (o.timezone !== undefined && o.timezone !== null) body.timezone = o.timezone;
+      if (o.catchUp !== undefined && o.catchUp !== null) body.catch_up = o.catchUp;
+      return this._request("POST", "schedules", { body });
+    }
+
+    async unschedule(name) {
+      await this._request("DELETE", `schedules/${checkScheduleName(name)}`);
+    }
+
+    async listSchedules() {
+      return (await this._request("GET", "schedules")).schedules;
+    }
+
+    pauseSchedule(name) {
+      return this._request("POST", `schedules/${checkScheduleName(name)}/pause`);
+    }
+
+    resumeSchedule(name) {
+      return this._request("POST", `schedules/${checkScheduleName(name)}/resume`);
     }
 
     // --- run-level events: one shared GET events stream -------------------------------------

@@ -42,6 +42,13 @@ doing its work, so a test can count how many times each step really ran.
         The job "versioned" at version V (step "first", a sleep of S seconds, step "second"):
         trigger it (idempotency key "versioned") and work until it ends, printing the run; or,
         with --serve, only work for S2 seconds (without triggering), then print the run.
+
+    python crash_jobs.py schedule <db_url> <completed_ticks> [--kill-after-fire]
+        Run a worker with the job "every-second" (define_job(schedule="* * * * * *"): a tick
+        each second) until <completed_ticks> of its runs have completed (each returns the pid
+        that executed it); print the worker errors seen and the pid as JSON. With
+        --kill-after-fire the process SIGKILLs itself right after its first firing of a tick
+        committed (the run exists, the next tick is moved on, nothing has executed it).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from pydantic import BaseModel
 
@@ -388,6 +396,45 @@ async def serve_waits(args: argparse.Namespace) -> None:
     print(json.dumps({"pid": os.getpid()}), flush=True)
 
 
+@define_job("every-second", schedule="* * * * * *")
+async def every_second(step: StepContext, payload: Any) -> int:
+    return os.getpid()
+
+
+def kill_after_first_fire() -> None:
+    """Make the first committed firing of a tick the last thing this process does."""
+    import signal
+
+    from durably_web.schedules import ScheduleTicker
+
+    original = ScheduleTicker.fire
+
+    async def fire(self: ScheduleTicker, schedule: Any, now: int) -> Any:
+        results = await original(self, schedule, now)
+        if results:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return results
+
+    ScheduleTicker.fire = fire  # type: ignore[method-assign]
+
+
+async def run_schedule(args: argparse.Namespace) -> None:
+    if args.kill_after_fire:
+        kill_after_first_fire()
+    errors: list[str] = []
+    async with Durably(args.db_url, jobs=[every_second], **worker_options(2.0)) as durably:
+        durably.on("worker:error", lambda event: errors.append(str(event["error"])))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            runs = await durably.get_runs(job_name="every-second", status="completed", limit=10_000)
+            if len(runs) >= args.completed_ticks:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            sys.exit("timed out waiting for the scheduled runs")
+    print(json.dumps({"pid": os.getpid(), "errors": errors}), flush=True)
+
+
 def worker_options(lease: float) -> dict[str, float]:
     return {"polling_interval": 0.02, "lease_duration": lease, "lease_renew_interval": lease / 5}
 
@@ -452,6 +499,10 @@ def main() -> None:
     versioned_parser.add_argument("--version", required=True)
     versioned_parser.add_argument("--seconds", type=float, default=1.0)
     versioned_parser.add_argument("--serve", type=float, default=None)
+    schedule_parser = sub.add_parser("schedule")
+    schedule_parser.add_argument("db_url")
+    schedule_parser.add_argument("completed_ticks", type=int)
+    schedule_parser.add_argument("--kill-after-fire", action="store_true")
     args = parser.parse_args()
     modes = {
         "steps": run_steps,
@@ -462,6 +513,7 @@ def main() -> None:
         "child": run_child,
         "deadline": run_deadline,
         "versioned": run_versioned,
+        "schedule": run_schedule,
     }
     asyncio.run(modes[args.mode](args))
 

@@ -19,7 +19,7 @@ import pytest
 
 from durably_web.errors import ConflictError, ExistingRunRefusedError, NotFoundError
 from durably_web.storage import LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store
-from durably_web.storage.base import NEVER_MS, WouldBlock
+from durably_web.storage.base import NEVER_MS, ScheduleRecord, WouldBlock
 
 JOB = "job"
 #: How long every lease below lasts unless a test says otherwise (ms).
@@ -1928,3 +1928,216 @@ async def test_list_runs_filters_by_version(store):
     assert ids(await store.list_runs(RunFilter(versions=["1"], labels={"x": "y"}))) == []
     assert ids(await store.list_runs(RunFilter(versions=["1"], limit=1, offset=1))) == ["r1"]
     assert ids(await store.list_runs(RunFilter(versions=[]))) == []
+
+
+# --- schedules ------------------------------------------------------------------------------
+
+
+def schedule_record(
+    name: str = "s",
+    *,
+    cron: str = "0 * * * *",
+    timezone: str = "UTC",
+    next_tick_at: int = 3_600_000,
+    input_json: str = '{"n": 1}',
+    catch_up: str = "latest",
+    now: int = 1000,
+) -> ScheduleRecord:
+    return ScheduleRecord(
+        name=name,
+        job_name=JOB,
+        cron=cron,
+        timezone=timezone,
+        input_json=input_json,
+        catch_up=catch_up,
+        paused=False,
+        next_tick_at=next_tick_at,
+        last_tick_at=None,
+        last_run_id=None,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+def tick_run(run_id: str, tick: int, at: int, name: str = "s") -> NewRun:
+    return NewRun(
+        run_id,
+        JOB,
+        '{"n": 1}',
+        {"durably:schedule": name, "durably:tick": str(tick)},
+        f"schedule:{name}:{tick}",
+        None,
+        False,
+        at,
+    )
+
+
+async def test_upsert_schedule_inserts_and_returns_the_stored_schedule(store):
+    stored = await store.upsert_schedule(schedule_record())
+    assert stored == schedule_record()
+    assert await store.get_schedule("s") == stored
+    assert await store.get_schedule("other") is None
+
+
+async def test_upsert_schedule_updates_the_definition_and_keeps_the_tick_unless_cron_or_zone_changed(store):
+    await store.upsert_schedule(schedule_record(next_tick_at=3_600_000))
+    same_cron = await store.upsert_schedule(
+        schedule_record(next_tick_at=7_200_000, input_json='{"n": 2}', catch_up="all", now=2000)
+    )
+    assert (same_cron.next_tick_at, same_cron.input_json, same_cron.catch_up) == (
+        3_600_000,
+        '{"n": 2}',
+        "all",
+    )
+    assert (same_cron.created_at, same_cron.updated_at) == (1000, 2000)
+    new_zone = await store.upsert_schedule(schedule_record(timezone="Europe/Oslo", next_tick_at=7_200_000))
+    assert new_zone.next_tick_at == 7_200_000 and new_zone.timezone == "Europe/Oslo"
+    new_cron = await store.upsert_schedule(
+        schedule_record(cron="*/5 * * * *", timezone="Europe/Oslo", next_tick_at=300_000)
+    )
+    assert new_cron.next_tick_at == 300_000 and new_cron.cron == "*/5 * * * *"
+
+
+async def test_upsert_schedule_keeps_paused_and_the_last_tick(store):
+    await store.upsert_schedule(schedule_record())
+    await store.fire_schedule(
+        "s",
+        expected_next_tick=3_600_000,
+        next_tick_at=7_200_000,
+        last_tick_at=3_600_000,
+        runs=[tick_run("r1", 3_600_000, 3_600_100)],
+        now=3_600_100,
+    )
+    await store.set_schedule_paused("s", True, None, 3_700_000)
+    again = await store.upsert_schedule(schedule_record(next_tick_at=99_000_000, now=3_800_000))
+    assert again.paused and again.last_tick_at == 3_600_000 and again.last_run_id == "r1"
+    assert again.next_tick_at == 7_200_000
+
+
+async def test_list_schedules_is_by_name(store):
+    for name in ("b", "a", "c"):
+        await store.upsert_schedule(schedule_record(name))
+    assert [s.name for s in await store.list_schedules()] == ["a", "b", "c"]
+
+
+async def test_delete_schedule_returns_it_and_keeps_its_runs(store):
+    await store.upsert_schedule(schedule_record())
+    await store.fire_schedule(
+        "s",
+        expected_next_tick=3_600_000,
+        next_tick_at=7_200_000,
+        last_tick_at=3_600_000,
+        runs=[tick_run("r1", 3_600_000, 3_600_100)],
+        now=3_600_100,
+    )
+    deleted = await store.delete_schedule("s")
+    assert deleted.name == "s" and await store.get_schedule("s") is None
+    assert (await get(store, "r1")).status == "pending"
+    with pytest.raises(NotFoundError):
+        await store.delete_schedule("s")
+
+
+async def test_set_schedule_paused_pauses_and_resumes_with_a_new_next_tick(store):
+    await store.upsert_schedule(schedule_record())
+    paused = await store.set_schedule_paused("s", True, None, 2000)
+    assert paused.paused and paused.next_tick_at == 3_600_000 and paused.updated_at == 2000
+    assert await store.due_schedules(10_000_000, 10) == []
+    assert await store.next_schedule_tick() is None
+    resumed = await store.set_schedule_paused("s", False, 10_800_000, 3000)
+    assert not resumed.paused and resumed.next_tick_at == 10_800_000
+    with pytest.raises(NotFoundError):
+        await store.set_schedule_paused("missing", True, None, 3000)
+
+
+async def test_due_schedules_are_the_live_ones_due_by_now_earliest_first(store):
+    await store.upsert_schedule(schedule_record("late", next_tick_at=5000))
+    await store.upsert_schedule(schedule_record("early", next_tick_at=2000))
+    await store.upsert_schedule(schedule_record("future", next_tick_at=9000))
+    await store.upsert_schedule(schedule_record("paused", next_tick_at=1000))
+    await store.set_schedule_paused("paused", True, None, 1000)
+    assert [s.name for s in await store.due_schedules(5000, 10)] == ["early", "late"]
+    assert [s.name for s in await store.due_schedules(5000, 1)] == ["early"]
+    assert await store.next_schedule_tick() == 2000
+
+
+async def test_fire_schedule_moves_the_tick_and_creates_the_runs_in_one_step(store):
+    await store.upsert_schedule(schedule_record())
+    results = await store.fire_schedule(
+        "s",
+        expected_next_tick=3_600_000,
+        next_tick_at=7_200_000,
+        last_tick_at=3_600_000,
+        runs=[tick_run("r1", 3_600_000, 3_600_100)],
+        now=3_600_100,
+    )
+    assert results is not None and [(r.id, d) for r, d in results] == [("r1", "created")]
+    run = await get(store, "r1")
+    assert run.status == "pending" and run.idempotency_key == "schedule:s:3600000"
+    assert run.labels == {"durably:schedule": "s", "durably:tick": "3600000"}
+    assert [r.id for r in await store.list_runs(RunFilter(labels={"durably:schedule": "s"}))] == ["r1"]
+    fired = await store.get_schedule("s")
+    assert fired is not None
+    assert (fired.next_tick_at, fired.last_tick_at, fired.last_run_id) == (7_200_000, 3_600_000, "r1")
+    assert (await claim(store, 3_600_200)).id == "r1"
+
+
+async def test_fire_schedule_with_a_stale_next_tick_writes_nothing(store):
+    await store.upsert_schedule(schedule_record())
+    first = await store.fire_schedule(
+        "s",
+        expected_next_tick=3_600_000,
+        next_tick_at=7_200_000,
+        last_tick_at=3_600_000,
+        runs=[tick_run("r1", 3_600_000, 3_600_100)],
+        now=3_600_100,
+    )
+    again = await store.fire_schedule(  # a second worker that read the same next tick
+        "s",
+        expected_next_tick=3_600_000,
+        next_tick_at=7_200_000,
+        last_tick_at=3_600_000,
+        runs=[tick_run("r2", 3_600_000, 3_600_200)],
+        now=3_600_200,
+    )
+    assert first is not None and again is None
+    assert await store.get_run("r2") is None
+    assert (await store.get_schedule("s")).last_run_id == "r1"  # type: ignore[union-attr]
+
+
+async def test_fire_schedule_of_a_paused_or_deleted_schedule_writes_nothing(store):
+    await store.upsert_schedule(schedule_record())
+    await store.set_schedule_paused("s", True, None, 2000)
+    fire = {"expected_next_tick": 3_600_000, "next_tick_at": 7_200_000, "last_tick_at": 3_600_000}
+    assert await store.fire_schedule("s", **fire, runs=[tick_run("r1", 3_600_000, 1)], now=1) is None
+    await store.delete_schedule("s")
+    assert await store.fire_schedule("s", **fire, runs=[tick_run("r1", 3_600_000, 1)], now=1) is None
+    assert await store.get_run("r1") is None
+
+
+async def test_fire_schedule_returns_a_ticks_existing_run_as_idempotent(store):
+    # A firing repeated after its run was made (another tick source, an older process).
+    await store.create_runs([tick_run("r0", 3_600_000, 3_600_050)])
+    await store.upsert_schedule(schedule_record())
+    results = await store.fire_schedule(
+        "s",
+        expected_next_tick=3_600_000,
+        next_tick_at=10_800_000,
+        last_tick_at=7_200_000,
+        runs=[tick_run("r1", 3_600_000, 7_200_100), tick_run("r2", 7_200_000, 7_200_100)],
+        now=7_200_100,
+    )
+    assert results is not None
+    assert [(r.id, d) for r, d in results] == [("r0", "idempotent"), ("r2", "created")]
+    assert (await store.get_schedule("s")).last_run_id == "r2"  # type: ignore[union-attr]
+    assert await store.get_run("r1") is None
+
+
+async def test_two_concurrent_firings_of_one_tick_create_one_run(store):
+    await store.upsert_schedule(schedule_record())
+    fire = {"expected_next_tick": 3_600_000, "next_tick_at": 7_200_000, "last_tick_at": 3_600_000}
+    results = await asyncio.gather(
+        store.fire_schedule("s", **fire, runs=[tick_run("r1", 3_600_000, 3_600_100)], now=3_600_100),
+        store.fire_schedule("s", **fire, runs=[tick_run("r2", 3_600_000, 3_600_100)], now=3_600_100),
+    )
+    assert sorted(r is None for r in results) == [False, True]
+    assert len(await store.list_runs(RunFilter(labels={"durably:schedule": "s"}))) == 1

@@ -73,6 +73,7 @@ from .requests import (
     TriggerRequest,
     _EmptyBody,
 )
+from .schedules import schedule_routes
 from .security import SecurityMiddleware, parse_allowed_hosts, parse_allowed_origins
 
 RunOperation = Literal[
@@ -147,6 +148,10 @@ class DurablyAuth(Protocol):
       given, ``POST /purge`` answers 403 unless it has this hook and the hook
       returns ``True`` (anything else, ``None`` included, is a refusal). Without
       ``auth`` the route is open, like every other route.
+    * ``can_manage_schedules(ctx, operation) -> bool`` allows the schedule routes
+      (``operation``: "list", "schedule", "unschedule", "pause", "resume"). Schedules
+      are not scoped either (a tick's run passes no ``on_trigger``), so with ``auth``
+      they answer 403 unless this hook returns ``True``, as for ``can_purge``.
 
     ``PermissionError`` raised by a hook is answered with 403.
     """
@@ -160,6 +165,8 @@ class DurablyAuth(Protocol):
     def scope_runs(self, ctx: Any, runs_filter: RunsFilter) -> RunsFilter: ...
 
     def can_purge(self, ctx: Any) -> bool: ...
+
+    def can_manage_schedules(self, ctx: Any, operation: str) -> bool: ...
 
 
 def _is_refusal(exc: Exception) -> bool:
@@ -1249,6 +1256,7 @@ def create_app(
         Route("/runs/{run_id}/attempts", api.get_attempts, methods=["GET"]),
         Route("/runs/{run_id}/events", api.run_events, methods=["GET"]),
         Route("/events", api.list_events, methods=["GET"]),
+        *schedule_routes(api),
         Route("/dashboard", _to_dashboard_dir, methods=["GET"]),
         Route("/dashboard/", static.page, methods=["GET"]),
         Mount("/dashboard", app=static),

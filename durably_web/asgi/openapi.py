@@ -15,11 +15,13 @@ from .requests import (
     RUN_LEVEL_EVENT_TYPES,
     ForkRequest,
     PurgeRequest,
+    ScheduleRequest,
     SignalRequest,
     TriggerBatchItem,
     TriggerBatchRequest,
     TriggerRequest,
 )
+from .schedules import SCHEDULE_SCHEMA, schedule_paths
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -524,7 +526,10 @@ def openapi_document(server_url: str = "") -> dict[str, Any]:
             )
         },
     }
+    paths.update(schedule_paths(_op, _ref, _json_content, _ERROR_RESPONSES))
     schemas = {
+        "ScheduleRequest": ScheduleRequest.model_json_schema(),
+        "Schedule": SCHEDULE_SCHEMA,
         "TriggerRequest": TriggerRequest.model_json_schema(),
         "TriggerBatchRequest": _component_schema(TriggerBatchRequest),
         "TriggerBatchItem": TriggerBatchItem.model_json_schema(),

@@ -202,3 +202,20 @@ class RunsFilter:
         if self.job is not None and job_name not in self.job:
             return False
         return all(labels.get(key) == value for key, value in self.labels.items())
+
+
+class ScheduleRequest(BaseModel):
+    """Body of ``POST /schedules``: create or replace the schedule ``name`` (default: the
+    job's name). Strict, like every body."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    job: str = Field(min_length=1, max_length=128, description="name of a registered job")
+    cron: str = Field(min_length=1, max_length=200, description="a cron expression, e.g. '*/15 * * * *'")
+    input: Any = Field(None, description="each tick's run input; validated by the job's input model")
+    name: str | None = Field(None, min_length=1, max_length=128, description="default: the job's name")
+    timezone: str = Field("UTC", min_length=1, max_length=64, description="an IANA zone, e.g. 'Europe/Oslo'")
+    catch_up: Literal["latest", "all"] = Field(
+        "latest",
+        description="ticks missed while no worker ran: one run ('latest') or one each ('all', at most 100)",
+    )

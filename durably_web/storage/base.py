@@ -144,6 +144,25 @@ class RunFilter:
     versions: Sequence[str] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class ScheduleRecord:
+    """A schedule as stored: the run of ``job_name`` with ``input_json`` that each tick of
+    ``cron`` (read in ``timezone``) creates, and when the next tick is due (ms)."""
+
+    name: str
+    job_name: str
+    cron: str
+    timezone: str
+    input_json: str
+    catch_up: str  # "latest" | "all"
+    paused: bool
+    next_tick_at: int
+    last_tick_at: int | None
+    last_run_id: str | None
+    created_at: int
+    updated_at: int
+
+
 class WouldBlock(Exception):
     """A ``*_nowait`` store call cannot answer without waiting."""
 
@@ -470,6 +489,59 @@ class Store(ABC):
 
     @abstractmethod
     async def list_logs(self, run_id: str) -> list[LogRecord]: ...
+
+
+    # --- schedules -----------------------------------------------------------------
+    @abstractmethod
+    async def upsert_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
+        """Insert the schedule, or update the one of that name (job, cron, timezone, input,
+        catch-up), and return what is stored. An update keeps ``paused``, ``last_tick_at``,
+        ``last_run_id`` and ``created_at``, and keeps ``next_tick_at`` too unless the cron or
+        the timezone changed (so every worker syncing the same definition at start moves
+        nothing)."""
+
+    @abstractmethod
+    async def get_schedule(self, name: str) -> ScheduleRecord | None: ...
+
+    @abstractmethod
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        """By name."""
+
+    @abstractmethod
+    async def delete_schedule(self, name: str) -> ScheduleRecord:
+        """Delete a schedule (its runs stay); ``NotFoundError``."""
+
+    @abstractmethod
+    async def set_schedule_paused(
+        self, name: str, paused: bool, next_tick_at: int | None, now: int
+    ) -> ScheduleRecord:
+        """Pause or resume; a resume moves ``next_tick_at`` to the given time (past what was
+        missed while paused), ``None`` keeps it. ``NotFoundError``."""
+
+    @abstractmethod
+    async def due_schedules(self, now: int, limit: int) -> list[ScheduleRecord]:
+        """Schedules not paused whose next tick is due by ``now``, earliest first."""
+
+    @abstractmethod
+    async def next_schedule_tick(self) -> int | None:
+        """The earliest ``next_tick_at`` of the schedules not paused (``None``: there are none)."""
+
+    @abstractmethod
+    async def fire_schedule(
+        self,
+        name: str,
+        *,
+        expected_next_tick: int,
+        next_tick_at: int,
+        last_tick_at: int,
+        runs: Sequence[NewRun],
+        now: int,
+    ) -> list[tuple[RunRecord, str]] | None:
+        """Fire a tick: in one transaction, move the schedule's next tick from
+        ``expected_next_tick`` to ``next_tick_at`` (compare-and-set: ``None`` and nothing written
+        if another worker fired it first, or it was paused, changed or deleted) and create
+        ``runs`` (each with its tick's idempotency key; one that exists already is returned as
+        "idempotent", not created again). ``last_tick_at`` and the last run's id are recorded."""
 
 
 def _no_op() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .base import NewRun, RunRecord, StepRecord
+from .base import NewRun, RunRecord, ScheduleRecord, StepRecord
 
 Row = dict[str, Any]
 
@@ -94,3 +94,35 @@ def step_from_row(row: Row) -> StepRecord:
         attempt=row["attempt"],
         metadata_json=row["metadata"],
     )
+
+
+def schedule_from_row(row: Row) -> ScheduleRecord:
+    return ScheduleRecord(
+        name=row["name"],
+        job_name=row["job_name"],
+        cron=row["cron"],
+        timezone=row["timezone"],
+        input_json=row["input"],
+        catch_up=row["catch_up"],
+        paused=bool(row["paused"]),
+        next_tick_at=row["next_tick_at"],
+        last_tick_at=row["last_tick_at"],
+        last_run_id=row["last_run_id"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+    )
+
+
+def schedule_params(schedule: ScheduleRecord) -> dict[str, Any]:
+    """The parameters of ``upsert_schedule`` (both backends name them alike)."""
+    return {
+        "name": schedule.name,
+        "job_name": schedule.job_name,
+        "cron": schedule.cron,
+        "timezone": schedule.timezone,
+        "input": schedule.input_json,
+        "catch_up": schedule.catch_up,
+        "paused": schedule.paused,
+        "next_tick_at": schedule.next_tick_at,
+        "now": schedule.updated_at,
+    }

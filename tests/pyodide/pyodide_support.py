@@ -34,6 +34,7 @@ CORE_MODULES = [
     "tests/test_child_runs.py",
     "tests/test_deadlines.py",
     "tests/test_versions.py",
+    "tests/test_schedules.py",
     # The storage contract, also on the browser's sqlite-wasm connection there (conftest.py's
     # ``store`` fixture, in_pyodide.open_wasm_store).
     "tests/test_store_contract.py",

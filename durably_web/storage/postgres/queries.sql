@@ -572,3 +572,53 @@ ORDER BY started_at LIMIT 1 OFFSET %(skip)s
 -- The earliest not-before time of a pending run still in the future (a debounce).
 SELECT MIN(available_at) AS at FROM durably_runs
 WHERE status = 'pending' AND available_at > %(now)s AND job_name = ANY(%(job_names)s::text[])
+-- name: upsert_schedule
+-- A changed cron or timezone replaces the next tick; otherwise it stays (every worker syncs
+-- define_job(schedule=) at start, and that must not move a tick). Paused and the last tick
+-- are an operator's and the firing's: an upsert keeps them.
+INSERT INTO durably_schedules (
+    name, job_name, cron, timezone, input, catch_up, paused, next_tick_at,
+    last_tick_at, last_run_id, created_at, updated_at
+) VALUES (
+    %(name)s, %(job_name)s, %(cron)s, %(timezone)s, %(input)s, %(catch_up)s, %(paused)s,
+    %(next_tick_at)s, NULL, NULL, %(now)s, %(now)s
+)
+ON CONFLICT (name) DO UPDATE
+SET job_name = excluded.job_name, input = excluded.input, catch_up = excluded.catch_up,
+    next_tick_at = CASE
+        WHEN durably_schedules.cron = excluded.cron AND durably_schedules.timezone = excluded.timezone
+        THEN durably_schedules.next_tick_at ELSE excluded.next_tick_at END,
+    cron = excluded.cron, timezone = excluded.timezone, updated_at = excluded.updated_at
+RETURNING *
+
+-- name: get_schedule
+SELECT * FROM durably_schedules WHERE name = %(name)s
+
+-- name: get_schedule_for_update
+-- fire_schedule: the row lock makes a second firing worker wait, then see the moved tick.
+SELECT * FROM durably_schedules WHERE name = %(name)s FOR UPDATE
+
+-- name: list_schedules
+SELECT * FROM durably_schedules ORDER BY name
+
+-- name: delete_schedule
+DELETE FROM durably_schedules WHERE name = %(name)s RETURNING *
+
+-- name: set_schedule_paused
+UPDATE durably_schedules
+SET paused = %(paused)s, next_tick_at = COALESCE(%(next_tick_at)s, next_tick_at), updated_at = %(now)s
+WHERE name = %(name)s
+RETURNING *
+
+-- name: due_schedules
+SELECT * FROM durably_schedules WHERE NOT paused AND next_tick_at <= %(now)s
+ORDER BY next_tick_at LIMIT %(limit)s
+
+-- name: next_schedule_tick
+SELECT MIN(next_tick_at) AS next_tick_at FROM durably_schedules WHERE NOT paused
+
+-- name: advance_schedule
+UPDATE durably_schedules
+SET next_tick_at = %(next_tick_at)s, last_tick_at = %(last_tick_at)s, last_run_id = %(run_id)s,
+    updated_at = %(now)s
+WHERE name = %(name)s

@@ -70,11 +70,12 @@ from ..base import (
     NewRun,
     RunFilter,
     RunRecord,
+    ScheduleRecord,
     StepRecord,
     Store,
 )
 from ..flow import flow_limits_of
-from ..rows import new_run_record, run_from_row, step_from_row
+from ..rows import new_run_record, run_from_row, schedule_from_row, schedule_params, step_from_row
 from ..run_list import list_runs_query
 from .options import PostgresOptions
 
@@ -1143,6 +1144,90 @@ class PostgresStore(Store):
         ]
 
     # --- change notifications -------------------------------------------------------------
+    # --- schedules -------------------------------------------------------------------------
+    async def upsert_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
+        async with self._connection() as conn:
+            row = await _one(conn, "upsert_schedule", schedule_params(schedule))
+        assert row is not None  # RETURNING of an insert or update always has the row
+        return schedule_from_row(row)
+
+    async def get_schedule(self, name: str) -> ScheduleRecord | None:
+        async with self._connection() as conn:
+            row = await _one(conn, "get_schedule", {"name": name})
+        return None if row is None else schedule_from_row(row)
+
+    async def list_schedules(self) -> list[ScheduleRecord]:
+        async with self._connection() as conn:
+            rows = await _all(conn, "list_schedules")
+        return [schedule_from_row(row) for row in rows]
+
+    async def delete_schedule(self, name: str) -> ScheduleRecord:
+        async with self._connection() as conn:
+            row = await _one(conn, "delete_schedule", {"name": name})
+        if row is None:
+            raise NotFoundError(f"schedule {name!r} not found")
+        return schedule_from_row(row)
+
+    async def set_schedule_paused(
+        self, name: str, paused: bool, next_tick_at: int | None, now: int
+    ) -> ScheduleRecord:
+        params = {"name": name, "paused": paused, "next_tick_at": next_tick_at, "now": now}
+        async with self._connection() as conn:
+            row = await _one(conn, "set_schedule_paused", params)
+        if row is None:
+            raise NotFoundError(f"schedule {name!r} not found")
+        return schedule_from_row(row)
+
+    async def due_schedules(self, now: int, limit: int) -> list[ScheduleRecord]:
+        async with self._connection() as conn:
+            rows = await _all(conn, "due_schedules", {"now": now, "limit": limit})
+        return [schedule_from_row(row) for row in rows]
+
+    async def next_schedule_tick(self) -> int | None:
+        async with self._connection() as conn:
+            row = await _one(conn, "next_schedule_tick")
+        return None if row is None else row["next_tick_at"]
+
+    async def fire_schedule(
+        self,
+        name: str,
+        *,
+        expected_next_tick: int,
+        next_tick_at: int,
+        last_tick_at: int,
+        runs: Sequence[NewRun],
+        now: int,
+    ) -> list[tuple[RunRecord, str]] | None:
+        results: list[tuple[RunRecord, str]] = []
+        async with self._transaction() as conn:
+            # The row lock orders racing workers: the second one waits here, then reads the
+            # tick the first one moved on and gives up.
+            row = await _one(conn, "get_schedule_for_update", {"name": name})
+            if row is None or row["paused"] or row["next_tick_at"] != expected_next_tick:
+                return None
+            for new in runs:
+                existing = await self._existing_run_for(conn, new)
+                if existing is None:
+                    inserted = await _one(conn, "insert_run", self._insert_params(new))
+                    if inserted is not None:
+                        results.append((new_run_record(new), "created"))
+                        continue
+                    existing = await self._existing_run_for(conn, new)
+                    if existing is None:
+                        raise StorageError(f"cannot create run {new.id!r}: a run with this id already exists")
+                results.append(existing)
+            await conn.execute(
+                Q["advance_schedule"],
+                {
+                    "name": name,
+                    "next_tick_at": next_tick_at,
+                    "last_tick_at": last_tick_at,
+                    "run_id": results[-1][0].id if results else row["last_run_id"],
+                    "now": now,
+                },
+            )
+        return results
+
     async def watch_changes(self, listener: ChangeListener) -> Callable[[], None]:
         """Listen on a dedicated connection (not from the pool), started by the first call.
 

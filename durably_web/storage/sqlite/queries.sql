@@ -365,3 +365,51 @@ ORDER BY started_at LIMIT 1 OFFSET :skip
 SELECT MIN(available_at) AS at FROM durably_runs
 WHERE status = 'pending' AND available_at > :now
   AND job_name IN (SELECT value FROM json_each(:job_names))
+-- name: upsert_schedule
+-- A changed cron or timezone replaces the next tick; otherwise it stays (every worker syncs
+-- define_job(schedule=) at start, and that must not move a tick). Paused and the last tick
+-- are an operator's and the firing's: an upsert keeps them.
+INSERT INTO durably_schedules (
+    name, job_name, cron, timezone, input, catch_up, paused, next_tick_at,
+    last_tick_at, last_run_id, created_at, updated_at
+) VALUES (
+    :name, :job_name, :cron, :timezone, :input, :catch_up, :paused, :next_tick_at,
+    NULL, NULL, :now, :now
+)
+ON CONFLICT (name) DO UPDATE
+SET job_name = excluded.job_name, input = excluded.input, catch_up = excluded.catch_up,
+    next_tick_at = CASE
+        WHEN durably_schedules.cron = excluded.cron AND durably_schedules.timezone = excluded.timezone
+        THEN durably_schedules.next_tick_at ELSE excluded.next_tick_at END,
+    cron = excluded.cron, timezone = excluded.timezone, updated_at = excluded.updated_at
+
+-- name: get_schedule
+SELECT * FROM durably_schedules WHERE name = :name
+
+-- name: list_schedules
+SELECT * FROM durably_schedules ORDER BY name
+
+-- name: delete_schedule
+DELETE FROM durably_schedules WHERE name = :name
+
+-- name: set_schedule_paused
+UPDATE durably_schedules
+SET paused = :paused, next_tick_at = COALESCE(:next_tick_at, next_tick_at), updated_at = :now
+WHERE name = :name
+
+-- name: due_schedules
+SELECT * FROM durably_schedules WHERE paused = 0 AND next_tick_at <= :now
+ORDER BY next_tick_at LIMIT :limit
+
+-- name: next_schedule_tick
+SELECT MIN(next_tick_at) AS next_tick_at FROM durably_schedules WHERE paused = 0
+
+-- name: advance_schedule
+-- The compare-and-set of a firing: only the worker that read this next tick moves it on.
+UPDATE durably_schedules
+SET next_tick_at = :next_tick_at, last_tick_at = :last_tick_at, updated_at = :now
+WHERE name = :name AND paused = 0 AND next_tick_at = :expected_next_tick
+
+-- name: set_schedule_last_run
+UPDATE durably_schedules SET last_run_id = :run_id WHERE name = :name
+

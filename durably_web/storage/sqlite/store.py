@@ -12,9 +12,19 @@ from importlib import resources
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from ...errors import ConflictError, ExistingRunRefusedError, NotFoundError, SchemaVersionError, StorageError
-from ..base import JobLimits, LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store, WouldBlock
+from ..base import (
+    JobLimits,
+    LogRecord,
+    NewRun,
+    RunFilter,
+    RunRecord,
+    ScheduleRecord,
+    StepRecord,
+    Store,
+    WouldBlock,
+)
 from ..flow import flow_limits_of
-from ..rows import new_run_record, run_from_row, step_from_row
+from ..rows import new_run_record, run_from_row, schedule_from_row, schedule_params, step_from_row
 from ..run_list import list_runs_query
 from .connection import SqlConnection, SqliteBusyError
 
@@ -874,6 +884,99 @@ class SQLiteStore(Store):
             for row in self._conn.fetch_all(Q["list_logs"], {"run_id": run_id})
         ]
 
+    # --- schedules ---------------------------------------------------------------------------
+    @_sqlite_call(durable=True)
+    def upsert_schedule(self, schedule: ScheduleRecord) -> ScheduleRecord:
+        with self._conn.transaction():
+            params = schedule_params(schedule)
+            self._conn.execute(Q["upsert_schedule"], {**params, "paused": int(schedule.paused)})
+            return self._require_schedule(schedule.name)
+
+    @_sqlite_call(durable=False)
+    def get_schedule(self, name: str) -> ScheduleRecord | None:
+        row = self._conn.fetch_one(Q["get_schedule"], {"name": name})
+        return None if row is None else schedule_from_row(row)
+
+    @_sqlite_call(durable=False)
+    def list_schedules(self) -> list[ScheduleRecord]:
+        return [schedule_from_row(row) for row in self._conn.fetch_all(Q["list_schedules"])]
+
+    @_sqlite_call(durable=True)
+    def delete_schedule(self, name: str) -> ScheduleRecord:
+        with self._conn.transaction():
+            record = self._require_schedule(name)
+            self._conn.execute(Q["delete_schedule"], {"name": name})
+        return record
+
+    @_sqlite_call(durable=True)
+    def set_schedule_paused(
+        self, name: str, paused: bool, next_tick_at: int | None, now: int
+    ) -> ScheduleRecord:
+        with self._conn.transaction():
+            params = {"name": name, "paused": int(paused), "next_tick_at": next_tick_at, "now": now}
+            if self._conn.execute(Q["set_schedule_paused"], params) == 0:
+                raise NotFoundError(f"schedule {name!r} not found")
+            return self._require_schedule(name)
+
+    @_sqlite_call(durable=False)
+    def due_schedules(self, now: int, limit: int) -> list[ScheduleRecord]:
+        rows = self._conn.fetch_all(Q["due_schedules"], {"now": now, "limit": limit})
+        return [schedule_from_row(row) for row in rows]
+
+    @_sqlite_call(durable=False)
+    def next_schedule_tick(self) -> int | None:
+        row = self._conn.fetch_one(Q["next_schedule_tick"])
+        return None if row is None else row["next_tick_at"]
+
+    @_sqlite_call(durable=True)
+    def fire_schedule(
+        self,
+        name: str,
+        *,
+        expected_next_tick: int,
+        next_tick_at: int,
+        last_tick_at: int,
+        runs: Sequence[NewRun],
+        now: int,
+    ) -> list[tuple[RunRecord, str]] | None:
+        conn = self._conn
+        results: list[tuple[RunRecord, str]] = []
+        with conn.transaction():
+            advanced = conn.execute(
+                Q["advance_schedule"],
+                {
+                    "name": name,
+                    "expected_next_tick": expected_next_tick,
+                    "next_tick_at": next_tick_at,
+                    "last_tick_at": last_tick_at,
+                    "now": now,
+                },
+            )
+            if advanced == 0:
+                return None  # fired by another worker, or paused, changed or deleted meanwhile
+            for new in runs:
+                row = conn.fetch_one(
+                    Q["find_idempotent_run"],
+                    {"job_name": new.job_name, "idempotency_key": new.idempotency_key},
+                )
+                if row is not None:
+                    results.append((run_from_row(row), "idempotent"))
+                    continue
+                params = _insert_run_params(new)
+                labels_json = params["labels"]
+                conn.execute(Q["insert_run"], params)
+                if new.labels:
+                    conn.execute(Q["insert_labels"], {"run_id": new.id, "labels": labels_json})
+                results.append((new_run_record(new), "created"))
+            if results:
+                conn.execute(Q["set_schedule_last_run"], {"name": name, "run_id": results[-1][0].id})
+        return results
+
+    def _require_schedule(self, name: str) -> ScheduleRecord:
+        row = self._conn.fetch_one(Q["get_schedule"], {"name": name})
+        if row is None:
+            raise NotFoundError(f"schedule {name!r} not found")
+        return schedule_from_row(row)
 
 def _insert_run_params(new: NewRun, *, keys: bool = True) -> dict[str, Any]:
     """The parameters of ``insert_run`` for ``new`` (``keys=False``: without its idempotency
