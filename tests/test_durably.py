@@ -15,6 +15,7 @@ from durably_web import (
     ConflictError,
     Durably,
     DurablyError,
+    Event,
     LeaseLostError,
     NotFoundError,
     StepContext,
@@ -316,6 +317,8 @@ async def test_concurrency_key_allows_one_running_run(make_durably):
     started = asyncio.Event()
     job = gated_job("gated", gate, started)
     durably = await make_durably(job, echo, max_concurrent_runs=4)
+    events: list[Event] = []
+    durably.on("*", events.append)
     first = await durably.trigger(job, {"n": 1}, concurrency_key="k")
     await wait_event(started)
     assert (await durably.get_run(first.id)).status == "leased"
@@ -331,7 +334,18 @@ async def test_concurrency_key_allows_one_running_run(make_durably):
     gate.set()
     assert (await durably.wait_for_run(first.id, timeout=30)).status == "completed"
     assert (await durably.wait_for_run(second.id, timeout=30)).status == "completed"
-    assert (await durably.get_run(second.id)).started_at >= (await durably.get_run(first.id)).completed_at
+    # The second run's step ran after the first run's ended (read from step events, not from
+    # started_at: a claim reads its clock before its query, which may wait for a connection).
+    keyed = (first.id, second.id)
+    steps = [
+        (e.type, e.run_id) for e in events if e.type in ("step:start", "step:complete") and e.run_id in keyed
+    ]
+    assert steps == [
+        ("step:start", first.id),
+        ("step:complete", first.id),
+        ("step:start", second.id),
+        ("step:complete", second.id),
+    ], steps
 
 
 # --- labels -----------------------------------------------------------------
