@@ -1,4 +1,4 @@
-"""Jobs for tests/browser/test_child_runs.py: a parent run that starts a child and waits for it.
+"""Jobs for tests/browser/test_child_run_reload.py: a parent run that starts a child and waits for it.
 
 Loaded after runtime_jobs.py (``jobs=runtime_jobs.py,child_jobs.py``): its recorder is reused,
 so every step execution leaves IndexedDB records ("B" when it begins, "E" just before it
