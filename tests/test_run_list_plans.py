@@ -268,15 +268,59 @@ async def test_sqlite_claim_and_flow_counts_are_served_by_indexes(tmp_path: Path
         }
     finally:
         conn.close()
-    # The claim finds its candidates through the queue and lease indexes (never a table scan;
-    # the sort over the due candidates was there before priorities, now with priority first).
-    assert "durably_runs_queue" in plans["find_claimable_run"], plans
-    assert "durably_runs_leases" in plans["find_claimable_run"], plans
-    assert "SCAN r" not in plans["find_claimable_run"].replace("SCAN json_each", ""), plans
+    # The claim walks the pending runs in claim order, and finds due waiting runs and
+    # expired leases through the queue and lease indexes (never a table scan).
+    for name in ("find_claimable_run", "find_claimable_run_rate_limited"):
+        assert "SCAN r USING INDEX durably_runs_claim_order" in plans[name], plans
+        assert "durably_runs_queue" in plans[name], plans
+        assert "durably_runs_leases" in plans[name], plans
+        assert "SCAN r " not in plans[name].replace("SCAN r USING INDEX durably_runs_claim_order", ""), plans
     assert "durably_runs_leases" in plans["count_job_leases"], plans
     assert "durably_runs_job_started" in plans["count_job_starts"], plans
     assert "durably_runs_job_started" in plans["nth_job_start"], plans
     assert not any(" SCAN durably_runs" in f" {plan}" for plan in plans.values()), plans
+
+
+def claim_vm_steps(path: Path, now: int) -> int:
+    """SQLite's work (progress-handler calls, one per 100 VM steps) for one claim lookup."""
+    from durably_web.storage.sqlite.store import Q
+
+    conn = sqlite3.connect(path)
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    params = {"now": now, "job_names": '["import", "sync"]', "pinned_versions": "{}"}
+    conn.set_progress_handler(count, 100)
+    try:
+        found = conn.execute(Q["find_claimable_run"], params).fetchall()
+    finally:
+        conn.set_progress_handler(None, 0)
+        conn.close()
+    assert len(found) == 1
+    return steps
+
+
+async def test_sqlite_claim_costs_the_same_behind_ten_times_the_backlog(tmp_path: Path) -> None:
+    # Pending runs of three priorities, waiting runs with due and future wake-ups, live and
+    # expired leases: the claim reads the best of each kind, it does not sort the backlog
+    # (a sort over every due run made a claim behind 2,000 pending runs cost 1 ms).
+    work = {}
+    for count in (2_000, 20_000):
+        path = tmp_path / f"claim{count}.db"
+        await sqlite_database(path, count)
+        with sqlite3.connect(path) as conn:
+            conn.execute("UPDATE durably_runs SET status = 'pending' WHERE status = 'completed'")
+            conn.execute("UPDATE durably_runs SET priority = CAST(substr(id, -1) AS INTEGER) % 3")
+            due_or_not = "CASE WHEN rowid % 2 = 0 THEN 10 ELSE 1000000000000 END"
+            conn.execute(
+                f"UPDATE durably_runs SET available_at = {due_or_not}, lease_expires_at = {due_or_not}"
+            )
+        work[count] = claim_vm_steps(path, now=1000)
+    assert work[20_000] <= work[2_000] + 2, work
 
 
 async def test_postgres_claim_walks_the_unfinished_runs_in_priority_order(postgres_url: str) -> None:

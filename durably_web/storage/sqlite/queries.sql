@@ -1,6 +1,7 @@
 -- Every statement the SQLite store runs, one per "-- name:" header.
 -- Parameters are named; lists and label sets are passed as JSON text and
--- unpacked with json_each, so every statement here is static text.
+-- unpacked with json_each, so every statement here is static text (the claim's is
+-- assembled from fragments once, when the queries load).
 
 -- name: create_migrations_table
 -- The schema version record; each applied migration adds its number.
@@ -61,12 +62,39 @@ DELETE FROM durably_runs WHERE id IN (
     LIMIT :limit)
 
 -- name: find_claimable_run
--- Highest priority first, then oldest. A concurrency key blocks while another run holds a live lease on
--- it, including a cancelled run whose handler has not stopped yet. A waiting run
--- is claimable once its wake-up time (available_at) is due.
-SELECT r.id FROM durably_runs AS r
-WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= :now)
-       OR (r.status = 'leased' AND r.lease_expires_at <= :now))
+-- Highest priority first, then oldest: a pending run, a waiting run whose wake-up time
+-- (available_at) is due, or a leased run whose lease has expired. Each kind is looked up
+-- on its own and the best of the (at most) three wins, so no claim sorts the backlog:
+-- pending runs are walked in claim order through durably_runs_claim_order (INDEXED BY: a
+-- schema change that made the planner pick another plan is an error, not a slow claim)
+-- and the walk stops at the first one that passes the claim's filter; due waiting runs and
+-- expired leases are the few found by a range of durably_runs_queue / durably_runs_leases.
+-- The filter's placeholder stands for the claim_filter text below, put in when the queries load; the store
+-- also builds find_claimable_run_rate_limited from this text, for claims while some job's
+-- rate window is full, with rate_limit_filter added (so the plain claim, the hot path,
+-- tests nothing more per candidate).
+SELECT id FROM (
+    SELECT * FROM (
+        SELECT r.id, r.priority FROM durably_runs AS r INDEXED BY durably_runs_claim_order
+        WHERE r.status = 'pending' AND r.available_at <= :now {claim_filter}
+        ORDER BY r.priority DESC, r.id LIMIT 1)
+    UNION ALL
+    SELECT * FROM (
+        SELECT r.id, r.priority FROM durably_runs AS r
+        WHERE r.status = 'waiting' AND r.available_at <= :now {claim_filter}
+        ORDER BY r.priority DESC, r.id LIMIT 1)
+    UNION ALL
+    SELECT * FROM (
+        SELECT r.id, r.priority FROM durably_runs AS r
+        WHERE r.status = 'leased' AND r.lease_expires_at <= :now {claim_filter}
+        ORDER BY r.priority DESC, r.id LIMIT 1)
+)
+ORDER BY priority DESC, id
+LIMIT 1
+
+-- name: claim_filter
+-- What a claim tests of each candidate run (r). A concurrency key blocks while another run
+-- holds a live lease on it, including a cancelled run whose handler has not stopped yet.
   AND r.job_name IN (SELECT value FROM json_each(:job_names))
   AND (r.concurrency_key IS NULL OR NOT EXISTS (
         SELECT 1 FROM durably_runs AS other
@@ -78,32 +106,11 @@ WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= :now)
   AND (r.started_at IS NULL OR r.version IS NULL OR NOT EXISTS (
         SELECT 1 FROM json_each(:pinned_versions) AS pin
         WHERE pin.key = r.job_name AND pin.value <> r.version))
-ORDER BY r.priority DESC, r.id
-LIMIT 1
 
--- name: find_claimable_run_rate_limited
--- find_claimable_run while some of the claim's jobs have a full rate window (a separate
--- text, so the plain claim, the hot path, tests nothing more per candidate). A concurrency key blocks while another run holds a live lease on
--- it, including a cancelled run whose handler has not stopped yet. A waiting run
--- is claimable once its wake-up time (available_at) is due.
-SELECT r.id FROM durably_runs AS r
-WHERE ((r.status IN ('pending', 'waiting') AND r.available_at <= :now)
-       OR (r.status = 'leased' AND r.lease_expires_at <= :now))
-  AND r.job_name IN (SELECT value FROM json_each(:job_names))
-  AND (r.concurrency_key IS NULL OR NOT EXISTS (
-        SELECT 1 FROM durably_runs AS other
-        WHERE other.concurrency_key = r.concurrency_key
-          AND other.status IN ('leased', 'cancelled') AND other.lease_expires_at > :now
-          AND other.id <> r.id))
-  -- Flow control: a job whose rate window is full starts no new run (one already started
-  -- continues). :rate_limited is '[]' unless the worker has rate-limited jobs.
+-- name: rate_limit_filter
+-- Flow control: a job whose rate window is full starts no new run (one already started
+-- continues). :rate_limited lists those jobs.
   AND (r.started_at IS NOT NULL OR r.job_name NOT IN (SELECT value FROM json_each(:rate_limited)))
-  -- Safe deploys, as in find_claimable_run.
-  AND (r.started_at IS NULL OR r.version IS NULL OR NOT EXISTS (
-        SELECT 1 FROM json_each(:pinned_versions) AS pin
-        WHERE pin.key = r.job_name AND pin.value <> r.version))
-ORDER BY r.priority DESC, r.id
-LIMIT 1
 
 -- name: lease_run
 -- The first claim records the claiming worker's version of the job (:versions, a JSON

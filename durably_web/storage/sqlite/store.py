@@ -46,7 +46,18 @@ def _load_migrations() -> list[tuple[int, str]]:
     return sorted(found)
 
 
-Q = _load_queries()
+def _with_claim_filters(queries: dict[str, str]) -> dict[str, str]:
+    """The claim's two texts from find_claimable_run, whose {claim_filter} stands for the
+    tests each candidate passes (three branches share them)."""
+    template = queries["find_claimable_run"]
+    plain = queries["claim_filter"]
+    rated = plain + "\n" + queries["rate_limit_filter"]
+    queries["find_claimable_run"] = template.replace("{claim_filter}", plain)
+    queries["find_claimable_run_rate_limited"] = template.replace("{claim_filter}", rated)
+    return queries
+
+
+Q = _with_claim_filters(_load_queries())
 MIGRATIONS = _load_migrations()
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
