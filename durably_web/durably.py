@@ -136,6 +136,7 @@ class Durably:
         shutdown_timeout: Seconds = 10.0,
         worker: bool = True,
         run_sync_in_thread: bool | None = None,
+        inline_short_sync_steps: bool = True,
         max_payload_bytes: int = 10 * 1024 * 1024,
         sole_worker: bool = False,
         read_only: bool = False,
@@ -172,6 +173,7 @@ class Durably:
                 raise ValidationError(f"network must be a NetworkStatus (no {member}()): {network!r}")
         self.network = network
         self.run_sync_in_thread = (not _in_pyodide()) if run_sync_in_thread is None else run_sync_in_thread
+        self.inline_short_sync_steps = bool(inline_short_sync_steps)
         if (
             isinstance(max_payload_bytes, bool)
             or not isinstance(max_payload_bytes, int)
@@ -252,6 +254,7 @@ class Durably:
                     lease_renew_interval=self.lease_renew_interval,
                     max_concurrent_runs=self.max_concurrent_runs,
                     run_sync_in_thread=self.run_sync_in_thread,
+                    inline_short_sync_steps=self.inline_short_sync_steps,
                     preserve_steps=self.preserve_steps,
                     retain_runs=self.retain_runs,
                     offline_recheck_interval=self.offline_recheck_interval,

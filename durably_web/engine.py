@@ -42,6 +42,9 @@ class WorkerConfig:
     #: A run waiting for the network is tried again after this long even if no "online"
     #: notice came (one may be missed: a page asleep, a browser that sends none).
     offline_recheck_interval: float = 30.0
+    #: With run_sync_in_thread: a sync step function seen to return within 1 ms, three
+    #: times in a row, runs on the loop's thread with no hand-off (see threads.py).
+    inline_short_sync_steps: bool = True
 
 
 class EventSink(Protocol):
@@ -705,7 +708,9 @@ class Worker:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         if self.config.run_sync_in_thread:
-            self.sync_threads = SyncStepThreads(self._loop)
+            self.sync_threads = SyncStepThreads(
+                self._loop, inline_short_calls=self.config.inline_short_sync_steps
+            )
         if self.store.notifies_changes:
             # Another process's new run, release, resume or signal wakes the claim loop at
             # once; polling stays as the fallback.
