@@ -77,8 +77,9 @@ async def test_the_store_uses_the_schema_from_the_migration_files(make_durably, 
 def test_queries_come_from_queries_sql():
     text = resources.files("durably_web.storage.sqlite").joinpath("queries.sql").read_text(encoding="utf-8")
     headers = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("-- name:")]
-    # One statement the store assembles from the others: the claim with the rate-window test.
-    assert sorted([*headers, "find_claimable_run_rate_limited"]) == sorted(sqlite_store_module.Q)
+    # Statements the store assembles from the others: the claim with the rate-window test.
+    derived = ["find_claimable_run_rate_limited", "lease_claimable_run_rate_limited"]
+    assert sorted([*headers, *derived]) == sorted(sqlite_store_module.Q)
     assert len(headers) == len(set(headers))
     assert all(statement.strip() for statement in sqlite_store_module.Q.values())
     assert not any("{" in statement for statement in sqlite_store_module.Q.values())

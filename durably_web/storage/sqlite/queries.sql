@@ -112,16 +112,21 @@ LIMIT 1
 -- continues). :rate_limited lists those jobs.
   AND (r.started_at IS NOT NULL OR r.job_name NOT IN (SELECT value FROM json_each(:rate_limited)))
 
--- name: lease_run
--- The first claim records the claiming worker's version of the job (:versions, a JSON
--- object job -> version); a resumed run keeps the version that started it.
+-- name: lease_claimable_run
+-- Claims the run find_claimable_run picks, in one statement: on the hot path (a claim
+-- without flow limits) it is its own committed transaction, and the write lock is held
+-- from the lookup to the lease, so no other claimer can take the run in between. The
+-- first claim records the claiming worker's version of the job (:versions, a JSON
+-- object job -> version); a resumed run keeps the version that started it. The lookup's
+-- placeholder stands for find_claimable_run (or its rate-limited text), put in when the
+-- queries load.
 UPDATE durably_runs
 SET status = 'leased', lease_owner = :worker_id, lease_generation = lease_generation + 1,
     lease_expires_at = :lease_until, attempt = attempt + 1,
     version = CASE WHEN started_at IS NULL THEN COALESCE(
         (SELECT value FROM json_each(:versions) WHERE key = job_name), version) ELSE version END,
     started_at = COALESCE(started_at, :now), updated_at = :now
-WHERE id = :id
+WHERE id = ({claimable})
 RETURNING *
 
 -- name: renew_lease

@@ -47,13 +47,18 @@ def _load_migrations() -> list[tuple[int, str]]:
 
 
 def _with_claim_filters(queries: dict[str, str]) -> dict[str, str]:
-    """The claim's two texts from find_claimable_run, whose {claim_filter} stands for the
-    tests each candidate passes (three branches share them)."""
+    """The claim's texts: find_claimable_run, whose {claim_filter} stands for the tests
+    each candidate passes (three branches share them), with and without the rate-window
+    test, and lease_claimable_run around each."""
     template = queries["find_claimable_run"]
     plain = queries["claim_filter"]
     rated = plain + "\n" + queries["rate_limit_filter"]
     queries["find_claimable_run"] = template.replace("{claim_filter}", plain)
     queries["find_claimable_run_rate_limited"] = template.replace("{claim_filter}", rated)
+    lease = queries["lease_claimable_run"]
+    for suffix in ("", "_rate_limited"):
+        find = queries["find_claimable_run" + suffix]
+        queries["lease_claimable_run" + suffix] = lease.replace("{claimable}", find)
     return queries
 
 
@@ -103,9 +108,10 @@ def _refuse_newer_schema(current: int) -> None:
         )
 
 
-def _claim_query(params: dict[str, Any]) -> str:
-    """The claim's text: with the rate-window test only while some job's window is full."""
-    return Q["find_claimable_run" if params["rate_limited"] == "[]" else "find_claimable_run_rate_limited"]
+def _claim_query(kind: str, params: dict[str, Any]) -> str:
+    """The claim's ``kind`` of text (find_claimable_run or lease_claimable_run): with the
+    rate-window test only while some job's window is full."""
+    return Q[kind if params["rate_limited"] == "[]" else kind + "_rate_limited"]
 
 
 class _Rollback(Exception):
@@ -446,26 +452,25 @@ class SQLiteStore(Store):
         if flow:
             params.update(self._flow_params(job_names, flow, now))
         # Peek without the write lock first: an idle worker must not serialise everyone.
-        if conn.fetch_one(_claim_query(params), params) is None:
+        if conn.fetch_one(_claim_query("find_claimable_run", params), params) is None:
             return None
-        with conn.transaction():
-            if flow:
+        params.update(
+            {
+                "worker_id": worker_id,
+                "lease_until": lease_until,
+                "versions": json.dumps(dict(versions or {})),
+            }
+        )
+        if not flow:
+            # One statement, so its own transaction: the lookup again and the lease, under
+            # the write lock. fetch_all: the statement runs to its end (and commits) here.
+            rows = conn.fetch_all(_claim_query("lease_claimable_run", params), params)
+        else:
+            with conn.transaction():
                 # Counted again under the write lock: no other claimer can lease in between.
                 params.update(self._flow_params(job_names, flow, now))
-            found = conn.fetch_one(_claim_query(params), params)
-            if found is None:
-                return None
-            row = conn.fetch_one(
-                Q["lease_run"],
-                {
-                    "id": found["id"],
-                    "worker_id": worker_id,
-                    "now": now,
-                    "lease_until": lease_until,
-                    "versions": json.dumps(dict(versions or {})),
-                },
-            )
-        return None if row is None else run_from_row(row)
+                rows = conn.fetch_all(_claim_query("lease_claimable_run", params), params)
+        return run_from_row(rows[0]) if rows else None
 
     def _flow_params(
         self, job_names: Sequence[str], flow: Mapping[str, JobLimits], now: int
