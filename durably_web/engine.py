@@ -532,7 +532,10 @@ class RunExecution:
     async def _execute(self) -> None:
         store = self._store
         try:
-            steps = await store.list_steps(self.run_id, completed_only=True)
+            # A first claim of a run that is not a fork has no steps yet (a claim counts in
+            # attempt; only fork_run writes steps before one): spare the query on the hot path.
+            first = self.attempt == 1 and self.record.forked_from is None
+            steps = [] if first else await store.list_steps(self.run_id, completed_only=True)
             recorded = {step.index: step for step in steps}
             # A first execution has no earlier attempts: spare the query on the hot path.
             failed_attempts = await store.count_step_attempts(self.run_id) if self.attempt > 1 else {}

@@ -186,10 +186,12 @@ SET progress_current = :current, progress_total = :total, progress_message = :me
 WHERE id = :id AND status = 'leased' AND lease_generation = :generation
 
 -- name: finish_run
+-- Returns the parent, which the same transaction then wakes (no row: the lease was lost).
 UPDATE durably_runs
 SET status = :status, output = :output, error = :error, completed_at = :now, updated_at = :now,
     lease_owner = NULL, lease_expires_at = NULL
 WHERE id = :id AND status = 'leased' AND lease_generation = :generation
+RETURNING parent_run_id
 
 -- name: wait_run
 -- Durable waiting: the leased run gives up its lease and slot and becomes claimable
@@ -242,9 +244,6 @@ VALUES (:run_id, :name, :signal_id, :payload, :now)
 -- A run waiting for this very signal is due now.
 UPDATE durably_runs SET available_at = :now, updated_at = :now
 WHERE id = :run_id AND status = 'waiting' AND wait_reason = 'signal' AND wait_step = :name
-
--- name: get_parent_run_id
-SELECT parent_run_id FROM durably_runs WHERE id = :id
 
 -- name: wake_parent
 -- The run :id ended (or was deleted): a parent waiting for it is due now, in the same

@@ -824,7 +824,7 @@ class SQLiteStore(Store):
     ) -> bool:
         conn = self._conn
         with conn.transaction():
-            changed = conn.execute(
+            finished = conn.fetch_all(
                 Q["finish_run"],
                 {
                     "id": run_id,
@@ -835,13 +835,11 @@ class SQLiteStore(Store):
                     "now": now,
                 },
             )
-            if changed == 0:
+            if not finished:
                 return False
-            parent = conn.fetch_one(Q["get_parent_run_id"], {"id": run_id})
-            if parent is not None and parent["parent_run_id"] is not None:
-                conn.execute(
-                    Q["wake_parent"], {"id": run_id, "parent_run_id": parent["parent_run_id"], "now": now}
-                )
+            parent_run_id = finished[0]["parent_run_id"]
+            if parent_run_id is not None:
+                conn.execute(Q["wake_parent"], {"id": run_id, "parent_run_id": parent_run_id, "now": now})
             if failed_step is not None:
                 conn.execute(
                     Q["record_failed_step"],
