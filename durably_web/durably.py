@@ -650,6 +650,7 @@ class Durably:
         ``timeout`` is how long this call waits (``WaitTimeoutError``; the run goes on);
         ``run_timeout`` is the run's own deadline, ``trigger``'s ``timeout`` (past it the run
         fails with ``RunTimeoutError``)."""
+        limit = _seconds("timeout", timeout, allow_none=True)
         run = await self.trigger(
             job,
             input,
@@ -660,12 +661,18 @@ class Durably:
             priority=priority,
             timeout=run_timeout,
         )
-        return await self.wait_for_run(run.id, timeout=timeout)
+        if run.status in TERMINAL_STATUSES:  # an idempotency key found a run that has ended
+            return run
+        # The run was just read or written (pending): the wait need not read it again first.
+        return await self._wait_for_run(run.id, limit, read_first=False)
 
     async def wait_for_run(self, run_id: str, *, timeout: Seconds | None = None) -> Run:
         """Wait until the run is completed, failed or cancelled; ``WaitTimeoutError`` on timeout."""
         limit = _seconds("timeout", timeout, allow_none=True)
         _run_id(run_id)
+        return await self._wait_for_run(run_id, limit, read_first=True)
+
+    async def _wait_for_run(self, run_id: str, limit: float | None, *, read_first: bool) -> Run:
         finished = asyncio.Event()
 
         def on_event(event: Event) -> None:
@@ -676,18 +683,22 @@ class Durably:
         unsubscribers = [self.bus.on(kind, on_event) for kind in TERMINAL_EVENT_TYPES]
         loop = asyncio.get_running_loop()
         deadline = None if limit is None else loop.time() + limit
+        status = "pending"
         try:
             while True:
-                record = await self.store.get_run(run_id)
-                if record is None:
-                    raise NotFoundError(f"run {run_id!r} not found")
-                if record.status in TERMINAL_STATUSES:
-                    return self._to_run(record)
+                if read_first:
+                    record = await self.store.get_run(run_id)
+                    if record is None:
+                        raise NotFoundError(f"run {run_id!r} not found")
+                    if record.status in TERMINAL_STATUSES:
+                        return self._to_run(record)
+                    status = record.status
+                read_first = True
                 wait = self.polling_interval
                 if deadline is not None:
                     remaining = deadline - loop.time()
                     if remaining <= 0:
-                        raise WaitTimeoutError(f"run {run_id} is still {record.status} after {limit}s")
+                        raise WaitTimeoutError(f"run {run_id} is still {status} after {limit}s")
                     wait = min(wait, remaining)
                 try:
                     async with asyncio.timeout(wait):  # no helper task, unlike wait_for

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import re
@@ -106,6 +107,14 @@ def _refuse_newer_schema(current: int) -> None:
             found=current,
             expected=SCHEMA_VERSION,
         )
+
+
+def _plain_insert(new: NewRun) -> bool:
+    """Whether creating ``new`` is the insert_run statement alone (no key to resolve first,
+    no delay or labels to write after it)."""
+    return (
+        new.idempotency_key is None and new.concurrency_key is None and not new.debounce_ms and not new.labels
+    )
 
 
 def _claim_query(kind: str, params: dict[str, Any]) -> str:
@@ -284,7 +293,10 @@ class SQLiteStore(Store):
                     refused.append(record)
             results.append((record, disposition))
 
-        with conn.transaction():
+        # One run with nothing to look up or add is one INSERT: its own transaction (the
+        # hot path of a plain trigger, spared BEGIN and COMMIT).
+        alone = len(runs) == 1 and _plain_insert(runs[0])
+        with contextlib.nullcontext() if alone else conn.transaction():
             for new in runs:
                 if new.idempotency_key is not None:
                     row = conn.fetch_one(

@@ -1,0 +1,49 @@
+"""The statements one single-step run costs on SQLite (issue 15's hot path), counted.
+
+No timings: the count and the kinds of statements are what the database is asked to do,
+whatever the machine. A run is four commits (trigger, claim, step, outcome); everything
+else on the path is a read. A change that adds a statement to every run fails here and
+has to say why.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from durably_web import Durably, StepContext, define_job
+
+
+async def noop() -> None:
+    return None
+
+
+@define_job("hot-path-one-step")
+async def one_step(step: StepContext, payload: Any) -> None:
+    await step.run("only", noop)
+
+
+def kind(statement: str) -> str:
+    """The statement's first keyword (past its leading comment lines)."""
+    lines = [line for line in statement.splitlines() if line.strip() and not line.lstrip().startswith("--")]
+    return lines[0].split()[0].upper()
+
+
+async def test_a_single_step_run_is_four_writes_and_a_few_reads(tmp_path) -> None:
+    async with Durably(f"sqlite:///{tmp_path / 'hot.db'}", jobs=[one_step]) as durably:
+        await durably.trigger_and_wait(one_step, None, timeout=30)  # warm: the first claim loop turns
+        statements: list[str] = []
+        raw = durably._store._conn._conn  # the stdlib sqlite3 connection under the store
+        raw.set_trace_callback(statements.append)
+        try:
+            run = await durably.trigger_and_wait(one_step, None, timeout=30)
+        finally:
+            raw.set_trace_callback(None)
+    assert run.status == "completed"
+    kinds = [kind(s) for s in statements]
+    # Writes: the trigger's INSERT, the claim's UPDATE, the step's INSERT, and the outcome's
+    # UPDATE (in a transaction, since it may wake a parent): four commits.
+    writes = [k for k in kinds if k in ("INSERT", "UPDATE", "DELETE")]
+    assert writes == ["INSERT", "UPDATE", "INSERT", "UPDATE"], kinds
+    assert kinds.count("BEGIN") == 1 and kinds.count("COMMIT") == 1, kinds
+    # Reads: overdue deadlines, the claim's peek (before and after the run), the final run.
+    assert len(kinds) <= 10, kinds
