@@ -73,6 +73,11 @@ let closing = false;
 let openedStorage = null; // what "auto" resolved to in the leader (the bridge decides)
 let ready = null; // {resolve, reject, settled}: "start" answers once calls can be served
 
+// When each start phase ended (ms on the page's clock too: timeOrigin + now), sent with
+// the "ready" status so a page or benchmark can tell where the start time went.
+const phases = { workerLoaded: performance.timeOrigin + performance.now() };
+const phase = (name) => (phases[name] = performance.timeOrigin + performance.now());
+
 const post = (message) => self.postMessage(message);
 const status = (state, detail) => post({ type: "status", state, detail });
 
@@ -117,6 +122,7 @@ globalThis.openSqliteBridge = async (options = {}) => {
       if (options.onWait) options.onWait(info);
     },
   });
+  phase("databaseOpened");
   if (pendingImport) {
     try {
       await opened.importImage(pendingImport); // all or nothing (SQLite's backup API)
@@ -137,7 +143,7 @@ async function start(cfg) {
   // Neither needs Python: fetch the job files and compile sqlite3.wasm while Pyodide loads.
   const sources = downloadJobModules(cfg.jobs);
   sources.catch(() => {}); // awaited below; this only keeps an early failure from being "unhandled"
-  loadSqlite3().catch(() => {}); // a failure resurfaces, with its message, when the database opens
+  loadSqlite3().then(() => phase("sqliteLoaded"), () => {}); // a failure resurfaces when the database opens
   const packages = bundledPackages(cfg.packages || [], base);
   packages.catch(() => {}); // awaited below, like sources
   pyodide = await loadPyodide({
@@ -145,8 +151,10 @@ async function start(cfg) {
     stdout: (s) => console.log("[py]", s),
     stderr: (s) => console.warn("[py]", s),
   });
+  phase("pyodideLoaded");
   const wanted = await packages;
   await pyodide.loadPackage(["durably-web", ...(wanted.length ? ["micropip"] : [])], { messageCallback: () => {} });
+  phase("wheelsLoaded");
   if (wanted.length) {
     // micropip takes a name that site/pyodide-lock.json lists (every name bundledPackages let
     // through, and their depends) from site/ itself: no index is asked, so it works offline.
@@ -164,10 +172,12 @@ async function start(cfg) {
   const fetched = await sources;
   const paths = writeJobModules(fetched);
   browser = pyodide.pyimport("durably_web.browser");
+  phase("durablyImported");
   // A module that does not import comes back as {name, message, details: {module, line, traceback}}.
   const urls = Object.fromEntries(paths.map((path, i) => [path, fetched[i].url]));
   const loaded = JSON.parse(browser.preload(JSON.stringify(paths), JSON.stringify(urls)));
   if (!loaded.ok) throw new ReportedError(loaded.error);
+  phase("jobsImported");
   const jobs = loaded.value;
   config.paths = paths;
 
@@ -187,7 +197,8 @@ async function start(cfg) {
 function nowReady() {
   if (ready.settled) return;
   ready.settled = true;
-  status("ready", { role });
+  phase("ready");
+  status("ready", { role, phases });
   ready.resolve();
 }
 
@@ -296,11 +307,13 @@ function becomeFollower() {
 }
 
 async function lead() {
+  phase("leading");
   const takeover = role === "follower";
   role = "leader";
   post({ type: "role", role });
   status("opening-database");
   runtime = await browser.open_and_start(JSON.stringify(config.paths), JSON.stringify(databaseConfig()), onPythonEvent);
+  phase("runtimeStarted");
   runtimeCall = runtime.call;
   openedStorage = (await callLocal("storageInfo", [])).value.storage;
   status("leader", { takeover, storage: openedStorage });
@@ -548,6 +561,7 @@ let started = null;
 self.onmessage = async (event) => {
   const { id, cmd } = event.data;
   if (cmd === "start") {
+    phase("startReceived");
     started = start(event.data.config);
     try {
       post({ id, ok: true, value: await started });
