@@ -410,9 +410,14 @@ def main() -> None:
             waited = [w for _, w, _ in loads]
             phases = [p for _, _, p in loads]
             if args.ready_only:
-                worker: dict[str, Any] = {"per_step_ms": float("nan"), "floor_ms": float("nan"),
-                                          "floor3_ms": float("nan"), "harness_init_ms": float("nan"),
-                                          "journal": "-", "locking": "-"}
+                worker: dict[str, Any] = {
+                    "per_step_ms": float("nan"),
+                    "floor_ms": float("nan"),
+                    "floor3_ms": float("nan"),
+                    "harness_init_ms": float("nan"),
+                    "journal": "-",
+                    "locking": "-",
+                }
                 api = float("nan")
             else:
                 api = api_per_step(driver, args.steps, args.repeat)
@@ -421,7 +426,12 @@ def main() -> None:
             driver.quit()
             shutil.rmtree(profile, ignore_errors=True)
         rows[storage] = {
-            "cold": cold, "warm": warm, "opfs_wait": waited, "phases": phases, "api": api, **worker
+            "cold": cold,
+            "warm": warm,
+            "opfs_wait": waited,
+            "phases": phases,
+            "api": api,
+            **worker,
         }
     server.shutdown()
     offline = None if args.no_offline or args.ready_only else offline_bench(args.reloads)
