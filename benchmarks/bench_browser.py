@@ -84,7 +84,9 @@ BENCH_PAGE = """<!doctype html>
     // worker.js's phase ends (timeOrigin + now, a clock both sides share) -> ms since navigation
     if (s.state === "ready" && s.detail && s.detail.phases) {
       bench.phases = Object.fromEntries(
-        Object.entries(s.detail.phases).map(([k, t]) => [k, t - performance.timeOrigin]));
+        Object.entries(s.detail.phases)
+          .filter(([, t]) => typeof t === "number").map(([k, t]) => [k, t - performance.timeOrigin]));
+      bench.snapshot = s.detail.phases.snapshot || "none";
     }
   };
   const database = "bench-" + storage + ".db";
@@ -256,7 +258,7 @@ PHASES = [
     ("pageScript", "page: navigation -> the page's script runs (durably.js loaded)"),
     ("workerLoaded", "worker.js + pyodide.mjs + sqlite_bridge.js evaluated"),
     ("startReceived", "the start message reaches the worker"),
-    ("pyodideLoaded", "loadPyodide() (wasm + stdlib)"),
+    ("pyodideLoaded", "loadPyodide() (wasm + Python start-up, or its memory snapshot restored)"),
     ("wheelsLoaded", "loadPackage(durably-web and its wheels)"),
     ("durablyImported", "job modules fetched + import durably_web.browser"),
     ("jobsImported", "job modules imported (preload)"),
