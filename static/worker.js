@@ -210,7 +210,13 @@ async function bootPython(base) {
     // it only makes the snapshot, and this start restores it like every later one.
     try {
       snapshot = (await loadPyodide({ ...options, _makeSnapshot: true })).makeMemorySnapshot();
-      cache.put(key, new Response(snapshot)).catch((e) => console.warn("durably-web: Python snapshot not stored", e));
+      cache
+        .put(key, new Response(snapshot))
+        .then(async () => {
+          // Another Pyodide's snapshot (the site upgraded it) is never restored again.
+          for (const old of await cache.keys()) if (old.url !== key) await cache.delete(old);
+        })
+        .catch((e) => console.warn("durably-web: Python snapshot not stored", e));
       phases.snapshot = "made";
     } catch (e) {
       console.warn("durably-web: no Python snapshot", e);
