@@ -78,8 +78,17 @@ BENCH_PAGE = """<!doctype html>
   const params = new URLSearchParams(location.search);
   const storage = params.get("storage") || "opfs";
   const offline = params.get("offline") === "1";
-  window.bench = { status: [] };
-  const onStatus = (s) => bench.status.push([performance.now(), s.state]);
+  window.bench = { status: [], pageScript: performance.now() };
+  const onStatus = (s) => {
+    bench.status.push([performance.now(), s.state]);
+    // worker.js's phase ends (timeOrigin + now, a clock both sides share) -> ms since navigation
+    if (s.state === "ready" && s.detail && s.detail.phases) {
+      bench.phases = Object.fromEntries(
+        Object.entries(s.detail.phases)
+          .filter(([, t]) => typeof t === "number").map(([k, t]) => [k, t - performance.timeOrigin]));
+      bench.snapshot = s.detail.phases.snapshot || "none";
+    }
+  };
   const database = "bench-" + storage + ".db";
   DurablyWeb.create({ jobs: ["bench_jobs.py"], database, storage, onStatus, offline })
     .then(async (d) => {
@@ -243,15 +252,52 @@ def wait_for(driver: Any, expr: str, timeout: float = 120) -> Any:
         time.sleep(0.02)
 
 
-def page_ready(driver: Any, url: str) -> tuple[float, float]:
-    """(navigation -> create() resolved, ms spent in opfs-wait status) for one page load."""
+# worker.js's start phases (the "ready" status's detail.phases), in the order they end;
+# each is reported as the time since the one before it. sqliteLoaded runs in parallel.
+PHASES = [
+    ("pageScript", "page: navigation -> the page's script runs (durably.js loaded)"),
+    ("workerLoaded", "worker.js + pyodide.mjs + sqlite_bridge.js evaluated"),
+    ("startReceived", "the start message reaches the worker"),
+    ("pyodideLoaded", "loadPyodide() (wasm + Python start-up, or its memory snapshot restored)"),
+    ("wheelsLoaded", "loadPackage(durably-web and its wheels)"),
+    ("durablyImported", "job modules fetched + import durably_web.browser"),
+    ("jobsImported", "job modules imported (preload)"),
+    ("leading", "the leader lock"),
+    ("databaseOpened", "sqlite3 ready + OPFS pool installed + database opened"),
+    ("runtimeStarted", "Durably created + init (migrations, recovery, worker loop)"),
+    ("ready", "storageInfo + ready"),
+    ("resolved", "page: create() resolved"),
+]
+
+
+def page_ready(driver: Any, url: str) -> tuple[float, float, dict[str, float]]:
+    """(navigation -> create() resolved, ms spent in opfs-wait status, phase ends) for one page load."""
     driver.get(url)
     state = wait_for(driver, "window.bench && (bench.readyMs || bench.error) && bench")
     if state.get("error"):
         raise SystemExit(f"DurablyWeb.create() failed: {state['error']}")
     waits = [t for t, name in state["status"] if "wait" in str(name)]
     waited = (max(waits) - min(waits)) if waits else 0.0
-    return float(state["readyMs"]), waited
+    phases = {**(state.get("phases") or {}), "pageScript": state["pageScript"], "resolved": state["readyMs"]}
+    return float(state["readyMs"]), waited, phases
+
+
+def phase_table(loads: list[dict[str, float]]) -> list[tuple[str, str, float, float]]:
+    """(phase, what, median ms since the previous phase, median ms since navigation)."""
+    rows = []
+    previous = None
+    for name, what in PHASES:
+        ends = [load[name] for load in loads if name in load]
+        if not ends:
+            continue
+        spans = [load[name] - (load[previous] if previous else 0.0) for load in loads if name in load]
+        rows.append((name, what, statistics.median(spans), statistics.median(ends)))
+        previous = name
+    sqlite = [load["sqliteLoaded"] for load in loads if "sqliteLoaded" in load]
+    if sqlite:
+        what = "(in parallel) sqlite3.wasm compiled, since navigation"
+        rows.append(("sqliteLoaded", what, 0.0, statistics.median(sqlite)))
+    return rows
 
 
 def api_per_step(driver: Any, n: int, repeat: int) -> float:
@@ -343,6 +389,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="per-step / floor repetitions (median)")
     parser.add_argument("--reloads", type=int, default=5, help="warm-cache page loads (median)")
     parser.add_argument("--no-build", action="store_true", help="reuse site/ as it is")
+    parser.add_argument("--storages", default="opfs,memory", help="comma-separated (default opfs,memory)")
+    parser.add_argument("--ready-only", action="store_true", help="only the warm-reload ready times")
+    parser.add_argument("--no-offline", action="store_true", help="skip the offline (service worker) loads")
     args = parser.parse_args()
     for path in (CHROMIUM, CHROMEDRIVER):
         if not shutil.which(path):
@@ -352,23 +401,42 @@ def main() -> None:
     server = serve(site_build.SITE)
     base = f"http://127.0.0.1:{server.server_address[1]}/"
     rows: dict[str, dict[str, Any]] = {}
-    for storage in ("opfs", "memory"):
+    for storage in args.storages.split(","):
         profile = tempfile.mkdtemp(prefix="durably-bench-")
         driver = launch(profile)
         try:
             url = f"{base}_bench/bench.html?storage={storage}"
-            cold, _ = page_ready(driver, url)  # fills the HTTP cache
+            cold = page_ready(driver, url)[0]  # fills the HTTP cache
             loads = [page_ready(driver, url) for _ in range(args.reloads)]
-            warm = [ready for ready, _ in loads]
-            waited = [w for _, w in loads]
-            api = api_per_step(driver, args.steps, args.repeat)
-            worker = harness_bench(driver, base, storage, args.steps, args.repeat)
+            warm = [ready for ready, _, _ in loads]
+            waited = [w for _, w, _ in loads]
+            phases = [p for _, _, p in loads]
+            if args.ready_only:
+                worker: dict[str, Any] = {
+                    "per_step_ms": float("nan"),
+                    "floor_ms": float("nan"),
+                    "floor3_ms": float("nan"),
+                    "harness_init_ms": float("nan"),
+                    "journal": "-",
+                    "locking": "-",
+                }
+                api = float("nan")
+            else:
+                api = api_per_step(driver, args.steps, args.repeat)
+                worker = harness_bench(driver, base, storage, args.steps, args.repeat)
         finally:
             driver.quit()
             shutil.rmtree(profile, ignore_errors=True)
-        rows[storage] = {"cold": cold, "warm": warm, "opfs_wait": waited, "api": api, **worker}
+        rows[storage] = {
+            "cold": cold,
+            "warm": warm,
+            "opfs_wait": waited,
+            "phases": phases,
+            "api": api,
+            **worker,
+        }
     server.shutdown()
-    offline = offline_bench(args.reloads)
+    offline = None if args.no_offline or args.ready_only else offline_bench(args.reloads)
 
     version = subprocess.run([CHROMIUM, "--version"], capture_output=True, text=True).stdout.strip()
     print(
@@ -396,6 +464,15 @@ def main() -> None:
         " + durably-web wheels loaded (warm cache);\nper-step: in the worker; via API: triggerAndWait"
         " from the page"
     )
+    for storage, r in rows.items():
+        print(f"\nwhere the warm start goes ({storage}; medians of {args.reloads} reloads):")
+        print(f"  {'phase':<16} {'ms':>7} {'ends at':>8}  what")
+        for name, what, span, end in phase_table(r["phases"]):
+            span_text = "" if name == "sqliteLoaded" else f"{span:7.0f}"
+            print(f"  {name:<16} {span_text:>7} {end:8.0f}  {what}")
+    if offline is None:
+        print(json.dumps(rows))
+        return
     sw, first = offline["ready"], offline["first_run"]
     print(
         f"\noffline: true, opfs, server stopped: ready {statistics.median(sw):.0f} ms"

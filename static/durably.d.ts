@@ -355,7 +355,9 @@ export interface StatusUpdate {
    * ("waiting-for-storage" while the previous page still holds the files),
    * "leader" (detail.takeover: true when this tab took over from a closed one)
    * or "follower"; then "ready". A follower later reports "opening-database",
-   * "leader" when it takes over.
+   * "leader" when it takes over. The "ready" detail is {role, phases}: when each start phase
+   * ended (ms, performance.timeOrigin + now) and phases.snapshot ("made" | "restored" |
+   * "failed", absent without Cache Storage), for benchmarks.
    */
   state: string;
   detail?: unknown;

@@ -32,7 +32,7 @@
 //                  {kind: "reply", to, callId, result}
 //                  {kind: "event", json}
 
-import { loadPyodide } from "./pyodide.mjs";
+import { loadPyodide, version as pyodideVersion } from "./pyodide.mjs";
 import { loadSqlite3, openSqliteBridge, validateDatabaseImage } from "./sqlite_bridge.js";
 
 const JOBS_DIR = "/home/pyodide/durably_jobs";
@@ -72,6 +72,11 @@ let lockAbort = null; // aborts a follower's pending lock request on close
 let closing = false;
 let openedStorage = null; // what "auto" resolved to in the leader (the bridge decides)
 let ready = null; // {resolve, reject, settled}: "start" answers once calls can be served
+
+// When each start phase ended (ms on the page's clock too: timeOrigin + now), sent with
+// the "ready" status so a page or benchmark can tell where the start time went.
+const phases = { workerLoaded: performance.timeOrigin + performance.now() };
+const phase = (name) => (phases[name] = performance.timeOrigin + performance.now());
 
 const post = (message) => self.postMessage(message);
 const status = (state, detail) => post({ type: "status", state, detail });
@@ -117,6 +122,7 @@ globalThis.openSqliteBridge = async (options = {}) => {
       if (options.onWait) options.onWait(info);
     },
   });
+  phase("databaseOpened");
   if (pendingImport) {
     try {
       await opened.importImage(pendingImport); // all or nothing (SQLite's backup API)
@@ -137,16 +143,14 @@ async function start(cfg) {
   // Neither needs Python: fetch the job files and compile sqlite3.wasm while Pyodide loads.
   const sources = downloadJobModules(cfg.jobs);
   sources.catch(() => {}); // awaited below; this only keeps an early failure from being "unhandled"
-  loadSqlite3().catch(() => {}); // a failure resurfaces, with its message, when the database opens
+  loadSqlite3().then(() => phase("sqliteLoaded"), () => {}); // a failure resurfaces when the database opens
   const packages = bundledPackages(cfg.packages || [], base);
   packages.catch(() => {}); // awaited below, like sources
-  pyodide = await loadPyodide({
-    indexURL: base,
-    stdout: (s) => console.log("[py]", s),
-    stderr: (s) => console.warn("[py]", s),
-  });
+  pyodide = await bootPython(base);
+  phase("pyodideLoaded");
   const wanted = await packages;
   await pyodide.loadPackage(["durably-web", ...(wanted.length ? ["micropip"] : [])], { messageCallback: () => {} });
+  phase("wheelsLoaded");
   if (wanted.length) {
     // micropip takes a name that site/pyodide-lock.json lists (every name bundledPackages let
     // through, and their depends) from site/ itself: no index is asked, so it works offline.
@@ -164,10 +168,12 @@ async function start(cfg) {
   const fetched = await sources;
   const paths = writeJobModules(fetched);
   browser = pyodide.pyimport("durably_web.browser");
+  phase("durablyImported");
   // A module that does not import comes back as {name, message, details: {module, line, traceback}}.
   const urls = Object.fromEntries(paths.map((path, i) => [path, fetched[i].url]));
   const loaded = JSON.parse(browser.preload(JSON.stringify(paths), JSON.stringify(urls)));
   if (!loaded.ok) throw new ReportedError(loaded.error);
+  phase("jobsImported");
   const jobs = loaded.value;
   config.paths = paths;
 
@@ -184,10 +190,58 @@ async function start(cfg) {
   return { role, storage: openedStorage, jobs };
 }
 
+// Pyodide's memory snapshot of a freshly booted interpreter: no packages loaded, no JS object
+// held by Python (the one state Pyodide 314 snapshots reliably; packages, binary ones like
+// pydantic-core above all, load after it as before). Restoring it skips Python's own start-up,
+// most of loadPyodide's time. Made on the first visit (about 0.2 s more), kept in Cache Storage
+// under Pyodide's version; anything failing boots Python the usual way.
+const SNAPSHOT_CACHE = "durably-web-python-snapshot";
+
+async function bootPython(base) {
+  const options = { indexURL: base, stdout: (s) => console.log("[py]", s), stderr: (s) => console.warn("[py]", s) };
+  const key = new URL(`pyodide-${pyodideVersion}.snapshot`, base).href;
+  // No Cache Storage (some private modes): boot without a snapshot.
+  const cache = typeof caches === "undefined" ? null : await caches.open(SNAPSHOT_CACHE).catch(() => null);
+  if (!cache) return loadPyodide(options);
+  const stored = await cache.match(key).catch(() => null);
+  let snapshot = stored ? await stored.arrayBuffer().catch(() => null) : null;
+  if (!snapshot) {
+    // An interpreter that made a snapshot is not fit for use afterwards (its JS calls fail):
+    // it only makes the snapshot, and this start restores it like every later one.
+    try {
+      snapshot = (await loadPyodide({ ...options, _makeSnapshot: true })).makeMemorySnapshot();
+      cache
+        .put(key, new Response(snapshot))
+        .then(async () => {
+          // Another Pyodide's snapshot (the site upgraded it) is never restored again.
+          for (const old of await cache.keys()) if (old.url !== key) await cache.delete(old);
+        })
+        .catch((e) => console.warn("durably-web: Python snapshot not stored", e));
+      phases.snapshot = "made";
+    } catch (e) {
+      console.warn("durably-web: no Python snapshot", e);
+      return loadPyodide(options);
+    }
+  }
+  try {
+    const restored = await loadPyodide({ ...options, _loadSnapshot: snapshot });
+    // Every restore starts from the snapshot's random state: draw a fresh seed (os.urandom).
+    restored.runPython("import random; random.seed()");
+    phases.snapshot ??= "restored";
+    return restored;
+  } catch (e) {
+    console.warn("durably-web: the Python snapshot did not restore; booting without it", e);
+    await cache.delete(key).catch(() => {});
+    phases.snapshot = "failed";
+    return loadPyodide(options);
+  }
+}
+
 function nowReady() {
   if (ready.settled) return;
   ready.settled = true;
-  status("ready", { role });
+  phase("ready");
+  status("ready", { role, phases });
   ready.resolve();
 }
 
@@ -296,11 +350,13 @@ function becomeFollower() {
 }
 
 async function lead() {
+  phase("leading");
   const takeover = role === "follower";
   role = "leader";
   post({ type: "role", role });
   status("opening-database");
   runtime = await browser.open_and_start(JSON.stringify(config.paths), JSON.stringify(databaseConfig()), onPythonEvent);
+  phase("runtimeStarted");
   runtimeCall = runtime.call;
   openedStorage = (await callLocal("storageInfo", [])).value.storage;
   status("leader", { takeover, storage: openedStorage });
@@ -548,6 +604,7 @@ let started = null;
 self.onmessage = async (event) => {
   const { id, cmd } = event.data;
   if (cmd === "start") {
+    phase("startReceived");
     started = start(event.data.config);
     try {
       post({ id, ok: true, value: await started });
