@@ -65,7 +65,9 @@ def test_storage_info_and_export_of_an_opfs_database(
     assert rows == {run_id: "completed" for run_id in got["ids"]}, rows
 
 
-@pytest.mark.parametrize("storage", ["opfs", "idb"])
+# IndexedDB is with the slow tests (two more cold Chromium starts, ~40 s on the 2-core machine):
+# make test keeps the OPFS round trip here and IndexedDB persistence in test_idb_storage.py.
+@pytest.mark.parametrize("storage", ["opfs", pytest.param("idb", marks=pytest.mark.slow)])
 def test_export_then_import_into_a_fresh_profile_keeps_the_runs(
     launch_chromium: Any, site_url: Any, storage: str
 ) -> None:

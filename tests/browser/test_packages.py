@@ -1,6 +1,9 @@
 """create({packages}) in real headless Chromium: a job module imports python-dateutil,
 a wheel build.py bundled into site/, with no request leaving 127.0.0.1; a package
-that is not bundled is refused with a ValidationError naming it and the way to add it."""
+that is not bundled is refused with a ValidationError naming it and the way to add it.
+
+Both tests use storage "memory" (nothing stays in the profile), so they share the module's
+Chromium (conftest.py's ``driver``): the second page load reuses the first one's HTTP cache."""
 
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ pytestmark = pytest.mark.browser
 
 
 def test_a_job_module_imports_a_bundled_package_offline(
-    launch_chromium: Any, site_url: Any, network_guard: Any
+    driver: Any, site_url: Any, network_guard: Any
 ) -> None:
     url, _ = site_url
-    drv = launch_chromium()
+    drv = driver
     drv.get(f"{url}_test/packages.html")
     run = page(
         drv,
@@ -38,9 +41,9 @@ def test_a_job_module_imports_a_bundled_package_offline(
     network_guard.check(urls, url)
 
 
-def test_a_package_that_is_not_bundled_is_refused_by_name(launch_chromium: Any, site_url: Any) -> None:
+def test_a_package_that_is_not_bundled_is_refused_by_name(driver: Any, site_url: Any) -> None:
     url, _ = site_url
-    drv = launch_chromium()
+    drv = driver
     drv.get(f"{url}_test/packages.html")
     with pytest.raises(PageError) as caught:
         page(

@@ -175,7 +175,12 @@ def test_validation_error_reaches_js_with_name_and_details(launch_chromium: Any,
 
 
 # offline: the same with create({offline: true}), the reload then served by the service worker.
-@pytest.mark.parametrize(("storage", "offline"), [("auto", ""), ("idb", ""), ("auto", "&offline=1")])
+# The IndexedDB reload is with the slow tests (~15-20 s); make test keeps OPFS both ways and
+# test_idb_storage.py::test_durably_run_resumes_after_reload (a run resumed on IndexedDB).
+@pytest.mark.parametrize(
+    ("storage", "offline"),
+    [("auto", ""), pytest.param("idb", "", marks=pytest.mark.slow), ("auto", "&offline=1")],
+)
 def test_reload_mid_run_resumes_without_reexecuting_steps(
     launch_chromium: Any, site_url: Any, storage: str, offline: str
 ) -> None:
@@ -253,7 +258,12 @@ def test_runs_survive_closing_and_reopening_the_browser(
     assert page(drv, "return await durably.integrityCheck()") == "ok"
 
 
-@pytest.mark.parametrize("offline", ["", "&offline=1"], ids=["network", "service-worker"])
+# The service-worker variant is with the slow tests (~30 s): make test keeps the handover over
+# the network here, and pages served by the service worker in the offline reload above and in
+# test_offline.py.
+@pytest.mark.parametrize(
+    "offline", ["", pytest.param("&offline=1", marks=pytest.mark.slow)], ids=["network", "service-worker"]
+)
 def test_two_tabs_one_leader_and_handover(launch_chromium: Any, site_url: Any, offline: str) -> None:
     url, _ = site_url
     drv = launch_chromium()

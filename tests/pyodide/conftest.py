@@ -260,3 +260,18 @@ def pyodide_rt(request: pytest.FixtureRequest, pyodide_server: dict[str, Any]) -
         yield runner
     finally:
         runner.quit()
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m 'not slow' deselects
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The whole core suite inside Pyodide in Chromium (~55 s) is with the slow tests: make test
+    runs the same suite in Pyodide under Node, and every tests/browser test runs Pyodide in
+    Chromium (the chrome runtime's package and parity checks here stay in make test too)."""
+    for item in items:
+        callspec = getattr(item, "callspec", None)
+        if (
+            getattr(item, "originalname", None) == "test_core_suite_runs_in_pyodide"
+            and callspec is not None
+            and callspec.params.get("pyodide_rt") == "chrome"
+        ):
+            item.add_marker(pytest.mark.slow)
