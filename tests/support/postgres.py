@@ -90,7 +90,9 @@ class PostgresCluster:
         if in_memory and fsync:
             raise ValueError("in_memory=True would keep an fsync=True cluster's files off the disk")
         ram = Path("/dev/shm")
-        parent = str(ram) if in_memory and ram.is_dir() and os.access(ram, os.W_OK) else None
+        # Only a roomy one: a container's default /dev/shm (64 MB) fills with a few databases.
+        roomy = ram.is_dir() and os.access(ram, os.W_OK) and shutil.disk_usage(ram).free >= 2 * 1024**3
+        parent = str(ram) if in_memory and roomy else None
         self.dir = Path(tempfile.mkdtemp(prefix="durably-pg-", dir=parent))
         self.data = self.dir / "data"
         self.log = self.dir / "server.log"
