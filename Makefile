@@ -29,7 +29,8 @@ test: lint site
 	DURABLY_SKIP_SITE_BUILD=1 $(PY) -m pytest --timeout=900
 
 # The tests marked slow, which `make test` leaves out: the browser reload torture (OPFS
-# and IndexedDB) and the browser benchmarks (~6 min together). CI runs them after `make test`.
+# and IndexedDB), the browser benchmarks, and browser variants whose check make test keeps
+# in a faster form (each says why; ~9 min together). CI runs them after `make test`.
 test-slow: site
 	DURABLY_SKIP_SITE_BUILD=1 $(PY) -m pytest --timeout=1800 -m slow
 
