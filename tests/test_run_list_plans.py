@@ -255,6 +255,10 @@ async def test_sqlite_claim_and_flow_counts_are_served_by_indexes(tmp_path: Path
             "job_name": "sync",
             "since": 5,
             "skip": 0,
+            "id": "r1",
+            "worker_id": "w1",
+            "lease_until": 10**13 + 1,
+            "versions": "{}",
         }
         plans = {
             name: " | ".join(row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + Q[name], params))
@@ -264,6 +268,7 @@ async def test_sqlite_claim_and_flow_counts_are_served_by_indexes(tmp_path: Path
                 "count_job_leases",
                 "count_job_starts",
                 "nth_job_start",
+                "lease_found_run",
             )
         }
     finally:
@@ -278,6 +283,9 @@ async def test_sqlite_claim_and_flow_counts_are_served_by_indexes(tmp_path: Path
     assert "durably_runs_leases" in plans["count_job_leases"], plans
     assert "durably_runs_job_started" in plans["count_job_starts"], plans
     assert "durably_runs_job_started" in plans["nth_job_start"], plans
+    # The plain claim leases what the look found by its primary key.
+    by_id = "SEARCH r USING INDEX sqlite_autoindex_durably_runs_1 (id=?)"
+    assert plans["lease_found_run"].startswith(by_id), plans
     assert not any(" SCAN durably_runs" in f" {plan}" for plan in plans.values()), plans
 
 

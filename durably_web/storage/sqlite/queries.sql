@@ -112,21 +112,34 @@ LIMIT 1
 -- continues). :rate_limited lists those jobs.
   AND (r.started_at IS NOT NULL OR r.job_name NOT IN (SELECT value FROM json_each(:rate_limited)))
 
--- name: lease_claimable_run
--- Claims the run find_claimable_run picks, in one statement: on the hot path (a claim
--- without flow limits) it is its own committed transaction, and the write lock is held
--- from the lookup to the lease, so no other claimer can take the run in between. The
--- first claim records the claiming worker's version of the job (:versions, a JSON
--- object job -> version); a resumed run keeps the version that started it. The lookup's
--- placeholder stands for find_claimable_run (or its rate-limited text), put in when the
--- queries load.
-UPDATE durably_runs
-SET status = 'leased', lease_owner = :worker_id, lease_generation = lease_generation + 1,
+-- name: lease_columns
+-- What a claim writes. The first claim records the claiming worker's version of the job
+-- (:versions, a JSON object job -> version); a resumed run keeps the version that started it.
+    status = 'leased', lease_owner = :worker_id, lease_generation = lease_generation + 1,
     lease_expires_at = :lease_until, attempt = attempt + 1,
     version = CASE WHEN started_at IS NULL THEN COALESCE(
         (SELECT value FROM json_each(:versions) WHERE key = job_name), version) ELSE version END,
     started_at = COALESCE(started_at, :now), updated_at = :now
-WHERE id = ({claimable})
+
+-- name: lease_claimable_run
+-- Claims the run find_claimable_run picks, in one statement: used in the transaction of a
+-- claim with flow limits, whose counts decide which jobs may start. The placeholders stand
+-- for lease_columns and for find_claimable_run (or its rate-limited text), put in when the
+-- queries load.
+UPDATE durably_runs AS r SET {lease_columns}
+WHERE r.id = ({claimable})
+RETURNING *
+
+-- name: lease_found_run
+-- The hot path's claim (no flow limits): leases the run find_claimable_run just found, if
+-- it is still claimable -- another claimer may have taken it, or a run sharing its
+-- concurrency key, since the look. One statement by primary key, so its own committed
+-- transaction holding the write lock only for the write; the look is not run twice.
+UPDATE durably_runs AS r SET {lease_columns}
+WHERE r.id = :id
+  AND ((r.status IN ('pending', 'waiting') AND r.available_at <= :now)
+       OR (r.status = 'leased' AND r.lease_expires_at <= :now))
+  {claim_filter}
 RETURNING *
 
 -- name: renew_lease

@@ -50,16 +50,21 @@ def _load_migrations() -> list[tuple[int, str]]:
 def _with_claim_filters(queries: dict[str, str]) -> dict[str, str]:
     """The claim's texts: find_claimable_run, whose {claim_filter} stands for the tests
     each candidate passes (three branches share them), with and without the rate-window
-    test, and lease_claimable_run around each."""
+    test; lease_claimable_run around each; and lease_found_run, the plain claim's write."""
     template = queries["find_claimable_run"]
     plain = queries["claim_filter"]
     rated = plain + "\n" + queries["rate_limit_filter"]
     queries["find_claimable_run"] = template.replace("{claim_filter}", plain)
     queries["find_claimable_run_rate_limited"] = template.replace("{claim_filter}", rated)
-    lease = queries["lease_claimable_run"]
+    lease = queries["lease_claimable_run"].replace("{lease_columns}", queries["lease_columns"])
     for suffix in ("", "_rate_limited"):
         find = queries["find_claimable_run" + suffix]
         queries["lease_claimable_run" + suffix] = lease.replace("{claimable}", find)
+    queries["lease_found_run"] = (
+        queries["lease_found_run"]
+        .replace("{lease_columns}", queries["lease_columns"])
+        .replace("{claim_filter}", plain)
+    )
     return queries
 
 
@@ -131,6 +136,9 @@ P = ParamSpec("P")
 R = TypeVar("R")
 SyncMethod = Callable[Concatenate["SQLiteStore", P], R]
 AsyncMethod = Callable[Concatenate["SQLiteStore", P], Coroutine[Any, Any, R]]
+
+#: How often a plain claim looks again when other claimers took each run it found first.
+_CLAIM_TRIES = 3
 
 #: The first and the longest pause between two tries at a database another process has locked.
 _FIRST_BUSY_PAUSE = 0.001
@@ -463,25 +471,32 @@ class SQLiteStore(Store):
         }
         if flow:
             params.update(self._flow_params(job_names, flow, now))
-        # Peek without the write lock first: an idle worker must not serialise everyone.
+        lease = {
+            "worker_id": worker_id,
+            "lease_until": lease_until,
+            "versions": json.dumps(dict(versions or {})),
+        }
+        if not flow:
+            # Look without the write lock (an idle worker must not serialise everyone), then
+            # lease what was found by its id. When another claimer took it in between, look
+            # again: each miss means someone else made progress.
+            for _ in range(_CLAIM_TRIES):
+                found = conn.fetch_one(Q["find_claimable_run"], params)
+                if found is None:
+                    return None
+                # fetch_all: the statement runs to its end (and commits) here.
+                rows = conn.fetch_all(Q["lease_found_run"], {**params, **lease, "id": found["id"]})
+                if rows:
+                    return run_from_row(rows[0])
+            return None  # the claim loop comes back at its next turn
+        # Peek without the write lock first, as above.
         if conn.fetch_one(_claim_query("find_claimable_run", params), params) is None:
             return None
-        params.update(
-            {
-                "worker_id": worker_id,
-                "lease_until": lease_until,
-                "versions": json.dumps(dict(versions or {})),
-            }
-        )
-        if not flow:
-            # One statement, so its own transaction: the lookup again and the lease, under
-            # the write lock. fetch_all: the statement runs to its end (and commits) here.
+        params.update(lease)
+        with conn.transaction():
+            # Counted again under the write lock: no other claimer can lease in between.
+            params.update(self._flow_params(job_names, flow, now))
             rows = conn.fetch_all(_claim_query("lease_claimable_run", params), params)
-        else:
-            with conn.transaction():
-                # Counted again under the write lock: no other claimer can lease in between.
-                params.update(self._flow_params(job_names, flow, now))
-                rows = conn.fetch_all(_claim_query("lease_claimable_run", params), params)
         return run_from_row(rows[0]) if rows else None
 
     def _flow_params(
