@@ -536,7 +536,9 @@ class Durably:
                 data = {"concurrency_key": run.concurrency_key, "debounced": True, "input": run.input}
                 self.emit("run:coalesced", run.id, run.job_name, data)
             runs.append(run)
-        if self._worker is not None and any(d == "created" for _, d in results):
+        if self._worker is not None and any(
+            d == "created" and record.status == "pending" for record, d in results
+        ):
             self._worker.wake()
         if self._worker is not None:
             for record, disposition in results:
@@ -651,16 +653,17 @@ class Durably:
         ``run_timeout`` is the run's own deadline, ``trigger``'s ``timeout`` (past it the run
         fails with ``RunTimeoutError``)."""
         limit = _seconds("timeout", timeout, allow_none=True)
-        run = await self.trigger(
-            job,
-            input,
-            idempotency_key=idempotency_key,
-            concurrency_key=concurrency_key,
-            coalesce=coalesce,
-            labels=labels,
-            priority=priority,
-            timeout=run_timeout,
+        definition = self._job(job)
+        new = self._new_run(
+            definition, input, idempotency_key, concurrency_key, coalesce, labels, priority, run_timeout
         )
+        # The caller waits for this run: when this process's worker is idle, it starts the run
+        # at once, created leased (no claim), instead of it waiting in the queue for a claim.
+        started = None if self._worker is None else await self._worker.start_at_once(new)
+        if started is None:
+            run = (await self._create([new]))[0]
+        else:
+            run = self._created([(started, "created")])[0]
         if run.status in TERMINAL_STATUSES:  # an idempotency key found a run that has ended
             return run
         # The run was just read or written (pending): the wait need not read it again first.

@@ -9,6 +9,7 @@ refuses those writes and the handler is stopped with ``LeaseLostError`` /
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
@@ -707,6 +708,15 @@ class Worker:
         self._next_schedule_check = 0
         self._schedule_timer: asyncio.TimerHandle | None = None
         self._schedules_failing = False
+        # Starting a run at once (start_at_once): every wake-up that may bring a claimable
+        # run counts in _wakes; _nothing_since is the count at the last look that found none.
+        # While the two are equal, no run known here waits ahead of a new one.
+        self._wakes = 0
+        self._nothing_since = -1
+        # Slots taken by runs being created leased (start_at_once) and not started yet.
+        self._reserved = 0
+        self._no_starts_in_flight = asyncio.Event()
+        self._no_starts_in_flight.set()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -717,7 +727,7 @@ class Worker:
         if self.store.notifies_changes:
             # Another process's new run, release, resume or signal wakes the claim loop at
             # once; polling stays as the fallback.
-            self._stop_watching = await self.store.watch_changes(lambda run_id, status: self._wake.set())
+            self._stop_watching = await self.store.watch_changes(lambda run_id, status: self.wake())
         self._stop_watching_network = self.network.watch(self._on_network_returned)
         # Runs left waiting for the network by an earlier process (a page reloaded while
         # offline) continue now if it is there, not at their recheck time.
@@ -726,13 +736,61 @@ class Worker:
         self._renew_task = asyncio.create_task(self._renew_loop(), name="durably-lease-renewal")
 
     def wake(self) -> None:
+        """Look for claimable runs now: one may have been created or become due."""
+        self._wakes += 1
         self._wake.set()
+
+    def _can_start_at_once(self, new: NewRun) -> bool:
+        job = self.jobs.get(new.job_name)
+        return (
+            job is not None
+            and self._loop is not None
+            and not self._stopping
+            and self._nothing_since == self._wakes
+            and len(self.active) + self._reserved < self.config.max_concurrent_runs
+            and job.limits is None
+            and job.debounce is None
+            and new.idempotency_key is None
+            and new.concurrency_key is None
+            and not new.debounce_ms
+        )
+
+    async def start_at_once(self, new: NewRun) -> RunRecord | None:
+        """Create ``new`` leased to this worker and start executing it, when that is what a
+        claim right after a pending insert would do: this worker is running with a free
+        slot, its last look found nothing to claim and nothing that may have brought a run
+        came since (so none known here waits ahead of this one), and neither the run nor its
+        job has anything a claim must check (keys, flow limits, debounce). The run skips the
+        queue and its claim costs no write of its own (Store.create_leased_run).
+
+        Returns the created run, or None when the caller should create it pending as usual.
+        """
+        if not self._can_start_at_once(new):
+            return None
+        # The slot stays taken while the insert is in flight, and stop() waits for it.
+        self._reserved += 1
+        self._no_starts_in_flight.clear()
+        try:
+            record = await self.store.create_leased_run(
+                new,
+                worker_id=self.worker_id,
+                lease_until=new.created_at + int(self.config.lease_duration * 1000),
+            )
+            if self._stopping:  # stop() began while the insert was in flight: hand it back
+                await self.store.release_run(record.id, record.lease_generation, self.now_ms())
+            else:
+                self._start(record, self.now_ms())
+            return record
+        finally:
+            self._reserved -= 1
+            if not self._reserved:
+                self._no_starts_in_flight.set()
 
     def _on_network_returned(self) -> None:
         """The network is back: the claim loop (not this callback, which may come from a
         browser event) makes the runs waiting for it due, then claims them."""
         self._network_returned = True
-        self._wake.set()
+        self.wake()
 
     async def _wake_offline_runs(self) -> None:
         self._network_returned = False
@@ -754,7 +812,7 @@ class Worker:
 
         def fire() -> None:
             self._timers.discard(handle)
-            self._wake.set()
+            self.wake()
 
         handle = self._loop.call_later(delay, fire)
         self._timers.add(handle)
@@ -808,7 +866,7 @@ class Worker:
     def schedules_changed(self) -> None:
         """A schedule was added, changed or resumed here: look at the schedules at once."""
         self._next_schedule_check = 0
-        self._wake.set()
+        self.wake()
 
     async def _fire_schedules(self, fire_due: Callable[[], Awaitable[int | None]]) -> None:
         # Looked at again in a polling interval even if it fails (the loop reports the error).
@@ -823,7 +881,7 @@ class Worker:
             self._schedule_timer.cancel()
         if self._loop is not None and not self._stopping:
             delay = max(0.0, (next_tick - self.now_ms() + 1) / 1000)
-            self._schedule_timer = self._loop.call_later(delay, self._wake.set)
+            self._schedule_timer = self._loop.call_later(delay, self.wake)
 
     async def _fail_overdue_runs(self) -> None:
         """Deadlines of runs no worker is executing (waiting, pending, abandoned): whichever
@@ -847,8 +905,9 @@ class Worker:
         # jobs whose started runs it leaves to the version that started them.
         versions = {name: job.version for name, job in self.jobs.items()}
         pinned = {name: job.version for name, job in self.jobs.items() if job.on_version_mismatch == "leave"}
-        while not self._stopping and len(self.active) < self.config.max_concurrent_runs:
+        while not self._stopping and len(self.active) + self._reserved < self.config.max_concurrent_runs:
             now = self.now_ms()
+            wakes = self._wakes
             record = await self.store.claim_run(
                 worker_id=self.worker_id,
                 job_names=job_names,
@@ -859,18 +918,24 @@ class Worker:
                 limits=limits or None,
             )
             if record is None:
+                self._nothing_since = wakes
                 if self._flow_timed:
                     await self._wake_when_flow_allows(job_names, limits, now)
                 return
             if self._stopping:  # stop() began while the claim was in flight: hand it back
                 await self.store.release_run(record.id, record.lease_generation, self.now_ms())
                 return
-            execution = RunExecution(self, record, self.jobs[record.job_name])
-            self.active[record.id] = execution
-            execution.task = asyncio.create_task(self._run(execution), name=f"durably-run-{record.id}")
-            if record.deadline_at is not None and self._loop is not None:
-                delay = max(0.0, (record.deadline_at - now) / 1000)
-                execution.deadline_timer = self._loop.call_later(delay, execution.deadline_passed)
+            self._nothing_since = -1  # found one: whether more wait is unknown until the next look
+            self._start(record, now)
+
+    def _start(self, record: RunRecord, now: int) -> None:
+        """Execute a run this worker holds the lease of, as a task of its own."""
+        execution = RunExecution(self, record, self.jobs[record.job_name])
+        self.active[record.id] = execution
+        execution.task = asyncio.create_task(self._run(execution), name=f"durably-run-{record.id}")
+        if record.deadline_at is not None and self._loop is not None:
+            delay = max(0.0, (record.deadline_at - now) / 1000)
+            execution.deadline_timer = self._loop.call_later(delay, execution.deadline_passed)
 
     async def _wake_when_flow_allows(
         self, job_names: list[str], limits: Mapping[str, JobLimits], now: int
@@ -990,7 +1055,11 @@ class Worker:
                 task.cancel()
             if pending:
                 await asyncio.wait(pending)
-        # Runs claimed by the claim loop after the first look at self.active.
+        # A run being created leased is started or handed back before the store may close.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                await self._no_starts_in_flight.wait()
+        # Runs claimed by the claim loop (or started at once) after the first look at self.active.
         late = [ex.task for ex in self.active.values() if ex.task is not None and not ex.task.done()]
         for execution in list(self.active.values()):
             execution.stop("shutdown")

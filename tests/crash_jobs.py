@@ -440,12 +440,24 @@ def worker_options(lease: float) -> dict[str, float]:
 
 
 async def run_steps(args: argparse.Namespace) -> None:
+    payload = CrashIn(side_effects=args.side_effects, delay=args.delay)
     async with Durably(args.db_url, jobs=[crash_steps], **worker_options(args.lease)) as durably:
-        run = await durably.trigger(
-            crash_steps, CrashIn(side_effects=args.side_effects, delay=args.delay), idempotency_key="crash"
-        )
-        done = await durably.wait_for_run(run.id, timeout=60)
-        print(json.dumps({**done.to_dict(), "pid": os.getpid(), "disposition": run.disposition}), flush=True)
+        if args.at_once:
+            # trigger_and_wait on an idle worker: the run is created leased and starts at once.
+            # A second process finds it and waits for it (it resumes once the lease lapses).
+            existing = await durably.get_runs(job_name=crash_steps.name)
+            if existing:
+                done = await durably.wait_for_run(existing[0].id, timeout=60)
+                disposition = "idempotent"
+            else:
+                await asyncio.sleep(0.2)  # the worker's first look finds nothing: it is idle
+                done = await durably.trigger_and_wait(crash_steps, payload, timeout=60)
+                disposition = "created"
+        else:
+            run = await durably.trigger(crash_steps, payload, idempotency_key="crash")
+            done = await durably.wait_for_run(run.id, timeout=60)
+            disposition = run.disposition
+        print(json.dumps({**done.to_dict(), "pid": os.getpid(), "disposition": disposition}), flush=True)
 
 
 async def serve(args: argparse.Namespace) -> None:
@@ -471,6 +483,7 @@ def main() -> None:
     steps.add_argument("side_effects")
     steps.add_argument("--delay", type=float, default=0.2)
     steps.add_argument("--lease", type=float, default=1.0)
+    steps.add_argument("--at-once", action="store_true", help="trigger_and_wait (started at once)")
     serve_parser = sub.add_parser("serve")
     serve_parser.add_argument("db_url")
     serve_parser.add_argument("expected_runs", type=int)

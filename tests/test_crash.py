@@ -23,14 +23,20 @@ def completed_steps(db_path: Path) -> list[str]:
         conn.close()
 
 
-@pytest.mark.parametrize("kill_after_lines", [2, 4])
+@pytest.mark.parametrize(
+    ("kill_after_lines", "at_once"),
+    [(2, False), (4, False), (3, True)],
+    ids=["queued-2", "queued-4", "started-at-once-3"],
+)
 async def test_sigkill_mid_run_then_resume_runs_each_completed_step_exactly_once(
-    db_url, db_path, tmp_path, kill_after_lines
+    db_url, db_path, tmp_path, kill_after_lines, at_once
 ):
+    # at_once: the run was created leased by trigger_and_wait on an idle worker (no claim).
     side_effects = tmp_path / "side-effects.txt"
     steps = [f"step-{i}" for i in range(crash_jobs.STEP_COUNT)]
+    mode = ["--at-once"] if at_once else []
 
-    first = start_process("steps", db_url, str(side_effects), "--delay", "0.25", "--lease", "1.0")
+    first = start_process("steps", db_url, str(side_effects), "--delay", "0.25", "--lease", "1.0", *mode)
     try:
         await wait_for_lines(side_effects, kill_after_lines, first)
         first.send_signal(signal.SIGKILL)
@@ -48,7 +54,18 @@ async def test_sigkill_mid_run_then_resume_runs_each_completed_step_exactly_once
     assert len(done_at_kill) >= kill_after_lines - 1
     assert len(done_at_kill) < crash_jobs.STEP_COUNT, "the run finished before the kill; nothing was tested"
 
-    second = start_process("steps", db_url, str(side_effects), "--delay", "0.01", "--lease", "1.0")
+    if at_once:
+        conn = sqlite3.connect(db_path)
+        try:
+            # Created leased: started when it was created, by the first process's only lease.
+            started, created, generation = conn.execute(
+                "SELECT started_at, created_at, lease_generation FROM durably_runs"
+            ).fetchone()
+        finally:
+            conn.close()
+        assert (started, generation) == (created, 1)
+
+    second = start_process("steps", db_url, str(side_effects), "--delay", "0.01", "--lease", "1.0", *mode)
     result = finish_process(second)
     assert result["disposition"] == "idempotent"  # the same run, not a new one
     assert result["status"] == "completed"

@@ -1,9 +1,10 @@
 """The statements one single-step run costs on SQLite (issue 15's hot path), counted.
 
 No timings: the count and the kinds of statements are what the database is asked to do,
-whatever the machine. A run is four commits (trigger, claim, step, outcome); everything
-else on the path is a read. A change that adds a statement to every run fails here and
-has to say why.
+whatever the machine. A run through the queue is four commits (trigger, claim, step,
+outcome); one that ``trigger_and_wait`` starts at once on an idle worker is three (created
+leased, step, outcome). Everything else on the path is a read. A change that adds a
+statement to every run fails here and has to say why.
 """
 
 from __future__ import annotations
@@ -28,22 +29,47 @@ def kind(statement: str) -> str:
     return lines[0].split()[0].upper()
 
 
-async def test_a_single_step_run_is_four_writes_and_a_few_reads(tmp_path) -> None:
+async def traced(durably: Durably, call: Any) -> list[str]:
+    """The kinds of the statements ``call()`` makes, and its result."""
+    statements: list[str] = []
+    raw = durably._store._conn._conn  # the stdlib sqlite3 connection under the store
+    raw.set_trace_callback(statements.append)
+    try:
+        run = await call()
+    finally:
+        raw.set_trace_callback(None)
+    assert run.status == "completed"
+    return [kind(s) for s in statements]
+
+
+async def test_a_single_step_run_through_the_queue_is_four_writes_and_a_few_reads(tmp_path) -> None:
     async with Durably(f"sqlite:///{tmp_path / 'hot.db'}", jobs=[one_step]) as durably:
         await durably.trigger_and_wait(one_step, None, timeout=30)  # warm: the first claim loop turns
-        statements: list[str] = []
-        raw = durably._store._conn._conn  # the stdlib sqlite3 connection under the store
-        raw.set_trace_callback(statements.append)
-        try:
-            run = await durably.trigger_and_wait(one_step, None, timeout=30)
-        finally:
-            raw.set_trace_callback(None)
-    assert run.status == "completed"
-    kinds = [kind(s) for s in statements]
+
+        async def trigger_then_wait() -> Any:
+            run = await durably.trigger(one_step, None)
+            return await durably.wait_for_run(run.id, timeout=30)
+
+        kinds = await traced(durably, trigger_then_wait)
     # Writes: the trigger's INSERT, the claim's UPDATE, the step's INSERT, and the outcome's
     # UPDATE (in a transaction, since it may wake a parent): four commits.
     writes = [k for k in kinds if k in ("INSERT", "UPDATE", "DELETE")]
     assert writes == ["INSERT", "UPDATE", "INSERT", "UPDATE"], kinds
     assert kinds.count("BEGIN") == 1 and kinds.count("COMMIT") == 1, kinds
-    # Reads: overdue deadlines, the claim's peek (before and after the run), the final run.
-    assert len(kinds) <= 10, kinds
+    # Reads: overdue deadlines, the claim's look (before and after the run), the waiter's
+    # first read and the final run.
+    assert len(kinds) <= 11, kinds
+
+
+async def test_trigger_and_wait_on_an_idle_worker_is_three_writes_and_a_few_reads(tmp_path) -> None:
+    async with Durably(f"sqlite:///{tmp_path / 'hot.db'}", jobs=[one_step]) as durably:
+        await durably.trigger_and_wait(one_step, None, timeout=30)  # warm: the first claim loop turns
+        kinds = await traced(durably, lambda: durably.trigger_and_wait(one_step, None, timeout=30))
+    # Writes: the run created leased to this worker (no claim), the step's INSERT, the
+    # outcome's UPDATE: three commits.
+    writes = [k for k in kinds if k in ("INSERT", "UPDATE", "DELETE")]
+    assert writes == ["INSERT", "INSERT", "UPDATE"], kinds
+    assert kinds.count("BEGIN") == 1 and kinds.count("COMMIT") == 1, kinds
+    # Reads: after the run the worker looks for more (overdue deadlines, the claim's look),
+    # and the waiter reads the final run.
+    assert len(kinds) <= 8, kinds

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from durably_web.errors import ConflictError, ExistingRunRefusedError, NotFoundError
+from durably_web.errors import ConflictError, ExistingRunRefusedError, NotFoundError, ValidationError
 from durably_web.storage import LogRecord, NewRun, RunFilter, RunRecord, StepRecord, Store
 from durably_web.storage.base import NEVER_MS, ScheduleRecord, WouldBlock
 
@@ -543,6 +543,63 @@ async def test_claim_run_takes_a_run_over_once_its_lease_has_expired(store):
     record = await claimed(store, "a", 3000, worker="w2")
     assert (record.lease_owner, record.lease_generation, record.attempt) == ("w2", 2, 2)
     assert record.started_at == 2000  # when it first started
+
+
+async def test_create_leased_run_inserts_a_run_already_claimed_by_the_worker(store):
+    new = NewRun("a", JOB, '{"n": 1}', {"team": "x"}, None, None, False, 1000, priority=3, version="v1")
+    record = await store.create_leased_run(new, worker_id="w1", lease_until=2000)
+    assert (record.status, record.lease_owner, record.lease_expires_at) == ("leased", "w1", 2000)
+    assert (record.lease_generation, record.attempt, record.started_at) == (1, 1, 1000)
+    assert (record.priority, record.version, record.labels) == (3, "v1", {"team": "x"})
+    assert record == await store.get_run("a")
+    assert [r.id for r in await store.list_runs(RunFilter(labels={"team": "x"}))] == ["a"]
+    assert await claim(store, 1999, worker="w2") is None  # its lease is live: nobody takes it
+    # It is an ordinary leased run: renewed, fenced by its generation, finished by it.
+    assert await store.renew_leases([("a", 1)], 1500, 2500) == []
+    assert not await store.record_step(step("a", 0, "s0"), 2)
+    assert await store.record_step(step("a", 0, "s0"), 1)
+    assert await finish(store, "a", 1, 1600)
+    assert (await store.get_run("a")).status == "completed"
+
+
+async def test_a_run_created_leased_is_taken_over_once_its_lease_expires(store):
+    new = NewRun("a", JOB, "{}", {}, None, None, False, 1000)
+    await store.create_leased_run(new, worker_id="w1", lease_until=2000)
+    record = await claimed(store, "a", 2000, worker="w2")  # its worker died: another resumes it
+    assert (record.lease_owner, record.lease_generation, record.attempt) == ("w2", 2, 2)
+    assert record.started_at == 1000
+
+
+async def test_a_released_run_created_leased_is_pending_and_claimable(store):
+    new = NewRun("a", JOB, "{}", {}, None, None, False, 1000)
+    await store.create_leased_run(new, worker_id="w1", lease_until=9000)
+    await store.release_run("a", 1, 1100)
+    assert (await store.get_run("a")).status == "pending"
+    await claimed(store, "a", 1200)
+
+
+@pytest.mark.parametrize(
+    "keys",
+    [{"idempotency_key": "k"}, {"concurrency_key": "k"}, {"debounce_ms": 100, "concurrency_key": "k"}],
+    ids=["idempotency", "concurrency", "debounce"],
+)
+async def test_create_leased_run_refuses_a_run_with_keys_to_resolve(store, keys):
+    base = {"idempotency_key": None, "concurrency_key": None}
+    base.update({k: v for k, v in keys.items() if k in base})
+    new = NewRun(
+        "a",
+        JOB,
+        "{}",
+        {},
+        base["idempotency_key"],
+        base["concurrency_key"],
+        False,
+        1000,
+        debounce_ms=keys.get("debounce_ms"),
+    )
+    with pytest.raises(ValidationError):
+        await store.create_leased_run(new, worker_id="w1", lease_until=2000)
+    assert await store.get_run("a") is None  # nothing written
 
 
 async def test_claim_run_skips_a_run_whose_concurrency_key_has_another_run_under_a_live_lease(store):

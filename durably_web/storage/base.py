@@ -246,6 +246,18 @@ class Store(ABC):
         """
 
     @abstractmethod
+    async def create_leased_run(self, new: NewRun, *, worker_id: str, lease_until: int) -> RunRecord:
+        """Insert ``new`` already leased to ``worker_id``: its first claim made by the insert
+        itself (``attempt`` 1, started and leased at ``created_at``, the lease until
+        ``lease_until``, ``version`` as given), in one transaction with its labels.
+
+        For a worker that starts at once a run its own process triggers while it has a free
+        slot and found nothing to claim: the run never waits in the queue, and its claim
+        costs no write of its own. ``new`` has no idempotency or concurrency key and no
+        debounce (``create_runs`` resolves those); ``ValidationError`` otherwise.
+        """
+
+    @abstractmethod
     async def get_run(self, run_id: str) -> RunRecord | None: ...
 
     def get_run_nowait(self, run_id: str) -> RunRecord | None:

@@ -3,9 +3,11 @@ schemas, which match), turned into the records the ``Store`` interface exchanges
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
+from ..errors import ValidationError
 from .base import NewRun, RunRecord, ScheduleRecord, StepRecord
 
 Row = dict[str, Any]
@@ -45,6 +47,27 @@ def run_from_row(row: Row) -> RunRecord:
         deadline_at=row["deadline_at"],
         version=row["version"],
     )
+
+
+def leased_run_record(new: NewRun, *, worker_id: str, lease_until: int) -> RunRecord:
+    """The record of a run just inserted from ``new`` already leased (``create_leased_run``)."""
+    return dataclasses.replace(
+        new_run_record(new),
+        status="leased",
+        attempt=1,
+        lease_owner=worker_id,
+        lease_generation=1,
+        lease_expires_at=lease_until,
+        started_at=new.created_at,
+    )
+
+
+def check_leased_insert(new: NewRun) -> None:
+    """``create_leased_run`` takes runs with nothing for ``create_runs`` to resolve."""
+    if new.idempotency_key is not None or new.concurrency_key is not None or new.debounce_ms:
+        raise ValidationError(
+            f"run {new.id}: a run created leased has no idempotency or concurrency key and no debounce"
+        )
 
 
 def new_run_record(new: NewRun, *, keys: bool = True) -> RunRecord:

@@ -89,6 +89,27 @@ WITH inserted AS (
 )
 SELECT id, pg_notify(%(channel)s, id || ' pending' || ' ' || %(origin)s) FROM inserted
 
+-- name: insert_leased_run
+-- A run created already leased to the worker of the process triggering it (the insert is
+-- its first claim): create_leased_run. Its label rows and announcement in the same statement.
+WITH inserted AS (
+    INSERT INTO durably_runs (
+        id, job_name, status, input, labels, available_at, created_at, updated_at, started_at,
+        priority, trace_parent, parent_run_id, deadline_at, version,
+        lease_owner, lease_generation, lease_expires_at, attempt
+    ) VALUES (
+        %(id)s, %(job_name)s, 'leased', %(input)s, %(labels)s, %(created_at)s, %(created_at)s,
+        %(created_at)s, %(created_at)s, %(priority)s, %(trace_parent)s, %(parent_run_id)s,
+        %(deadline_at)s, %(version)s, %(worker_id)s, 1, %(lease_until)s, 1
+    )
+    RETURNING id
+), labelled AS (
+    INSERT INTO durably_run_labels (run_id, key, value)
+    SELECT inserted.id, label.key, label.value
+    FROM inserted, unnest(%(label_keys)s::text[], %(label_values)s::text[]) AS label (key, value)
+)
+SELECT id, pg_notify(%(channel)s, id || ' leased' || ' ' || %(origin)s) FROM inserted
+
 -- name: get_run
 SELECT * FROM durably_runs WHERE id = %(id)s
 

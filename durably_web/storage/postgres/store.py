@@ -75,7 +75,15 @@ from ..base import (
     Store,
 )
 from ..flow import flow_limits_of
-from ..rows import new_run_record, run_from_row, schedule_from_row, schedule_params, step_from_row
+from ..rows import (
+    check_leased_insert,
+    leased_run_record,
+    new_run_record,
+    run_from_row,
+    schedule_from_row,
+    schedule_params,
+    step_from_row,
+)
 from ..run_list import list_runs_query
 from .options import PostgresOptions
 
@@ -472,6 +480,14 @@ class PostgresStore(Store):
                     )
                 return run_from_row(row), "coalesced"
         return None
+
+    async def create_leased_run(self, new: NewRun, *, worker_id: str, lease_until: int) -> RunRecord:
+        check_leased_insert(new)
+        params = self._insert_params(new)
+        params.update(worker_id=worker_id, lease_until=lease_until)
+        async with self._connection() as conn:  # one statement: its own transaction
+            await conn.execute(Q["insert_leased_run"], params)
+        return leased_run_record(new, worker_id=worker_id, lease_until=lease_until)
 
     def _insert_params(self, new: NewRun, *, keys: bool = True) -> dict[str, Any]:
         return {

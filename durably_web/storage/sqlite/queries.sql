@@ -34,6 +34,19 @@ INSERT INTO durably_runs (
     :priority, :trace_parent, :parent_run_id, :deadline_at, :version
 )
 
+-- name: insert_leased_run
+-- A run created already leased to the worker of the process triggering it (the insert is
+-- its first claim): create_leased_run.
+INSERT INTO durably_runs (
+    id, job_name, status, input, labels, available_at, created_at, updated_at, started_at,
+    priority, trace_parent, parent_run_id, deadline_at, version,
+    lease_owner, lease_generation, lease_expires_at, attempt
+) VALUES (
+    :id, :job_name, 'leased', :input, :labels, :created_at, :created_at, :created_at, :created_at,
+    :priority, :trace_parent, :parent_run_id, :deadline_at, :version,
+    :worker_id, 1, :lease_until, 1
+)
+
 -- name: insert_labels
 INSERT INTO durably_run_labels (run_id, key, value)
 SELECT :run_id, key, value FROM json_each(:labels)

@@ -25,7 +25,15 @@ from ..base import (
     WouldBlock,
 )
 from ..flow import flow_limits_of
-from ..rows import new_run_record, run_from_row, schedule_from_row, schedule_params, step_from_row
+from ..rows import (
+    check_leased_insert,
+    leased_run_record,
+    new_run_record,
+    run_from_row,
+    schedule_from_row,
+    schedule_params,
+    step_from_row,
+)
 from ..run_list import list_runs_query
 from .connection import SqlConnection, SqliteBusyError
 
@@ -358,6 +366,19 @@ class SQLiteStore(Store):
                     f"{len(refused)} existing run(s) a key resolved to were refused", records=refused
                 )
         return results
+
+    @_sqlite_call(durable=True)
+    def create_leased_run(self, new: NewRun, *, worker_id: str, lease_until: int) -> RunRecord:
+        check_leased_insert(new)
+        params = _insert_run_params(new)
+        params.update(worker_id=worker_id, lease_until=lease_until)
+        conn = self._conn
+        # Without labels one INSERT: its own transaction, as a plain trigger's.
+        with conn.transaction() if new.labels else contextlib.nullcontext():
+            conn.execute(Q["insert_leased_run"], params)
+            if new.labels:
+                conn.execute(Q["insert_labels"], {"run_id": new.id, "labels": params["labels"]})
+        return leased_run_record(new, worker_id=worker_id, lease_until=lease_until)
 
     @staticmethod
     def _debounces(new: NewRun, pending: Any) -> bool:
