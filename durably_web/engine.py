@@ -740,13 +740,19 @@ class Worker:
         self._wakes += 1
         self._wake.set()
 
+    @property
+    def found_nothing_to_claim(self) -> bool:
+        """Whether this worker's last look found no claimable run and nothing that may have
+        brought one (a trigger here, a timer, a notification) came since."""
+        return self._nothing_since == self._wakes
+
     def _can_start_at_once(self, new: NewRun) -> bool:
         job = self.jobs.get(new.job_name)
         return (
             job is not None
             and self._loop is not None
             and not self._stopping
-            and self._nothing_since == self._wakes
+            and self.found_nothing_to_claim
             and len(self.active) + self._reserved < self.config.max_concurrent_runs
             and job.limits is None
             and job.debounce is None

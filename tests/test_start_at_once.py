@@ -47,8 +47,11 @@ def fresh_state() -> None:
 
 
 async def settle(durably: Durably) -> None:
-    """Until the worker's claim loop has looked and found nothing (it starts idle)."""
+    """Until the worker's claim loop has looked and found nothing: it is idle."""
     await durably.trigger_and_wait(echo, "warm", timeout=30)
+    worker = durably._worker
+    assert worker is not None
+    await wait_until(lambda: worker.found_nothing_to_claim, timeout=30)
     order.clear()
 
 
@@ -106,6 +109,9 @@ async def test_a_job_with_flow_limits_is_claimed_not_started_at_once(make_durabl
     # max_concurrent is counted by the claim's transaction; the plain job may start at once
     # (whether it does depends on whether the worker's look after the first run has ended).
     assert limited.name not in created and set(created) <= {echo.name}
+    await settle(durably)
+    assert (await durably.trigger_and_wait(echo, "z", timeout=30)).status == "completed"
+    assert created[-1:] == [echo.name]  # an idle worker starts a plain job's run at once
 
 
 async def test_a_stop_during_the_insert_hands_the_run_back_to_the_queue(make_durably, db_url):
