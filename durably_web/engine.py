@@ -654,6 +654,8 @@ class RunExecution:
             await self._store.release_run(self.run_id, self.generation, self.now_ms())
         except StorageError as exc:
             self._report_error(exc, run_id=self.run_id, job_name=self.job_name)
+        else:
+            self._worker.wake()  # the run is claimable again (here too)
 
 
 class Worker:
@@ -911,6 +913,8 @@ class Worker:
         # jobs whose started runs it leaves to the version that started them.
         versions = {name: job.version for name, job in self.jobs.items()}
         pinned = {name: job.version for name, job in self.jobs.items() if job.on_version_mismatch == "leave"}
+        if len(self.active) + self._reserved >= self.config.max_concurrent_runs:
+            self._nothing_since = -1  # no look at all: what waits is unknown
         while not self._stopping and len(self.active) + self._reserved < self.config.max_concurrent_runs:
             now = self.now_ms()
             wakes = self._wakes
@@ -965,8 +969,19 @@ class Worker:
                 del self.active[execution.run_id]
             # Not when the task is being discarded with its closed loop (a killed
             # process, simulated): waking the claim loop would need that loop.
-            if self._loop is not None and not self._loop.is_closed():
+            if self._loop is not None and not self._loop.is_closed() and self._slot_may_be_wanted(execution):
                 self._wake.set()
+
+    def _slot_may_be_wanted(self, ended: RunExecution) -> bool:
+        """Whether the slot ``ended`` frees may let the claim loop take a run it could not.
+        Not when its last look found nothing claimable and nothing came since, unless the
+        run held back others: a concurrency key, or a job whose max_concurrent it counted.
+        (What a run's end makes due, a parent, is woken for on its own.)"""
+        return (
+            not self.found_nothing_to_claim
+            or ended.record.concurrency_key is not None
+            or ended.job.limits is not None
+        )
 
     async def _purge_if_due(self) -> None:
         retain = self.config.retain_runs

@@ -141,3 +141,46 @@ async def test_a_stop_during_the_insert_hands_the_run_back_to_the_queue(make_dur
         done = await later.wait_for_run(handed[0].id, timeout=30)
     assert (done.status, done.output) == ("completed", "handed back")
     assert order == ["handed back"]
+
+
+# --- an idle worker that skips its look when a slot frees still takes what the run held back ---
+
+
+@define_job("at-once-keyed")
+async def keyed(step: StepContext, payload: str) -> str:
+    order.append(payload)
+    if payload == "holder":
+        await gate.wait()
+    return payload
+
+
+@define_job("at-once-limited-one", max_concurrent=1)
+async def limited_one(step: StepContext, payload: str) -> str:
+    order.append(payload)
+    if payload == "holder":
+        await gate.wait()
+    return payload
+
+
+@pytest.mark.parametrize(
+    ("job", "options"),
+    [(keyed, {"concurrency_key": "k"}), (limited_one, {})],
+    ids=["concurrency-key", "max-concurrent"],
+)
+async def test_the_end_of_a_run_that_held_others_back_lets_them_start_without_a_poll(
+    make_durably, job, options
+):
+    # No poll in this test's time: only the end of the holder can start the held-back run.
+    durably = await make_durably(job, echo, polling_interval=60)
+    await settle(durably)
+    holder = await durably.trigger(job, "holder", **options)
+    await wait_until(lambda: order == ["holder"], timeout=30)
+    held = await durably.trigger(job, "held", **options)
+    worker = durably._worker
+    assert worker is not None
+    # The worker looked and found nothing it may claim: the held run waits for the holder.
+    await wait_until(lambda: worker.found_nothing_to_claim, timeout=30)
+    gate.set()
+    assert (await durably.wait_for_run(holder.id, timeout=10)).status == "completed"
+    assert (await durably.wait_for_run(held.id, timeout=10)).status == "completed"
+    assert order == ["holder", "held"]
