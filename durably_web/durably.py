@@ -660,10 +660,12 @@ class Durably:
         # The caller waits for this run: when this process's worker is idle, it starts the run
         # at once, created leased (no claim), instead of it waiting in the queue for a claim.
         started = None if self._worker is None else await self._worker.start_at_once(new)
-        if started is None:
-            run = (await self._create([new]))[0]
-        else:
-            run = self._created([(started, "created")])[0]
+        if started is not None:
+            if self.bus.wants("run:trigger"):
+                self._created([(started, "created")])
+            # Just written, and running: the wait need not read it first.
+            return await self._wait_for_run(started.id, limit, read_first=False)
+        run = (await self._create([new]))[0]
         if run.status in TERMINAL_STATUSES:  # an idempotency key found a run that has ended
             return run
         # The run was just read or written (pending): the wait need not read it again first.

@@ -3,7 +3,6 @@ schemas, which match), turned into the records the ``Store`` interface exchanges
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -51,15 +50,7 @@ def run_from_row(row: Row) -> RunRecord:
 
 def leased_run_record(new: NewRun, *, worker_id: str, lease_until: int) -> RunRecord:
     """The record of a run just inserted from ``new`` already leased (``create_leased_run``)."""
-    return dataclasses.replace(
-        new_run_record(new),
-        status="leased",
-        attempt=1,
-        lease_owner=worker_id,
-        lease_generation=1,
-        lease_expires_at=lease_until,
-        started_at=new.created_at,
-    )
+    return new_run_record(new, lease=(worker_id, lease_until))
 
 
 def check_leased_insert(new: NewRun) -> None:
@@ -70,12 +61,16 @@ def check_leased_insert(new: NewRun) -> None:
         )
 
 
-def new_run_record(new: NewRun, *, keys: bool = True) -> RunRecord:
-    """The record of a run just inserted from ``new`` (without its keys when ``keys`` is false)."""
+def new_run_record(
+    new: NewRun, *, keys: bool = True, lease: tuple[str, int] | None = None
+) -> RunRecord:
+    """The record of a run just inserted from ``new`` (without its keys when ``keys`` is
+    false; leased to ``lease``'s worker until its time, and started, when given)."""
+    worker_id, lease_until = lease if lease is not None else (None, None)
     return RunRecord(
         id=new.id,
         job_name=new.job_name,
-        status="pending",
+        status="pending" if lease is None else "leased",
         input_json=new.input_json,
         output_json=None,
         error_json=None,
@@ -83,15 +78,15 @@ def new_run_record(new: NewRun, *, keys: bool = True) -> RunRecord:
         progress_current=None,
         progress_total=None,
         progress_message=None,
-        attempt=0,
+        attempt=0 if lease is None else 1,
         idempotency_key=new.idempotency_key if keys else None,
         concurrency_key=new.concurrency_key if keys else None,
-        lease_owner=None,
-        lease_generation=0,
-        lease_expires_at=None,
+        lease_owner=worker_id,
+        lease_generation=0 if lease is None else 1,
+        lease_expires_at=lease_until,
         available_at=new.created_at + (new.debounce_ms or 0),
         created_at=new.created_at,
-        started_at=None,
+        started_at=None if lease is None else new.created_at,
         completed_at=None,
         updated_at=new.created_at,
         forked_from=new.forked_from,
