@@ -66,6 +66,9 @@ _CHANGE_EVENT = {
     "waiting": "run:waiting",
     "pending": "run:trigger",
 }
+#: The change notice of a run created already leased (``Store.create_leased_run``): to other
+#: processes it is both a trigger and a lease.
+_STARTED_CHANGE = "started"
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,38 +307,52 @@ class Durably:
             run_id, status = await changes.get()
             if not run_id:  # reconnected: anything may have changed meanwhile; pollers catch up
                 continue
-            if not self.bus.wants(_CHANGE_EVENT.get(status, "")):
+            if status == _STARTED_CHANGE:
+                types: tuple[str, ...] = ("run:trigger", "run:leased")
+            else:
+                types = (_CHANGE_EVENT.get(status, ""),)
+            if not any(self.bus.wants(kind) for kind in types):
                 # Nobody here listens for what it would become: spare the read. Every process
                 # hears every change of every other one, two or more per run.
                 continue
             try:
-                event = await self._change_event(run_id, status)
+                events = await self._change_events(run_id, status)
             except Exception as exc:  # the database is down: the run's pollers still see it later
                 logger.debug("durably-web: could not read run %s after a notification: %s", run_id, exc)
                 continue
-            if event is not None and self.bus.wants(event.type):
-                self.bus.emit(event)
+            for event in events:
+                if self.bus.wants(event.type):
+                    self.bus.emit(event)
 
-    async def _change_event(self, run_id: str, status: str) -> Event | None:
+    async def _change_events(self, run_id: str, status: str) -> list[Event]:
         if status == "deleted":
-            return self._event("run:delete", run_id, None, {})
+            return [self._event("run:delete", run_id, None, {})]
         record = await self.store.get_run(run_id)
-        if record is None or record.status != status:
-            return None  # changed again since: that change has its own notification
+        if record is None:
+            return []
+        if status == _STARTED_CHANGE:  # created leased: its trigger, then its lease (if still so)
+            run = self._to_run(record)
+            data = {"input": run.input, "labels": run.labels}
+            trigger = self._event("run:trigger", run_id, run.job_name, data)
+            if record.status != "leased" or record.lease_generation != 1:
+                return [trigger]  # changed again since: that change has its own notification
+            return [trigger, self._event("run:leased", run_id, record.job_name, {"attempt": record.attempt})]
+        if record.status != status:
+            return []  # changed again since: that change has its own notification
         if record.status in TERMINAL_STATUSES:
-            return self._terminal_event(record)
+            return [self._terminal_event(record)]
         if record.status == "leased":
-            return self._event("run:leased", run_id, record.job_name, {"attempt": record.attempt})
+            return [self._event("run:leased", run_id, record.job_name, {"attempt": record.attempt})]
         if record.status == "waiting":
             due_at = None if record.wake_at is None else from_ms(record.wake_at)
             data = {"reason": record.wait_reason, "step_name": record.wait_step, "due_at": due_at}
-            return self._event("run:waiting", run_id, record.job_name, data)
+            return [self._event("run:waiting", run_id, record.job_name, data)]
         if record.status == "pending" and record.attempt == 0:
             run = self._to_run(record)
-            return self._event(
-                "run:trigger", run_id, run.job_name, {"input": run.input, "labels": run.labels}
-            )
-        return None
+            return [
+                self._event("run:trigger", run_id, run.job_name, {"input": run.input, "labels": run.labels})
+            ]
+        return []
 
     async def __aenter__(self) -> Durably:
         return await self.init()

@@ -1522,6 +1522,46 @@ async def test_a_durably_reads_a_run_changed_elsewhere_only_for_an_event_it_list
         assert reads == [run.id]  # for run:complete only
 
 
+async def test_a_run_created_leased_is_announced_once_as_started(store, postgres_url):
+    listener = open_store(postgres_url)
+    heard: list[tuple[str, str]] = []
+    try:
+        await listener.watch_changes(lambda run_id, status: heard.append((run_id, status)))
+        created = NewRun("s1", "job", "{}", {"k": "v"}, None, None, False, 1000)
+        await store.create_leased_run(created, worker_id="w1", lease_until=5000)
+        await finish(store, "s1", 1)
+        await wait_until(lambda: len(heard) >= 2)
+        await asyncio.sleep(0.1)  # nothing more arrives
+        assert heard == [("s1", "started"), ("s1", "completed")]
+    finally:
+        await listener.close()
+
+
+async def test_other_processes_see_a_run_started_at_once_triggered_then_leased(postgres_url):
+    from durably_web import Durably, StepContext, define_job
+
+    @define_job("one-step")
+    async def one_step(step: StepContext, payload: dict) -> None:
+        await step.run("only", lambda: None)
+
+    async with (
+        Durably(postgres_url, worker=False) as watcher,
+        Durably(postgres_url, jobs=[one_step], polling_interval=0.05) as worker,
+    ):
+        seen: list[tuple[str, str | None]] = []
+        for kind in ("run:trigger", "run:leased", "run:complete"):
+            watcher.on(kind, lambda event: seen.append((event.type, event.run_id)))
+        assert worker._worker is not None
+        await wait_until(lambda: worker._worker.found_nothing_to_claim)
+        run = await worker.trigger_and_wait(one_step, {}, timeout=30)
+        assert run.started_at == run.created_at  # it was started at once
+        await wait_until(lambda: ("run:complete", run.id) in seen)
+        # The run was still leased when the watcher read it, or already done: either way its
+        # trigger comes first and its end last.
+        assert seen[0] == ("run:trigger", run.id) and seen[-1] == ("run:complete", run.id), seen
+        assert set(seen) <= {("run:trigger", run.id), ("run:leased", run.id), ("run:complete", run.id)}
+
+
 async def test_a_failing_listener_does_not_stop_the_others(store, postgres_url, caplog):
     heard: list[str] = []
 

@@ -91,7 +91,8 @@ SELECT id, pg_notify(%(channel)s, id || ' pending' || ' ' || %(origin)s) FROM in
 
 -- name: insert_leased_run
 -- A run created already leased to the worker of the process triggering it (the insert is
--- its first claim): create_leased_run. Its label rows and announcement in the same statement.
+-- its first claim): create_leased_run. Its label rows and announcement in the same statement;
+-- 'started' tells other processes it was both triggered and leased.
 WITH inserted AS (
     INSERT INTO durably_runs (
         id, job_name, status, input, labels, available_at, created_at, updated_at, started_at,
@@ -108,7 +109,7 @@ WITH inserted AS (
     SELECT inserted.id, label.key, label.value
     FROM inserted, unnest(%(label_keys)s::text[], %(label_values)s::text[]) AS label (key, value)
 )
-SELECT id, pg_notify(%(channel)s, id || ' leased' || ' ' || %(origin)s) FROM inserted
+SELECT id, pg_notify(%(channel)s, id || ' started' || ' ' || %(origin)s) FROM inserted
 
 -- name: get_run
 SELECT * FROM durably_runs WHERE id = %(id)s
