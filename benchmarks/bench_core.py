@@ -7,8 +7,10 @@ Prints, in one run:
              hop to a thread), i.e. wall time of the run divided by N;
   runs/s     N single-step runs, triggered one by one, until all are complete;
   per-run    N single-step runs one after another with trigger_and_wait (async and
-             sync step): wall time per run, and its ratio to the floor (a run is
-             four commits: trigger, claim, step, outcome);
+             sync step): wall time per run, and its ratio to the floor (on an idle
+             worker a run is three commits: created leased, step, outcome); and the
+             store's calls of such a run alone, without the engine (what the schema
+             and SQLite take of it);
   batch      --batch single-step runs created by one batch_trigger, then drained by
              one worker: runs/s, and the time per run as a ratio to the floor;
   claim      Store.claim_run alone, µs per claim, N pending runs claimed one by one: plain
@@ -65,8 +67,8 @@ def make_jobs(steps: int):
     return many_steps, many_sync_steps, one_step, one_sync_step
 
 
-def floor_us(folder: Path, n: int) -> float:
-    conn = sqlite3.connect(folder / "floor.db", isolation_level=None)
+def floor_us(folder: Path, n: int, tag: str = "") -> float:
+    conn = sqlite3.connect(folder / f"floor{tag}.db", isolation_level=None)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     conn.execute(
@@ -200,6 +202,38 @@ async def list_ms(folder: Path, count: int, repeat: int) -> dict[str, float]:
         return times
 
 
+async def store_run_us(folder: Path, n: int, tag: str) -> float:
+    """µs per single-step run of the store's calls alone, as trigger_and_wait on an idle worker
+    makes them (the run created leased, its step, its outcome, the final read), with no
+    engine around them: the part of a run's time the schema and SQLite take."""
+    from durably_web.storage import NewRun, StepRecord, open_store
+
+    store = open_store(f"sqlite:///{folder / f'store-run-{tag}.db'}")
+    await store.migrate()
+    try:
+        start = time.perf_counter()
+        for i in range(n):
+            run_id, now = f"r{i:08d}", 1000 + i
+            new = NewRun(run_id, "one-step", "{}", {}, None, None, False, now, version="v1")
+            record = await store.create_leased_run(new, worker_id="bench", lease_until=now + 60_000)
+            step = StepRecord(run_id, 0, "only", "completed", "null", None, now, now)
+            assert await store.record_step(step, record.lease_generation)
+            assert await store.finish_run(
+                run_id,
+                record.lease_generation,
+                status="completed",
+                output_json="null",
+                error_json=None,
+                failed_step=None,
+                drop_step_outputs=False,
+                now=now,
+            )
+            assert await store.get_run(run_id) is not None
+        return (time.perf_counter() - start) / n * 1e6
+    finally:
+        await store.close()
+
+
 async def claim_us(folder: Path, n: int, tag: str, *, limited: bool) -> float:
     """µs per ``claim_run`` of ``n`` pending runs, claimed one by one (the engine's hot path
     for every run start), without or with flow limits on the job."""
@@ -257,16 +291,25 @@ async def main() -> None:
     many_steps, many_sync_steps, one_step, one_sync_step = make_jobs(args.steps)
 
     floors, steps_async, steps_sync, rates = [], [], [], []
-    runs_async, runs_sync, batch_rates = [], [], []
+    runs_async, runs_sync, batch_rates, store_runs = [], [], [], []
     for attempt in range(args.repeat):
         with tempfile.TemporaryDirectory(prefix="durably-bench-") as tmp:
             folder = Path(tmp)
-            floors.append(floor_us(folder, args.steps))
+            # The floor is sampled before each figure: on a machine whose load changes, one
+            # early sample would skew every ratio.
+            floors.append(floor_us(folder, args.steps, f"{attempt}-0"))
             steps_async.append(await per_step_us(folder, many_steps, args.steps, f"async{attempt}"))
+            floors.append(floor_us(folder, args.steps, f"{attempt}-1"))
             steps_sync.append(await per_step_us(folder, many_sync_steps, args.steps, f"sync{attempt}"))
+            floors.append(floor_us(folder, args.steps, f"{attempt}-2"))
             rates.append(await runs_per_second(folder, one_step, args.runs))
+            floors.append(floor_us(folder, args.steps, f"{attempt}-3"))
             runs_async.append(await per_run_us(folder, one_step, args.per_run, f"run-async{attempt}"))
+            floors.append(floor_us(folder, args.steps, f"{attempt}-4"))
             runs_sync.append(await per_run_us(folder, one_sync_step, args.per_run, f"run-sync{attempt}"))
+            floors.append(floor_us(folder, args.steps, f"{attempt}-5"))
+            store_runs.append(await store_run_us(folder, args.per_run, f"{attempt}"))
+            floors.append(floor_us(folder, args.steps, f"{attempt}-6"))
             if attempt == 0:  # minutes at the default size: once is enough
                 batch_rates.append(await batch_drain_per_second(folder, one_step, args.batch))
 
@@ -277,7 +320,10 @@ async def main() -> None:
         f"durably-web core benchmark  (Python {sys.version.split()[0]}, SQLite {sqlite3.sqlite_version}, "
         f"median of {args.repeat})"
     )
-    print(f"  floor: raw sqlite3 committed INSERT (WAL, synchronous=NORMAL)   {floor:8.1f} us")
+    print(
+        f"  floor: raw sqlite3 committed INSERT (WAL, synchronous=NORMAL)   {floor:8.1f} us"
+        f"   (median of {len(floors)}, {min(floors):.1f}-{max(floors):.1f})"
+    )
     print(
         f"  per-step overhead, {args.steps} no-op async steps                 {step_async:8.1f} us"
         f"   ratio {step_async / floor:4.2f}x floor"
@@ -296,6 +342,11 @@ async def main() -> None:
             f"  per 1-step run, trigger_and_wait one after another, {what + ' step':<10} {per_run:8.1f} us"
             f"   ratio {per_run / floor:4.2f}x floor"
         )
+    store_run = statistics.median(store_runs)
+    print(
+        f"  per 1-step run, the store's calls alone (no engine)             {store_run:8.1f} us"
+        f"   ratio {store_run / floor:4.2f}x floor"
+    )
     batch_rate = statistics.median(batch_rates)
     print(
         f"  {args.batch:,} batch-triggered 1-step runs drained by one worker {batch_rate:8.0f} runs/s"
