@@ -536,8 +536,11 @@ class RunExecution:
             # A first claim of a run that is not a fork has no steps yet (a claim counts in
             # attempt; only fork_run writes steps before one): spare the query on the hot path.
             first = self.attempt == 1 and self.record.forked_from is None
-            steps = [] if first else await store.list_steps(self.run_id, completed_only=True)
-            recorded = {step.index: step for step in steps}
+            steps = [] if first else await store.list_steps(self.run_id)
+            # Completed steps replay; failed ones (a step.all branch the handler caught) run
+            # again at their position, but their names stay taken (StepContext).
+            recorded = {step.index: step for step in steps if step.status == "completed"}
+            failed = {step.index: step for step in steps if step.status != "completed"}
             # A first execution has no earlier attempts: spare the query on the hot path.
             failed_attempts = await store.count_step_attempts(self.run_id) if self.attempt > 1 else {}
             leased: dict[str, Any] = {"attempt": self.attempt, "replayed_steps": len(recorded)}
@@ -561,7 +564,7 @@ class RunExecution:
                 if self.job.on_version_mismatch == "leave":  # a store that ignored pinned_versions
                     await self._release()
                     return
-            step = StepContext(self, recorded, failed_attempts)
+            step = StepContext(self, recorded, failed_attempts, failed)
             payload = self.job.decode_input(self.record.input_json)
             result = await self.job.handler(step, payload)
             step._end_replay()  # a handler that only replayed may still have progress to record

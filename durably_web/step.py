@@ -178,6 +178,7 @@ class StepContext:
         execution: StepHost,
         recorded: dict[int, StepRecord],
         failed_attempts: dict[int, tuple[int, int]] | None = None,
+        failed: dict[int, StepRecord] | None = None,
     ) -> None:
         self._execution = execution
         # Position -> (failed attempts of that step in all, since the last resume_run): the
@@ -186,7 +187,14 @@ class StepContext:
         # Keyed by position: a failed step that the handler caught leaves a gap.
         self._recorded = recorded
         self._last_recorded = max(recorded, default=-1)
-        self._recorded_names = {step.name: step.index for step in recorded.values()}
+        # Every name a row of this run holds, completed or failed (``failed``: the failed
+        # steps kept in its history, which run again at their position): none may be used at
+        # another position. This, with _claim_name, is what keeps step names unique within a
+        # run on SQLite, whose durably_steps has no index on them (migration 0012). It holds
+        # across processes because only the lease holder writes a run's steps (record_step
+        # is fenced), and it read them all after taking the lease.
+        self._recorded_names = {step.name: step.index for step in (failed or {}).values()}
+        self._recorded_names.update((step.name, step.index) for step in recorded.values())
         self._next_index = 0
         self._names: set[str] = set()
         self._sync_steps_running = 0  # sync branches of a step.all may run in several threads
@@ -723,7 +731,8 @@ class StepContext:
         )
 
     def _check_not_recorded_elsewhere(self, name: str, index: int) -> None:
-        if name in self._recorded_names:
+        # At its own position a name is a failed step running again.
+        if self._recorded_names.get(name, index) != index:
             raise NonDeterministicReplayError(
                 f"non-deterministic replay in run {self.run_id}: step {name!r} was recorded at "
                 f"position #{self._recorded_names[name]} but the handler now calls it at #{index}"

@@ -139,6 +139,8 @@ const KIND_ONE = 1;
 const KIND_ALL = 2;
 const KIND_SCRIPT = 3;
 const STATEMENT_CACHE_SIZE = 128;
+const SCRATCH_MIN_BYTES = 4096;
+const SCRATCH_MAX_BYTES = 1 << 20;
 
 let sqlite3Promise = null;
 
@@ -255,6 +257,17 @@ class SqliteBridge {
     this._cache = new Map(); // sql -> {p, names}
     this._lastError = null;
     this._capi.sqlite3_extended_result_codes(this._pDb, 1);
+    // The per-statement path (bind, step, reset) calls the wasm module's own exports: capi's
+    // wrappers convert every argument through generic adapters and push and pop a scoped
+    // allocation per call, which made binding a step's twelve parameters cost ~19 us of a
+    // ~23 us insert. The exports take the same arguments when pointers are 32-bit numbers
+    // (this build); otherwise capi, which accepts them too.
+    this._fast = sqlite3.wasm.ptr.size === 4 ? sqlite3.wasm.exports : this._capi;
+    // Text parameters are encoded into one reusable buffer and bound SQLITE_TRANSIENT (SQLite
+    // copies them), instead of one allocation plus a typed-array copy per string.
+    this._encoder = new TextEncoder();
+    this._scratch = null; // pointer into the wasm heap, or null
+    this._scratchSize = 0;
   }
 
   // -- public, synchronous --------------------------------------------------
@@ -272,8 +285,8 @@ class SqliteBridge {
         if (kind === KIND_EXECUTE) return this._execute(entry);
         return this._fetch(entry, kind === KIND_ONE);
       } finally {
-        this._capi.sqlite3_reset(entry.p);
-        if (entry.names.length) this._capi.sqlite3_clear_bindings(entry.p);
+        this._fast.sqlite3_reset(entry.p);
+        if (entry.names.length) this._fast.sqlite3_clear_bindings(entry.p);
       }
     } catch (e) {
       throw this._recordError(e);
@@ -324,6 +337,9 @@ class SqliteBridge {
   close() {
     for (const entry of this._cache.values()) this._capi.sqlite3_finalize(entry.p);
     this._cache.clear();
+    if (this._scratch !== null) this._wasm.dealloc(this._scratch);
+    this._scratch = null;
+    this._scratchSize = 0;
     if (this._db) this._db.close();
     this._db = null;
     this._pDb = 0;
@@ -388,6 +404,7 @@ class SqliteBridge {
     const { names, p } = entry;
     if (!names.length) return;
     const capi = this._capi;
+    const fast = this._fast;
     if (params === null || typeof params !== "object") params = {};
     for (let i = 0; i < names.length; i++) {
       const name = names[i];
@@ -400,21 +417,19 @@ class SqliteBridge {
       const ndx = i + 1;
       let rc;
       switch (typeof v) {
-        case "string": {
-          // Allocate the C string ourselves: capi.sqlite3_bind_text() with a JS
-          // string hits a ReferenceError (`pMem`) in sqlite-wasm 3.54.1.
-          const [pStr, n] = this._wasm.allocCString(v, true);
-          rc = capi.sqlite3_bind_text(p, ndx, pStr, n, capi.SQLITE_WASM_DEALLOC);
+        case "string":
+          rc = this._bindText(p, ndx, v);
           break;
-        }
         case "number":
-          rc = Number.isInteger(v) ? capi.sqlite3_bind_int64(p, ndx, BigInt(v)) : capi.sqlite3_bind_double(p, ndx, v);
+          if (!Number.isInteger(v)) rc = fast.sqlite3_bind_double(p, ndx, v);
+          else if ((v | 0) === v) rc = fast.sqlite3_bind_int(p, ndx, v); // no BigInt for 32-bit values
+          else rc = fast.sqlite3_bind_int64(p, ndx, BigInt(v));
           break;
         case "boolean":
-          rc = capi.sqlite3_bind_int(p, ndx, v ? 1 : 0);
+          rc = fast.sqlite3_bind_int(p, ndx, v ? 1 : 0);
           break;
         case "object":
-          if (v === null) rc = capi.sqlite3_bind_null(p, ndx);
+          if (v === null) rc = fast.sqlite3_bind_null(p, ndx);
           else if ("$f" in v) rc = capi.sqlite3_bind_double(p, ndx, floatFromMarker(v.$f));
           else if ("$i" in v) rc = capi.sqlite3_bind_int64(p, ndx, BigInt(v.$i));
           else if ("$b" in v) {
@@ -432,25 +447,49 @@ class SqliteBridge {
     }
   }
 
+  /** Bind a JS string as TEXT: UTF-8 encoded into the scratch buffer, copied by SQLite. */
+  _bindText(p, ndx, v) {
+    const fast = this._fast;
+    // Worst case 3 bytes per UTF-16 unit; past 1 MiB, a buffer of its own (SQLite frees it).
+    const most = v.length * 3;
+    if (most > SCRATCH_MAX_BYTES) {
+      const [pStr, n] = this._wasm.allocCString(v, true);
+      return fast.sqlite3_bind_text(p, ndx, pStr, n, this._capi.SQLITE_WASM_DEALLOC);
+    }
+    if (most > this._scratchSize || this._scratch === null) {
+      // Also for "": a null pointer would bind NULL, not an empty text.
+      const size = Math.max(most, SCRATCH_MIN_BYTES, this._scratchSize * 2);
+      const next = this._wasm.alloc(size); // throws WasmAllocError when out of memory
+      if (this._scratch !== null) this._wasm.dealloc(this._scratch);
+      this._scratch = next;
+      this._scratchSize = size;
+    }
+    const start = Number(this._scratch);
+    // heap8u() again each time: the heap's ArrayBuffer changes when wasm memory grows.
+    const { written } = this._encoder.encodeInto(v, this._wasm.heap8u().subarray(start, start + this._scratchSize));
+    return fast.sqlite3_bind_text(p, ndx, this._scratch, written, this._capi.SQLITE_TRANSIENT);
+  }
+
   _execute(entry) {
     const capi = this._capi;
-    const before = capi.sqlite3_total_changes(this._pDb);
+    const fast = this._fast;
+    const before = fast.sqlite3_total_changes(this._pDb);
     let rc;
-    while ((rc = capi.sqlite3_step(entry.p)) === capi.SQLITE_ROW) {
+    while ((rc = fast.sqlite3_step(entry.p)) === capi.SQLITE_ROW) {
       /* e.g. PRAGMA journal_mode=WAL or INSERT … RETURNING: drain rows */
     }
     if (rc !== capi.SQLITE_DONE) throw this._sqliteError(rc);
-    return capi.sqlite3_total_changes(this._pDb) === before ? 0 : capi.sqlite3_changes(this._pDb);
+    return fast.sqlite3_total_changes(this._pDb) === before ? 0 : fast.sqlite3_changes(this._pDb);
   }
 
   _fetch(entry, onlyOne) {
     const capi = this._capi;
     const p = entry.p;
-    const ncol = capi.sqlite3_column_count(p);
+    const ncol = this._fast.sqlite3_column_count(p);
     const rows = [];
     const flag = { x: 0 };
     let rc;
-    while ((rc = capi.sqlite3_step(p)) === capi.SQLITE_ROW) {
+    while ((rc = this._fast.sqlite3_step(p)) === capi.SQLITE_ROW) {
       const row = new Array(ncol);
       for (let i = 0; i < ncol; i++) row[i] = this._column(p, i, flag);
       rows.push(row);
@@ -465,17 +504,18 @@ class SqliteBridge {
 
   _column(p, i, flag) {
     const capi = this._capi;
-    switch (capi.sqlite3_column_type(p, i)) {
+    const fast = this._fast;
+    switch (fast.sqlite3_column_type(p, i)) {
       case capi.SQLITE_NULL:
         return null;
       case capi.SQLITE_INTEGER: {
-        const v = capi.sqlite3_column_int64(p, i); // BigInt
+        const v = fast.sqlite3_column_int64(p, i); // BigInt
         if (v >= Number.MIN_SAFE_INTEGER && v <= Number.MAX_SAFE_INTEGER) return Number(v);
         flag.x = 1;
         return { $i: String(v) };
       }
       case capi.SQLITE_FLOAT: {
-        const v = capi.sqlite3_column_double(p, i);
+        const v = fast.sqlite3_column_double(p, i);
         if (Number.isFinite(v) && !Number.isInteger(v)) return v;
         flag.x = 1;
         if (Number.isNaN(v)) return { $f: "nan" };

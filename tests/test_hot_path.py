@@ -75,3 +75,31 @@ async def test_trigger_and_wait_on_an_idle_worker_is_three_writes_and_a_few_read
     # One read: the waiter's of the final run. The worker, whose last look found nothing and
     # which nothing woke since, does not look again when the run's slot frees.
     assert kinds == ["INSERT", "INSERT", "BEGIN", "UPDATE", "COMMIT", "SELECT"], kinds
+
+
+@define_job("hot-path-steps")
+async def many_steps(step: StepContext, payload: int) -> None:
+    for i in range(payload):
+        await step.run(f"s{i}", noop)
+
+
+async def test_a_step_commit_writes_about_one_page(tmp_path) -> None:
+    # A step's commit cost follows the pages it writes (on OPFS each is a write through a
+    # sync access handle). durably_steps is one b-tree (migration 0012): a step is one leaf,
+    # plus now and then a split; with its old two indexes it wrote 3.4 pages per step.
+    path = tmp_path / "pages.db"
+    async with Durably(f"sqlite:///{path}", jobs=[many_steps]) as durably:
+        await durably.trigger_and_wait(many_steps, 10, timeout=30)  # warm: schema, first pages
+        raw = durably._store._conn._conn
+        raw.execute("PRAGMA wal_autocheckpoint = 0")  # the WAL keeps every page written
+        page_size = raw.execute("PRAGMA page_size").fetchone()["page_size"]
+
+        async def frames_of(steps: int) -> int:
+            raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            await durably.trigger_and_wait(many_steps, steps, timeout=60)
+            return (path.with_name(path.name + "-wal").stat().st_size - 32) // (page_size + 24)
+
+        empty = await frames_of(0)
+        full = await frames_of(300)
+    per_step = (full - empty) / 300
+    assert per_step < 1.5, per_step

@@ -384,6 +384,46 @@ async def test_a_changed_step_all_is_caught_as_non_deterministic_replay(make_dur
     assert executed == ["a", "b"]  # nothing ran again
 
 
+async def test_a_failed_branchs_name_called_at_another_position_is_non_deterministic_replay(make_durably):
+    # The failed branch stays in the run's history (the handler caught its error). A later
+    # execution that calls its name at another position is refused before any branch runs:
+    # step names stay unique within a run although SQLite keeps no index on them.
+    executed: list[str] = []
+    holding = asyncio.Event()
+
+    def branch(name: str) -> str:
+        executed.append(name)
+        if name == "x":
+            raise RuntimeError("x fails")
+        return name
+
+    async def hold() -> None:
+        holding.set()
+        await asyncio.Event().wait()
+
+    @define_job("moved-failed-branch")
+    async def job(step: StepContext, payload: Any) -> None:
+        names = ["x", "a"] if step.attempt == 1 else ["y", "a", "x"]
+        try:
+            await step.all({name: (branch, name) for name in names})
+        except RuntimeError:
+            pass
+        await step.run("hold", hold)
+
+    first = await make_durably(job, shutdown_timeout=0.2)
+    run = await first.trigger(job, None)
+    await wait_event(holding)
+    await first.stop()
+    assert sorted(executed) == ["a", "x"]
+    second = await make_durably(job)
+    done = await second.wait_for_run(run.id, timeout=30)
+    assert done.status == "failed" and done.error.type == "NonDeterministicReplayError"
+    assert "'x'" in done.error.message and "#0" in done.error.message
+    assert sorted(executed) == ["a", "x"]  # nothing ran again
+    steps = [(s.index, s.name, s.status) for s in await second.get_steps(run.id)]
+    assert steps == [(0, "x", "failed"), (1, "a", "completed")]
+
+
 async def test_a_branch_that_needs_the_network_waits_offline_while_its_siblings_complete(make_durably):
     from test_network import NO_RECHECK, SwitchedNetwork, waiting_offline
 

@@ -131,6 +131,105 @@ async def test_concurrent_first_opens_migrate_once(tmp_path):
         conn.close()
 
 
+def database_at_version(path: Path, version: int) -> sqlite3.Connection:
+    """A database migrated up to ``version`` only, as an older durably-web left it."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute(sqlite_store_module.Q["create_migrations_table"])
+    for number, _, script in migration_files():
+        if number <= version:
+            conn.executescript(
+                f"BEGIN;\n{script}\n;INSERT INTO durably_migrations VALUES ({number}, 1);\nCOMMIT;"
+            )
+    return conn
+
+
+STEP_COLUMNS = "run_id, seq, name, status, output, error, attempt, started_at, completed_at, kind, metadata"
+
+replayed_calls: list[str] = []
+
+
+@define_job("legacy-steps")
+async def legacy_steps(step: StepContext, payload: Any) -> Any:
+    def call(name: str, value: Any) -> Any:
+        replayed_calls.append(name)
+        return value
+
+    first = await step.run("a", call, "a", "A")
+    big = await step.run("big", call, "big", "new")
+    return [first, len(big), await step.run("c", call, "c", "C")]
+
+
+async def test_steps_written_before_migration_12_are_read_back_unchanged_and_replay(tmp_path):
+    # Migration 0012 rebuilds durably_steps as a WITHOUT ROWID table. Steps of a finished run
+    # and of a run still to finish (interleaved, with outputs up to 300 KB, a failed step, a
+    # sleep, metadata) must come through intact; the unfinished run replays what it recorded.
+    path = tmp_path / "v10.db"
+    conn = database_at_version(path, 10)
+    large, medium = "L" * 300_000, "m" * 5_000
+    error = '{"type": "ValueError", "message": "no"}'
+    runs = [("r1-done", "completed", 0), ("r2-pending", "pending", 1)]
+    for run_id, status, attempt in runs:
+        conn.execute(
+            "INSERT INTO durably_runs (id, job_name, status, input, attempt, available_at, created_at,"
+            " updated_at) VALUES (?, 'legacy-steps', ?, 'null', ?, 1000, 1000, 1000)",
+            (run_id, status, attempt),
+        )
+    steps = [
+        ("r1-done", 0, "a", "completed", '"A"', None, 1, 1, 2, "run", '{"model": "m"}'),
+        ("r2-pending", 0, "a", "completed", '"A"', None, 1, 1, 2, "run", None),
+        ("r1-done", 1, "big", "completed", f'"{large}"', None, 2, 3, 4, "run", None),
+        ("r2-pending", 1, "big", "completed", f'"{large}"', None, 1, 3, 4, "run", None),
+        ("r1-done", 2, "nap", "completed", "5000", None, 1, 5, 6, "sleep", None),
+        ("r1-done", 3, "medium", "completed", f'"{medium}"', None, 1, 7, 8, "run", None),
+        ("r1-done", 4, "dropped", "completed", None, None, 1, 9, 10, "run", None),
+        ("r1-done", 5, "broken", "failed", None, error, 3, 11, 12, "run", None),
+    ]
+    conn.executemany(f"INSERT INTO durably_steps ({STEP_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)", steps)
+    conn.close()
+
+    replayed_calls.clear()
+    async with Durably(f"sqlite:///{path}", jobs=[legacy_steps], **FAST) as durably:
+        done = await durably.wait_for_run("r2-pending", timeout=30)
+        assert done.status == "completed" and done.output == ["A", 300_000, "C"]
+        assert replayed_calls == ["c"]  # "a" and "big" came from their rows
+        finished = await durably.get_steps("r1-done")
+        assert [(s.index, s.name, s.status, s.kind) for s in finished] == [
+            (0, "a", "completed", "run"),
+            (1, "big", "completed", "run"),
+            (2, "nap", "completed", "sleep"),
+            (3, "medium", "completed", "run"),
+            (4, "dropped", "completed", "run"),
+            (5, "broken", "failed", "run"),
+        ]
+        assert [s.output for s in finished] == ["A", large, 5000, medium, None, None]
+        assert finished[5].error is not None and finished[5].error.message == "no"
+
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT MAX(version) FROM durably_migrations").fetchone()[0] == SCHEMA_VERSION
+        after = conn.execute(f"SELECT {STEP_COLUMNS} FROM durably_steps ORDER BY run_id, seq").fetchall()
+        assert [row for row in after if row[0] == "r1-done"] == [s for s in steps if s[0] == "r1-done"]
+        assert [row[:3] for row in after if row[0] == "r2-pending"] == [
+            ("r2-pending", 0, "a"),
+            ("r2-pending", 1, "big"),
+            ("r2-pending", 2, "c"),
+        ]
+        table_sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'durably_steps'").fetchone()[0]
+        assert "WITHOUT ROWID" in table_sql
+        # One b-tree: the primary key is the table; no index beside it.
+        assert [row[1] for row in conn.execute("PRAGMA index_list(durably_steps)")] == [
+            "sqlite_autoindex_durably_steps_1"
+        ]
+        assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert conn.execute("PRAGMA foreign_key_check").fetchall() == []
+        # The foreign key still cascades.
+        conn.execute("PRAGMA foreign_keys = ON")
+        conn.execute("DELETE FROM durably_runs WHERE id = 'r1-done'")
+        assert conn.execute("SELECT COUNT(*) FROM durably_steps WHERE run_id = 'r1-done'").fetchone() == (0,)
+    finally:
+        conn.close()
+
+
 # --- connection policy -----------------------------------------------------------------
 
 

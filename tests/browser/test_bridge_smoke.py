@@ -309,3 +309,43 @@ def test_bridge_benchmark(driver: Any, site_url: Any) -> None:
     results = run_py(driver, BENCH)
     print("\n" + json.dumps(results, indent=1))
     assert results["opfs wal+exclusive"]["journal"] == "wal"
+
+
+VALUES_ROUND_TRIP = r"""
+import json
+from durably_web.storage.sqlite.wasm_connection import WasmSqlConnection
+
+texts = ["", "plain", "é ü ß", "日本語", "emoji 🎉👍🏽", "nul\x00inside", "x" * 5000,
+         "é" * 100_000,      # 200 KB of UTF-8: the text buffer grows
+         "🎉" * 300_000]     # 1.2 MB: bound from an allocation of its own
+ints = [0, 1, -1, 2**31 - 1, 2**31, -2**31, -2**31 - 1, 2**53 - 1, -(2**53 - 1), 2**53, 2**62,
+        -2**63, 2**63 - 1]
+reals = [1.5, -0.25, 2.0, 0.0, 1e300, float("inf"), float("-inf")]
+others = [True, False, None, b"", b"\x00\xffbytes"]
+conn = await WasmSqlConnection.open(":memory:", storage="memory")
+conn.execute_script("CREATE TABLE v(id INTEGER PRIMARY KEY, x); CREATE TABLE m(a, b, c, n)")
+back = []
+for value in texts + ints + reals + others:
+    conn.execute("DELETE FROM v")
+    conn.execute("INSERT INTO v(id, x) VALUES (1, :x)", {"x": value})
+    row = conn.fetch_one("SELECT x, typeof(x) AS t FROM v WHERE id = 1")
+    back.append([row["x"] == value and type(row["x"]) is type(value if not isinstance(value, bool) else 1),
+                 row["t"], repr(value)[:40]])
+# Several texts in one statement, each bound while the others are already bound.
+conn.execute("INSERT INTO m VALUES (:a, :b, :c, :n)", {"a": "first", "b": "é" * 3000, "c": "third", "n": 7})
+several = conn.fetch_one("SELECT a, b, c, n FROM m")
+conn.close()
+json.dumps({"back": back, "several": [several["a"], len(several["b"]), several["b"] == "é" * 3000,
+                                      several["c"], several["n"]]})
+"""
+
+
+def test_every_kind_of_value_round_trips_through_the_bridge(driver: Any, site_url: Any) -> None:
+    url, _ = site_url
+    open_harness(driver, url)
+    result = run_py(driver, VALUES_ROUND_TRIP)
+    assert [ok for ok, _, _ in result["back"]] == [True] * len(result["back"]), result["back"]
+    types = [t for _, t, _ in result["back"]]
+    others = ["integer", "integer", "null", "blob", "blob"]
+    assert types == ["text"] * 9 + ["integer"] * 13 + ["real"] * 7 + others
+    assert result["several"] == ["first", 3000, True, "third", 7]

@@ -120,16 +120,22 @@ def _encode_value(value: Any) -> Any:
     raise WasmSqliteError(f"unsupported parameter type {type(value).__name__}", 21, "SQLITE_MISUSE")
 
 
+_to_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode
+
+
 def encode_params(params: Params | None) -> str | None:
     """Parameters as the bridge's JSON text (``None`` when there are none)."""
     if not params:
         return None
-    return json.dumps(
-        {key: _encode_value(value) for key, value in params.items()},
-        ensure_ascii=False,
-        separators=(",", ":"),
-        allow_nan=False,
-    )
+    # Nearly every parameter is a str, None or an int JSON carries exactly, which the C
+    # encoder writes as they are: one pass of type tests, then one encode. Under Pyodide
+    # this halves the cost of a step's twelve parameters against a call per value.
+    for value in params.values():
+        cls = value.__class__
+        if cls is str or value is None or (cls is int and -_MAX_SAFE_INT <= value <= _MAX_SAFE_INT):
+            continue
+        return _to_json({key: _encode_value(value) for key, value in params.items()})
+    return _to_json(params if params.__class__ is dict else dict(params))
 
 
 def _decode_value(value: Any) -> Any:
