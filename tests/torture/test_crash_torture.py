@@ -115,7 +115,16 @@ def test_the_max_concurrent_limit_was_reached_and_never_passed(torture_result: T
     assert r.limited_runs >= 4 and r.limited_peak == LIMITED_MAX, r.summary()
 
 
-# --- the checker, on hand-made logs (its durable-waiting rules: test_checker_waits.py) ----------------
+def test_runs_started_at_once_were_killed_and_proven(torture_result: TortureResult) -> None:
+    # Every worker calls trigger_and_wait itself for a few runs, each once it is idle: the
+    # engine creates the run leased to it and starts it without a claim; the second kill is
+    # aimed at such a run in flight. Their checks (test_checker_at_once.py) are in the violations.
+    r = torture_result
+    assert r.started_at_once > 0 and r.at_once_resumed > 0, r.summary()
+
+
+# --- the checker, on hand-made logs (durable waiting: test_checker_waits.py; runs started at once:
+# test_checker_at_once.py) -------------------------------------------------------------------------
 
 LEASE_NS = 3_000_000_000
 
