@@ -9,9 +9,9 @@ Runs the single-worker torture (a restarted worker resumes at once) and the
 two-worker race on one SQLite file, then prints a table. With ``--postgres`` both run
 on a throwaway PostgreSQL cluster instead (tests/support/postgres.py: the server
 binaries of ``apt-get install postgresql``), one empty database each; the checker's
-rules are the same. Exits non-zero when
-any invariant was violated, or when no run started at once (the workers' own
-``trigger_and_wait`` calls: then the torture tested nothing of them). The seed (``--seed``, else ``$DURABLY_TORTURE_SEED``,
+rules are the same. Exits non-zero when any invariant was violated, or when no run
+started at once (the workers' own ``trigger_and_wait`` calls: then the torture tested
+nothing of them). The seed (``--seed``, else ``$DURABLY_TORTURE_SEED``,
 else a random one) is printed with the table and every violation; the
 single-worker torture uses it and the two-worker one ``seed + 1``, so
 ``--seed N`` replays both. The harness lives in tests/torture/harness.py; the

@@ -1695,14 +1695,16 @@ class Torture:
                 self.expected[call.run_id] = exp
 
     async def stop_runs_at_once(self, timeout: float = 60.0) -> None:
-        """Let no worker trigger runs of its own any more: then the queue can drain. Unless
-        one did already, a worker first gets the time to start a run at once (the queue is
-        emptying: it becomes idle), so every torture has one to check."""
+        """Let no worker trigger runs of its own any more: then the queue can drain. First a
+        worker that is never killed gets the time to start a run at once (the queue is
+        emptying: it becomes idle), so every torture has one whose creator outlives it: a
+        run created leased but not executed by its creator is taken over under it then."""
         deadline = time.monotonic() + timeout / 2
         # Polls the side-effect log, as wait_ready does: no event to wait for across processes.
         while time.monotonic() < deadline:
             log = read_log(self.log_path)
-            if any(c.how == "leased" for c in log.calls.values()):
+            alive = {w.pid for w in self.workers if w.alive()}
+            if any(c.how == "leased" and c.pid in alive for c in log.calls.values()):
                 break
             if all(w.pid in log.quit for w in self.workers if w.alive()):
                 break  # no worker has a call left to make
@@ -1805,9 +1807,9 @@ class Torture:
                 await self.send_some()
                 victim = self.rng.choice(self.workers)
                 roll = self.rng.random()
-                if (n % 2 == 1 and not self.hit_at_once) or 0.35 <= roll < 0.45:
+                if (n >= 1 and not self.hit_at_once) or 0.35 <= roll < 0.45:
                     # Aimed at a run a worker started at once (created leased, never claimed):
-                    # every other kill until one such kill hit.
+                    # every kill after the first until one such kill hit.
                     aimed = await self.wait_at_once_in_flight(timeout=3.0)
                     self.hit_at_once |= aimed is not None
                     victim = aimed or victim

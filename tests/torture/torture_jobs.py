@@ -550,16 +550,18 @@ def draw_at_once_run(rng: random.Random, lease: float) -> tuple[str, dict[str, A
     created with must be renewed), some step.all runs and some sleeps (the run leaves its
     lease at the sleep and is claimed again)."""
     roll = rng.random()
+    # Steps long enough that a kill aimed at such a run (harness.wait_at_once_in_flight) finds one.
+    delay = rng.choice([0.02, 0.05, 0.1])
     if roll < 0.15:
         branches = rng.randint(2, 4)
-        payload: dict[str, Any] = {"branches": branches, "delay": rng.choice([0.005, 0.02, 0.05])}
+        payload: dict[str, Any] = {"branches": branches, "delay": delay}
         if rng.random() < 0.2:
             payload["fail_branch"] = rng.randrange(branches)
         return "torture-parallel", payload
     if roll < 0.3:
         return "torture-sleep", {"naps": [round(rng.uniform(0.05, 0.3), 3)]}
     steps = rng.randint(3, 8)
-    payload = {"steps": steps, "delay": rng.choice([0.005, 0.02, 0.05])}
+    payload = {"steps": steps, "delay": delay}
     if rng.random() < 0.15:
         payload["fail_at"] = rng.randrange(steps)
     if rng.random() < 0.2:
