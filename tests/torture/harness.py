@@ -60,8 +60,10 @@ worker logged before the call, so every rule above holds for them too; and besid
 * a call created at most one run, of its job and input, and one unless its process was
   killed before the insert; a run the worker saw created (C line) is in the database, with
   its label rows;
-* a run created leased has ``started_at == created_at`` (the insert was its claim), and its
-  first attempt executed in the process that created it, nowhere else;
+* a run created leased has ``started_at == created_at`` (the insert was its claim); its
+  first attempt executed in the process that created it, nowhere else, and no later
+  attempt began while that process lived, unless the run committed a wait there or it
+  reported the lease lost (every torture has such a run whose creator is never killed);
 * ``trigger_and_wait`` returned to every caller that was not killed, the run's final status
   and output.
 
@@ -806,7 +808,9 @@ def check_at_once(
             if later and not handed_on:
                 first_later = min(later, key=lambda e: e.begin)
                 death = killed.get(call.pid)
-                if death is None or death < call.created_t or first_later.begin < death:  # (a reused pid)
+                if death is not None and death < call.created_t:
+                    death = None  # a reused pid: an earlier process's death
+                if death is None or first_later.begin < death:
                     violations.append(
                         f"run {run_id} was started at once in pid {call.pid}, but its attempt "
                         f"{first_later.attempt} began ({first_later.xid}, pid {first_later.pid}) while "
