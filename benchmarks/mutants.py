@@ -178,6 +178,25 @@ MUTANTS: tuple[Mutant, ...] = (
         new="  AND (1 OR NOT EXISTS (\n",
         command=TORTURE,
     ),
+    # Runs started at once (created leased by trigger_and_wait on an idle worker), caught by
+    # the torture's checks of the workers' own calls (harness.check_at_once).
+    Mutant(
+        name="a run started at once is created leased but not executed",
+        file="durably_web/engine.py",
+        old="                self._start(record, self.now_ms())\n",
+        new="                pass\n",
+        command=TORTURE,
+    ),
+    Mutant(
+        name="a run created leased loses its label rows",
+        file="durably_web/storage/sqlite/store.py",
+        old=(
+            '                conn.execute(Q["insert_labels"], '
+            '{"run_id": new.id, "labels": params["labels"]})\n'
+        ),
+        new="                pass\n",
+        command=TORTURE,
+    ),
 )
 
 

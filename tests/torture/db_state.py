@@ -1,5 +1,5 @@
 """What the torture checker reads from the database once the workers have stopped: every
-row of the four tables it checks, as dicts keyed by column name.
+row of the five tables it checks, as dicts keyed by column name.
 
 The rows are read straight from the backend with its own driver, not through the store
 under test, and in a fixed order (SQLite and PostgreSQL need not return rows in insertion
@@ -17,6 +17,7 @@ QUERIES = {
     "steps": "SELECT * FROM durably_steps ORDER BY run_id, seq",
     "attempts": "SELECT * FROM durably_step_attempts ORDER BY run_id, seq, attempt",
     "signals": "SELECT * FROM durably_signals ORDER BY id",
+    "labels": "SELECT * FROM durably_run_labels ORDER BY run_id, key",
 }
 
 
@@ -26,6 +27,7 @@ class DatabaseState:
     steps: list[dict[str, Any]]
     attempts: list[dict[str, Any]]
     signals: list[dict[str, Any]]
+    labels: list[dict[str, Any]]  # durably_run_labels: the rows label filters use
 
 
 def read_state(db_url: str) -> DatabaseState:
@@ -41,6 +43,7 @@ def read_state(db_url: str) -> DatabaseState:
         steps=tables["steps"],
         attempts=tables["attempts"],
         signals=tables["signals"],
+        labels=tables["labels"],
     )
 
 

@@ -31,7 +31,8 @@ database:
   execution must begin after the first one's side effect ended or its process
   was SIGKILLed (a takeover of a live run is a violation, whatever the lease);
 * every execution that did not produce the committed result is accounted for:
-  its process was killed while it was that process's last step of the run, or
+  its process was killed while it was that process's last step of the run (the
+  branches of a step.all together), or
   the run was taken over later (a lease lapse, counted), or it is the last try
   of a step whose run was cancelled or failed there;
 * every step that began also ended, unless its process was killed;
@@ -49,6 +50,27 @@ database:
   across every worker process (a killed process's in-flight step ends at its kill), and
   each completes with its output; the peak is counted (a torture whose limit was never
   reached tested nothing).
+
+Runs started at once (:func:`check_at_once`): every worker process also calls
+``trigger_and_wait`` itself for a few runs (``torture_jobs.AtOnceCaller``), each once it is
+idle, so that the engine creates the run already leased to it and starts it without a claim
+(``Worker.start_at_once``); the kills hit them like any other run. They are accepted runs,
+found by their label (``torture_jobs.AT_ONCE_LABEL``) and known by the job and input the
+worker logged before the call, so every rule above holds for them too; and besides:
+
+* a call created at most one run, of its job and input, and one unless its process was
+  killed before the insert; a run the worker saw created (C line) is in the database, with
+  its label rows;
+* a run created leased has ``started_at == created_at`` (the insert was its claim); its
+  first attempt executed in the process that created it, nowhere else, and no later
+  attempt began while that process lived, unless the run committed a wait there or it
+  reported the lease lost (every torture has such a run whose creator is never killed);
+* ``trigger_and_wait`` returned to every caller that was not killed, the run's final status
+  and output.
+
+They are counted: started at once, queued (created pending: the worker was no longer idle),
+and resumed (started at once, their first lease lost to a kill, finished by a later attempt).
+A torture in which no run started at once tested nothing of them.
 
 Durable waiting (:func:`check_waits`; wall-clock times in ms, the engine's clock):
 
@@ -164,6 +186,10 @@ class TortureResult:
     child_runs: int = 0  # runs started with step.start_child (one per torture-parent run)
     limited_runs: int = 0  # runs of torture-limited (max_concurrent=LIMITED_MAX)
     limited_peak: int = 0  # the most of them with a side effect live at one moment
+    at_once_calls: int = 0  # trigger_and_wait calls of the workers themselves (I lines)
+    started_at_once: int = 0  # ... whose run the engine created leased and started at once
+    at_once_queued: int = 0  # ... whose run was created pending (the worker was busy again)
+    at_once_resumed: int = 0  # runs started at once whose first lease a kill ended, resumed later
     violations: list[str] = field(default_factory=list)
     wall_time: float = 0.0
     timed_out: int = 0  # runs failed with RunTimeoutError at their deadline, as intended
@@ -182,6 +208,8 @@ class TortureResult:
             f"offline_waits={self.offline_waits} offline_failures={self.offline_failures} "
             f"timed_out={self.timed_out} "
             f"limited_runs={self.limited_runs} limited_peak={self.limited_peak} "
+            f"at_once_calls={self.at_once_calls} started_at_once={self.started_at_once} "
+            f"at_once_queued={self.at_once_queued} at_once_resumed={self.at_once_resumed} "
             f"violations={len(self.violations)} wall={self.wall_time:.1f}s"
         )
 
@@ -279,6 +307,21 @@ class Passed:
 
 
 @dataclass
+class AtOnceCall:
+    """A worker's own trigger_and_wait call: its I line, then its C and D lines (if any)."""
+
+    token: str
+    pid: int
+    job: str
+    payload: dict[str, Any]
+    run_id: str | None = None  # C: the run created ...
+    how: str = ""  # ... "leased" (started at once) or "pending" ...
+    created_t: int = 0  # ... at this time.monotonic_ns()
+    returned: tuple[str, str, Any] | None = None  # D: (run id, status, output)
+    error: str | None = None  # X: what it raised
+
+
+@dataclass
 class Log:
     executions: dict[str, Execution] = field(default_factory=dict)  # by xid
     ready: dict[int, int] = field(default_factory=dict)  # pid -> t
@@ -288,6 +331,8 @@ class Log:
     failures: set[str] = field(default_factory=set)  # xids that failed on purpose
     waits: list[Wait] = field(default_factory=list)
     passed: list[Passed] = field(default_factory=list)
+    calls: dict[str, AtOnceCall] = field(default_factory=dict)  # by token
+    quit: set[int] = field(default_factory=set)  # pids that trigger nothing more (Q lines)
     problems: list[str] = field(default_factory=list)
 
 
@@ -333,9 +378,53 @@ def parse_log(text: str) -> Log:
         elif kind == "H" and len(parts) == 7:
             run_id, wait, pid, attempt, at, token = parts[1:]
             log.passed.append(Passed(run_id, wait, int(pid), int(attempt), int(at), token))
+        elif kind == "I" and len(parts) == 6:
+            token, pid, job, payload = parts[1:5]
+            if token in log.calls:
+                log.problems.append(f"trigger_and_wait token {token} announced twice")
+            log.calls[token] = AtOnceCall(token, int(pid), job, json.loads(payload))
+        elif kind in ("C", "D", "X") and len(parts) >= 4:
+            call = log.calls.get(parts[1])
+            if call is None:
+                log.problems.append(f"{kind} line of a trigger_and_wait never announced: {raw!r}")
+            elif kind == "C" and len(parts) == 6 and call.run_id is None:
+                call.run_id, call.how, call.created_t = parts[2], parts[4], int(parts[5])
+            elif kind == "D" and len(parts) == 7 and call.run_id == parts[2] and call.returned is None:
+                output = None if parts[5] == "-" else json.loads(parts[5])
+                call.returned = (parts[2], parts[4], output)
+            elif kind == "X":
+                call.error = " ".join(parts[3:])
+            else:
+                log.problems.append(f"unexpected trigger_and_wait line {raw!r}")
+        elif kind == "Q" and len(parts) == 3:
+            log.quit.add(int(parts[1]))
         else:
             log.problems.append(f"unparseable side-effect line {raw!r}")
     return log
+
+
+def expected_of(
+    run_id: str, job: str, payload: dict[str, Any], options: dict[str, Any], *, protected: bool
+) -> Expected:
+    """What triggering ``job`` with ``payload`` and trigger ``options`` must lead to."""
+    return Expected(
+        run_id=run_id,
+        steps=payload.get("steps", 0),
+        fail_at=payload.get("fail_at", -1),
+        spawn=payload.get("spawn", False),
+        concurrency_key=options.get("concurrency_key"),
+        protected=protected,
+        job=job,
+        fails=payload.get("fails", 0),
+        max_attempts=payload.get("max_attempts", 1),
+        retry_delay=payload.get("delay", 0.0) if job == "torture-retry" else 0.0,
+        naps=list(payload.get("naps", [])),
+        waits=payload.get("waits", 0),
+        branches=payload.get("branches", 0),
+        fail_branch=payload.get("fail_branch", -1),
+        nap=payload.get("nap", 0.0),
+        timeout=options.get("timeout"),
+    )
 
 
 def read_log(path: Path) -> Log:
@@ -460,17 +549,20 @@ def check_log(
     idempotency: dict[str, str] | None = None,
     attempt_rows: Iterable[dict[str, Any]] = (),
     signal_rows: Iterable[dict[str, Any]] = (),
+    label_rows: Iterable[dict[str, Any]] = (),
 ) -> None:
     """Check every invariant of the module docstring; add counts and violations to ``result``.
 
-    ``runs``, ``step_rows``, ``attempt_rows`` (durably_step_attempts) and ``signal_rows``
-    (durably_signals) are the database rows (as dicts), ``expected`` what the client
-    accepted (and the signals it sent), ``killed`` the SIGKILL time
+    ``runs``, ``step_rows``, ``attempt_rows`` (durably_step_attempts), ``signal_rows``
+    (durably_signals) and ``label_rows`` (durably_run_labels) are the database rows (as
+    dicts), ``expected`` what the client accepted (and the signals it sent; the runs the
+    workers triggered themselves are added from the log), ``killed`` the SIGKILL time
     (``time.monotonic_ns()``, after the process was reaped) of every process we killed.
     """
     attempt_rows = list(attempt_rows)
     violations = result.violations
     violations.extend(log.problems)
+    expected = {**expected, **adopt_at_once(log, runs, expected, result)}
     executions = list(log.executions.values())
     result.executions = len(executions)
 
@@ -575,10 +667,16 @@ def check_log(
                 continue  # a retried attempt (check_waits checks it matches its row)
             death = killed.get(e.pid)
             if death is not None and death >= e.begin:
+                # The branches of one step.all run at once: together they are the last step.
+                branches = runs.get(run_id, {}).get("job_name") == "torture-parallel" and _is_branch(name)
                 later = [
                     o
                     for o in executions
-                    if o.pid == e.pid and o.run_id == run_id and o.attempt == e.attempt and o.begin > e.begin
+                    if o.pid == e.pid
+                    and o.run_id == run_id
+                    and o.attempt == e.attempt
+                    and o.begin > e.begin
+                    and not (branches and _is_branch(o.step))
                 ]
                 if not later:
                     result.duplicates += 1
@@ -610,9 +708,141 @@ def check_log(
     result.outlasted_lease = sum(1 for begin, end in spans.values() if end - begin > lease_ns)
 
     check_runs(log, runs, rows_of, expected, result, idempotency or {})
+    check_at_once(log, runs, by_step, list(label_rows), killed, result)
     check_concurrency(runs, spans, result)
     check_max_concurrent(runs, spans, result)
     check_waits(log, by_step, rows_of, attempt_rows, list(signal_rows), expected, result)
+
+
+def _is_branch(step: str) -> bool:
+    """Whether a step of a torture-parallel run is one of its step.all's branches (p0, p1 ...)."""
+    return re.fullmatch(r"p\d+", step) is not None
+
+
+def at_once_token(row: dict[str, Any]) -> str | None:
+    """The token of a run a worker triggered itself (its label), else None."""
+    labels = json.loads(row["labels"]) if row.get("labels") else {}
+    return labels.get(torture_jobs.AT_ONCE_LABEL)
+
+
+def adopt_at_once(
+    log: Log, runs: dict[str, dict[str, Any]], expected: dict[str, Expected], result: TortureResult
+) -> dict[str, Expected]:
+    """The runs the workers triggered themselves and the client has not adopted yet, as
+    accepted runs: found by their label, known by the job and input of their I line."""
+    adopted: dict[str, Expected] = {}
+    for run_id, row in runs.items():
+        token = at_once_token(row)
+        if token is None or run_id in expected:
+            continue
+        call = log.calls.get(token)
+        if call is None:
+            result.violations.append(
+                f"run {run_id} carries {torture_jobs.AT_ONCE_LABEL}={token}, "
+                "but no worker announced that call"
+            )
+            continue
+        adopted[run_id] = expected_of(run_id, call.job, call.payload, {}, protected=True)
+    return adopted
+
+
+def check_at_once(
+    log: Log,
+    runs: dict[str, dict[str, Any]],
+    by_step: dict[tuple[str, str], list[Execution]],
+    label_rows: list[dict[str, Any]],
+    killed: dict[int, int],
+    result: TortureResult,
+) -> None:
+    """The workers' own trigger_and_wait calls: the rules of the module docstring's third list
+    (the runs themselves are checked with the others, by check_runs and the step rules)."""
+    violations = result.violations
+    runs_of: dict[str, list[str]] = defaultdict(list)  # token -> runs carrying it
+    for run_id, row in runs.items():
+        token = at_once_token(row)
+        if token is not None:
+            runs_of[token].append(run_id)
+    labels_of: dict[str, dict[str, str]] = defaultdict(dict)
+    for label in label_rows:
+        labels_of[label["run_id"]][label["key"]] = label["value"]
+    executions_of: dict[str, list[Execution]] = defaultdict(list)
+    for (run_id, _name), items in by_step.items():
+        executions_of[run_id] += items
+    waited_in: set[tuple[str, int]] = {(w.run_id, w.pid) for w in log.waits}
+    lost_lease_at: set[tuple[str, int]] = {(run_id, pid) for run_id, pid, _ in log.lease_lost}
+    result.at_once_calls = len(log.calls)
+    for token, call in log.calls.items():
+        where = f"trigger_and_wait {token} (pid {call.pid}, {call.job})"
+        ids = runs_of.get(token, [])
+        if call.error is not None:
+            violations.append(f"{where} raised {call.error}")
+        if len(ids) > 1:
+            violations.append(f"{where} created {len(ids)} runs: {sorted(ids)}")
+        if not ids:
+            if call.run_id is not None:
+                violations.append(f"{where} created run {call.run_id}, which is missing from the database")
+            elif call.pid not in killed:
+                violations.append(f"{where} created no run, and its process was not killed")
+            continue
+        run_id = ids[0]
+        row = runs[run_id]
+        stored_input = json.loads(row["input"])  # the job's model: its defaults filled in
+        if row["job_name"] != call.job or {k: stored_input.get(k) for k in call.payload} != call.payload:
+            violations.append(
+                f"{where}: its run {run_id} is {row['job_name']} {row['input']}, "
+                f"not the call's {call.payload}"
+            )
+        if call.run_id is not None and call.run_id != run_id:
+            violations.append(f"{where} was told {call.run_id} was created, but {run_id} carries its token")
+        if labels_of.get(run_id, {}) != json.loads(row["labels"]):
+            violations.append(
+                f"run {run_id}: label rows {labels_of.get(run_id, {})} differ from its labels {row['labels']}"
+            )
+        executions = executions_of.get(run_id, [])
+        if call.how == "leased":
+            result.started_at_once += 1
+            if row["started_at"] != row["created_at"]:
+                violations.append(
+                    f"run {run_id} was created leased (started at once), but started_at {row['started_at']} "
+                    f"!= created_at {row['created_at']}"
+                )
+            elsewhere = sorted({e.pid for e in executions if e.attempt == 1 and e.pid != call.pid})
+            if elsewhere:
+                violations.append(
+                    f"run {run_id} was started at once in pid {call.pid}, but its attempt 1 also ran "
+                    f"in {elsewhere}"
+                )
+            # The insert's lease is the creator's until its process dies: a later attempt begins
+            # only after that, or once attempt 1 committed a wait or reported the lease lost (a
+            # lapse: the step rules count it and check it for overlaps).
+            later = [e for e in executions if e.attempt > 1]
+            handed_on = (run_id, call.pid) in waited_in or (run_id, call.pid) in lost_lease_at
+            if later and not handed_on:
+                first_later = min(later, key=lambda e: e.begin)
+                death = killed.get(call.pid)
+                if death is not None and death < call.created_t:
+                    death = None  # a reused pid: an earlier process's death
+                if death is None or first_later.begin < death:
+                    violations.append(
+                        f"run {run_id} was started at once in pid {call.pid}, but its attempt "
+                        f"{first_later.attempt} began ({first_later.xid}, pid {first_later.pid}) while "
+                        "that process still held the lease it was created with"
+                    )
+                else:
+                    result.at_once_resumed += 1  # its first lease ended with its process
+        elif call.how == "pending":
+            result.at_once_queued += 1
+        if call.returned is None:
+            if call.pid not in killed:
+                violations.append(f"{where}: never returned, and its process was not killed")
+            continue
+        returned_id, status, output = call.returned
+        stored = json.loads(row["output"]) if row.get("output") else None
+        if (returned_id, status, output) != (run_id, row["status"], stored):
+            violations.append(
+                f"{where} returned run {returned_id} {status} {output}, but run {run_id} ended "
+                f"{row['status']} {stored}"
+            )
 
 
 def check_runs(
@@ -1173,6 +1403,9 @@ class Torture:
         self.offline_flag = workdir / "offline"
         self.options = ["--lease", str(lease), "--renew", str(renew), "--poll", str(poll)]
         self.options += ["--offline-flag", str(self.offline_flag)]
+        # Once this file exists the workers make no more trigger_and_wait calls of their own.
+        self.at_once_quit = workdir / "at-once-quit"
+        self.options += ["--at-once-quit", str(self.at_once_quit)]
         if processes == 1:
             # The harness promises one worker at a time: a restarted worker resumes at once.
             self.options.append("--sole")
@@ -1187,13 +1420,16 @@ class Torture:
         self.result = TortureResult(seed=seed, kills=0, processes=processes)
         self.client: Durably | None = None
         self.aborted = False  # the drain stopped early: a violation was already in the log
+        self.hit_at_once = False  # a kill was aimed at a run started at once, with a step in flight
         # The mix's network-aware runs: the network stays down until both waited for it.
         self.offline_mix: set[str] = set()
 
     # --- processes ------------------------------------------------------------------------
     def start_worker(self) -> WorkerProcess:
+        # A few runs of its own, started at once when it is idle (its choices seeded from ours).
+        at_once = ["--at-once", str(self.rng.randint(1, 3)), "--at-once-seed", str(self.rng.randrange(2**31))]
         worker = WorkerProcess(
-            self.db_url, self.log_path, self.options, self.workdir / "workers", self.started
+            self.db_url, self.log_path, [*self.options, *at_once], self.workdir / "workers", self.started
         )
         self.started += 1
         self.workers.append(worker)
@@ -1218,6 +1454,22 @@ class Torture:
             if any(e.pid == worker.pid and e.end is None for e in log.executions.values()):
                 return
             await asyncio.sleep(0.01)
+
+    async def wait_at_once_in_flight(self, timeout: float) -> WorkerProcess | None:
+        """Wait (up to ``timeout``) until a worker has a step in flight of a run it started at
+        once (created leased to it, never claimed): that worker, for an aimed kill."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            log = read_log(self.log_path)
+            started = {(c.run_id, c.pid) for c in log.calls.values() if c.how == "leased"}
+            for worker in self.workers:
+                if any(
+                    e.pid == worker.pid and e.end is None and (e.run_id, e.pid) in started
+                    for e in log.executions.values()
+                ):
+                    return worker
+            await asyncio.sleep(0.01)
+        return None
 
     def kill(self, worker: WorkerProcess, *, counted: bool = True) -> None:
         worker.process.send_signal(signal.SIGKILL)
@@ -1264,24 +1516,7 @@ class Torture:
         if run.disposition == "created":
             if run.id in self.expected:
                 violations.append(f"trigger returned existing run {run.id} as created")
-            self.expected[run.id] = Expected(
-                run_id=run.id,
-                steps=payload.get("steps", 0),
-                fail_at=payload.get("fail_at", -1),
-                spawn=payload.get("spawn", False),
-                concurrency_key=options.get("concurrency_key"),
-                protected=protected,
-                job=job,
-                fails=payload.get("fails", 0),
-                max_attempts=payload.get("max_attempts", 1),
-                retry_delay=payload.get("delay", 0.0) if job == "torture-retry" else 0.0,
-                naps=list(payload.get("naps", [])),
-                waits=payload.get("waits", 0),
-                branches=payload.get("branches", 0),
-                fail_branch=payload.get("fail_branch", -1),
-                nap=payload.get("nap", 0.0),
-                timeout=options.get("timeout"),
-            )
+            self.expected[run.id] = expected_of(run.id, job, payload, options, protected=protected)
             if job == "torture-signal":
                 self.plan_signals(run.id, payload["waits"], mix=protected)
                 await self.send_some(run.id)  # those due "now": before the run reaches its wait
@@ -1467,8 +1702,40 @@ class Torture:
                 options["idempotency_key"] = f"idem-{self.rng.randrange(12)}"
             await self.trigger(payload, options)
 
+    def adopt_at_once_runs(self) -> None:
+        """The runs the workers triggered themselves so far (C lines), as accepted runs that
+        may be cancelled like the client's (check_log adopts the rest)."""
+        for call in read_log(self.log_path).calls.values():
+            if call.run_id is not None and call.run_id not in self.expected:
+                exp = expected_of(call.run_id, call.job, call.payload, {}, protected=False)
+                self.expected[call.run_id] = exp
+
+    async def stop_runs_at_once(self, timeout: float = 60.0) -> None:
+        """Let no worker trigger runs of its own any more: then the queue can drain. First a
+        worker that is never killed gets the time to start a run at once (the queue is
+        emptying: it becomes idle), so every torture has one whose creator outlives it: a
+        run created leased but not executed by its creator is taken over under it then."""
+        deadline = time.monotonic() + timeout / 2
+        # Polls the side-effect log, as wait_ready does: no event to wait for across processes.
+        while time.monotonic() < deadline:
+            log = read_log(self.log_path)
+            alive = {w.pid for w in self.workers if w.alive()}
+            if any(c.how == "leased" and c.pid in alive for c in log.calls.values()):
+                break
+            if all(w.pid in log.quit for w in self.workers if w.alive()):
+                break  # no worker has a call left to make
+            await asyncio.sleep(0.05)
+        self.at_once_quit.touch()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # until every live worker logged its Q line
+            if all(w.pid in read_log(self.log_path).quit for w in self.workers if w.alive()):
+                return
+            await asyncio.sleep(0.02)
+        self.result.violations.append(f"the workers did not stop triggering runs at once in {timeout} s")
+
     async def cancel_some(self) -> None:
         assert self.client is not None
+        self.adopt_at_once_runs()
         candidates = {run_id for run_id, exp in self.expected.items() if not exp.protected}
         leased = [r for r in await self.client.get_runs(status="leased", limit=1000) if r.id in candidates]
         waiting = [r for r in await self.client.get_runs(status="waiting", limit=1000) if r.id in candidates]
@@ -1556,9 +1823,15 @@ class Torture:
                 await self.send_some()
                 victim = self.rng.choice(self.workers)
                 roll = self.rng.random()
-                if n == 0 or roll < 0.4:
+                if (n >= 1 and not self.hit_at_once) or 0.35 <= roll < 0.45:
+                    # Aimed at a run a worker started at once (created leased, never claimed):
+                    # every kill after the first until one such kill hit.
+                    aimed = await self.wait_at_once_in_flight(timeout=3.0)
+                    self.hit_at_once |= aimed is not None
+                    victim = aimed or victim
+                elif n == 0 or roll < 0.35:
                     await self.wait_in_flight(victim, timeout=5.0)  # aimed: a step is in flight
-                elif roll < 0.5:
+                elif roll < 0.55:
                     await asyncio.sleep(self.lease * 1.3)  # long enough that leases need renewing
                 else:
                     await asyncio.sleep(self.rng.uniform(0.0, self.max_kill_delay))
@@ -1571,6 +1844,7 @@ class Torture:
                 await self.wait_ready(self.start_worker())
             await self.send_some(everything=True)  # a signal run cannot end without its signals
             await self.bring_network_back()  # nor a network-aware run without the network
+            await self.stop_runs_at_once()  # nor can the queue drain while workers add to it
             await self.drain()
             if self.aborted:
                 for worker in list(self.workers):
@@ -1630,6 +1904,7 @@ class Torture:
             idempotency=self.idempotency,
             attempt_rows=state.attempts,
             signal_rows=state.signals,
+            label_rows=state.labels,
         )
 
 

@@ -115,7 +115,16 @@ def test_the_max_concurrent_limit_was_reached_and_never_passed(torture_result: T
     assert r.limited_runs >= 4 and r.limited_peak == LIMITED_MAX, r.summary()
 
 
-# --- the checker, on hand-made logs (its durable-waiting rules: test_checker_waits.py) ----------------
+def test_runs_started_at_once_were_killed_and_proven(torture_result: TortureResult) -> None:
+    # Every worker calls trigger_and_wait itself for a few runs, each once it is idle: the
+    # engine creates the run leased to it and starts it without a claim; the second kill is
+    # aimed at such a run in flight. Their checks (test_checker_at_once.py) are in the violations.
+    r = torture_result
+    assert r.started_at_once > 0 and r.at_once_resumed > 0, r.summary()
+
+
+# --- the checker, on hand-made logs (durable waiting: test_checker_waits.py; runs started at once:
+# test_checker_at_once.py) -------------------------------------------------------------------------
 
 LEASE_NS = 3_000_000_000
 
@@ -387,3 +396,32 @@ def test_checker_rejects_a_failed_step_all_that_lost_a_siblings_result() -> None
     failed = {"run_id": "R1", "name": "p1", "status": "failed", "output": None}
     result = parallel_check([committed("R1", "s0", "x0"), committed("R1", "p0", "x1"), failed])
     assert any("lacks committed steps ['p2']" in v for v in result.violations), result.violations
+
+
+def test_checker_counts_a_killed_step_alls_branches_as_in_flight_not_as_a_lapse() -> None:
+    # Pid 100 was killed with its step.all running: p0 had ended (its commit not yet made),
+    # p1 was in flight; pid 200 re-ran both in attempt 2. Neither is a lease lapse.
+    names = ["s0", "p0", "p1", "s1"]
+    total = sum(step_value("R1", name) for name in names)
+    run = {**parallel_failed_run("R1"), "status": "completed", "attempt": 2}
+    run["output"] = json.dumps({"total": total})
+    lines = [
+        "B R1 s0 100 x0 1 1000",
+        "E R1 s0 100 x0 1 1100",
+        "B R1 p0 100 x1 1 1200",
+        "E R1 p0 100 x1 1 1300",
+        "B R1 p1 100 x2 1 1310",
+        "B R1 p0 200 x3 2 5000",
+        "E R1 p0 200 x3 2 5100",
+        "B R1 p1 200 x4 2 5000",
+        "E R1 p1 200 x4 2 5100",
+        "B R1 s1 200 x5 2 5200",
+        "E R1 s1 200 x5 2 5300",
+    ]
+    rows = [committed("R1", n, x) for n, x in (("s0", "x0"), ("p0", "x3"), ("p1", "x4"), ("s1", "x5"))]
+    expected = {"R1": Expected(run_id="R1", job="torture-parallel", branches=2)}
+    result = TortureResult()
+    log = parse_log("\n".join(lines) + "\n")
+    check_log(log, {"R1": run}, rows, expected, {100: 1400}, result, lease_ns=LEASE_NS)
+    assert result.violations == []
+    assert (result.duplicates, result.lease_lapses) == (2, 0)

@@ -2,6 +2,7 @@
 
     python torture_jobs.py <db_url> <log_file> [--lease S] [--renew S] [--poll S]
                            [--concurrency N] [--sole] [--offline-flag PATH]
+                           [--at-once N --at-once-seed S --at-once-quit PATH]
 
 starts a worker on ``db_url`` and works until SIGTERM (graceful stop) or
 SIGKILL (the torture). Every step records its side effect itself, by appending
@@ -24,6 +25,18 @@ and, for the durable-waiting jobs (retries, sleeps, signals)::
                                                              step attempt of a retry, else 0
     H <run_id> <wait> <pid> <attempt> <wall_ms> <token>      the handler got past a sleep or a signal
                                                              wait (token: the signal's payload, - for a sleep)
+
+and, for the runs a worker triggers itself (``--at-once N``: up to N ``trigger_and_wait``
+calls, each made while the worker is idle, so that the engine starts the run at once,
+created leased to this worker: ``Worker.start_at_once``)::
+
+    I <token> <pid> <job> <input json> <t>                   about to call trigger_and_wait
+                                                             (the run carries label AT_ONCE_LABEL=token)
+    C <token> <run_id> <pid> <leased|pending> <t>            its run was created (after the insert
+                                                             committed): started at once, or queued
+    D <token> <run_id> <pid> <status> <output json|-> <t>    trigger_and_wait returned this run
+    X <token> <pid> <error>                                  trigger_and_wait raised
+    Q <pid> <t>                                              this worker triggers nothing more
 
 and, for the network-aware job (``--offline-flag``: the network is down while that file
 exists), ``A``/``F`` lines as above for its step 'fetch', whose failures while offline are
@@ -48,9 +61,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import contextvars
 import itertools
+import json
 import os
+import random
 import signal
 import time
 import zlib
@@ -60,6 +76,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from durably_web import Durably, Event, RetryPolicy, StepContext, define_job
+from durably_web.storage.base import NewRun, RunRecord
 
 LOG_FD: int | None = None
 DURABLY: Durably | None = None
@@ -521,6 +538,152 @@ JOBS = [
 ]
 
 
+# --- runs started at once: trigger_and_wait from the worker's own process --------------------------
+
+#: The label that names a run a worker triggered itself: its token, from the I line before.
+AT_ONCE_LABEL = "torture-at-once"
+
+
+def draw_at_once_run(rng: random.Random, lease: float) -> tuple[str, dict[str, Any]]:
+    """The job and input of a run a worker triggers itself: mostly chains (some failing,
+    spawning a child, or with a blocking step that outlasts the lease, so the lease it was
+    created with must be renewed), some step.all runs and some sleeps (the run leaves its
+    lease at the sleep and is claimed again)."""
+    roll = rng.random()
+    # Steps long enough that a kill aimed at such a run (harness.wait_at_once_in_flight) finds one.
+    delay = rng.choice([0.02, 0.05, 0.1])
+    if roll < 0.15:
+        branches = rng.randint(2, 4)
+        payload: dict[str, Any] = {"branches": branches, "delay": delay}
+        if rng.random() < 0.2:
+            payload["fail_branch"] = rng.randrange(branches)
+        return "torture-parallel", payload
+    if roll < 0.3:
+        return "torture-sleep", {"naps": [round(rng.uniform(0.05, 0.3), 3)]}
+    steps = rng.randint(3, 8)
+    payload = {"steps": steps, "delay": delay}
+    if rng.random() < 0.15:
+        payload["fail_at"] = rng.randrange(steps)
+    if rng.random() < 0.2:
+        payload["spawn"] = True
+    if rng.random() < 0.08:
+        payload["slow"] = lease * 1.25
+    return "torture-chain", payload
+
+
+def compact(value: Any) -> str:
+    """JSON without spaces: one field of a log line."""
+    return json.dumps(value, separators=(",", ":"), sort_keys=True)
+
+
+class AtOnceCaller:
+    """This worker's own ``trigger_and_wait`` calls, each made once the worker is idle (its
+    last look found nothing to claim), so that the engine creates the run leased to this
+    worker and starts it at once; the torture kills them like any other run.
+
+    Whether a run was started at once is what ``Worker.start_at_once`` answered (it is
+    observed, not replaced). A call waits for its run's insert (its C line, or an error)
+    before the next call, and once the harness's quit flag exists none is made: after the
+    Q line this process creates no more runs, so the harness can drain the queue."""
+
+    def __init__(self, durably: Durably, args: argparse.Namespace) -> None:
+        self.durably = durably
+        self.budget = args.at_once
+        self.rng = random.Random(args.at_once_seed)
+        self.quit_flag = args.at_once_quit
+        self.lease = args.lease
+        self.started_at_once: set[str] = set()  # run ids start_at_once created leased
+        self.inserted: dict[str, asyncio.Future[None]] = {}  # token -> its run was created
+        self.calls: set[asyncio.Task[None]] = set()
+        self.loop_task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        worker = self.durably._worker
+        assert worker is not None
+        plain = worker.start_at_once
+
+        async def observed(new: NewRun) -> RunRecord | None:
+            record = await plain(new)
+            if record is not None:
+                self.started_at_once.add(record.id)
+            return record
+
+        worker.start_at_once = observed  # type: ignore[method-assign]
+        # Emitted right after the insert committed, on both paths. On PostgreSQL this also
+        # hears other processes' triggers (read back after their notifications): not our tokens.
+        self.durably.on("run:trigger", self.on_trigger)
+        self.loop_task = asyncio.create_task(self.call_when_idle(), name="torture-at-once")
+
+    def on_trigger(self, event: Event) -> None:
+        token = (event.data.get("labels") or {}).get(AT_ONCE_LABEL)
+        inserted = self.inserted.pop(token, None) if token is not None else None
+        if inserted is None:
+            return
+        how = "leased" if event.run_id in self.started_at_once else "pending"
+        log_line("C", token, event.run_id, os.getpid(), how, time.monotonic_ns())
+        if not inserted.done():
+            inserted.set_result(None)
+
+    def quitting(self) -> bool:
+        return self.quit_flag is not None and os.path.exists(self.quit_flag)
+
+    def idle(self) -> bool:
+        """The worker's last look found nothing to claim and it has a free slot."""
+        worker = self.durably._worker
+        assert worker is not None
+        return worker.found_nothing_to_claim and len(worker.active) < worker.config.max_concurrent_runs
+
+    async def call_when_idle(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.budget > 0 and not self.quitting():
+            await asyncio.sleep(self.rng.uniform(0.0, 0.3))
+            # Polls: the worker announces no idle moment (test_start_at_once waits the same way).
+            while not self.quitting() and not self.idle():  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+            if self.quitting():
+                break
+            self.budget -= 1
+            token = new_execution_id()
+            job, payload = draw_at_once_run(self.rng, self.lease)
+            inserted: asyncio.Future[None] = loop.create_future()
+            self.inserted[token] = inserted
+            log_line("I", token, os.getpid(), job, compact(payload), time.monotonic_ns())
+            call = asyncio.create_task(self.call(token, job, payload, inserted), name=f"torture-call-{token}")
+            self.calls.add(call)
+            call.add_done_callback(self.calls.discard)
+            await inserted
+        log_line("Q", os.getpid(), time.monotonic_ns())
+
+    async def call(
+        self, token: str, job: str, payload: dict[str, Any], inserted: asyncio.Future[None]
+    ) -> None:
+        try:
+            run = await self.durably.trigger_and_wait(job, payload, labels={AT_ONCE_LABEL: token})
+        except Exception as exc:  # the checker reports it: a caller must get its run back
+            log_line("X", token, os.getpid(), f"{type(exc).__name__}: {exc}".replace("\n", " "))
+            return
+        finally:
+            self.inserted.pop(token, None)
+            if not inserted.done():
+                inserted.set_result(None)  # no run, or an error: the next call may go
+        output = run.output.model_dump() if isinstance(run.output, BaseModel) else run.output
+        output_field = "-" if output is None else compact(output)
+        log_line("D", token, run.id, os.getpid(), run.status, output_field, time.monotonic_ns())
+
+    async def stop(self) -> None:
+        """Before the store closes: no more calls, and each one in flight returns (every run
+        has ended when the harness stops a worker) or is cancelled after a while."""
+        if self.loop_task is not None:
+            self.loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.loop_task
+        if self.calls:
+            _done, late = await asyncio.wait(set(self.calls), timeout=5.0)
+            for call in late:
+                call.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
+
+
 async def serve(args: argparse.Namespace) -> None:
     global DURABLY, OFFLINE_FLAG
     open_log(args.log_file)
@@ -575,7 +738,12 @@ async def serve(args: argparse.Namespace) -> None:
     durably.on("run:waiting", on_waiting)
     async with durably:
         log_line("S", os.getpid(), time.monotonic_ns())
-        await stop.wait()
+        caller = AtOnceCaller(durably, args)
+        caller.start()
+        try:
+            await stop.wait()
+        finally:
+            await caller.stop()
 
 
 def main() -> None:
@@ -588,6 +756,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=3)
     parser.add_argument("--sole", action="store_true")
     parser.add_argument("--offline-flag", default=None)
+    parser.add_argument("--at-once", type=int, default=0, help="runs to trigger_and_wait here, when idle")
+    parser.add_argument("--at-once-seed", type=int, default=0)
+    parser.add_argument("--at-once-quit", default=None, help="once this file exists, trigger nothing more")
     asyncio.run(serve(parser.parse_args()))
 
 
