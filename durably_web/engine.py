@@ -527,8 +527,15 @@ class RunExecution:
     async def execute(self) -> None:
         try:
             await self._execute()
-        finally:
+        except GeneratorExit:
+            # The task is being destroyed with its loop (dropped without stop(), as a killed
+            # process's is; see StepContext._attempt), not cancelled: nothing more of this run
+            # happens here, no write and no await. Its lease lapses and another worker takes over.
+            raise
+        except BaseException:
             await self._settle_writes()
+            raise
+        await self._settle_writes()
 
     async def _execute(self) -> None:
         store = self._store

@@ -356,10 +356,17 @@ class StepContext:
         started_at = execution.now_ms()
         execution.emit("step:start", {"step_name": name, "step_index": index, "attempt": attempt})
         state = _AttemptState(self, name)
-        token = _CURRENT_ATTEMPT.set(state)
+        token: contextvars.Token[_AttemptState | None] | None = _CURRENT_ATTEMPT.set(state)
         try:
             value = await self._call(fn, args, kwargs)
             output_json, value = encode(value, tp, what=f"step {name!r}")
+        except GeneratorExit:
+            # Closed, not cancelled: the task is being destroyed without running again (its loop
+            # was dropped, as a killed process's is). The collector closes it from whatever
+            # context it runs in, where the reset below would raise ValueError, and the run would
+            # be failed with it. Nothing more of this execution may happen (see execute()).
+            token = None
+            raise
         except Exception as exc:
             # A NonRetryableError (or a cancel, a lost lease) ends the step at once, even offline.
             network = execution.network
@@ -386,7 +393,8 @@ class StepContext:
                 delay = policy.delay_before(round_attempt + 1)
             return _Failed(failed, exc, offline, delay)
         finally:
-            _CURRENT_ATTEMPT.reset(token)
+            if token is not None:
+                _CURRENT_ATTEMPT.reset(token)
         await execution.record_step(
             StepRecord(
                 run_id=self.run_id,
@@ -512,6 +520,11 @@ class StepContext:
                 done, waiting = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if any(not task.cancelled() and task.exception() is not None for task in done):
                     break
+        except GeneratorExit:
+            # Destroyed with its loop, not cancelled (see _attempt): so are the branches' tasks.
+            # Cancelling them needs that loop, and nothing may be awaited while closing.
+            waiting = set()
+            raise
         finally:
             # Also when this (the run's task) is cancelled: no branch outlives the step.all.
             for task in waiting:
@@ -522,7 +535,7 @@ class StepContext:
             errors = sorted(
                 (tasks[task][0], error)
                 for task in tasks
-                if not task.cancelled() and (error := task.exception()) is not None
+                if task.done() and not task.cancelled() and (error := task.exception()) is not None
             )
         if errors:
             stops: list[BaseException] = [

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import logging
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,38 @@ import pytest
 from helpers import FAST
 
 from durably_web import Durably
+
+
+class _StoreUsedAfterClose(logging.Handler):
+    """Collects the worker errors that say a run used its store after the store was closed:
+    some task outlived stop() (or a dropped event loop's task ran on when it was collected).
+    No test means that to happen; it used to pass unnoticed, as a warning in a passing test."""
+
+    SIGNS = ("Cannot operate on a closed database",)
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.reports: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "worker error" in message and any(sign in message for sign in self.SIGNS):
+            self.reports.append(message)
+
+
+_STORE_USED_AFTER_CLOSE = _StoreUsedAfterClose()
+logging.getLogger("durably_web").addHandler(_STORE_USED_AFTER_CLOSE)
+
+
+@pytest.fixture(autouse=True)
+def _no_store_used_after_close() -> Iterator[None]:
+    """Fails the test (at its teardown, after every other fixture's) in which such a report
+    was logged: the test's own instances, or whatever it left behind, use a closed store."""
+    first = len(_STORE_USED_AFTER_CLOSE.reports)
+    yield
+    reports = _STORE_USED_AFTER_CLOSE.reports[first:]
+    if reports:
+        pytest.fail(f"a worker used its store after it was closed: {reports}", pytrace=False)
 
 
 @pytest.fixture

@@ -489,6 +489,58 @@ async def test_stop_leaves_no_task_thread_or_listener_task_behind(make_durably):
     subscription.close()
 
 
+@pytest.mark.parametrize("where", ["step", "step.all"])
+async def test_a_run_whose_task_is_destroyed_mid_step_is_left_to_be_taken_over_not_failed(
+    make_durably, where
+):
+    """A run task destroyed while pending (its event loop dropped without stop(), as a killed
+    process's is) has its coroutine closed by the garbage collector, from another context.
+    Nothing of the run may happen then: no outcome, no error report. The run keeps its lease
+    until it expires and is taken over, exactly as after a SIGKILL."""
+    in_step = asyncio.Event()
+
+    @define_job("dropped")
+    async def job(step: StepContext, payload: Any) -> str:
+        async def first_time_hangs() -> int:
+            if step.attempt == 1:
+                in_step.set()
+                await asyncio.Event().wait()
+            return step.attempt
+
+        if where == "step":
+            return f"attempt {await step.run('hangs', first_time_hangs)}"
+        both = await step.all({"hangs": first_time_hangs, "quick": lambda: 0})
+        return f"attempt {both['hangs']}"
+
+    durably = await make_durably(job, lease_duration=1.0)  # the dropped lease lapses in 1 s
+    errors: list[Event] = []
+    durably.on("worker:error", errors.append)
+    run = await durably.trigger(job, None)
+    await wait_event(in_step)
+
+    def branches() -> list[asyncio.Task[Any]]:  # those not done
+        return [t for t in asyncio.all_tasks() if t.get_name().startswith(f"durably-branch-{run.id}-")]
+
+    if where == "step.all":  # the quick branch has ended (recorded); the other one hangs
+        await wait_until(lambda: len(branches()) == 1)
+    dropped = [durably._worker.active[run.id].task, *branches()]
+    for task in dropped:
+        # What collecting a pending task does: close its coroutine (GeneratorExit at its await),
+        # here from the test's own task, as the collector does from whatever context it runs in.
+        task.get_coro().close()
+    for task in dropped:
+        # The Task object outlives its coroutine here (a collected one does not): it ends at
+        # once, with "cannot reuse already awaited coroutine", looked at so it is not reported.
+        task.cancel()
+        await asyncio.wait([task])
+        assert isinstance(task.exception(), RuntimeError)
+    assert (await durably.get_run(run.id)).status == "leased"
+    assert [s.name for s in await durably.get_steps(run.id) if s.status != "completed"] == []
+    done = await durably.wait_for_run(run.id, timeout=30)  # once the lease lapsed
+    assert (done.status, done.output, done.attempt) == ("completed", "attempt 2", 2)
+    assert errors == []
+
+
 # --- limits and retention -----------------------------------------------------------------
 
 
