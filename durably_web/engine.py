@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import os
@@ -524,6 +525,11 @@ class RunExecution:
         )
 
     # --- the run itself ------------------------------------------------------------------
+    @property
+    def ending(self) -> bool:
+        """Whether the run's outcome or wait is being written (the handler is done with it)."""
+        return self._ending
+
     async def execute(self) -> None:
         try:
             await self._execute()
@@ -728,10 +734,12 @@ class Worker:
         # Slots taken by runs being created leased (start_at_once) and not started yet.
         self._reserved = 0
         self._no_starts_in_flight = asyncio.Event()
+        self._context = contextvars.Context()
         self._no_starts_in_flight.set()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._context = contextvars.copy_context()  # what every run task starts from
         if self.config.run_sync_in_thread:
             self.sync_threads = SyncStepThreads(
                 self._loop, inline_short_calls=self.config.inline_short_sync_steps
@@ -952,7 +960,11 @@ class Worker:
         """Execute a run this worker holds the lease of, as a task of its own."""
         execution = RunExecution(self, record, self.jobs[record.job_name])
         self.active[record.id] = execution
-        execution.task = asyncio.create_task(self._run(execution), name=f"durably-run-{record.id}")
+        # In the worker's own context, whether claimed by its loop or started at once from a
+        # caller's trigger_and_wait: the caller's context variables are not the job's.
+        execution.task = asyncio.create_task(
+            self._run(execution), name=f"durably-run-{record.id}", context=self._context.copy()
+        )
         if record.deadline_at is not None and self._loop is not None:
             delay = max(0.0, (record.deadline_at - now) / 1000)
             execution.deadline_timer = self._loop.call_later(delay, execution.deadline_passed)
@@ -1035,7 +1047,10 @@ class Worker:
                     execution.lease_until_ms = until
             for run_id in lost:
                 execution = self.active.get(run_id)
-                if execution is not None:
+                # A run whose outcome or wait is being written may have committed it between
+                # the renewal's look at self.active and its UPDATE: not a lost lease. Its own
+                # write is fenced and reports a real takeover.
+                if execution is not None and not execution.ending:
                     fence = await execution.fence_error("lease renewal")
                     if isinstance(fence, LeaseLostError):  # a cancel is not an error; a takeover is
                         self.report_error(fence, run_id=run_id, job_name=execution.job_name)

@@ -8,6 +8,7 @@ usual order, and a stop that begins during the insert hands the run back instead
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from typing import Any
 
 import pytest
@@ -184,3 +185,23 @@ async def test_the_end_of_a_run_that_held_others_back_lets_them_start_without_a_
     assert (await durably.wait_for_run(holder.id, timeout=10)).status == "completed"
     assert (await durably.wait_for_run(held.id, timeout=10)).status == "completed"
     assert order == ["holder", "held"]
+
+
+caller_tenant: contextvars.ContextVar[str | None] = contextvars.ContextVar("caller_tenant", default=None)
+
+
+@define_job("at-once-context")
+async def sees_context(step: StepContext, payload: str) -> str | None:
+    return caller_tenant.get()
+
+
+async def test_a_run_started_at_once_does_not_see_the_callers_context_variables(make_durably):
+    durably = await make_durably(sees_context, echo)
+    await settle(durably)
+    token = caller_tenant.set("caller")
+    try:
+        run = await durably.trigger_and_wait(sees_context, "x", timeout=30)
+    finally:
+        caller_tenant.reset(token)
+    assert run.started_at == run.created_at  # started at once
+    assert (run.status, run.output) == ("completed", None)  # as a claimed run sees it
